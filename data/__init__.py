@@ -1,0 +1,1 @@
+"""Corpora and tokenizers: prepare.py writes datasets, dataset.py reads them, tokenizer.py encodes."""

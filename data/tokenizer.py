@@ -1,0 +1,101 @@
+"""
+Tokenizers: text <-> token ids, and a small JSON spec that rebuilds each one.
+
+The spec is written into meta.json by data/prepare.py and into every checkpoint by train.py, so a
+checkpoint alone is enough to sample from: no data folder, no pickle.
+
+- char: one token per distinct character of the corpus (the vocabulary is the sorted characters).
+- gpt2: GPT-2's byte-level BPE through tiktoken (its r50k_base ranks, which give GPT-2's ids).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glimpse.errors import GlimpseError
+
+GPT2_ENCODING = "r50k_base"  # tiktoken's file of GPT-2's merge ranks; same ids as its "gpt2" encoding
+
+
+class CharTokenizer:
+    """Each character is a token; ids follow the sorted order of the vocabulary's characters."""
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise GlimpseError("a char vocabulary must not repeat characters")
+        self.chars = "".join(sorted(chars))
+        self.vocab_size = len(self.chars)
+        self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def spec(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of text, as an int64 array; a character outside the vocabulary is an error."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
+        ids = np.searchsorted(self._codepoints, codes)
+        ids_clipped = np.minimum(ids, self.vocab_size - 1)
+        unknown = self._codepoints[ids_clipped] != codes
+        if unknown.any():
+            missing = sorted({chr(c) for c in codes[unknown]})
+            raise GlimpseError(
+                f"characters not in this model's vocabulary: {''.join(repr(c)[1:-1] for c in missing)!r}; "
+                "a char-level model can only read the characters it was trained on"
+            )
+        return ids.astype(np.int64)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (50,257 tokens; <|endoftext|> is 50256)."""
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(GPT2_ENCODING)
+        except Exception as e:  # tiktoken downloads the ranks on first use; offline that fails
+            raise GlimpseError(
+                f"could not load GPT-2's BPE ranks through tiktoken ({type(e).__name__}); offline, copy "
+                "a local r50k_base.tiktoken into $TIKTOKEN_CACHE_DIR as the README's Data section shows"
+            ) from None
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    @property
+    def spec(self) -> dict:
+        return {"kind": "gpt2", "encoding": GPT2_ENCODING}
+
+    def encode(self, text: str) -> np.ndarray:
+        # encode_ordinary: text that happens to contain "<|endoftext|>" stays ordinary text
+        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def decode_bytes(self, ids) -> bytes:
+        # one BPE token can hold part of a UTF-8 character, so streaming works on bytes
+        return self.enc.decode_bytes(list(ids))
+
+
+Tokenizer = CharTokenizer | GPT2Tokenizer
+
+
+def tokenizer_from_spec(spec: dict) -> Tokenizer:
+    """Rebuild the tokenizer that a meta.json or checkpoint describes."""
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer(spec["chars"])
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise GlimpseError(f"unknown tokenizer kind {kind!r}; this version knows 'char' and 'gpt2'")

@@ -1,0 +1,188 @@
+"""
+Typed configs from three layers: dataclass defaults < a TOML file < --key=value flags.
+
+Each script declares one dataclass whose fields carry their own help (`option(default, help)`);
+`parse_config` reads argv into it, parsing every value by its field's type, so that a wrong key or
+a wrong value fails at once with a message that names it, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from glimpse.errors import GlimpseError
+
+
+def option(default: Any, help: str):
+    """A dataclass field with a default and the help line that --help shows for it."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True):
+    """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
+
+    Prints help and exits 0 on -h/--help. Raises GlimpseError on anything it cannot use.
+    """
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls, prog, description, allow_file))
+        raise SystemExit(0)
+    values: dict[str, Any] = {}
+    flags: list[str] = []
+    for arg in argv:
+        if arg.startswith("--"):
+            flags.append(arg)
+        elif allow_file and not flags and not values:
+            values.update(read_toml(cls, arg))
+        else:
+            where = "before any --key=value flag" if allow_file else "here"
+            raise GlimpseError(
+                f"unexpected argument {arg!r}: pass settings as --key=value"
+                + (f" (a CONFIG.toml may come first, {where})" if allow_file else "")
+            )
+    for flag in flags:
+        key, eq, raw = flag[2:].partition("=")
+        key = key.replace("-", "_")
+        field = _field(cls, key)
+        if not eq:
+            if _field_type(cls, key) is not bool:
+                raise GlimpseError(f"--{key} needs a value: write --{key}=VALUE")
+            raw = "true"  # a bare boolean flag switches it on
+        values[key] = parse_value(cls, field.name, raw)
+    return build(cls, values)
+
+
+def build(cls, values: dict[str, Any]):
+    """cls(**values), with the dataclass's own validation errors turned into GlimpseErrors."""
+    for key in values:
+        _field(cls, key)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise GlimpseError(str(e)) from None
+
+
+def read_toml(cls, path: str) -> dict[str, Any]:
+    """The key = value pairs of a TOML file, checked against cls's fields and types."""
+    p = Path(path)
+    if p.suffix != ".toml":
+        raise GlimpseError(f"config file {path!r} should be a .toml file (settings go as --key=value)")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GlimpseError(f"config file {path!r} not found; presets live in config/") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GlimpseError(f"config file {path!r} is not valid TOML: {e}") from None
+    for key, value in data.items():
+        _field(cls, key, where=f" in {path}")
+        data[key] = check_value(cls, key, value, where=f" in {path}")
+    return data
+
+
+def parse_value(cls, key: str, raw: str) -> Any:
+    """Parse the text of a --key=value flag as the type of field `key`."""
+    typ = _field_type(cls, key)
+    if _is_optional(typ) and raw.lower() in ("none", "null", ""):
+        return None
+    base = _strip_optional(typ)
+    if base is bool:
+        low = raw.lower()
+        if low in ("true", "1"):
+            return True
+        if low in ("false", "0"):
+            return False
+        raise GlimpseError(f"--{key} takes true or false (or 1 / 0), got {raw!r}")
+    if base in (int, float):
+        try:
+            return base(raw)
+        except ValueError:
+            kind = "an integer" if base is int else "a number"
+            raise GlimpseError(f"--{key} takes {kind}, got {raw!r}") from None
+    return check_value(cls, key, raw, where="")
+
+
+def check_value(cls, key: str, value: Any, where: str) -> Any:
+    """Check an already-typed value (from TOML, or a string flag) against field `key`'s type."""
+    typ = _field_type(cls, key)
+    if value is None and _is_optional(typ):
+        return None
+    base = _strip_optional(typ)
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise GlimpseError(f"{key}{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise GlimpseError(f"{key}{where} must be {_type_name(typ)}, got {value!r}")
+    return value
+
+
+def config_help(cls, prog: str, description: str, allow_file: bool = True) -> str:
+    """The --help text: usage, what the script does, and every key with its default and meaning."""
+    usage = f"usage: python {prog} {'[CONFIG.toml] ' if allow_file else ''}[--key=value ...]"
+    lines = [usage, "", description.strip(), "", "keys (--key=default  meaning):"]
+    hints = typing.get_type_hints(cls)
+    heads = [f"--{f.name}={_show(_default(f))}" for f in dataclasses.fields(cls)]
+    width = min(36, max(map(len, heads)) + 2)
+    for head, f in zip(heads, dataclasses.fields(cls), strict=True):
+        typ = _strip_optional(hints[f.name])
+        choices = f" [{_type_name(hints[f.name])}]" if typing.get_origin(typ) is Literal else ""
+        pad = "\n" + " " * (width + 2) if len(head) >= width else " " * (width - len(head))
+        lines.append(f"  {head}{pad}{f.metadata.get('help', '')}{choices}")
+    return "\n".join(lines)
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _show(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    return json.dumps(value) if isinstance(value, str) and (not value or not value.isprintable()) else str(value)
+
+
+def _field(cls, key: str, where: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        near = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {near[0]}?" if near else "; see --help for the list"
+        raise GlimpseError(f"unknown config key {key!r}{where}{hint}")
+    return fields[key]
+
+
+def _field_type(cls, key: str):
+    return typing.get_type_hints(cls)[key]
+
+
+def _is_optional(typ) -> bool:
+    return typing.get_origin(typ) in (Union, types.UnionType) and type(None) in typing.get_args(typ)
+
+
+def _strip_optional(typ):
+    if _is_optional(typ):
+        (rest,) = [t for t in typing.get_args(typ) if t is not type(None)]
+        return rest
+    return typ
+
+
+def _type_name(typ) -> str:
+    base = _strip_optional(typ)
+    if typing.get_origin(base) is Literal:
+        name = "|".join(map(str, typing.get_args(base)))
+    else:
+        name = {bool: "true/false", int: "integer", float: "number", str: "text"}.get(base, str(base))
+    return name + (" or none" if _is_optional(typ) else "")

@@ -1,0 +1,96 @@
+"""
+Where and how the model runs: device, number format, autocast, and the DDP process group.
+
+Every device-specific call lives here, gated on the device it needs, so that the scripts read the
+same on CPU, CUDA and Apple's MPS.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from glimpse.errors import GlimpseError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto picks CUDA, then MPS, then CPU; asking for one that is not there is an error."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise GlimpseError("device=cuda but PyTorch sees no CUDA GPU; use --device=cpu (or auto)")
+    if name == "mps" and not mps:
+        raise GlimpseError("device=mps but this PyTorch has no MPS backend; use --device=cpu (or auto)")
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; float32 runs as it is."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over all processes (itself when not distributed)."""
+        if self.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.sum(value) / self.world_size
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the process group when launched by torchrun (RANK in the environment)."""
+    if "RANK" not in os.environ:
+        return Distributed()
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    use_nccl = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return ddp
+
+
+def close_distributed(ddp: Distributed):
+    if ddp.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""
+Generate text from a trained checkpoint, streaming it as it comes.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
+    python sample.py --help
+
+The checkpoint alone is enough: the tokenizer travels inside it, so no data folder is needed.
+Generation uses a KV cache; past block_size the context window slides (see GPT.generate).
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TextIO
+
+import torch
+
+from data.tokenizer import tokenizer_from_spec
+from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from glimpse.config import option, parse_config
+from glimpse.errors import GlimpseError, user_errors
+from glimpse.runtime import autocast, resolve_device, resolve_dtype
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = option("out", "folder holding the ckpt.pt to sample from")
+    start: str = option("\n", "the prompt (default: a newline), or FILE:path to read it from a file")
+    num_samples: int = option(3, "how many samples to draw, one after another")
+    max_new_tokens: int = option(500, "tokens to generate per sample")
+    temperature: float = option(0.8, "below 1: safer, above 1: wilder; 0: always the likeliest token")
+    top_k: int | None = option(200, "sample only among the k likeliest tokens (none: all)")
+    top_p: float = option(1.0, "sample only among the likeliest tokens whose probabilities add up to p")
+    seed: int = option(1337, "random seed: the same seed gives the same samples")
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "auto: bfloat16 on CUDA, else float32")
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1 (or none to turn it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def read_prompt(start: str) -> str:
+    """The prompt text: start itself, or the contents of the file that FILE:path names."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GlimpseError(f"prompt file {str(path)!r} not found") from None
+    except UnicodeDecodeError:
+        raise GlimpseError(f"prompt file {str(path)!r} is not UTF-8 text") from None
+
+
+def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
+    """Draw cfg.num_samples continuations of the prompt; stream each to out (stdout); return them."""
+    out = out or sys.stdout
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    state = load_checkpoint(checkpoint_path(cfg.out_dir), device)
+    tokenizer = tokenizer_from_spec(state["tokenizer"])
+    model = model_from_checkpoint(state, device).eval()
+    prompt = read_prompt(cfg.start)
+    ids = tokenizer.encode(prompt)
+    if len(ids) == 0:
+        raise GlimpseError("the prompt is empty: give some text with --start (a newline is fine)")
+    idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    samples = []
+    for _ in range(cfg.num_samples):
+        # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = [prompt]
+        out.write(prompt)
+        with autocast(device, dtype):
+            for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator):
+                text = decoder.decode(tokenizer.decode_bytes(step.token[0].tolist()))
+                pieces.append(text)
+                out.write(text)
+                out.flush()
+        pieces.append(decoder.decode(b"", final=True))
+        out.write(pieces[-1] + "\n---------------\n")
+        out.flush()
+        samples.append("".join(pieces))
+    return samples
+
+
+def main(argv: list[str] | None = None):
+    with user_errors():
+        cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv,
+                           prog="sample.py", description=__doc__, allow_file=False)
+        sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

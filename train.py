@@ -1,0 +1,317 @@
+"""
+Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
+
+    python train.py config/shakespeare_char_cpu.toml
+    python train.py config/shakespeare_char.toml --max_iters=2000 --compile=true
+    torchrun --standalone --nproc_per_node=2 train.py config/shakespeare_char_cpu.toml
+    python train.py --help              # every key, its default and meaning
+
+Built-in datasets (shakespeare_char, shakespeare) are downloaded and prepared on first use. The run
+writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON line per log and
+per eval) and out_dir/ckpt.pt (everything needed to sample from it or resume it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data.dataset import TokenData
+from data.prepare import ensure_dataset
+from glimpse.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from glimpse.config import option, parse_config
+from glimpse.errors import GlimpseError, user_errors
+from glimpse.runtime import autocast, close_distributed, init_distributed, resolve_device, resolve_dtype
+from glimpse.tracking import Tracker
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = option("out", "folder for ckpt.pt, config.json and metrics.jsonl")
+    dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/{train,val}.bin")
+    data_dir: str = option("data", "folder that holds one sub-folder per dataset")
+    init_from: Literal["scratch", "resume"] = option("scratch", "start fresh, or resume out_dir/ckpt.pt")
+    # where it runs
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "auto: bfloat16 on CUDA (float16 with a grad scaler on older GPUs), float32 elsewhere"
+    )
+    compile: bool = option(False, "torch.compile the model: slower start, faster steps")
+    seed: int = option(1337, "seeds weights, batches and dropout")
+    # data
+    batch_size: int = option(64, "sequences per micro-step (per process under DDP)")
+    block_size: int = option(256, "context length in tokens")
+    gradient_accumulation_steps: int = option(
+        1, "micro-steps per optimizer step, over all processes (must divide by the process count)"
+    )
+    # schedule
+    max_iters: int = option(5000, "optimizer steps in total")
+    eval_interval: int = option(250, "evaluate (and maybe checkpoint) every this many steps")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    log_interval: int = option(10, "log the training loss every this many steps")
+    always_save_checkpoint: bool = option(True, "checkpoint at every eval, not only when val loss improves")
+    # AdamW and the learning-rate schedule
+    learning_rate: float = option(1e-3, "peak learning rate, reached after warmup")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warmup")
+    lr_decay_iters: int = option(5000, "step at which the cosine decay reaches min_lr")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not biases or norms)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    # model
+    n_layer: int = option(6, "transformer blocks")
+    n_head: int = option(6, "attention heads per block")
+    n_embd: int = option(384, "width of the residual stream")
+    dropout: float = option(0.2, "dropout probability while training")
+    bias: bool = option(True, "biases in Linear and LayerNorm layers, as GPT-2 has them")
+    # wandb
+    wandb_log: bool = option(False, "log config and scalars to wandb (WANDB_MODE=offline works)")
+    wandb_project: str = option("glimpse", "wandb project")
+    wandb_run_name: str = option("", "wandb run name (empty: wandb picks one)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
+                     "eval_iters", "log_interval", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        self.model_config(vocab_size=1)  # checks the model's shape (n_embd vs n_head, dropout)
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays matrices (weights, embeddings) but not biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for the whole update; CUDA only
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+@torch.no_grad()
+def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, ctx, ddp) -> dict[str, float]:
+    """Mean loss on the same eval_iters batches of each split every time (fixed seed).
+
+    Fixed batches make successive evals comparable: a change in the number is the model's, not the
+    sample's. Under DDP the batches are shared out between processes and the losses averaged.
+    """
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.block_size, gen)
+        total = torch.zeros((), device=device)
+        mine = range(ddp.rank, cfg.eval_iters, ddp.world_size)
+        for i in mine:
+            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size)
+            with ctx:
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.float()
+        out[split] = (ddp.sum(total) / cfg.eval_iters).item()
+    model.train()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
+    ddp = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ddp)
+    finally:
+        close_distributed(ddp)
+
+
+def _train(cfg: TrainConfig, ddp) -> dict:
+    device = resolve_device(cfg.device, ddp.local_rank)
+    dtype = resolve_dtype(cfg.dtype, device)
+    ctx = autocast(device, dtype)
+    if cfg.gradient_accumulation_steps % ddp.world_size:
+        raise GlimpseError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+            f"the number of processes ({ddp.world_size}): each process takes an equal share"
+        )
+    micro_steps = cfg.gradient_accumulation_steps // ddp.world_size  # this process's share
+    out_dir = Path(cfg.out_dir)
+
+    # data: rank 0 downloads and prepares a built-in dataset while the others wait
+    if ddp.is_main:
+        ensure_dataset(cfg.dataset, cfg.data_dir)
+    ddp.barrier()
+    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
+    data.check_block_size(cfg.block_size)
+
+    # model, optimizer and the random streams, fresh or from the checkpoint
+    state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
+    model_config = cfg.model_config(data.vocab_size)
+    if state is not None:
+        check_resume(state, model_config, data)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = GPT(model_config).to(device)
+    optimizer = configure_optimizer(model, cfg, device)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws every training batch
+    iter_num, best_val_loss = 0, float("inf")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        batch_gen.set_state(state["rng"]["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    else:
+        torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    fast_model = torch.compile(model) if cfg.compile else model
+    step_model = fast_model
+    if ddp.enabled:
+        step_model = DDP(fast_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+
+    tracker = Tracker(
+        out_dir, enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+        wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
+        resume_run_id=state.get("wandb_run_id") if state else None,
+        keep_before_iter=iter_num if state else None,
+    )
+    if ddp.is_main:
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n", encoding="utf-8")
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    say = tqdm.write if ddp.is_main else (lambda *_: None)
+    say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
+        f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step")
+
+    bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", unit="step", disable=not ddp.is_main,
+               dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+    t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
+    while True:
+        lr = get_lr(iter_num, cfg)
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
+            last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                         "val_bits_per_token": losses["val"] / math.log(2), "lr": lr,
+                         "tokens_per_sec": tokens_per_sec}
+            tracker.log(last_eval)
+            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if not math.isfinite(losses["val"]):
+                raise GlimpseError(f"the validation loss became {losses['val']} at step {iter_num}; the last "
+                                   "good checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+            if ddp.is_main and iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses["val"])
+                save_checkpoint(checkpoint_path(out_dir), {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model_config": asdict(model_config), "train_config": asdict(cfg),
+                    "tokenizer": data.tokenizer_spec, "iter_num": iter_num, "best_val_loss": best_val_loss,
+                    "val_loss": losses["val"], "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device),
+                })
+            t_log = time.time()  # evaluation time does not count against throughput
+        if iter_num >= cfg.max_iters:
+            break
+
+        # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
+        starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
+        starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
+        for micro, micro_starts in enumerate(starts):
+            x, y = data.batch("train", micro_starts, cfg.block_size)
+            if device.type == "cuda":
+                x = x.pin_memory().to(device, non_blocking=True)
+                y = y.pin_memory().to(device, non_blocking=True)
+            else:
+                x, y = x.to(device), y.to(device)
+            # gradients are averaged across processes only on the last micro-step
+            defer_sync = ddp.enabled and micro < micro_steps - 1
+            with step_model.no_sync() if defer_sync else nullcontext(), ctx:
+                _, loss = step_model(x, y)
+                loss = loss / micro_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+        bar.update(1)
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            train_loss = (ddp.mean(loss_sum) / iters_since_log).item()  # .item() waits for the GPU
+            dt = time.time() - t_log
+            tokens_per_sec = tokens_per_iter * iters_since_log / dt
+            tracker.log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+            if not math.isfinite(train_loss):
+                raise GlimpseError(f"the training loss became {train_loss} at step {iter_num}; "
+                                   "try a lower learning_rate, or dtype=float32")
+            loss_sum.zero_()
+            t_log, iters_since_log = time.time(), 0
+    bar.close()
+    tracker.close()
+    return last_eval
+
+
+def check_resume(state: dict, model_config: GPTConfig, data: TokenData):
+    """A checkpoint resumes only with the same model shape and tokenizer."""
+    if state["tokenizer"] != data.tokenizer_spec:
+        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {data.folder}; "
+                           "resume with the dataset it was trained on")
+    saved = state["model_config"]
+    for f in fields(GPTConfig):
+        if f.name != "dropout" and saved[f.name] != getattr(model_config, f.name):
+            raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
+                               f"{f.name}={saved[f.name]}; drop the flag or start a new out_dir")
+
+
+def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
+    state = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def main(argv: list[str] | None = None):
+    with user_errors():
+        cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,
+                           prog="train.py", description=__doc__)
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()
