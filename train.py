@@ -204,7 +204,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         out_dir, enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
         resume_run_id=state.get("wandb_run_id") if state else None,
-        keep_before_iter=iter_num if state else None,
+        keep_through_iter=iter_num if state else None,
     )
     if ddp.is_main:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n", encoding="utf-8")
@@ -217,13 +217,15 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
+    resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
     while True:
         lr = get_lr(iter_num, cfg)
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
             losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
-            last_eval = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                         "val_bits_per_token": losses["val"] / math.log(2), "lr": lr,
-                         "tokens_per_sec": tokens_per_sec}
+            # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
+            last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
+                         "val_bits_per_token": losses["val"] / math.log(2),
+                         "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens_per_sec": tokens_per_sec}
             tracker.log(last_eval)
             say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if not math.isfinite(losses["val"]):

@@ -23,9 +23,9 @@ class Tracker:
         wandb_run_name: str = "",
         config: dict | None = None,
         resume_run_id: str | None = None,
-        keep_before_iter: int | None = None,
+        keep_through_iter: int | None = None,
     ):
-        """keep_before_iter: on resume, drop metrics the lost part of the old run logged from there on."""
+        """keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped."""
         self.enabled = enabled
         self.run = None
         if not enabled:
@@ -33,9 +33,9 @@ class Tracker:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(out_dir) / "metrics.jsonl"
         kept = []
-        if keep_before_iter is not None and self.path.exists():
+        if keep_through_iter is not None and self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["iter"] < keep_before_iter]
+            kept = [line for line in lines if line.strip() and json.loads(line)["iter"] <= keep_through_iter]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if wandb_log:
             import wandb  # imported here: it is slow to import and most runs do not log to it

@@ -1,0 +1,95 @@
+"""Config loading: defaults < TOML < flags, typed parsing, and errors that name the key."""
+
+import pytest
+
+from glimpse.config import parse_config
+from glimpse.errors import GlimpseError
+from sample import SampleConfig
+from tests.conftest import REPO, python
+from train import TrainConfig
+
+
+def parse(argv, cls=TrainConfig):
+    return parse_config(cls, argv, prog="x.py", description="test")
+
+
+def test_precedence_defaults_then_file_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('n_layer = 3\nbatch_size = 8\nout_dir = "from-file"\n')
+    cfg = parse([str(toml), "--batch_size=4"])
+    assert cfg.n_layer == 3  # from the file
+    assert cfg.batch_size == 4  # the flag wins over the file
+    assert cfg.out_dir == "from-file"
+    assert cfg.n_head == TrainConfig().n_head  # untouched: the default
+    assert parse(["--n_layer=2", "--n_layer=5"]).n_layer == 5  # the later flag wins
+
+
+@pytest.mark.parametrize("raw,value", [("true", True), ("TRUE", True), ("False", False), ("1", True), ("0", False)])
+def test_booleans(raw, value):
+    assert parse([f"--compile={raw}"]).compile is value
+
+
+def test_bare_boolean_flag_means_true():
+    assert parse(["--compile"]).compile is True
+
+
+def test_types_are_parsed_by_field():
+    cfg = parse(["--learning_rate=3e-4", "--max_iters=7", "--dtype=float16", "--wandb_run_name=my run"])
+    assert cfg.learning_rate == 3e-4 and isinstance(cfg.max_iters, int)
+    assert cfg.dtype == "float16" and cfg.wandb_run_name == "my run"
+    assert parse(["--top_k=none"], SampleConfig).top_k is None
+    assert parse(["--top_k=5"], SampleConfig).top_k == 5
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--n_layr=3"], "unknown config key 'n_layr'; did you mean n_layer?"),
+        (["--max_iters=ten"], "--max_iters takes an integer, got 'ten'"),
+        (["--learning_rate=fast"], "--learning_rate takes a number"),
+        (["--compile=maybe"], "--compile takes true or false"),
+        (["--device=tpu"], "device must be one of auto, cpu, cuda, mps"),
+        (["--n_layer"], "--n_layer needs a value"),
+        (["--n_embd=100", "--n_head=3"], "divisible by n_head"),
+        (["--batch_size=0"], "batch_size must be at least 1"),
+        (["stray"], "should be a .toml file"),
+        (["--n_layer=2", "c.toml"], "unexpected argument 'c.toml'"),
+    ],
+)
+def test_bad_flags_name_the_problem(argv, message):
+    with pytest.raises(GlimpseError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        parse(argv)
+
+
+def test_bad_toml_files(tmp_path):
+    with pytest.raises(GlimpseError, match="not found"):
+        parse([str(tmp_path / "missing.toml")])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("n_layer = = 3\n")
+    with pytest.raises(GlimpseError, match="not valid TOML"):
+        parse([str(broken)])
+    typo = tmp_path / "typo.toml"
+    typo.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(GlimpseError, match="'learning_rat' in .*typo.toml; did you mean learning_rate"):
+        parse([str(typo)])
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text('n_layer = "six"\n')
+    with pytest.raises(GlimpseError, match="n_layer in .*wrong.toml must be integer"):
+        parse([str(wrong_type)])
+
+
+def test_every_preset_loads():
+    presets = sorted((REPO / "config").glob("*.toml"))
+    assert presets
+    for preset in presets:
+        parse([str(preset)])
+
+
+def test_help_lists_every_key_and_errors_are_one_line():
+    result = python("train.py", "--help")
+    assert result.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}=" in result.stdout
+    bad = python("train.py", "--n_layr=3")
+    assert bad.returncode != 0
+    assert bad.stderr.strip() == "error: unknown config key 'n_layr'; did you mean n_layer?"

@@ -1,0 +1,118 @@
+"""Data preparation and loading: token files, meta.json, tokenizers, and what goes wrong."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data.prepare as prepare_module
+from data.dataset import TokenData
+from data.prepare import PrepareConfig, prepare, safe_chunks
+from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
+from glimpse.errors import GlimpseError
+from tests.conftest import make_corpus, python
+
+
+def read_split(folder, split, meta):
+    return np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+
+
+def test_prepare_char_writes_bins_and_meta(tmp_path, corpus_file):
+    folder = prepare(PrepareConfig(dataset="play", input=str(corpus_file), data_dir=str(tmp_path)))
+    meta = json.loads((folder / "meta.json").read_text())
+    text = corpus_file.read_text()
+    assert meta["tokenizer"] == {"kind": "char", "chars": "".join(sorted(set(text)))}
+    assert meta["vocab_size"] == len(set(text)) and meta["dtype"] == "uint16"
+    train, val = read_split(folder, "train", meta), read_split(folder, "val", meta)
+    assert len(train) == meta["train_tokens"] == int(len(text) * 0.9)  # the last 10% is validation
+    assert len(val) == meta["val_tokens"] == len(text) - len(train)
+    tokenizer = tokenizer_from_spec(meta["tokenizer"])
+    assert tokenizer.decode(np.concatenate([train, val])) == text
+
+
+def test_prepare_gpt2_matches_tiktoken(tmp_path, corpus_file, gpt2_ranks):
+    import tiktoken
+
+    folder = prepare(PrepareConfig(dataset="play", input=str(corpus_file), tokenizer="gpt2", data_dir=str(tmp_path)))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "gpt2" and meta["vocab_size"] == 50257
+    ids = np.concatenate([read_split(folder, "train", meta), read_split(folder, "val", meta)])
+    expected = tiktoken.get_encoding("r50k_base").encode_ordinary(corpus_file.read_text())
+    assert ids.tolist() == expected
+    assert GPT2Tokenizer().decode(ids) == corpus_file.read_text()
+
+
+def test_chunked_bpe_equals_whole_text_bpe(gpt2_ranks):
+    """Cutting the text for the progress bar must not change a single token."""
+    text = make_corpus(400) + "\n\n\n  spaced\n\tTabs\nA\nB  \nC\n\nend"
+    pieces = list(safe_chunks(text, 50))
+    assert len(pieces) > 20 and "".join(pieces) == text
+    tokenizer = GPT2Tokenizer()
+    assert np.concatenate([tokenizer.encode(p) for p in pieces]).tolist() == tokenizer.encode(text).tolist()
+
+
+def test_large_vocabulary_uses_uint32(tmp_path):
+    chars = [chr(c) for c in range(0x100, 0x100 + 70_000) if not 0xD800 <= c <= 0xDFFF]
+    corpus = tmp_path / "wide.txt"
+    corpus.write_text("".join(chars) * 2, encoding="utf-8")
+    folder = prepare(PrepareConfig(dataset="wide", input=str(corpus), data_dir=str(tmp_path)))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["vocab_size"] == len(chars) and meta["dtype"] == "uint32"
+    assert read_split(folder, "train", meta).max() >= 65536
+
+
+def test_char_tokenizer_names_unknown_characters():
+    tok = CharTokenizer.from_text("abc\n")
+    assert tok.decode(tok.encode("cab\n")) == "cab\n"
+    with pytest.raises(GlimpseError, match="'xz'"):
+        tok.encode("axbz")
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    for path, message in [(tmp_path / "nope.txt", "not found"), (empty, "is empty"), (latin1, "not UTF-8")]:
+        with pytest.raises(GlimpseError, match=message):
+            prepare(PrepareConfig(dataset="x", input=str(path), data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="give its text with --input"):
+        PrepareConfig(dataset="custom")
+
+
+def test_offline_download_says_to_pass_a_local_file(tmp_path, monkeypatch):
+    # port 9 (discard) on loopback refuses the connection: a real failed download, no network needed
+    monkeypatch.setitem(prepare_module.BUILTIN, "shakespeare_char", ("char", "http://127.0.0.1:9/input.txt"))
+    with pytest.raises(GlimpseError, match=r"could not download .* --input=PATH"):
+        prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(tmp_path)))
+    assert not (tmp_path / "shakespeare_char" / "meta.json").exists()
+
+
+def test_prepare_cli_and_its_errors(tmp_path, corpus_file):
+    ok = python("data/prepare.py", "--dataset=cli", f"--input={corpus_file}", f"--data_dir={tmp_path}")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli" / "meta.json").exists()
+    bad = python("data/prepare.py", "--dataset=cli2", f"--input={tmp_path}/missing.txt", f"--data_dir={tmp_path}")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: input file") and "Traceback" not in bad.stderr
+
+
+def test_batches_are_shifted_windows(data_dir):
+    data = TokenData(data_dir / "tiny")
+    gen = torch.Generator().manual_seed(0)
+    starts = data.random_starts("train", 8, 32, gen)
+    x, y = data.batch("train", starts, 32)
+    assert x.shape == y.shape == (8, 32) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    tokens = np.asarray(data.splits["train"])
+    assert x[0].tolist() == tokens[starts[0]: starts[0] + 32].tolist()
+    with pytest.raises(GlimpseError, match="fewer than block_size"):
+        data.check_block_size(10**6)
+
+
+def test_bins_that_do_not_match_meta_are_refused(tmp_path, corpus_file):
+    folder = prepare(PrepareConfig(dataset="cut", input=str(corpus_file), data_dir=str(tmp_path)))
+    with open(folder / "val.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(GlimpseError, match="does not match"):
+        TokenData(folder)

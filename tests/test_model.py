@@ -1,0 +1,162 @@
+"""The model: shapes, initial loss, causality, the two attention paths, and KV-cached generation."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+
+def small_model(**overrides) -> GPT:
+    cfg = dict(block_size=16, vocab_size=50, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_shapes_and_initial_loss_is_near_uniform():
+    model = small_model(vocab_size=65)
+    idx, targets = torch.randint(0, 65, (2, 4, 16))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (4, 16, 65)
+    # small initial weights give near-equal logits, so the loss is about that of guessing uniformly
+    assert abs(loss.item() - math.log(65)) < 0.1
+    logits, loss = model(idx)
+    assert loss is None
+
+
+def test_parameter_names_follow_gpt2_and_head_is_tied():
+    model = small_model(n_layer=1)
+    names = set(model.state_dict())
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+                 "transformer.h.0.attn.c_proj.weight", "transformer.h.0.ln_2.weight",
+                 "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+                 "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]:
+        assert name in names
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    no_bias = small_model(bias=False)
+    assert not any(n.endswith(".bias") for n in no_bias.state_dict())
+
+
+def test_causal_changing_a_token_leaves_earlier_logits_unchanged():
+    model = small_model()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 50
+    before, _ = model(idx)
+    after, _ = model(changed)
+    torch.testing.assert_close(before[:, :9], after[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_fast_and_weights_paths_agree():
+    model = small_model()
+    idx = torch.randint(0, 50, (3, 16))
+    fast, _ = model(idx)
+    explicit, weights = model.forward_with_attention(idx)
+    torch.testing.assert_close(explicit, fast, rtol=1e-5, atol=1e-5)
+    assert weights.shape == (3, 3, 4, 16, 16)  # (n_layer, B, n_head, T, T)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 3, 4, 16))
+    above_diagonal = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
+    assert (weights[..., above_diagonal] == 0).all()
+
+
+def test_weights_are_softmax_of_scaled_scores_for_one_layer():
+    """Recompute layer 0's weights by hand from its parameters: softmax(QK^T / sqrt(d) + mask)."""
+    model = small_model(n_layer=1)
+    idx = torch.randint(0, 50, (1, 10))
+    _, weights = model.forward_with_attention(idx)
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        x = block.ln_1(model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10)))
+        q, k, _ = block.attn.c_attn(x).split(32, dim=2)
+        q = q.view(1, 10, 4, 8).transpose(1, 2)
+        k = k.view(1, 10, 4, 8).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+        scores = scores + torch.full((10, 10), float("-inf")).triu(1)
+        expected = scores.softmax(-1)
+    torch.testing.assert_close(weights[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_path_is_only_taken_when_asked(monkeypatch):
+    """The training path must not build the (T, T) weights: the explicit path is never called."""
+    model = small_model()
+    calls = []
+    attn_cls = type(model.transformer.h[0].attn)
+    original = attn_cls._explicit_attention
+    monkeypatch.setattr(attn_cls, "_explicit_attention", lambda self, *a: calls.append(1) or original(self, *a))
+    model.train()
+    _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
+    loss.backward()
+    assert calls == []
+    model.forward_with_attention(torch.randint(0, 50, (1, 4)))
+    assert len(calls) == 3
+
+
+def test_cached_prefill_then_chunk_matches_full_forward():
+    """Feeding a window in two pieces through the cache gives the same logits as one forward."""
+    model = small_model()
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, "cpu")
+    first, _ = model(idx[:, :7], cache=cache)
+    rest, _ = model(idx[:, 7:], cache=cache)  # 9 queries against 16 keys: needs the offset mask
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        model(idx[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 23])
+@pytest.mark.parametrize("block_size", [16, 7])
+def test_generation_logits_equal_full_forward_over_their_window(prompt_len, block_size):
+    """Every step's logits equal an uncached forward over exactly its window, well past block_size."""
+    model = small_model(block_size=block_size)
+    idx = torch.randint(0, 50, (2, prompt_len))
+    gen = torch.Generator().manual_seed(0)
+    tokens = idx
+    windows = set()
+    for step in model.generate(idx, 3 * block_size + 5, temperature=1.0, generator=gen):
+        window = tokens[:, step.window_start:]
+        assert 1 <= window.size(1) <= block_size
+        expected, _ = model(window)
+        torch.testing.assert_close(step.logits, expected[:, -1], rtol=1e-4, atol=1e-4)
+        windows.add(window.size(1))
+        tokens = torch.cat([tokens, step.token], 1)
+    assert tokens.shape == (2, prompt_len + 3 * block_size + 5)
+    assert block_size in windows  # the window did fill up, and then slid
+
+
+def test_greedy_generation_is_deterministic_and_seeded_sampling_repeats():
+    model = small_model()
+    idx = torch.randint(0, 50, (1, 4))
+
+    def run(**kw):
+        return torch.cat([s.token for s in model.generate(idx, 20, **kw)], 1)
+
+    torch.testing.assert_close(run(temperature=0), run(temperature=0))
+    a = run(temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = run(temperature=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b)
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = sample_next(logits, 1.0, top_k=2, generator=gen)
+    assert set(top2.flatten().tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # about [0.64, 0.24, 0.09, 0.03, 0.01]
+    nucleus = sample_next(logits, 1.0, top_p=float(probs[0] + probs[1]) - 0.01, generator=gen)
+    assert set(nucleus.flatten().tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, top_p=0.1, generator=gen).flatten().tolist()) == {0}
+    assert sample_next(logits[:1], 0.0).item() == 0
+
+
+def test_config_rejects_impossible_shapes():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="n_layer"):
+        GPTConfig(n_layer=0)

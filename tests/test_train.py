@@ -1,0 +1,124 @@
+"""Training end to end: the loss goes down, the run's files, checkpoints, resume, and sampling."""
+
+import io
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.prepare import PrepareConfig, prepare
+from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from sample import SampleConfig, sample
+from tests.conftest import python, tiny_config
+from train import TrainConfig, configure_optimizer, get_lr, train
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_the_run_files(trained):
+    cfg, last = trained
+    records = read_metrics(cfg.out_dir)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 50, 100, 150]
+    assert evals[0]["val_loss"] > math.log(30)  # starts near uniform over the ~30 characters
+    assert last["val_loss"] < 0.6 * evals[0]["val_loss"]
+    assert last["val_bits_per_token"] == pytest.approx(last["val_loss"] / math.log(2))
+    steps = [r for r in records if "val_loss" not in r]
+    assert [r["iter"] for r in steps] == list(range(10, 151, 10))
+    for r in steps:
+        assert {"iter", "train_loss", "lr", "tokens_per_sec"} <= set(r) and r["tokens_per_sec"] > 0
+    for r in evals:
+        assert {"iter", "val_loss", "eval_train_loss", "lr", "tokens_per_sec"} <= set(r)
+    assert json.loads((Path(cfg.out_dir) / "config.json").read_text()) == asdict(cfg)
+
+
+def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
+    cfg, last = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))  # torch.load(weights_only=True) inside
+    assert state["iter_num"] == 150 and state["tokenizer"]["kind"] == "char"
+    assert state["train_config"] == asdict(cfg)
+    model = model_from_checkpoint(state).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 32))
+    logits, _ = model(idx)
+    save_checkpoint(tmp_path / "copy.pt", state)
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "copy.pt")).eval()
+    assert torch.equal(again(idx)[0], logits)
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed into place
+
+
+def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
+    cfg, _ = trained
+    out = io.StringIO()
+    samples = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40), out)
+    assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == 46 for s in samples)
+    assert out.getvalue().count("---------------") == 2
+    again = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40), io.StringIO())
+    assert again == samples  # the same seed gives the same text
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\n")
+    greedy = sample(SampleConfig(out_dir=cfg.out_dir, start=f"FILE:{prompt}", num_samples=1, max_new_tokens=200,
+                                 temperature=0), io.StringIO())
+    assert greedy[0].startswith("JULIET:\n") and len(greedy[0]) == 208  # past block_size (32): window slides
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    straight = tiny_config(data_dir, tmp_path / "straight", max_iters=60, eval_interval=20, dropout=0.1)
+    train(straight)
+    first_half = tiny_config(data_dir, tmp_path / "halves", max_iters=40, eval_interval=20, dropout=0.1)
+    train(first_half)
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, eval_interval=20, dropout=0.1, init_from="resume"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1.0)  # the peak, right after warmup
+    assert get_lr(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert get_lr(110, cfg) == get_lr(5000, cfg) == pytest.approx(0.1)
+    lrs = [get_lr(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_optimizer_decays_matrices_only_and_sees_each_parameter_once():
+    from model import GPT
+
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    model = GPT(cfg.model_config(vocab_size=20))
+    groups = configure_optimizer(model, cfg, torch.device("cpu")).param_groups
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == cfg.weight_decay
+    assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+
+
+def test_gpt2_tokenizer_dataset_trains_and_samples(tmp_path, corpus_file, gpt2_ranks):
+    prepare(PrepareConfig(dataset="tiny", input=str(corpus_file), tokenizer="gpt2", data_dir=str(tmp_path)))
+    cfg = tiny_config(tmp_path, tmp_path / "out", max_iters=20, eval_interval=10)
+    last = train(cfg)
+    assert last["val_loss"] < math.log(50257)
+    text = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=1, max_new_tokens=10), io.StringIO())
+    assert text[0].startswith("ROMEO:") and len(text[0]) > len("ROMEO:")
+
+
+def test_scripts_as_a_user_runs_them(tmp_path, data_dir):
+    out = tmp_path / "out"
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+                 "--max_iters=20", "--eval_interval=10", "--eval_iters=2")
+    assert run.returncode == 0, run.stderr
+    assert "step 20: train loss" in run.stdout
+    result = python("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ROMEO:") == 2 and result.stdout.count("---------------") == 2
+    missing = python("sample.py", f"--out_dir={tmp_path / 'none'}")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no checkpoint at")
+    resume_missing = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny",
+                            f"--out_dir={tmp_path / 'none'}", "--init_from=resume")
+    assert resume_missing.returncode == 2 and "no checkpoint at" in resume_missing.stderr

@@ -1,0 +1,29 @@
+"""wandb logging in offline mode: the run records the config and every scalar train.py logged."""
+
+from tests.conftest import python
+from tests.test_train import read_metrics
+from tests.wandb_records import logged_config, logged_history
+
+
+def test_offline_run_records_config_and_scalars(tmp_path, data_dir):
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=20",
+                 "--eval_interval=10", "--eval_iters=2", "--log_interval=5", "--wandb_log=true",
+                 "--wandb_run_name=offline-test", env=env)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    config = logged_config(run_dir)
+    assert config["n_embd"] == 16 and config["max_iters"] == 20 and config["wandb_run_name"] == "offline-test"
+    history = logged_history(run_dir)
+    # wandb merges what is logged at one step (a step's record and an eval's) into one row
+    expected = {}
+    for record in read_metrics(out):
+        expected.setdefault(record["iter"], {}).update(record)
+    assert [row["_step"] for row in history] == sorted(expected) == [0, 5, 10, 15, 20]
+    for row in history:
+        for key, value in expected[row["_step"]].items():
+            if key != "iter":
+                assert row[key] == value, (row["_step"], key)
+    assert "val_loss" in history[-1] and "train_loss" in history[-1]
