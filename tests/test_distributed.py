@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import python, run_script
 from tests.test_train import read_metrics
 
 SETTINGS = ["--dataset=tiny", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
@@ -19,7 +19,7 @@ def torchrun(nproc: int, *args: str):
 
 def test_two_processes_match_one(tmp_path, data_dir):
     """Same global batch (4 micro-steps of 4): rank r takes micro-steps r, r + 2; gradients averaged."""
-    one = torchrun(1, *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'one'}")
+    one = python("train.py", *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
