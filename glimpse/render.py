@@ -1,0 +1,240 @@
+"""
+Pictures of attention: a PNG per layer, and one HTML page to explore the whole dump.
+
+Both take the same inputs: `attn` (n_layer, n_head, T, T) post-softmax weights, rows are queries and
+columns keys, 0 above the diagonal; `tokens`, the text of each of the T positions; and `prompt_len`,
+how many of them were the prompt (the rest were generated).
+
+Colours follow the square root of the weight by default. A query spread evenly over 256 keys gives
+each one 0.004, which a linear scale draws as black; the square root keeps diffuse heads visible
+while a weight of 1 still stands out. The colour bars are labelled in real weights.
+
+The viewer is a single file with everything inside it (no network, no fonts or scripts from
+elsewhere), so it opens from disk on an air-gapped machine. The weights travel as one byte each, the
+square root quantised to 0..255 (at most 0.004 off for weights up to 0.25), and only the lower
+triangle: a 6-layer, 6-head, 256-token dump is about 1.6 MB of base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import unicodedata
+import warnings
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+COLORMAP = "viridis"
+MASKED_COLOR = "#eeeeee"  # above the diagonal: keys a query cannot see, unlike a weight of 0
+GENERATED_COLOR = "#c0392b"  # axis labels of generated tokens; prompt tokens stay black
+MAX_LABELLED_TOKENS = 64  # past this, token text on the axes would overlap: positions only
+VIEWER_TEMPLATE = Path(__file__).with_name("viewer.html")
+DATA_PLACEHOLDER = "__GLIMPSE_DATA__"
+VISIBLE_CHARS = {"\n": "⏎", "\t": "⇥", " ": "␣"}
+
+
+def token_label(token: str, limit: int = 12) -> str:
+    """A token as one short visible label: whitespace as ⏎ ⇥ ␣, other control characters as \\xNN."""
+    if token == "":
+        return "∅"
+    chars = []
+    for ch in token:
+        if ch in VISIBLE_CHARS:
+            chars.append(VISIBLE_CHARS[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cs"):
+            chars.append(f"\\x{ord(ch):02x}")
+        else:
+            chars.append(ch)
+    label = "".join(chars)
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def checked_attention(attn, tokens, prompt_len: int) -> np.ndarray:
+    """attn as float32 (n_layer, n_head, T, T), or a ValueError that says what does not fit."""
+    attn = np.asarray(attn, dtype=np.float32)
+    if attn.ndim != 4 or attn.shape[2] != attn.shape[3]:
+        hint = " (a batch of dumps? pick one: attn[:, 0])" if attn.ndim == 5 else ""
+        raise ValueError(f"attn must be (n_layer, n_head, T, T), got shape {attn.shape}{hint}")
+    if attn.shape[0] < 1 or attn.shape[1] < 1 or attn.shape[2] < 1:
+        raise ValueError(f"attn has an empty dimension: shape {attn.shape}")
+    if len(tokens) != attn.shape[2]:
+        raise ValueError(f"{len(tokens)} tokens for attention over T={attn.shape[2]} positions")
+    if not 0 <= prompt_len <= attn.shape[2]:
+        raise ValueError(f"prompt_len must be in [0, T={attn.shape[2]}], got {prompt_len}")
+    if not np.isfinite(attn).all():
+        raise ValueError("attn holds NaN or infinite weights")
+    return attn
+
+
+def write_layer_images(folder: Path, attn, tokens, prompt_len: int) -> list[Path]:
+    """One PNG per layer, folder/layer_<l>.png, the layer's heads side by side; returns the paths."""
+    attn = checked_attention(attn, tokens, prompt_len)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = [token_label(t) for t in tokens]
+    paths = []
+    for layer in range(attn.shape[0]):
+        path = folder / f"layer_{layer}.png"
+        fig = layer_figure(attn[layer], layer, labels, prompt_len)
+        with warnings.catch_warnings():
+            # tokens in scripts DejaVu Sans lacks draw as boxes; one warning per glyph is only noise
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(path, dpi=fig.dpi)
+        fig.clear()  # Figure made without pyplot: nothing global holds it once cleared and dropped
+        paths.append(path)
+    return paths
+
+
+def layer_figure(layer_attn: np.ndarray, layer: int, labels: list[str], prompt_len: int) -> Figure:
+    """A figure of one layer's heads (n_head, T, T) as heatmaps sharing one colour bar."""
+    n_head, T, _ = layer_attn.shape
+    labelled = T <= MAX_LABELLED_TOKENS
+    font = 7 if T <= 32 else 6
+    # inches: each panel holds T label rows of `font` points when labelled; margins hold the labels
+    panel = max(3.0, 0.11 * T) if labelled else 3.6
+    label_room = 0.15 + max(map(len, labels)) * font * 0.65 / 72 if labelled else 0.6
+    left, bottom, top, right, gap = label_room, label_room, 0.35, 0.15, 0.1
+    cell_w, cell_h = left + panel + right, top + panel + bottom + gap
+    # wrap into rows of at most 4 panels (fewer if the figure would pass ~24 in), rows evenly filled
+    n_rows = math.ceil(n_head / max(1, min(4, int(24 // cell_w))))
+    n_cols = math.ceil(n_head / n_rows)
+    title_h, bar_w = 0.45, 1.0
+    width, height = n_cols * cell_w + bar_w, n_rows * cell_h + title_h
+    dpi = 120 if labelled else 110  # labels of 6-7 points need ~10 pixels to read
+    # axes placed by hand in inches: a layout engine measures every tick label and costs more time
+    # than the drawing itself
+    fig = Figure(figsize=(width, height), dpi=dpi)
+
+    # past one pixel per token, pool blocks by their maximum so that a thin line (a previous-token
+    # diagonal) survives the shrinking instead of being skipped
+    block = max(1, math.ceil(T / (panel * dpi)))
+    cmap = colormaps[COLORMAP].with_extremes(bad=MASKED_COLOR)
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+    masked = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T) True where key j > query i
+    hidden = pooled(masked, block, reduce=np.min)
+    for head in range(n_head):
+        row, col = divmod(head, n_cols)
+        x0 = col * cell_w + left
+        y0 = height - title_h - (row + 1) * cell_h + bottom + gap
+        ax = fig.add_axes((x0 / width, y0 / height, panel / width, panel / height))
+        image = ax.imshow(
+            np.ma.masked_array(pooled(layer_attn[head], block), hidden), cmap=cmap, norm=norm,
+            interpolation="nearest", extent=(-0.5, T - 0.5, T - 0.5, -0.5),  # axes in token positions
+        )
+        ax.set_title(f"layer {layer} · head {head}", fontsize=10, pad=4)
+        if 0 < prompt_len < T:  # where generation took over from the prompt, below the diagonal only
+            edge = prompt_len - 0.5
+            ax.vlines(edge, edge, T - 0.5, colors="white", linewidths=0.8, linestyles="--")
+            ax.hlines(edge, -0.5, edge, colors="white", linewidths=0.8, linestyles="--")
+        if labelled:
+            label_axes(ax, labels, prompt_len, font)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            ax.tick_params(labelsize=7, length=2, pad=1)
+            ax.set_xlabel("key position", fontsize=8, labelpad=1)
+            ax.set_ylabel("query position", fontsize=8, labelpad=1)
+    bar_h = min(n_rows * cell_h - bottom - gap - top, 4.0)
+    bar_y = height - title_h - top - bar_h
+    bar_ax = fig.add_axes((1 - 0.8 * bar_w / width, bar_y / height, 0.15 / width, bar_h / height))
+    colorbar = fig.colorbar(image, cax=bar_ax)
+    colorbar.set_ticks([0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
+    colorbar.ax.tick_params(labelsize=8)
+    colorbar.set_label("attention weight (√ scale)", fontsize=8)
+    pooling = f" · {block}×{block} blocks shown by their max" if block > 1 else ""
+    fig.suptitle(f"layer {layer} · {T} tokens: {prompt_len} prompt, {T - prompt_len} generated{pooling}",
+                 fontsize=11, y=1 - 0.12 / height, va="top")
+    return fig
+
+
+def label_axes(ax, labels: list[str], prompt_len: int, size: float):
+    """Every token's text on both axes; generated tokens in red."""
+    # parse_math off: a token such as "$x$" is text, not a formula
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=size, parse_math=False)
+    ax.set_yticks(range(len(labels)), labels, fontsize=size, parse_math=False)
+    ax.tick_params(length=2, pad=1)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for text in tick_labels[prompt_len:]:
+            text.set_color(GENERATED_COLOR)
+
+
+def pooled(a: np.ndarray, block: int, reduce=np.max) -> np.ndarray:
+    """(T, T) -> (ceil(T / block), ceil(T / block)), each block reduced to one value."""
+    if block == 1:
+        return a
+    T = a.shape[0]
+    n = math.ceil(T / block)
+    padded = np.pad(a, ((0, n * block - T), (0, n * block - T)), mode="edge")  # edge: adds no new max or min
+    return reduce(padded.reshape(n, block, n, block), axis=(1, 3))
+
+
+def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None) -> str:
+    """A self-contained HTML page to pick a layer and head, see its heatmap, and hover tokens."""
+    attn = checked_attention(attn, tokens, prompt_len)
+    n_layer, n_head, T, _ = attn.shape
+    data = {
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "T": T,
+        "prompt_len": int(prompt_len),
+        "tokens": [str(t) for t in tokens],
+        "labels": [token_label(t) for t in tokens],
+        "meta": plain(meta),
+        "heads": plain(heads),
+        "colormap": [f"{r:02x}{g:02x}{b:02x}" for r, g, b in colormap_bytes()],
+        "masked": MASKED_COLOR,
+        "weights": packed_weights(attn),
+    }
+    # ASCII JSON with < > & escaped: no token can close the <script> it sits in, or open a comment
+    payload = json.dumps(data, ensure_ascii=True, allow_nan=False)
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return VIEWER_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, payload)
+
+
+def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None) -> Path:
+    """Write viewer_html(...) to path as UTF-8; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads), encoding="utf-8")
+    return path
+
+
+def packed_weights(attn: np.ndarray) -> str:
+    """Base64 of uint8 (n_layer, n_head, T * (T + 1) / 2): round(255 * sqrt(w)) over the lower triangle.
+
+    Row q of a head starts at q * (q + 1) / 2 and holds keys 0..q; the viewer decodes (byte / 255)^2.
+    """
+    n_layer, n_head, T, _ = attn.shape
+    rows, cols = np.tril_indices(T)  # row-major: (0,0), (1,0), (1,1), (2,0), ...
+    packed = np.empty((n_layer, n_head, rows.size), dtype=np.uint8)
+    for layer in range(n_layer):  # one layer at a time keeps the float copy small when T is 1024
+        packed[layer] = np.rint(255 * np.sqrt(np.clip(attn[layer][:, rows, cols], 0.0, 1.0)))
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def colormap_bytes() -> np.ndarray:
+    """(256, 3) uint8 RGB of COLORMAP, so the viewer's colours match the PNGs'."""
+    return np.rint(255 * colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3]).astype(np.uint8)
+
+
+def plain(value):
+    """value with numpy scalars and arrays turned into Python ones and NaN or infinity into None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # a Path, a dtype, an enum: its text is what a reader wants to see

@@ -1,0 +1,291 @@
+"""Attention pictures: a PNG per layer, and the HTML viewer, driven in a real headless Chromium.
+
+The attention is synthetic but real: a softmax over random scores under the causal mask, with head 0
+pushed towards the previous token and head 1 towards the first, so their drawings must differ.
+The browser tests skip when Chromium or playwright is missing; CI installs both.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glimpse.attention import head_metrics
+from glimpse.render import token_label, viewer_html, write_layer_images, write_viewer
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path(os.environ.get("GLIMPSE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# text a tokenizer can hand back: whitespace, a partial UTF-8 byte, HTML and matplotlib specials
+SAMPLE_TOKENS = ["ROMEO", ":", "\n", " the", "\t", "\\xe2", "<b>", "&amp;", '"q"', "$x$", "</script>", "é", "",
+                 " night", ".", "\r\n", "a_b", "{}", "%d", "'"]
+
+
+def synthetic_attention(n_layer: int, n_head: int, T: int, seed: int = 0) -> np.ndarray:
+    """(n_layer, n_head, T, T) causal softmax weights; head 0 looks one token back, head 1 at token 0."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(n_layer, n_head, T, T))  # (L, H, T, T)
+    positions = np.arange(1, T)
+    scores[:, 0, positions, positions - 1] += 8.0
+    if n_head > 1:
+        scores[:, 1, :, 0] += 8.0
+    scores[..., ~np.tril(np.ones((T, T), dtype=bool))] = -np.inf
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def sample_tokens(T: int) -> list[str]:
+    return [SAMPLE_TOKENS[i % len(SAMPLE_TOKENS)] for i in range(T)]
+
+
+def read_png(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()  # the whole file decodes: no truncated chunk
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_token_label_makes_whitespace_and_control_characters_visible():
+    assert token_label("\n") == "⏎"
+    assert token_label(" the") == "␣the"
+    assert token_label("\t\r") == "⇥\\x0d"
+    assert token_label("") == "∅"
+    assert token_label("\\xe2") == "\\xe2"  # an escape the tokenizer already wrote out stays as it is
+    assert token_label("abcdefghijklmnop", limit=8) == "abcdefg…"
+
+
+def test_layer_images_with_token_labels(tmp_path):
+    attn = synthetic_attention(n_layer=2, n_head=3, T=24)
+    paths = write_layer_images(tmp_path / "png", attn, sample_tokens(24), prompt_len=10)
+    assert paths == [tmp_path / "png" / "layer_0.png", tmp_path / "png" / "layer_1.png"]
+    pixels = [read_png(p) for p in paths]
+    for image in pixels:
+        height, width, _ = image.shape
+        assert 600 <= width <= 4000 and 300 <= height <= 3000
+        assert image.std() > 20  # drawn, not a blank canvas
+    assert not np.array_equal(pixels[0], pixels[1])  # the layers' weights differ, so must their pictures
+
+
+def test_layer_images_for_long_sequences_wrap_heads_into_rows(tmp_path):
+    attn = synthetic_attention(n_layer=1, n_head=6, T=100, seed=1)
+    (path,) = write_layer_images(tmp_path, attn, sample_tokens(100), prompt_len=40)
+    image = read_png(path)
+    height, width, _ = image.shape
+    assert height > 0.5 * width  # 6 heads: two rows of three, not one strip of six
+    assert width <= 3000 and image.std() > 20
+
+
+def test_layer_images_of_a_single_token(tmp_path):
+    attn = np.ones((1, 2, 1, 1))
+    (path,) = write_layer_images(tmp_path, attn, ["hi"], prompt_len=1)
+    assert read_png(path).shape[0] > 100
+
+
+def test_mismatched_inputs_are_refused(tmp_path):
+    attn = synthetic_attention(1, 2, 8)
+    with pytest.raises(ValueError, match="tokens"):
+        viewer_html(attn, sample_tokens(7), 3, {})
+    with pytest.raises(ValueError, match="prompt_len"):
+        write_layer_images(tmp_path, attn, sample_tokens(8), prompt_len=9)
+    with pytest.raises(ValueError, match=r"attn\[:, 0\]"):
+        viewer_html(attn[:, None], sample_tokens(8), 3, {})
+
+
+class ScriptCollector(HTMLParser):
+    """The page's <script> elements as the browser's tokenizer would split them."""
+
+    def __init__(self):
+        super().__init__()
+        self.scripts: list[tuple[dict, str]] = []
+        self.open: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.open = dict(attrs)
+            self.scripts.append((self.open, ""))
+
+    def handle_data(self, data):
+        if self.open is not None:
+            self.scripts[-1] = (self.open, self.scripts[-1][1] + data)
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self.open = None
+
+
+def embedded_data(html: str) -> dict:
+    parser = ScriptCollector()
+    parser.feed(html)
+    (data_text,) = [text for attrs, text in parser.scripts if attrs.get("id") == "glimpse-data"]
+    assert len(parser.scripts) == 2  # the data and the viewer's code: no token opened another
+    return json.loads(data_text)
+
+
+def test_viewer_is_self_contained_and_carries_the_weights():
+    attn = synthetic_attention(n_layer=2, n_head=3, T=30)
+    tokens = sample_tokens(30)
+    html = viewer_html(attn, tokens, 12, {"iter": 500, "temperature": np.float32(0.8), "loss": float("nan")})
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
+    assert not re.search(r"https?://|@import|url\(", html, re.IGNORECASE)
+    data = embedded_data(html)
+    assert data["tokens"] == tokens and data["prompt_len"] == 12
+    assert data["meta"] == {"iter": 500, "temperature": pytest.approx(0.8), "loss": None}
+    # the packed lower triangle decodes to the weights, one byte of sqrt(w) each
+    packed = np.frombuffer(base64.b64decode(data["weights"]), dtype=np.uint8).reshape(2, 3, -1)
+    rows, cols = np.tril_indices(30)
+    decoded = (packed / 255.0) ** 2
+    assert np.abs(decoded - attn[:, :, rows, cols]).max() < 0.004
+
+
+def test_viewer_for_a_typical_dump_stays_small():
+    attn = synthetic_attention(n_layer=6, n_head=6, T=256)
+    assert len(viewer_html(attn, sample_tokens(256), 64, {})) < 3_000_000
+
+
+def test_token_text_cannot_break_out_of_the_page():
+    tokens = ["</script><script>window.pwned = 1</script>", "<!--", "</SCRIPT >", "<img src=x onerror=alert(1)>"]
+    attn = synthetic_attention(1, 1, len(tokens))
+    html = viewer_html(attn, tokens, 2, {"note": "</script>"}, heads=None)
+    assert "<script>window.pwned" not in html and "<img src=x" not in html
+    assert embedded_data(html)["tokens"] == tokens
+
+
+# --- the viewer in a real browser ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set GLIMPSE_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_viewer(browser, path: Path):
+    """A page showing the viewer at path, with lists collecting its errors and the URLs it requested."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors, requests = [], []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(path.as_uri())
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+    return page, errors, requests
+
+
+def state(page) -> dict:
+    return page.evaluate("window.glimpseViewer.state()")
+
+
+def heatmap_pixels(page) -> str:
+    return page.evaluate("document.getElementById('heatmap').toDataURL()")
+
+
+def cell_colour(page, q: int, k: int) -> list[int]:
+    """RGB at the centre of heatmap cell (query q, key k)."""
+    return page.evaluate(
+        """([q, k]) => {
+            const canvas = document.getElementById("heatmap");
+            const cell = canvas.width / window.glimpseViewer.state().T;
+            const pixel = canvas.getContext("2d").getImageData((k + 0.5) * cell, (q + 0.5) * cell, 1, 1);
+            return Array.from(pixel.data.slice(0, 3));
+        }""",
+        [q, k],
+    )
+
+
+def test_viewer_in_chromium(tmp_path, browser):
+    T = 24
+    attn = synthetic_attention(n_layer=2, n_head=3, T=T)
+    heads = head_metrics(attn)
+    path = write_viewer(tmp_path / "viewer.html", attn, sample_tokens(T), 10, {"iter": 500}, heads=heads)
+    page, errors, requests = open_viewer(browser, path)
+
+    assert state(page)["layer"] == 0 and state(page)["head"] == 0
+    assert all(url.startswith(("file:", "data:", "blob:")) for url in requests), requests
+    # what is drawn is the data: viridis is bright (yellow) for 1, dark (purple) for ~0
+    assert sum(cell_colour(page, 12, 11)) > 400 and sum(cell_colour(page, 12, 0)) < 300  # head 0: previous token
+    first = heatmap_pixels(page)
+
+    page.select_option("#head", "1")
+    assert state(page)["head"] == 1
+    assert sum(cell_colour(page, 12, 0)) > 400 and sum(cell_colour(page, 12, 11)) < 300  # head 1: first token
+    second = heatmap_pixels(page)
+    assert second != first
+    entropy = heads["layers"][0]["heads"][1]["entropy"]
+    assert page.inner_text('#metrics tr[data-metric="entropy"] td.value') == f"{entropy:.3f}"
+
+    page.select_option("#layer", "1")
+    assert state(page)["layer"] == 1 and heatmap_pixels(page) not in (first, second)
+    page.click('#overview .thumb[data-head="2"]')
+    assert state(page)["head"] == 2
+    page.evaluate("document.activeElement.blur()")  # arrows on a focused select belong to the select
+    page.keyboard.press("ArrowLeft")
+    assert (state(page)["layer"], state(page)["head"]) == (1, 1)
+
+    # the weights the page decoded are the ones it was given
+    shown = page.evaluate(
+        """([layer, head, T]) => Array.from(
+            {length: T * T}, (_, n) => window.glimpseViewer.weight(layer, head, Math.floor(n / T), n % T))""",
+        [1, 1, T],
+    )
+    assert np.abs(np.array(shown).reshape(T, T) - attn[1, 1]).max() < 0.004
+
+    # hovering a token highlights what it attends to (before it) and what attends to it (after it)
+    page.select_option("#layer", "0")
+    page.select_option("#head", "0")
+    overlay_before = page.evaluate("document.getElementById('overlay').toDataURL()")
+    page.hover('#tokens .tok[data-i="12"]')
+    assert state(page)["hover"] == 12
+    token = lambda i: page.locator(f'#tokens .tok[data-i="{i}"]')
+    assert "self" in token(12).get_attribute("class")
+    assert "key" in token(11).get_attribute("class") and float(token(11).get_attribute("data-w")) > 0.5
+    assert "query" in token(13).get_attribute("class") and float(token(13).get_attribute("data-w")) > 0.5
+    assert "query" not in (token(20).get_attribute("class") or "")  # token 20 looks at 19, hardly at 12
+    assert page.evaluate("document.getElementById('overlay').toDataURL()") != overlay_before
+    assert "attends to" in page.inner_text("#info")
+
+    # hovering a heatmap cell names it and follows its query row
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.move(box["x"] + (3.5 / T) * box["width"], box["y"] + (7.5 / T) * box["height"])
+    assert state(page)["hover"] == 7
+    assert "#7" in page.inner_text("#readout") and "#3" in page.inner_text("#readout")
+    page.mouse.move(box["x"] + box["width"] + 300, box["y"] + box["height"] + 50)  # out of the heatmap
+    assert state(page)["hover"] is None
+
+    page.click('#tokens .tok[data-i="16"]')  # pinned: the highlight stays for the screenshot
+    assert state(page)["pinned"] and "pinned" in token(16).get_attribute("class")
+    screenshot = tmp_path / "viewer.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert read_png(screenshot).shape[1] >= 1000
+    assert errors == []
+    page.close()
+
+
+def test_viewer_with_hostile_tokens_and_a_long_text_in_chromium(tmp_path, browser):
+    hostile = ["</script><script>window.pwned = 1</script>", "<img src=x onerror=\"window.pwned = 2\">", "<!--",
+               "</SCRIPT >", "\u2028", "]]>", "&lt;"]
+    T = 300
+    tokens = hostile + sample_tokens(T - len(hostile))
+    path = write_viewer(tmp_path / "viewer.html", synthetic_attention(1, 2, T), tokens, 100, {"note": "</script>"})
+    page, errors, _ = open_viewer(browser, path)
+    assert page.evaluate("window.pwned === undefined") and page.locator("img").count() == 0
+    for i, text in enumerate(hostile):
+        assert page.locator(f'#tokens .tok[data-i="{i}"]').text_content() == text
+    assert page.evaluate("document.getElementById('heatmap').width") == 2 * T  # two canvas pixels per token
+    assert page.locator("#tokens .tok.gen").count() == T - 100
+    assert errors == []
+    page.close()
