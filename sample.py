@@ -12,18 +12,22 @@ Generation uses a KV cache; past block_size the context window slides (see GPT.g
 from __future__ import annotations
 
 import codecs
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
+import numpy as np
 import torch
 
 from data.tokenizer import tokenizer_from_spec
+from glimpse.attention import dump_text, induction_probe
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.runtime import autocast, resolve_device, resolve_dtype
+from glimpse.tracking import Tracker
 
 
 @dataclass
@@ -38,6 +42,13 @@ class SampleConfig:
     seed: int = option(1337, "random seed: the same seed gives the same samples")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "auto: bfloat16 on CUDA, else float32")
+    dump_attention: bool = option(True, "write each sample's attention (npz, heads.json, PNGs, HTML viewer)")
+    dump_dir: str = option("", "where the dumps go, one sample_<i>/ each (empty: OUT_DIR/attention)")
+    probe: Literal["none", "induction"] = option(
+        "none", "induction: also score every head on repeated random tokens (induction) and on the samples' "
+        "text (previous-token, sink)"
+    )
+    wandb_log: bool = option(False, "log the dumps to the wandb run that trained the checkpoint (or a new one)")
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -80,15 +91,20 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
+    dump_dir = Path(cfg.dump_dir) if cfg.dump_dir else Path(cfg.out_dir) / "attention"
+    project = state["train_config"].get("wandb_project", "glimpse")
+    tracker = Tracker(None, wandb_log=cfg.wandb_log, wandb_project=project, resume_run_id=state.get("wandb_run_id"),
+                      job_type="sample")
     samples = []
-    for _ in range(cfg.num_samples):
+    for i in range(cfg.num_samples):
         # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces = [prompt]
+        pieces, generated = [prompt], []
         out.write(prompt)
         with autocast(device, dtype):
             for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator):
-                text = decoder.decode(tokenizer.decode_bytes(step.token[0].tolist()))
+                generated.append(step.token[0, 0].item())
+                text = decoder.decode(tokenizer.decode_bytes(generated[-1:]))
                 pieces.append(text)
                 out.write(text)
                 out.flush()
@@ -96,7 +112,45 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         out.write(pieces[-1] + "\n---------------\n")
         out.flush()
         samples.append("".join(pieces))
+        if cfg.dump_attention:
+            folder = dump_dir / f"sample_{i}"
+            heads = dump_text(model, tokenizer, [*ids.tolist(), *generated], len(ids), dump_meta(state, cfg, i), folder)
+            tracker.log_attention(folder, heads, prefix=f"sample_{i}")
+    if cfg.probe == "induction":
+        report_probe(model, dump_dir, cfg, out)
+    tracker.close()
+    if cfg.dump_attention:
+        print(f"attention dumps: {dump_dir}/sample_*/index.html", file=sys.stderr)
     return samples
+
+
+def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
+    """What a dump was made from: the model, the checkpoint and the sampling settings."""
+    settings = {k: getattr(cfg, k) for k in ("start", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p")}
+    return {"model_config": state["model_config"], "iter": state.get("iter_num"), "val_loss": state.get("val_loss"),
+            "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"]}
+
+
+def report_probe(model, dump_dir: Path, cfg: SampleConfig, out: TextIO):
+    """Print and save every head's induction score, and its previous-token and sink mass on the samples."""
+    probe = induction_probe(model, seed=cfg.seed)
+    text_heads = [json.loads((dump_dir / f"sample_{i}" / "heads.json").read_text())
+                  for i in range(cfg.num_samples)] if cfg.dump_attention else []
+    out.write(f"\ninduction probe: {probe['n_tokens']} random tokens, repeated; loss on the first copy "
+              f"{probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
+    out.write("layer head  induction  prev_token  sink\n")
+    probe["heads"] = []
+    for layer, scores in enumerate(probe["induction"]):
+        for head, score in enumerate(scores):
+            on_text = [t["layers"][layer]["heads"][head] for t in text_heads]  # one per sample
+            prev = float(np.mean([h["prev_token"] for h in on_text])) if on_text else None
+            sink = float(np.mean([h["first_token"] for h in on_text])) if on_text else None
+            probe["heads"].append({"layer": layer, "head": head, "induction": score, "prev_token": prev,
+                                   "first_token": sink})
+            shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"
+            out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {shown}\n")
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    (dump_dir / "probe_induction.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None):

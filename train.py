@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.dataset import TokenData
 from data.prepare import ensure_dataset
+from glimpse.attention import dump_text
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
@@ -62,6 +64,10 @@ class TrainConfig:
     eval_iters: int = option(200, "batches per split in each evaluation")
     log_interval: int = option(10, "log the training loss every this many steps")
     always_save_checkpoint: bool = option(True, "checkpoint at every eval, not only when val loss improves")
+    attn_log_interval: int | None = option(
+        None, "dump attention maps of a fixed validation text every this many steps (none: at every eval; 0: never)"
+    )
+    attn_probe_tokens: int = option(64, "tokens of validation text in those maps (token labels show up to 64)")
     # AdamW and the learning-rate schedule
     learning_rate: float = option(1e-3, "peak learning rate, reached after warmup")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
@@ -87,11 +93,13 @@ class TrainConfig:
                      "eval_iters", "log_interval", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
+        if self.attn_log_interval is not None and self.attn_log_interval < 0:
+            raise ValueError(f"attn_log_interval must be none, 0 (never) or positive, got {self.attn_log_interval}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         self.model_config(vocab_size=1)  # checks the model's shape (n_embd vs n_head, dropout)
@@ -201,7 +209,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         step_model = DDP(fast_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
 
     tracker = Tracker(
-        out_dir, enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
         resume_run_id=state.get("wandb_run_id") if state else None,
         keep_through_iter=iter_num if state else None,
@@ -239,6 +247,11 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                     "tokenizer": data.tokenizer_spec, "iter_num": iter_num, "best_val_loss": best_val_loss,
                     "val_loss": losses["val"], "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device),
                 })
+            t_log = time.time()  # evaluation time does not count against throughput
+        attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
+        if ddp.is_main and attn_every and (iter_num % attn_every == 0 or iter_num == cfg.max_iters) \
+                and iter_num != resumed_at:
+            log_attention_maps(model, data, cfg, iter_num, tracker)
             t_log = time.time()  # evaluation time does not count against throughput
         if iter_num >= cfg.max_iters:
             break
@@ -287,6 +300,23 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     bar.close()
     tracker.close()
     return last_eval
+
+
+def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: int, tracker: Tracker):
+    """Dump the attention over the start of the validation split to out_dir/attention/iter_<n>/ and wandb.
+
+    The text is the same at every step, so the dumps show how the heads form over the run; the
+    cost is one forward over attn_probe_tokens tokens, and the pictures.
+    """
+    n = min(cfg.attn_probe_tokens, cfg.block_size, len(data.splits["val"]))
+    if n == 0:
+        return
+    ids = data.splits["val"][:n].astype(np.int64)
+    meta = {"iter": iter_num, "model_config": asdict(model.config), "tokenizer": data.tokenizer_spec,
+            "source": f"the first {n} tokens of {data.folder.name}'s validation split"}
+    folder = Path(cfg.out_dir) / "attention" / f"iter_{iter_num}"
+    heads = dump_text(model, data.tokenizer(), ids, prompt_len=n, meta=meta, folder=folder)
+    tracker.log_attention(folder, heads, step=iter_num)
 
 
 def check_resume(state: dict, model_config: GPTConfig, data: TokenData):

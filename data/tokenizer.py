@@ -55,6 +55,10 @@ class CharTokenizer:
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8")
 
+    def token_strings(self, ids) -> list[str]:
+        """The text of each token on its own (for attention dumps)."""
+        return [self.chars[i] for i in ids]
+
 
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE (50,257 tokens; <|endoftext|> is 50256)."""
@@ -86,6 +90,10 @@ class GPT2Tokenizer:
     def decode_bytes(self, ids) -> bytes:
         # one BPE token can hold part of a UTF-8 character, so streaming works on bytes
         return self.enc.decode_bytes(list(ids))
+
+    def token_strings(self, ids) -> list[str]:
+        """The text of each token on its own; bytes that are part of a UTF-8 character show as \\xNN."""
+        return [self.enc.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace") for i in ids]
 
 
 Tokenizer = CharTokenizer | GPT2Tokenizer

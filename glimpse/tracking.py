@@ -1,5 +1,5 @@
 """
-Where a run's numbers go: out_dir/metrics.jsonl always, and wandb when wandb_log is on.
+Where a run's numbers and pictures go: out_dir/metrics.jsonl, and wandb when wandb_log is on.
 
 Only rank 0 tracks; other ranks get a Tracker that does nothing, so callers never check ranks.
 wandb honours its own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY).
@@ -11,11 +11,13 @@ import json
 import math
 from pathlib import Path
 
+HEAD_COLUMNS = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
+
 
 class Tracker:
     def __init__(
         self,
-        out_dir: Path,
+        metrics_path: Path | None,
         *,
         enabled: bool = True,
         wandb_log: bool = False,
@@ -24,19 +26,24 @@ class Tracker:
         config: dict | None = None,
         resume_run_id: str | None = None,
         keep_through_iter: int | None = None,
+        job_type: str = "train",
     ):
-        """keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped."""
+        """metrics_path: where metrics.jsonl goes (None: nowhere, wandb only).
+
+        keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
+        """
         self.enabled = enabled
         self.run = None
+        self.path = metrics_path
         if not enabled:
             return
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(out_dir) / "metrics.jsonl"
-        kept = []
-        if keep_through_iter is not None and self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["iter"] <= keep_through_iter]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if metrics_path is not None:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if keep_through_iter is not None and metrics_path.exists():
+                lines = metrics_path.read_text(encoding="utf-8").splitlines()
+                kept = [line for line in lines if line.strip() and json.loads(line)["iter"] <= keep_through_iter]
+            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if wandb_log:
             import wandb  # imported here: it is slow to import and most runs do not log to it
 
@@ -46,6 +53,7 @@ class Tracker:
                 config=config,
                 id=resume_run_id,
                 resume="allow" if resume_run_id else None,
+                job_type=job_type,
             )
 
     @property
@@ -56,11 +64,32 @@ class Tracker:
         """Append one record (it must have 'iter') to metrics.jsonl and send it to wandb."""
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
+        if self.path is not None:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(clean) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def log_attention(self, folder: Path, heads: dict, prefix: str = "attention", step: int | None = None):
+        """Send a dump folder's heatmaps, viewer and head metrics to wandb, one key per layer.
+
+        Logged at every eval under the same keys, the images get a step slider in wandb's UI, so
+        one can watch heads form over the run.
+        """
+        if self.run is None:
+            return
+        import wandb
+
+        rows = [[layer["layer"], *(head[c] for c in HEAD_COLUMNS[1:])] for layer in heads["layers"]
+                for head in layer["heads"]]
+        payload = {f"{prefix}/heads": wandb.Table(columns=HEAD_COLUMNS, data=rows)}
+        for image in sorted(folder.glob("layer_*.png")):
+            payload[f"{prefix}/{image.stem}"] = wandb.Image(str(image))
+        viewer = folder / "index.html"
+        if viewer.exists():
+            payload[f"{prefix}/viewer"] = wandb.Html(viewer, inject=False)  # a path: wandb reads the file
+        self.run.log(payload, step=step)
 
     def close(self):
         if self.run is not None:

@@ -1,0 +1,143 @@
+"""
+Attention dumps: what every head of every layer attended to, saved for people and tools.
+
+One dump is a folder:
+
+    attention.npz  attn float16 [n_layer, n_head, T, T] post-softmax weights (rows are queries,
+                   columns keys; exactly 0 above the diagonal; rows sum to 1), token_ids int32 [T],
+                   tokens [T] (each token's text), prompt_len, meta (a JSON string)
+    heads.json     per layer and head: entropy, mass on the previous token, on the first token (a
+                   sink), on the token itself, and the mean distance attended over
+    layer_<l>.png  each layer's heads as heatmaps
+    index.html     a self-contained viewer
+
+sample.py writes one per sample and train.py one per eval; the probes below score heads on known
+circuits (previous-token, sink, induction).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import GPT
+
+
+@torch.no_grad()
+def attention_weights(model: GPT, ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """Post-softmax weights [n_layer, n_head, T, T] (float32) and logits (T, V) for one text (T,)."""
+    was_training = model.training
+    model.eval()  # no dropout: the weights are the model's, not a random mask's
+    logits, weights = model.forward_with_attention(ids[None])  # (1, T, V), (L, 1, H, T, T)
+    model.train(was_training)
+    return weights[:, 0].float().cpu().numpy(), logits[0]
+
+
+def head_metrics(attn: np.ndarray) -> dict:
+    """Per layer and head, averaged over queries 1..T-1 (query 0 can only attend to itself).
+
+    entropy        nats; 0 when a head looks at one token, ln(t + 1) when it spreads evenly
+    prev_token     weight on the token just before the query
+    first_token    weight on token 0, where many heads park attention they do not need (a sink)
+    self           weight on the query's own token
+    mean_distance  expected distance back from the query to the keys, in tokens
+    """
+    n_layer, n_head, T, _ = attn.shape
+    queries = np.arange(1, T) if T > 1 else np.array([0])  # (Q,)
+    rows = np.arange(len(queries))
+    w = attn[:, :, queries, :].astype(np.float64)  # (L, H, Q, T)
+    entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(-1).mean(-1) + 0.0  # (L, H); + 0.0 turns -0.0 into 0.0
+    prev = w[:, :, rows, queries - 1].mean(-1) if T > 1 else np.zeros((n_layer, n_head))  # (L, H)
+    first = w[..., 0].mean(-1)  # (L, H)
+    self_mass = w[:, :, rows, queries].mean(-1)  # (L, H)
+    back = (queries[:, None] - np.arange(T)[None, :]).clip(min=0)  # (Q, T) how far back each key is
+    distance = (w * back).sum(-1).mean(-1)  # (L, H)
+    layers = []
+    for layer in range(n_layer):
+        heads = [
+            {"head": h, "entropy": float(entropy[layer, h]), "prev_token": float(prev[layer, h]),
+             "first_token": float(first[layer, h]), "self": float(self_mass[layer, h]),
+             "mean_distance": float(distance[layer, h])}
+            for h in range(n_head)
+        ]
+        layers.append({"layer": layer, "heads": heads})
+    return {"queries": len(queries), "layers": layers}
+
+
+def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,
+               pictures: bool = True) -> dict:
+    """Write one dump folder (see the module docstring); return its head metrics."""
+    from glimpse import render  # matplotlib is imported only when pictures are drawn
+
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        folder / "attention.npz",
+        attn=attn.astype(np.float16),
+        token_ids=np.asarray(token_ids, dtype=np.int32),
+        tokens=np.array(tokens, dtype=str),
+        prompt_len=np.int32(prompt_len),
+        meta=np.array(json.dumps(meta)),
+    )
+    heads = head_metrics(attn)
+    (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
+    if pictures:
+        render.write_layer_images(folder, attn, tokens, prompt_len)
+        render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads)
+    return heads
+
+
+def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: Path, pictures: bool = True) -> dict:
+    """Dump the attention over the last block_size tokens of ids (a text's token ids)."""
+    ids = [int(i) for i in ids]
+    cut = max(0, len(ids) - model.config.block_size)  # tokens older than the window are left out
+    window = ids[cut:]
+    device = next(model.parameters()).device
+    attn, _ = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device))
+    return write_dump(folder, attn, window, tokenizer.token_strings(window), max(0, prompt_len - cut), meta, pictures)
+
+
+def load_dump(folder: Path) -> dict:
+    """A dump's arrays and meta, read with numpy alone (no pickle)."""
+    with np.load(folder / "attention.npz", allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+    out["meta"] = json.loads(str(out["meta"]))
+    out["prompt_len"] = int(out["prompt_len"])
+    return out
+
+
+@torch.no_grad()
+def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, seed: int = 0) -> dict:
+    """Score every head on random tokens repeated twice, [r, r], with r of n_tokens tokens.
+
+    An induction head, at the second copy of token r[j], attends to r[j + 1] in the first copy (the
+    token that followed the last time) and so lets the model predict what comes next. Its score is
+    the mean weight on that key. Random tokens cannot be predicted the first time, so a model with
+    induction heads has a far lower loss on the second copy than on the first.
+    """
+    config = model.config
+    n = n_tokens or config.block_size // 2
+    if not 2 <= n <= config.block_size // 2:
+        raise ValueError(f"the probe needs 2 <= n_tokens <= block_size // 2 = {config.block_size // 2}")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randint(config.vocab_size, (batch, n), generator=gen)  # (B, n)
+    seq = torch.cat([r, r], dim=1).to(device)  # (B, 2n)
+    was_training = model.training
+    model.eval()
+    logits, weights = model.forward_with_attention(seq)  # (B, 2n, V), (L, B, H, 2n, 2n)
+    model.train(was_training)
+    j = torch.arange(n - 1, device=device)
+    stripe = weights[:, :, :, n + j, j + 1]  # (L, B, H, n - 1)
+    scores = stripe.float().mean(dim=(1, 3))  # (L, H)
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), seq[:, 1:], reduction="none")  # (B, 2n - 1)
+    return {
+        "n_tokens": n,
+        "batch": batch,
+        "induction": scores.cpu().tolist(),
+        "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time
+        "second_copy_loss": losses[:, n:].mean().item(),  # predicting r[1:] again
+    }

@@ -1,0 +1,141 @@
+"""Attention dumps from sample.py and train.py: contents, honesty, head metrics, probes and wandb."""
+
+import json
+
+import numpy as np
+import pytest
+
+from glimpse.attention import head_metrics, induction_probe, load_dump
+from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from tests.conftest import python
+from tests.wandb_records import logged_history
+
+
+def layer0_weights_by_hand(state_dict: dict, token_ids: np.ndarray, n_head: int) -> np.ndarray:
+    """softmax(QK^T / sqrt(d) + causal mask) of layer 0, from the raw weights, in numpy alone."""
+    sd = {k: v.double().numpy() for k, v in state_dict.items()}
+    T = len(token_ids)
+    x = sd["transformer.wte.weight"][token_ids] + sd["transformer.wpe.weight"][:T]  # (T, C)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    x = (x - mean) / np.sqrt(var + 1e-5) * sd["transformer.h.0.ln_1.weight"] + sd["transformer.h.0.ln_1.bias"]
+    qkv = x @ sd["transformer.h.0.attn.c_attn.weight"].T + sd["transformer.h.0.attn.c_attn.bias"]  # (T, 3C)
+    C = x.shape[1]
+    d = C // n_head
+    q = qkv[:, :C].reshape(T, n_head, d).transpose(1, 0, 2)  # (H, T, d)
+    k = qkv[:, C:2 * C].reshape(T, n_head, d).transpose(1, 0, 2)  # (H, T, d)
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(d)  # (H, T, T)
+    scores[:, np.triu(np.ones((T, T), dtype=bool), 1)] = -np.inf
+    scores -= scores.max(-1, keepdims=True)
+    w = np.exp(scores)
+    return w / w.sum(-1, keepdims=True)
+
+
+def test_sample_dumps_the_attention_of_a_prompt(trained, tmp_path):
+    cfg, _ = trained
+    dump_dir = tmp_path / "dumps"
+    run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:\nthe night", "--max_new_tokens=0",
+                 "--num_samples=1", f"--dump_dir={dump_dir}")
+    assert run.returncode == 0, run.stderr
+    folder = dump_dir / "sample_0"
+    dump = load_dump(folder)
+    T = len("ROMEO:\nthe night")
+    assert dump["attn"].dtype == np.float16 and dump["attn"].shape == (2, 2, T, T)
+    assert dump["token_ids"].dtype == np.int32 and "".join(dump["tokens"]) == "ROMEO:\nthe night"
+    assert dump["prompt_len"] == T
+    attn = dump["attn"].astype(np.float32)
+    assert (attn[..., np.triu(np.ones((T, T), dtype=bool), 1)] == 0).all()
+    np.testing.assert_allclose(attn.sum(-1), 1.0, atol=5e-3)
+    assert dump["meta"]["iter"] == 150 and dump["meta"]["sampling"]["max_new_tokens"] == 0
+    assert dump["meta"]["model_config"]["n_layer"] == 2
+    heads = json.loads((folder / "heads.json").read_text())
+    assert [len(layer["heads"]) for layer in heads["layers"]] == [2, 2]
+    assert {p.name for p in folder.iterdir()} >= {"attention.npz", "heads.json", "layer_0.png", "layer_1.png",
+                                                  "index.html"}
+    # honest numbers: the dump equals an independent computation from the checkpoint's weights
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    expected = layer0_weights_by_hand(state["model"], dump["token_ids"], n_head=2)
+    np.testing.assert_allclose(attn[0], expected, atol=2e-3)
+
+
+def test_sample_dump_keeps_the_last_window_and_can_be_turned_off(trained, tmp_path):
+    cfg, _ = trained
+    run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=40",
+                 "--num_samples=2", f"--dump_dir={tmp_path / 'd'}")
+    assert run.returncode == 0, run.stderr
+    for i in range(2):
+        dump = load_dump(tmp_path / "d" / f"sample_{i}")
+        assert dump["attn"].shape[-1] == 32  # 6 + 40 tokens, cut to the block_size window
+        assert dump["prompt_len"] == 0  # the prompt fell out of the window
+        assert "".join(dump["tokens"]) in run.stdout
+    off = python("sample.py", f"--out_dir={cfg.out_dir}", "--max_new_tokens=5", "--num_samples=1",
+                 "--dump_attention=false", f"--dump_dir={tmp_path / 'off'}")
+    assert off.returncode == 0 and not (tmp_path / "off").exists()
+
+
+def test_head_metrics_on_known_patterns():
+    T = 6
+    attn = np.zeros((1, 3, T, T))
+    for q in range(T):
+        attn[0, 0, q, max(q - 1, 0)] = 1.0  # previous token
+        attn[0, 1, q, 0] = 1.0  # sink on the first token
+        attn[0, 2, q, : q + 1] = 1.0 / (q + 1)  # uniform over the past
+    prev, sink, uniform = head_metrics(attn)["layers"][0]["heads"]
+    assert prev["prev_token"] == 1.0 and prev["mean_distance"] == 1.0 and prev["entropy"] == 0.0
+    assert sink["first_token"] == 1.0 and sink["mean_distance"] == pytest.approx(np.mean(range(1, T)))
+    assert uniform["entropy"] == pytest.approx(np.mean([np.log(q + 1) for q in range(1, T)]))
+    assert uniform["self"] == pytest.approx(np.mean([1 / (q + 1) for q in range(1, T)]))
+
+
+def test_gpt2_token_strings_keep_partial_utf8(gpt2_ranks):
+    from data.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    ids = tok.encode("naïve 🤖 robot")
+    strings = tok.token_strings(ids)
+    assert len(strings) == len(ids) and any("\\x" in s for s in strings)  # the emoji spans tokens
+    assert "".join(strings).startswith("naïve")
+
+
+def test_training_writes_attention_maps_and_logs_them_to_wandb(tmp_path, data_dir):
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=20",
+                 "--eval_interval=10", "--eval_iters=2", "--wandb_log=true", env=env)
+    assert run.returncode == 0, run.stderr
+    for it in (0, 10, 20):
+        dump = load_dump(out / "attention" / f"iter_{it}")
+        assert dump["attn"].shape == (2, 2, 16, 16) and dump["meta"]["iter"] == it
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    assert len(list((media / "images" / "attention").glob("layer_0_*.png"))) == 3
+    assert len(list((media / "images" / "attention").glob("layer_1_*.png"))) == 3
+    assert len(list((media / "html" / "attention").glob("viewer_*.html"))) == 3
+    assert len(list((media / "table" / "attention").glob("heads_*.table.json"))) == 3
+    table = json.loads(next((media / "table" / "attention").glob("heads_*.table.json")).read_text())
+    assert table["columns"][:3] == ["layer", "head", "entropy"] and len(table["data"]) == 4
+    types = {k: v for row in logged_history(run_dir) for k, v in row.items() if k.endswith("/_type")}
+    assert types == {"attention/layer_0/_type": "image-file", "attention/layer_1/_type": "image-file",
+                     "attention/viewer/_type": "html-file", "attention/heads/_type": "table-file"}
+
+    # sample.py logs its dump to the run that trained the checkpoint
+    state = load_checkpoint(checkpoint_path(out))
+    sampled = python("sample.py", f"--out_dir={out}", "--max_new_tokens=5", "--num_samples=1", "--wandb_log=true",
+                     env=env)
+    assert sampled.returncode == 0, sampled.stderr
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(state["wandb_run_id"]) for r in runs)
+    assert "sample_0/layer_0/_type" in set().union(*logged_history(runs[-1]))
+
+
+def test_induction_probe_on_an_untrained_model_finds_nothing():
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=3, n_embd=12)).eval()
+    probe = induction_probe(model, n_tokens=8, batch=4)
+    assert np.array(probe["induction"]).shape == (2, 3)
+    assert np.array(probe["induction"]).max() < 0.3  # attention spread over ~8-16 keys
+    assert probe["first_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
+    assert probe["second_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
+    with pytest.raises(ValueError, match="n_tokens"):
+        induction_probe(model, n_tokens=9)
