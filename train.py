@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -64,6 +66,9 @@ class TrainConfig:
     eval_iters: int = option(200, "batches per split in each evaluation")
     log_interval: int = option(10, "log the training loss every this many steps")
     always_save_checkpoint: bool = option(True, "checkpoint at every eval, not only when val loss improves")
+    checkpoint_interval_s: float = option(
+        0.0, "also checkpoint every this many seconds of training, whatever the val loss (0: only at evals)"
+    )
     attn_log_interval: int | None = option(
         None, "dump attention maps of a fixed validation text every this many steps (none: at every eval; 0: never)"
     )
@@ -96,6 +101,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(f"checkpoint_interval_s must not be negative, got {self.checkpoint_interval_s}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
         if self.attn_log_interval is not None and self.attn_log_interval < 0:
@@ -174,6 +181,9 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         )
     micro_steps = cfg.gradient_accumulation_steps // ddp.world_size  # this process's share
     out_dir = Path(cfg.out_dir)
+    if cfg.init_from == "scratch" and checkpoint_path(out_dir).exists():
+        raise GlimpseError(f"{checkpoint_path(out_dir)} exists: continue it with --init_from=resume, or start "
+                           "fresh in another --out_dir (or delete that one)")
 
     # data: rank 0 downloads and prepares a built-in dataset while the others wait
     if ddp.is_main:
@@ -221,83 +231,108 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
         f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step")
 
+    def save(val_loss: float | None):
+        """Checkpoint the run as it stands (rank 0 only); weights that are no longer finite are never saved."""
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise GlimpseError(f"the weights are no longer finite at step {iter_num}; the last good checkpoint "
+                               "is kept. Try a lower learning_rate, or dtype=float32")
+        save_checkpoint(checkpoint_path(out_dir), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": asdict(model_config), "train_config": asdict(cfg), "tokenizer": data.tokenizer_spec,
+            "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
+            "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device),
+        })
+
+    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", unit="step", disable=not ddp.is_main,
                dynamic_ncols=True)
+    t_saved = time.time()
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
     resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
-    while True:
-        lr = get_lr(iter_num, cfg)
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
-            losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
-            # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
-            last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
-                         "val_bits_per_token": losses["val"] / math.log(2),
-                         "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens_per_sec": tokens_per_sec}
-            tracker.log(last_eval)
-            say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if not math.isfinite(losses["val"]):
-                raise GlimpseError(f"the validation loss became {losses['val']} at step {iter_num}; the last "
-                                   "good checkpoint is kept. Try a lower learning_rate, or dtype=float32")
-            if ddp.is_main and iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
-                best_val_loss = min(best_val_loss, losses["val"])
-                save_checkpoint(checkpoint_path(out_dir), {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "model_config": asdict(model_config), "train_config": asdict(cfg),
-                    "tokenizer": data.tokenizer_spec, "iter_num": iter_num, "best_val_loss": best_val_loss,
-                    "val_loss": losses["val"], "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device),
-                })
-            t_log = time.time()  # evaluation time does not count against throughput
-        attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
-        if ddp.is_main and attn_every and (iter_num % attn_every == 0 or iter_num == cfg.max_iters) \
-                and iter_num != resumed_at:
-            log_attention_maps(model, data, cfg, iter_num, tracker)
-            t_log = time.time()  # evaluation time does not count against throughput
-        if iter_num >= cfg.max_iters:
-            break
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
+                losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
+                # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
+                last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
+                             "val_bits_per_token": losses["val"] / math.log(2),
+                             "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens_per_sec": tokens_per_sec}
+                tracker.log(last_eval)
+                say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if not math.isfinite(losses["val"]):
+                    raise GlimpseError(f"the validation loss became {losses['val']} at step {iter_num}; the last "
+                                       "good checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+                if ddp.is_main and iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    save(losses["val"])
+                    t_saved = time.time()
+                t_log = time.time()  # evaluation time does not count against throughput
+            attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
+            if ddp.is_main and attn_every and (iter_num % attn_every == 0 or iter_num == cfg.max_iters) \
+                    and iter_num != resumed_at:
+                log_attention_maps(model, data, cfg, iter_num, tracker)
+                t_log = time.time()  # evaluation time does not count against throughput
+            if iter_num >= cfg.max_iters:
+                break
 
-        # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
-        starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
-        starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
-        for micro, micro_starts in enumerate(starts):
-            x, y = data.batch("train", micro_starts, cfg.block_size)
-            if device.type == "cuda":
-                x = x.pin_memory().to(device, non_blocking=True)
-                y = y.pin_memory().to(device, non_blocking=True)
-            else:
-                x, y = x.to(device), y.to(device)
-            # gradients are averaged across processes only on the last micro-step
-            defer_sync = ddp.enabled and micro < micro_steps - 1
-            with step_model.no_sync() if defer_sync else nullcontext(), ctx:
-                _, loss = step_model(x, y)
-                loss = loss / micro_steps
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        iters_since_log += 1
-        bar.update(1)
+            # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
+            starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
+            starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
+            for micro, micro_starts in enumerate(starts):
+                x, y = data.batch("train", micro_starts, cfg.block_size)
+                if device.type == "cuda":
+                    x = x.pin_memory().to(device, non_blocking=True)
+                    y = y.pin_memory().to(device, non_blocking=True)
+                else:
+                    x, y = x.to(device), y.to(device)
+                # gradients are averaged across processes only on the last micro-step
+                defer_sync = ddp.enabled and micro < micro_steps - 1
+                with step_model.no_sync() if defer_sync else nullcontext(), ctx:
+                    _, loss = step_model(x, y)
+                    loss = loss / micro_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            iters_since_log += 1
+            bar.update(1)
 
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            train_loss = (ddp.mean(loss_sum) / iters_since_log).item()  # .item() waits for the GPU
-            dt = time.time() - t_log
-            tokens_per_sec = tokens_per_iter * iters_since_log / dt
-            tracker.log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
-            if not math.isfinite(train_loss):
-                raise GlimpseError(f"the training loss became {train_loss} at step {iter_num}; "
-                                   "try a lower learning_rate, or dtype=float32")
-            loss_sum.zero_()
-            t_log, iters_since_log = time.time(), 0
-    bar.close()
+            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+                train_loss = (ddp.mean(loss_sum) / iters_since_log).item()  # .item() waits for the GPU
+                dt = time.time() - t_log
+                tokens_per_sec = tokens_per_iter * iters_since_log / dt
+                tracker.log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                if not math.isfinite(train_loss):
+                    raise GlimpseError(f"the training loss became {train_loss} at step {iter_num}; the last good "
+                                       "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+                loss_sum.zero_()
+                t_log, iters_since_log = time.time(), 0
+            if cfg.checkpoint_interval_s and ddp.is_main and time.time() - t_saved >= cfg.checkpoint_interval_s:
+                save(last_eval.get("val_loss"))
+                t_saved = time.time()
+            # under DDP every process must stop at the same step, so they agree at log steps only
+            if (not ddp.enabled or iter_num % cfg.log_interval == 0) and ddp.any(stop.signum is not None):
+                if ddp.is_main:
+                    save(last_eval.get("val_loss"))
+                bar.close()
+                tracker.close()
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                say(f"stopped by {name} at step {iter_num}; checkpoint saved: continue with --init_from=resume")
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+    finally:
+        stop.restore()
+        bar.close()  # before any error message, so that the message is the last line
     tracker.close()
     return last_eval
 
@@ -317,6 +352,29 @@ def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: 
     folder = Path(cfg.out_dir) / "attention" / f"iter_{iter_num}"
     heads = dump_text(model, data.tokenizer(), ids, prompt_len=n, meta=meta, folder=folder)
     tracker.log_attention(folder, heads, step=iter_num)
+
+
+class StopRequest:
+    """Remembers a SIGINT or SIGTERM so that training can stop between steps, with a checkpoint.
+
+    A second signal stops at once (KeyboardInterrupt), for when saving is not wanted.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets it handle signals
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def check_resume(state: dict, model_config: GPTConfig, data: TokenData):

@@ -57,6 +57,7 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    device: str = "cpu"  # where collectives put their tensors: NCCL needs them on the GPU
 
     @property
     def enabled(self) -> bool:
@@ -80,13 +81,21 @@ class Distributed:
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         return self.sum(value) / self.world_size
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when flag is true on any of them."""
+        if not self.enabled:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item() > 0)
+
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group when launched by torchrun (RANK in the environment)."""
     if "RANK" not in os.environ:
         return Distributed()
-    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     use_nccl = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    ddp = Distributed(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]),
+                      f"cuda:{local_rank}" if use_nccl else "cpu")
     dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     return ddp
 

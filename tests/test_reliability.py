@@ -1,0 +1,224 @@
+"""Nothing lost: crash-safe checkpoints, signals, NaN stops, clear one-line errors, safe loading."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+import train
+from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from tests.conftest import REPO, python, tiny_config
+from tests.test_train import read_metrics
+
+TINY = ["--dataset=tiny", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+        "--batch_size=4", "--eval_iters=2", "--attn_log_interval=0"]
+
+
+def start_training(data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(out: Path, n: int, timeout: float = 60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and sum(1 for _ in open(out / "metrics.jsonl")) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} metrics lines in {out} after {timeout}s")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path, data_dir):
+    """Checkpoint every step (checkpoint_interval_s tiny) and kill -9 the run again and again."""
+    out = tmp_path / "out"
+    rng = random.Random(0)
+    args = ["--max_iters=400", "--eval_interval=100", "--log_interval=5", "--checkpoint_interval_s=0.001"]
+    kills = 0
+    for _ in range(4):
+        resume = ["--init_from=resume"] if checkpoint_path(out).exists() else []
+        proc = start_training(data_dir, out, *args, *resume)
+        time.sleep(rng.uniform(2.5, 4.5))  # past the start-up, somewhere in the stream of saves
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+        if checkpoint_path(out).exists():
+            state = load_checkpoint(checkpoint_path(out))  # whole and loadable, whatever the moment
+            assert state["iter_num"] <= 400
+    assert kills >= 3  # the runs really were killed mid-way
+    resume = ["--init_from=resume"] if checkpoint_path(out).exists() else []
+    done = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *args, *resume)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(checkpoint_path(out))["iter_num"] == 400
+    iters = [r["iter"] for r in read_metrics(out) if "train_loss" in r]
+    assert iters == sorted(set(iters)) and iters[-1] == 400  # resumed runs continue the log, never repeat it
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
+    out = tmp_path / "out"
+    proc = start_training(data_dir, out, "--max_iters=100000", "--eval_interval=100000", "--log_interval=1")
+    wait_for_steps(out, 5)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    state = load_checkpoint(checkpoint_path(out))
+    assert state["iter_num"] >= 4
+    resumed = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume",
+                     f"--max_iters={state['iter_num'] + 3}", "--eval_interval=100000", "--log_interval=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(checkpoint_path(out))["iter_num"] == state["iter_num"] + 3
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "out"
+    train.train(tiny_config(data_dir, out, max_iters=20, eval_interval=10, attn_log_interval=0))
+    before = digest(checkpoint_path(out))
+    exploded = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume",
+                      "--n_layer=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
+                      "--max_iters=60", "--eval_interval=10", "--log_interval=1", "--learning_rate=1e30",
+                      "--grad_clip=0", "--warmup_iters=0")
+    assert exploded.returncode == 2
+    assert "Traceback" not in exploded.stderr
+    message = exploded.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: the ") and " at step " in message and "last good checkpoint" in message
+    assert digest(checkpoint_path(out)) == before
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = tmp_path / "evil"
+    out.mkdir()
+    torch.save({"model": Payload(), "model_config": {}}, checkpoint_path(out))
+    result = python("sample.py", f"--out_dir={out}", "--max_new_tokens=1")
+    assert result.returncode == 2 and "refused by the safe loader" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def run_main(main, argv, capsys) -> str:
+    """Run a script's main as the command line would; return its one error line (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data_dir, corpus_file, capsys):
+    out = tmp_path / "out"
+    train.train(tiny_config(data_dir, out, max_iters=10, eval_interval=10, attn_log_interval=0, n_layer=1,
+                            n_head=2, n_embd=16, block_size=16, batch_size=4))  # the shape TINY asks for
+    files = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    common = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY]
+    cases = [
+        (common + ["--max_iters=20"], "exists: continue it with --init_from=resume"),
+        (common + ["--init_from=resume", "--n_layer=3"], "n_layer=3 contradicts the checkpoint's n_layer=1"),
+        (common + ["--init_from=resume", "--n_embd=32"], "n_embd=32 contradicts"),
+        (common + ["--init_from=resume", "--block_size=100000"], "fewer than block_size + 1"),
+        (common + ["--init_from=resume", "--dataset=nothing"], "dataset 'nothing' not found"),
+        (common + ["--block_size=0"], "block_size must be at least 1"),
+        (common + ["--batch_size=0"], "batch_size must be at least 1"),
+        (common + ["--n_embd=30", "--n_head=4"], "divisible by n_head"),
+        (common + ["--dropout=1.5"], "dropout must be in [0, 1)"),
+        (common + ["--device=cuda"] if not torch.cuda.is_available() else common + ["--dtype=x"], "cuda"
+         if not torch.cuda.is_available() else "dtype must be one of"),
+    ]
+    for argv, expected in cases:
+        assert expected in run_main(train.main, argv, capsys), argv
+    # a checkpoint whose tokenizer differs from the dataset's
+    other = tmp_path / "other_data"
+    from data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "upper.txt").write_text(corpus_file.read_text().upper())
+    prepare(PrepareConfig(dataset="tiny", input=str(tmp_path / "upper.txt"), data_dir=str(other)))
+    assert "tokenizer does not match" in run_main(
+        train.main, [f"--data_dir={other}", f"--out_dir={out}", *TINY, "--init_from=resume"], capsys)
+    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == files  # nothing was overwritten
+
+
+def test_dataset_errors(tmp_path, corpus_file, capsys):
+    folder = tmp_path / "d" / "nometa"
+    folder.mkdir(parents=True)
+    assert "not found" in run_main(train.main, [f"--data_dir={tmp_path / 'd'}", "--dataset=nometa",
+                                                f"--out_dir={tmp_path / 'o'}", *TINY[1:]], capsys)
+    (tmp_path / "short.txt").write_text("abcdefghij" * 3)
+    from data.prepare import main as prepare_main
+
+    prepare_main(["--dataset=short", f"--input={tmp_path / 'short.txt'}", f"--data_dir={tmp_path / 'd'}"])
+    capsys.readouterr()
+    message = run_main(train.main, [f"--data_dir={tmp_path / 'd'}", "--dataset=short", f"--out_dir={tmp_path / 'o'}",
+                                    *TINY[1:]], capsys)
+    assert "the val split" in message and "fewer than block_size + 1 = 17" in message
+
+
+def test_sampling_input_errors(tmp_path, trained, capsys):
+    cfg, _ = trained
+    good = [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", "--dump_attention=false"]
+    truncated = tmp_path / "cut"
+    truncated.mkdir()
+    data = checkpoint_path(cfg.out_dir).read_bytes()
+    checkpoint_path(truncated).write_bytes(data[: len(data) // 2])
+    cases = [
+        ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
+        ([f"--out_dir={truncated}"], "corrupt or truncated"),
+        (good + ["--start=ROMEO: Ω€"], "'Ω€'"),
+        (good + ["--temperature=-1"], "temperature must be 0 (greedy) or more"),
+        (good + ["--top_k=0"], "top_k must be at least 1"),
+        (good + ["--top_p=0"], "top_p must be in (0, 1]"),
+        (good + ["--top_p=1.5"], "top_p must be in (0, 1]"),
+        (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
+    ]
+    for argv, expected in cases:
+        assert expected in run_main(sample.main, argv, capsys), argv
+
+
+def test_a_failing_rank_brings_ddp_down(tmp_path, data_dir):
+    """kill -9 one of two torchrun workers: the whole run stops with a clear report instead of hanging."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000",
+         "--log_interval=1", "--gradient_accumulation_steps=2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_steps(out, 3)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and worker_rank(int(p)) == "1"]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "train.py FAILED" in stderr and "exitcode  : -9" in stderr
+
+
+def worker_rank(pid: int) -> str | None:
+    """The RANK a process was started with, if it is a torchrun worker of this test."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if b"train.py" not in cmdline or b"torch.distributed.run" in cmdline:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return item[5:].decode()
+    return None
