@@ -46,7 +46,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path
     """Checkpoint every step (checkpoint_interval_s tiny) and kill -9 the run again and again."""
     out = tmp_path / "out"
     rng = random.Random(0)
-    args = ["--max_iters=400", "--eval_interval=100", "--log_interval=5", "--checkpoint_interval_s=0.001"]
+    args = ["--max_iters=1000000", "--eval_interval=100", "--log_interval=5", "--checkpoint_interval_s=0.001"]
     kills = 0
     for _ in range(4):
         resume = ["--init_from=resume"] if checkpoint_path(out).exists() else []
@@ -56,15 +56,15 @@ def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path
         proc.wait()
         kills += proc.returncode == -signal.SIGKILL
         if checkpoint_path(out).exists():
-            state = load_checkpoint(checkpoint_path(out))  # whole and loadable, whatever the moment
-            assert state["iter_num"] <= 400
-    assert kills >= 3  # the runs really were killed mid-way
-    resume = ["--init_from=resume"] if checkpoint_path(out).exists() else []
-    done = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *args, *resume)
+            load_checkpoint(checkpoint_path(out))  # whole and loadable, whatever the moment
+    assert kills == 4  # the runs really were killed mid-way
+    last = load_checkpoint(checkpoint_path(out))["iter_num"]
+    args[0] = f"--max_iters={last + 20}"
+    done = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *args, "--init_from=resume")
     assert done.returncode == 0, done.stderr
-    assert load_checkpoint(checkpoint_path(out))["iter_num"] == 400
+    assert load_checkpoint(checkpoint_path(out))["iter_num"] == last + 20
     iters = [r["iter"] for r in read_metrics(out) if "train_loss" in r]
-    assert iters == sorted(set(iters)) and iters[-1] == 400  # resumed runs continue the log, never repeat it
+    assert iters == sorted(set(iters)) and iters[-1] == last + 20  # resumed runs continue the log, never repeat it
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
