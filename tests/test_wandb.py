@@ -27,3 +27,18 @@ def test_offline_run_records_config_and_scalars(tmp_path, data_dir):
             if key != "iter":
                 assert row[key] == value, (row["_step"], key)
     assert "val_loss" in history[-1] and "train_loss" in history[-1]
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, data_dir):
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    args = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=1",
+            "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_interval=10", "--eval_iters=2",
+            "--log_interval=5", "--wandb_log=true", "--attn_log_interval=0"]
+    first = python("train.py", *args, "--max_iters=10", env=env)
+    assert first.returncode == 0, first.stderr
+    second = python("train.py", *args, "--max_iters=20", "--init_from=resume", env=env)
+    assert second.returncode == 0, second.stderr
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one run id
+    assert [row["_step"] for row in logged_history(runs[1])] == [15, 20]
