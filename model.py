@@ -23,6 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+ATTN_SCORES = ("scaled_dot", "dot", "additive")
+SINUSOID_SCALE = 0.02 * math.sqrt(2)  # gives the sinusoids the 0.02 standard deviation of GPT-2's embeddings
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+
 
 @dataclass
 class GPTConfig:
@@ -35,8 +39,14 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has them
+    attn_score: str = "scaled_dot"  # how a query scores a key: scaled_dot, dot or additive (Bahdanau)
+    pos_encoding: str = "learned"  # learned (GPT-2), sinusoidal, rope, alibi or none
 
     def __post_init__(self):
+        if self.attn_score not in ATTN_SCORES:
+            raise ValueError(f"attn_score must be one of {', '.join(ATTN_SCORES)}, got {self.attn_score!r}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -47,6 +57,9 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            head_dim = self.n_embd // self.n_head
+            raise ValueError(f"rope rotates channel pairs: n_embd // n_head ({head_dim}) must be even")
 
 
 class KVCache:
@@ -73,58 +86,110 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position attends only to itself and earlier ones."""
+    """Multi-head self-attention where each position attends only to itself and earlier ones.
+
+    Self-attention: queries, keys and values all come from the same sequence (in encoder-decoder
+    attention, the queries come from another). Each head scores every (query, key) pair, turns a
+    query's scores into weights with a softmax, and returns the weighted sum of the values: the
+    query's context vector.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
+        self.score = config.attn_score
+        self.pos_encoding = config.pos_encoding
         # queries, keys and values for all heads come from one matrix multiply
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if self.score == "additive":  # Bahdanau: v^T tanh(W_q q + W_k k), with its own W_q, W_k, v per head
+            hs = self.head_dim
+            self.score_q = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
+            self.score_k = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
+            self.score_v = nn.Parameter(torch.randn(self.n_head, hs) * 0.02)
+        if self.pos_encoding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(self.n_head), persistent=False)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+    def forward(self, x, pos, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+        """x (B, T, C) at positions pos (T,) -> (output (B, T, C), weights (B, nh, T, S) or None)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         # split the channels into heads: each head attends with its own slice
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.pos_encoding == "rope":  # rotate by position, so q.k depends on the distance only
+            q, k = rotary(q, pos), rotary(k, pos)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs) each
+        S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
 
-        if need_weights:
-            y, weights = self._explicit_attention(q, k, v, past, dropout_p)
+        if need_weights or self.score == "additive":
+            mask = causal_mask(T, S, past, x.device)  # (T, S)
+            y, weights = attend(self.scores(q, k) + self.bias(T, S, past, x.device), v, mask, dropout_p)
+            weights = weights if need_weights else None
         else:
+            # the fused kernel computes exactly what the explicit path does, without the weights
+            scale = 1.0 if self.score == "dot" else None  # None: SDPA's own 1/sqrt(hs)
             weights = None
-            if past == 0:
+            if self.pos_encoding == "alibi":  # a float mask: ALiBi's bias, and -inf where it is causal
+                mask = self.bias(T, S, past, x.device).masked_fill(~causal_mask(T, S, past, x.device), float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+            elif past == 0:
                 # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
             elif T == 1:
                 # one new query at the end of the window may see every cached key: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
             else:
-                mask = causal_mask(T, past + T, past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                mask = causal_mask(T, S, past, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
 
-    def _explicit_attention(self, q, k, v, past: int, dropout_p: float):
-        """softmax(QK^T / sqrt(d) + mask) V written out, returning the post-softmax weights too."""
-        T, S = q.size(2), k.size(2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, S)
-        # the causal mask: query i may not see keys after it, so their weight must be exactly 0
-        scores = scores.masked_fill(~causal_mask(T, S, past, q.device), float("-inf"))
-        weights = F.softmax(scores, dim=-1)  # (B, nh, T, S), each row sums to 1
-        dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-        y = dropped @ v  # (B, nh, T, hs): each query's context vector
-        return y, weights
+    def scores(self, q, k):
+        """How much each query matches each key: (B, nh, T, hs), (B, nh, S, hs) -> (B, nh, T, S)."""
+        if self.score == "scaled_dot":
+            # dividing by sqrt(hs) keeps the scores' spread near 1 whatever the head size, so the
+            # softmax neither saturates nor flattens as heads get wider
+            return dot_scores(q, k, 1 / math.sqrt(self.head_dim))
+        if self.score == "dot":
+            return dot_scores(q, k, 1.0)
+        query_part = torch.einsum("bhtd,hde->bhte", q, self.score_q)  # (B, nh, T, hs)
+        key_part = torch.einsum("bhsd,hde->bhse", k, self.score_k)  # (B, nh, S, hs)
+        hidden = torch.tanh(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # (B, nh, T, S, hs)
+        return torch.einsum("bhtse,he->bhts", hidden, self.score_v)  # (B, nh, T, S)
+
+    def bias(self, T: int, S: int, past: int, device):
+        """ALiBi's penalty, slope x distance back, per head: (nh, T, S); 0 for other encodings."""
+        if self.pos_encoding != "alibi":
+            return torch.zeros((), device=device)
+        distance = (torch.arange(T, device=device)[:, None] + past - torch.arange(S, device=device)[None, :])
+        return -self.alibi_slopes[:, None, None] * distance.clamp(min=0)  # (nh, T, S)
+
+
+def dot_scores(q, k, scale: float):
+    """q . k for every (query, key) pair, times scale: (..., T, hs), (..., S, hs) -> (..., T, S)."""
+    return (q @ k.transpose(-2, -1)) * scale
+
+
+def attend(scores, v, mask=None, dropout_p: float = 0.0):
+    """Scores -> softmax weights -> context vectors: returns (context (..., T, hs), weights (..., T, S)).
+
+    mask (T, S) is True where a query may see a key; elsewhere the weight is exactly 0.
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores, dim=-1)  # each row sums to 1
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return dropped @ v, weights
 
 
 def causal_mask(n_queries: int, n_keys: int, offset: int, device) -> torch.Tensor:
@@ -132,6 +197,42 @@ def causal_mask(n_queries: int, n_keys: int, offset: int, device) -> torch.Tenso
     query_pos = torch.arange(n_queries, device=device)[:, None] + offset  # (T, 1)
     key_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
     return key_pos <= query_pos  # (T, S)
+
+
+def rotary(x, pos):
+    """Rotary position embedding: turn each channel pair of x (B, nh, T, hs) by an angle pos x freq.
+
+    A query at i and a key at j, both rotated, meet with q.k depending on i - j only: attention
+    sees relative positions, and positions beyond training length are just further turns.
+    """
+    half = x.size(-1) // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hs/2,)
+    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def sinusoidal(pos, dim: int):
+    """The fixed sine/cosine position embedding of "Attention Is All You Need": (T,) -> (T, dim)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=pos.device).float() / dim)  # (dim/2,)
+    angles = pos.float()[:, None] * freqs[None, :]  # (T, dim/2)
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, dim): sin, cos interleaved
+    return table[:, :dim]
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes: a geometric sequence from 2^(-8/n) (1/2, 1/4, ..., 1/256 for 8 heads).
+
+    For a head count that is not a power of 2, the paper takes the slopes of the nearest lower power
+    of 2 and fills in with every other slope of the next one.
+    """
+    def geometric(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    lower = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(lower) + geometric(2 * lower)[0::2][: n_head - lower]
+    return torch.tensor(slopes)
 
 
 class MLP(nn.Module):
@@ -158,8 +259,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0, need_weights=False):
-        attn_out, weights = self.attn(self.ln_1(x), cache, layer, need_weights)
+    def forward(self, x, pos, cache=None, layer=0, need_weights=False):
+        attn_out, weights = self.attn(self.ln_1(x), pos, cache, layer, need_weights)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -177,15 +278,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if config.pos_encoding == "learned":  # one learned vector per position, up to block_size
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: reading a token in and writing it out share one matrix (fewer parameters,
         # and GPT-2 was trained this way)
@@ -207,7 +308,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are left out by default, as GPT-2's paper counts."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None)."""
@@ -229,15 +332,23 @@ class GPT(nn.Module):
     def _trunk(self, idx, cache: KVCache | None, need_weights: bool):
         B, T = idx.size()
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
+        encoding, block_size = self.config.pos_encoding, self.config.block_size
+        if past + T > block_size and (cache is not None or encoding == "learned"):
+            why = "the KV cache holds" if cache is not None else "learned position embeddings exist for"
             raise ValueError(
-                f"cannot attend over {past + T} tokens: block_size is {self.config.block_size}"
+                f"cannot attend over {past + T} tokens: {why} block_size = {block_size} positions only"
+                + ("; sinusoidal, rope, alibi and none can run longer" if cache is None else "")
             )
         pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if encoding == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
+            x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)
+        x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
         weights = []
         for layer, block in enumerate(self.transformer.h):
-            x, w = block(x, cache, layer, need_weights)
+            x, w = block(x, pos, cache, layer, need_weights)
             weights.append(w)
         if cache is not None:
             cache.length += T

@@ -88,6 +88,14 @@ class TrainConfig:
     n_embd: int = option(384, "width of the residual stream")
     dropout: float = option(0.2, "dropout probability while training")
     bias: bool = option(True, "biases in Linear and LayerNorm layers, as GPT-2 has them")
+    attn_score: Literal["scaled_dot", "dot", "additive"] = option(
+        "scaled_dot", "how queries score keys: softmax(QK^T/sqrt(d)), unscaled QK^T (both on the fused fast "
+        "path), or Bahdanau's v^T tanh(W_q q + W_k k) (explicit path only: slow, memory grows as T^2 x head size)"
+    )
+    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = option(
+        "learned", "where position information comes from: GPT-2's learned table (stops at block_size), fixed "
+        "sinusoids, rotary (RoPE), ALiBi's distance penalty, or none (only the causal mask)"
+    )
     # wandb
     wandb_log: bool = option(False, "log config and scalars to wandb (WANDB_MODE=offline works)")
     wandb_project: str = option("glimpse", "wandb project")
@@ -113,7 +121,8 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias)
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
+                         attn_score=self.attn_score, pos_encoding=self.pos_encoding)
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:

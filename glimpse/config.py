@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -141,7 +142,8 @@ def config_help(cls, prog: str, description: str, allow_file: bool = True) -> st
         typ = _strip_optional(hints[f.name])
         choices = f" [{_type_name(hints[f.name])}]" if typing.get_origin(typ) is Literal else ""
         pad = "\n" + " " * (width + 2) if len(head) >= width else " " * (width - len(head))
-        lines.append(f"  {head}{pad}{f.metadata.get('help', '')}{choices}")
+        text = textwrap.wrap(f.metadata.get("help", "") + choices, width=max(40, 110 - width))
+        lines.append(f"  {head}{pad}" + ("\n" + " " * (width + 2)).join(text))
     return "\n".join(lines)
 
 

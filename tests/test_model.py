@@ -81,12 +81,13 @@ def test_weights_are_softmax_of_scaled_scores_for_one_layer():
 
 
 def test_weights_path_is_only_taken_when_asked(monkeypatch):
-    """The training path must not build the (T, T) weights: the explicit path is never called."""
+    """The training path must not build the (T, T) weights: the explicit attend() is never called."""
+    import model as model_module
+
     model = small_model()
     calls = []
-    attn_cls = type(model.transformer.h[0].attn)
-    original = attn_cls._explicit_attention
-    monkeypatch.setattr(attn_cls, "_explicit_attention", lambda self, *a: calls.append(1) or original(self, *a))
+    original = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model.train()
     _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
     loss.backward()

@@ -1,0 +1,146 @@
+"""Attention variants: score functions and position encodings, each through every path."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig, alibi_slopes, attend, dot_scores, rotary
+
+COMBINATIONS = list(itertools.product(ATTN_SCORES, POS_ENCODINGS))
+
+
+def variant(score: str, pos: str, **overrides) -> GPT:
+    cfg = dict(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
+               attn_score=score, pos_encoding=pos)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_the_lecture_notes_toy_example():
+    """One query against three keys, scaled dot-product: the weights and context vector of the notes."""
+    keys = torch.tensor([[0.8, 0.6], [0.2, 0.9], [0.0, 0.4]])
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    query = torch.tensor([[1.0, 0.5]])
+    context, weights = attend(dot_scores(query, keys, 1 / math.sqrt(2)), values)
+    torch.testing.assert_close(weights, torch.tensor([[0.4431, 0.3224, 0.2345]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(context, torch.tensor([[0.5604, 0.4396]]), atol=1e-4, rtol=0)
+    _, weights = attend(dot_scores(torch.tensor([[0.1, 1.2]]), keys, 1 / math.sqrt(2)), values)
+    torch.testing.assert_close(weights, torch.tensor([[0.3296, 0.4075, 0.2629]]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("score,pos", COMBINATIONS)
+def test_fast_and_explicit_paths_agree(score, pos):
+    model = variant(score, pos)
+    idx = torch.randint(0, 20, (2, 8))
+    fast, _ = model(idx)
+    explicit, weights = model.forward_with_attention(idx)
+    torch.testing.assert_close(explicit, fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 2, 8))
+    assert (weights[..., torch.triu(torch.ones(8, 8, dtype=torch.bool), 1)] == 0).all()
+
+
+@pytest.mark.parametrize("score,pos", COMBINATIONS)
+def test_cached_generation_equals_full_forward_past_block_size(score, pos):
+    model = variant(score, pos)
+    tokens = torch.randint(0, 20, (2, 3))
+    for step in model.generate(tokens, 20, generator=torch.Generator().manual_seed(0)):
+        expected, _ = model(tokens[:, step.window_start:])
+        torch.testing.assert_close(step.logits, expected[:, -1], rtol=1e-4, atol=1e-4)
+        tokens = torch.cat([tokens, step.token], 1)
+
+
+@pytest.mark.parametrize("score,pos", COMBINATIONS)
+def test_a_few_training_steps_lower_the_loss(score, pos):
+    model = variant(score, pos).train()
+    x = torch.randint(0, 20, (4, 8))
+    y = torch.roll(x, -1, dims=1)  # a learnable target: the next token of a fixed batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_rotary_attention_depends_on_distance_only():
+    q, k = torch.randn(2, 1, 2, 6, 8)
+    pos = torch.arange(6)
+    scores = rotary(q, pos) @ rotary(k, pos).transpose(-1, -2)
+    shifted = rotary(q, pos + 37) @ rotary(k, pos + 37).transpose(-1, -2)
+    torch.testing.assert_close(scores, shifted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(rotary(q, pos), rotary(q, pos + 37))
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_relative_encodings_give_the_same_weights_at_shifted_positions(pos):
+    attn = variant("scaled_dot", pos).transformer.h[0].attn
+    x = torch.randn(1, 6, 16)
+    _, at_zero = attn(x, torch.arange(6), need_weights=True)
+    _, at_fifty = attn(x, torch.arange(50, 56), need_weights=True)
+    torch.testing.assert_close(at_zero, at_fifty, rtol=1e-4, atol=1e-5)
+
+
+def test_alibi_slopes_are_the_papers_geometric_sequence():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+def test_alibi_weights_fall_off_with_distance():
+    attn = variant("scaled_dot", "alibi").transformer.h[0].attn
+    with torch.no_grad():
+        attn.c_attn.weight.zero_()  # all scores 0: only ALiBi's bias is left
+    _, weights = attn(torch.randn(1, 8, 16), torch.arange(8), need_weights=True)
+    last = weights[0, 0, -1]  # the last query of the steepest head
+    assert (last[1:] > last[:-1]).all()  # nearer keys get more weight
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope", "alibi", "none"])
+def test_encodings_that_extrapolate_run_past_block_size(pos):
+    model = variant("scaled_dot", pos)
+    logits, _ = model(torch.randint(0, 20, (1, 32)))  # 4x the block size
+    assert logits.shape == (1, 32, 20) and torch.isfinite(logits).all()
+
+
+def test_learned_positions_refuse_longer_texts_and_say_why():
+    with pytest.raises(ValueError, match="learned position embeddings exist for block_size = 8"):
+        variant("scaled_dot", "learned")(torch.randint(0, 20, (1, 9)))
+
+
+def test_configs_are_checked():
+    with pytest.raises(ValueError, match="attn_score"):
+        GPTConfig(attn_score="cosine")
+    with pytest.raises(ValueError, match="pos_encoding"):
+        GPTConfig(pos_encoding="relative")
+    with pytest.raises(ValueError, match="must be even"):
+        GPTConfig(n_embd=12, n_head=4, pos_encoding="rope")
+    assert "transformer.wpe.weight" not in variant("scaled_dot", "rope").state_dict()
+
+
+def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
+    import csv
+
+    from tests.conftest import python, tiny_config
+    from train import train
+
+    out = tmp_path / "rope"
+    train(tiny_config(data_dir, out, pos_encoding="rope", block_size=16, max_iters=30, eval_interval=30,
+                      attn_log_interval=0))
+    run = python("eval.py", f"--out_dir={out}", "--lengths=1,2,4", "--max_tokens=256")
+    assert run.returncode == 0, run.stderr
+    assert [line.split()[:2] for line in run.stdout.splitlines()[1:]] == [["16", "1"], ["32", "2"], ["64", "4"]]
+    rows = list(csv.DictReader(open(out / "length_eval.csv")))
+    assert [(r["multiple"], r["mode"]) for r in rows] == [(m, mode) for m in "124" for mode in ("windows", "sliding")]
+    assert all(0 < float(r["val_loss"]) < 10 and int(r["tokens_scored"]) >= 256 for r in rows)
+    assert (out / "length_eval.png").read_bytes()[:4] == b"\x89PNG"
+
+    learned = tmp_path / "learned"
+    train(tiny_config(data_dir, learned, block_size=16, max_iters=10, eval_interval=10, attn_log_interval=0))
+    refused = python("eval.py", f"--out_dir={learned}", "--lengths=1,2")
+    assert refused.returncode == 2 and "has none for longer contexts" in refused.stderr
+    assert python("eval.py", f"--out_dir={learned}", "--lengths=1", "--max_tokens=64").returncode == 0
