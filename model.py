@@ -1,13 +1,20 @@
 """
 A GPT-2 style decoder-only transformer you can look inside.
 
-Reading order: GPTConfig -> CausalSelfAttention (queries, keys, values, the causal mask, softmax
-weights, context vectors) -> MLP -> Block -> GPT -> KVCache and GPT.generate.
+Reading order: GPTConfig -> CausalSelfAttention (queries, keys, values, scores, the causal mask,
+softmax weights, context vectors) and its helpers (dot_scores, attend, rotary, sinusoidal,
+alibi_slopes) -> MLP -> Block -> GPT -> KVCache and GPT.generate.
 
 Attention has two paths through one module. The fast path calls F.scaled_dot_product_attention,
 which on GPU runs a fused flash kernel that never materialises the (T, T) weights. The explicit path
-writes out softmax(QK^T / sqrt(d) + mask) V step by step and hands the weights back; it is taken only
-when a caller asks for them (GPT.forward_with_attention), so training pays nothing for it.
+writes out softmax(scores + mask) V step by step and hands the weights back; it is taken when a
+caller asks for the weights (GPT.forward_with_attention), and for additive scores, which no fused
+kernel computes. Training with the default scores pays nothing for it.
+
+The variants of the lecture notes are config switches, GPT-2 by default:
+  attn_score    scaled_dot (QK^T / sqrt(d)), dot (QK^T), additive (Bahdanau: v^T tanh(W_q q + W_k k))
+  pos_encoding  learned (a table up to block_size), sinusoidal (fixed, added to the embeddings),
+                rope (rotates queries and keys), alibi (a per-head penalty on distance), none
 
 This file holds the model and nothing else: no I/O, no argv, no prints.
 """
