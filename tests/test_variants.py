@@ -1,6 +1,7 @@
 """Attention variants: score functions and position encodings, each through every path."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -144,3 +145,21 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     refused = python("eval.py", f"--out_dir={learned}", "--lengths=1,2")
     assert refused.returncode == 2 and "has none for longer contexts" in refused.stderr
     assert python("eval.py", f"--out_dir={learned}", "--lengths=1", "--max_tokens=64").returncode == 0
+
+
+def test_eval_py_logs_its_table_and_plot_to_wandb(tmp_path, data_dir):
+    from tests.conftest import python, tiny_config
+    from train import train
+
+    out = tmp_path / "alibi"
+    train(tiny_config(data_dir, out, pos_encoding="alibi", block_size=16, max_iters=10, eval_interval=10,
+                      attn_log_interval=0))
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = python("eval.py", f"--out_dir={out}", "--lengths=1,2", "--max_tokens=64", "--wandb_log=true", env=env)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    tables = list((run_dir / "files" / "media" / "table").rglob("*.table.json"))
+    assert len(tables) == 2  # the full table and the line plot's data
+    by_name = {t.name.split("_0_")[0]: json.loads(t.read_text()) for t in tables}
+    assert by_name["table"]["columns"][:3] == ["multiple", "length", "mode"] and len(by_name["table"]["data"]) == 4
+    assert by_name["sliding_table"]["columns"] == ["multiple", "val_loss"]  # the line plot's points
