@@ -59,11 +59,13 @@ def run(cfg: StudyConfig) -> list[dict]:
     for encoding in cfg.encodings.split(","):
         for seed in range(1337, 1337 + cfg.seeds):
             run_dir = out / f"{encoding}-seed{seed}"
-            if not checkpoint_path(run_dir).exists():  # a re-run picks up where a stopped study left off
+            ckpt = checkpoint_path(run_dir)
+            done = ckpt.exists() and load_checkpoint(ckpt)["iter_num"] >= cfg.max_iters
+            if not done:  # a re-run of a stopped study resumes its unfinished runs
                 train(TrainConfig(**{**preset, "out_dir": str(run_dir), "data_dir": cfg.data_dir,
                                      "pos_encoding": encoding, "seed": seed, "max_iters": cfg.max_iters,
                                      "lr_decay_iters": cfg.max_iters, "always_save_checkpoint": True,
-                                     "attn_log_interval": 0}))
+                                     "attn_log_interval": 0, "init_from": "resume" if ckpt.exists() else "scratch"}))
             lengths = cfg.lengths if encoding != "learned" else "1"  # learned has no positions past 64
             for row in evaluate(EvalConfig(out_dir=str(run_dir), lengths=lengths, max_tokens=cfg.max_tokens)):
                 rows.append({**row, "seed": seed})

@@ -139,3 +139,18 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
     assert probe["second_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
     with pytest.raises(ValueError, match="n_tokens"):
         induction_probe(model, n_tokens=9)
+
+
+def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
+    cfg, _ = trained
+    run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=20", "--num_samples=2",
+                 "--probe=induction", f"--dump_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    assert "induction probe: 16 random tokens, repeated" in run.stdout
+    assert "layer head  induction  prev_token  sink" in run.stdout
+    probe = json.loads((tmp_path / "probe_induction.json").read_text())
+    assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16
+    heads_0 = json.loads((tmp_path / "sample_0" / "heads.json").read_text())
+    heads_1 = json.loads((tmp_path / "sample_1" / "heads.json").read_text())
+    expected = (heads_0["layers"][1]["heads"][0]["prev_token"] + heads_1["layers"][1]["heads"][0]["prev_token"]) / 2
+    assert probe["heads"][2]["prev_token"] == pytest.approx(expected)  # layer 1, head 0: mean over the samples
