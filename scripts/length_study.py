@@ -72,6 +72,7 @@ def run(cfg: StudyConfig) -> list[dict]:
         dump_lengths(out, encoding, cfg)
     write_tables(out, rows)
     plot(out, rows)
+    plot_dumps(out)
     return rows
 
 
@@ -141,6 +142,32 @@ def plot(out: Path, rows: list[dict]):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "length_study.png")
+
+
+def plot_dumps(out: Path):
+    """length_study_attention.png: the last layer's attention, averaged over heads, at 1x and 4x length.
+
+    One row per encoding that can run longer; the same text in both columns, the 1x one being its
+    first quarter. sqrt colour scale, as in the viewer.
+    """
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    from glimpse.attention import load_dump
+
+    encodings = [e for e in POS_ENCODINGS if (out / "dumps" / f"{e}-4x").exists()]
+    fig = Figure(figsize=(7, 3.2 * len(encodings)), dpi=110)
+    for row, encoding in enumerate(encodings):
+        for col, k in enumerate((1, 4)):
+            attn = load_dump(out / "dumps" / f"{encoding}-{k}x")["attn"].astype(np.float32)
+            ax = fig.add_subplot(len(encodings), 2, 2 * row + col + 1)
+            ax.imshow(attn[-1].mean(0), cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+            ax.set_title(f"{encoding}, {attn.shape[-1]} tokens ({k}x)", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("last layer, mean over heads: rows are queries, columns keys")
+    fig.tight_layout()
+    fig.savefig(out / "length_study_attention.png")
 
 
 def main(argv: list[str] | None = None):
