@@ -3,7 +3,8 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
 
     python train.py config/shakespeare_char_cpu.toml
     python train.py config/shakespeare_char.toml --max_iters=2000 --compile=true
-    torchrun --standalone --nproc_per_node=2 train.py config/shakespeare_char_cpu.toml
+    torchrun --standalone --nproc_per_node=2 train.py config/shakespeare_char_cpu.toml \
+        --batch_size=6 --gradient_accumulation_steps=2     # the same 12 sequences per step, in 2 processes
     python train.py --help              # every key, its default and meaning
 
 Built-in datasets (shakespeare_char, shakespeare) are downloaded and prepared on first use. The run
@@ -194,8 +195,8 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         raise GlimpseError(f"{checkpoint_path(out_dir)} exists: continue it with --init_from=resume, or start "
                            "fresh in another --out_dir (or delete that one)")
 
-    # data: rank 0 downloads and prepares a built-in dataset while the others wait
-    if ddp.is_main:
+    # data: the first process of each machine prepares a built-in dataset while the others wait
+    if ddp.local_rank == 0:
         ensure_dataset(cfg.dataset, cfg.data_dir)
     ddp.barrier()
     data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
