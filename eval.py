@@ -25,18 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from data.dataset import TokenData
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
+from glimpse.evaluation import MODES, length_loss
 from glimpse.runtime import autocast, resolve_device, resolve_dtype
 from glimpse.tracking import Tracker
-
-MODES = ("windows", "sliding")
 
 
 @dataclass
@@ -67,30 +62,6 @@ class EvalConfig:
         if not values or min(values) < 1:
             raise ValueError(f"lengths must be positive multiples of block_size, e.g. 1,2,4,8; got {self.lengths!r}")
         return values
-
-
-@torch.no_grad()
-def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
-                batch_size: int, device, ctx) -> tuple[float, int]:
-    """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored."""
-    step, scored_from = (length, 0) if mode == "windows" else (stride, length - stride)
-    last_start = len(tokens) - length - 1
-    if last_start < 0:
-        raise GlimpseError(f"the validation split has {len(tokens)} tokens, too few for a context of {length}")
-    per_window = length - scored_from
-    n_windows = min(last_start // step + 1, math.ceil(max_tokens / per_window))
-    starts = np.arange(n_windows) * step
-    total, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
-        offsets = starts[i:i + batch_size, None] + np.arange(length + 1)  # (b, L + 1)
-        window = torch.from_numpy(tokens[offsets].astype(np.int64)).to(device)  # (b, L + 1)
-        with ctx:
-            logits, _ = model(window[:, :-1])  # (b, L, V)
-        losses = F.cross_entropy(logits[:, scored_from:].float().transpose(1, 2), window[:, scored_from + 1:],
-                                 reduction="sum")
-        total += losses.item()
-        count += window.size(0) * per_window
-    return total / count, count
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:

@@ -36,6 +36,7 @@ from glimpse.attention import dump_text
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
+from glimpse.evaluation import length_loss
 from glimpse.runtime import autocast, close_distributed, init_distributed, resolve_device, resolve_dtype
 from glimpse.tracking import Tracker
 from model import GPT, GPTConfig
@@ -67,6 +68,7 @@ class TrainConfig:
     eval_iters: int = option(200, "batches per split in each evaluation")
     log_interval: int = option(10, "log the training loss every this many steps")
     always_save_checkpoint: bool = option(True, "checkpoint at every eval, not only when val loss improves")
+    final_eval: bool = option(True, "after the last step, score the whole validation split and log final_val_loss")
     checkpoint_interval_s: float = option(
         0.0, "also checkpoint every this many seconds of training, whatever the val loss (0: only at evals)"
     )
@@ -343,6 +345,18 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     finally:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
+    if cfg.final_eval and ddp.is_main:
+        # the estimates above use eval_iters random batches; the run's last word is the whole split
+        model.eval()
+        val = data.splits["val"]
+        loss, scored = length_loss(fast_model, val, cfg.block_size, "windows", cfg.block_size, len(val),
+                                   cfg.batch_size, device, ctx)
+        final = {"iter": iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
+                 "final_val_tokens": scored}
+        tracker.log(final)
+        last_eval = {**last_eval, **final}
+        say(f"final val loss {loss:.4f} on the whole validation split ({scored:,} tokens, {cfg.block_size}-token "
+            "windows)")
     tracker.close()
     return last_eval
 

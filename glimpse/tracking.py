@@ -42,7 +42,9 @@ class Tracker:
             kept = []
             if keep_through_iter is not None and metrics_path.exists():
                 lines = metrics_path.read_text(encoding="utf-8").splitlines()
-                kept = [line for line in lines if line.strip() and json.loads(line)["iter"] <= keep_through_iter]
+                records = [json.loads(line) for line in lines if line.strip()]
+                # a finished run's final record stops being final once the run goes on
+                kept = [json.dumps(r) for r in records if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
             metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if wandb_log:
             import wandb  # imported here: it is slow to import and most runs do not log to it

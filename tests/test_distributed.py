@@ -24,9 +24,9 @@ def test_two_processes_match_one(tmp_path, data_dir):
     two = torchrun(2, *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     single, double = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["iter"] for r in single] == [r["iter"] for r in double] and len(single) == 12 + 3
+    assert [r["iter"] for r in single] == [r["iter"] for r in double] and len(single) == 12 + 3 + 1
     for a, b in zip(single, double):
-        for key in ("train_loss", "val_loss", "eval_train_loss"):
+        for key in ("train_loss", "val_loss", "eval_train_loss", "final_val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iter"], key)
     steps = [r for r in single if "train_loss" in r]

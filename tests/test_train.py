@@ -28,13 +28,17 @@ def test_training_lowers_the_loss_and_writes_the_run_files(trained):
     assert evals[0]["val_loss"] > math.log(30)  # starts near uniform over the ~30 characters
     assert last["val_loss"] < 0.6 * evals[0]["val_loss"]
     assert last["val_bits_per_token"] == pytest.approx(last["val_loss"] / math.log(2))
-    steps = [r for r in records if "val_loss" not in r]
+    steps = [r for r in records if "train_loss" in r]
     assert [r["iter"] for r in steps] == list(range(10, 151, 10))
     for r in steps:
         assert {"iter", "train_loss", "lr", "tokens_per_sec"} <= set(r) and r["tokens_per_sec"] > 0
     for r in evals:
         assert {"iter", "val_loss", "eval_train_loss", "lr", "tokens_per_sec"} <= set(r)
     assert json.loads((Path(cfg.out_dir) / "config.json").read_text()) == asdict(cfg)
+    final = records[-1]  # the whole validation split, scored once at the end
+    val_tokens = json.loads((Path(cfg.data_dir) / cfg.dataset / "meta.json").read_text())["val_tokens"]
+    assert final["iter"] == 150 and val_tokens - 2 * cfg.block_size < final["final_val_tokens"] < val_tokens
+    assert abs(final["final_val_loss"] - evals[-1]["val_loss"]) < 0.1  # the estimate was close
 
 
 def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
