@@ -64,6 +64,11 @@ class TrainConfig:
     )
     # schedule
     max_iters: int = option(5000, "optimizer steps in total")
+    max_time: float = option(
+        0.0, "a time budget in seconds of training steps (evals, checkpoints and attention maps are off this clock): "
+        "training stops when it is spent, and the cosine decay follows the fraction used, so the run ends fully "
+        "decayed; 0: no budget, max_iters and lr_decay_iters rule"
+    )
     eval_interval: int = option(250, "evaluate (and maybe checkpoint) every this many steps")
     eval_iters: int = option(200, "batches per split in each evaluation")
     log_interval: int = option(10, "log the training loss every this many steps")
@@ -112,6 +117,8 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_time < 0:
+            raise ValueError(f"max_time must not be negative, got {self.max_time}")
         if self.checkpoint_interval_s < 0:
             raise ValueError(f"checkpoint_interval_s must not be negative, got {self.checkpoint_interval_s}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
@@ -128,13 +135,20 @@ class TrainConfig:
                          attn_score=self.attn_score, pos_encoding=self.pos_encoding)
 
 
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat."""
+def get_lr(it: int, cfg: TrainConfig, budget_used: float | None = None) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
+
+    With a time budget, budget_used (0 -> 1, the fraction of max_time spent) drives the decay instead,
+    so that the run reaches min_lr exactly when its time is up, however fast the machine.
+    """
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
+    if budget_used is not None:
+        progress = min(budget_used, 1.0)
+    elif it >= cfg.lr_decay_iters:
         return cfg.min_lr
-    progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    else:
+        progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -214,10 +228,12 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     optimizer = configure_optimizer(model, cfg, device)
     batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws every training batch
     iter_num, best_val_loss = 0, float("inf")
+    train_seconds = 0.0  # time spent in training steps: the clock that max_time budgets
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        train_seconds = state.get("train_seconds", 0.0)
         batch_gen.set_state(state["rng"]["batches"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
@@ -252,7 +268,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": asdict(model_config), "train_config": asdict(cfg), "tokenizer": data.tokenizer_spec,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
-            "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device),
+            "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device), "train_seconds": train_seconds,
         })
 
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
@@ -264,8 +280,12 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
     try:
         while True:
-            lr = get_lr(iter_num, cfg)
-            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
+            budget_used = train_seconds / cfg.max_time if cfg.max_time else None
+            # under DDP the processes' clocks differ a little: all follow the slowest, to stop together
+            budget_used = ddp.max(budget_used) if budget_used is not None else None
+            lr = get_lr(iter_num, cfg, budget_used)
+            last_step = iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
+            if (iter_num % cfg.eval_interval == 0 or last_step) and iter_num != resumed_at:
                 losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
                 # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
                 last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
@@ -282,12 +302,13 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                     t_saved = time.time()
                 t_log = time.time()  # evaluation time does not count against throughput
             attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
-            if ddp.is_main and attn_every and (iter_num % attn_every == 0 or iter_num == cfg.max_iters) \
+            if ddp.is_main and attn_every and (iter_num % attn_every == 0 or last_step) \
                     and iter_num != resumed_at:
                 log_attention_maps(model, data, cfg, iter_num, tracker)
                 t_log = time.time()  # evaluation time does not count against throughput
-            if iter_num >= cfg.max_iters:
+            if last_step:
                 break
+            t_step = time.time()
 
             # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
             for group in optimizer.param_groups:
@@ -317,6 +338,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             iters_since_log += 1
+            train_seconds += time.time() - t_step
             bar.update(1)
 
             if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:

@@ -81,6 +81,14 @@ class Distributed:
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         return self.sum(value) / self.world_size
 
+    def max(self, value: float) -> float:
+        """The largest of a number over all processes."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
     def any(self, flag: bool) -> bool:
         """True on every process when flag is true on any of them."""
         if not self.enabled:

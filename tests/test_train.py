@@ -126,3 +126,16 @@ def test_scripts_as_a_user_runs_them(tmp_path, data_dir):
     resume_missing = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny",
                             f"--out_dir={tmp_path / 'none'}", "--init_from=resume")
     assert resume_missing.returncode == 2 and "no checkpoint at" in resume_missing.stderr
+
+
+def test_a_time_budget_ends_the_run_fully_decayed(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10**6, max_time=2.0, eval_interval=10**6,
+                      log_interval=1, attn_log_interval=0)
+    last = train(cfg)
+    steps = [r for r in read_metrics(cfg.out_dir) if "train_loss" in r]
+    assert 20 < last["iter"] < 10**6  # the clock, not max_iters, ended it
+    assert steps[-1]["lr"] == pytest.approx(cfg.min_lr, rel=0.05)  # decayed all the way
+    assert "val_loss" in last and "final_val_loss" in last  # and it was evaluated at the end
+    budget = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
+    assert get_lr(5, budget, 0.0) == pytest.approx(6 / 11)  # warmup still counts steps
+    assert get_lr(500, budget, 0.5) == pytest.approx(0.55) and get_lr(500, budget, 1.0) == pytest.approx(0.1)
