@@ -18,7 +18,6 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -37,7 +36,14 @@ from glimpse.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import length_loss
-from glimpse.runtime import autocast, close_distributed, init_distributed, resolve_device, resolve_dtype
+from glimpse.runtime import (
+    StopRequest,
+    autocast,
+    close_distributed,
+    init_distributed,
+    resolve_device,
+    resolve_dtype,
+)
 from glimpse.tracking import Tracker
 from model import GPT, GPTConfig
 
@@ -398,29 +404,6 @@ def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: 
     folder = Path(cfg.out_dir) / "attention" / f"iter_{iter_num}"
     heads = dump_text(model, data.tokenizer(), ids, prompt_len=n, meta=meta, folder=folder)
     tracker.log_attention(folder, heads, step=iter_num)
-
-
-class StopRequest:
-    """Remembers a SIGINT or SIGTERM so that training can stop between steps, with a checkpoint.
-
-    A second signal stops at once (KeyboardInterrupt), for when saving is not wanted.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # Python only lets it handle signals
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def check_resume(state: dict, model_config: GPTConfig, data: TokenData):

@@ -3,6 +3,9 @@
 config      typed dataclass configs from defaults, TOML files and --key=value flags
 errors      the one-line error a user sees instead of a traceback
 checkpoint  saving, loading and rebuilding a model from ckpt.pt
-runtime     device, dtype, autocast and DDP process-group setup
+runtime     device, dtype, autocast, DDP process-group setup, and stopping on signals
 tracking    metrics.jsonl and wandb logging
+attention   attention dumps, head metrics and the induction probe
+render      heatmap PNGs and the HTML viewer (viewer.html)
+evaluation  scoring a model on a whole split, in windows of a given length
 """

@@ -1,5 +1,5 @@
 """
-Where and how the model runs: device, number format, autocast, and the DDP process group.
+Where and how the model runs: device, number format, autocast, the DDP process group, and signals.
 
 Every device-specific call lives here, gated on the device it needs, so that the scripts read the
 same on CPU, CUDA and Apple's MPS.
@@ -8,6 +8,8 @@ same on CPU, CUDA and Apple's MPS.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -111,3 +113,26 @@ def init_distributed(device_name: str) -> Distributed:
 def close_distributed(ddp: Distributed):
     if ddp.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class StopRequest:
+    """Remembers a SIGINT or SIGTERM so that training can stop between steps, with a checkpoint.
+
+    A second signal stops at once (KeyboardInterrupt), for when saving is not wanted.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets it handle signals
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
