@@ -23,14 +23,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from data.dataset import TokenData
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import MODES, length_loss
-from glimpse.runtime import autocast, resolve_device, resolve_dtype
+from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option, resolve_device, resolve_dtype
 from glimpse.tracking import Tracker
 
 
@@ -43,8 +42,8 @@ class EvalConfig:
     batch_size: int = option(8, "windows per forward pass")
     data_dir: str = option("", "dataset folder root (empty: the one the checkpoint was trained with)")
     dataset: str = option("", "dataset name (empty: the one the checkpoint was trained with)")
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "auto: bfloat16 on CUDA, else float32")
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
     wandb_log: bool = option(False, "log the table and a line plot to the checkpoint's wandb run (or a new one)")
 
     def __post_init__(self):

@@ -26,7 +26,7 @@ from glimpse.attention import dump_text, induction_probe
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.runtime import autocast, resolve_device, resolve_dtype
+from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option, resolve_device, resolve_dtype
 from glimpse.tracking import Tracker
 
 
@@ -40,8 +40,8 @@ class SampleConfig:
     top_k: int | None = option(200, "sample only among the k likeliest tokens (none: all)")
     top_p: float = option(1.0, "sample only among the likeliest tokens whose probabilities add up to p")
     seed: int = option(1337, "random seed: the same seed gives the same samples")
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "auto: bfloat16 on CUDA, else float32")
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
     dump_attention: bool = option(True, "write each sample's attention (npz, heads.json, PNGs, HTML viewer)")
     dump_dir: str = option("", "where the dumps go, one sample_<i>/ each (empty: OUT_DIR/attention)")
     probe: Literal["none", "induction"] = option(
@@ -92,10 +92,15 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     dump_dir = Path(cfg.dump_dir) if cfg.dump_dir else Path(cfg.out_dir) / "attention"
+    if (cfg.dump_attention or cfg.probe != "none") and dump_dir.exists() and not dump_dir.is_dir():
+        raise GlimpseError(f"--dump_dir {str(dump_dir)!r} is a file; give a folder for the attention dumps")
+    if cfg.probe == "induction" and model.config.block_size < 4:
+        raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
+                           "is too short for it")
     project = state["train_config"].get("wandb_project", "glimpse")
     tracker = Tracker(None, wandb_log=cfg.wandb_log, wandb_project=project, resume_run_id=state.get("wandb_run_id"),
                       job_type="sample")
-    samples = []
+    samples, sample_heads = [], []  # the text and the head metrics of each sample
     for i in range(cfg.num_samples):
         # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -116,8 +121,9 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
             folder = dump_dir / f"sample_{i}"
             heads = dump_text(model, tokenizer, [*ids.tolist(), *generated], len(ids), dump_meta(state, cfg, i), folder)
             tracker.log_attention(folder, heads, prefix=f"sample_{i}")
+            sample_heads.append(heads)
     if cfg.probe == "induction":
-        report_probe(model, dump_dir, cfg, out)
+        report_probe(model, sample_heads, dump_dir, cfg, out)
     tracker.close()
     if cfg.dump_attention:
         print(f"attention dumps: {dump_dir}/sample_*/index.html", file=sys.stderr)
@@ -131,11 +137,12 @@ def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
             "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"]}
 
 
-def report_probe(model, dump_dir: Path, cfg: SampleConfig, out: TextIO):
-    """Print and save every head's induction score, and its previous-token and sink mass on the samples."""
+def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfig, out: TextIO):
+    """Print and save every head's induction score, and its previous-token and sink mass on the samples.
+
+    text_heads holds each sample's head metrics (none when the dumps were turned off).
+    """
     probe = induction_probe(model, seed=cfg.seed)
-    text_heads = [json.loads((dump_dir / f"sample_{i}" / "heads.json").read_text())
-                  for i in range(cfg.num_samples)] if cfg.dump_attention else []
     out.write(f"\ninduction probe: {probe['n_tokens']} random tokens, repeated; loss on the first copy "
               f"{probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
     out.write("layer head  induction  prev_token  sink\n")

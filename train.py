@@ -37,9 +37,13 @@ from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import length_loss
 from glimpse.runtime import (
+    Device,
+    Dtype,
     StopRequest,
     autocast,
     close_distributed,
+    device_option,
+    dtype_option,
     init_distributed,
     resolve_device,
     resolve_dtype,
@@ -56,10 +60,8 @@ class TrainConfig:
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
     init_from: Literal["scratch", "resume"] = option("scratch", "start fresh, or resume out_dir/ckpt.pt")
     # where it runs
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA, then MPS, then CPU")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "auto: bfloat16 on CUDA (float16 with a grad scaler on older GPUs), float32 elsewhere"
-    )
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
     compile: bool = option(False, "torch.compile the model: slower start, faster steps")
     seed: int = option(1337, "seeds weights, batches and dropout")
     # data

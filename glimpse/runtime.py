@@ -12,13 +12,27 @@ import signal
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from glimpse.config import option
 from glimpse.errors import GlimpseError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def device_option():
+    """The --device field every script shares."""
+    return option("auto", "auto: CUDA, then MPS, then CPU")
+
+
+def dtype_option():
+    """The --dtype field every script shares."""
+    return option("auto", "auto: bfloat16 on CUDA (float16 with a grad scaler on older GPUs), float32 elsewhere")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

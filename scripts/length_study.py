@@ -1,7 +1,7 @@
 """
 Train short, test long: one model per position encoding, evaluated at 1x to 8x its training length.
 
-    python scripts/length_study.py                       # 5 encodings x 2 seeds, about 15 minutes on 2 CPU cores
+    python scripts/length_study.py                       # 5 encodings x 2 seeds: 19 minutes on 2 shared cores
     python scripts/length_study.py --max_iters=300 --seeds=1   # a quick look
 
 Each model has the CPU preset's shape (config/shakespeare_char_cpu.toml: 4 layers, 4 heads, 128 wide,
@@ -49,6 +49,14 @@ class StudyConfig:
     lengths: str = option("1,2,4,8", "evaluation lengths, as multiples of block_size")
     max_tokens: int = option(8192, "validation tokens scored per length and mode")
     data_dir: str = option("data", "where shakespeare_char is (prepared on first use)")
+
+    def __post_init__(self):
+        unknown = set(self.encodings.split(",")) - set(POS_ENCODINGS)
+        if unknown:
+            raise ValueError(f"unknown encodings {', '.join(sorted(unknown))}: choose from {', '.join(POS_ENCODINGS)}")
+        if self.seeds < 1 or self.max_iters < 1 or self.max_tokens < 1:
+            raise ValueError("seeds, max_iters and max_tokens must be at least 1")
+        EvalConfig(lengths=self.lengths)  # the same check of the lengths as eval.py
 
 
 def run(cfg: StudyConfig) -> list[dict]:

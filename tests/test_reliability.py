@@ -187,6 +187,7 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         (good + ["--top_p=0"], "top_p must be in (0, 1]"),
         (good + ["--top_p=1.5"], "top_p must be in (0, 1]"),
         (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
+        ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt'}"], "is a file"),
     ]
     for argv, expected in cases:
         assert expected in run_main(sample.main, argv, capsys), argv
@@ -222,3 +223,11 @@ def worker_rank(pid: int) -> str | None:
         if item.startswith(b"RANK="):
             return item[5:].decode()
     return None
+
+
+def test_length_study_checks_its_settings(capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import length_study
+
+    assert "unknown encodings bogus" in run_main(length_study.main, ["--encodings=rope,bogus"], capsys)
+    assert "lengths must be whole numbers" in run_main(length_study.main, ["--lengths=1,x"], capsys)
