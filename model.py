@@ -2,8 +2,9 @@
 A GPT-2 style decoder-only transformer you can look inside.
 
 Reading order: GPTConfig -> CausalSelfAttention (queries, keys, values, scores, the causal mask,
-softmax weights, context vectors) and its helpers (dot_scores, attend, rotary, sinusoidal,
-alibi_slopes) -> MLP -> Block -> GPT -> KVCache and GPT.generate.
+softmax weights, context vectors) and its helpers (dot_scores, attend, causal_mask) -> MLP -> Block
+-> GPT -> KVCache and GPT.generate. The position encodings that are functions (sinusoidal, rotary,
+alibi_slopes) live in glimpse/positions.py.
 
 Attention has two paths through one module. The fast path calls F.scaled_dot_product_attention,
 which on GPU runs a fused flash kernel that never materialises the (T, T) weights. The explicit path
@@ -30,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary, sinusoidal
+
 ATTN_SCORES = ("scaled_dot", "dot", "additive")
-SINUSOID_SCALE = 0.02 * math.sqrt(2)  # gives the sinusoids the 0.02 standard deviation of GPT-2's embeddings
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
@@ -204,42 +206,6 @@ def causal_mask(n_queries: int, n_keys: int, offset: int, device) -> torch.Tenso
     query_pos = torch.arange(n_queries, device=device)[:, None] + offset  # (T, 1)
     key_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
     return key_pos <= query_pos  # (T, S)
-
-
-def rotary(x, pos):
-    """Rotary position embedding: turn each channel pair of x (B, nh, T, hs) by an angle pos x freq.
-
-    A query at i and a key at j, both rotated, meet with q.k depending on i - j only: attention
-    sees relative positions, and positions beyond training length are just further turns.
-    """
-    half = x.size(-1) // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hs/2,)
-    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:].float()  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-def sinusoidal(pos, dim: int):
-    """The fixed sine/cosine position embedding of "Attention Is All You Need": (T,) -> (T, dim)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=pos.device).float() / dim)  # (dim/2,)
-    angles = pos.float()[:, None] * freqs[None, :]  # (T, dim/2)
-    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, dim): sin, cos interleaved
-    return table[:, :dim]
-
-
-def alibi_slopes(n_head: int) -> torch.Tensor:
-    """ALiBi's per-head slopes: a geometric sequence from 2^(-8/n) (1/2, 1/4, ..., 1/256 for 8 heads).
-
-    For a head count that is not a power of 2, the paper takes the slopes of the nearest lower power
-    of 2 and fills in with every other slope of the next one.
-    """
-    def geometric(n):
-        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
-
-    lower = 2 ** math.floor(math.log2(n_head))
-    slopes = geometric(lower) + geometric(2 * lower)[0::2][: n_head - lower]
-    return torch.tensor(slopes)
 
 
 class MLP(nn.Module):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig, alibi_slopes, attend, dot_scores, rotary
+from glimpse.positions import alibi_slopes, rotary
+from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig, attend, dot_scores
 
 COMBINATIONS = list(itertools.product(ATTN_SCORES, POS_ENCODINGS))
 
