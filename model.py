@@ -16,6 +16,9 @@ The variants of the lecture notes are config switches, GPT-2 by default:
   attn_score    scaled_dot (QK^T / sqrt(d)), dot (QK^T), additive (Bahdanau: v^T tanh(W_q q + W_k k))
   pos_encoding  learned (a table up to block_size), sinusoidal (fixed, added to the embeddings),
                 rope (rotates queries and keys), alibi (a per-head penalty on distance), none
+and so are the architecture choices of later GPTs: norm (layernorm or rmsnorm), activation (gelu or
+relu2, ReLU squared), qk_norm (RMS-normalised queries and keys), tie_embeddings (lm_head shares
+wte's matrix) and zero_init_proj (every block starts as the identity).
 
 This file holds the model and nothing else: no I/O, no argv, no prints.
 """
@@ -35,6 +38,9 @@ from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary, sinusoidal
 
 ATTN_SCORES = ("scaled_dot", "dot", "additive")
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu2")
+NORM_EPS = 1e-5  # LayerNorm's default, used by RMSNorm too, so that the two differ only in what they compute
 
 
 @dataclass
@@ -50,12 +56,17 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has them
     attn_score: str = "scaled_dot"  # how a query scores a key: scaled_dot, dot or additive (Bahdanau)
     pos_encoding: str = "learned"  # learned (GPT-2), sinusoidal, rope, alibi or none
+    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm: rescale only, no mean subtracted, no bias
+    activation: str = "gelu"  # the MLP's nonlinearity: gelu (GPT-2's tanh form) or relu2 (ReLU squared)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before they are scored
+    tie_embeddings: bool = True  # lm_head shares wte's matrix, as in GPT-2
+    zero_init_proj: bool = False  # projections into the residual stream start at 0: blocks start as the identity
 
     def __post_init__(self):
-        if self.attn_score not in ATTN_SCORES:
-            raise ValueError(f"attn_score must be one of {', '.join(ATTN_SCORES)}, got {self.attn_score!r}")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
+        for name, choices in (("attn_score", ATTN_SCORES), ("pos_encoding", POS_ENCODINGS), ("norm", NORMS),
+                              ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -121,6 +132,13 @@ class CausalSelfAttention(nn.Module):
             self.score_v = nn.Parameter(torch.randn(self.n_head, hs) * 0.02)
         if self.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(self.n_head), persistent=False)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            # RMSNorm over each head's channels, with a learned gain per channel shared by the heads. Unit-RMS
+            # queries and keys cap a scaled score at sqrt(hs) (under 3 for 8-channel heads), too flat a softmax
+            # for sharp attention; the gains let training raise that cap, so the 1/sqrt(hs) scale stays as it is
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
 
     def forward(self, x, pos, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
         """x (B, T, C) at positions pos (T,) -> (output (B, T, C), weights (B, nh, T, S) or None)."""
@@ -130,6 +148,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # before rope (a rotation keeps norms) and before the cache: cached keys are normalised
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.pos_encoding == "rope":  # rotate by position, so q.k depends on the distance only
             q, k = rotary(q, pos), rotary(k, pos)
         past = 0
@@ -208,18 +228,33 @@ def causal_mask(n_queries: int, n_keys: int, offset: int, device) -> torch.Tenso
     return key_pos <= query_pos  # (T, S)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2, the Primer paper's activation (So et al., 2021): 0 below zero, quadratic above."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back."""
+    """Position-wise feed-forward: widen 4x, a nonlinearity (GELU or ReLU squared), project back."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU, so exchanged weights behave the same
+        # GPT-2's tanh GELU by default, so exchanged weights behave the same
+        self.activation = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm: x / rms(x) times a gain, with no mean subtracted and no bias."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -227,9 +262,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, pos, cache=None, layer=0, need_weights=False):
@@ -257,19 +292,26 @@ class GPT(nn.Module):
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         )
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: reading a token in and writing it out share one matrix (fewer parameters,
-        # and GPT-2 was trained this way)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # weight tying: reading a token in and writing it out share one matrix (fewer parameters,
+            # and GPT-2 was trained this way)
+            self.transformer.wte.weight = self.lm_head.weight
+        # an untied lm_head gets GPT-2's std 0.02 too, so that untying changes one thing only: the
+        # initial logits have the tied model's scale
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer),
-        # so the stream's variance does not grow with depth
+        # so the stream's variance does not grow with depth; zero_init_proj starts them at 0, so that
+        # each block adds nothing until training gives it something to add
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module):
@@ -279,10 +321,15 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings are left out by default, as GPT-2's paper counts."""
+        """Parameter count; embeddings are left out by default, as GPT-2's paper counts.
+
+        With tied weights the token embedding is also the output head, so it stays in the count.
+        """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def forward(self, idx, targets=None, cache: KVCache | None = None):

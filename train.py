@@ -112,6 +112,28 @@ class TrainConfig:
         "learned", "where position information comes from: GPT-2's learned table (stops at block_size), fixed "
         "sinusoids, rotary (RoPE), ALiBi's distance penalty, or none (only the causal mask)"
     )
+    norm: Literal["layernorm", "rmsnorm"] = option(
+        "layernorm", "the normalisation before attention, the MLP and the head: GPT-2's LayerNorm, or RMSNorm "
+        "(divide by the root mean square, times a learned gain; no mean subtracted, no bias), as LLaMA and most "
+        "later models have it"
+    )
+    activation: Literal["gelu", "relu2"] = option(
+        "gelu", "the MLP's nonlinearity: GPT-2's tanh GELU, or ReLU squared (relu(x)^2, from the Primer paper, "
+        "used by modded-nanogpt)"
+    )
+    qk_norm: bool = option(
+        False, "RMS-normalise each head's queries and keys (learned gain per channel) before rotary and the scores: "
+        "the logits are then bounded by the gains, not by how large queries and keys grow, a guard against the "
+        "logit growth reported to destabilise training at high learning rates"
+    )
+    tie_embeddings: bool = option(
+        True, "the output head shares the token-embedding matrix, as in GPT-2; false gives lm_head a matrix of its "
+        "own (vocab_size x n_embd more parameters), so reading a token and predicting it can differ"
+    )
+    zero_init_proj: bool = option(
+        False, "start the projections that write into the residual stream (attn.c_proj, mlp.c_proj) at zero, so "
+        "every block starts as the identity and learns what to add; false: GPT-2's small random start"
+    )
     # wandb
     wandb_log: bool = option(False, "log config and scalars to wandb (WANDB_MODE=offline works)")
     wandb_project: str = option("glimpse", "wandb project")
@@ -138,9 +160,9 @@ class TrainConfig:
         self.model_config(vocab_size=1)  # checks the model's shape (n_embd vs n_head, dropout)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         attn_score=self.attn_score, pos_encoding=self.pos_encoding)
+        # every GPTConfig field but vocab_size (the dataset's) is a key of the same name here
+        shape = {f.name: getattr(self, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
+        return GPTConfig(vocab_size=vocab_size, **shape)
 
 
 def get_lr(it: int, cfg: TrainConfig, budget_used: float | None = None) -> float:
@@ -415,9 +437,10 @@ def check_resume(state: dict, model_config: GPTConfig, data: TokenData):
                            "resume with the dataset it was trained on")
     saved = state["model_config"]
     for f in fields(GPTConfig):
-        if f.name != "dropout" and saved[f.name] != getattr(model_config, f.name):
+        was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
+        if f.name != "dropout" and was != getattr(model_config, f.name):
             raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
-                               f"{f.name}={saved[f.name]}; drop the flag or start a new out_dir")
+                               f"{f.name}={was}; drop the flag or start a new out_dir")
 
 
 def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:

@@ -1,0 +1,181 @@
+"""Architecture options: norm, activation, qk_norm, tie_embeddings and zero_init_proj, alone and together."""
+
+import math
+from dataclasses import asdict, fields
+
+import pytest
+import torch
+import torch.nn as nn
+
+from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.positions import rotary
+from model import GPT, GPTConfig, KVCache, ReLUSquared
+from tests.test_variants import check_cached_generation, check_paths_agree, check_training_lowers_the_loss, variant
+from train import TrainConfig
+
+FLAGS = {
+    "rmsnorm": dict(norm="rmsnorm"),
+    "relu2": dict(activation="relu2"),
+    "qk_norm": dict(qk_norm=True),
+    "untied": dict(tie_embeddings=False),
+    "zero_init_proj": dict(zero_init_proj=True),
+    "all": dict(norm="rmsnorm", activation="relu2", qk_norm=True, tie_embeddings=False, zero_init_proj=True),
+}
+# each flag with GPT-2's learned positions and with rope (qk_norm acts just before the rotation), and
+# everything on with the scores and encodings that take other paths
+CASES = [(flag, "scaled_dot", pos) for flag in FLAGS for pos in ("learned", "rope")] + [
+    ("all", "additive", "alibi"), ("all", "dot", "sinusoidal"), ("all", "scaled_dot", "none")]
+
+
+def flagged(flag: str, score: str = "scaled_dot", pos: str = "rope") -> GPT:
+    return variant(score, pos, **FLAGS[flag])
+
+
+@pytest.mark.parametrize("flag,score,pos", CASES)
+def test_fast_and_explicit_paths_agree(flag, score, pos):
+    check_paths_agree(flagged(flag, score, pos))
+
+
+@pytest.mark.parametrize("flag,score,pos", CASES)
+def test_cached_generation_equals_full_forward(flag, score, pos):
+    check_cached_generation(flagged(flag, score, pos))
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_ten_training_steps_lower_the_loss(flag):
+    check_training_lowers_the_loss(flagged(flag))
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_checkpoint_round_trip_restores_the_logits(flag, tmp_path):
+    model = flagged(flag)
+    with torch.no_grad():  # move every parameter off its initial value (gains off 1, projections off 0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.config)})
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.pt")).eval()
+    assert again.config == model.config
+    idx = torch.randint(0, 20, (2, 8))
+    assert torch.equal(again(idx)[0], model(idx)[0])
+    if not model.config.tie_embeddings:
+        assert again.lm_head.weight.data_ptr() != again.transformer.wte.weight.data_ptr()
+
+
+def test_defaults_are_gpt2():
+    config = GPTConfig()
+    assert (config.norm, config.activation, config.qk_norm, config.tie_embeddings, config.zero_init_proj) == (
+        "layernorm", "gelu", False, True, False)
+    model = variant("scaled_dot", "learned")
+    assert all(type(m) is not nn.RMSNorm for m in model.modules())
+    assert isinstance(model.transformer.h[0].mlp.activation, nn.GELU)
+    assert model.transformer.h[0].mlp.activation.approximate == "tanh"
+    assert not any("q_norm" in name or "k_norm" in name for name in model.state_dict())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_proj.weight.abs().min() > 0
+
+
+def test_rmsnorm_replaces_every_layernorm():
+    model = flagged("rmsnorm")
+    norms = [model.transformer.ln_f] + [m for b in model.transformer.h for m in (b.ln_1, b.ln_2)]
+    assert all(type(m) is nn.RMSNorm for m in norms) and len(norms) == 5
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert not any(".ln_" in name and name.endswith(".bias") for name in model.state_dict())  # gain only
+    x = torch.randn(3, 16) * 5 + 2
+    expected = x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()  # no mean subtracted
+    torch.testing.assert_close(model.transformer.ln_f(x), expected)
+
+
+def test_relu2_is_relu_squared():
+    mlp = flagged("relu2").transformer.h[0].mlp
+    assert isinstance(mlp.activation, ReLUSquared)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    """Scaling the query and key rows of c_attn by 100 changes nothing once they are normalised."""
+    def logits_after_scaling(model, factor):
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:32] *= factor  # the query and key rows (n_embd = 16 each)
+                block.attn.c_attn.bias[:32] *= factor
+        return model(idx)[0]
+
+    idx = torch.randint(0, 20, (2, 8))
+    normed = flagged("qk_norm")
+    attn = normed.transformer.h[0].attn
+    assert isinstance(attn.q_norm, nn.RMSNorm) and attn.q_norm.normalized_shape == (8,)  # over head_dim
+    # the same up to RMSNorm's eps (1e-5 against a mean square of about 0.006 at this initialisation)
+    torch.testing.assert_close(logits_after_scaling(flagged("qk_norm"), 100.0), normed(idx)[0], rtol=0, atol=1e-3)
+    plain = variant("scaled_dot", "rope")
+    assert not torch.allclose(logits_after_scaling(variant("scaled_dot", "rope"), 100.0), plain(idx)[0], atol=1e-2)
+
+
+def test_qk_norm_puts_normalised_keys_in_the_cache():
+    model = flagged("qk_norm")  # with rope: the keys are normalised, then rotated
+    cache = KVCache(model.config, 2, "cpu")
+    idx = torch.randint(0, 20, (2, 5))
+    model(idx, cache=cache)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        k = attn.c_attn(model.transformer.h[0].ln_1(model.transformer.wte(idx)))[..., 16:32]
+        k = attn.k_norm(k.view(2, 5, 2, 8).transpose(1, 2))  # (B, nh, T, hs)
+    torch.testing.assert_close(cache.k[0, :, :, :5], rotary(k, torch.arange(5)))
+    rms = cache.k[:, :, :, :5].pow(2).mean(-1).sqrt()  # (n_layer, B, nh, 5): gains start at 1, rotation keeps norms
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-2)  # 1 up to RMSNorm's eps
+
+
+def test_untied_head_has_its_own_weight():
+    untied, tied = flagged("untied"), variant("scaled_dot", "rope")
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
+    assert {"lm_head.weight", "transformer.wte.weight"} <= set(untied.state_dict())
+    head_size = 20 * 16  # vocab_size x n_embd
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + head_size
+    assert untied.num_params() == tied.num_params()  # the head counts, the lookup table does not
+    assert 0.015 < untied.lm_head.weight.std().item() < 0.025  # GPT-2's std 0.02, as the tied head has
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = flagged("zero_init_proj")
+    projections = [m.c_proj.weight for b in model.transformer.h for m in (b.attn, b.mlp)]
+    assert len(projections) == 4 and all((w == 0).all() for w in projections)
+    x = torch.randn(2, 8, 16)
+    for block in model.transformer.h:
+        out, _ = block(x, torch.arange(8))
+        assert torch.equal(out, x)
+    idx = torch.randint(0, 20, (2, 8))
+    embedded = model.transformer.wte(idx)  # rope: no position embedding is added
+    torch.testing.assert_close(model(idx)[0], model.lm_head(model.transformer.ln_f(embedded)))
+
+
+def test_flags_are_checked_and_pass_through_train_config():
+    with pytest.raises(ValueError, match="norm must be one of layernorm, rmsnorm, got 'batchnorm'"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="activation must be one of gelu, relu2, got 'swish'"):
+        GPTConfig(activation="swish")
+    # every model field but the dataset's vocab_size is a training key of the same name, passed through
+    shape = {f.name for f in fields(GPTConfig)} - {"vocab_size"}
+    assert shape <= {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**FLAGS["all"]).model_config(vocab_size=20)
+    assert {k: getattr(config, k) for k in FLAGS["all"]} == FLAGS["all"]
+
+
+def test_a_checkpoint_from_before_the_flags_loads_and_resumes(tmp_path, data_dir):
+    """A model_config without the new keys means GPT-2's choices: it samples and resumes as before."""
+    from tests.conftest import tiny_config
+    from train import train
+
+    out = tmp_path / "old"
+    train(tiny_config(data_dir, out, max_iters=10, eval_interval=10, attn_log_interval=0, final_eval=False))
+    path = out / "ckpt.pt"
+    state = load_checkpoint(path)
+    new_keys = ("norm", "activation", "qk_norm", "tie_embeddings", "zero_init_proj")
+    for key in new_keys:
+        del state["model_config"][key], state["train_config"][key]
+    save_checkpoint(path, state)
+    model = model_from_checkpoint(load_checkpoint(path))
+    assert model.config == GPTConfig(**{**state["model_config"], **{k: getattr(GPTConfig, k) for k in new_keys}})
+    last = train(tiny_config(data_dir, out, max_iters=20, eval_interval=10, attn_log_interval=0, final_eval=False,
+                             init_from="resume"))
+    assert last["iter"] == 20 and math.isfinite(last["val_loss"])
