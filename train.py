@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -89,14 +90,28 @@ class TrainConfig:
         None, "dump attention maps of a fixed validation text every this many steps (none: at every eval; 0: never)"
     )
     attn_probe_tokens: int = option(64, "tokens of validation text in those maps (token labels show up to 64)")
-    # AdamW and the learning-rate schedule
-    learning_rate: float = option(1e-3, "peak learning rate, reached after warmup")
+    # optimizers and the learning-rate schedule
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", "adamw: AdamW for every parameter; muon: Muon for the matrices inside the blocks (c_attn, c_proj, "
+        "c_fc) and AdamW for embeddings, lm_head, norms and biases. Muon orthogonalises each momentum update with "
+        "Newton-Schulz iterations, so that every direction of a matrix moves at a similar rate, not only the few "
+        "that dominate the gradient. Needs PyTorch 2.9 or newer"
+    )
+    learning_rate: float = option(1e-3, "peak learning rate (AdamW's), reached after warmup")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = option(100, "steps of linear warmup")
     lr_decay_iters: int = option(5000, "step at which the cosine decay reaches min_lr")
-    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not biases or norms)")
+    weight_decay: float = option(
+        0.1, "decoupled weight decay, on matrices only (not biases or norms); under optimizer=muon Muon's matrices "
+        "take it too, times muon_lr"
+    )
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
+    muon_lr: float = option(
+        0.02, "Muon's peak learning rate (optimizer=muon); the schedule scales it as it scales learning_rate, so Muon "
+        "and AdamW warm up and decay together"
+    )
+    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov), optimizer=muon")
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
     # model
     n_layer: int = option(6, "transformer blocks")
@@ -157,6 +172,12 @@ class TrainConfig:
             raise ValueError(f"attn_log_interval must be none, 0 (never) or positive, got {self.attn_log_interval}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr} and "
+                             f"{self.muon_momentum}")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
+                             f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
         self.model_config(vocab_size=1)  # checks the model's shape (n_embd vs n_head, dropout)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -182,15 +203,70 @@ def get_lr(it: int, cfg: TrainConfig, budget_used: float | None = None) -> float
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays matrices (weights, embeddings) but not biases and norm gains."""
+def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW | MuonWithAdamW:
+    """AdamW that decays matrices (weights, embeddings) but not biases and norm gains.
+
+    With optimizer=muon, Muon takes the weights of the Linear layers inside the blocks (c_attn, c_proj,
+    c_fc) and AdamW the rest. Muon's orthogonalised update is meant for matrices that map one hidden
+    space to another; embeddings (rows looked up one token at a time), the head and vectors are not.
+    """
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    hidden = []
+    if cfg.optimizer == "muon":
+        hidden = [m.weight for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in hidden_ids]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"  # one kernel for the whole update; CUDA only
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if hidden:
+        # "muon": True marks the group whose learning rate the loop sets from muon_lr
+        muon = torch.optim.Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                weight_decay=cfg.weight_decay)
+        optimizer = MuonWithAdamW(muon, optimizer)
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(seen) == len(set(seen)) == len(params), "every parameter must be in exactly one optimizer group"
+    return optimizer
+
+
+class MuonWithAdamW:
+    """Muon and AdamW stepped together, each over its own parameters, as if they were one optimizer.
+
+    param_groups lists both optimizers' groups, so that the learning-rate loop, the gradient scaler and
+    the one-group-per-parameter check reach every parameter; state_dict holds both states, so that a
+    resumed run continues exactly.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def set_lr(optimizer: torch.optim.AdamW | MuonWithAdamW, lr: float, cfg: TrainConfig):
+    """This step's learning rate for every group: lr for AdamW's, the same fraction of muon_lr for Muon's."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.muon_lr * (lr / cfg.learning_rate) if group.get("muon") else lr
 
 
 @torch.no_grad()
@@ -252,7 +328,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
     model_config = cfg.model_config(data.vocab_size)
     if state is not None:
-        check_resume(state, model_config, data)
+        check_resume(state, cfg, model_config, data)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = GPT(model_config).to(device)
     optimizer = configure_optimizer(model, cfg, device)
@@ -341,8 +417,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
             t_step = time.time()
 
             # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr, cfg)
             n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
             starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
             starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
@@ -430,11 +505,15 @@ def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: 
     tracker.log_attention(folder, heads, step=iter_num)
 
 
-def check_resume(state: dict, model_config: GPTConfig, data: TokenData):
-    """A checkpoint resumes only with the same model shape and tokenizer."""
+def check_resume(state: dict, cfg: TrainConfig, model_config: GPTConfig, data: TokenData):
+    """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != data.tokenizer_spec:
         raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {data.folder}; "
                            "resume with the dataset it was trained on")
+    saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
+    if saved_optimizer != cfg.optimizer:
+        raise GlimpseError(f"optimizer={cfg.optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "
+                           "whose state it could not continue; drop the flag or start a new out_dir")
     saved = state["model_config"]
     for f in fields(GPTConfig):
         was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default

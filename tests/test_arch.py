@@ -1,4 +1,4 @@
-"""Architecture options: norm, activation, qk_norm, tie_embeddings and zero_init_proj, alone and together."""
+"""Architecture options (norm, activation, qk_norm, tie_embeddings, zero_init_proj) and the Muon optimizer."""
 
 import math
 from dataclasses import asdict, fields
@@ -7,11 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 
+import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.positions import rotary
 from model import GPT, GPTConfig, KVCache, ReLUSquared
+from tests.conftest import tiny_config
+from tests.test_reliability import run_main
+from tests.test_train import read_metrics
 from tests.test_variants import check_cached_generation, check_paths_agree, check_training_lowers_the_loss, variant
-from train import TrainConfig
+from train import TrainConfig, configure_optimizer, get_lr, set_lr, train
 
 FLAGS = {
     "rmsnorm": dict(norm="rmsnorm"),
@@ -163,9 +167,6 @@ def test_flags_are_checked_and_pass_through_train_config():
 
 def test_a_checkpoint_from_before_the_flags_loads_and_resumes(tmp_path, data_dir):
     """A model_config without the new keys means GPT-2's choices: it samples and resumes as before."""
-    from tests.conftest import tiny_config
-    from train import train
-
     out = tmp_path / "old"
     train(tiny_config(data_dir, out, max_iters=10, eval_interval=10, attn_log_interval=0, final_eval=False))
     path = out / "ckpt.pt"
@@ -173,9 +174,69 @@ def test_a_checkpoint_from_before_the_flags_loads_and_resumes(tmp_path, data_dir
     new_keys = ("norm", "activation", "qk_norm", "tie_embeddings", "zero_init_proj")
     for key in new_keys:
         del state["model_config"][key], state["train_config"][key]
+    for key in ("optimizer", "muon_lr", "muon_momentum"):
+        del state["train_config"][key]
     save_checkpoint(path, state)
     model = model_from_checkpoint(load_checkpoint(path))
     assert model.config == GPTConfig(**{**state["model_config"], **{k: getattr(GPTConfig, k) for k in new_keys}})
     last = train(tiny_config(data_dir, out, max_iters=20, eval_interval=10, attn_log_interval=0, final_eval=False,
                              init_from="resume"))
     assert last["iter"] == 20 and math.isfinite(last["val_loss"])
+
+
+@pytest.mark.parametrize("flags,score,pos", [({}, "scaled_dot", "learned"), (FLAGS["all"], "additive", "rope")])
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(flags, score, pos):
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, optimizer="muon", attn_score=score,
+                      pos_encoding=pos, **flags)
+    model = GPT(cfg.model_config(vocab_size=20))
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied matrix once
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(seen) == len(set(seen)) == len(names) and set(seen) == set(names)  # each parameter exactly once
+    muon = {names[id(p)] for group in optimizer.muon.param_groups for p in group["params"]}
+    assert muon == {f"transformer.h.{i}.{layer}.weight" for i in range(2)
+                    for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    adamw = {names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert "transformer.wte.weight" in adamw and "transformer.ln_f.weight" in adamw
+    if not cfg.tie_embeddings:
+        assert "lm_head.weight" in adamw
+    if score == "additive":  # per-head score parameters are not hidden matrices
+        assert {"transformer.h.0.attn.score_q", "transformer.h.0.attn.score_v"} <= adamw
+    set_lr(optimizer, cfg.learning_rate / 4, cfg)  # a quarter of the way: both optimizers follow
+    assert [g["lr"] for g in optimizer.muon.param_groups] == [cfg.muon_lr / 4]
+    assert all(g["lr"] == cfg.learning_rate / 4 for g in optimizer.adamw.param_groups)
+
+
+def test_the_default_optimizer_is_still_plain_adamw():
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    optimizer = configure_optimizer(GPT(cfg.model_config(vocab_size=20)), cfg, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW
+    set_lr(optimizer, 0.123, cfg)
+    assert all(g["lr"] == 0.123 for g in optimizer.param_groups)
+
+
+def test_muon_trains_checkpoints_both_states_and_resumes_exactly(tmp_path, data_dir, capsys):
+    settings = dict(optimizer="muon", max_iters=60, eval_interval=20, dropout=0.1, attn_log_interval=0,
+                    final_eval=False)
+    cfg = tiny_config(data_dir, tmp_path / "straight", **settings)
+    last = train(cfg)
+    train(tiny_config(data_dir, tmp_path / "halves", **{**settings, "max_iters": 40}))
+    train(tiny_config(data_dir, tmp_path / "halves", **settings, init_from="resume"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+    evals = [r for r in read_metrics(cfg.out_dir) if "val_loss" in r]
+    assert last["val_loss"] < 0.8 * evals[0]["val_loss"]
+    optimizer = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["optimizer"]
+    assert len(optimizer["muon"]["state"]) == 8  # a momentum buffer for each of the 2 blocks' 4 matrices
+    fraction = get_lr(59, cfg) / cfg.learning_rate  # the schedule at the last step taken
+    assert optimizer["muon"]["param_groups"][0]["lr"] == pytest.approx(cfg.muon_lr * fraction)
+    assert optimizer["adamw"]["param_groups"][0]["lr"] == get_lr(59, cfg)
+    argv = [f"--data_dir={data_dir}", f"--out_dir={cfg.out_dir}", "--dataset=tiny", "--device=cpu", "--n_layer=2",
+            "--n_head=2", "--n_embd=32", "--block_size=32", "--init_from=resume", "--max_iters=70"]
+    assert "optimizer=adamw contradicts the checkpoint's optimizer=muon" in run_main(train_script.main, argv, capsys)
+
+
+def test_muon_without_torch_optim_muon_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.delattr(torch.optim, "Muon")  # as in PyTorch before 2.9
+    message = run_main(train_script.main, [f"--out_dir={tmp_path}", "--optimizer=muon"], capsys)
+    assert "optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have" in message
