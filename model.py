@@ -137,8 +137,8 @@ class CausalSelfAttention(nn.Module):
             # RMSNorm over each head's channels, with a learned gain per channel shared by the heads. Unit-RMS
             # queries and keys cap a scaled score at sqrt(hs) (under 3 for 8-channel heads), too flat a softmax
             # for sharp attention; the gains let training raise that cap, so the 1/sqrt(hs) scale stays as it is
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
+            self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
+            self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
 
     def forward(self, x, pos, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
         """x (B, T, C) at positions pos (T,) -> (output (B, T, C), weights (B, nh, T, S) or None)."""
@@ -167,18 +167,15 @@ class CausalSelfAttention(nn.Module):
             # the fused kernel computes exactly what the explicit path does, without the weights
             scale = 1.0 if self.score == "dot" else None  # None: SDPA's own 1/sqrt(hs)
             weights = None
+            mask, is_causal = None, False
             if self.pos_encoding == "alibi":  # a float mask: ALiBi's bias, and -inf where it is causal
                 mask = self.bias(T, S, past, x.device).masked_fill(~causal_mask(T, S, past, x.device), float("-inf"))
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
             elif past == 0:
-                # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-            elif T == 1:
-                # one new query at the end of the window may see every cached key: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-            else:
+                is_causal = True  # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
+            elif T > 1:  # several new queries after a cache: each sees the cache and the new ones up to itself
                 mask = causal_mask(T, S, past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+            # else one new query at the end of the window sees every cached key: no mask needed
+            y = fused_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
@@ -202,6 +199,19 @@ class CausalSelfAttention(nn.Module):
             return torch.zeros((), device=device)
         distance = (torch.arange(T, device=device)[:, None] + past - torch.arange(S, device=device)[None, :])
         return -self.alibi_slopes[:, None, None] * distance.clamp(min=0)  # (nh, T, S)
+
+
+def fused_attention(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention, in float32 when a CPU runs under bfloat16 autocast.
+
+    The CPU's bfloat16 attention kernel is several times slower than its float32 one, backward above
+    all, while bfloat16 matrix multiplies are faster: so the projections around attention take
+    bfloat16 and attention itself float32 (python bench.py --what=train_step --dtype=bfloat16).
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def dot_scores(q, k, scale: float):
@@ -250,10 +260,18 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain cast to the input's dtype: under bfloat16 autocast, a float32 gain on
+    bfloat16 queries and keys would send them down a slower, unfused kernel."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     """GPT-2's LayerNorm, or RMSNorm: x / rms(x) times a gain, with no mean subtracted and no bias."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=NORM_EPS)
+        return RMSNorm(config.n_embd, eps=NORM_EPS)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 

@@ -25,10 +25,10 @@ def rotary(x, pos):
     """
     half = x.size(-1) // 2
     freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hs/2,)
-    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:].float()  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2), in float32: positions can be large
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # the turn itself in x's dtype, which is cheaper
+    x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def sinusoidal(pos, dim: int):

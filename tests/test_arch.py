@@ -81,7 +81,7 @@ def test_defaults_are_gpt2():
 def test_rmsnorm_replaces_every_layernorm():
     model = flagged("rmsnorm")
     norms = [model.transformer.ln_f] + [m for b in model.transformer.h for m in (b.ln_1, b.ln_2)]
-    assert all(type(m) is nn.RMSNorm for m in norms) and len(norms) == 5
+    assert all(isinstance(m, nn.RMSNorm) for m in norms) and len(norms) == 5
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
     assert not any(".ln_" in name and name.endswith(".bias") for name in model.state_dict())  # gain only
     x = torch.randn(3, 16) * 5 + 2
@@ -174,7 +174,7 @@ def test_a_checkpoint_from_before_the_flags_loads_and_resumes(tmp_path, data_dir
     new_keys = ("norm", "activation", "qk_norm", "tie_embeddings", "zero_init_proj")
     for key in new_keys:
         del state["model_config"][key], state["train_config"][key]
-    for key in ("optimizer", "muon_lr", "muon_momentum"):
+    for key in ("optimizer", "muon_lr", "muon_momentum", "muon_ns_steps"):
         del state["train_config"][key]
     save_checkpoint(path, state)
     model = model_from_checkpoint(load_checkpoint(path))
@@ -240,3 +240,24 @@ def test_muon_without_torch_optim_muon_is_a_one_line_error(monkeypatch, tmp_path
     monkeypatch.delattr(torch.optim, "Muon")  # as in PyTorch before 2.9
     message = run_main(train_script.main, [f"--out_dir={tmp_path}", "--optimizer=muon"], capsys)
     assert "optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have" in message
+
+
+def test_bfloat16_autocast_on_cpu_matches_float32():
+    """Under CPU bfloat16 autocast, attention runs in float32 and the norms in the input's dtype (for speed):
+    the logits stay close to a float32 forward, with every flag on."""
+    model = flagged("all").eval()
+    idx = torch.randint(model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        reference, _ = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = model(idx)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_muon_ns_steps_reaches_the_optimizer_and_is_validated():
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, optimizer="muon", muon_ns_steps=3)
+    optimizer = configure_optimizer(GPT(cfg.model_config(vocab_size=20)), cfg, torch.device("cpu"))
+    assert [group["ns_steps"] for group in optimizer.muon.param_groups] == [3]
+    with pytest.raises(ValueError, match="muon_ns_steps"):
+        TrainConfig(muon_ns_steps=0)
