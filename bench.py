@@ -3,7 +3,7 @@ Benchmarks whose figures the README quotes, each the median of several timed run
 
     python bench.py --what=attention_dump                       # a 256-token dump, CPU preset model
     python bench.py --what=attention_dump --tokens=64 --json
-    python bench.py --what=train_step                           # ms per step and tokens/s of a preset
+    python bench.py --what=train_step --preset=config/shakespeare_char_recipe.toml,config/shakespeare_char_speedrun.toml
     python bench.py --what=sample --preset=config/shakespeare_char.toml --new_tokens=500
 
 attention_dump times each part of what sample.py does per sample when it dumps attention: the
@@ -11,9 +11,16 @@ explicit forward that returns every layer's and head's weights, writing attentio
 heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has the shape of
 --preset (random weights: the cost does not depend on their values) with block_size = --tokens.
 
-train_step times one optimizer step (forward, backward, clipping, AdamW) of the preset's model at
-its own batch_size and block_size, on random tokens; sample times GPT.generate (KV cache, sliding
-window) producing --new_tokens tokens after a prompt that already fills the context.
+train_step times one optimizer step (forward, backward, clipping, the optimizer) of each preset as
+train.py would run it: its model and flags, batch_size, block_size, dtype and optimizer, on random
+tokens. sample times GPT.generate (KV cache, sliding window, float32 as sample.py runs on a CPU)
+producing --new_tokens tokens after a prompt that already fills the context.
+
+--preset takes several presets, comma-separated: they are timed in turn, round after round, so a
+machine that speeds up or slows down during the run shifts them all alike, and the table gives each
+one's speed relative to the first. Compare ratios from one run; absolute figures drift between runs.
+A preset may carry overrides, as train.py's --key=value flags do:
+    --preset=config/shakespeare_char_recipe.toml,config/shakespeare_char_recipe.toml:dtype=bfloat16
 """
 
 from __future__ import annotations
@@ -33,16 +40,20 @@ import torch
 
 from glimpse import render
 from glimpse.attention import attention_weights, head_metrics, write_dump
-from glimpse.config import option, parse_config, read_toml
+from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
+from glimpse.optim import configure_optimizer
+from glimpse.runtime import autocast, resolve_dtype
 from model import GPT
-from train import TrainConfig, configure_optimizer
+from train import TrainConfig
 
 
 @dataclass
 class BenchConfig:
     what: Literal["attention_dump", "train_step", "sample"] = option("attention_dump", "which benchmark to run")
-    preset: str = option("config/shakespeare_char_cpu.toml", "training preset whose model shape is measured")
+    preset: str = option("config/shakespeare_char_cpu.toml",
+                         "training preset(s) whose model is measured; several, comma-separated, are compared; "
+                         "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does")
     tokens: int = option(256, "attention_dump: context length of the dump (the model's block_size is set to it)")
     new_tokens: int = option(500, "sample: tokens generated per timed run")
     vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
@@ -53,6 +64,13 @@ class BenchConfig:
     def __post_init__(self):
         if self.tokens < 1 or self.repeats < 1 or self.threads < 0 or self.new_tokens < 1:
             raise ValueError("tokens, new_tokens and repeats must be at least 1, threads 0 or more")
+        missing = [p.split(":")[0] for p in self.presets if not Path(p.split(":")[0]).is_file()]
+        if missing:
+            raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
+
+    @property
+    def presets(self) -> list[str]:
+        return [p.strip() for p in self.preset.split(",") if p.strip()]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -66,7 +84,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def bench_attention_dump(cfg: BenchConfig) -> dict:
-    train_cfg = TrainConfig(**read_toml(TrainConfig, cfg.preset))
+    train_cfg = preset_config(cfg.presets[0])
     model_config = train_cfg.model_config(cfg.vocab_size)
     model_config.block_size = cfg.tokens
     torch.manual_seed(0)
@@ -91,32 +109,56 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
     return {"model": asdict(model_config), "seconds": seconds}
 
 
-def preset_model(cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
-    train_cfg = TrainConfig(**read_toml(TrainConfig, cfg.preset))
+def preset_config(preset: str) -> TrainConfig:
+    """A preset as train.py reads it: PATH, or PATH:key=value:key=value with command-line overrides."""
+    path, *overrides = preset.split(":")
+    return parse_config(TrainConfig, [path] + [f"--{o}" for o in overrides], prog="train.py", description="")
+
+
+def preset_model(preset: str, cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
+    train_cfg = preset_config(preset)
     torch.manual_seed(0)
     return train_cfg, GPT(train_cfg.model_config(cfg.vocab_size))
 
 
-def bench_train_step(cfg: BenchConfig) -> dict:
-    train_cfg, model = preset_model(cfg)
+def interleaved_medians(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, timing them in turn, round after round, after one warm-up each."""
+    for fn in fns:
+        fn()  # warm-up: first-call allocations and lazy imports are not what a user waits for each time
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def train_step_fn(preset: str, cfg: BenchConfig):
+    train_cfg, model = preset_model(preset, cfg)
     model.train()
-    optimizer = configure_optimizer(model, train_cfg, torch.device("cpu"))
+    device = torch.device("cpu")
+    dtype = resolve_dtype(train_cfg.dtype, device)
+    ctx = autocast(device, dtype)
+    optimizer = configure_optimizer(model, train_cfg, device)
     x, y = torch.randint(cfg.vocab_size, (2, train_cfg.batch_size, train_cfg.block_size))
 
     def step():
-        _, loss = model(x, y)
+        with ctx:
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = median_seconds(step, cfg.repeats)
     tokens = train_cfg.batch_size * train_cfg.block_size
-    return {"model": asdict(model.config), "seconds": {"step": seconds}, "tokens_per_sec": tokens / seconds}
+    setup = {"dtype": str(dtype).removeprefix("torch."), "optimizer": train_cfg.optimizer,
+             "batch_size": train_cfg.batch_size, "block_size": train_cfg.block_size}
+    return model, setup, step, tokens
 
 
-def bench_sample(cfg: BenchConfig) -> dict:
-    _, model = preset_model(cfg)
+def sample_fn(preset: str, cfg: BenchConfig):
+    _, model = preset_model(preset, cfg)
     model.eval()
     prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size))  # the window is full from the start
 
@@ -125,8 +167,20 @@ def bench_sample(cfg: BenchConfig) -> dict:
                                 generator=torch.Generator().manual_seed(0)):
             pass
 
-    seconds = median_seconds(generate, cfg.repeats)
-    return {"model": asdict(model.config), "seconds": {"generate": seconds}, "tokens_per_sec": cfg.new_tokens / seconds}
+    setup = {"dtype": "float32", "new_tokens": cfg.new_tokens}
+    return model, setup, generate, cfg.new_tokens
+
+
+def bench_presets(cfg: BenchConfig) -> dict:
+    """train_step or sample for every preset of --preset, interleaved; speeds relative to the first."""
+    make = train_step_fn if cfg.what == "train_step" else sample_fn
+    built = [make(preset, cfg) for preset in cfg.presets]
+    seconds = interleaved_medians([fn for _, _, fn, _ in built], cfg.repeats)
+    runs = []
+    for preset, (model, setup, _, tokens), s in zip(cfg.presets, built, seconds):
+        runs.append({"preset": preset, "model": asdict(model.config), **setup, "seconds": s,
+                     "tokens_per_sec": tokens / s, "vs_first": seconds[0] / s})
+    return {"runs": runs}
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -140,19 +194,27 @@ def main(argv: list[str] | None = None):
                            description=__doc__, allow_file=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        run = {"attention_dump": bench_attention_dump, "train_step": bench_train_step, "sample": bench_sample}
-        result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run[cfg.what](cfg)}
+        run = bench_attention_dump if cfg.what == "attention_dump" else bench_presets
+        result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
             print(json.dumps(result, indent=1))
             return
-        m = result["model"]
-        print(f"{cfg.what}: {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, block_size "
-              f"{m['block_size']} | torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"median of {cfg.repeats}")
-        for name, s in result["seconds"].items():
-            print(f"  {name:<22} {s * 1000:9.1f} ms")
-        if "tokens_per_sec" in result:
-            print(f"  {'tokens per second':<22} {result['tokens_per_sec']:9,.0f}")
+        print(f"{cfg.what} | torch {torch.__version__}, {torch.get_num_threads()} threads, median of {cfg.repeats}")
+        if cfg.what == "attention_dump":
+            m = result["model"]
+            print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")
+            for name, s in result["seconds"].items():
+                print(f"  {name:<22} {s * 1000:9.1f} ms")
+            return
+        unit = "ms/step" if cfg.what == "train_step" else "ms/run"
+        print(f"  {'model':<20} {'batch':<6} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
+              f"{'vs first':>8}  preset")
+        for r in result["runs"]:
+            m = r["model"]
+            shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
+            batch = str(r.get("batch_size", 1))
+            print(f"  {shape:<20} {batch:<6} {r['dtype']:<9} {r.get('optimizer', '-'):<6} {r['seconds'] * 1000:8.1f} "
+                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}")
 
 
 if __name__ == "__main__":

@@ -6,14 +6,38 @@ import pytest
 
 from tests.conftest import python
 
+RECIPE = "config/shakespeare_char_recipe.toml"
 
-@pytest.mark.parametrize("what,extra", [("attention_dump", ["--tokens=16"]), ("train_step", []),
-                                        ("sample", ["--new_tokens=5"])])
-def test_bench_reports_json(what, extra):
-    run = python("bench.py", f"--what={what}", "--repeats=1", "--json", *extra)
+
+def bench_json(*args):
+    run = python("bench.py", "--repeats=1", "--json", *args)
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
-    assert result["benchmark"] == what and result["environment"]["torch"]
-    assert result["model"]["n_layer"] == 4 and all(s > 0 for s in result["seconds"].values())
-    if what != "attention_dump":
-        assert result["tokens_per_sec"] > 0
+    return json.loads(run.stdout)
+
+
+def test_attention_dump_reports_each_part():
+    result = bench_json("--what=attention_dump", "--tokens=16")
+    assert result["benchmark"] == "attention_dump" and result["environment"]["torch"]
+    assert result["model"]["n_layer"] == 4 and result["model"]["block_size"] == 16
+    assert all(s > 0 for s in result["seconds"].values())
+
+
+@pytest.mark.parametrize("what,extra", [("train_step", []), ("sample", ["--new_tokens=5"])])
+def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
+    presets = f"{RECIPE},{RECIPE}:dtype=bfloat16:n_layer=2,config/shakespeare_char_speedrun.toml"
+    result = bench_json(f"--what={what}", f"--preset={presets}", *extra)
+    first, overridden, speedrun = result["runs"]
+    assert [r["preset"] for r in result["runs"]] == presets.split(",")
+    assert first["model"]["n_layer"] == 4 and overridden["model"]["n_layer"] == 2
+    assert speedrun["model"]["qk_norm"] is True  # the preset's own flags are what runs
+    assert first["vs_first"] == 1.0
+    for r in result["runs"]:
+        assert r["seconds"] > 0 and r["tokens_per_sec"] > 0
+        assert r["vs_first"] == pytest.approx(first["seconds"] / r["seconds"])
+    if what == "train_step":
+        assert (first["dtype"], overridden["dtype"], speedrun["optimizer"]) == ("float32", "bfloat16", "muon")
+
+
+def test_a_missing_preset_is_a_one_line_error():
+    run = python("bench.py", "--what=train_step", "--preset=config/nope.toml")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "config/nope.toml" in run.stderr
