@@ -9,13 +9,14 @@ import torch.nn as nn
 
 import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary
 from model import GPT, GPTConfig, KVCache, ReLUSquared
 from tests.conftest import tiny_config
 from tests.test_reliability import run_main
 from tests.test_train import read_metrics
 from tests.test_variants import check_cached_generation, check_paths_agree, check_training_lowers_the_loss, variant
-from train import TrainConfig, configure_optimizer, get_lr, set_lr, train
+from train import TrainConfig, train
 
 FLAGS = {
     "rmsnorm": dict(norm="rmsnorm"),

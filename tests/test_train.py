@@ -11,9 +11,10 @@ import torch
 
 from data.prepare import PrepareConfig, prepare
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.optim import configure_optimizer, get_lr
 from sample import SampleConfig, sample
 from tests.conftest import python, tiny_config
-from train import TrainConfig, configure_optimizer, get_lr, train
+from train import TrainConfig, train
 
 
 def read_metrics(out_dir) -> list[dict]:

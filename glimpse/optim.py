@@ -1,0 +1,126 @@
+"""
+The optimizers and the learning-rate schedule.
+
+Two optimizers, chosen by optimizer=:
+  adamw  AdamW for every parameter, with weight decay on matrices only (not on biases and norm
+         gains).
+  muon   Muon for the matrices inside the blocks (c_attn, c_proj, c_fc) and AdamW for the rest.
+         Muon replaces each momentum update with the nearest orthogonal matrix (Newton-Schulz
+         iterations), so every direction of a matrix moves at a similar rate, not only the few
+         that dominate the gradient. MuonWithAdamW steps the two as one optimizer.
+
+The schedule (get_lr) is a pure function of the step: linear warmup, cosine decay to min_lr, then
+flat; under a time budget the decay follows the fraction of the budget spent. set_lr applies it to
+every group, Muon's scaled from its own peak, so both optimizers warm up and decay together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from model import GPT
+
+
+class OptimizerSettings(Protocol):
+    """The keys of TrainConfig (train.py) that the optimizers and the schedule read."""
+
+    optimizer: str
+    learning_rate: float
+    min_lr: float
+    warmup_iters: int
+    lr_decay_iters: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    muon_lr: float
+    muon_momentum: float
+    muon_ns_steps: int
+
+
+def get_lr(it: int, cfg: OptimizerSettings, budget_used: float | None = None) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
+
+    With a time budget, budget_used (0 -> 1, the fraction of max_time spent) drives the decay instead,
+    so that the run reaches min_lr exactly when its time is up, however fast the machine.
+    """
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if budget_used is not None:
+        progress = min(budget_used, 1.0)
+    elif it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    else:
+        progress = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def configure_optimizer(model: GPT, cfg: OptimizerSettings,
+                        device: torch.device) -> torch.optim.AdamW | MuonWithAdamW:
+    """AdamW that decays matrices (weights, embeddings) but not biases and norm gains.
+
+    With optimizer=muon, Muon takes the weights of the Linear layers inside the blocks (c_attn, c_proj,
+    c_fc) and AdamW the rest. Muon's orthogonalised update is meant for matrices that map one hidden
+    space to another; embeddings (rows looked up one token at a time), the head and vectors are not.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    hidden = []
+    if cfg.optimizer == "muon":
+        hidden = [m.weight for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in hidden_ids]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")  # one kernel for the whole update (MPS lacks it on older torch)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if hidden:
+        # "muon": True marks the group whose learning rate set_lr sets from muon_lr
+        muon = torch.optim.Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                ns_steps=cfg.muon_ns_steps,
+                                weight_decay=cfg.weight_decay)
+        optimizer = MuonWithAdamW(muon, optimizer)
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(seen) == len(set(seen)) == len(params), "every parameter must be in exactly one optimizer group"
+    return optimizer
+
+
+class MuonWithAdamW:
+    """Muon and AdamW stepped together, each over its own parameters, as if they were one optimizer.
+
+    param_groups lists both optimizers' groups, so that the learning-rate loop, the gradient scaler and
+    the one-group-per-parameter check reach every parameter; state_dict holds both states, so that a
+    resumed run continues exactly.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def set_lr(optimizer: torch.optim.AdamW | MuonWithAdamW, lr: float, cfg: OptimizerSettings):
+    """This step's learning rate for every group: lr for AdamW's, the same fraction of muon_lr for Muon's."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.muon_lr * (lr / cfg.learning_rate) if group.get("muon") else lr
