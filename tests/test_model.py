@@ -161,3 +161,19 @@ def test_config_rejects_impossible_shapes():
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig(n_layer=0)
+
+
+def test_flops_per_token_counts_the_matrix_products_by_hand():
+    model = small_model(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=20)
+    C = 16
+    block = (2 * C  # ln_1 gain and bias
+             + C * 3 * C + 3 * C  # c_attn: queries, keys and values
+             + C * C + C  # attn.c_proj
+             + 2 * C  # ln_2
+             + C * 4 * C + 4 * C  # c_fc
+             + 4 * C * C + C)  # mlp.c_proj
+    weights = 20 * C + 2 * block + 2 * C  # the tied head (vocab x C), two blocks, ln_f; not the position table
+    assert weights == 6912
+    attention = 2 * 2 * C * 8 * 2  # per layer: QK^T and weights x V, 2 FLOPs per channel and key, 2 layers
+    # backward costs twice the forward: 3x in all
+    assert model.flops_per_token() == 3 * (2 * weights + attention) == 6 * 6912 + 12 * 2 * C * 8
