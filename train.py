@@ -46,6 +46,7 @@ from glimpse.runtime import (
     device_option,
     dtype_option,
     init_distributed,
+    peak_flops,
     resolve_device,
     resolve_dtype,
 )
@@ -284,8 +285,10 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n", encoding="utf-8")
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     say = tqdm.write if ddp.is_main else (lambda *_: None)
+    peak = peak_flops(device, dtype)  # None on CPU, MPS and unknown GPUs: then no MFU at all, not a guess
     say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
-        f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step")
+        f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step"
+        + (f" | MFU against a peak of {peak / 1e12:g} TFLOP/s per device" if peak else ""))
 
     def save(val_loss: float | None):
         """Checkpoint the run as it stands (rank 0 only); weights that are no longer finite are never saved."""
@@ -372,8 +375,14 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                 train_loss = (ddp.mean(loss_sum) / iters_since_log).item()  # .item() waits for the GPU
                 dt = time.time() - t_log
                 tokens_per_sec = tokens_per_iter * iters_since_log / dt
-                tracker.log({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec})
-                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+                record = {"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec}
+                postfix = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_sec:,.0f}"}
+                if peak:
+                    # model FLOPs utilisation: the share of the devices' combined peak that the model's arithmetic used
+                    record["mfu"] = tokens_per_sec * model.flops_per_token() / (peak * ddp.world_size)
+                    postfix["mfu"] = f"{record['mfu']:.1%}"
+                tracker.log(record)
+                bar.set_postfix(postfix)
                 if not math.isfinite(train_loss):
                     raise GlimpseError(f"the training loss became {train_loss} at step {iter_num}; the last good "
                                        "checkpoint is kept. Try a lower learning_rate, or dtype=float32")

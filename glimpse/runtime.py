@@ -1,5 +1,6 @@
 """
-Where and how the model runs: device, number format, autocast, the DDP process group, and signals.
+Where and how the model runs: device, number format, autocast, the GPU's peak speed, the DDP process
+group, and signals.
 
 Every device-specific call lives here, gated on the device it needs, so that the scripts read the
 same on CPU, CUDA and Apple's MPS.
@@ -8,6 +9,7 @@ same on CPU, CUDA and Apple's MPS.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from contextlib import nullcontext
@@ -64,6 +66,48 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Dense peak TFLOP/s (no 2:4 sparsity) of the GPUs glimpse knows, from NVIDIA's datasheets, for bfloat16,
+# float16 and float32. The 16-bit figures are tensor cores that accumulate in float32, as PyTorch's matrix
+# products do (GeForce cards do that at half their float16-accumulate rate); float32 is the CUDA cores'
+# figure, since PyTorch leaves TF32 off unless asked. None: no bfloat16 tensor cores (Volta, Turing).
+# Each pattern must match the whole device name, so that a MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.5gb")
+# or another variant (H100 NVL, RTX 4090 D) gets no peak rather than the wrong one.
+GPU_PEAKS = (
+    (r"H100 80GB HBM3", 989, 989, 67),  # H100 SXM
+    (r"H100 PCIe", 756, 756, 51),
+    (r"H200", 989, 989, 67),  # SXM
+    (r"A100(-SXM4|-PCIE)?[- ]\d+GB( PCIe)?", 312, 312, 19.5),  # SXM and PCIe alike
+    (r"L4", 121, 121, 30.3),
+    (r"A10", 125, 125, 31.2),
+    (r"A10G", 70, 70, 35),  # AWS's A10 (no NVIDIA datasheet: the figures clouds quote): fewer tensor FLOPs
+    (r"GeForce RTX 4090", 165.2, 165.2, 82.6),
+    (r"GeForce RTX 3090", 71, 71, 35.6),
+    (r"V100-SXM2-\d+GB", None, 125, 15.7),
+    (r"V100-PCIE-\d+GB", None, 112, 14),
+    (r"T4", None, 65, 8.1),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak FLOP/s at dtype, the denominator of MFU; None where it is not known.
+
+    None on CPU and MPS, whose peaks depend on cores, clocks and vector units that PyTorch does not
+    report, and on GPUs missing from GPU_PEAKS: no MFU is better than a meaningless one.
+    """
+    if device.type != "cuda":
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+
+
+def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    """GPU_PEAKS' figure for a device name as CUDA reports it (e.g. "NVIDIA H100 80GB HBM3"), in FLOP/s."""
+    column = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[dtype]
+    for pattern, *tflops in GPU_PEAKS:
+        if re.fullmatch(rf"(NVIDIA |Tesla )?{pattern}", name):
+            return tflops[column] * 1e12 if tflops[column] is not None else None
+    return None
 
 
 @dataclass

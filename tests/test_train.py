@@ -12,6 +12,7 @@ import torch
 from data.prepare import PrepareConfig, prepare
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.optim import configure_optimizer, get_lr
+from glimpse.runtime import gpu_peak_flops, peak_flops
 from sample import SampleConfig, sample
 from tests.conftest import python, tiny_config
 from train import TrainConfig, train
@@ -40,6 +41,17 @@ def test_training_lowers_the_loss_and_writes_the_run_files(trained):
     val_tokens = json.loads((Path(cfg.data_dir) / cfg.dataset / "meta.json").read_text())["val_tokens"]
     assert final["iter"] == 150 and val_tokens - 2 * cfg.block_size < final["final_val_tokens"] < val_tokens
     assert abs(final["final_val_loss"] - evals[-1]["val_loss"]) < 0.1  # the estimate was close
+
+
+def test_mfu_only_against_a_known_peak(trained):
+    cfg, _ = trained
+    assert peak_flops(torch.device("cpu"), torch.float32) is None  # a CPU's peak is not known: no MFU at all
+    assert not any("mfu" in r for r in read_metrics(cfg.out_dir))
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12  # the dense figure, not sparsity's
+    assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", torch.float32) == 19.5e12  # CUDA cores: TF32 is off
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bfloat16 tensor cores
+    for unknown in ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA A40"):
+        assert gpu_peak_flops(unknown, torch.bfloat16) is None  # a slice, a variant, a GPU not in the table
 
 
 def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
