@@ -4,9 +4,10 @@ Train short, test long: one model per position encoding, evaluated at 1x to 8x i
     python scripts/length_study.py                       # 5 encodings x 2 seeds: 19 minutes on 2 shared cores
     python scripts/length_study.py --max_iters=300 --seeds=1   # a quick look
 
-Each model has the CPU preset's shape (config/shakespeare_char_cpu.toml: 4 layers, 4 heads, 128 wide,
-block_size 64) and trains for the same number of steps on char-level tiny Shakespeare. eval.py then
-scores each on the validation split at --lengths multiples of 64. The script writes, in --out:
+Each model has the recipe preset's shape and settings (config/shakespeare_char_recipe.toml: 4 layers,
+4 heads, 128 wide, block_size 64, AdamW, float32) and trains for the same number of steps on
+char-level tiny Shakespeare. eval.py then scores each on the validation split at --lengths multiples
+of 64. The script writes, in --out:
 
     <encoding>-seed<n>/          each run (checkpoint, metrics, length_eval.csv/png)
     length_study.csv / .md       every run's losses, and the table of means over seeds
@@ -62,7 +63,7 @@ class StudyConfig:
 def run(cfg: StudyConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    preset = read_toml(TrainConfig, str(REPO / "config" / "shakespeare_char_cpu.toml"))
+    preset = read_toml(TrainConfig, str(REPO / "config" / "shakespeare_char_recipe.toml"))
     rows = []
     for encoding in cfg.encodings.split(","):
         for seed in range(1337, 1337 + cfg.seeds):
