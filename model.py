@@ -3,8 +3,9 @@ A GPT-2 style decoder-only transformer you can look inside.
 
 Reading order: GPTConfig -> CausalSelfAttention (queries, keys, values, scores, the causal mask,
 softmax weights, context vectors) and its helpers (dot_scores, attend, causal_mask) -> MLP -> Block
--> GPT -> KVCache and GPT.generate. The position encodings that are functions (sinusoidal, rotary,
-alibi_slopes) live in glimpse/positions.py.
+-> GPT and GPT.generate. The position encodings that are functions (sinusoidal, rotary,
+alibi_slopes) live in glimpse/positions.py; the KV cache and the choice of each next token in
+glimpse/generation.py.
 
 Attention has two paths through one module. The fast path calls F.scaled_dot_product_attention,
 which on GPU runs a fused flash kernel that never materialises the (T, T) weights. The explicit path
@@ -28,12 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glimpse.generation import KVCache, Step, sample_next
 from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary, sinusoidal
 
 ATTN_SCORES = ("scaled_dot", "dot", "additive")
@@ -80,29 +81,6 @@ class GPTConfig:
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             head_dim = self.n_embd // self.n_head
             raise ValueError(f"rope rotates channel pairs: n_embd // n_head ({head_dim}) must be even")
-
-
-class KVCache:
-    """Keys and values of the tokens already seen, one slot per position of the context window.
-
-    Generation feeds one new token at a time; without a cache every step would recompute the keys and
-    values of the whole window. `length` counts the filled positions; GPT.forward advances it after
-    every layer has written its part.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype=torch.float32):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this layer's new keys and values; return all keys and values seen so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs) each
 
 
 class CausalSelfAttention(nn.Module):
@@ -292,14 +270,6 @@ class Block(nn.Module):
         return x, weights
 
 
-class Step(NamedTuple):
-    """One generated token and what it was predicted from."""
-
-    token: torch.Tensor  # (B, 1) the sampled token ids
-    logits: torch.Tensor  # (B, vocab_size) the logits it was sampled from, before temperature
-    window_start: int  # the logits are those of a forward over tokens[:, window_start:] so far
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -447,25 +417,3 @@ class GPT(nn.Module):
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield Step(token, logits, window_start)
             tokens = torch.cat((tokens, token), dim=1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits (B, V): greedy at temperature 0, else sample.
-
-    top_k keeps the k likeliest tokens; top_p keeps the smallest set whose probability reaches p.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V) each
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        # drop a token when the tokens before it already reach top_p; the likeliest always stays
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -10,4 +10,5 @@ attention   attention dumps, head metrics and the induction probe
 render      heatmap PNGs and the HTML viewer (viewer.html)
 evaluation  scoring a model on a whole split, in windows of a given length
 positions   the position encodings that are functions: sinusoidal, rotary, ALiBi's slopes
+generation  the KV cache, a generated step, and sampling the next token
 """

@@ -9,9 +9,10 @@ import torch.nn as nn
 
 import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.generation import KVCache
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary
-from model import GPT, GPTConfig, KVCache, ReLUSquared
+from model import GPT, GPTConfig, ReLUSquared
 from tests.conftest import tiny_config
 from tests.test_reliability import run_main
 from tests.test_train import read_metrics

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, sample_next
+from glimpse.generation import KVCache, sample_next
+from model import GPT, GPTConfig
 
 
 def small_model(**overrides) -> GPT:
