@@ -12,9 +12,10 @@ heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has t
 --preset (random weights: the cost does not depend on their values) with block_size = --tokens.
 
 train_step times one optimizer step (forward, backward, clipping, the optimizer) of each preset as
-train.py would run it: its model and flags, batch_size, block_size, dtype and optimizer, on random
-tokens. sample times GPT.generate (KV cache, sliding window, float32 as sample.py runs on a CPU)
-producing --new_tokens tokens after a prompt that already fills the context.
+train.py would run it: its model and flags, device, batch_size, block_size, dtype and optimizer, on
+random tokens. sample times GPT.generate (KV cache, sliding window, in float32) on the preset's
+device, producing --new_tokens tokens after a prompt that already fills the context. On a GPU each
+timing waits for the device to finish.
 
 --preset takes several presets, comma-separated: they are timed in turn, round after round, so a
 machine that speeds up or slows down during the run shifts them all alike, and the table gives each
@@ -43,7 +44,7 @@ from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
 from glimpse.optim import configure_optimizer
-from glimpse.runtime import autocast, resolve_dtype
+from glimpse.runtime import autocast, resolve_device, resolve_dtype
 from model import GPT
 from train import TrainConfig
 
@@ -64,6 +65,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.tokens < 1 or self.repeats < 1 or self.threads < 0 or self.new_tokens < 1:
             raise ValueError("tokens, new_tokens and repeats must be at least 1, threads 0 or more")
+        if not self.presets:
+            raise ValueError("--preset names no preset: give one or more paths, comma-separated")
         missing = [p.split(":")[0] for p in self.presets if not Path(p.split(":")[0]).is_file()]
         if missing:
             raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
@@ -121,27 +124,29 @@ def preset_model(preset: str, cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
     return train_cfg, GPT(train_cfg.model_config(cfg.vocab_size))
 
 
-def interleaved_medians(fns: list, repeats: int) -> list[float]:
+def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) -> list[float]:
     """Median seconds of each fn, timing them in turn, round after round, after one warm-up each."""
     for fn in fns:
         fn()  # warm-up: first-call allocations and lazy imports are not what a user waits for each time
     times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+        for fn, device, ts in zip(fns, devices, times):
             t0 = time.perf_counter()
             fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # GPU work runs asynchronously: wait for it before reading the clock
             ts.append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times]
 
 
 def train_step_fn(preset: str, cfg: BenchConfig):
     train_cfg, model = preset_model(preset, cfg)
-    model.train()
-    device = torch.device("cpu")
+    device = resolve_device(train_cfg.device)
+    model.to(device).train()
     dtype = resolve_dtype(train_cfg.dtype, device)
     ctx = autocast(device, dtype)
     optimizer = configure_optimizer(model, train_cfg, device)
-    x, y = torch.randint(cfg.vocab_size, (2, train_cfg.batch_size, train_cfg.block_size))
+    x, y = torch.randint(cfg.vocab_size, (2, train_cfg.batch_size, train_cfg.block_size), device=device)
 
     def step():
         with ctx:
@@ -152,22 +157,23 @@ def train_step_fn(preset: str, cfg: BenchConfig):
         optimizer.zero_grad(set_to_none=True)
 
     tokens = train_cfg.batch_size * train_cfg.block_size
-    setup = {"dtype": str(dtype).removeprefix("torch."), "optimizer": train_cfg.optimizer,
+    setup = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "optimizer": train_cfg.optimizer,
              "batch_size": train_cfg.batch_size, "block_size": train_cfg.block_size}
     return model, setup, step, tokens
 
 
 def sample_fn(preset: str, cfg: BenchConfig):
-    _, model = preset_model(preset, cfg)
-    model.eval()
-    prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size))  # the window is full from the start
+    train_cfg, model = preset_model(preset, cfg)
+    device = resolve_device(train_cfg.device)
+    model.to(device).eval()
+    prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size), device=device)  # a full window from the start
 
     def generate():
         for _ in model.generate(prompt, cfg.new_tokens, temperature=1.0, top_k=200,
                                 generator=torch.Generator().manual_seed(0)):
             pass
 
-    setup = {"dtype": "float32", "new_tokens": cfg.new_tokens}
+    setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens}
     return model, setup, generate, cfg.new_tokens
 
 
@@ -175,7 +181,8 @@ def bench_presets(cfg: BenchConfig) -> dict:
     """train_step or sample for every preset of --preset, interleaved; speeds relative to the first."""
     make = train_step_fn if cfg.what == "train_step" else sample_fn
     built = [make(preset, cfg) for preset in cfg.presets]
-    seconds = interleaved_medians([fn for _, _, fn, _ in built], cfg.repeats)
+    devices = [torch.device(setup["device"]) for _, setup, _, _ in built]
+    seconds = interleaved_medians([fn for _, _, fn, _ in built], devices, cfg.repeats)
     runs = []
     for preset, (model, setup, _, tokens), s in zip(cfg.presets, built, seconds):
         runs.append({"preset": preset, "model": asdict(model.config), **setup, "seconds": s,
@@ -207,13 +214,14 @@ def main(argv: list[str] | None = None):
                 print(f"  {name:<22} {s * 1000:9.1f} ms")
             return
         unit = "ms/step" if cfg.what == "train_step" else "ms/run"
-        print(f"  {'model':<20} {'batch':<6} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
+        print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
               f"{'vs first':>8}  preset")
         for r in result["runs"]:
             m = r["model"]
             shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
             batch = str(r.get("batch_size", 1))
-            print(f"  {shape:<20} {batch:<6} {r['dtype']:<9} {r.get('optimizer', '-'):<6} {r['seconds'] * 1000:8.1f} "
+            print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
+                  f"{r['seconds'] * 1000:8.1f} "
                   f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}")
 
 

@@ -182,9 +182,10 @@ class CausalSelfAttention(nn.Module):
 def fused_attention(q, k, v, **kwargs):
     """F.scaled_dot_product_attention, in float32 when a CPU runs under bfloat16 autocast.
 
-    The CPU's bfloat16 attention kernel is several times slower than its float32 one, backward above
-    all, while bfloat16 matrix multiplies are faster: so the projections around attention take
-    bfloat16 and attention itself float32 (python bench.py --what=train_step --dtype=bfloat16).
+    In a torch.profiler trace of a CPU training step, the bfloat16 attention kernel took several times
+    the float32 one's time, backward above all, and cancelled what the bfloat16 matrix multiplies around
+    it gained. So the projections take bfloat16 and attention float32; the end-to-end effect:
+    python bench.py --what=train_step --preset=P,P:dtype=bfloat16, for a preset P.
     """
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):

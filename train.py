@@ -286,6 +286,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     say = tqdm.write if ddp.is_main else (lambda *_: None)
     peak = peak_flops(device, dtype)  # None on CPU, MPS and unknown GPUs: then no MFU at all, not a guess
+    flops_per_token = model.flops_per_token() if peak else 0  # the model's shape is fixed: count once
     say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
         f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step"
         + (f" | MFU against a peak of {peak / 1e12:g} TFLOP/s per device" if peak else ""))
@@ -379,7 +380,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                 postfix = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_sec:,.0f}"}
                 if peak:
                     # model FLOPs utilisation: the share of the devices' combined peak that the model's arithmetic used
-                    record["mfu"] = tokens_per_sec * model.flops_per_token() / (peak * ddp.world_size)
+                    record["mfu"] = tokens_per_sec * flops_per_token / (peak * ddp.world_size)
                     postfix["mfu"] = f"{record['mfu']:.1%}"
                 tracker.log(record)
                 bar.set_postfix(postfix)

@@ -32,12 +32,14 @@ def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
     assert speedrun["model"]["qk_norm"] is True  # the preset's own flags are what runs
     assert first["vs_first"] == 1.0
     for r in result["runs"]:
+        assert r["device"] == "cpu"  # the presets' own device
         assert r["seconds"] > 0 and r["tokens_per_sec"] > 0
         assert r["vs_first"] == pytest.approx(first["seconds"] / r["seconds"])
     if what == "train_step":
         assert (first["dtype"], overridden["dtype"], speedrun["optimizer"]) == ("float32", "bfloat16", "muon")
 
 
-def test_a_missing_preset_is_a_one_line_error():
-    run = python("bench.py", "--what=train_step", "--preset=config/nope.toml")
-    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "config/nope.toml" in run.stderr
+@pytest.mark.parametrize("preset,says", [("config/nope.toml", "config/nope.toml"), (",", "names no preset")])
+def test_a_bad_preset_is_a_one_line_error(preset, says):
+    run = python("bench.py", "--what=train_step", "--repeats=1", f"--preset={preset}")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and says in run.stderr
