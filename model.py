@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from glimpse.generation import KVCache, Step, sample_next
-from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary, sinusoidal
+from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary_table, rotate, sinusoidal
 
 ATTN_SCORES = ("scaled_dot", "dot", "additive")
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
@@ -118,8 +118,11 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
             self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
 
-    def forward(self, x, pos, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
-        """x (B, T, C) at positions pos (T,) -> (output (B, T, C), weights (B, nh, T, S) or None)."""
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+        """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None).
+
+        rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         # split the channels into heads: each head attends with its own slice
@@ -128,8 +131,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # before rope (a rotation keeps norms) and before the cache: cached keys are normalised
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.pos_encoding == "rope":  # rotate by position, so q.k depends on the distance only
-            q, k = rotary(q, pos), rotary(k, pos)
+        if rope is not None:  # rotate by position, so q.k depends on the distance only
+            cos, sin = (t.to(q.dtype) for t in rope)  # the turn in q's dtype, which is cheaper
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length
@@ -264,8 +268,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, cache=None, layer=0, need_weights=False):
-        attn_out, weights = self.attn(self.ln_1(x), pos, cache, layer, need_weights)
+    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False):
+        attn_out, weights = self.attn(self.ln_1(x), rope, cache, layer, need_weights)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -371,9 +375,11 @@ class GPT(nn.Module):
         elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
             x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)
         x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
+        # rope's angles depend on positions only: computed once here, not in every layer
+        rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
         weights = []
         for layer, block in enumerate(self.transformer.h):
-            x, w = block(x, pos, cache, layer, need_weights)
+            x, w = block(x, rope, cache, layer, need_weights)
             weights.append(w)
         if cache is not None:
             cache.length += T

@@ -23,10 +23,24 @@ def rotary(x, pos):
     A query at i and a key at j, both rotated, meet with q.k depending on i - j only: attention
     sees relative positions, and positions beyond training length are just further turns.
     """
-    half = x.size(-1) // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hs/2,)
+    cos, sin = rotary_table(pos, x.size(-1))
+    return rotate(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+def rotary_table(pos, head_dim: int):
+    """The cosines and sines of rotary's angles, pos x freq: (T,) -> (cos (T, hs/2), sin (T, hs/2)).
+
+    They depend on positions only, so the model computes them once per forward for every layer.
+    """
+    half = head_dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)  # (hs/2,)
     angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2), in float32: positions can be large
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # the turn itself in x's dtype, which is cheaper
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Turn the channel pairs (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by the angles of cos, sin."""
+    half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 

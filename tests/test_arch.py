@@ -11,7 +11,7 @@ import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.generation import KVCache
 from glimpse.optim import configure_optimizer, get_lr, set_lr
-from glimpse.positions import rotary
+from glimpse.positions import rotary, rotary_table
 from model import GPT, GPTConfig, ReLUSquared
 from tests.conftest import tiny_config
 from tests.test_reliability import run_main
@@ -148,7 +148,7 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
     assert len(projections) == 4 and all((w == 0).all() for w in projections)
     x = torch.randn(2, 8, 16)
     for block in model.transformer.h:
-        out, _ = block(x, torch.arange(8))
+        out, _ = block(x, rotary_table(torch.arange(8), 16 // model.config.n_head))
         assert torch.equal(out, x)
     idx = torch.randint(0, 20, (2, 8))
     embedded = model.transformer.wte(idx)  # rope: no position embedding is added
