@@ -19,7 +19,7 @@ from glimpse.errors import GlimpseError
 MODES = ("windows", "sliding")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, and less bookkeeping per op: nothing here is trained
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
                 batch_size: int, device, ctx) -> tuple[float, int]:
     """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored."""
