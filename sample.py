@@ -145,17 +145,19 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
     probe = induction_probe(model, seed=cfg.seed)
     out.write(f"\ninduction probe: {probe['n_tokens']} random tokens, repeated; loss on the first copy "
               f"{probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
-    out.write("layer head  induction  prev_token  sink\n")
+    # peak: the offset from the query token's first occurrence that the head weighs most (+1: induction)
+    out.write("layer head  induction  peak  prev_token  sink\n")
     probe["heads"] = []
     for layer, scores in enumerate(probe["induction"]):
         for head, score in enumerate(scores):
             on_text = [t["layers"][layer]["heads"][head] for t in text_heads]  # one per sample
             prev = float(np.mean([h["prev_token"] for h in on_text])) if on_text else None
             sink = float(np.mean([h["first_token"] for h in on_text])) if on_text else None
-            probe["heads"].append({"layer": layer, "head": head, "induction": score, "prev_token": prev,
-                                   "first_token": sink})
+            peak = int(np.argmax(probe["offsets"][layer][head])) - (probe["n_tokens"] - 1)
+            probe["heads"].append({"layer": layer, "head": head, "induction": score, "peak_offset": peak,
+                                   "prev_token": prev, "first_token": sink})
             shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"
-            out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {shown}\n")
+            out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {peak:+4d}  {shown}\n")
     dump_dir.mkdir(parents=True, exist_ok=True)
     (dump_dir / "probe_induction.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
 

@@ -138,6 +138,24 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
         "n_tokens": n,
         "batch": batch,
         "induction": scores.cpu().tolist(),
+        "offsets": repeat_offsets(weights, n).cpu().tolist(),
         "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time
         "second_copy_loss": losses[:, n:].mean().item(),  # predicting r[1:] again
     }
+
+
+def repeat_offsets(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Where each head looks from the second copy of [r, r], relative to the query token's first occurrence.
+
+    weights (L, B, H, 2n, 2n) -> (L, H, 2n): entry n - 1 + d is the weight the queries at n + j put on key
+    j + d, averaged over the n queries (0 where j + d is not a key yet), for d from -(n - 1) to n.
+    d = 1 is the induction key, d = 0 the same token the first time, d = n the query itself; each head's
+    row sums to 1. A head that matches the earlier occurrence but reads a neighbour of it shows up here
+    with a peak at another d, where the induction score alone would only say 0.
+    """
+    d = torch.arange(-(n - 1), n + 1, device=weights.device)  # (2n,) offsets
+    j = torch.arange(n, device=weights.device)  # (n,) the query at n + j
+    keys = j[:, None] + d[None, :]  # (n, 2n)
+    valid = (keys >= 0) & (keys <= n + j[:, None])  # a key exists and the causal mask lets the query see it
+    picked = weights[:, :, :, (n + j)[:, None], keys.clamp(0, 2 * n - 1)]  # (L, B, H, n, 2n)
+    return (picked.float() * valid).mean(dim=(1, 3))  # (L, H, 2n)

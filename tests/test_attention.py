@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from glimpse.attention import head_metrics, induction_probe, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
@@ -141,15 +142,37 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
         induction_probe(model, n_tokens=9)
 
 
+def test_induction_probe_offsets_place_each_heads_weight_relative_to_the_earlier_token():
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=3, n_embd=12)).eval()
+    for block in model.transformer.h:
+        with torch.no_grad():
+            block.attn.c_attn.weight.zero_()  # every score 0: each query spreads evenly over the keys it sees
+            block.attn.c_attn.bias.zero_()
+    n = 6
+    offsets = np.array(induction_probe(model, n_tokens=n, batch=2)["offsets"])  # (L, H, 2n)
+    expected = np.zeros(2 * n)  # the query at n + j sees n + j + 1 keys; key j + d sits at index n - 1 + d
+    for j in range(n):
+        for d in range(-j, n + 1):
+            expected[n - 1 + d] += 1 / (n + j + 1) / n
+    assert offsets.shape == (2, 3, 2 * n)
+    np.testing.assert_allclose(offsets, np.broadcast_to(expected, offsets.shape), rtol=1e-5)
+    np.testing.assert_allclose(offsets.sum(-1), 1.0, rtol=1e-5)
+
+
 def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     cfg, _ = trained
     run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=20", "--num_samples=2",
                  "--probe=induction", f"--dump_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
     assert "induction probe: 16 random tokens, repeated" in run.stdout
-    assert "layer head  induction  prev_token  sink" in run.stdout
+    assert "layer head  induction  peak  prev_token  sink" in run.stdout
     probe = json.loads((tmp_path / "probe_induction.json").read_text())
     assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16
+    for head in probe["heads"]:  # the printed peak is the largest entry of that head's offset profile
+        row = probe["offsets"][head["layer"]][head["head"]]
+        assert row[head["peak_offset"] + 15] == max(row)
     heads_0 = json.loads((tmp_path / "sample_0" / "heads.json").read_text())
     heads_1 = json.loads((tmp_path / "sample_1" / "heads.json").read_text())
     expected = (heads_0["layers"][1]["heads"][0]["prev_token"] + heads_1["layers"][1]["heads"][0]["prev_token"]) / 2
