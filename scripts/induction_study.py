@@ -52,6 +52,7 @@ class StudyConfig:
     vocab: int = option(64, "symbols in the generated text, at most 64")
     pos_encoding: str = option("rope", "position encoding of every model")
     max_iters: int = option(3000, "training steps per model")
+    batch_size: int = option(16, "sequences of 64 characters per step")
     chars: int = option(2_000_000, "characters of generated text (the last 10% is validation)")
     chain_share: float = option(0.4, "fraction of documents that are chains; the rest are repeats")
     chain_p: float = option(0.5, "in a chain, the chance that a character follows from the one two back")
@@ -101,9 +102,24 @@ def make_documents(cfg: StudyConfig) -> list[str]:
     return docs
 
 
+def train_config(cfg: StudyConfig, n_layer: int, out: Path) -> TrainConfig:
+    """The training settings of the model with n_layer layers: Muon, no dropout, 64-character windows."""
+    return TrainConfig(
+        out_dir=str(out / f"{n_layer}-layer"), dataset="repeats", data_dir=str(out / "data"), device="cpu",
+        dtype="float32", seed=cfg.seed, batch_size=cfg.batch_size, block_size=64, max_iters=cfg.max_iters,
+        lr_decay_iters=cfg.max_iters, eval_interval=cfg.max_iters, eval_iters=10, log_interval=100,
+        attn_log_interval=0, n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
+        pos_encoding=cfg.pos_encoding, optimizer="muon", muon_lr=0.02, learning_rate=3e-3, min_lr=3e-4,
+        warmup_iters=50, weight_decay=0.0, beta2=0.95)
+
+
 def run(cfg: StudyConfig) -> list[dict]:
     out = Path(cfg.out)
     for n_layer in map(int, cfg.layers.split(",")):
+        try:  # every model's settings are checked before anything is written or trained
+            train_config(cfg, n_layer, out)
+        except ValueError as e:
+            raise GlimpseError(str(e)) from None
         if checkpoint_path(out / f"{n_layer}-layer").exists():
             raise GlimpseError(f"{out / f'{n_layer}-layer'} holds a trained model already: "
                                "pick another --out, or delete that folder")
@@ -114,13 +130,7 @@ def run(cfg: StudyConfig) -> list[dict]:
     rows = []
     for n_layer in map(int, cfg.layers.split(",")):
         run_dir = out / f"{n_layer}-layer"
-        train(TrainConfig(
-            out_dir=str(run_dir), dataset="repeats", data_dir=str(out / "data"), device="cpu", dtype="float32",
-            seed=cfg.seed, batch_size=16, block_size=64, max_iters=cfg.max_iters, lr_decay_iters=cfg.max_iters,
-            eval_interval=cfg.max_iters, eval_iters=10, log_interval=100, attn_log_interval=0,
-            n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
-            pos_encoding=cfg.pos_encoding, optimizer="muon", muon_lr=0.02, learning_rate=3e-3, min_lr=3e-4,
-            warmup_iters=50, weight_decay=0.0, beta2=0.95))
+        train(train_config(cfg, n_layer, out))
         model = model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir)))
         rows.append({"n_layer": n_layer, "probes": [probe_summary(model, int(n), cfg.seed)
                                                     for n in cfg.probe_tokens.split(",")]})

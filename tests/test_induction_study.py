@@ -60,7 +60,11 @@ def test_a_short_study_trains_each_model_and_probes_it_at_each_length(tmp_path, 
     assert (out / "1-layer" / "ckpt.pt").read_bytes() == before  # nothing retrained over it
 
 
-def test_study_settings_are_checked(capsys):
+def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert "must be divisible by n_head" in run_main(induction_study.main, [f"--out={out}", "--n_head=3"], capsys)
+    assert "pos_encoding must be one of" in run_main(induction_study.main, [f"--out={out}", "--pos_encoding=x"], capsys)
+    assert not out.exists()
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
     assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
     assert "probe_tokens must be whole numbers from 2 to 32" in run_main(induction_study.main, ["--probe_tokens=8,40"],
