@@ -1,7 +1,7 @@
 """
 Do induction heads form? Train small models on generated repeated sequences, then probe every head.
 
-    python scripts/induction_study.py                          # 1 and 2 layers, 3000 steps each: ~3 minutes
+    python scripts/induction_study.py                          # 1 and 2 layers, 3000 steps each: ~2 minutes
     python scripts/induction_study.py --layers=2 --max_iters=8000 --pos_encoding=learned
 
 An induction head needs two layers: a head in layer 0 copies each token's predecessor into its
@@ -9,8 +9,9 @@ position, and a head in a later layer matches the current token against those co
 the position just after the earlier occurrence and copies what it finds. The text trained on mixes
 two kinds of document, in characters from an alphabet of --vocab symbols (64 by default):
 
-    repeats  a random string of min_len to max_len characters, then the same string again: the second
-             copy can be predicted only by finding where the current character occurred before
+    repeats  a random string of min_len to max_len characters, then (after 0 to max_gap random ones) the
+             same string again: the second copy can be predicted only by finding where the current
+             character occurred before
     chains   each character is, with probability chain_p, a fixed permutation of the character two
              back (else random): predicting it needs the previous character, which rewards a
              previous-token head in layer 0 on its own
@@ -71,6 +72,8 @@ class StudyConfig:
             raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
         if not 2 <= self.min_len <= self.max_len:
             raise ValueError(f"need 2 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
+        if self.max_gap < 0 or self.chars < 1000:
+            raise ValueError(f"need max_gap >= 0 and chars >= 1000, got max_gap={self.max_gap}, chars={self.chars}")
         if not (0 <= self.chain_share <= 1 and 0 <= self.chain_p <= 1):
             raise ValueError("chain_share and chain_p are probabilities: keep them in [0, 1]")
         if not 2 <= self.vocab <= len(ALPHABET):

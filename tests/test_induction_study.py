@@ -67,6 +67,7 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
     assert not out.exists()
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
     assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
+    assert "need max_gap >= 0 and chars >= 1000" in run_main(induction_study.main, ["--max_gap=-1"], capsys)
     assert "probe_tokens must be whole numbers from 2 to 32" in run_main(induction_study.main, ["--probe_tokens=8,40"],
                                                                           capsys)
     assert "chain_share and chain_p are probabilities" in run_main(induction_study.main, ["--chain_p=1.5"], capsys)
