@@ -153,7 +153,7 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
             on_text = [t["layers"][layer]["heads"][head] for t in text_heads]  # one per sample
             prev = float(np.mean([h["prev_token"] for h in on_text])) if on_text else None
             sink = float(np.mean([h["first_token"] for h in on_text])) if on_text else None
-            peak = int(np.argmax(probe["offsets"][layer][head])) - (probe["n_tokens"] - 1)
+            peak = probe["peak_offsets"][layer][head]
             probe["heads"].append({"layer": layer, "head": head, "induction": score, "peak_offset": peak,
                                    "prev_token": prev, "first_token": sink})
             shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"

@@ -134,11 +134,13 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     stripe = weights[:, :, :, n + j, j + 1]  # (L, B, H, n - 1)
     scores = stripe.float().mean(dim=(1, 3))  # (L, H)
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), seq[:, 1:], reduction="none")  # (B, 2n - 1)
+    offsets = repeat_offsets(weights, n)  # (L, H, 2n)
     return {
         "n_tokens": n,
         "batch": batch,
         "induction": scores.cpu().tolist(),
-        "offsets": repeat_offsets(weights, n).cpu().tolist(),
+        "offsets": offsets.cpu().tolist(),
+        "peak_offsets": (offsets.argmax(dim=-1) - (n - 1)).cpu().tolist(),  # (L, H): each head's likeliest d
         "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time
         "second_copy_loss": losses[:, n:].mean().item(),  # predicting r[1:] again
     }

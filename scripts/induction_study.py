@@ -145,7 +145,7 @@ def probe_summary(model, n: int, seed: int) -> dict:
     """induction_probe at one length, with each head's peak offset (where it looks most, +1: induction)."""
     probe = induction_probe(model, n_tokens=n, batch=32, seed=seed)
     heads = [{"layer": layer, "head": head, "induction": score,
-              "peak_offset": int(np.argmax(probe["offsets"][layer][head])) - (n - 1),
+              "peak_offset": probe["peak_offsets"][layer][head],
               "peak_weight": max(probe["offsets"][layer][head])}
              for layer, scores in enumerate(probe["induction"]) for head, score in enumerate(scores)]
     return {"n_tokens": n, "first_copy_loss": probe["first_copy_loss"],
