@@ -2,7 +2,7 @@
 Position encodings that are functions, not parameters: the model (model.py) calls them.
 
 sinusoidal   the fixed sines and cosines of "Attention Is All You Need", added to the token embeddings
-rotary       RoPE: queries and keys turned by an angle that grows with position
+rotary_table, rotate   RoPE: queries and keys turned by an angle that grows with position
 alibi_slopes ALiBi's per-head slopes for a penalty that grows with distance
 
 The learned table (GPT-2's wpe) is a parameter and stays in the model; "none" needs no code.
@@ -17,29 +17,22 @@ import torch
 SINUSOID_SCALE = 0.02 * math.sqrt(2)  # gives the sinusoids the 0.02 standard deviation of GPT-2's embeddings
 
 
-def rotary(x, pos):
-    """Rotary position embedding: turn each channel pair of x (B, nh, T, hs) by an angle pos x freq.
-
-    A query at i and a key at j, both rotated, meet with q.k depending on i - j only: attention
-    sees relative positions, and positions beyond training length are just further turns.
-    """
-    cos, sin = rotary_table(pos, x.size(-1))
-    return rotate(x, cos.to(x.dtype), sin.to(x.dtype))
-
-
 def rotary_table(pos, head_dim: int):
-    """The cosines and sines of rotary's angles, pos x freq: (T,) -> (cos (T, hs/2), sin (T, hs/2)).
+    """Rotary position embedding (RoPE), part 1: the cosines and sines of the angles pos x freq, one
+    frequency per channel pair: (T,) -> (cos (T, hs/2), sin (T, hs/2)), in float32 (positions can be large).
 
-    They depend on positions only, so the model computes them once per forward for every layer.
+    A query at i and a key at j, both turned by rotate, meet with q.k depending on i - j only: attention
+    sees relative positions, and positions beyond training length are just further turns. The table
+    depends on positions only, so the model computes it once per forward for every layer.
     """
     half = head_dim // 2
     freqs = 10000.0 ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)  # (hs/2,)
-    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2), in float32: positions can be large
+    angles = pos.float()[:, None] * freqs[None, :]  # (T, hs/2)
     return angles.cos(), angles.sin()
 
 
 def rotate(x, cos, sin):
-    """Turn the channel pairs (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by the angles of cos, sin."""
+    """RoPE, part 2: turn each channel pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its angle."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

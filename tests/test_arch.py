@@ -11,7 +11,7 @@ import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.generation import KVCache
 from glimpse.optim import configure_optimizer, get_lr, set_lr
-from glimpse.positions import rotary, rotary_table
+from glimpse.positions import rotary_table, rotate
 from model import GPT, GPTConfig, ReLUSquared
 from tests.conftest import tiny_config
 from tests.test_reliability import run_main
@@ -126,7 +126,7 @@ def test_qk_norm_puts_normalised_keys_in_the_cache():
     with torch.no_grad():
         k = attn.c_attn(model.transformer.h[0].ln_1(model.transformer.wte(idx)))[..., 16:32]
         k = attn.k_norm(k.view(2, 5, 2, 8).transpose(1, 2))  # (B, nh, T, hs)
-    torch.testing.assert_close(cache.k[0, :, :, :5], rotary(k, torch.arange(5)))
+    torch.testing.assert_close(cache.k[0, :, :, :5], rotate(k, *rotary_table(torch.arange(5), 8)))
     rms = cache.k[:, :, :, :5].pow(2).mean(-1).sqrt()  # (n_layer, B, nh, 5): gains start at 1, rotation keeps norms
     torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-2)  # 1 up to RMSNorm's eps
 

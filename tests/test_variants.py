@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from glimpse.positions import alibi_slopes, rotary, rotary_table
+from glimpse.positions import alibi_slopes, rotary_table, rotate
 from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig, attend, dot_scores
 
 COMBINATIONS = list(itertools.product(ATTN_SCORES, POS_ENCODINGS))
@@ -86,6 +86,9 @@ def test_a_few_training_steps_lower_the_loss(score, pos):
 def test_rotary_attention_depends_on_distance_only():
     q, k = torch.randn(2, 1, 2, 6, 8)
     pos = torch.arange(6)
+    def rotary(x, pos):
+        return rotate(x, *rotary_table(pos, x.size(-1)))
+
     scores = rotary(q, pos) @ rotary(k, pos).transpose(-1, -2)
     shifted = rotary(q, pos + 37) @ rotary(k, pos + 37).transpose(-1, -2)
     torch.testing.assert_close(scores, shifted, rtol=1e-4, atol=1e-4)
