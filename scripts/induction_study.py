@@ -126,7 +126,11 @@ def run(cfg: StudyConfig) -> list[dict]:
         if checkpoint_path(out / f"{n_layer}-layer").exists():
             raise GlimpseError(f"{out / f'{n_layer}-layer'} holds a trained model already: "
                                "pick another --out, or delete that folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GlimpseError(f"cannot make the study's folder --out={out} ({e.strerror}): "
+                           "give a folder you can write") from None
     text_path = out / "repeats.txt"
     text_path.write_text("".join(make_documents(cfg)), encoding="utf-8")  # back to back
     prepare(PrepareConfig(dataset="repeats", input=str(text_path), tokenizer="char", data_dir=str(out / "data")))
