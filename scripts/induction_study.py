@@ -1,20 +1,22 @@
 """
 Do induction heads form? Train small models on generated repeated sequences, then probe every head.
 
-    python scripts/induction_study.py                          # 1 and 2 layers, 3000 steps each: ~2 minutes
-    python scripts/induction_study.py --layers=2 --max_iters=8000 --pos_encoding=learned
+    python scripts/induction_study.py                          # 1 and 2 layers, 1500 steps each: ~1 minute
+    python scripts/induction_study.py --layers=2 --pos_encoding=rope     # the same with rotary positions
 
 An induction head needs two layers: a head in layer 0 copies each token's predecessor into its
 position, and a head in a later layer matches the current token against those copies, attends to
-the position just after the earlier occurrence and copies what it finds. The text trained on mixes
-two kinds of document, in characters from an alphabet of --vocab symbols (64 by default):
+the position just after the earlier occurrence and copies what it finds. The text trained on is
+made of documents of --doc_len characters from an alphabet of --vocab symbols (64 by default), each
+a fresh random string of min_len to max_len characters written over and over:
 
-    repeats  a random string of min_len to max_len characters, then (after 0 to max_gap random ones) the
-             same string again: the second copy can be predicted only by finding where the current
-             character occurred before
-    chains   each character is, with probability chain_p, a fixed permutation of the character two
-             back (else random): predicting it needs the previous character, which rewards a
-             previous-token head in layer 0 on its own
+    kQ7xbkQ7xbkQ7xbkQ7xb...    Zp#1rTe9Zp#1rTe9Zp#1rTe9...
+
+After its first copy, every character of a document can be predicted by finding where the current
+character occurred before and reading what followed: induction. The string's length changes from
+document to document, so no single distance back finds the source of the copy, and a head that
+looks a fixed distance back (the shortcut a model takes when every copy sits at the same distance)
+does not pay.
 
 The script writes the text, prepares it as a char-level dataset, trains one model per --layers with
 train.py, and probes each at several lengths of repeated random string (sample.py --probe=induction
@@ -51,16 +53,14 @@ class StudyConfig:
     n_head: int = option(1, "heads per layer")
     n_embd: int = option(64, "width of the residual stream")
     vocab: int = option(64, "symbols in the generated text, at most 64")
-    pos_encoding: str = option("rope", "position encoding of every model")
-    max_iters: int = option(3000, "training steps per model")
-    batch_size: int = option(16, "sequences of 64 characters per step")
-    chars: int = option(2_000_000, "characters of generated text (the last 10% is validation)")
-    chain_share: float = option(0.4, "fraction of documents that are chains; the rest are repeats")
-    chain_p: float = option(0.5, "in a chain, the chance that a character follows from the one two back")
-    min_len: int = option(8, "shortest random string of a repeats document")
-    max_len: int = option(24, "longest random string of a repeats document")
-    max_gap: int = option(0, "random characters between a string and its copy: 0 to max_gap, so that no one "
-                             "distance back finds the copy's source")
+    pos_encoding: str = option("learned", "position encoding of every model")
+    max_iters: int = option(1500, "training steps per model")
+    batch_size: int = option(32, "sequences of 64 characters per step")
+    learning_rate: float = option(1e-3, "AdamW's peak learning rate")
+    chars: int = option(1_000_000, "characters of generated text (the last 10% is validation)")
+    doc_len: int = option(512, "characters per document: one random string repeated to this length")
+    min_len: int = option(4, "shortest random string")
+    max_len: int = option(32, "longest random string")
     probe_tokens: str = option("8,16,24,32", "lengths of the probe's random string (repeated once), comma-separated: "
                                             "an induction head scores at every length, a head that looks a fixed "
                                             "distance back only near that distance")
@@ -70,12 +70,11 @@ class StudyConfig:
         counts = self.layers.split(",")
         if not all(c.isdigit() and int(c) > 0 for c in counts):
             raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
-        if not 2 <= self.min_len <= self.max_len:
-            raise ValueError(f"need 2 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
-        if self.max_gap < 0 or self.chars < 1000:
-            raise ValueError(f"need max_gap >= 0 and chars >= 1000, got max_gap={self.max_gap}, chars={self.chars}")
-        if not (0 <= self.chain_share <= 1 and 0 <= self.chain_p <= 1):
-            raise ValueError("chain_share and chain_p are probabilities: keep them in [0, 1]")
+        if not 2 <= self.min_len <= self.max_len <= self.doc_len // 2:
+            raise ValueError(f"need 2 <= min_len <= max_len <= doc_len / 2 (two copies at least), got "
+                             f"min_len={self.min_len}, max_len={self.max_len}, doc_len={self.doc_len}")
+        if self.chars < 1000:
+            raise ValueError(f"chars must be at least 1000, got {self.chars}")
         if not 2 <= self.vocab <= len(ALPHABET):
             raise ValueError(f"vocab must be 2 to {len(ALPHABET)}, got {self.vocab}")
         lengths = self.probe_tokens.split(",")
@@ -85,35 +84,25 @@ class StudyConfig:
 
 
 def make_documents(cfg: StudyConfig) -> list[str]:
-    """repeats and chains documents, cfg.chars characters in all (or one document more)."""
+    """Documents of cfg.doc_len characters, each a fresh random string repeated; cfg.chars in all (or one more)."""
     rng = np.random.default_rng(cfg.seed)
     symbols = np.array(list(ALPHABET[: cfg.vocab]))
-    perm = rng.permutation(cfg.vocab)  # the chains' fixed map from a character to the one two later
-    docs, total = [], 0
-    while total < cfg.chars:
-        if rng.random() < cfg.chain_share:
-            ids = list(rng.integers(cfg.vocab, size=2))
-            for _ in range(rng.integers(8, 33) - 2):
-                ids.append(perm[ids[-2]] if rng.random() < cfg.chain_p else rng.integers(cfg.vocab))
-            doc = "".join(symbols[ids])
-        else:
-            string = "".join(symbols[rng.integers(cfg.vocab, size=rng.integers(cfg.min_len, cfg.max_len + 1))])
-            gap = "".join(symbols[rng.integers(cfg.vocab, size=rng.integers(cfg.max_gap + 1))])
-            doc = string + gap + string
-        docs.append(doc)
-        total += len(doc)
+    docs = []
+    for _ in range(-(-cfg.chars // cfg.doc_len)):
+        string = symbols[rng.integers(cfg.vocab, size=rng.integers(cfg.min_len, cfg.max_len + 1))]  # (L,)
+        docs.append("".join(np.resize(string, cfg.doc_len)))  # (doc_len,): the string over and over
     return docs
 
 
 def train_config(cfg: StudyConfig, n_layer: int, out: Path) -> TrainConfig:
-    """The training settings of the model with n_layer layers: Muon, no dropout, 64-character windows."""
+    """The training settings of the model with n_layer layers: AdamW, no dropout, 64-character windows."""
     return TrainConfig(
         out_dir=str(out / f"{n_layer}-layer"), dataset="repeats", data_dir=str(out / "data"), device="cpu",
         dtype="float32", seed=cfg.seed, batch_size=cfg.batch_size, block_size=64, max_iters=cfg.max_iters,
         lr_decay_iters=cfg.max_iters, eval_interval=cfg.max_iters, eval_iters=10, log_interval=100,
         attn_log_interval=0, n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
-        pos_encoding=cfg.pos_encoding, optimizer="muon", muon_lr=0.02, learning_rate=3e-3, min_lr=3e-4,
-        warmup_iters=50, weight_decay=0.0, beta2=0.95)
+        pos_encoding=cfg.pos_encoding, learning_rate=cfg.learning_rate, min_lr=cfg.learning_rate / 10,
+        warmup_iters=50, weight_decay=0.1, beta2=0.99)
 
 
 def run(cfg: StudyConfig) -> list[dict]:
