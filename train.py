@@ -310,6 +310,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
     resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
+    step_lr = get_lr(max(iter_num - 1, 0), cfg, train_seconds / cfg.max_time if cfg.max_time else None)
     try:
         while True:
             budget_used = train_seconds / cfg.max_time if cfg.max_time else None
@@ -322,7 +323,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
                 # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
                 last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
                              "val_bits_per_token": losses["val"] / math.log(2),
-                             "lr": get_lr(max(iter_num - 1, 0), cfg), "tokens_per_sec": tokens_per_sec}
+                             "lr": step_lr, "tokens_per_sec": tokens_per_sec}
                 tracker.log(last_eval)
                 say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if not math.isfinite(losses["val"]):
@@ -344,6 +345,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
 
             # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
             set_lr(optimizer, lr, cfg)
+            step_lr = lr
             n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
             starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
             starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]

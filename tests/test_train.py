@@ -148,6 +148,7 @@ def test_a_time_budget_ends_the_run_fully_decayed(tmp_path, data_dir):
     steps = [r for r in read_metrics(cfg.out_dir) if "train_loss" in r]
     assert 20 < last["iter"] < 10**6  # the clock, not max_iters, ended it
     assert steps[-1]["lr"] == pytest.approx(cfg.min_lr, rel=0.05)  # decayed all the way
+    assert last["lr"] == steps[-1]["lr"]  # the final eval reports the rate of the step before it
     assert "val_loss" in last and "final_val_loss" in last  # and it was evaluated at the end
     budget = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
     assert get_lr(5, budget, 0.0) == pytest.approx(6 / 11)  # warmup still counts steps
