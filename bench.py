@@ -147,10 +147,11 @@ def train_step_fn(preset: str, cfg: BenchConfig):
     ctx = autocast(device, dtype)
     optimizer = configure_optimizer(model, train_cfg, device)
     x, y = torch.randint(cfg.vocab_size, (2, train_cfg.batch_size, train_cfg.block_size), device=device)
+    fast_model = torch.compile(model) if train_cfg.compile else model  # compiled on the warm-up step
 
     def step():
         with ctx:
-            _, loss = model(x, y)
+            _, loss = fast_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
@@ -158,7 +159,7 @@ def train_step_fn(preset: str, cfg: BenchConfig):
 
     tokens = train_cfg.batch_size * train_cfg.block_size
     setup = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "optimizer": train_cfg.optimizer,
-             "batch_size": train_cfg.batch_size, "block_size": train_cfg.block_size}
+             "compile": train_cfg.compile, "batch_size": train_cfg.batch_size, "block_size": train_cfg.block_size}
     return model, setup, step, tokens
 
 
