@@ -32,10 +32,17 @@ from tqdm import tqdm
 from data.dataset import TokenData
 from data.prepare import ensure_dataset
 from glimpse.attention import dump_text
-from glimpse.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from glimpse.checkpoint import (
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.evaluation import length_loss
+from glimpse.evaluation import estimate_loss, length_loss
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.runtime import (
     Device,
@@ -192,30 +199,6 @@ class TrainConfig:
         return GPTConfig(vocab_size=vocab_size, **shape)
 
 
-@torch.no_grad()
-def estimate_loss(model, data: TokenData, cfg: TrainConfig, device, ctx, ddp) -> dict[str, float]:
-    """Mean loss on the same eval_iters batches of each split every time (fixed seed).
-
-    Fixed batches make successive evals comparable: a change in the number is the model's, not the
-    sample's. Under DDP the batches are shared out between processes and the losses averaged.
-    """
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.block_size, gen)
-        total = torch.zeros((), device=device)
-        mine = range(ddp.rank, cfg.eval_iters, ddp.world_size)
-        for i in mine:
-            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size)
-            with ctx:
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.float()
-        out[split] = (ddp.sum(total) / cfg.eval_iters).item()
-    model.train()
-    return out
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
     ddp = init_distributed(cfg.device)
@@ -251,7 +234,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
     model_config = cfg.model_config(data.vocab_size)
     if state is not None:
-        check_resume(state, cfg, model_config, data)
+        check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = GPT(model_config).to(device)
     optimizer = configure_optimizer(model, cfg, device)
@@ -263,10 +246,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
         train_seconds = state.get("train_seconds", 0.0)
-        batch_gen.set_state(state["rng"]["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        restore_rng(state["rng"], batch_gen, device)
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -439,30 +419,6 @@ def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: 
     folder = Path(cfg.out_dir) / "attention" / f"iter_{iter_num}"
     heads = dump_text(model, data.tokenizer(), ids, prompt_len=n, meta=meta, folder=folder)
     tracker.log_attention(folder, heads, step=iter_num)
-
-
-def check_resume(state: dict, cfg: TrainConfig, model_config: GPTConfig, data: TokenData):
-    """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
-    if state["tokenizer"] != data.tokenizer_spec:
-        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {data.folder}; "
-                           "resume with the dataset it was trained on")
-    saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
-    if saved_optimizer != cfg.optimizer:
-        raise GlimpseError(f"optimizer={cfg.optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "
-                           "whose state it could not continue; drop the flag or start a new out_dir")
-    saved = state["model_config"]
-    for f in fields(GPTConfig):
-        was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
-        if f.name != "dropout" and was != getattr(model_config, f.name):
-            raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
-                               f"{f.name}={was}; drop the flag or start a new out_dir")
-
-
-def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
-    state = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def main(argv: list[str] | None = None):

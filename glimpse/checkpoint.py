@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -71,3 +72,36 @@ def model_from_checkpoint(state: dict, device="cpu") -> GPT:
     model = GPT(GPTConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.to(device)
+
+
+def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
+    """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
+    if state["tokenizer"] != tokenizer_spec:
+        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}; "
+                           "resume with the dataset it was trained on")
+    saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
+    if saved_optimizer != optimizer:
+        raise GlimpseError(f"optimizer={optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "
+                           "whose state it could not continue; drop the flag or start a new out_dir")
+    saved = state["model_config"]
+    for f in fields(GPTConfig):
+        was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
+        if f.name != "dropout" and was != getattr(model_config, f.name):
+            raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
+                               f"{f.name}={was}; drop the flag or start a new out_dir")
+
+
+def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
+    """The random streams a resumed run must continue: training batches, torch's, and the GPU's."""
+    state = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(rng: dict, batch_gen: torch.Generator, device: torch.device):
+    """Set the streams back to what rng_state recorded, so a resumed run draws what it would have."""
+    batch_gen.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)

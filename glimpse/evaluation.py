@@ -1,5 +1,6 @@
 """
-Scoring a model on a whole token split, in windows of a given length; shared by eval.py and train.py.
+Scoring a model on held-out tokens: a quick estimate on a few fixed batches (train.py's evals), and
+the whole split in windows of a given length (eval.py, and train.py's final score).
 
     windows   non-overlapping windows, every token scored
     sliding   windows moved by `stride`, only each window's last `stride` tokens scored, so every scored
@@ -41,3 +42,27 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
         total += losses.item()
         count += window.size(0) * per_window
     return total / count, count
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, device, ctx, ddp) -> dict[str, float]:
+    """Mean loss on the same cfg.eval_iters batches of each split of data (a TokenData) every time.
+
+    Fixed batches make successive evals comparable: a change in the number is the model's, not the
+    sample's. Under DDP the batches are shared out between processes and the losses averaged.
+    """
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.block_size, gen)
+        total = torch.zeros((), device=device)
+        mine = range(ddp.rank, cfg.eval_iters, ddp.world_size)
+        for i in mine:
+            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size)
+            with ctx:
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.float()
+        out[split] = (ddp.sum(total) / cfg.eval_iters).item()
+    model.train()
+    return out
