@@ -1,5 +1,7 @@
 """
-Checkpoint I/O, shared by train.py (save, resume) and sample.py (load, build).
+Checkpoint I/O, shared by train.py (save, resume) and sample.py (load, build), and what resuming
+checks and restores: the model shape, tokenizer and optimizer a checkpoint must match, and its random
+streams.
 
 A checkpoint is a dict of plain types and tensors, so it loads with torch.load(weights_only=True),
 which refuses anything that would run code while unpickling:
@@ -100,8 +102,12 @@ def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
 
 
 def restore_rng(rng: dict, batch_gen: torch.Generator, device: torch.device):
-    """Set the streams back to what rng_state recorded, so a resumed run draws what it would have."""
-    batch_gen.set_state(rng["batches"])
-    torch.set_rng_state(rng["torch"])
+    """Set the streams back to what rng_state recorded, so a resumed run draws what it would have.
+
+    Only rank 0 saves, so under DDP every process resumes with rank 0's streams.
+    """
+    # a checkpoint loaded onto a GPU brings these byte tensors along; generators take them on the CPU only
+    batch_gen.set_state(rng["batches"].cpu())
+    torch.set_rng_state(rng["torch"].cpu())
     if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)

@@ -83,13 +83,17 @@ def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
     assert greedy[0].startswith("JULIET:\n") and len(greedy[0]) == 208  # past block_size (32): window slides
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
-    straight = tiny_config(data_dir, tmp_path / "straight", max_iters=60, eval_interval=20, dropout=0.1)
-    train(straight)
-    first_half = tiny_config(data_dir, tmp_path / "halves", max_iters=40, eval_interval=20, dropout=0.1)
-    train(first_half)
-    train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, eval_interval=20, dropout=0.1, init_from="resume"))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_resume_continues_exactly(tmp_path, data_dir, device):
+    run = dict(eval_interval=20, dropout=0.1, device=device)  # on a GPU the checkpoint loads onto it, RNG state too
+    train(tiny_config(data_dir, tmp_path / "straight", max_iters=60, **run))
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=40, **run))
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run))
+    timing = {"tokens_per_sec", "mfu"}  # wall-clock figures (mfu only where the device has a known peak)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 
 
