@@ -171,7 +171,7 @@ def sample_fn(preset: str, cfg: BenchConfig):
 
     def generate():
         for _ in model.generate(prompt, cfg.new_tokens, temperature=1.0, top_k=200,
-                                generator=torch.Generator().manual_seed(0)):
+                                generator=torch.Generator(device=device).manual_seed(0)):
             pass
 
     setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens}
