@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from glimpse.attention import head_metrics
-from glimpse.render import token_label, viewer_html, write_layer_images, write_viewer
+from glimpse.render import GENERATED_COLOR, layer_figure, token_label, viewer_html, write_layer_images, write_viewer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path(os.environ.get("GLIMPSE_CHROMIUM", "/usr/bin/chromium"))
@@ -74,6 +74,22 @@ def test_layer_images_with_token_labels(tmp_path):
         assert 600 <= width <= 4000 and 300 <= height <= 3000
         assert image.std() > 20  # drawn, not a blank canvas
     assert not np.array_equal(pixels[0], pixels[1])  # the layers' weights differ, so must their pictures
+
+
+def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_in_red():
+    attn = synthetic_attention(n_layer=1, n_head=2, T=6)
+    labels = ["a", "$x$", "b", "c", "d", "e"]  # "$x$" stays text, not a formula
+    fig = layer_figure(attn[0], layer=0, labels=labels, prompt_len=4)
+    heads = [ax for ax in fig.axes if ax.get_title()]
+    assert len(heads) == 2
+    for ax in heads:
+        columns = [t for t in ax.texts if t.get_rotation() == 90]  # below the heatmap, one per key
+        rows = [t for t in ax.texts if t.get_rotation() == 0]  # left of it, one per query
+        for texts in (columns, rows):
+            assert [t.get_text() for t in texts] == labels
+            assert [t.get_color() == GENERATED_COLOR for t in texts] == [False] * 4 + [True] * 2
+        assert [t.get_position()[0] for t in columns] == list(range(6))  # each under its own key
+        assert [t.get_position()[1] for t in rows] == list(range(6))
 
 
 def test_layer_images_for_long_sequences_wrap_heads_into_rows(tmp_path):
