@@ -94,7 +94,13 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
     train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run))
     timing = {"tokens_per_sec", "mfu"}  # wall-clock figures (mfu only where the device has a known peak)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+    halves, straight = strip(read_metrics(tmp_path / "halves")), strip(read_metrics(tmp_path / "straight"))
+    if device == "cpu":
+        assert halves == straight
+    else:  # CUDA adds some gradients (the embedding's) atomically, in no fixed order: equal up to rounding
+        assert [r["iter"] for r in halves] == [r["iter"] for r in straight]
+        for a, b in zip(halves, straight):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-7), (a, b)
 
 
 def test_learning_rate_schedule():
