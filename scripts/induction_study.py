@@ -2,7 +2,7 @@
 Do induction heads form? Train small models on generated repeated sequences, then probe every head.
 
     python scripts/induction_study.py                          # 1 and 2 layers, 1500 steps each: ~1 minute
-    python scripts/induction_study.py --layers=2 --pos_encoding=rope     # the same with rotary positions
+    python scripts/induction_study.py --layers=2 --pos_encoding=rope     # the 2-layer model, rotary positions
 
 An induction head needs two layers: a head in layer 0 copies each token's predecessor into its
 position, and a head in a later layer matches the current token against those copies, attends to
@@ -60,7 +60,7 @@ class StudyConfig:
     chars: int = option(1_000_000, "characters of generated text (the last 10% is validation)")
     doc_len: int = option(512, "characters per document: one random string repeated to this length")
     min_len: int = option(4, "shortest random string")
-    max_len: int = option(32, "longest random string")
+    max_len: int = option(32, "longest random string: at most 32, so that two copies fit in a 64-character window")
     probe_tokens: str = option("8,16,24,32", "lengths of the probe's random string (repeated once), comma-separated: "
                                             "an induction head scores at every length, a head that looks a fixed "
                                             "distance back only near that distance")
@@ -70,9 +70,10 @@ class StudyConfig:
         counts = self.layers.split(",")
         if not all(c.isdigit() and int(c) > 0 for c in counts):
             raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
-        if not 2 <= self.min_len <= self.max_len <= self.doc_len // 2:
-            raise ValueError(f"need 2 <= min_len <= max_len <= doc_len / 2 (two copies at least), got "
-                             f"min_len={self.min_len}, max_len={self.max_len}, doc_len={self.doc_len}")
+        if not 2 <= self.min_len <= self.max_len <= min(32, self.doc_len // 2):
+            raise ValueError(f"need 2 <= min_len <= max_len <= 32 (two copies in the models' 64-character window) "
+                             f"and max_len <= doc_len / 2, got min_len={self.min_len}, max_len={self.max_len}, "
+                             f"doc_len={self.doc_len}")
         if self.chars < 1000:
             raise ValueError(f"chars must be at least 1000, got {self.chars}")
         if not 2 <= self.vocab <= len(ALPHABET):
@@ -84,12 +85,13 @@ class StudyConfig:
 
 
 def make_documents(cfg: StudyConfig) -> list[str]:
-    """Documents of cfg.doc_len characters, each a fresh random string repeated; cfg.chars in all (or one more)."""
+    """Documents of cfg.doc_len characters, each a fresh random string repeated; cfg.chars characters in all,
+    rounded up to whole documents."""
     rng = np.random.default_rng(cfg.seed)
     symbols = np.array(list(ALPHABET[: cfg.vocab]))
     docs = []
     for _ in range(-(-cfg.chars // cfg.doc_len)):
-        string = symbols[rng.integers(cfg.vocab, size=rng.integers(cfg.min_len, cfg.max_len + 1))]  # (L,)
+        string = symbols[rng.integers(cfg.vocab, size=rng.integers(cfg.min_len, cfg.max_len + 1))]  # (length,)
         docs.append("".join(np.resize(string, cfg.doc_len)))  # (doc_len,): the string over and over
     return docs
 
@@ -101,7 +103,8 @@ def train_config(cfg: StudyConfig, n_layer: int, out: Path) -> TrainConfig:
         dtype="float32", seed=cfg.seed, batch_size=cfg.batch_size, block_size=64, max_iters=cfg.max_iters,
         lr_decay_iters=cfg.max_iters, eval_interval=cfg.max_iters, eval_iters=10, log_interval=100,
         attn_log_interval=0, n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
-        pos_encoding=cfg.pos_encoding, learning_rate=cfg.learning_rate, min_lr=cfg.learning_rate / 10,
+        pos_encoding=cfg.pos_encoding, optimizer="adamw", learning_rate=cfg.learning_rate,
+        min_lr=cfg.learning_rate / 10,
         warmup_iters=50, weight_decay=0.1, beta2=0.99)
 
 

@@ -1,4 +1,5 @@
-"""scripts/induction_study.py: its generated text, a short study end to end, and its errors."""
+"""scripts/induction_study.py: its generated text, a short study end to end, its errors, and a real
+training run in which two layers grow an induction head and one layer does not."""
 
 import json
 import sys
@@ -17,9 +18,7 @@ def test_documents_repeat_one_fresh_random_string_of_varying_length():
     assert sum(map(len, docs)) >= 20_000 and all(len(doc) == 100 for doc in docs)
     periods = []
     for doc in docs:
-        period = next(n for n in range(1, 101) if doc[n:] == doc[:-n])  # the shortest shift that maps it onto itself
-        assert doc[period:] == doc[:-period]
-        periods.append(period)
+        periods.append(next(n for n in range(1, 101) if doc[n:] == doc[:-n]))  # the shortest self-matching shift
     assert set(periods) <= set(range(5, 10)) and len(set(periods)) >= 4  # no single distance back finds the copy
     assert len({doc[:5] for doc in docs}) > len(docs) * 0.9  # a fresh string each time, not one over and over
 
@@ -55,7 +54,8 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
     assert (tmp_path / "a_file").read_text() == "keep me"
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
     assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
-    assert "doc_len / 2" in run_main(induction_study.main, ["--max_len=40", "--doc_len=64"], capsys)
+    assert "two copies in the models' 64-character window" in run_main(induction_study.main, ["--max_len=40"], capsys)
+    assert "max_len <= doc_len / 2" in run_main(induction_study.main, ["--max_len=20", "--doc_len=30"], capsys)
     assert "chars must be at least 1000" in run_main(induction_study.main, ["--chars=10"], capsys)
     assert "probe_tokens must be whole numbers from 2 to 32" in run_main(induction_study.main, ["--probe_tokens=8,40"],
                                                                           capsys)
@@ -63,7 +63,7 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
 
 def test_two_layers_learn_an_induction_head_and_one_layer_does_not(tmp_path):
     """A real training run of the study's default settings (1,500 steps each, under a minute on 2 cores)."""
-    rows = run(StudyConfig(out=str(tmp_path / "study"), probe_tokens="8,16,24,32"))
+    rows = run(StudyConfig(out=str(tmp_path / "study")))  # probes at lengths 8, 16, 24 and 32
     one, two = rows
     for probe in two["probes"]:  # at every length: a layer-1 head that looks at +1, and copies
         best = max((h for h in probe["heads"] if h["layer"] == 1), key=lambda h: h["induction"])
