@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, ddp) -> dict:
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
     resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
-    step_lr = get_lr(max(iter_num - 1, 0), cfg, train_seconds / cfg.max_time if cfg.max_time else None)
+    step_lr = get_lr(0, cfg)  # read only by step 0's eval: a resumed run takes a step before its next eval
     try:
         while True:
             budget_used = train_seconds / cfg.max_time if cfg.max_time else None
