@@ -13,9 +13,10 @@ heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has t
 
 train_step times one optimizer step (forward, backward, clipping, the optimizer) of each preset as
 train.py would run it: its model and flags, device, batch_size, block_size, dtype and optimizer, on
-random tokens. sample times GPT.generate (KV cache, sliding window, in float32) on the preset's
-device, producing --new_tokens tokens after a prompt that already fills the context. On a GPU each
-timing waits for the device to finish.
+random tokens; with compile=true the model is compiled on the warm-up step, outside the timing.
+sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
+--new_tokens tokens after a prompt that already fills the context. On a GPU each timing waits for the
+device to finish.
 
 --preset takes several presets, comma-separated: they are timed in turn, round after round, so a
 machine that speeds up or slows down during the run shifts them all alike, and the table gives each
