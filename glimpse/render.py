@@ -159,7 +159,8 @@ def label_axes(ax, labels: list[str], prompt_len: int, size: float):
     # which made a labelled 6-head layer take twice as long to draw
     ax.set_xticks([])
     ax.set_yticks([])
-    below, beside = ax.get_xaxis_transform(), ax.get_yaxis_transform()  # x in tokens, y in tokens
+    # below: x in token positions, y as a fraction of the axes (just under 0); beside: the other way round
+    below, beside = ax.get_xaxis_transform(), ax.get_yaxis_transform()
     for i, label in enumerate(labels):
         color = GENERATED_COLOR if i >= prompt_len else "black"
         # parse_math off: a token such as "$x$" is text, not a formula

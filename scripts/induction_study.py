@@ -67,9 +67,7 @@ class StudyConfig:
     seed: int = option(0, "seeds the text and every model")
 
     def __post_init__(self):
-        counts = self.layers.split(",")
-        if not all(c.isdigit() and int(c) > 0 for c in counts):
-            raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
+        self.layer_counts(), self.probe_lengths()  # a malformed list fails here, before anything is written
         if not 2 <= self.min_len <= self.max_len <= min(32, self.doc_len // 2):
             raise ValueError(f"need 2 <= min_len <= max_len <= 32 (two copies in the models' 64-character window) "
                              f"and max_len <= doc_len / 2, got min_len={self.min_len}, max_len={self.max_len}, "
@@ -78,10 +76,19 @@ class StudyConfig:
             raise ValueError(f"chars must be at least 1000, got {self.chars}")
         if not 2 <= self.vocab <= len(ALPHABET):
             raise ValueError(f"vocab must be 2 to {len(ALPHABET)}, got {self.vocab}")
+
+    def layer_counts(self) -> list[int]:
+        counts = self.layers.split(",")
+        if not all(c.isdigit() and int(c) > 0 for c in counts):
+            raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
+        return [int(c) for c in counts]
+
+    def probe_lengths(self) -> list[int]:
         lengths = self.probe_tokens.split(",")
         if not all(n.isdigit() and 2 <= int(n) <= 32 for n in lengths):
             raise ValueError(f"probe_tokens must be whole numbers from 2 to 32 (the models see 64 characters), "
                              f"got {self.probe_tokens!r}")
+        return [int(n) for n in lengths]
 
 
 def make_documents(cfg: StudyConfig) -> list[str]:
@@ -104,13 +111,12 @@ def train_config(cfg: StudyConfig, n_layer: int, out: Path) -> TrainConfig:
         lr_decay_iters=cfg.max_iters, eval_interval=cfg.max_iters, eval_iters=10, log_interval=100,
         attn_log_interval=0, n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
         pos_encoding=cfg.pos_encoding, optimizer="adamw", learning_rate=cfg.learning_rate,
-        min_lr=cfg.learning_rate / 10,
-        warmup_iters=50, weight_decay=0.1, beta2=0.99)
+        min_lr=cfg.learning_rate / 10, warmup_iters=50, weight_decay=0.1, beta2=0.99)
 
 
 def run(cfg: StudyConfig) -> list[dict]:
     out = Path(cfg.out)
-    for n_layer in map(int, cfg.layers.split(",")):
+    for n_layer in cfg.layer_counts():
         try:  # every model's settings are checked before anything is written or trained
             train_config(cfg, n_layer, out)
         except ValueError as e:
@@ -127,12 +133,11 @@ def run(cfg: StudyConfig) -> list[dict]:
     text_path.write_text("".join(make_documents(cfg)), encoding="utf-8")  # back to back
     prepare(PrepareConfig(dataset="repeats", input=str(text_path), tokenizer="char", data_dir=str(out / "data")))
     rows = []
-    for n_layer in map(int, cfg.layers.split(",")):
+    for n_layer in cfg.layer_counts():
         run_dir = out / f"{n_layer}-layer"
         train(train_config(cfg, n_layer, out))
         model = model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir)))
-        rows.append({"n_layer": n_layer, "probes": [probe_summary(model, int(n), cfg.seed)
-                                                    for n in cfg.probe_tokens.split(",")]})
+        rows.append({"n_layer": n_layer, "probes": [probe_summary(model, n, cfg.seed) for n in cfg.probe_lengths()]})
     (out / "induction_study.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return rows
 
