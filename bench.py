@@ -15,8 +15,9 @@ train_step times one optimizer step (forward, backward, clipping, the optimizer)
 train.py would run it: its model and flags, device, batch_size, block_size, dtype and optimizer, on
 random tokens; with compile=true the model is compiled on the warm-up step, outside the timing.
 sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
---new_tokens tokens after a prompt that already fills the context. On a GPU each timing waits for the
-device to finish.
+--new_tokens tokens after a prompt that already fills the context; --uncached also times each preset
+generating without the cache, the whole window through the network for every token, so that the
+cache's speedup comes from one run. On a GPU each timing waits for the device to finish.
 
 --preset takes several presets, comma-separated: they are timed in turn, round after round, so a
 machine that speeds up or slows down during the run shifts them all alike, and the table gives each
@@ -44,6 +45,7 @@ from glimpse import render
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
+from glimpse.generation import sample_next
 from glimpse.optim import configure_optimizer
 from glimpse.runtime import autocast, resolve_device, resolve_dtype
 from model import GPT
@@ -58,6 +60,8 @@ class BenchConfig:
                          "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does")
     tokens: int = option(256, "attention_dump: context length of the dump (the model's block_size is set to it)")
     new_tokens: int = option(500, "sample: tokens generated per timed run")
+    uncached: bool = option(False, "sample: also time each preset without the KV cache (the whole window through "
+                                   "the network for every token), interleaved, for the cache's speedup in one run")
     vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
@@ -164,7 +168,7 @@ def train_step_fn(preset: str, cfg: BenchConfig):
     return model, setup, step, tokens
 
 
-def sample_fn(preset: str, cfg: BenchConfig):
+def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
     train_cfg, model = preset_model(preset, cfg)
     device = resolve_device(train_cfg.device)
     model.to(device).eval()
@@ -175,18 +179,30 @@ def sample_fn(preset: str, cfg: BenchConfig):
                                 generator=torch.Generator(device=device).manual_seed(0)):
             pass
 
-    setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens}
-    return model, setup, generate, cfg.new_tokens
+    @torch.inference_mode()
+    def generate_uncached():
+        # what generation costs without a cache: every token runs the last block_size tokens through the network
+        generator, tokens = torch.Generator(device=device).manual_seed(0), prompt
+        for _ in range(cfg.new_tokens):
+            logits = model(tokens[:, -model.config.block_size:])[0][:, -1]  # (1, vocab_size)
+            tokens = torch.cat((tokens, sample_next(logits, 1.0, 200, generator=generator)), dim=1)
+
+    setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens, "kv_cache": cache}
+    return model, setup, generate if cache else generate_uncached, cfg.new_tokens
 
 
 def bench_presets(cfg: BenchConfig) -> dict:
     """train_step or sample for every preset of --preset, interleaved; speeds relative to the first."""
-    make = train_step_fn if cfg.what == "train_step" else sample_fn
-    built = [make(preset, cfg) for preset in cfg.presets]
+    if cfg.what == "train_step":
+        presets, built = cfg.presets, [train_step_fn(preset, cfg) for preset in cfg.presets]
+    else:  # each preset with the cache and, with --uncached, then without it
+        caches = (True, False) if cfg.uncached else (True,)
+        presets = [p for p in cfg.presets for _ in caches]
+        built = [sample_fn(p, cfg, cache) for p in cfg.presets for cache in caches]
     devices = [torch.device(setup["device"]) for _, setup, _, _ in built]
     seconds = interleaved_medians([fn for _, _, fn, _ in built], devices, cfg.repeats)
     runs = []
-    for preset, (model, setup, _, tokens), s in zip(cfg.presets, built, seconds):
+    for preset, (model, setup, _, tokens), s in zip(presets, built, seconds):
         runs.append({"preset": preset, "model": asdict(model.config), **setup, "seconds": s,
                      "tokens_per_sec": tokens / s, "vs_first": seconds[0] / s})
     return {"runs": runs}
@@ -218,13 +234,14 @@ def main(argv: list[str] | None = None):
         unit = "ms/step" if cfg.what == "train_step" else "ms/run"
         print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
               f"{'vs first':>8}  preset")
+        cache_note = {True: "", False: "  (no KV cache)"}
         for r in result["runs"]:
             m = r["model"]
             shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
             batch = str(r.get("batch_size", 1))
             print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
                   f"{r['seconds'] * 1000:8.1f} "
-                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}")
+                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}{cache_note[r.get('kv_cache', True)]}")
 
 
 if __name__ == "__main__":

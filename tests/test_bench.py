@@ -43,3 +43,17 @@ def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
 def test_a_bad_preset_is_a_one_line_error(preset, says):
     run = python("bench.py", "--what=train_step", "--repeats=1", f"--preset={preset}")
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and says in run.stderr
+
+
+def test_uncached_times_each_preset_without_the_cache_beside_it():
+    presets = f"{RECIPE},{RECIPE}:n_layer=2"
+    result = bench_json("--what=sample", "--new_tokens=5", "--uncached", f"--preset={presets}")
+    runs = result["runs"]
+    assert [(r["preset"], r["kv_cache"]) for r in runs] == [
+        (RECIPE, True), (RECIPE, False), (f"{RECIPE}:n_layer=2", True), (f"{RECIPE}:n_layer=2", False)]
+    assert [r["model"]["n_layer"] for r in runs] == [4, 4, 2, 2]
+    assert all(r["tokens_per_sec"] > 0 for r in runs)
+    table = python("bench.py", "--what=sample", "--new_tokens=5", "--uncached", "--repeats=1", f"--preset={RECIPE}")
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if RECIPE in line]
+    assert len(rows) == 2 and "(no KV cache)" not in rows[0] and rows[1].endswith("(no KV cache)")
