@@ -234,14 +234,14 @@ def main(argv: list[str] | None = None):
         unit = "ms/step" if cfg.what == "train_step" else "ms/run"
         print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
               f"{'vs first':>8}  preset")
-        cache_note = {True: "", False: "  (no KV cache)"}
         for r in result["runs"]:
             m = r["model"]
             shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
             batch = str(r.get("batch_size", 1))
             print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
                   f"{r['seconds'] * 1000:8.1f} "
-                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}{cache_note[r.get('kv_cache', True)]}")
+                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}"
+                  + ("" if r.get("kv_cache", True) else "  (no KV cache)"))
 
 
 if __name__ == "__main__":
