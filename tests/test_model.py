@@ -178,3 +178,15 @@ def test_flops_per_token_counts_the_matrix_products_by_hand():
     attention = 2 * 2 * C * 8 * 2  # per layer: QK^T and weights x V, 2 FLOPs per channel and key, 2 layers
     # backward costs twice the forward: 3x in all
     assert model.flops_per_token() == 3 * (2 * weights + attention) == 6 * 6912 + 12 * 2 * C * 8
+
+
+def test_dropout_drops_in_training_only_and_is_absent_at_zero():
+    idx = torch.randint(0, 50, (2, 16))
+    model = small_model(dropout=0.2)
+    assert torch.equal(model(idx)[0], model(idx)[0])  # eval mode: deterministic
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])  # training: a fresh mask each call
+    plain = small_model(dropout=0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    plain.load_state_dict(model.state_dict())  # dropout holds no weights: checkpoints load either way
+    assert torch.allclose(plain(idx)[0], model.eval()(idx)[0])
