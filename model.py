@@ -252,8 +252,8 @@ class RMSNorm(nn.RMSNorm):
 
 
 def make_dropout(p: float) -> nn.Module:
-    """nn.Dropout(p), or an Identity at p = 0: generating a token calls every module once, and on a CPU
-    a do-nothing Dropout call costs a few microseconds each time (2-3% of a small model's sampling)."""
+    """nn.Dropout(p), or an Identity at p = 0: generating a token calls every module once, and a Dropout
+    that does nothing still checks its arguments on every call; an Identity only returns its input."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
