@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -101,9 +102,7 @@ def download(url: str, dest: Path, name: str):
             f"could not download {url} ({reason}); offline, pass a local copy: "
             f"python data/prepare.py --dataset={name} --input=PATH/TO/input.txt"
         ) from None
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(body)
-    os.replace(tmp, dest)
+    write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 
 def read_text(path: Path) -> str:
@@ -162,9 +161,7 @@ def write_dataset(out: Path, tokenizer: Tokenizer, ids: np.ndarray, source: str)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the dataset is incomplete until meta.json is back
     for split, part in splits.items():
-        tmp = out / f"{split}.bin.part"
-        part.astype(dtype).tofile(tmp)
-        os.replace(tmp, out / f"{split}.bin")
+        write_atomic(out / f"{split}.bin", part.astype(dtype).tofile)
     meta = {
         "tokenizer": tokenizer.spec,
         "vocab_size": tokenizer.vocab_size,
@@ -173,14 +170,28 @@ def write_dataset(out: Path, tokenizer: Tokenizer, ids: np.ndarray, source: str)
         "val_tokens": int(len(splits["val"])),
         "source": source,
     }
-    tmp = out / "meta.json.part"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "meta.json")
+    write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
     print(
         f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
         f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.spec['kind']})",
         file=sys.stderr,
     )
+
+
+def write_atomic(dest: Path, write):
+    """Call write(path) on a temporary file beside dest, then move it into place in one step.
+
+    The temporary name holds this host's name and process id: nodes that prepare the same dataset on a
+    shared filesystem each write their own file, never into another's half-written one. A write that
+    fails removes its own temporary file.
+    """
+    tmp = dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str] | None = None):

@@ -130,9 +130,7 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     model.eval()
     logits, weights = model.forward_with_attention(seq)  # (B, 2n, V), (L, B, H, 2n, 2n)
     model.train(was_training)
-    j = torch.arange(n - 1, device=device)
-    stripe = weights[:, :, :, n + j, j + 1]  # (L, B, H, n - 1)
-    scores = stripe.float().mean(dim=(1, 3))  # (L, H)
+    scores = induction_scores(weights, n)  # (L, H)
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), seq[:, 1:], reduction="none")  # (B, 2n - 1)
     offsets = repeat_offsets(weights, n)  # (L, H, 2n)
     return {
@@ -144,6 +142,17 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
         "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time
         "second_copy_loss": losses[:, n:].mean().item(),  # predicting r[1:] again
     }
+
+
+def induction_scores(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Each head's mean weight on the induction key over [r, r]: (L, B, H, 2n, 2n) -> (L, H).
+
+    The query at n + j (the second r[j]) scores the weight it puts on key j + 1, the token that followed
+    r[j] the first time; j runs to n - 2, over the queries whose next token is in the sequence.
+    """
+    j = torch.arange(n - 1, device=weights.device)
+    stripe = weights[:, :, :, n + j, j + 1]  # (L, B, H, n - 1)
+    return stripe.float().mean(dim=(1, 3))  # (L, H)
 
 
 def repeat_offsets(weights: torch.Tensor, n: int) -> torch.Tensor:

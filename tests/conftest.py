@@ -1,7 +1,8 @@
 """Shared fixtures: small generated corpora, a prepared char dataset and a tiny trained checkpoint.
 
 Tests make their own data; the only outside file they use is GPT-2's BPE ranks, copied from
-../shared/data when present (tests that need them skip with a reason otherwise).
+../shared/data when present, else read from tiktoken's own cache if it holds them (tests that need them
+skip with a reason otherwise).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from data.prepare import PrepareConfig, prepare
+from glimpse.config import build
 from train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,11 @@ def make_corpus(n_lines: int = 1500, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def train_config(**settings) -> TrainConfig:
+    """A TrainConfig from flat keys, model keys (n_layer=...) included, as a TOML file or flags give them."""
+    return build(TrainConfig, settings)
+
+
 def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
     """A model and run small enough for a test: about 30k parameters, a few seconds on CPU."""
     settings = dict(
@@ -43,7 +51,7 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
         lr_decay_iters=150, learning_rate=3e-3, min_lr=3e-4,
     )
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return train_config(**settings)
 
 
 def run_script(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -78,13 +86,40 @@ def trained(tmp_path_factory, data_dir) -> tuple[TrainConfig, dict]:
     return cfg, train(cfg)
 
 
+def tiktoken_cache() -> Path | None:
+    """The folder tiktoken reads its downloads from (the rules of tiktoken/load.py); None when caching is off."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        folder = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        folder = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        folder = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return Path(folder) if folder else None  # an empty TIKTOKEN_CACHE_DIR turns tiktoken's cache off
+
+
+def find_gpt2_ranks() -> Path | None:
+    """GPT-2's BPE ranks: the shared copy if there is one, else the file tiktoken has cached, else None."""
+    if GPT2_RANKS.exists():
+        return GPT2_RANKS
+    cache = tiktoken_cache()
+    if cache is not None and (cache / R50K_CACHE_NAME).is_file():
+        return cache / R50K_CACHE_NAME
+    return None
+
+
 @pytest.fixture
 def gpt2_ranks(tmp_path, monkeypatch):
     """Point tiktoken at a local copy of GPT-2's BPE ranks, so no download is attempted."""
-    if not GPT2_RANKS.exists():
-        pytest.skip(f"GPT-2 BPE ranks not found at {GPT2_RANKS}")
-    cache = tmp_path / "tiktoken-cache"
-    cache.mkdir()
-    shutil.copy(GPT2_RANKS, cache / R50K_CACHE_NAME)
+    ranks = find_gpt2_ranks()
+    if ranks is None:
+        cache = tiktoken_cache()
+        cached = cache / R50K_CACHE_NAME if cache else "tiktoken's cache (off: TIKTOKEN_CACHE_DIR is empty)"
+        pytest.skip(f"GPT-2 BPE ranks found neither at {GPT2_RANKS} nor at {cached}")
+    if ranks == GPT2_RANKS:
+        cache = tmp_path / "tiktoken-cache"  # tiktoken finds a cached file by its URL's hash, not by this name
+        cache.mkdir()
+        shutil.copy(GPT2_RANKS, cache / R50K_CACHE_NAME)
+    else:
+        cache = ranks.parent
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     return cache

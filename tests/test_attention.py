@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glimpse.attention import head_metrics, induction_probe, load_dump
+from glimpse.attention import head_metrics, induction_probe, induction_scores, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from tests.conftest import python
 from tests.wandb_records import logged_history
@@ -140,6 +140,24 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
     assert probe["second_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
     with pytest.raises(ValueError, match="n_tokens"):
         induction_probe(model, n_tokens=9)
+
+
+def test_induction_scores_on_known_heads():
+    """Over [r, r], a head that reads the token after r[j]'s first copy scores 1, one that reads the previous
+    token or r[j]'s first copy itself scores 0. Catches scoring the key at j (the earlier copy of the query's
+    own token) instead of j + 1 (the token that followed it)."""
+    n = 5
+    weights = torch.zeros(1, 2, 4, 2 * n, 2 * n)  # (L, B, H, 2n, 2n)
+    for q in range(2 * n):
+        earlier = q - n if q >= n else q  # the first copy of the query's token (itself in the first copy)
+        induction = earlier + 1 if q >= n else q
+        weights[0, :, 0, q, induction] = 1.0
+        weights[0, :, 1, q, max(q - 1, 0)] = 1.0  # previous token
+        weights[0, :, 2, q, earlier] = 1.0  # the same token, the first time
+        weights[0, :, 3, q, induction] += 0.5  # half induction, half on the query itself
+        weights[0, :, 3, q, q] += 0.5
+    scores = induction_scores(weights, n)
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 0.0, 0.0, 0.5]]))
 
 
 def test_induction_probe_offsets_place_each_heads_weight_relative_to_the_earlier_token():

@@ -1,6 +1,7 @@
 """Data preparation and loading: token files, meta.json, tokenizers, and what goes wrong."""
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -8,10 +9,13 @@ import torch
 
 import data.prepare as prepare_module
 from data.dataset import TokenData
-from data.prepare import PrepareConfig, prepare, safe_chunks
+from data.prepare import PrepareConfig, prepare, safe_chunks, write_atomic
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
-from tests.conftest import make_corpus, python
+from tests import conftest
+from tests.conftest import R50K_CACHE_NAME, make_corpus, python
+
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # as tiktoken_ext fetches it
 
 
 def read_split(folder, split, meta):
@@ -41,6 +45,40 @@ def test_prepare_gpt2_matches_tiktoken(tmp_path, corpus_file, gpt2_ranks):
     expected = tiktoken.get_encoding("r50k_base").encode_ordinary(corpus_file.read_text())
     assert ids.tolist() == expected
     assert GPT2Tokenizer().decode(ids) == corpus_file.read_text()
+
+
+@pytest.mark.parametrize("env", [{}, {"DATA_GYM_CACHE_DIR": "gym"}, {"TIKTOKEN_CACHE_DIR": "tiktoken"},
+                                 {"TIKTOKEN_CACHE_DIR": "tiktoken", "DATA_GYM_CACHE_DIR": "gym"},
+                                 {"TIKTOKEN_CACHE_DIR": "", "DATA_GYM_CACHE_DIR": "gym"}])
+def test_gpt2_ranks_fixture_uses_tiktokens_own_cache(env, tmp_path, monkeypatch):
+    """Without the shared copy, the gpt2_ranks fixture takes the file tiktoken itself would read from its
+    cache, and finds none when tiktoken would have to download. Catches a fixture that looks at the shared
+    copy only, or in another folder than tiktoken does."""
+    import tiktoken.load
+
+    monkeypatch.setattr(conftest, "GPT2_RANKS", tmp_path / "no-shared-copy")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # what gettempdir() answers, tiktoken included
+    for name in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, folder in env.items():
+        monkeypatch.setenv(name, str(tmp_path / folder) if folder else "")
+
+    def no_download(url):
+        raise OSError(f"tiktoken would download {url}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_download)
+    for folder in ("tiktoken", "gym", "tmp/data-gym-cache"):  # a different file wherever tiktoken might look
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / R50K_CACHE_NAME).write_text(folder)
+    for _ in range(2):  # then once more with the file found taken away
+        try:
+            expected = tiktoken.load.read_file_cached(R50K_URL)
+        except OSError:
+            expected = None
+        found = conftest.find_gpt2_ranks()
+        assert (found and found.read_bytes()) == expected
+        if found:
+            found.unlink()
 
 
 def test_chunked_bpe_equals_whole_text_bpe(gpt2_ranks):
@@ -87,6 +125,44 @@ def test_offline_download_says_to_pass_a_local_file(tmp_path, monkeypatch):
     with pytest.raises(GlimpseError, match=r"could not download .* --input=PATH"):
         prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(tmp_path)))
     assert not (tmp_path / "shakespeare_char" / "meta.json").exists()
+
+
+def test_prepare_leaves_other_nodes_temporary_files_alone(tmp_path, corpus_file, monkeypatch):
+    """Nodes sharing a filesystem may prepare a built-in dataset at once: each writes temporary files of its
+    own. Catches fixed temporary names (train.bin.part, ...), with which one node's os.replace moves another
+    node's half-written file into place."""
+    monkeypatch.setitem(prepare_module.BUILTIN, "shakespeare_char", ("char", corpus_file.as_uri()))  # a real fetch
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    others = ["input.part", "input.txt.part", "train.bin.part", "val.bin.part", "meta.json.part",
+              "train.bin.node7.4242.part"]
+    for name in others:
+        (folder / name).write_text("another node's half-written file")
+    prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(tmp_path)))
+    for name in others:
+        assert (folder / name).read_text() == "another node's half-written file"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(others + ["input.txt", "train.bin", "val.bin",
+                                                                        "meta.json"])  # no temporary file of ours
+    text = corpus_file.read_text()
+    assert (folder / "input.txt").read_text() == text
+    meta = json.loads((folder / "meta.json").read_text())
+    ids = np.concatenate([read_split(folder, "train", meta), read_split(folder, "val", meta)])
+    assert len(ids) == meta["train_tokens"] + meta["val_tokens"] == len(text)
+    assert tokenizer_from_spec(meta["tokenizer"]).decode(ids) == text
+
+
+def test_a_failed_write_removes_its_own_temporary_file_only(tmp_path):
+    """Catches a write that fails half-way (a full disk, say) leaving its temporary file behind."""
+    (tmp_path / "train.bin.part").write_text("another node's")
+
+    def disk_full(path):
+        path.write_bytes(b"half a split")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(tmp_path / "train.bin", disk_full)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.bin.part"]
+    assert (tmp_path / "train.bin.part").read_text() == "another node's"
 
 
 def test_prepare_cli_and_its_errors(tmp_path, corpus_file):

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glimpse.generation import KVCache, sample_next
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, fused_attention
 
 
 def small_model(**overrides) -> GPT:
@@ -79,6 +80,20 @@ def test_weights_are_softmax_of_scaled_scores_for_one_layer():
         scores = scores + torch.full((10, 10), float("-inf")).triu(1)
         expected = scores.softmax(-1)
     torch.testing.assert_close(weights[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_bfloat16_attention_runs_in_float32():
+    """On CPU, bfloat16 attention equals SDPA over the float32 upcasts, rounded back to bfloat16, also under
+    autocast. Catches dropping the float32 detour (bfloat16 SDPA rounds differently) or taking it with
+    autocast still on (which would cast the upcasts straight back down)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=gen).bfloat16() for _ in range(3))  # (B, nh, T, hs) each
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=0.3)
+    expected = expected.bfloat16()
+    assert not torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3), expected)
+    assert torch.equal(fused_attention(q, k, v, is_causal=True, scale=0.3), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused_attention(q, k, v, is_causal=True, scale=0.3), expected)
 
 
 def test_weights_path_is_only_taken_when_asked(monkeypatch):

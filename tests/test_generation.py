@@ -1,0 +1,89 @@
+"""Generation: how much context each step sees as the window slides, and what sample_next may draw."""
+
+import math
+
+import pytest
+import torch
+
+from glimpse.generation import sample_next
+from model import GPT, GPTConfig
+
+
+@pytest.mark.parametrize("block_size", [8, 9])
+@pytest.mark.parametrize("prompt_len", [1, 12])
+def test_a_slid_window_keeps_at_least_half_a_window_of_context(block_size, prompt_len):
+    """After a slide, each step's logits come from half a window or more, never from more than one.
+
+    Catches a window that slides by refilling from too few tokens (one, say): generation would then go on
+    predicting from almost no context every block_size steps."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 20, (2, prompt_len))
+    gen = torch.Generator().manual_seed(0)
+    first_start, slid, checked = None, False, 0
+    for step in model.generate(tokens, 5 * block_size, generator=gen):
+        context = tokens.size(1) - step.window_start  # tokens the logits were computed from
+        if first_start is None:
+            first_start = step.window_start
+        slid = slid or step.window_start != first_start
+        assert 1 <= context <= block_size
+        if slid:
+            assert context >= block_size // 2, (step.window_start, tokens.size(1))
+            checked += 1
+        tokens = torch.cat([tokens, step.token], 1)
+    assert checked > 2 * block_size  # the window slid several times, and each slide was checked
+
+
+def softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) if v > -math.inf else 0.0 for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def frequencies(draws: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(R, N) draws of token ids -> (R, vocab_size) share of each token in each row."""
+    return torch.nn.functional.one_hot(draws, vocab_size).double().mean(dim=1)
+
+
+def nucleus_by_hand(row: list[float], top_k: int, top_p: float) -> list[float]:
+    """The distribution top-k then top-p leave for one row of logits, written out with plain lists."""
+    kth = sorted(row, reverse=True)[top_k - 1]
+    probs = softmax([v if v >= kth else -math.inf for v in row])
+    kept, mass = set(), 0.0
+    for token in sorted(range(len(row)), key=lambda t: -probs[t]):
+        if mass >= top_p:  # the tokens already kept reach top_p: this one and the rest are dropped
+            break
+        kept.add(token)
+        mass += probs[token]
+    return [p / mass if t in kept else 0.0 for t, p in enumerate(probs)]
+
+
+def test_top_k_and_top_p_sample_from_the_right_tokens_of_each_row():
+    """top-k then top-p on unsorted logits, each row in its own order, against a by-hand nucleus.
+
+    Catches a top-p mask applied in sorted order instead of vocabulary order: it drops the tokens at the
+    positions of the unlikely ones, whichever tokens those are."""
+    base = [2.0, 1.6, 1.2, 1.0, 0.7, 0.2, -1.0, -2.0]
+    gen = torch.Generator().manual_seed(0)
+    rows = [[base[i] for i in torch.randperm(len(base), generator=gen).tolist()] for _ in range(4)]
+    top_k, top_p, n = 6, 0.8, 4000
+    logits = torch.tensor(rows).repeat_interleave(n, dim=0)  # (4n, V): each row n times
+    draws = sample_next(logits, 1.0, top_k=top_k, top_p=top_p, generator=gen).view(len(rows), n)
+    expected = torch.tensor([nucleus_by_hand(row, top_k, top_p) for row in rows], dtype=torch.float64)
+    assert ((expected > 0).sum(dim=1) == 4).all()  # the nucleus is the 4 likeliest of each row, at >= 10% each
+    observed = frequencies(draws, len(base))
+    assert torch.equal(observed > 0, expected > 0)  # exactly the nucleus can be drawn
+    torch.testing.assert_close(observed, expected, rtol=0, atol=0.03)
+
+
+def test_temperature_reshapes_the_distribution():
+    """Samples at temperature T follow softmax(logits / T): sharper below 1, flatter above.
+
+    Catches a temperature that is ignored (or applied the wrong way round)."""
+    logits = [2.0, 1.0, 0.0, -1.0]
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        draws = sample_next(torch.tensor([logits]).repeat(20000, 1), temperature, generator=gen)  # (20000, 1)
+        observed = frequencies(draws.view(1, -1), len(logits))[0]
+        expected = torch.tensor(softmax([v / temperature for v in logits]), dtype=torch.float64)
+        torch.testing.assert_close(observed, expected, rtol=0, atol=0.015)
