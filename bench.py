@@ -11,9 +11,10 @@ explicit forward that returns every layer's and head's weights, writing attentio
 heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has the shape of
 --preset (random weights: the cost does not depend on their values) with block_size = --tokens.
 
-train_step times one optimizer step (forward, backward, clipping, the optimizer) of each preset as
-train.py would run it: its model and flags, device, batch_size, block_size, dtype and optimizer, on
-random tokens; with compile=true the model is compiled on the warm-up step, outside the timing.
+train_step times train.py's own train_step (drawing the batch, forward, backward, clipping, the
+optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
+block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
+compile=true the model is compiled on the warm-up step, outside the timing.
 sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
 --new_tokens tokens after a prompt that already fills the context; --uncached also times each preset
 generating without the cache, the whole window through the network for every token, so that the
@@ -28,12 +29,14 @@ A preset may carry overrides, as train.py's --key=value flags do:
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,15 +44,16 @@ from typing import Literal
 import numpy as np
 import torch
 
+from data.prepare import write_dataset
+from data.tokenizer import CharTokenizer
 from glimpse import render
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
 from glimpse.generation import sample_next
-from glimpse.optim import configure_optimizer
-from glimpse.runtime import autocast, resolve_device, resolve_dtype
+from glimpse.runtime import Distributed, resolve_device
 from model import GPT
-from train import TrainConfig
+from train import TrainConfig, setup, train_step
 
 
 @dataclass
@@ -117,10 +121,12 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
     return {"model": asdict(model_config), "seconds": seconds}
 
 
-def preset_config(preset: str) -> TrainConfig:
-    """A preset as train.py reads it: PATH, or PATH:key=value:key=value with command-line overrides."""
+def preset_config(preset: str, **settings: str) -> TrainConfig:
+    """A preset as train.py reads it: PATH, or PATH:key=value:key=value with command-line overrides
+    (and settings after those)."""
     path, *overrides = preset.split(":")
-    return parse_config(TrainConfig, [path] + [f"--{o}" for o in overrides], prog="train.py", description="")
+    flags = [f"--{o}" for o in overrides] + [f"--{k}={v}" for k, v in settings.items()]
+    return parse_config(TrainConfig, [path, *flags], prog="train.py", description="")
 
 
 def preset_model(preset: str, cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
@@ -144,28 +150,27 @@ def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) ->
     return [statistics.median(ts) for ts in times]
 
 
-def train_step_fn(preset: str, cfg: BenchConfig):
-    train_cfg, model = preset_model(preset, cfg)
-    device = resolve_device(train_cfg.device)
-    model.to(device).train()
-    dtype = resolve_dtype(train_cfg.dtype, device)
-    ctx = autocast(device, dtype)
-    optimizer = configure_optimizer(model, train_cfg, device)
-    x, y = torch.randint(cfg.vocab_size, (2, train_cfg.batch_size, train_cfg.block_size), device=device)
-    fast_model = torch.compile(model) if train_cfg.compile else model  # compiled on the warm-up step
+def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path):
+    """train.py's own train_step on the preset's Run, over a dataset of random tokens in tmp."""
+    name = f"bench{len(list(tmp.iterdir()))}"
+    rng = np.random.default_rng(0)
+    chars = "".join(chr(32 + i) for i in range(cfg.vocab_size))
+    ids = rng.integers(cfg.vocab_size, size=200_000)
+    train_cfg = preset_config(preset, out_dir=str(tmp / name), data_dir=str(tmp / "data"), dataset=name,
+                              wandb_log="false", init_from="scratch")
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # their progress lines would mix with ours
+        write_dataset(tmp / "data" / name, CharTokenizer(chars), ids, "random tokens")
+        run = setup(train_cfg, Distributed())
+    lr = train_cfg.learning_rate
 
     def step():
-        with ctx:
-            _, loss = fast_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(run, lr)
 
-    tokens = train_cfg.batch_size * train_cfg.block_size
-    setup = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "optimizer": train_cfg.optimizer,
-             "compile": train_cfg.compile, "batch_size": train_cfg.batch_size, "block_size": train_cfg.block_size}
-    return model, setup, step, tokens
+    tokens = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps
+    setup_info = {"device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
+                  "optimizer": train_cfg.optimizer, "compile": train_cfg.compile, "batch_size": train_cfg.batch_size,
+                  "block_size": train_cfg.model.block_size}
+    return run.model, setup_info, step, tokens
 
 
 def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
@@ -193,8 +198,14 @@ def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
 
 def bench_presets(cfg: BenchConfig) -> dict:
     """train_step or sample for every preset of --preset, interleaved; speeds relative to the first."""
+    with ExitStack() as stack:
+        return _bench_presets(cfg, stack)
+
+
+def _bench_presets(cfg: BenchConfig, stack: ExitStack) -> dict:
     if cfg.what == "train_step":
-        presets, built = cfg.presets, [train_step_fn(preset, cfg) for preset in cfg.presets]
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        presets, built = cfg.presets, [train_step_fn(preset, cfg, tmp) for preset in cfg.presets]
     else:  # each preset with the cache and, with --uncached, then without it
         caches = (True, False) if cfg.uncached else (True,)
         presets = [p for p in cfg.presets for _ in caches]
@@ -202,8 +213,8 @@ def bench_presets(cfg: BenchConfig) -> dict:
     devices = [torch.device(setup["device"]) for _, setup, _, _ in built]
     seconds = interleaved_medians([fn for _, _, fn, _ in built], devices, cfg.repeats)
     runs = []
-    for preset, (model, setup, _, tokens), s in zip(presets, built, seconds):
-        runs.append({"preset": preset, "model": asdict(model.config), **setup, "seconds": s,
+    for preset, (model, info, _, tokens), s in zip(presets, built, seconds):
+        runs.append({"preset": preset, "model": asdict(model.config), **info, "seconds": s,
                      "tokens_per_sec": tokens / s, "vs_first": seconds[0] / s})
     return {"runs": runs}
 

@@ -25,17 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.dataset import TokenData
-from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import MODES, length_loss
-from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option, resolve_device, resolve_dtype
+from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
 
 @dataclass
 class EvalConfig:
-    out_dir: str = option("out", "folder holding the ckpt.pt to evaluate; results are written there too")
+    out_dir: str = option("out", "folder of the training run to evaluate; results are written there too")
+    checkpoint: Which = checkpoint_option()
     lengths: str = option("1,2,4,8", "context lengths to test, as multiples of the training block_size")
     stride: int = option(0, "sliding mode: tokens scored per window (0: block_size // 2)")
     max_tokens: int = option(16384, "validation tokens scored per length and mode (the start of the split)")
@@ -65,10 +66,8 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Every (length, mode) row of the study for one checkpoint; also writes the CSV and the plot."""
-    device = resolve_device(cfg.device)
-    ctx = autocast(device, resolve_dtype(cfg.dtype, device))
-    state = load_checkpoint(checkpoint_path(cfg.out_dir), device)
-    model = model_from_checkpoint(state, device).eval()
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "evaluating")
+    ctx = autocast(device, dtype)
     block_size, encoding = model.config.block_size, model.config.pos_encoding
     multiples = cfg.multiples()
     if encoding == "learned" and max(multiples) > 1:

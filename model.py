@@ -21,7 +21,8 @@ and so are the architecture choices of later GPTs: norm (layernorm or rmsnorm), 
 relu2, ReLU squared), qk_norm (RMS-normalised queries and keys), tie_embeddings (lm_head shares
 wte's matrix) and zero_init_proj (every block starts as the identity).
 
-This file holds the model and nothing else: no I/O, no argv, no prints.
+This file holds the model and nothing else: no I/O, no argv, no prints. GPTConfig's fields carry the
+help text that train.py's --help shows for them, so each option is described once, here.
 """
 
 from __future__ import annotations
@@ -29,43 +30,73 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from glimpse.config import option
 from glimpse.generation import KVCache, Step, sample_next
 from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary_table, rotate, sinusoidal
 
-ATTN_SCORES = ("scaled_dot", "dot", "additive")
-POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "relu2")
+AttnScore = Literal["scaled_dot", "dot", "additive"]
+PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "relu2"]
+ATTN_SCORES, POS_ENCODINGS = get_args(AttnScore), get_args(PosEncoding)
 NORM_EPS = 1e-5  # LayerNorm's default, used by RMSNorm too, so that the two differ only in what they compute
 
 
 @dataclass
 class GPTConfig:
-    """The shape of the network. Defaults are GPT-2 small (124M parameters)."""
+    """The shape of the network. Defaults are GPT-2 small (124M parameters).
 
-    block_size: int = 1024  # longest context the model sees (learned positions stop here)
-    vocab_size: int = 50257  # GPT-2's BPE vocabulary
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has them
-    attn_score: str = "scaled_dot"  # how a query scores a key: scaled_dot, dot or additive (Bahdanau)
-    pos_encoding: str = "learned"  # learned (GPT-2), sinusoidal, rope, alibi or none
-    norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm: rescale only, no mean subtracted, no bias
-    activation: str = "gelu"  # the MLP's nonlinearity: gelu (GPT-2's tanh form) or relu2 (ReLU squared)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before they are scored
-    tie_embeddings: bool = True  # lm_head shares wte's matrix, as in GPT-2
-    zero_init_proj: bool = False  # projections into the residual stream start at 0: blocks start as the identity
+    Each field with help is also a key of train.py (--n_layer=4, or n_layer = 4 in a preset).
+    """
+
+    block_size: int = option(1024, "context length in tokens (learned positions stop here)")
+    vocab_size: int = 50257  # GPT-2's BPE vocabulary; a training run takes its dataset's
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads per block")
+    n_embd: int = option(768, "width of the residual stream")
+    dropout: float = option(0.0, "dropout probability while training")
+    bias: bool = option(True, "biases in Linear and LayerNorm layers, as GPT-2 has them")
+    attn_score: AttnScore = option(
+        "scaled_dot", "how queries score keys: softmax(QK^T/sqrt(d)), unscaled QK^T (both on the fused fast "
+        "path), or Bahdanau's v^T tanh(W_q q + W_k k) (explicit path only: slow, memory grows as T^2 x head size)"
+    )
+    pos_encoding: PosEncoding = option(
+        "learned", "where position information comes from: GPT-2's learned table (stops at block_size), fixed "
+        "sinusoids, rotary (RoPE), ALiBi's distance penalty, or none (only the causal mask)"
+    )
+    norm: Norm = option(
+        "layernorm", "the normalisation before attention, the MLP and the head: GPT-2's LayerNorm, or RMSNorm "
+        "(divide by the root mean square, times a learned gain; no mean subtracted, no bias), as LLaMA and most "
+        "later models have it"
+    )
+    activation: Activation = option(
+        "gelu", "the MLP's nonlinearity: GPT-2's tanh GELU, or ReLU squared (relu(x)^2, from the Primer paper, "
+        "used by modded-nanogpt)"
+    )
+    qk_norm: bool = option(
+        False, "RMS-normalise each head's queries and keys (learned gain per channel) before rotary and the scores: "
+        "the logits are then bounded by the gains, not by how large queries and keys grow, a guard against the "
+        "logit growth reported to destabilise training at high learning rates"
+    )
+    tie_embeddings: bool = option(
+        True, "the output head shares the token-embedding matrix, as in GPT-2; false gives lm_head a matrix of its "
+        "own (vocab_size x n_embd more parameters), so reading a token and predicting it can differ"
+    )
+    zero_init_proj: bool = option(
+        False, "start the projections that write into the residual stream (attn.c_proj, mlp.c_proj) at zero, so "
+        "every block starts as the identity and learns what to add; false: GPT-2's small random start"
+    )
 
     def __post_init__(self):
-        for name, choices in (("attn_score", ATTN_SCORES), ("pos_encoding", POS_ENCODINGS), ("norm", NORMS),
-                              ("activation", ACTIVATIONS)):
+        for name, kind in (("attn_score", AttnScore), ("pos_encoding", PosEncoding), ("norm", Norm),
+                           ("activation", Activation)):
+            choices = get_args(kind)  # checked here too: a GPTConfig can be built without the config parser
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

@@ -5,7 +5,8 @@ Generate text from a trained checkpoint, streaming it as it comes.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
     python sample.py --help
 
-The checkpoint alone is enough: the tokenizer travels inside it, so no data folder is needed.
+The checkpoint alone is enough: the tokenizer travels inside it, so no data folder is needed. It
+reads OUT_DIR/best.pt (the lowest validation loss) when there is one, else ckpt.pt; --checkpoint chooses.
 Generation uses a KV cache; past block_size the context window slides (see GPT.generate).
 """
 
@@ -23,16 +24,17 @@ import torch
 
 from data.tokenizer import tokenizer_from_spec
 from glimpse.attention import dump_text, induction_probe
-from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option, resolve_device, resolve_dtype
+from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = option("out", "folder holding the ckpt.pt to sample from")
+    out_dir: str = option("out", "folder of the training run to sample from")
+    checkpoint: Which = checkpoint_option()
     start: str = option("\n", "the prompt (default: a newline), or FILE:path to read it from a file")
     num_samples: int = option(3, "how many samples to draw, one after another")
     max_new_tokens: int = option(500, "tokens to generate per sample")
@@ -79,11 +81,8 @@ def read_prompt(start: str) -> str:
 def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     """Draw cfg.num_samples continuations of the prompt; stream each to out (stdout); return them."""
     out = out or sys.stdout
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    state = load_checkpoint(checkpoint_path(cfg.out_dir), device)
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "sampling from")
     tokenizer = tokenizer_from_spec(state["tokenizer"])
-    model = model_from_checkpoint(state, device).eval()
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
     if len(ids) == 0:

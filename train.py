@@ -1,4 +1,4 @@
-"""
+r"""
 Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
 
     python train.py config/shakespeare_char_cpu.toml
@@ -9,8 +9,13 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
 
 Built-in datasets (shakespeare_char, shakespeare) are downloaded and prepared on first use. The run
 writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON line per log and
-per eval) and out_dir/ckpt.pt (everything needed to sample from it or resume it).
+per eval), out_dir/ckpt.pt (where training stands: what --init_from=resume continues) and
+out_dir/best.pt (the weights with the lowest validation loss, which sample.py and eval.py read).
 """
+
+# Reading order: train and loop -> Run and setup (what a run holds, and what its checkpoint holds) ->
+# the loop's steps: train_step, StepLog, evaluate, snapshot_attention, save, final_eval -> TimeBudget ->
+# TrainConfig (the keys).
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,21 +38,25 @@ from data.dataset import TokenData
 from data.prepare import ensure_dataset
 from glimpse.attention import dump_text
 from glimpse.checkpoint import (
+    best_path,
     check_resume,
     checkpoint_path,
     load_checkpoint,
-    restore_rng,
-    rng_state,
+    rank_rng_state,
+    restore_rank_rng,
     save_checkpoint,
+    saved_rank_states,
 )
-from glimpse.config import option, parse_config
+from glimpse.config import config_values, nested, option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, length_loss
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.runtime import (
     Device,
+    Distributed,
     Dtype,
     StopRequest,
+    allow_tf32,
     autocast,
     close_distributed,
     device_option,
@@ -56,15 +65,413 @@ from glimpse.runtime import (
     peak_flops,
     resolve_device,
     resolve_dtype,
+    synchronize,
+    to_device,
 )
 from glimpse.tracking import Tracker
 from model import GPT, GPTConfig
 
 
+def train(cfg: TrainConfig) -> dict:
+    """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
+    ddp = init_distributed(cfg.device)
+    try:
+        run = setup(cfg, ddp)
+        try:
+            return loop(run)
+        finally:
+            run.tracker.close()
+    finally:
+        close_distributed(ddp)
+
+
+def loop(run: Run) -> dict:
+    """Steps until max_iters or the time budget: evals, snapshots and checkpoints on their schedules."""
+    cfg, ddp = run.cfg, run.ddp
+    budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
+    resumed_at = run.iter_num if cfg.init_from == "resume" else None  # its eval is in metrics.jsonl already
+    attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
+    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
+    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not ddp.is_main,
+               dynamic_ncols=True)
+    log = StepLog(run.device)
+    t_saved = time.time()
+    try:
+        while True:
+            budget_used = budget.fraction(run.iter_num)
+            lr = get_lr(run.iter_num, cfg, budget_used)
+            last_step = run.iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
+            if (run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at:
+                if evaluate_and_save(run, last_step):
+                    t_saved = time.time()
+                log.pause()  # evaluation time does not count against throughput
+            if attn_every and (run.iter_num % attn_every == 0 or last_step) and run.iter_num != resumed_at:
+                snapshot_attention(run)
+                log.pause()
+            if last_step:
+                break
+
+            t_step = time.perf_counter()
+            log.loss_sum += train_step(run, lr)
+            if cfg.max_time:
+                synchronize(run.device)  # the budget counts the step's work, not the time to queue it
+            budget.spent += time.perf_counter() - t_step
+            run.train_seconds = budget.spent
+            log.steps += 1
+            bar.update(1)
+            log_step = run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters
+            if log_step:
+                bar.set_postfix(log.write(run, lr, budget_used))
+
+            # the processes must take the same decisions at the same step: under DDP they agree at log steps
+            # only, in one small collective, rather than paying for one every step
+            if not ddp.enabled or log_step:
+                interval_due = bool(cfg.checkpoint_interval_s) and time.time() - t_saved >= cfg.checkpoint_interval_s
+                stopping, saving, slowest = ddp.max([stop.signum is not None, interval_due, budget.spent])
+                budget.agree(slowest, run.iter_num)
+                if saving or stopping:
+                    save(run)
+                    t_saved = time.time()
+                if stopping:
+                    bar.close()
+                    signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops as SIGTERM
+                    run.say(f"stopped by {signal.Signals(signum).name} at step {run.iter_num}; checkpoint saved: "
+                            "continue with --init_from=resume")
+                    raise SystemExit(128 + signum)
+    finally:
+        stop.restore()
+        bar.close()  # before any error message, so that the message is the last line
+    if cfg.final_eval:
+        run.last_eval = {**run.last_eval, **final_eval(run)}
+    return run.last_eval
+
+
+@dataclass
+class Run:
+    """A training run between steps: what it trains and with what, and how far it has got.
+
+    Three names for the network, each for its callers:
+      model      the module itself: its weights are saved, checked for finiteness and drawn in snapshots
+                 (a compiled or DDP wrapper would put prefixes on every saved name)
+      compiled   model, or torch.compile(model): evaluations call it, for the compiled speed without
+                 DDP's gradient hooks
+      ddp_model  compiled inside DDP under torchrun, else compiled itself: training steps call it, since
+                 DDP averages the gradients across processes in backward
+    """
+
+    cfg: TrainConfig
+    ddp: Distributed
+    device: torch.device
+    dtype: torch.dtype
+    data: TokenData
+    model: GPT
+    compiled: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16 only: scales the loss so that small gradients survive
+    batch_gen: torch.Generator  # draws every training batch; the same on every process
+    tracker: Tracker
+    peak: float | None  # the device's peak FLOP/s at dtype, for MFU; None where it is not known
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
+    step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
+    tokens_per_sec: float = 0.0  # over the last log interval
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def ctx(self):
+        return autocast(self.device, self.dtype)
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.cfg.batch_size * self.cfg.model.block_size * self.cfg.gradient_accumulation_steps
+
+    def say(self, text: str):
+        if self.ddp.is_main:
+            tqdm.write(text)
+
+    def weights_dict(self) -> dict:
+        """What best.pt holds: the weights and what sampling and evaluation need to use them."""
+        return {"model": self.model.state_dict(), "model_config": asdict(self.model.config),
+                "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
+                "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
+                "wandb_run_id": self.tracker.run_id}
+
+    def state_dict(self) -> dict:
+        """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
+
+        Every process calls it: each one's own random streams (its dropout masks) are gathered.
+        """
+        return {**self.weights_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
+                "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
+
+    def load_state_dict(self, state: dict):
+        """Continue from a ckpt.pt (older ones too: no scaler, one rank's streams)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.batch_gen.set_state(state["rng"]["batches"].cpu())
+        ranks = saved_rank_states(state["rng"])
+        if len(ranks) == self.ddp.world_size:
+            restore_rank_rng(ranks[self.ddp.rank], self.device)
+        else:  # another process count: no exact continuation, but each process still its own masks
+            self.say(f"resuming {len(ranks)} process(es)' run in {self.ddp.world_size}: dropout masks are reseeded")
+            torch.manual_seed(self.cfg.seed + self.ddp.rank + self.iter_num * self.ddp.world_size)
+
+
+def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
+    """Everything a run needs before its first step: device, data, model, optimizer, tracker, and the
+    checkpoint's state when resuming."""
+    device = resolve_device(cfg.device, ddp.local_rank)
+    dtype = resolve_dtype(cfg.dtype, device)
+    allow_tf32(device, dtype)
+    if cfg.gradient_accumulation_steps % ddp.world_size:
+        raise GlimpseError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+            f"the number of processes ({ddp.world_size}): each process takes an equal share"
+        )
+    out_dir = Path(cfg.out_dir)
+    existing = [p for p in (checkpoint_path(out_dir), best_path(out_dir)) if p.exists()]
+    if cfg.init_from == "scratch" and existing:
+        raise GlimpseError(f"{existing[0]} exists: continue it with --init_from=resume, or start fresh in another "
+                           "--out_dir (or delete that one)")
+
+    # data: the first process of each machine prepares a built-in dataset while the others wait
+    if ddp.local_rank == 0:
+        ensure_dataset(cfg.dataset, cfg.data_dir)
+    ddp.barrier()
+    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
+    data.check_block_size(cfg.model.block_size)
+
+    state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
+    model_config = cfg.model_config(data.vocab_size)
+    if state is not None:
+        check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    model = GPT(model_config).to(device)
+    compiled = torch.compile(model) if cfg.compile else model
+    ddp_model = compiled
+    if ddp.enabled:
+        ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    tracker = Tracker(
+        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+        wandb_run_name=cfg.wandb_run_name, config=config_values(cfg),
+        resume_run_id=state.get("wandb_run_id") if state else None,
+        keep_through_iter=state["iter_num"] if state else None,
+    )
+    run = Run(cfg, ddp, device, dtype, data, model, compiled, ddp_model,
+              optimizer=configure_optimizer(model, cfg, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
+              peak=peak_flops(device, dtype))  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
+    if state is not None:
+        run.load_state_dict(state)
+    else:
+        torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
+    run.step_lr = get_lr(run.iter_num, cfg)  # step 0's eval reports the rate its first step will take
+    if ddp.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config_values(cfg), indent=1) + "\n", encoding="utf-8")
+    run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
+            f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
+            + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
+    return run
+
+
+def train_step(run: Run, lr: float) -> torch.Tensor:
+    """One optimizer step over the global batch at learning rate lr; returns this process's mean loss.
+
+    The loss stays on the device (reading it would wait for the GPU). Every process draws the same
+    global batch and takes micro-steps rank, rank + world_size, ...; DDP averages the gradients.
+    """
+    cfg, ddp = run.cfg, run.ddp
+    set_lr(run.optimizer, lr, cfg)
+    run.step_lr = lr
+    block_size = cfg.model.block_size
+    starts = run.data.random_starts("train", cfg.gradient_accumulation_steps * cfg.batch_size, block_size,
+                                    run.batch_gen)
+    mine = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
+    total = torch.zeros((), device=run.device)
+    for micro, micro_starts in enumerate(mine):
+        x, y = (to_device(t, run.device) for t in run.data.batch("train", micro_starts, block_size))
+        # gradients are averaged across processes only on the last micro-step
+        defer_sync = ddp.enabled and micro < len(mine) - 1
+        with run.ddp_model.no_sync() if defer_sync else nullcontext(), run.ctx:
+            _, loss = run.ddp_model(x, y)
+            loss = loss / len(mine)
+        run.scaler.scale(loss).backward()
+        total += loss.detach()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return total
+
+
+def throughput(run: Run) -> dict:
+    """Model FLOPs utilisation at the last measured speed, {'mfu': share of the devices' combined peak}, or {}
+    where the peak is not known."""
+    if not run.peak:
+        return {}
+    return {"mfu": run.tokens_per_sec * run.model.flops_per_token() / (run.peak * run.ddp.world_size)}
+
+
+class StepLog:
+    """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.since = 0, time.time()
+
+    def pause(self):
+        """Leave the time since the last step out of the next speed (an eval, a snapshot)."""
+        self.since = time.time()
+
+    def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
+        """Log the mean loss and speed since the last log step; return what the progress bar shows."""
+        train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
+        run.tokens_per_sec = run.tokens_per_iter * self.steps / (time.time() - self.since)
+        record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
+                  **throughput(run)}
+        if budget_used is not None:
+            record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
+        run.tracker.log(record)
+        if not math.isfinite(train_loss):
+            raise GlimpseError(f"the training loss became {train_loss} at step {run.iter_num}; the last good "
+                               "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+        self.loss_sum.zero_()
+        self.steps, self.since = 0, time.time()
+        shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
+        return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
+
+
+def evaluate(run: Run) -> dict:
+    """Estimate the train and val loss on fixed batches (each process its share), and log them."""
+    losses = estimate_loss(run.compiled, run.data, run.cfg, run.device, run.ctx, run.ddp)
+    run.last_eval = {"iter": run.iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
+                     "val_bits_per_token": losses["val"] / math.log(2),
+                     "lr": run.step_lr, "tokens_per_sec": run.tokens_per_sec}  # those of the last step taken
+    run.tracker.log(run.last_eval)
+    run.say(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if not math.isfinite(losses["val"]):
+        raise GlimpseError(f"the validation loss became {losses['val']} at step {run.iter_num}; the last good "
+                           "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+    return run.last_eval
+
+
+def evaluate_and_save(run: Run, last_step: bool) -> bool:
+    """An eval, then best.pt if it improved on the best so far, and ckpt.pt at every eval
+    (always_save_checkpoint) or at the last one. True when ckpt.pt was written."""
+    val_loss = evaluate(run)["val_loss"]
+    if run.iter_num == 0:
+        return False  # untrained weights: nothing worth keeping
+    if val_loss < run.best_val_loss:
+        run.best_val_loss = val_loss
+        save(run, best=True)
+    if run.cfg.always_save_checkpoint or last_step:
+        save(run)
+        return True
+    return False
+
+
+def snapshot_attention(run: Run):
+    """Dump the attention over the start of the validation split to out_dir/attention/iter_<n>/ and wandb.
+
+    The text is the same at every step, so the dumps show how the heads form over the run; the cost
+    is one forward over attn_probe_tokens tokens, and the pictures. Rank 0 draws; the others wait.
+    """
+    cfg, val = run.cfg, run.data.splits["val"]
+    n = min(cfg.attn_probe_tokens, cfg.model.block_size, len(val))
+    if n == 0:
+        return
+    folder = Path(cfg.out_dir) / "attention" / f"iter_{run.iter_num}"
+
+    def draw():
+        meta = {"iter": run.iter_num, "model_config": asdict(run.model.config), "tokenizer": run.data.tokenizer_spec,
+                "source": f"the first {n} tokens of {run.data.folder.name}'s validation split"}
+        try:
+            heads = dump_text(run.model, run.data.tokenizer(), val[:n].astype(np.int64), prompt_len=n, meta=meta,
+                              folder=folder)
+        except OSError as e:
+            raise GlimpseError(f"could not write the attention snapshot to {folder}: {e.strerror or e}") from None
+        run.tracker.log_attention(folder, heads, step=run.iter_num)
+
+    run.ddp.on_main(draw, f"drawing the attention snapshot of step {run.iter_num}")
+
+
+def save(run: Run, best: bool = False):
+    """Write ckpt.pt (best: best.pt) as the run stands. Every process calls it; rank 0 writes.
+
+    Weights that are no longer finite are never saved, so the last good checkpoint survives a blow-up.
+    """
+    finite = all(torch.isfinite(p).all() for p in run.model.parameters())
+    if run.ddp.any(not finite):
+        raise GlimpseError(f"the weights are no longer finite at step {run.iter_num}; the last good checkpoint "
+                           "is kept. Try a lower learning_rate, or dtype=float32")
+    path = best_path(run.cfg.out_dir) if best else checkpoint_path(run.cfg.out_dir)
+    state = run.weights_dict() if best else run.state_dict()
+
+    def write():
+        try:
+            save_checkpoint(path, state)
+        except OSError as e:
+            raise GlimpseError(f"could not write {path}: {e.strerror or e}; the previous one is kept") from None
+
+    run.ddp.on_main(write, f"writing {path}")
+
+
+def final_eval(run: Run) -> dict:
+    """Score the whole validation split in block_size windows, each process its share; log and return it."""
+    run.model.eval()
+    val, block_size = run.data.splits["val"], run.cfg.model.block_size
+    # no gradients to keep, so bigger batches than training's (up to 4,096 tokens) run faster
+    eval_batch = max(run.cfg.batch_size, 4096 // block_size)
+    loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
+                               run.device, run.ctx, ddp=run.ddp)
+    final = {"iter": run.iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
+             "final_val_tokens": scored}
+    run.tracker.log(final)
+    run.say(f"final val loss {loss:.4f} on the whole validation split ({scored:,} tokens, {block_size}-token "
+            "windows)")
+    return final
+
+
+class TimeBudget:
+    """The max_time clock: seconds spent in training steps (evals, checkpoints and snapshots are off it).
+
+    Every process must take the same learning rate and stop at the same step, but their clocks differ
+    a little. So they agree on the slowest clock at log steps (every step when there is one process),
+    and in between extend the agreed time by the seconds per step agreed so far.
+    """
+
+    def __init__(self, max_time: float, spent: float, iter_num: int):
+        self.max_time, self.spent = max_time, spent  # spent: this process's own clock
+        self.agreed, self.agreed_at = spent, iter_num
+        self.start, self.start_at = spent, iter_num
+
+    def agree(self, slowest: float, iter_num: int):
+        self.agreed, self.agreed_at = slowest, iter_num
+
+    def fraction(self, iter_num: int) -> float | None:
+        """The share of the budget spent by step iter_num, the same on every process; None: no budget."""
+        if not self.max_time:
+            return None
+        steps = self.agreed_at - self.start_at
+        per_step = (self.agreed - self.start) / steps if steps else 0.0
+        return (self.agreed + (iter_num - self.agreed_at) * per_step) / self.max_time
+
+
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = option("out", "folder for ckpt.pt, config.json and metrics.jsonl")
+    out_dir: str = option("out", "folder for ckpt.pt, best.pt, config.json and metrics.jsonl")
     dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/{train,val}.bin")
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
     init_from: Literal["scratch", "resume"] = option("scratch", "start fresh, or resume out_dir/ckpt.pt")
@@ -75,7 +482,6 @@ class TrainConfig:
     seed: int = option(1337, "seeds weights, batches and dropout")
     # data
     batch_size: int = option(64, "sequences per micro-step (per process under DDP)")
-    block_size: int = option(256, "context length in tokens")
     gradient_accumulation_steps: int = option(
         1, "micro-steps per optimizer step, over all processes (must divide by the process count)"
     )
@@ -89,7 +495,10 @@ class TrainConfig:
     eval_interval: int = option(250, "evaluate (and maybe checkpoint) every this many steps")
     eval_iters: int = option(200, "batches per split in each evaluation")
     log_interval: int = option(10, "log the training loss every this many steps")
-    always_save_checkpoint: bool = option(True, "checkpoint at every eval, not only when val loss improves")
+    always_save_checkpoint: bool = option(
+        True, "write ckpt.pt (what resuming needs) at every eval; false: only at the end, on a signal and every "
+        "checkpoint_interval_s. Either way best.pt keeps the weights with the lowest val loss"
+    )
     final_eval: bool = option(True, "after the last step, score the whole validation split and log final_val_loss")
     checkpoint_interval_s: float = option(
         0.0, "also checkpoint every this many seconds of training, whatever the val loss (0: only at evals)"
@@ -124,41 +533,10 @@ class TrainConfig:
         5, "Newton-Schulz iterations that orthogonalise each Muon update: fewer are cheaper and rougher"
     )
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
-    # model
-    n_layer: int = option(6, "transformer blocks")
-    n_head: int = option(6, "attention heads per block")
-    n_embd: int = option(384, "width of the residual stream")
-    dropout: float = option(0.2, "dropout probability while training")
-    bias: bool = option(True, "biases in Linear and LayerNorm layers, as GPT-2 has them")
-    attn_score: Literal["scaled_dot", "dot", "additive"] = option(
-        "scaled_dot", "how queries score keys: softmax(QK^T/sqrt(d)), unscaled QK^T (both on the fused fast "
-        "path), or Bahdanau's v^T tanh(W_q q + W_k k) (explicit path only: slow, memory grows as T^2 x head size)"
-    )
-    pos_encoding: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = option(
-        "learned", "where position information comes from: GPT-2's learned table (stops at block_size), fixed "
-        "sinusoids, rotary (RoPE), ALiBi's distance penalty, or none (only the causal mask)"
-    )
-    norm: Literal["layernorm", "rmsnorm"] = option(
-        "layernorm", "the normalisation before attention, the MLP and the head: GPT-2's LayerNorm, or RMSNorm "
-        "(divide by the root mean square, times a learned gain; no mean subtracted, no bias), as LLaMA and most "
-        "later models have it"
-    )
-    activation: Literal["gelu", "relu2"] = option(
-        "gelu", "the MLP's nonlinearity: GPT-2's tanh GELU, or ReLU squared (relu(x)^2, from the Primer paper, "
-        "used by modded-nanogpt)"
-    )
-    qk_norm: bool = option(
-        False, "RMS-normalise each head's queries and keys (learned gain per channel) before rotary and the scores: "
-        "the logits are then bounded by the gains, not by how large queries and keys grow, a guard against the "
-        "logit growth reported to destabilise training at high learning rates"
-    )
-    tie_embeddings: bool = option(
-        True, "the output head shares the token-embedding matrix, as in GPT-2; false gives lm_head a matrix of its "
-        "own (vocab_size x n_embd more parameters), so reading a token and predicting it can differ"
-    )
-    zero_init_proj: bool = option(
-        False, "start the projections that write into the residual stream (attn.c_proj, mlp.c_proj) at zero, so "
-        "every block starts as the identity and learns what to add; false: GPT-2's small random start"
+    # model: GPTConfig's keys, with a smaller default than GPT-2's
+    model: GPTConfig = nested(
+        lambda: GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        "the network's shape (model.py's GPTConfig); each key is set by its own name, --n_layer=4 or n_layer = 4",
     )
     # wandb
     wandb_log: bool = option(False, "log config and scalars to wandb (WANDB_MODE=offline works)")
@@ -166,8 +544,7 @@ class TrainConfig:
     wandb_run_name: str = option("", "wandb run name (empty: wandb picks one)")
 
     def __post_init__(self):
-        for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval",
-                     "eval_iters", "log_interval", "n_layer", "n_head", "n_embd"):
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens"):
@@ -191,234 +568,10 @@ class TrainConfig:
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
-        self.model_config(vocab_size=1)  # checks the model's shape (n_embd vs n_head, dropout)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        # every GPTConfig field but vocab_size (the dataset's) is a key of the same name here
-        shape = {f.name: getattr(self, f.name) for f in fields(GPTConfig) if f.name != "vocab_size"}
-        return GPTConfig(vocab_size=vocab_size, **shape)
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
-    ddp = init_distributed(cfg.device)
-    try:
-        return _train(cfg, ddp)
-    finally:
-        close_distributed(ddp)
-
-
-def _train(cfg: TrainConfig, ddp) -> dict:
-    device = resolve_device(cfg.device, ddp.local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
-    ctx = autocast(device, dtype)
-    if cfg.gradient_accumulation_steps % ddp.world_size:
-        raise GlimpseError(
-            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
-            f"the number of processes ({ddp.world_size}): each process takes an equal share"
-        )
-    micro_steps = cfg.gradient_accumulation_steps // ddp.world_size  # this process's share
-    out_dir = Path(cfg.out_dir)
-    if cfg.init_from == "scratch" and checkpoint_path(out_dir).exists():
-        raise GlimpseError(f"{checkpoint_path(out_dir)} exists: continue it with --init_from=resume, or start "
-                           "fresh in another --out_dir (or delete that one)")
-
-    # data: the first process of each machine prepares a built-in dataset while the others wait
-    if ddp.local_rank == 0:
-        ensure_dataset(cfg.dataset, cfg.data_dir)
-    ddp.barrier()
-    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
-    data.check_block_size(cfg.block_size)
-
-    # model, optimizer and the random streams, fresh or from the checkpoint
-    state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
-    model_config = cfg.model_config(data.vocab_size)
-    if state is not None:
-        check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = GPT(model_config).to(device)
-    optimizer = configure_optimizer(model, cfg, device)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)  # draws every training batch
-    iter_num, best_val_loss = 0, float("inf")
-    train_seconds = 0.0  # time spent in training steps: the clock that max_time budgets
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
-        train_seconds = state.get("train_seconds", 0.0)
-        restore_rng(state["rng"], batch_gen, device)
-    else:
-        torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    fast_model = torch.compile(model) if cfg.compile else model
-    step_model = fast_model
-    if ddp.enabled:
-        step_model = DDP(fast_model, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-
-    tracker = Tracker(
-        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
-        wandb_run_name=cfg.wandb_run_name, config=asdict(cfg),
-        resume_run_id=state.get("wandb_run_id") if state else None,
-        keep_through_iter=iter_num if state else None,
-    )
-    if ddp.is_main:
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n", encoding="utf-8")
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    say = tqdm.write if ddp.is_main else (lambda *_: None)
-    peak = peak_flops(device, dtype)  # None on CPU, MPS and unknown GPUs: then no MFU at all, not a guess
-    flops_per_token = model.flops_per_token() if peak else 0  # the model's shape is fixed: count once
-    say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
-        f"{ddp.world_size} process(es) | {tokens_per_iter:,} tokens per step"
-        + (f" | MFU against a peak of {peak / 1e12:g} TFLOP/s per device" if peak else ""))
-
-    def save(val_loss: float | None):
-        """Checkpoint the run as it stands (rank 0 only); weights that are no longer finite are never saved."""
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise GlimpseError(f"the weights are no longer finite at step {iter_num}; the last good checkpoint "
-                               "is kept. Try a lower learning_rate, or dtype=float32")
-        save_checkpoint(checkpoint_path(out_dir), {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": asdict(model_config), "train_config": asdict(cfg), "tokenizer": data.tokenizer_spec,
-            "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
-            "wandb_run_id": tracker.run_id, "rng": rng_state(batch_gen, device), "train_seconds": train_seconds,
-        })
-
-    stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", unit="step", disable=not ddp.is_main,
-               dynamic_ncols=True)
-    t_saved = time.time()
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
-    t_log, iters_since_log, tokens_per_sec, last_eval = time.time(), 0, 0.0, {}
-    resumed_at = iter_num if state is not None else None  # its eval is in metrics.jsonl already
-    step_lr = get_lr(0, cfg)  # read only by step 0's eval: a resumed run takes a step before its next eval
-    try:
-        while True:
-            budget_used = train_seconds / cfg.max_time if cfg.max_time else None
-            # under DDP the processes' clocks differ a little: all follow the slowest, to stop together
-            budget_used = ddp.max(budget_used) if budget_used is not None else None
-            lr = get_lr(iter_num, cfg, budget_used)
-            last_step = iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
-            if (iter_num % cfg.eval_interval == 0 or last_step) and iter_num != resumed_at:
-                losses = estimate_loss(fast_model, data, cfg, device, ctx, ddp)
-                # lr and tokens_per_sec are those of the last step taken, as in the step record of this iter
-                last_eval = {"iter": iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
-                             "val_bits_per_token": losses["val"] / math.log(2),
-                             "lr": step_lr, "tokens_per_sec": tokens_per_sec}
-                tracker.log(last_eval)
-                say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if not math.isfinite(losses["val"]):
-                    raise GlimpseError(f"the validation loss became {losses['val']} at step {iter_num}; the last "
-                                       "good checkpoint is kept. Try a lower learning_rate, or dtype=float32")
-                if ddp.is_main and iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    save(losses["val"])
-                    t_saved = time.time()
-                t_log = time.time()  # evaluation time does not count against throughput
-            attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
-            if ddp.is_main and attn_every and (iter_num % attn_every == 0 or last_step) \
-                    and iter_num != resumed_at:
-                log_attention_maps(model, data, cfg, iter_num, tracker)
-                t_log = time.time()  # evaluation time does not count against throughput
-            if last_step:
-                break
-            t_step = time.time()
-
-            # one optimizer step over the global batch; this process takes micro-steps rank, rank + world, ...
-            set_lr(optimizer, lr, cfg)
-            step_lr = lr
-            n_seqs = cfg.gradient_accumulation_steps * cfg.batch_size  # the global batch, drawn alike everywhere
-            starts = data.random_starts("train", n_seqs, cfg.block_size, batch_gen)
-            starts = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
-            for micro, micro_starts in enumerate(starts):
-                x, y = data.batch("train", micro_starts, cfg.block_size)
-                if device.type == "cuda":
-                    x = x.pin_memory().to(device, non_blocking=True)
-                    y = y.pin_memory().to(device, non_blocking=True)
-                else:
-                    x, y = x.to(device), y.to(device)
-                # gradients are averaged across processes only on the last micro-step
-                defer_sync = ddp.enabled and micro < micro_steps - 1
-                with step_model.no_sync() if defer_sync else nullcontext(), ctx:
-                    _, loss = step_model(x, y)
-                    loss = loss / micro_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            iters_since_log += 1
-            train_seconds += time.time() - t_step
-            bar.update(1)
-
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-                train_loss = (ddp.mean(loss_sum) / iters_since_log).item()  # .item() waits for the GPU
-                dt = time.time() - t_log
-                tokens_per_sec = tokens_per_iter * iters_since_log / dt
-                record = {"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec}
-                postfix = {"loss": f"{train_loss:.4f}", "tok_s": f"{tokens_per_sec:,.0f}"}
-                if peak:
-                    # model FLOPs utilisation: the share of the devices' combined peak that the model's arithmetic used
-                    record["mfu"] = tokens_per_sec * flops_per_token / (peak * ddp.world_size)
-                    postfix["mfu"] = f"{record['mfu']:.1%}"
-                tracker.log(record)
-                bar.set_postfix(postfix)
-                if not math.isfinite(train_loss):
-                    raise GlimpseError(f"the training loss became {train_loss} at step {iter_num}; the last good "
-                                       "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
-                loss_sum.zero_()
-                t_log, iters_since_log = time.time(), 0
-            if cfg.checkpoint_interval_s and ddp.is_main and time.time() - t_saved >= cfg.checkpoint_interval_s:
-                save(last_eval.get("val_loss"))
-                t_saved = time.time()
-            # under DDP every process must stop at the same step, so they agree at log steps only
-            if (not ddp.enabled or iter_num % cfg.log_interval == 0) and ddp.any(stop.signum is not None):
-                if ddp.is_main:
-                    save(last_eval.get("val_loss"))
-                bar.close()
-                tracker.close()
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                say(f"stopped by {name} at step {iter_num}; checkpoint saved: continue with --init_from=resume")
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-    finally:
-        stop.restore()
-        bar.close()  # before any error message, so that the message is the last line
-    if cfg.final_eval and ddp.is_main:
-        # the estimates above use eval_iters random batches; the run's last word is the whole split
-        model.eval()
-        val = data.splits["val"]
-        # no gradients to keep, so bigger batches than training's (up to 4,096 tokens) run faster
-        eval_batch = max(cfg.batch_size, 4096 // cfg.block_size)
-        loss, scored = length_loss(fast_model, val, cfg.block_size, "windows", cfg.block_size, len(val),
-                                   eval_batch, device, ctx)
-        final = {"iter": iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
-                 "final_val_tokens": scored}
-        tracker.log(final)
-        last_eval = {**last_eval, **final}
-        say(f"final val loss {loss:.4f} on the whole validation split ({scored:,} tokens, {cfg.block_size}-token "
-            "windows)")
-    tracker.close()
-    return last_eval
-
-
-def log_attention_maps(model: GPT, data: TokenData, cfg: TrainConfig, iter_num: int, tracker: Tracker):
-    """Dump the attention over the start of the validation split to out_dir/attention/iter_<n>/ and wandb.
-
-    The text is the same at every step, so the dumps show how the heads form over the run; the
-    cost is one forward over attn_probe_tokens tokens, and the pictures.
-    """
-    n = min(cfg.attn_probe_tokens, cfg.block_size, len(data.splits["val"]))
-    if n == 0:
-        return
-    ids = data.splits["val"][:n].astype(np.int64)
-    meta = {"iter": iter_num, "model_config": asdict(model.config), "tokenizer": data.tokenizer_spec,
-            "source": f"the first {n} tokens of {data.folder.name}'s validation split"}
-    folder = Path(cfg.out_dir) / "attention" / f"iter_{iter_num}"
-    heads = dump_text(model, data.tokenizer(), ids, prompt_len=n, meta=meta, folder=folder)
-    tracker.log_attention(folder, heads, step=iter_num)
+        """The network to build: the model keys, and the dataset's vocabulary."""
+        return replace(self.model, vocab_size=vocab_size)
 
 
 def main(argv: list[str] | None = None):

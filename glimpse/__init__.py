@@ -2,7 +2,7 @@
 
 config      typed dataclass configs from defaults, TOML files and --key=value flags
 errors      the one-line error a user sees instead of a traceback
-checkpoint  saving, loading and rebuilding a model from ckpt.pt
+checkpoint  saving and loading ckpt.pt and best.pt, rebuilding a model, what a resume must match
 optim       AdamW, Muon beside AdamW, and the learning-rate schedule
 runtime     device, dtype, autocast, DDP process-group setup, and stopping on signals
 tracking    metrics.jsonl and wandb logging

@@ -1,47 +1,83 @@
 """
-Checkpoint I/O, shared by train.py (save, resume) and sample.py (load, build), and what resuming
-checks and restores: the model shape, tokenizer and optimizer a checkpoint must match, and its random
-streams.
+Checkpoint I/O, shared by train.py (save, resume), sample.py and eval.py (load, build), and what
+resuming checks and restores: the model shape, tokenizer and optimizer a checkpoint must match, and
+its random streams.
 
-A checkpoint is a dict of plain types and tensors, so it loads with torch.load(weights_only=True),
-which refuses anything that would run code while unpickling:
+A run's out_dir holds two checkpoints, because resuming and sampling want different weights:
 
-    model         the raw model's state_dict (never the torch.compile or DDP wrapper's)
-    model_config  GPTConfig as a dict
-    tokenizer     the tokenizer spec (data/tokenizer.py): a checkpoint alone can sample
-    train_config  the resolved training config as a dict
-    optimizer, iter_num, best_val_loss, rng, wandb_run_id   what resuming needs
+    ckpt.pt   where training stands: what a resumed run needs to continue exactly (train.py's
+              Run.state_dict defines it: weights, optimizer, grad scaler, counters, every rank's
+              random streams). Written at evals, on a signal, every checkpoint_interval_s, at the end.
+    best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
+              is a third of the size. Written when an eval improves on the best.
 
-Writes are atomic: a temporary file in the same folder, flushed to disk, then renamed over ckpt.pt,
-so a crash mid-write leaves the previous checkpoint whole.
+Older out_dirs hold ckpt.pt alone; it loads everywhere as before. Either file is a dict of plain types
+and tensors, so it loads with torch.load(weights_only=True), which refuses anything that would run
+code while unpickling. Writes are atomic: a temporary file in the same folder, flushed to disk, then
+renamed over the old one, so a crash mid-write leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from glimpse.config import option
 from glimpse.errors import GlimpseError
+from glimpse.runtime import allow_tf32, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
+BEST_NAME = "best.pt"
+Which = Literal["auto", "best", "last"]
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
+    """ckpt.pt: where training stands, what --init_from=resume reads."""
     return Path(out_dir) / CHECKPOINT_NAME
+
+
+def best_path(out_dir: str | Path) -> Path:
+    """best.pt: the weights with the lowest validation loss so far."""
+    return Path(out_dir) / BEST_NAME
+
+
+def checkpoint_option():
+    """The --checkpoint field of the scripts that read a trained model."""
+    return option("auto", "which checkpoint of out_dir to read: best (best.pt, the lowest validation loss), last "
+                          "(ckpt.pt, where training stopped), auto: best.pt when there is one, else ckpt.pt")
+
+
+def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
+    """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
+    if which == "last" or (which == "auto" and not best_path(out_dir).exists()):
+        return checkpoint_path(out_dir)
+    return best_path(out_dir)
+
+
+def describe(path: Path, state: dict) -> str:
+    """One line on what a loaded checkpoint is, for the scripts to print."""
+    val = state.get("val_loss")
+    return f"{path} (step {state.get('iter_num')}" + (f", val loss {val:.4f})" if val is not None else ")")
 
 
 def save_checkpoint(path: Path, state: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is no use to anyone; the old checkpoint is untouched
+        raise
     os.replace(tmp, path)
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX; Windows has no directory fsync)
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -76,6 +112,21 @@ def model_from_checkpoint(state: dict, device="cpu") -> GPT:
     return model.to(device)
 
 
+def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name: str, doing: str):
+    """(model in eval mode, checkpoint dict, device, dtype) for the scripts that use a trained model.
+
+    Reads the checkpoint --checkpoint names onto the device --device names, and says on stderr which
+    file it read ("sampling from out/best.pt (step 5000, val loss 1.4712)").
+    """
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    allow_tf32(device, dtype)
+    path = chosen_checkpoint(out_dir, which)
+    state = load_checkpoint(path, device)
+    print(f"{doing} {describe(path, state)}", file=sys.stderr)
+    return model_from_checkpoint(state, device).eval(), state, device, dtype
+
+
 def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
     """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != tokenizer_spec:
@@ -93,21 +144,22 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
                                f"{f.name}={was}; drop the flag or start a new out_dir")
 
 
-def rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
-    """The random streams a resumed run must continue: training batches, torch's, and the GPU's."""
-    state = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
+def rank_rng_state(device: torch.device) -> dict:
+    """This process's own random streams (dropout masks): torch's, and its GPU's."""
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(rng: dict, batch_gen: torch.Generator, device: torch.device):
-    """Set the streams back to what rng_state recorded, so a resumed run draws what it would have.
-
-    Only rank 0 saves, so under DDP every process resumes with rank 0's streams.
-    """
+def restore_rank_rng(state: dict, device: torch.device):
+    """Set this process's streams back to what rank_rng_state recorded."""
     # a checkpoint loaded onto a GPU brings these byte tensors along; generators take them on the CPU only
-    batch_gen.set_state(rng["batches"].cpu())
-    torch.set_rng_state(rng["torch"].cpu())
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def saved_rank_states(rng: dict) -> list[dict]:
+    """Every rank's streams from a checkpoint's rng entry; checkpoints before per-rank streams held one."""
+    return rng["ranks"] if "ranks" in rng else [{k: v for k, v in rng.items() if k != "batches"}]

@@ -4,6 +4,10 @@ Typed configs from three layers: dataclass defaults < a TOML file < --key=value 
 Each script declares one dataclass whose fields carry their own help (`option(default, help)`);
 `parse_config` reads argv into it, parsing every value by its field's type, so that a wrong key or
 a wrong value fails at once with a message that names it, before any work starts.
+
+A field made with `nested(factory, help)` holds another such dataclass (train.py's `model`, a
+GPTConfig): the fields of that class that carry help are keys too, by their own names (`--n_layer`,
+`n_layer = 4` in a TOML file), so each option is declared once, where it is used.
 """
 
 from __future__ import annotations
@@ -31,6 +35,51 @@ def option(default: Any, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def nested(factory, help: str):
+    """A field that holds another config dataclass, built by factory(); its keys join the outer ones."""
+    return dataclasses.field(default_factory=factory, metadata={"help": help, "nested": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: the field behind it, its type, its default, and the nested field it sits in."""
+
+    field: dataclasses.Field
+    type: Any
+    default: Any
+    group: str | None  # the name of the nested field that holds it; None: a field of the outer class
+
+
+def config_keys(cls) -> dict[str, Key]:
+    """Every key of cls by name, in declaration order: its own fields, and those of its nested fields."""
+    table: dict[str, Key] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("nested"):
+            table[f.name] = Key(f, hints[f.name], _default(f), None)
+            continue
+        inner, base = hints[f.name], _default(f)
+        inner_hints = typing.get_type_hints(inner)
+        for g in dataclasses.fields(inner):
+            if "help" not in g.metadata:
+                continue  # not a user's choice (GPTConfig.vocab_size comes from the dataset)
+            assert g.name not in table, f"{g.name} is a key twice"
+            table[g.name] = Key(g, inner_hints[g.name], getattr(base, g.name), f.name)
+    return table
+
+
+def config_values(cfg) -> dict[str, Any]:
+    """cfg as flat key: value pairs, the keys a TOML file or the flags take (build turns them back into cfg).
+
+    What a run records of its config (config.json, the checkpoint, wandb), so that each value sits
+    under the name a user sets it by.
+    """
+    values = {}
+    for name, key in config_keys(type(cfg)).items():
+        values[name] = getattr(getattr(cfg, key.group) if key.group else cfg, name)
+    return values
+
+
 def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True):
     """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
 
@@ -55,21 +104,28 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
     for flag in flags:
         key, eq, raw = flag[2:].partition("=")
         key = key.replace("-", "_")
-        field = _field(cls, key)
+        _key(cls, key)
         if not eq:
             if _field_type(cls, key) is not bool:
                 raise GlimpseError(f"--{key} needs a value: write --{key}=VALUE")
             raw = "true"  # a bare boolean flag switches it on
-        values[key] = parse_value(cls, field.name, raw)
+        values[key] = parse_value(cls, key, raw)
     return build(cls, values)
 
 
 def build(cls, values: dict[str, Any]):
-    """cls(**values), with the dataclass's own validation errors turned into GlimpseErrors."""
-    for key in values:
-        _field(cls, key)
+    """cls from flat key: value pairs, nested keys going into their nested field's default.
+
+    The dataclasses' own validation errors become GlimpseErrors.
+    """
+    table = {key: _key(cls, key) for key in values}
+    outer = {key: value for key, value in values.items() if table[key].group is None}
     try:
-        return cls(**values)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("nested"):
+                inner = {key: value for key, value in values.items() if table[key].group == f.name}
+                outer[f.name] = dataclasses.replace(_default(f), **inner)
+        return cls(**outer)
     except (ValueError, TypeError) as e:
         raise GlimpseError(str(e)) from None
 
@@ -86,7 +142,7 @@ def read_toml(cls, path: str) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GlimpseError(f"config file {path!r} is not valid TOML: {e}") from None
     for key, value in data.items():
-        _field(cls, key, where=f" in {path}")
+        _key(cls, key, where=f" in {path}")
         data[key] = check_value(cls, key, value, where=f" in {path}")
     return data
 
@@ -135,14 +191,20 @@ def config_help(cls, prog: str, description: str, allow_file: bool = True) -> st
     """The --help text: usage, what the script does, and every key with its default and meaning."""
     usage = f"usage: python {prog} {'[CONFIG.toml] ' if allow_file else ''}[--key=value ...]"
     lines = [usage, "", description.strip(), "", "keys (--key=default  meaning):"]
-    hints = typing.get_type_hints(cls)
-    heads = [f"--{f.name}={_show(_default(f))}" for f in dataclasses.fields(cls)]
-    width = min(36, max(map(len, heads)) + 2)
-    for head, f in zip(heads, dataclasses.fields(cls), strict=True):
-        typ = _strip_optional(hints[f.name])
-        choices = f" [{_type_name(hints[f.name])}]" if typing.get_origin(typ) is Literal else ""
+    table = config_keys(cls)
+    heads = {name: f"--{name}={_show(key.default)}" for name, key in table.items()}
+    width = min(36, max(map(len, heads.values())) + 2)
+    groups = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.metadata.get("nested")}
+    group = None
+    for name, key in table.items():
+        if key.group != group:  # a nested field's keys under a heading of their own
+            group = key.group
+            lines.append(f"{group}: {groups[group]}" if group else "")
+        typ = _strip_optional(key.type)
+        choices = f" [{_type_name(key.type)}]" if typing.get_origin(typ) is Literal else ""
+        head = heads[name]
         pad = "\n" + " " * (width + 2) if len(head) >= width else " " * (width - len(head))
-        text = textwrap.wrap(f.metadata.get("help", "") + choices, width=max(40, 110 - width))
+        text = textwrap.wrap(key.field.metadata.get("help", "") + choices, width=max(40, 110 - width))
         lines.append(f"  {head}{pad}" + ("\n" + " " * (width + 2)).join(text))
     return "\n".join(lines)
 
@@ -157,17 +219,17 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, str) and (not value or not value.isprintable()) else str(value)
 
 
-def _field(cls, key: str, where: str = ""):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if key not in fields:
-        near = difflib.get_close_matches(key, fields, n=1)
+def _key(cls, key: str, where: str = "") -> Key:
+    table = config_keys(cls)
+    if key not in table:
+        near = difflib.get_close_matches(key, table, n=1)
         hint = f"; did you mean {near[0]}?" if near else "; see --help for the list"
         raise GlimpseError(f"unknown config key {key!r}{where}{hint}")
-    return fields[key]
+    return table[key]
 
 
 def _field_type(cls, key: str):
-    return typing.get_type_hints(cls)[key]
+    return _key(cls, key).type
 
 
 def _is_optional(typ) -> bool:

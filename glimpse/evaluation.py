@@ -22,8 +22,12 @@ MODES = ("windows", "sliding")
 
 @torch.inference_mode()  # like no_grad, and less bookkeeping per op: nothing here is trained
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
-                batch_size: int, device, ctx) -> tuple[float, int]:
-    """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored."""
+                batch_size: int, device, ctx, *, ddp=None) -> tuple[float, int]:
+    """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
+
+    Under DDP (ddp, a runtime.Distributed) each process scores every world_size-th window and the
+    sums are added up, so a split of any size costs each process its share only.
+    """
     step, scored_from = (length, 0) if mode == "windows" else (stride, length - stride)
     last_start = len(tokens) - length - 1
     if last_start < 0:
@@ -31,17 +35,22 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     per_window = length - scored_from
     n_windows = min(last_start // step + 1, math.ceil(max_tokens / per_window))
     starts = np.arange(n_windows) * step
-    total, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
+    if ddp is not None:
+        starts = starts[ddp.rank::ddp.world_size]  # this process's share
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)
+    for i in range(0, len(starts), batch_size):
         offsets = starts[i:i + batch_size, None] + np.arange(length + 1)  # (b, L + 1)
         window = torch.from_numpy(tokens[offsets].astype(np.int64)).to(device)  # (b, L + 1)
         with ctx:
             logits, _ = model(window[:, :-1])  # (b, L, V)
         losses = F.cross_entropy(logits[:, scored_from:].float().transpose(1, 2), window[:, scored_from + 1:],
                                  reduction="sum")
-        total += losses.item()
-        count += window.size(0) * per_window
-    return total / count, count
+        sums[0] += losses.double()
+        sums[1] += window.size(0) * per_window
+    if ddp is not None:
+        sums = ddp.sum(sums)
+    total, count = sums.tolist()
+    return total / count, int(count)
 
 
 @torch.no_grad()
@@ -55,11 +64,11 @@ def estimate_loss(model, data, cfg, device, ctx, ddp) -> dict[str, float]:
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.block_size, gen)
+        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.model.block_size, gen)
         total = torch.zeros((), device=device)
         mine = range(ddp.rank, cfg.eval_iters, ddp.world_size)
         for i in mine:
-            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.block_size)
+            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.model.block_size)
             with ctx:
                 _, loss = model(x.to(device), y.to(device))
             total += loss.float()

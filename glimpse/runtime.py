@@ -34,7 +34,9 @@ def device_option():
 
 def dtype_option():
     """The --dtype field every script shares."""
-    return option("auto", "auto: bfloat16 on CUDA (float16 with a grad scaler on older GPUs), float32 elsewhere")
+    return option("auto", "auto: bfloat16 on CUDA GPUs that compute it natively (Ampere and later), float16 with a "
+                          "grad scaler on older ones (V100, T4), float32 elsewhere. float32 on CUDA lets matrix "
+                          "products use TF32 tensor cores (10-bit mantissa products, float32 sums)")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -53,12 +55,44 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere."""
+    """auto: bfloat16 on CUDA GPUs that compute it natively, float16 on older ones, float32 elsewhere.
+
+    Volta and Turing (V100, T4) can run bfloat16 only by emulating it, far slower than their float16
+    tensor cores, and torch.cuda.is_bf16_supported() counts emulation unless told not to.
+    """
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     return DTYPES[name]
+
+
+def allow_tf32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Let float32 matrix products on CUDA use TF32 tensor cores; True when it did.
+
+    PyTorch leaves TF32 off, so a float32 run on Ampere or later would compute its products on the
+    CUDA cores at a fraction of the tensor cores' rate. The setting is global to the process.
+    """
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    return True
+
+
+def synchronize(device: torch.device):
+    """Wait until the device has finished the work queued on it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on the device; to a GPU through pinned memory, so the copy overlaps the compute."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -70,17 +104,18 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 # Dense peak TFLOP/s (no 2:4 sparsity) of the GPUs glimpse knows, from NVIDIA's datasheets, for bfloat16,
 # float16 and float32. The 16-bit figures are tensor cores that accumulate in float32, as PyTorch's matrix
-# products do (GeForce cards do that at half their float16-accumulate rate); float32 is the CUDA cores'
-# figure, since PyTorch leaves TF32 off unless asked. None: no bfloat16 tensor cores (Volta, Turing).
+# products do (GeForce cards do that at half their float16-accumulate rate); float32 is the dense TF32
+# tensor-core figure, since glimpse turns TF32 on for float32 (allow_tf32), and the CUDA cores' figure on
+# GPUs without TF32 (Volta, Turing). None: no bfloat16 tensor cores (Volta, Turing).
 # Each pattern must match the whole device name, so that a MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.5gb")
 # or another variant (H100 NVL, RTX 4090 D) gets no peak rather than the wrong one.
 GPU_PEAKS = (
-    (r"H100 80GB HBM3", 989, 989, 67),  # H100 SXM
-    (r"H100 PCIe", 756, 756, 51),
-    (r"H200", 989, 989, 67),  # SXM
-    (r"A100(-SXM4|-PCIE)?[- ]\d+GB( PCIe)?", 312, 312, 19.5),  # SXM and PCIe alike
-    (r"L4", 121, 121, 30.3),
-    (r"A10", 125, 125, 31.2),
+    (r"H100 80GB HBM3", 989, 989, 494.7),  # H100 SXM
+    (r"H100 PCIe", 756, 756, 378),
+    (r"H200", 989, 989, 494.7),  # SXM
+    (r"A100(-SXM4|-PCIE)?[- ]\d+GB( PCIe)?", 312, 312, 156),  # SXM and PCIe alike
+    (r"L4", 121, 121, 60),
+    (r"A10", 125, 125, 62.5),
     (r"A10G", 70, 70, 35),  # AWS's A10 (no NVIDIA datasheet: the figures clouds quote): fewer tensor FLOPs
     (r"GeForce RTX 4090", 165.2, 165.2, 82.6),
     (r"GeForce RTX 3090", 71, 71, 35.6),
@@ -141,30 +176,63 @@ class Distributed:
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         return self.sum(value) / self.world_size
 
-    def max(self, value: float) -> float:
-        """The largest of a number over all processes."""
+    def max(self, values: list[float]) -> list[float]:
+        """The largest of each number over all processes, in one collective."""
         if not self.enabled:
-            return value
-        tensor = torch.tensor(float(value), device=self.device)
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor.item()
+        return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every process when flag is true on any of them."""
+        return self.max([float(flag)])[0] > 0
+
+    def gather(self, value) -> list:
+        """Every process's value (any picklable object), in rank order, on every process."""
         if not self.enabled:
-            return flag
-        return bool(self.sum(torch.tensor(float(flag), device=self.device)).item() > 0)
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def on_main(self, fn, what: str):
+        """fn() on rank 0 alone, with every rank told whether it failed, so that all of them stop together.
+
+        Were rank 0 to raise alone, the others would wait in their next collective for a rank that never
+        comes, until a timeout of many minutes; this way torchrun sees every process fail at once.
+        """
+        error, result = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # raised again below, once every rank knows
+                error = e
+        if self.any(error is not None):
+            if error is not None:
+                raise error
+            raise GlimpseError(f"rank 0 failed while {what}; its error says why")
+        return result
+
+
+def process_group_options(device_name: str, local_rank: int, cuda_available: bool) -> dict:
+    """init_process_group's arguments: NCCL bound to this process's GPU from the start, else gloo."""
+    if device_name == "cuda" or (device_name == "auto" and cuda_available):
+        return {"backend": "nccl", "device_id": torch.device("cuda", local_rank)}
+    return {"backend": "gloo"}
 
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group when launched by torchrun (RANK in the environment)."""
     if "RANK" not in os.environ:
         return Distributed()
-    use_nccl = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ["LOCAL_RANK"])
+    options = process_group_options(device_name, local_rank, torch.cuda.is_available())
+    if options["backend"] == "nccl":
+        torch.cuda.set_device(local_rank)  # before the group exists, so nothing lands on GPU 0 by default
     ddp = Distributed(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]),
-                      f"cuda:{local_rank}" if use_nccl else "cpu")
-    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+                      f"cuda:{local_rank}" if options["backend"] == "nccl" else "cpu")
+    dist.init_process_group(**options)
     return ddp
 
 

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
 from glimpse.attention import induction_probe  # noqa: E402
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint  # noqa: E402
-from glimpse.config import option, parse_config  # noqa: E402
+from glimpse.config import build, option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
@@ -105,22 +105,19 @@ def make_documents(cfg: StudyConfig) -> list[str]:
 
 def train_config(cfg: StudyConfig, n_layer: int, out: Path) -> TrainConfig:
     """The training settings of the model with n_layer layers: AdamW, no dropout, 64-character windows."""
-    return TrainConfig(
+    return build(TrainConfig, dict(
         out_dir=str(out / f"{n_layer}-layer"), dataset="repeats", data_dir=str(out / "data"), device="cpu",
         dtype="float32", seed=cfg.seed, batch_size=cfg.batch_size, block_size=64, max_iters=cfg.max_iters,
         lr_decay_iters=cfg.max_iters, eval_interval=cfg.max_iters, eval_iters=10, log_interval=100,
         attn_log_interval=0, n_layer=n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=False,
         pos_encoding=cfg.pos_encoding, optimizer="adamw", learning_rate=cfg.learning_rate,
-        min_lr=cfg.learning_rate / 10, warmup_iters=50, weight_decay=0.1, beta2=0.99)
+        min_lr=cfg.learning_rate / 10, warmup_iters=50, weight_decay=0.1, beta2=0.99))
 
 
 def run(cfg: StudyConfig) -> list[dict]:
     out = Path(cfg.out)
     for n_layer in cfg.layer_counts():
-        try:  # every model's settings are checked before anything is written or trained
-            train_config(cfg, n_layer, out)
-        except ValueError as e:
-            raise GlimpseError(str(e)) from None
+        train_config(cfg, n_layer, out)  # every model's settings are checked before anything is written or trained
         if checkpoint_path(out / f"{n_layer}-layer").exists():
             raise GlimpseError(f"{out / f'{n_layer}-layer'} holds a trained model already: "
                                "pick another --out, or delete that folder")

@@ -33,7 +33,7 @@ from data.prepare import ensure_dataset  # noqa: E402
 from eval import EvalConfig, evaluate  # noqa: E402
 from glimpse.attention import attention_weights, write_dump  # noqa: E402
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint  # noqa: E402
-from glimpse.config import option, parse_config, read_toml  # noqa: E402
+from glimpse.config import build, option, parse_config, read_toml  # noqa: E402
 from glimpse.errors import user_errors  # noqa: E402
 from model import POS_ENCODINGS  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
@@ -71,12 +71,15 @@ def run(cfg: StudyConfig) -> list[dict]:
             ckpt = checkpoint_path(run_dir)
             done = ckpt.exists() and load_checkpoint(ckpt)["iter_num"] >= cfg.max_iters
             if not done:  # a re-run of a stopped study resumes its unfinished runs
-                train(TrainConfig(**{**preset, "out_dir": str(run_dir), "data_dir": cfg.data_dir,
-                                     "pos_encoding": encoding, "seed": seed, "max_iters": cfg.max_iters,
-                                     "lr_decay_iters": cfg.max_iters, "always_save_checkpoint": True,
-                                     "attn_log_interval": 0, "init_from": "resume" if ckpt.exists() else "scratch"}))
+                train(build(TrainConfig, {**preset, "out_dir": str(run_dir), "data_dir": cfg.data_dir,
+                                          "pos_encoding": encoding, "seed": seed, "max_iters": cfg.max_iters,
+                                          "lr_decay_iters": cfg.max_iters, "always_save_checkpoint": True,
+                                          "attn_log_interval": 0,
+                                          "init_from": "resume" if ckpt.exists() else "scratch"}))
             lengths = cfg.lengths if encoding != "learned" else "1"  # learned has no positions past 64
-            for row in evaluate(EvalConfig(out_dir=str(run_dir), lengths=lengths, max_tokens=cfg.max_tokens)):
+            # the weights after the last step, as every model trains for the same steps (best.pt may be earlier)
+            for row in evaluate(EvalConfig(out_dir=str(run_dir), lengths=lengths, max_tokens=cfg.max_tokens,
+                                           checkpoint="last")):
                 rows.append({**row, "seed": seed})
         dump_lengths(out, encoding, cfg)
     write_tables(out, rows)

@@ -9,11 +9,12 @@ import torch.nn as nn
 
 import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.config import config_keys
 from glimpse.generation import KVCache
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary_table, rotate
 from model import GPT, GPTConfig, ReLUSquared
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_config
 from tests.test_reliability import run_main
 from tests.test_train import read_metrics
 from tests.test_variants import check_cached_generation, check_paths_agree, check_training_lowers_the_loss, variant
@@ -162,8 +163,9 @@ def test_flags_are_checked_and_pass_through_train_config():
         GPTConfig(activation="swish")
     # every model field but the dataset's vocab_size is a training key of the same name, passed through
     shape = {f.name for f in fields(GPTConfig)} - {"vocab_size"}
-    assert shape <= {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**FLAGS["all"]).model_config(vocab_size=20)
+    keys = config_keys(TrainConfig)
+    assert shape <= set(keys) and all(keys[name].group == "model" for name in shape)
+    config = train_config(**FLAGS["all"]).model_config(vocab_size=20)
     assert {k: getattr(config, k) for k in FLAGS["all"]} == FLAGS["all"]
 
 
@@ -188,7 +190,7 @@ def test_a_checkpoint_from_before_the_flags_loads_and_resumes(tmp_path, data_dir
 
 @pytest.mark.parametrize("flags,score,pos", [({}, "scaled_dot", "learned"), (FLAGS["all"], "additive", "rope")])
 def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(flags, score, pos):
-    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, optimizer="muon", attn_score=score,
+    cfg = train_config(n_layer=2, n_head=2, n_embd=16, block_size=8, optimizer="muon", attn_score=score,
                       pos_encoding=pos, **flags)
     model = GPT(cfg.model_config(vocab_size=20))
     optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
@@ -200,7 +202,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(flags, score, 
                     for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     adamw = {names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"]}
     assert "transformer.wte.weight" in adamw and "transformer.ln_f.weight" in adamw
-    if not cfg.tie_embeddings:
+    if not cfg.model.tie_embeddings:
         assert "lm_head.weight" in adamw
     if score == "additive":  # per-head score parameters are not hidden matrices
         assert {"transformer.h.0.attn.score_q", "transformer.h.0.attn.score_v"} <= adamw
@@ -210,7 +212,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(flags, score, 
 
 
 def test_the_default_optimizer_is_still_plain_adamw():
-    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    cfg = train_config(n_layer=2, n_head=2, n_embd=16, block_size=8)
     optimizer = configure_optimizer(GPT(cfg.model_config(vocab_size=20)), cfg, torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW
     set_lr(optimizer, 0.123, cfg)
@@ -258,7 +260,7 @@ def test_bfloat16_autocast_on_cpu_matches_float32():
 
 
 def test_muon_ns_steps_reaches_the_optimizer_and_is_validated():
-    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, optimizer="muon", muon_ns_steps=3)
+    cfg = train_config(n_layer=1, n_head=2, n_embd=16, block_size=8, optimizer="muon", muon_ns_steps=3)
     optimizer = configure_optimizer(GPT(cfg.model_config(vocab_size=20)), cfg, torch.device("cpu"))
     assert [group["ns_steps"] for group in optimizer.muon.param_groups] == [3]
     with pytest.raises(ValueError, match="muon_ns_steps"):

@@ -19,7 +19,7 @@ def bench_json(*args):
 def test_attention_dump_reports_each_part():
     result = bench_json("--what=attention_dump", "--tokens=16")
     assert result["benchmark"] == "attention_dump" and result["environment"]["torch"]
-    assert result["model"]["n_layer"] == preset_config("config/shakespeare_char_cpu.toml").n_layer  # the default preset
+    assert result["model"]["n_layer"] == preset_config("config/shakespeare_char_cpu.toml").model.n_layer  # the default
     assert result["model"]["block_size"] == 16
     assert all(s > 0 for s in result["seconds"].values())
 

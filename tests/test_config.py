@@ -1,9 +1,12 @@
 """Config loading: defaults < TOML < flags, typed parsing, and errors that name the key."""
 
+from dataclasses import fields
+
 import pytest
 
-from glimpse.config import parse_config
+from glimpse.config import build, config_values, parse_config
 from glimpse.errors import GlimpseError
+from model import GPTConfig
 from sample import SampleConfig
 from tests.conftest import REPO, python
 from train import TrainConfig
@@ -17,11 +20,18 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('n_layer = 3\nbatch_size = 8\nout_dir = "from-file"\n')
     cfg = parse([str(toml), "--batch_size=4"])
-    assert cfg.n_layer == 3  # from the file
+    assert cfg.model.n_layer == 3  # from the file
     assert cfg.batch_size == 4  # the flag wins over the file
     assert cfg.out_dir == "from-file"
-    assert cfg.n_head == TrainConfig().n_head  # untouched: the default
-    assert parse(["--n_layer=2", "--n_layer=5"]).n_layer == 5  # the later flag wins
+    assert cfg.model.n_head == TrainConfig().model.n_head  # untouched: the default
+    assert parse(["--n_layer=2", "--n_layer=5"]).model.n_layer == 5  # the later flag wins
+
+
+def test_a_config_records_flat_and_builds_back_from_what_it_records():
+    cfg = parse(["--n_layer=3", "--batch_size=5"])
+    values = config_values(cfg)
+    assert values["n_layer"] == 3 and values["batch_size"] == 5 and "model" not in values and "vocab_size" not in values
+    assert build(TrainConfig, values) == cfg
 
 
 @pytest.mark.parametrize("raw,value", [("true", True), ("TRUE", True), ("False", False), ("1", True), ("0", False)])
@@ -88,8 +98,11 @@ def test_every_preset_loads():
 def test_help_lists_every_key_and_errors_are_one_line():
     result = python("train.py", "--help")
     assert result.returncode == 0
-    for name in TrainConfig.__dataclass_fields__:
+    model_keys = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # the dataset sets vocab_size
+    train_keys = [f.name for f in fields(TrainConfig) if f.name != "model"]
+    for name in train_keys + model_keys:
         assert f"--{name}=" in result.stdout
+    assert "--vocab_size" not in result.stdout and "--model=" not in result.stdout
     bad = python("train.py", "--n_layr=3")
     assert bad.returncode != 0
     assert bad.stderr.strip() == "error: unknown config key 'n_layr'; did you mean n_layer?"

@@ -29,8 +29,23 @@ def test_two_processes_match_one(tmp_path, data_dir):
         for key in ("train_loss", "val_loss", "eval_train_loss", "final_val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iter"], key)
+        if "final_val_loss" in a:  # the whole split, scored in shares: every window once
+            assert b["final_val_tokens"] == a["final_val_tokens"]
     steps = [r for r in single if "train_loss" in r]
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]  # it did learn
+
+
+def test_two_processes_resume_exactly_with_dropout(tmp_path, data_dir):
+    """Each process draws its own dropout masks; a resumed run must give each one its own streams back."""
+    with_dropout = [*SETTINGS, "--dropout=0.2", f"--data_dir={data_dir}"]
+    straight = torchrun(2, *with_dropout, f"--out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    half = torchrun(2, *with_dropout, "--max_iters=6", f"--out_dir={tmp_path / 'halves'}")
+    assert half.returncode == 0, half.stderr
+    rest = torchrun(2, *with_dropout, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
+    assert rest.returncode == 0, rest.stderr
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 
 
 def test_accumulation_must_divide_among_processes(tmp_path, data_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import torch
 
 import sample
 import train
-from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
 from tests.conftest import REPO, python, tiny_config
 from tests.test_train import read_metrics
 
@@ -29,13 +30,36 @@ def start_training(data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_steps(out: Path, n: int, timeout: float = 60):
+def logged(out: Path) -> list[dict]:
+    """The complete lines of a running (or killed) run's metrics.jsonl; a line cut off mid-write is left out."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def wait_for(condition, what: str, timeout: float = 120):
+    """Wait for an event of a running process (a deadline only so that a broken run fails the test)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and sum(1 for _ in open(out / "metrics.jsonl")) >= n:
+        if condition():
             return
-        time.sleep(0.05)
-    raise AssertionError(f"no {n} metrics lines in {out} after {timeout}s")
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} after {timeout}s")
+
+
+def wait_for_steps(out: Path, n: int):
+    wait_for(lambda: len(logged(out)) >= n, f"{n} metrics lines in {out}")
+
+
+def wait_for_step(out: Path, step: int):
+    wait_for(lambda: any(r["iter"] >= step and "train_loss" in r for r in logged(out)), f"step {step} in {out}")
 
 
 def digest(path: Path) -> str:
@@ -43,21 +67,19 @@ def digest(path: Path) -> str:
 
 
 def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path, data_dir):
-    """Checkpoint every step (checkpoint_interval_s tiny) and kill -9 the run again and again."""
+    """Checkpoint every step through checkpoint_interval_s alone (no eval saves) and kill -9 the run again
+    and again, each time a random number of steps after it started or resumed."""
     out = tmp_path / "out"
     rng = random.Random(0)
-    args = ["--max_iters=1000000", "--eval_interval=100", "--log_interval=5", "--checkpoint_interval_s=0.001"]
-    kills = 0
+    args = ["--max_iters=1000000", "--eval_interval=1000000", "--log_interval=1", "--checkpoint_interval_s=0.001"]
     for _ in range(4):
-        resume = ["--init_from=resume"] if checkpoint_path(out).exists() else []
-        proc = start_training(data_dir, out, *args, *resume)
-        time.sleep(rng.uniform(2.5, 4.5))  # past the start-up, somewhere in the stream of saves
+        start = load_checkpoint(checkpoint_path(out))["iter_num"] if checkpoint_path(out).exists() else 0
+        proc = start_training(data_dir, out, *args, *(["--init_from=resume"] if start else []))
+        wait_for_step(out, start + rng.randint(3, 40))  # somewhere in the stream of saves
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += proc.returncode == -signal.SIGKILL
-        if checkpoint_path(out).exists():
-            load_checkpoint(checkpoint_path(out))  # whole and loadable, whatever the moment
-    assert kills == 4  # the runs really were killed mid-way
+        assert proc.returncode == -signal.SIGKILL  # the run really was killed mid-way
+        assert load_checkpoint(checkpoint_path(out))["iter_num"] > start  # whole, loadable and newer
     last = load_checkpoint(checkpoint_path(out))["iter_num"]
     args[0] = f"--max_iters={last + 20}"
     done = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *args, "--init_from=resume")
@@ -65,6 +87,24 @@ def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path
     assert load_checkpoint(checkpoint_path(out))["iter_num"] == last + 20
     iters = [r["iter"] for r in read_metrics(out) if "train_loss" in r]
     assert iters == sorted(set(iters)) and iters[-1] == last + 20  # resumed runs continue the log, never repeat it
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_always_save_checkpoint_decides_whether_evals_write_ckpt_pt(tmp_path, data_dir, always):
+    """Killed between evals: ckpt.pt is there from the last eval, or (always_save_checkpoint=false) not at all;
+    best.pt is there either way."""
+    out = tmp_path / "out"
+    proc = start_training(data_dir, out, "--max_iters=1000000", "--eval_interval=20", "--log_interval=1",
+                          f"--always_save_checkpoint={str(always).lower()}")
+    wait_for_step(out, 42)  # past the evals of steps 20 and 40, and their saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    evals = {r["iter"] for r in logged(out) if "val_loss" in r and r["iter"] > 0}
+    assert load_checkpoint(best_path(out))["iter_num"] in evals
+    if always:
+        assert load_checkpoint(checkpoint_path(out))["iter_num"] in evals - {20}
+    else:
+        assert not checkpoint_path(out).exists()
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -86,7 +126,7 @@ def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
 def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir):
     out = tmp_path / "out"
     train.train(tiny_config(data_dir, out, max_iters=20, eval_interval=10, attn_log_interval=0))
-    before = digest(checkpoint_path(out))
+    before = {p: digest(p) for p in (checkpoint_path(out), best_path(out))}
     exploded = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume",
                       "--n_layer=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
                       "--max_iters=60", "--eval_interval=10", "--log_interval=1", "--learning_rate=1e30",
@@ -95,7 +135,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir
     assert "Traceback" not in exploded.stderr
     message = exploded.stderr.strip().splitlines()[-1]
     assert message.startswith("error: the ") and " at step " in message and "last good checkpoint" in message
-    assert digest(checkpoint_path(out)) == before
+    assert {p: digest(p) for p in before} == before
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -136,7 +176,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--init_from=resume", "--n_embd=32"], "n_embd=32 contradicts"),
         (common + ["--init_from=resume", "--block_size=100000"], "fewer than block_size + 1"),
         (common + ["--init_from=resume", "--dataset=nothing"], "dataset 'nothing' not found"),
-        (common + ["--block_size=0"], "block_size must be at least 1"),
+        (common + ["--block_size=0"], "block_size must be a positive integer, got 0"),
         (common + ["--batch_size=0"], "batch_size must be at least 1"),
         (common + ["--n_embd=30", "--n_head=4"], "divisible by n_head"),
         (common + ["--dropout=1.5"], "dropout must be in [0, 1)"),
@@ -208,6 +248,33 @@ def test_a_failing_rank_brings_ddp_down(tmp_path, data_dir):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "train.py FAILED" in stderr and "exitcode  : -9" in stderr
+
+
+@pytest.mark.parametrize("blocker,flags,message", [
+    ("attention", ["--attn_log_interval=5"], "could not write the attention snapshot"),
+    ("ckpt.pt.tmp", ["--checkpoint_interval_s=0.001"], "could not write"),
+])
+def test_an_error_on_rank_0_stops_every_rank_at_once(tmp_path, data_dir, blocker, flags, message):
+    """Rank 0 alone draws snapshots and writes checkpoints; when that fails, the other rank must not wait for
+    it in the next collective (for gloo's half-hour timeout) but fail with it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if blocker == "attention":
+        (out / "attention").write_text("a file where the snapshots' folder should be")
+    else:
+        (out / blocker).mkdir()  # the checkpoint's temporary file cannot be opened for writing
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000",
+         "--log_interval=1", "--gradient_accumulation_steps=2", *flags],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = proc.communicate(timeout=240)  # a hang runs into this and fails the test
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert f"error: {message}" in stderr and "error: rank 0 failed while" in stderr, stderr
+    assert 'train.py", line' not in stderr, stderr  # one line each; the only traceback is torchrun's own
 
 
 def worker_rank(pid: int) -> str | None:

@@ -1,0 +1,203 @@
+"""The training loop's named steps, called one by one: what a checkpoint holds, which file each save
+writes, the time budget, the number formats a GPU gets, and every shipped preset taking a step."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from contextlib import redirect_stderr
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
+from glimpse.config import config_values, parse_config
+from glimpse.errors import GlimpseError
+from glimpse.optim import get_lr
+from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
+from sample import SampleConfig, sample
+from tests.conftest import REPO, tiny_config
+from tests.test_train import read_metrics
+from train import TimeBudget, TrainConfig, save, setup, throughput, train, train_step
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_save_never_writes_weights_that_are_no_longer_finite(tmp_path, data_dir):
+    run = setup(tiny_config(data_dir, tmp_path / "out"), Distributed())
+    train_step(run, 1e-3)
+    save(run)
+    save(run, best=True)
+    before = {p: digest(p) for p in (checkpoint_path(run.cfg.out_dir), best_path(run.cfg.out_dir))}
+    with torch.no_grad():
+        run.model.lm_head.weight[0, 0] = float("nan")
+    for best in (False, True):
+        with pytest.raises(GlimpseError, match="no longer finite at step 1; the last good checkpoint is kept"):
+            save(run, best=best)
+    assert {p: digest(p) for p in before} == before
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_checkpoint_whole(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+    before = digest(path)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(100_000)}, "model_config": {}, "broken": Unpicklable()})
+    assert digest(path) == before and torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no half-written temporary file is left
+
+
+def test_best_pt_holds_the_best_eval_and_ckpt_pt_where_training_stands(tmp_path, data_dir):
+    """40 good steps, then 20 at a learning rate high enough to make the val loss worse."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=40, eval_interval=20, always_save_checkpoint=False,
+                      attn_log_interval=0)
+    train(cfg)
+    cfg = replace(cfg, max_iters=60, eval_interval=10, init_from="resume", learning_rate=0.1, min_lr=0.1,
+                  warmup_iters=0)
+    train(cfg)
+    evals = {r["iter"]: r["val_loss"] for r in read_metrics(cfg.out_dir) if "val_loss" in r and r["iter"] > 0}
+    best_iter = min(evals, key=evals.get)
+    assert best_iter == 40 and evals[60] > evals[40]  # the run ends worse than its best
+    best, last = load_checkpoint(best_path(cfg.out_dir)), load_checkpoint(checkpoint_path(cfg.out_dir))
+    assert best["iter_num"] == best_iter and best["val_loss"] == evals[best_iter]
+    assert "optimizer" not in best  # weights only: resuming reads ckpt.pt
+    assert last["iter_num"] == 60 and last["best_val_loss"] == evals[best_iter]
+    assert not torch.equal(best["model"]["lm_head.weight"], last["model"]["lm_head.weight"])
+    # sampling reads best.pt unless told otherwise, and says which file it read
+    for which, expected in (("auto", best), ("best", best), ("last", last)):
+        err = io.StringIO()
+        with redirect_stderr(err):
+            sample(SampleConfig(out_dir=cfg.out_dir, checkpoint=which, max_new_tokens=2, num_samples=1,
+                                dump_attention=False), io.StringIO())
+        name = "best.pt" if expected is best else "ckpt.pt"
+        assert f"sampling from {Path(cfg.out_dir) / name} (step {expected['iter_num']}" in err.getvalue()
+
+
+def test_an_out_dir_from_before_best_pt_still_samples(trained, tmp_path):
+    cfg, _ = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "ckpt.pt").write_bytes(checkpoint_path(cfg.out_dir).read_bytes())  # a single-file out_dir
+    text = sample(SampleConfig(out_dir=str(old), max_new_tokens=5, num_samples=1, dump_attention=False),
+                  io.StringIO())
+    assert len(text[0]) == 1 + 5
+
+
+def test_float16_resume_continues_exactly(tmp_path, data_dir):
+    """float16 trains through a GradScaler, whose state must survive a resume (float32: test_train.py)."""
+    run = dict(eval_interval=20, dropout=0.1, dtype="float16", attn_log_interval=0, learning_rate=1e-2)
+    train(tiny_config(data_dir, tmp_path / "straight", max_iters=60, **run))
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=40, **run))
+    # a model this small never overflows float16, so the scale stays put; but the scaler counts the steps
+    # since its last overflow, and grows the scale when they reach 2,000: that count must carry over too
+    saved = load_checkpoint(checkpoint_path(tmp_path / "halves"))["scaler"]
+    resumed = setup(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run),
+                    Distributed())
+    resumed.tracker.close()
+    assert saved["_growth_tracker"] == 40 and resumed.scaler.state_dict() == saved
+    train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+
+
+def test_the_time_budget_sets_each_steps_rate_and_stops_the_run_when_spent(tmp_path, data_dir):
+    """Whatever the machine's speed: every step's lr follows the budget spent before it, and the run stops
+    at the first step that finds the budget spent."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10**6, max_time=1.0, eval_interval=10**6,
+                      log_interval=1, attn_log_interval=0, warmup_iters=0)
+    last = train(cfg)
+    steps = [r for r in read_metrics(cfg.out_dir) if "train_loss" in r]
+    assert last["iter"] == steps[-1]["iter"] < 10**6  # the clock, not max_iters, ended it
+    for r in steps:
+        assert r["lr"] == pytest.approx(get_lr(r["iter"] - 1, cfg, r["budget_used"]))
+        assert r["budget_used"] < 1.0  # no step is taken once the budget is spent
+    spent = load_checkpoint(checkpoint_path(cfg.out_dir))["train_seconds"]
+    assert spent >= cfg.max_time  # ... and the run went on until it was
+    assert last["lr"] == steps[-1]["lr"]  # the final eval reports the rate of the step before it
+    assert "val_loss" in last and "final_val_loss" in last
+    budget = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
+    assert get_lr(5, budget, 0.0) == pytest.approx(6 / 11)  # warmup still counts steps
+    assert get_lr(500, budget, 0.5) == pytest.approx(0.55) and get_lr(500, budget, 1.0) == pytest.approx(0.1)
+
+
+def test_between_agreements_the_budget_runs_on_at_the_agreed_pace():
+    """Under DDP the processes agree on the slowest clock at log steps only; in between, every one of them
+    extends it by the agreed seconds per step, so all take the same rate and stop at the same step."""
+    budget = TimeBudget(max_time=10.0, spent=2.0, iter_num=100)  # resumed at step 100 with 2 s spent
+    assert budget.fraction(100) == budget.fraction(105) == pytest.approx(0.2)  # no pace agreed yet
+    budget.spent = 2.9  # this process's own clock, which the fraction does not read
+    budget.agree(3.0, 110)  # the slowest process spent 1 s on 10 steps
+    assert budget.fraction(110) == pytest.approx(0.3)
+    assert budget.fraction(115) == pytest.approx(0.35)  # 5 more steps at 0.1 s each
+    assert TimeBudget(0.0, 0.0, 0).fraction(5) is None  # no budget
+
+
+def test_mfu_is_the_share_of_the_peak_that_the_model_arithmetic_used(tmp_path, data_dir):
+    run = setup(tiny_config(data_dir, tmp_path / "out"), Distributed())
+    assert run.peak is None and throughput(run) == {}  # a CPU's peak is not known: no MFU at all
+    c = run.model.config
+    weights = sum(p.numel() for p in run.model.parameters()) - c.block_size * c.n_embd  # less the position table
+    per_token = 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size  # forward and backward, attention included
+    run.peak, run.tokens_per_sec = 2e12, 40_000.0
+    assert throughput(run)["mfu"] == pytest.approx(40_000 * per_token / 2e12)
+    run.ddp = Distributed(world_size=4)
+    assert throughput(run)["mfu"] == pytest.approx(40_000 * per_token / (4 * 2e12))  # four devices' peak
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "config").glob("*.toml")))
+def test_every_shipped_preset_trains_a_step(tmp_path, data_dir, preset):
+    cfg = parse_config(TrainConfig, [str(REPO / "config" / preset), f"--data_dir={data_dir}", "--dataset=tiny",
+                                     f"--out_dir={tmp_path / 'out'}", "--max_iters=1", "--max_time=0",
+                                     "--eval_iters=1", "--device=cpu", "--wandb_log=false"],
+                       prog="train.py", description="")
+    last = train(cfg)
+    assert last["iter"] == 1 and math.isfinite(last["val_loss"]) and math.isfinite(last["final_val_loss"])
+    assert load_checkpoint(checkpoint_path(cfg.out_dir))["train_config"] == config_values(cfg)
+
+
+def test_auto_picks_float16_on_gpus_that_only_emulate_bfloat16(monkeypatch):
+    """No GPU here: stand in for torch's answer on a V100 or T4 (bfloat16 by emulation only)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_float32_on_cuda_allows_tf32_and_nothing_else_changes_it():
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert not allow_tf32(torch.device("cuda"), torch.bfloat16)  # autocast runs those products in bfloat16
+        assert not allow_tf32(torch.device("cpu"), torch.float32)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert allow_tf32(torch.device("cuda"), torch.float32)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_nccl_binds_each_process_to_its_gpu_from_the_start():
+    assert process_group_options("cuda", 3, cuda_available=True) == {"backend": "nccl",
+                                                                     "device_id": torch.device("cuda", 3)}
+    assert process_group_options("auto", 1, cuda_available=True)["device_id"] == torch.device("cuda", 1)
+    assert process_group_options("auto", 1, cuda_available=False) == {"backend": "gloo"}
+    assert process_group_options("cpu", 0, cuda_available=True) == {"backend": "gloo"}
+
+
+def test_a_config_is_one_source_for_the_models_options():
+    cfg = parse_config(TrainConfig, ["--n_layer=3", "--pos_encoding=rope"], prog="train.py", description="")
+    assert cfg.model.n_layer == 3 and cfg.model.pos_encoding == "rope"
+    assert cfg.model_config(vocab_size=65) == replace(cfg.model, vocab_size=65)
+    with pytest.raises(GlimpseError, match="pos_encoding must be one of learned, sinusoidal, rope, alibi, none"):
+        parse_config(TrainConfig, ["--pos_encoding=sideways"], prog="train.py", description="")
