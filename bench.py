@@ -15,6 +15,8 @@ train_step times train.py's own train_step (drawing the batch, forward, backward
 optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
 block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
 compile=true the model is compiled on the warm-up step, outside the timing.
+head_importance times eval.py --head_importance (every head removed alone, copies of the windows
+batched) beside one intact scoring of the same windows, on --val_tokens random tokens.
 sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
 --new_tokens tokens after a prompt that already fills the context; --uncached also times each preset
 generating without the cache, the whole window through the network for every token, so that the
@@ -46,19 +48,23 @@ import torch
 
 from data.prepare import write_dataset
 from data.tokenizer import CharTokenizer
+from eval import EvalConfig
 from glimpse import render
+from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
+from glimpse.evaluation import windows
 from glimpse.generation import sample_next
-from glimpse.runtime import Distributed, resolve_device
+from glimpse.runtime import Distributed, autocast, resolve_device, resolve_dtype
 from model import GPT
 from train import TrainConfig, setup, train_step
 
 
 @dataclass
 class BenchConfig:
-    what: Literal["attention_dump", "train_step", "sample"] = option("attention_dump", "which benchmark to run")
+    what: Literal["attention_dump", "train_step", "sample", "head_importance"] = option(
+        "attention_dump", "which benchmark to run")
     preset: str = option("config/shakespeare_char_cpu.toml",
                          "training preset(s) whose model is measured; several, comma-separated, are compared; "
                          "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does")
@@ -67,6 +73,7 @@ class BenchConfig:
     uncached: bool = option(False, "sample: also time each preset without the KV cache (the whole window through "
                                    "the network for every token), interleaved, for the cache's speedup in one run")
     vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
+    val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
     json: bool = option(False, "print JSON instead of a table")
@@ -119,6 +126,23 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
     seconds["data_total"] = seconds["weights"] + seconds["npz_and_heads_json"]
     seconds["with_pictures_total"] = sum(seconds[k] for k in parts)
     return {"model": asdict(model_config), "seconds": seconds}
+
+
+def bench_head_importance(cfg: BenchConfig) -> dict:
+    """Every head removed alone (eval.py --head_importance) beside one intact scoring of the same windows."""
+    train_cfg, model = preset_model(cfg.presets[0], cfg)
+    device = resolve_device(train_cfg.device)
+    model.to(device).eval()
+    ctx = autocast(device, resolve_dtype(train_cfg.dtype, device))
+    tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
+    inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
+    scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)
+    intact = lambda: mean_loss(model, inputs, targets, None, ctx, EvalConfig().batch_size)  # noqa: E731
+    every_head = lambda: losses_per_head(model, inputs, targets, scored, None, ctx)  # noqa: E731
+    seconds = interleaved_medians([intact, every_head], [device, device], cfg.repeats)
+    c = model.config
+    return {"model": asdict(c), "tokens_scored": inputs.numel(), "scorings": 1 + c.n_layer * c.n_head,
+            "seconds": {"intact": seconds[0], "head_importance": seconds[1]}, "ratio": seconds[1] / seconds[0]}
 
 
 def preset_config(preset: str, **settings: str) -> TrainConfig:
@@ -230,12 +254,19 @@ def main(argv: list[str] | None = None):
                            description=__doc__, allow_file=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        run = bench_attention_dump if cfg.what == "attention_dump" else bench_presets
+        run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance}.get(
+            cfg.what, bench_presets)
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
             print(json.dumps(result, indent=1))
             return
         print(f"{cfg.what} | torch {torch.__version__}, {torch.get_num_threads()} threads, median of {cfg.repeats}")
+        if cfg.what == "head_importance":
+            m, s = result["model"], result["seconds"]
+            print(f"  {m['n_layer']} layers x {m['n_head']} heads, {result['tokens_scored']:,} tokens in "
+                  f"{m['block_size']}-token windows: intact {s['intact'] * 1000:.0f} ms, every head removed alone "
+                  f"({result['scorings']} scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
+            return
         if cfg.what == "attention_dump":
             m = result["model"]
             print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")

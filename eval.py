@@ -14,6 +14,17 @@ Two ways to cut the validation split into contexts of L = multiple x block_size 
 It prints a table and writes OUT_DIR/length_eval.csv and OUT_DIR/length_eval.png (loss against
 length); with --wandb_log it logs a wandb.Table and line plot to the run that trained the checkpoint.
 Models with learned positions have no position past block_size, so only --lengths=1 works for them.
+
+Which heads does the model need? Remove some and score it without them, on the same block_size
+windows as the intact model (glimpse/ablation.py says what removing a head means):
+
+    python eval.py --out_dir=out --ablate=1.0,2.3                  # the loss without heads 1.0 and 2.3
+    python eval.py --out_dir=out --ablate=0.1 --ablation=mean      # the head says its mean instead of 0
+    python eval.py --out_dir=out --head_importance                 # every head removed alone, ranked
+
+--head_importance writes OUT_DIR/head_importance.csv (layer, head, loss, loss_increase) and
+head_importance.png (layers x heads, coloured by the loss increase), and prints the heads that
+matter most; with --wandb_log, a wandb.Table and the image.
 """
 
 from __future__ import annotations
@@ -23,12 +34,17 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from data.dataset import TokenData
+from glimpse import render
+from glimpse.ablation import ABLATIONS, Ablation, head_means, losses_per_head, mean_loss, parse_heads, top_heads
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.evaluation import MODES, length_loss
+from glimpse.evaluation import MODES, length_loss, windows
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -45,10 +61,24 @@ class EvalConfig:
     dataset: str = option("", "dataset name (empty: the one the checkpoint was trained with)")
     device: Device = device_option()
     dtype: Dtype = dtype_option()
-    wandb_log: bool = option(False, "log the table and a line plot to the checkpoint's wandb run (or a new one)")
+    ablate: str = option("", "remove these heads, layer.head comma-separated (1.0,2.3), and report the val loss "
+                             "without them beside the intact model's, on the same block_size windows")
+    ablation: Literal["zero", "mean"] = option(
+        "zero", "what a removed head outputs instead: zeros, or its mean context vector over the scored windows "
+        "(keeps the residual stream's scale; one extra pass)"
+    )
+    head_importance: bool = option(False, "remove each head alone and rank the heads by the loss increase: "
+                                          "OUT_DIR/head_importance.csv and .png, and a table")
+    wandb_log: bool = option(False, "log the table and a plot to the checkpoint's wandb run (or a new one)")
 
     def __post_init__(self):
         self.multiples()  # a malformed list fails here, before anything loads
+        if self.ablate:
+            parse_heads(self.ablate)  # the syntax; the shape is checked once the model is loaded
+        if self.ablate and self.head_importance:
+            raise ValueError("--head_importance removes every head in turn; drop --ablate, or drop --head_importance")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
         if self.stride < 0 or self.max_tokens < 1 or self.batch_size < 1:
             raise ValueError("stride must be 0 or more; max_tokens and batch_size at least 1")
 
@@ -64,10 +94,20 @@ class EvalConfig:
         return values
 
 
+def load(cfg: EvalConfig):
+    """The model, its checkpoint, the dataset it is scored on, and the autocast context."""
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "evaluating")
+    train_cfg = state["train_config"]
+    data = TokenData(Path(cfg.data_dir or train_cfg["data_dir"]) / (cfg.dataset or train_cfg["dataset"]))
+    if data.tokenizer_spec != state["tokenizer"]:
+        raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
+    return model, state, data, autocast(device, dtype)
+
+
 def evaluate(cfg: EvalConfig) -> list[dict]:
     """Every (length, mode) row of the study for one checkpoint; also writes the CSV and the plot."""
-    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "evaluating")
-    ctx = autocast(device, dtype)
+    model, state, data, ctx = load(cfg)
+    device = next(model.parameters()).device
     block_size, encoding = model.config.block_size, model.config.pos_encoding
     multiples = cfg.multiples()
     if encoding == "learned" and max(multiples) > 1:
@@ -75,10 +115,6 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
             f"this model learned one embedding per position up to block_size = {block_size}, so it has none for "
             "longer contexts: use --lengths=1, or train with --pos_encoding=sinusoidal, rope, alibi or none"
         )
-    train_cfg = state["train_config"]
-    data = TokenData(Path(cfg.data_dir or train_cfg["data_dir"]) / (cfg.dataset or train_cfg["dataset"]))
-    if data.tokenizer_spec != state["tokenizer"]:
-        raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
     stride = cfg.stride or max(1, block_size // 2)
     rows = []
     for multiple in multiples:
@@ -93,6 +129,65 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if cfg.wandb_log:
         log_to_wandb(state, rows)
     return rows
+
+
+def score_heads(cfg: EvalConfig) -> dict:
+    """--ablate or --head_importance: the val loss with heads removed, beside the intact model's."""
+    model, state, data, ctx = load(cfg)
+    c, device = model.config, next(model.parameters()).device
+    removed = parse_heads(cfg.ablate, c.n_layer, c.n_head) if cfg.ablate else []
+    inputs, targets = windows(data.splits["val"], c.block_size, cfg.max_tokens, device)  # (N, T) each
+    value = head_means(model, inputs, cfg.batch_size, ctx) if cfg.ablation == "mean" else None
+    result = {"tokens_scored": inputs.numel(), "ablation": cfg.ablation}
+    if removed:
+        result["intact_loss"] = mean_loss(model, inputs, targets, None, ctx, cfg.batch_size)
+        without = Ablation.of(removed, c.n_layer, c.n_head, value, device)
+        result["ablated_loss"] = mean_loss(model, inputs, targets, without, ctx, cfg.batch_size)
+        result["heads"] = [f"{layer}.{head}" for layer, head in removed]
+        return result
+    scored = torch.ones(c.block_size, dtype=torch.bool, device=device)
+    intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx)
+    result.update(intact_loss=intact, losses=losses.tolist(), top=top_heads(losses, intact))
+    write_importance(Path(cfg.out_dir), losses, intact, f"loss increase without each head ({cfg.ablation} ablation, "
+                     f"{inputs.numel():,} val tokens)")
+    if cfg.wandb_log:
+        log_importance_to_wandb(state, Path(cfg.out_dir), losses, intact)
+    return result
+
+
+def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: str):
+    """OUT_DIR/head_importance.csv, one row per head, and head_importance.png, the increases as a heatmap."""
+    with open(out_dir / "head_importance.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "head", "loss", "loss_increase"])
+        for layer, row in enumerate(losses.tolist()):
+            writer.writerows([layer, head, loss, loss - intact] for head, loss in enumerate(row))
+    render.write_importance_image(out_dir / "head_importance.png", (losses - intact).numpy(), title)
+
+
+def log_importance_to_wandb(state: dict, out_dir: Path, losses: torch.Tensor, intact: float):
+    import wandb
+
+    tracker = Tracker(None, wandb_log=True, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
+                      resume_run_id=state.get("wandb_run_id"), job_type="eval")
+    rows = [[layer, head, loss, loss - intact] for layer, row in enumerate(losses.tolist())
+            for head, loss in enumerate(row)]
+    tracker.run.log({"head_importance/table": wandb.Table(columns=["layer", "head", "loss", "loss_increase"],
+                                                          data=rows),
+                     "head_importance/heatmap": wandb.Image(str(out_dir / "head_importance.png"))})
+    tracker.close()
+
+
+def print_heads(result: dict):
+    print(f"val loss over {result['tokens_scored']:,} tokens ({result['ablation']} ablation), nats per token")
+    print(f"  intact model {result['intact_loss']:.4f}")
+    if "heads" in result:
+        change = result["ablated_loss"] - result["intact_loss"]
+        print(f"  without {', '.join(result['heads'])}  {result['ablated_loss']:.4f}  ({change:+.4f})")
+        return
+    print("  the heads whose removal costs most:\n  layer head      loss  increase")
+    for row in result["top"]:
+        print(f"  {row['layer']:5d} {row['head']:4d} {row['loss']:9.4f} {row['loss_increase']:+9.4f}")
 
 
 def write_results(out_dir: Path, rows: list[dict], title: str):
@@ -136,6 +231,11 @@ def main(argv: list[str] | None = None):
     with user_errors():
         cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="eval.py",
                            description=__doc__, allow_file=False)
+        if cfg.ablate or cfg.head_importance:
+            print_heads(score_heads(cfg))
+            if cfg.head_importance:
+                print(f"wrote {Path(cfg.out_dir) / 'head_importance.csv'} and head_importance.png", file=sys.stderr)
+            return
         rows = evaluate(cfg)
         print(f"{'length':>8} {'x block':>8} {'windows':>9} {'sliding':>9}   (val loss, nats per token)")
         for multiple in cfg.multiples():

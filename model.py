@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,14 @@ Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "relu2"]
 ATTN_SCORES, POS_ENCODINGS = get_args(AttnScore), get_args(PosEncoding)
 NORM_EPS = 1e-5  # LayerNorm's default, used by RMSNorm too, so that the two differ only in what they compute
+
+
+class HeadEdit(Protocol):
+    """Something that sees each layer's per-head context vectors and returns them, changed or not."""
+
+    def edit(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """y (B, nh, T, hs): the heads' context vectors at one layer, before c_proj mixes them."""
+        ...
 
 
 @dataclass
@@ -149,10 +157,14 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
             self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
+                heads: HeadEdit | None = None):
         """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None).
 
         rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
+        heads, when given, sees every head's context vectors before c_proj mixes them, and may replace
+        some (glimpse/ablation.py removes heads that way); the weights returned are the softmax's, as
+        computed.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
@@ -190,6 +202,8 @@ class CausalSelfAttention(nn.Module):
             # else one new query at the end of the window sees every cached key: no mask needed
             y = fused_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
+        if heads is not None:
+            y = heads.edit(layer, y)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y)), weights
 
@@ -305,8 +319,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False):
-        attn_out, weights = self.attn(self.ln_1(x), rope, cache, layer, need_weights)
+    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None):
+        attn_out, weights = self.attn(self.ln_1(x), rope, cache, layer, need_weights, heads)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -378,24 +392,46 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None)."""
-        x, _ = self._trunk(idx, cache, need_weights=False)
+    def forward(self, idx, targets=None, cache: KVCache | None = None, heads: HeadEdit | None = None):
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
+
+        heads: a HeadEdit that sees (and may replace) each layer's per-head context vectors.
+        """
+        x, _ = self._trunk(idx, cache, need_weights=False, heads=heads)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def forward_with_attention(self, idx):
+    def forward_with_attention(self, idx, heads: HeadEdit | None = None):
         """Like forward, but through the explicit path: (logits (B, T, V), weights).
 
         weights is (n_layer, B, n_head, T, T): post-softmax, rows are queries, columns keys.
         """
-        x, weights = self._trunk(idx, None, need_weights=True)
+        x, weights = self._trunk(idx, None, need_weights=True, heads=heads)
         return self.lm_head(x), torch.stack(weights)
 
-    def _trunk(self, idx, cache: KVCache | None, need_weights: bool):
+    def forward_from(self, layer: int, x, heads: HeadEdit | None = None):
+        """Logits (B, T, V) from x (B, T, C), the residual stream entering block `layer` (as residual_streams
+        gives it): the blocks before it are not run again, which is what removing heads of later layers
+        only needs."""
+        pos = torch.arange(x.size(1), device=x.device)  # (T,)
+        rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
+            else None
+        for i in range(layer, self.config.n_layer):
+            x, _ = self.transformer.h[i](x, rope, None, i, False, heads)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def residual_streams(self, idx) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits (B, T, V) and the residual stream entering each block (n_layer of (B, T, C)), for
+        forward_from."""
+        streams = []
+        x, _ = self._trunk(idx, None, need_weights=False, streams=streams)
+        return self.lm_head(x), streams
+
+    def _trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
+               streams: list | None = None):
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         encoding, block_size = self.config.pos_encoding, self.config.block_size
@@ -416,7 +452,9 @@ class GPT(nn.Module):
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
         weights = []
         for layer, block in enumerate(self.transformer.h):
-            x, w = block(x, rope, cache, layer, need_weights)
+            if streams is not None:
+                streams.append(x)
+            x, w = block(x, rope, cache, layer, need_weights, heads)
             weights.append(w)
         if cache is not None:
             cache.length += T
@@ -431,6 +469,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        heads: HeadEdit | None = None,
     ) -> Iterator[Step]:
         """Yield max_new_tokens Steps, each one sampled token (B, 1) continuing idx (B, T).
 
@@ -450,13 +489,13 @@ class GPT(nn.Module):
         logits = None
         for _ in range(max_new_tokens):
             if logits is None:  # the first step: prefill the cache with the prompt's window
-                logits = self(tokens[:, window_start:], cache=cache)[0][:, -1]
+                logits = self(tokens[:, window_start:], cache=cache, heads=heads)[0][:, -1]
             elif cache.length == block_size:  # full: slide by refilling from the recent half
                 cache.length = 0
                 window_start = tokens.size(1) - keep
-                logits = self(tokens[:, window_start:], cache=cache)[0][:, -1]
+                logits = self(tokens[:, window_start:], cache=cache, heads=heads)[0][:, -1]
             else:  # the usual step: only the newest token goes through the network
-                logits = self(tokens[:, -1:], cache=cache)[0][:, -1]
+                logits = self(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
             logits = logits.float()  # (B, vocab_size)
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield Step(token, logits, window_start)

@@ -3,6 +3,8 @@ Generate text from a trained checkpoint, streaming it as it comes.
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
+    python sample.py --out_dir=out-shakespeare-char --ablate=1.0,2.3      # generate without heads 1.0 and 2.3
+    python sample.py --out_dir=out-shakespeare-char --head_importance    # each head's cost, on its thumbnail
     python sample.py --help
 
 The checkpoint alone is enough: the tokenizer travels inside it, so no data folder is needed. It
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from data.tokenizer import tokenizer_from_spec
-from glimpse.attention import dump_text, induction_probe
+from glimpse.ablation import Ablation, head_means, losses_per_head, parse_heads
+from glimpse.attention import dump_text, dump_window, induction_probe
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
@@ -50,9 +53,23 @@ class SampleConfig:
         "none", "induction: also score every head on repeated random tokens (induction) and on the samples' "
         "text (previous-token, sink)"
     )
+    ablate: str = option("", "remove these heads (layer.head, comma-separated: 1.0,2.3) while generating and in the "
+                             "dumps, to read what the text loses without them")
+    ablation: Literal["zero", "mean"] = option(
+        "zero", "what a removed head outputs instead: zeros, or its mean context vector over the prompt (for "
+        "--head_importance, over the sample's text); also how the probe removes heads"
+    )
+    head_importance: bool = option(False, "score each sample's text with every head removed alone, and show each "
+                                          "head's loss increase on its thumbnail in the viewer")
     wandb_log: bool = option(False, "log the dumps to the wandb run that trained the checkpoint (or a new one)")
 
     def __post_init__(self):
+        if self.ablate:
+            parse_heads(self.ablate)  # the syntax; the model's shape is checked once it is loaded
+        if self.ablate and self.head_importance:
+            raise ValueError("--head_importance removes every head in turn; drop --ablate, or drop --head_importance")
+        if self.head_importance and not self.dump_attention:
+            raise ValueError("--head_importance shows in the attention dumps: drop --dump_attention=false")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.max_new_tokens < 0:
@@ -89,6 +106,11 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         raise GlimpseError("the prompt is empty: give some text with --start (a newline is fine)")
     idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    c, ctx = model.config, autocast(device, dtype)
+    heads = None  # the heads --ablate removes, for generation and the dumps alike
+    if cfg.ablate:
+        value = head_means(model, idx[:, -c.block_size:], 1, ctx) if cfg.ablation == "mean" else None
+        heads = Ablation.of(parse_heads(cfg.ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, value, device)
 
     dump_dir = Path(cfg.dump_dir) if cfg.dump_dir else Path(cfg.out_dir) / "attention"
     if (cfg.dump_attention or cfg.probe != "none") and dump_dir.exists() and not dump_dir.is_dir():
@@ -105,8 +127,9 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces, generated = [prompt], []
         out.write(prompt)
-        with autocast(device, dtype):
-            for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator):
+        with ctx:
+            for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                                       heads):
                 generated.append(step.token[0, 0].item())
                 text = decoder.decode(tokenizer.decode_bytes(generated[-1:]))
                 pieces.append(text)
@@ -117,10 +140,12 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         out.flush()
         samples.append("".join(pieces))
         if cfg.dump_attention:
-            folder = dump_dir / f"sample_{i}"
-            heads = dump_text(model, tokenizer, [*ids.tolist(), *generated], len(ids), dump_meta(state, cfg, i), folder)
-            tracker.log_attention(folder, heads, prefix=f"sample_{i}")
-            sample_heads.append(heads)
+            folder, text_ids = dump_dir / f"sample_{i}", [*ids.tolist(), *generated]
+            importance = text_importance(model, text_ids, cfg.ablation, ctx) if cfg.head_importance else None
+            metrics = dump_text(model, tokenizer, text_ids, len(ids), dump_meta(state, cfg, i), folder, heads=heads,
+                                importance=importance)
+            tracker.log_attention(folder, metrics, prefix=f"sample_{i}")
+            sample_heads.append(metrics)
     if cfg.probe == "induction":
         report_probe(model, sample_heads, dump_dir, cfg, out)
     tracker.close()
@@ -129,11 +154,25 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     return samples
 
 
+def text_importance(model, text_ids: list[int], ablation: str, ctx) -> dict | None:
+    """Each head's loss increase on the dumped window of a sample's text when it alone is removed."""
+    window = torch.tensor(dump_window(model, text_ids), device=next(model.parameters()).device)
+    if len(window) < 2:
+        return None  # one token predicts nothing
+    inputs, targets = window[None, :-1], window[None, 1:]  # (1, T - 1) each
+    value = head_means(model, inputs, 1, ctx) if ablation == "mean" else None
+    intact, losses = losses_per_head(model, inputs, targets, torch.ones(inputs.size(1), dtype=torch.bool,
+                                                                         device=inputs.device), value, ctx)
+    return {"ablation": ablation, "tokens_scored": inputs.size(1), "intact_loss": intact, "loss": losses.tolist(),
+            "loss_increase": (losses - intact).tolist()}
+
+
 def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
-    """What a dump was made from: the model, the checkpoint and the sampling settings."""
+    """What a dump was made from: the model, the checkpoint, the sampling settings and any heads removed."""
     settings = {k: getattr(cfg, k) for k in ("start", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p")}
+    removed = {"ablated_heads": cfg.ablate.split(","), "ablation": cfg.ablation} if cfg.ablate else {}
     return {"model_config": state["model_config"], "iter": state.get("iter_num"), "val_loss": state.get("val_loss"),
-            "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"]}
+            "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"], **removed}
 
 
 def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfig, out: TextIO):
@@ -141,11 +180,12 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
 
     text_heads holds each sample's head metrics (none when the dumps were turned off).
     """
-    probe = induction_probe(model, seed=cfg.seed)
+    probe = induction_probe(model, seed=cfg.seed, ablation=cfg.ablation)
     out.write(f"\ninduction probe: {probe['n_tokens']} random tokens, repeated; loss on the first copy "
               f"{probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
-    # peak: the offset from the query token's first occurrence that the head weighs most (+1: induction)
-    out.write("layer head  induction  peak  prev_token  sink\n")
+    # peak: the offset from the query token's first occurrence that the head weighs most (+1: induction);
+    # without: the second copy's loss with that head removed, as --ablation says
+    out.write("layer head  induction  peak  prev_token  sink  without\n")
     probe["heads"] = []
     for layer, scores in enumerate(probe["induction"]):
         for head, score in enumerate(scores):
@@ -153,10 +193,11 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
             prev = float(np.mean([h["prev_token"] for h in on_text])) if on_text else None
             sink = float(np.mean([h["first_token"] for h in on_text])) if on_text else None
             peak = probe["peak_offsets"][layer][head]
+            without = probe["second_copy_loss_without"][layer][head]
             probe["heads"].append({"layer": layer, "head": head, "induction": score, "peak_offset": peak,
-                                   "prev_token": prev, "first_token": sink})
+                                   "prev_token": prev, "first_token": sink, "second_copy_loss_without": without})
             shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"
-            out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {peak:+4d}  {shown}\n")
+            out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {peak:+4d}  {shown}  {without:7.3f}\n")
     dump_dir.mkdir(parents=True, exist_ok=True)
     (dump_dir / "probe_induction.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
 

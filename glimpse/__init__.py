@@ -7,6 +7,7 @@ optim       AdamW, Muon beside AdamW, and the learning-rate schedule
 runtime     device, dtype, autocast, DDP process-group setup, and stopping on signals
 tracking    metrics.jsonl and wandb logging
 attention   attention dumps, head metrics and the induction probe
+ablation    removing heads, and ranking every head by what its removal costs
 render      heatmap PNGs and the HTML viewer (viewer.html)
 evaluation  scoring a model on a whole split, in windows of a given length
 positions   the position encodings that are functions: sinusoidal, rotary, ALiBi's slopes

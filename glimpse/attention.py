@@ -18,21 +18,26 @@ circuits (previous-token, sink, induction).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glimpse.ablation import head_means, losses_per_head
 from model import GPT
 
 
 @torch.no_grad()
-def attention_weights(model: GPT, ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """Post-softmax weights [n_layer, n_head, T, T] (float32) and logits (T, V) for one text (T,)."""
+def attention_weights(model: GPT, ids: torch.Tensor, heads=None) -> tuple[np.ndarray, torch.Tensor]:
+    """Post-softmax weights [n_layer, n_head, T, T] (float32) and logits (T, V) for one text (T,).
+
+    heads: a HeadEdit (glimpse/ablation.py) in place while the text goes through, or None.
+    """
     was_training = model.training
     model.eval()  # no dropout: the weights are the model's, not a random mask's
-    logits, weights = model.forward_with_attention(ids[None])  # (1, T, V), (L, 1, H, T, T)
+    logits, weights = model.forward_with_attention(ids[None], heads)  # (1, T, V), (L, 1, H, T, T)
     model.train(was_training)
     return weights[:, 0].float().cpu().numpy(), logits[0]
 
@@ -69,8 +74,12 @@ def head_metrics(attn: np.ndarray) -> dict:
 
 
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,
-               pictures: bool = True) -> dict:
-    """Write one dump folder (see the module docstring); return its head metrics."""
+               pictures: bool = True, importance: dict | None = None) -> dict:
+    """Write one dump folder (see the module docstring); return its head metrics.
+
+    importance, when given ({"intact_loss", "loss_increase" (L, H), ...}), goes to head_importance.json
+    and into the viewer, which shows each head's loss increase on its thumbnail.
+    """
     from glimpse import render  # matplotlib is imported only when pictures are drawn
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,20 +93,32 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     )
     heads = head_metrics(attn)
     (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
+    if importance is not None:
+        (folder / "head_importance.json").write_text(json.dumps(importance, indent=1) + "\n", encoding="utf-8")
     if pictures:
         render.write_layer_images(folder, attn, tokens, prompt_len)
-        render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads)
+        render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance)
     return heads
 
 
-def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: Path, pictures: bool = True) -> dict:
-    """Dump the attention over the last block_size tokens of ids (a text's token ids)."""
+def dump_window(model: GPT, ids) -> list[int]:
+    """The tokens a dump of ids shows: the last block_size of them."""
+    return [int(i) for i in ids][-model.config.block_size:]
+
+
+def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: Path, pictures: bool = True,
+              heads=None, importance: dict | None = None) -> dict:
+    """Dump the attention over the last block_size tokens of ids (a text's token ids).
+
+    heads: a HeadEdit in place (removed heads stay removed in the dump); importance: see write_dump.
+    """
     ids = [int(i) for i in ids]
-    cut = max(0, len(ids) - model.config.block_size)  # tokens older than the window are left out
-    window = ids[cut:]
+    window = dump_window(model, ids)
+    cut = len(ids) - len(window)  # tokens older than the window are left out
     device = next(model.parameters()).device
-    attn, _ = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device))
-    return write_dump(folder, attn, window, tokenizer.token_strings(window), max(0, prompt_len - cut), meta, pictures)
+    attn, _ = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
+    return write_dump(folder, attn, window, tokenizer.token_strings(window), max(0, prompt_len - cut), meta, pictures,
+                      importance)
 
 
 def load_dump(folder: Path) -> dict:
@@ -110,13 +131,17 @@ def load_dump(folder: Path) -> dict:
 
 
 @torch.no_grad()
-def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, seed: int = 0) -> dict:
+def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, seed: int = 0,
+                    ablation: str | None = None) -> dict:
     """Score every head on random tokens repeated twice, [r, r], with r of n_tokens tokens.
 
     An induction head, at the second copy of token r[j], attends to r[j + 1] in the first copy (the
     token that followed the last time) and so lets the model predict what comes next. Its score is
     the mean weight on that key. Random tokens cannot be predicted the first time, so a model with
     induction heads has a far lower loss on the second copy than on the first.
+
+    With ablation ("zero" or "mean", glimpse/ablation.py), also the second-copy loss with each head
+    removed alone, "second_copy_loss_without" (L, H): the heads the repeat depends on raise it.
     """
     config = model.config
     n = n_tokens or config.block_size // 2
@@ -131,12 +156,22 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     logits, weights = model.forward_with_attention(seq)  # (B, 2n, V), (L, B, H, 2n, 2n)
     model.train(was_training)
     scores = induction_scores(weights, n)  # (L, H)
+    t = torch.arange(1, 2 * n, device=device)
+    prev_token = weights[:, :, :, t, t - 1].float().mean(dim=(1, 3))  # (L, H): weight on the token before
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), seq[:, 1:], reduction="none")  # (B, 2n - 1)
     offsets = repeat_offsets(weights, n)  # (L, H, 2n)
+    without = None
+    if ablation is not None:
+        inputs, targets = seq[:, :-1], seq[:, 1:]  # (B, 2n - 1) each
+        scored = torch.arange(2 * n - 1, device=device) >= n  # the targets r[1:] of the second copy
+        value = head_means(model, inputs, batch, nullcontext()) if ablation == "mean" else None
+        without = losses_per_head(model, inputs, targets, scored, value, nullcontext())[1].tolist()
     return {
         "n_tokens": n,
         "batch": batch,
+        **({"ablation": ablation, "second_copy_loss_without": without} if ablation else {}),
         "induction": scores.cpu().tolist(),
+        "prev_token": prev_token.cpu().tolist(),
         "offsets": offsets.cpu().tolist(),
         "peak_offsets": (offsets.argmax(dim=-1) - (n - 1)).cpu().tolist(),  # (L, H): each head's likeliest d
         "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time

@@ -20,6 +20,21 @@ from glimpse.errors import GlimpseError
 MODES = ("windows", "sliding")
 
 
+def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np.ndarray:
+    """Where windows of length + 1 tokens (inputs and their targets) start, step apart, at most max_windows."""
+    last_start = n_tokens - length - 1
+    if last_start < 0:
+        raise GlimpseError(f"the validation split has {n_tokens} tokens, too few for a context of {length}")
+    return np.arange(min(last_start // step + 1, max_windows)) * step
+
+
+def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows over the start of tokens, about max_tokens in all: inputs, targets (N, L) each."""
+    starts = window_starts(len(tokens), length, length, math.ceil(max_tokens / length))
+    window = torch.from_numpy(tokens[starts[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)
+    return window[:, :-1], window[:, 1:]  # (N, L) each
+
+
 @torch.inference_mode()  # like no_grad, and less bookkeeping per op: nothing here is trained
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
                 batch_size: int, device, ctx, *, ddp=None) -> tuple[float, int]:
@@ -29,12 +44,8 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     sums are added up, so a split of any size costs each process its share only.
     """
     step, scored_from = (length, 0) if mode == "windows" else (stride, length - stride)
-    last_start = len(tokens) - length - 1
-    if last_start < 0:
-        raise GlimpseError(f"the validation split has {len(tokens)} tokens, too few for a context of {length}")
     per_window = length - scored_from
-    n_windows = min(last_start // step + 1, math.ceil(max_tokens / per_window))
-    starts = np.arange(n_windows) * step
+    starts = window_starts(len(tokens), length, step, math.ceil(max_tokens / per_window))
     if ddp is not None:
         starts = starts[ddp.rank::ddp.world_size]  # this process's share
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)

@@ -91,6 +91,27 @@ def write_layer_images(folder: Path, attn, tokens, prompt_len: int) -> list[Path
     return paths
 
 
+def write_importance_image(path: Path, increase: np.ndarray, title: str) -> Path:
+    """A heatmap of each head's loss increase when it is removed: layers down, heads across (L, H)."""
+    n_layer, n_head = increase.shape
+    fig = Figure(figsize=(1.2 + 0.7 * n_head, 1.0 + 0.55 * n_layer), dpi=120)
+    ax = fig.add_subplot()
+    span = max(float(np.abs(increase).max()), 1e-9)  # a diverging scale centred on 0: red costs, blue helps
+    image = ax.imshow(increase, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+    for (layer, head), value in np.ndenumerate(increase):
+        ax.text(head, layer, f"{value:+.3f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(n_head), [str(h) for h in range(n_head)])
+    ax.set_yticks(range(n_layer), [str(layer) for layer in range(n_layer)])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax, label="loss increase (nats per token)")
+    fig.tight_layout()
+    fig.savefig(path)
+    fig.clear()
+    return path
+
+
 def layer_figure(layer_attn: np.ndarray, layer: int, labels: list[str], prompt_len: int) -> Figure:
     """A figure of one layer's heads (n_head, T, T) as heatmaps sharing one colour bar."""
     n_head, T, _ = layer_attn.shape
@@ -180,8 +201,13 @@ def pooled(a: np.ndarray, block: int, reduce=np.max) -> np.ndarray:
     return reduce(padded.reshape(n, block, n, block), axis=(1, 3))
 
 
-def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None) -> str:
-    """A self-contained HTML page to pick a layer and head, see its heatmap, and hover tokens."""
+def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
+                importance: dict | None = None) -> str:
+    """A self-contained HTML page to pick a layer and head, see its heatmap, and hover tokens.
+
+    importance ({"loss_increase": (L, H), ...}, glimpse/ablation.py) puts each head's loss increase
+    without it on its thumbnail.
+    """
     attn = checked_attention(attn, tokens, prompt_len)
     n_layer, n_head, T, _ = attn.shape
     data = {
@@ -193,6 +219,7 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
         "labels": [token_label(t) for t in tokens],
         "meta": plain(meta),
         "heads": plain(heads),
+        "importance": plain(importance),
         "colormap": [f"{r:02x}{g:02x}{b:02x}" for r, g, b in colormap_bytes()],
         "masked": MASKED_COLOR,
         "weights": packed_weights(attn),
@@ -203,11 +230,12 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
     return VIEWER_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, payload)
 
 
-def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None) -> Path:
+def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
+                 importance: dict | None = None) -> Path:
     """Write viewer_html(...) to path as UTF-8; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads), encoding="utf-8")
+    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads, importance), encoding="utf-8")
     return path
 
 

@@ -22,7 +22,10 @@ The script writes the text, prepares it as a char-level dataset, trains one mode
 train.py, and probes each at several lengths of repeated random string (sample.py --probe=induction
 does the same at one length): every head's induction score, the offset it weighs most from the
 query token's earlier occurrence (+1 is induction, 0 the token itself), and the loss on the first and
-second copy. Everything goes to --out, the tables also to induction_study.json.
+second copy. For two layers it also removes heads (zero ablation, glimpse/ablation.py): the
+second copy's loss without the induction head, without the layer-0 previous-token head, and without
+an idle head, each picked by where it looks. Everything goes to --out, the tables also to
+induction_study.json.
 """
 
 from __future__ import annotations
@@ -140,14 +143,37 @@ def run(cfg: StudyConfig) -> list[dict]:
 
 
 def probe_summary(model, n: int, seed: int) -> dict:
-    """induction_probe at one length, with each head's peak offset (where it looks most, +1: induction)."""
-    probe = induction_probe(model, n_tokens=n, batch=32, seed=seed)
-    heads = [{"layer": layer, "head": head, "induction": score,
+    """induction_probe at one length, with each head's peak offset (where it looks most, +1: induction) and
+    the second copy's loss without it; for two layers or more, the circuit's removals side by side."""
+    probe = induction_probe(model, n_tokens=n, batch=32, seed=seed, ablation="zero")
+    heads = [{"layer": layer, "head": head, "induction": score, "prev_token": probe["prev_token"][layer][head],
               "peak_offset": probe["peak_offsets"][layer][head],
-              "peak_weight": max(probe["offsets"][layer][head])}
+              "peak_weight": max(probe["offsets"][layer][head]),
+              "second_copy_loss_without": probe["second_copy_loss_without"][layer][head]}
              for layer, scores in enumerate(probe["induction"]) for head, score in enumerate(scores)]
-    return {"n_tokens": n, "first_copy_loss": probe["first_copy_loss"],
-            "second_copy_loss": probe["second_copy_loss"], "heads": heads}
+    summary = {"n_tokens": n, "first_copy_loss": probe["first_copy_loss"],
+               "second_copy_loss": probe["second_copy_loss"], "heads": heads}
+    if model.config.n_layer >= 2:
+        summary["circuit"] = circuit(heads)
+    return summary
+
+
+def circuit(heads: list[dict]) -> dict:
+    """The heads chosen by where they look, then what removing each costs the second copy.
+
+    The induction head: a later layer's head with the highest induction score; the previous-token
+    head: the layer-0 head that weighs the token before most; an idle head: of the others, the one
+    with the least of either. Each is named by its attention alone, so its removal's cost is evidence,
+    not the criterion it was picked by.
+    """
+    induction = max((h for h in heads if h["layer"] >= 1), key=lambda h: h["induction"])
+    prev = max((h for h in heads if h["layer"] == 0), key=lambda h: h["prev_token"])
+    others = [h for h in heads if h is not induction and h is not prev]
+    idle = min(others, key=lambda h: h["induction"] + h["prev_token"]) if others else None
+    name = lambda h: f"{h['layer']}.{h['head']}"  # noqa: E731
+    roles = {"induction": induction, "prev_token": prev, **({"idle": idle} if idle else {})}
+    return {role: {"head": name(h), "second_copy_loss_without": h["second_copy_loss_without"]}
+            for role, h in roles.items()}
 
 
 def report(rows: list[dict]) -> str:
@@ -163,6 +189,12 @@ def report(rows: list[dict]) -> str:
             cells = "".join(f"{p['heads'][i]['induction']:>8.2f} ({p['heads'][i]['peak_offset']:+3d})" for p in probes)
             label = f"  layer {head['layer']} head {head['head']} induction (peak)"
             lines.append(f"{label:<34}" + cells)
+        for role, label in (("induction", "induction head"), ("prev_token", "previous-token head"),
+                            ("idle", "idle head")):
+            if role in probes[0].get("circuit", {}):
+                cells = "".join(f"{p['circuit'][role]['second_copy_loss_without']:>8.2f} "
+                                f"({p['circuit'][role]['head']})" for p in probes)
+                lines.append(f"{'  second copy without ' + label:<34}" + cells)
     return "\n".join(lines)
 
 

@@ -59,3 +59,9 @@ def test_uncached_times_each_preset_without_the_cache_beside_it():
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if RECIPE in line]
     assert len(rows) == 2 and "(no KV cache)" not in rows[0] and rows[1].endswith("(no KV cache)")
+
+
+def test_head_importance_is_timed_beside_one_intact_scoring():
+    result = bench_json("--what=head_importance", "--val_tokens=2000")
+    assert result["scorings"] == 1 + 3 * 4 and result["tokens_scored"] == 15 * 128  # the CPU preset's model
+    assert result["ratio"] == pytest.approx(result["seconds"]["head_importance"] / result["seconds"]["intact"])

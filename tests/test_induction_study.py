@@ -72,3 +72,19 @@ def test_two_layers_learn_an_induction_head_and_one_layer_does_not(tmp_path):
     for probe in one["probes"]:  # one layer cannot match a token against what preceded another one
         assert max(h["induction"] for h in probe["heads"]) < 0.3, probe
         assert probe["second_copy_loss"] > 0.6 * probe["first_copy_loss"], probe
+        assert "circuit" not in probe
+    for probe in two["probes"]:  # the circuit needs both halves: without either, the repeat is as hard as new text
+        circuit = probe["circuit"]
+        assert circuit["induction"]["head"] == "1.0" and circuit["prev_token"]["head"] == "0.0"
+        assert circuit["induction"]["second_copy_loss_without"] > 0.8 * probe["first_copy_loss"], probe
+        assert circuit["prev_token"]["second_copy_loss_without"] > 0.8 * probe["first_copy_loss"], probe
+
+
+def test_with_two_heads_a_layer_an_idle_head_can_go(tmp_path):
+    """The defaults have one head a layer, so no head is idle; with two, the heads that neither look at the
+    previous token nor induct cost the second copy little."""
+    rows = run(StudyConfig(out=str(tmp_path / "study"), n_head=2, layers="2"))
+    for probe in rows[0]["probes"]:
+        circuit = probe["circuit"]
+        assert circuit["prev_token"]["second_copy_loss_without"] > 0.8 * probe["first_copy_loss"], probe
+        assert circuit["idle"]["second_copy_loss_without"] < probe["second_copy_loss"] + 0.3, probe

@@ -305,3 +305,18 @@ def test_viewer_with_hostile_tokens_and_a_long_text_in_chromium(tmp_path, browse
     assert page.locator("#tokens .tok.gen").count() == T - 100
     assert errors == []
     page.close()
+
+
+def test_viewer_shows_each_heads_loss_increase_on_its_thumbnail_in_chromium(tmp_path, browser):
+    attn = synthetic_attention(n_layer=2, n_head=3, T=12)
+    importance = {"intact_loss": 1.0, "loss_increase": [[0.5, -0.02, 0.0], [0.125, 0.25, 1.5]]}
+    path = write_viewer(tmp_path / "viewer.html", attn, sample_tokens(12), 4, {}, head_metrics(attn), importance)
+    page, errors, _ = open_viewer(browser, path)
+    costs = lambda: page.eval_on_selector_all("#overview .thumb .cost", "nodes => nodes.map(n => n.textContent)")  # noqa: E731
+    assert costs() == ["Δloss +0.500", "Δloss -0.020", "Δloss +0.000"]  # layer 0's heads
+    page.select_option("#layer", "1")
+    assert costs() == ["Δloss +0.125", "Δloss +0.250", "Δloss +1.500"]
+    plain = write_viewer(tmp_path / "plain.html", attn, sample_tokens(12), 4, {}, head_metrics(attn))
+    page2, errors2, _ = open_viewer(browser, plain)
+    assert page2.eval_on_selector_all("#overview .thumb .cost", "nodes => nodes.length") == 0  # no scores, no captions
+    assert not errors and not errors2

@@ -1,0 +1,155 @@
+"""
+Removing attention heads, to measure what a model loses without them: causal evidence, where an
+attention map only shows where a head looks.
+
+A head is removed by replacing its context vector (its output before c_proj mixes the heads) with
+zeros (ablation=zero) or with that head's mean over the scored text (ablation=mean, which keeps the
+residual stream at its usual scale, so what is lost is what the head says about this token, not its
+average contribution). Heads are named layer.head, counted from 0, as in the dumps.
+
+    parse_heads       "1.0,2.3" -> [(1, 0), (2, 3)], checked against the model's shape
+    Ablation          a HeadEdit (model.py) that removes heads, a different set per batch row if asked
+    HeadMeans         a HeadEdit that changes nothing and averages every head's context vectors
+    mean_loss         the mean loss over windows, with a HeadEdit in place
+    losses_per_head   the loss intact and with each head removed alone, several removals per forward,
+                      each from the residual stream where its layer starts
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glimpse.errors import GlimpseError
+
+ABLATIONS = ("zero", "mean")
+
+
+def parse_heads(spec: str, n_layer: int | None = None, n_head: int | None = None) -> list[tuple[int, int]]:
+    """The heads a --ablate list names, in its order; without a shape, only the syntax is checked."""
+    heads = []
+    for item in (part.strip() for part in spec.split(",")):
+        layer, dot, head = item.partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise GlimpseError(f"--ablate takes heads as layer.head, comma-separated (1.0,2.3), counted from 0; "
+                               f"got {item!r}")
+        heads.append((int(layer), int(head)))
+    twice = sorted({f"{layer}.{head}" for layer, head in heads if heads.count((layer, head)) > 1})
+    if twice:
+        raise GlimpseError(f"--ablate names head {', '.join(twice)} more than once")
+    for layer, head in heads:
+        if n_layer is not None and layer >= n_layer:
+            raise GlimpseError(f"--ablate names layer {layer}, but the model has {n_layer} layers (0 to {n_layer - 1})")
+        if n_head is not None and head >= n_head:
+            raise GlimpseError(f"--ablate names head {layer}.{head}, but each layer has {n_head} heads "
+                               f"(0 to {n_head - 1})")
+    return heads
+
+
+class Ablation:
+    """Removes heads: keep (R, L, H) is 1 for a head that stays and 0 for one removed, for each of R batch
+    rows (R = 1: the same heads for every row); value (L, H, hs) is what a removed head says instead
+    (its mean), or None for zeros."""
+
+    def __init__(self, keep: torch.Tensor, value: torch.Tensor | None = None):
+        self.keep, self.value = keep, value
+
+    @classmethod
+    def of(cls, heads: list[tuple[int, int]], n_layer: int, n_head: int, value: torch.Tensor | None = None,
+           device=None) -> Ablation:
+        """The same heads removed in every row."""
+        keep = torch.ones(1, n_layer, n_head, device=device)
+        for layer, head in heads:
+            keep[0, layer, head] = 0.0
+        return cls(keep, value)
+
+    def edit(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        keep = self.keep[:, layer, :, None, None].to(y.dtype)  # (R, nh, 1, 1)
+        if self.value is None:
+            return y * keep  # (B, nh, T, hs)
+        value = self.value[layer][None, :, None, :].to(y.dtype)  # (1, nh, 1, hs)
+        return y * keep + value * (1 - keep)
+
+
+class HeadMeans:
+    """Changes nothing; sums each head's context vectors over every position of every row it sees."""
+
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, device=None):
+        self.sums = torch.zeros(n_layer, n_head, head_dim, dtype=torch.float64, device=device)
+        self.positions = torch.zeros(n_layer, dtype=torch.float64, device=device)
+
+    def edit(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        self.sums[layer] += y.double().sum(dim=(0, 2))  # (nh, hs)
+        self.positions[layer] += y.size(0) * y.size(2)
+        return y
+
+    def means(self) -> torch.Tensor:
+        """(L, H, hs): each head's mean context vector, in float32."""
+        return (self.sums / self.positions[:, None, None]).float()
+
+
+def head_means(model, inputs: torch.Tensor, batch_rows: int, ctx) -> torch.Tensor:
+    """(L, H, hs): every head's mean context vector over the windows inputs (N, T), one extra pass."""
+    c = model.config
+    collect = HeadMeans(c.n_layer, c.n_head, c.n_embd // c.n_head, device=inputs.device)
+    with torch.inference_mode(), ctx:
+        for i in range(0, len(inputs), batch_rows):
+            model(inputs[i:i + batch_rows], heads=collect)
+    return collect.means()
+
+
+@torch.inference_mode()
+def mean_loss(model, inputs: torch.Tensor, targets: torch.Tensor, heads, ctx, batch_rows: int) -> float:
+    """Mean loss over every target of the windows (N, T), with heads (a HeadEdit, or None) in place."""
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    for i in range(0, len(inputs), batch_rows):
+        with ctx:
+            logits, _ = model(inputs[i:i + batch_rows], heads=heads)  # (b, T, V)
+        total += F.cross_entropy(logits.float().transpose(1, 2), targets[i:i + batch_rows], reduction="sum").double()
+    return total.item() / targets.numel()
+
+
+@torch.inference_mode()
+def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor,
+                    value: torch.Tensor | None, ctx, max_rows: int = 64) -> tuple[float, torch.Tensor]:
+    """Mean loss over the scored target positions, intact and with each head removed alone: (loss, (L, H)).
+
+    inputs and targets are (N, T) windows, scored a (T,) bool mask of the positions that count. Removing
+    a head of layer l changes nothing before block l, so each window's residual stream entering block l
+    is computed once, intact, and the removals of layer l's heads start from it (GPT.forward_from),
+    as copies of the windows stacked in one batch, a different head removed in each copy, up to
+    max_rows rows per forward: on a CPU, fewer and larger forwards cost less than one after another.
+    """
+    c = model.config
+    n_scored = len(inputs) * int(scored.sum())
+
+    def loss_sum(logits, y):  # (R, T, V), (R, T) -> (R,) summed over the scored positions
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (R, T)
+        return losses[:, scored].double().sum(dim=1)
+
+    intact = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    without = torch.zeros(c.n_layer, c.n_head, dtype=torch.float64, device=inputs.device)
+    keep = torch.ones(c.n_head, c.n_layer, c.n_head, device=inputs.device)  # copy h: head h removed ...
+    windows = max(1, max_rows // c.n_head)  # ... and as many windows a forward as max_rows allows
+    for w in range(0, len(inputs), windows):
+        x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
+        b = x.size(0)
+        with ctx:
+            logits, streams = model.residual_streams(x)  # (b, T, V), n_layer of (b, T, C)
+        intact += loss_sum(logits, y).sum()
+        for layer in range(c.n_layer):
+            rows = keep.clone()
+            rows[torch.arange(c.n_head), layer, torch.arange(c.n_head)] = 0.0  # (H, L, H)
+            ablation = Ablation(rows.repeat_interleave(b, 0), value)  # (H b, L, H): copy h, window j at h b + j
+            with ctx:
+                logits = model.forward_from(layer, streams[layer].repeat(c.n_head, 1, 1), ablation)  # (H b, T, V)
+            without[layer] += loss_sum(logits, y.repeat(c.n_head, 1)).view(c.n_head, b).sum(dim=1)
+    return intact.item() / n_scored, (without / n_scored).float().cpu()
+
+
+def top_heads(losses: torch.Tensor, intact: float, n: int = 10) -> list[dict]:
+    """The n heads whose removal costs most, largest loss increase first."""
+    rows = [{"layer": layer, "head": head, "loss": float(losses[layer, head]),
+             "loss_increase": float(losses[layer, head]) - intact}
+            for layer in range(losses.size(0)) for head in range(losses.size(1))]
+    return sorted(rows, key=lambda r: -r["loss_increase"])[:n]

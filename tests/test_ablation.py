@@ -1,0 +1,194 @@
+"""Removing heads: exactly what zeroing a head's c_proj columns does, on every attention path; mean
+ablation substitutes the mean it reports; eval.py and sample.py report, rank, generate and dump without
+heads; and bad --ablate lists are one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_script
+import sample as sample_script
+from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
+from glimpse.attention import induction_probe, load_dump
+from model import GPT, GPTConfig
+from sample import SampleConfig, sample
+from tests.conftest import python
+from tests.test_reliability import run_main
+
+CONFIGS = [dict(), dict(pos_encoding="rope", bias=False, norm="rmsnorm", qk_norm=True)]
+
+
+def small_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=3, n_head=4, n_embd=32, **overrides)).eval()
+
+
+def without_columns(model: GPT, heads: list[tuple[int, int]]) -> GPT:
+    """An independent way to remove heads: a copy whose c_proj ignores their context vectors."""
+    other = copy.deepcopy(model)
+    hs = model.config.n_embd // model.config.n_head
+    with torch.no_grad():
+        for layer, head in heads:
+            other.transformer.h[layer].attn.c_proj.weight[:, head * hs:(head + 1) * hs] = 0.0
+    return other
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_a_removed_head_equals_zeroing_its_c_proj_columns_on_every_path(overrides):
+    model = small_model(**overrides)
+    removed = [(0, 1), (2, 3)]
+    reference = without_columns(model, removed)
+    ablation = Ablation.of(removed, 3, 4)
+    idx = torch.randint(30, (2, 16))
+    torch.testing.assert_close(model(idx, heads=ablation)[0], reference(idx)[0], rtol=0, atol=1e-6)  # fused
+    ours, theirs = model.forward_with_attention(idx, ablation), reference.forward_with_attention(idx)  # explicit
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-6)
+    steps = list(model.generate(idx[:, :5], 30, temperature=0, heads=ablation))  # the KV cache, past a slide
+    expected = list(reference.generate(idx[:, :5], 30, temperature=0))
+    assert [s.token.tolist() for s in steps] == [s.token.tolist() for s in expected]
+    for ours_step, theirs_step in zip(steps, expected):
+        torch.testing.assert_close(ours_step.logits, theirs_step.logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(model(idx)[0], reference(idx)[0])  # the removal changes something
+
+
+def test_removing_no_head_is_the_intact_model_and_a_whole_layer_leaves_its_mlp():
+    model = small_model(bias=False)
+    idx = torch.randint(30, (2, 16))
+    assert torch.equal(model(idx, heads=Ablation.of([], 3, 4))[0], model(idx)[0])
+    block = model.transformer.h[1]
+    x = torch.randn(2, 16, 32)
+    out, _ = block(x, heads=Ablation.of([(1, h) for h in range(4)], 3, 4), layer=1)
+    torch.testing.assert_close(out, x + block.mlp(block.ln_2(x)))  # no biases: attention adds exactly nothing
+
+
+def test_mean_ablation_substitutes_the_mean_it_reports():
+    model = small_model()
+    idx = torch.randint(30, (3, 16))
+    seen = []
+
+    class Record:  # every layer's context vectors as the model computes them
+        def edit(self, layer, y):
+            seen.append((layer, y.clone()))
+            return y
+
+    model(idx, heads=Record())
+    direct = torch.stack([torch.cat([y for at, y in seen if at == layer]).mean(dim=(0, 2)) for layer in range(3)])
+    means = head_means(model, idx, 2, nullcontext())  # (L, H, hs), in two batches
+    torch.testing.assert_close(means, direct, rtol=1e-5, atol=1e-6)
+    ablation = Ablation.of([(1, 2)], 3, 4, means)
+    replaced = []
+
+    class AfterAblation:
+        def edit(self, layer, y):
+            y = ablation.edit(layer, y)
+            replaced.append((layer, y))
+            return y
+
+    model(idx, heads=AfterAblation())
+    y = dict(replaced)[1]  # (B, nh, T, hs)
+    assert torch.equal(y[:, 2], means[1, 2].expand_as(y[:, 2]))  # the removed head says its mean everywhere
+    assert not torch.equal(y[:, 0], means[1, 0].expand_as(y[:, 0]))  # the others speak for themselves
+    collect = HeadMeans(3, 4, 8)
+    assert torch.equal(model(idx, heads=collect)[0], model(idx)[0])  # collecting changes nothing
+
+
+def test_each_head_removed_alone_in_batched_copies_equals_one_scoring_per_head():
+    model = small_model()
+    x, y = torch.randint(30, (5, 16)), torch.randint(30, (5, 16))
+    scored = torch.arange(16) >= 4  # the last 12 positions count
+    for max_rows in (64, 7, 3):  # every copy in one forward; several windows a forward; copies split up
+        intact, losses = losses_per_head(model, x, y, scored, None, nullcontext(), max_rows=max_rows)
+        logits = model(x)[0]
+        expected = torch.nn.functional.cross_entropy(logits[:, 4:].transpose(1, 2), y[:, 4:]).item()
+        assert intact == pytest.approx(expected, rel=1e-5)
+        for layer in range(3):
+            for head in range(4):
+                other = without_columns(model, [(layer, head)])(x)[0]
+                one = torch.nn.functional.cross_entropy(other[:, 4:].transpose(1, 2), y[:, 4:]).item()
+                assert losses[layer, head].item() == pytest.approx(one, rel=1e-5), (max_rows, layer, head)
+    assert mean_loss(model, x, y, None, nullcontext(), 2) == pytest.approx(
+        torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), y).item(), rel=1e-5)
+
+
+def test_the_probe_reports_the_second_copy_without_each_head():
+    model = small_model()
+    hs = 8
+    with torch.no_grad():  # head 2.1 already says nothing: removing it cannot change the loss
+        model.transformer.h[2].attn.c_proj.weight[:, 1 * hs:2 * hs] = 0.0
+    probe = induction_probe(model, n_tokens=6, batch=3, ablation="zero")
+    without = torch.tensor(probe["second_copy_loss_without"])
+    assert without.shape == (3, 4)
+    assert without[2, 1].item() == pytest.approx(probe["second_copy_loss"], rel=1e-5)
+    assert (without - probe["second_copy_loss"]).abs().max() > 1e-4  # other heads do matter
+
+
+def digest_tree(folder) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
+    cfg, _ = trained
+    run = python("eval.py", f"--out_dir={cfg.out_dir}", "--ablate=1.0", "--max_tokens=2048")
+    assert run.returncode == 0, run.stderr
+    assert "intact model" in run.stdout and "without 1.0" in run.stdout
+    ranked = python("eval.py", f"--out_dir={cfg.out_dir}", "--head_importance", "--ablation=mean",
+                    "--max_tokens=2048")
+    assert ranked.returncode == 0, ranked.stderr
+    with open(f"{cfg.out_dir}/head_importance.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["layer"]), int(r["head"])) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in rows:
+        assert float(r["loss_increase"]) == pytest.approx(float(r["loss"]) - float(rows[0]["loss"])
+                                                          + float(rows[0]["loss_increase"]), abs=1e-9)
+    top = max(rows, key=lambda r: float(r["loss_increase"]))
+    assert f"{int(top['layer']):5d} {int(top['head']):4d}" in ranked.stdout.split("increase")[1].splitlines()[1]
+    from PIL import Image
+
+    with Image.open(f"{cfg.out_dir}/head_importance.png") as image:
+        assert image.width > 100 and image.height > 100
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--ablate=9.0"], "the model has 2 layers"),
+    (["--ablate=1.7"], "each layer has 2 heads"),
+    (["--ablate=x"], "--ablate takes heads as layer.head"),
+    (["--ablate=1.0,1.0"], "names head 1.0 more than once"),
+    (["--ablation=random"], "ablation must be one of zero, mean"),
+    (["--head_importance", "--ablate=1.0"], "drop --ablate, or drop --head_importance"),
+])
+def test_bad_ablations_are_one_line_errors_that_write_nothing(trained, capsys, argv, says):
+    cfg, _ = trained
+    before = digest_tree(Path(cfg.out_dir))
+    assert says in run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", *argv], capsys)
+    assert says in run_main(sample_script.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", *argv], capsys)
+    assert digest_tree(Path(cfg.out_dir)) == before
+
+
+def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, tmp_path):
+    cfg, _ = trained
+    settings = dict(out_dir=cfg.out_dir, start="ROMEO:", num_samples=1, max_new_tokens=40, temperature=0)
+    intact = sample(SampleConfig(**settings, dump_dir=str(tmp_path / "intact")), io.StringIO())[0]
+    ablated = sample(SampleConfig(**settings, ablate="1.0,1.1", dump_dir=str(tmp_path / "ablated")),
+                     io.StringIO())[0]
+    assert ablated != intact  # the last layer's heads matter to this model
+    meta = load_dump(tmp_path / "ablated" / "sample_0")["meta"]
+    assert meta["ablated_heads"] == ["1.0", "1.1"] and meta["ablation"] == "zero"
+    sample(SampleConfig(**settings, head_importance=True, dump_dir=str(tmp_path / "ranked")), io.StringIO())
+    importance = json.loads((tmp_path / "ranked" / "sample_0" / "head_importance.json").read_text())
+    assert len(importance["loss_increase"]) == 2 and len(importance["loss_increase"][0]) == 2
+    page = (tmp_path / "ranked" / "sample_0" / "index.html").read_text()
+    assert '"loss_increase"' in page  # the viewer has the scores to draw on the thumbnails
+
+
+def test_parse_heads_keeps_the_order_given():
+    assert parse_heads("2.3, 0.1") == [(2, 3), (0, 1)]
