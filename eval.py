@@ -34,13 +34,22 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from data.dataset import TokenData
 from glimpse import render
-from glimpse.ablation import ABLATIONS, Ablation, head_means, losses_per_head, mean_loss, parse_heads, top_heads
+from glimpse.ablation import (
+    Ablation,
+    AblationKind,
+    ablation_option,
+    check_removals,
+    head_means,
+    losses_per_head,
+    mean_loss,
+    parse_heads,
+    top_heads,
+)
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
@@ -63,22 +72,14 @@ class EvalConfig:
     dtype: Dtype = dtype_option()
     ablate: str = option("", "remove these heads, layer.head comma-separated (1.0,2.3), and report the val loss "
                              "without them beside the intact model's, on the same block_size windows")
-    ablation: Literal["zero", "mean"] = option(
-        "zero", "what a removed head outputs instead: zeros, or its mean context vector over the scored windows "
-        "(keeps the residual stream's scale; one extra pass)"
-    )
+    ablation: AblationKind = ablation_option("the scored windows")
     head_importance: bool = option(False, "remove each head alone and rank the heads by the loss increase: "
                                           "OUT_DIR/head_importance.csv and .png, and a table")
     wandb_log: bool = option(False, "log the table and a plot to the checkpoint's wandb run (or a new one)")
 
     def __post_init__(self):
         self.multiples()  # a malformed list fails here, before anything loads
-        if self.ablate:
-            parse_heads(self.ablate)  # the syntax; the shape is checked once the model is loaded
-        if self.ablate and self.head_importance:
-            raise ValueError("--head_importance removes every head in turn; drop --ablate, or drop --head_importance")
-        if self.ablation not in ABLATIONS:
-            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        check_removals(self.ablate, self.ablation, self.head_importance)
         if self.stride < 0 or self.max_tokens < 1 or self.batch_size < 1:
             raise ValueError("stride must be 0 or more; max_tokens and batch_size at least 1")
 

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from data.tokenizer import tokenizer_from_spec
-from glimpse.ablation import Ablation, head_means, losses_per_head, parse_heads
+from glimpse.ablation import (
+    Ablation,
+    AblationKind,
+    ablation_option,
+    check_removals,
+    head_means,
+    losses_per_head,
+    parse_heads,
+)
 from glimpse.attention import dump_text, dump_window, induction_probe
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
@@ -55,19 +63,13 @@ class SampleConfig:
     )
     ablate: str = option("", "remove these heads (layer.head, comma-separated: 1.0,2.3) while generating and in the "
                              "dumps, to read what the text loses without them")
-    ablation: Literal["zero", "mean"] = option(
-        "zero", "what a removed head outputs instead: zeros, or its mean context vector over the prompt (for "
-        "--head_importance, over the sample's text); also how the probe removes heads"
-    )
+    ablation: AblationKind = ablation_option("the prompt (for --head_importance and the probe: their own text)")
     head_importance: bool = option(False, "score each sample's text with every head removed alone, and show each "
                                           "head's loss increase on its thumbnail in the viewer")
     wandb_log: bool = option(False, "log the dumps to the wandb run that trained the checkpoint (or a new one)")
 
     def __post_init__(self):
-        if self.ablate:
-            parse_heads(self.ablate)  # the syntax; the model's shape is checked once it is loaded
-        if self.ablate and self.head_importance:
-            raise ValueError("--head_importance removes every head in turn; drop --ablate, or drop --head_importance")
+        check_removals(self.ablate, self.ablation, self.head_importance)
         if self.head_importance and not self.dump_attention:
             raise ValueError("--head_importance shows in the attention dumps: drop --dump_attention=false")
         if self.num_samples < 1:

@@ -17,12 +17,32 @@ average contribution). Heads are named layer.head, counted from 0, as in the dum
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
+from glimpse.config import option
 from glimpse.errors import GlimpseError
 
 ABLATIONS = ("zero", "mean")
+AblationKind = Literal["zero", "mean"]
+
+
+def ablation_option(over: str):
+    """The --ablation field of the scripts that remove heads; over: the text a head's mean is taken over."""
+    return option("zero", f"what a removed head outputs instead: zeros, or its mean context vector over {over} "
+                          "(keeps the residual stream's scale; one extra pass)")
+
+
+def check_removals(ablate: str, ablation: str, head_importance: bool):
+    """The checks --ablate, --ablation and --head_importance need before any model is loaded."""
+    if ablate:
+        parse_heads(ablate)  # the syntax; the model's shape is checked once it is loaded
+    if ablate and head_importance:
+        raise ValueError("--head_importance removes every head in turn; drop --ablate, or drop --head_importance")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
 
 
 def parse_heads(spec: str, n_layer: int | None = None, n_head: int | None = None) -> list[tuple[int, int]]:
