@@ -159,13 +159,27 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
                 heads: HeadEdit | None = None):
-        """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None).
+        """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None): context, then project.
 
         rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
         heads, when given, sees every head's context vectors before c_proj mixes them, and may replace
         some (glimpse/ablation.py removes heads that way); the weights returned are the softmax's, as
         computed.
         """
+        y, weights = self.context(x, rope, cache, layer, need_weights)  # (B, nh, T, hs)
+        return self.project(y, layer, heads), weights
+
+    def project(self, y, layer: int = 0, heads: HeadEdit | None = None):
+        """The heads' context vectors y (B, nh, T, hs) -> the attention's output (B, T, C): side by side,
+        then mixed by c_proj."""
+        if heads is not None:
+            y = heads.edit(layer, y)  # (B, nh, T, hs)
+        B, nh, T, hs = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+        """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         # split the channels into heads: each head attends with its own slice
@@ -202,10 +216,7 @@ class CausalSelfAttention(nn.Module):
             # else one new query at the end of the window sees every cached key: no mask needed
             y = fused_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
-        if heads is not None:
-            y = heads.edit(layer, y)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y)), weights
+        return y, weights
 
     def scores(self, q, k):
         """How much each query matches each key: (B, nh, T, hs), (B, nh, S, hs) -> (B, nh, T, S)."""
@@ -319,11 +330,17 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None):
-        attn_out, weights = self.attn(self.ln_1(x), rope, cache, layer, need_weights, heads)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
-        return x, weights
+    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None):
+        """record, a list, collects (x, the heads' context vectors) for GPT.forward_from."""
+        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights)  # (B, nh, T, hs)
+        if record is not None:
+            record.append((x, y))
+        return self.finish(x, y, layer, heads), weights
+
+    def finish(self, x, y, layer=0, heads=None):
+        """The block once its heads' context vectors y (B, nh, T, hs) are known: x + attention, x + MLP."""
+        x = x + self.attn.project(y, layer, heads)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -412,26 +429,27 @@ class GPT(nn.Module):
         x, weights = self._trunk(idx, None, need_weights=True, heads=heads)
         return self.lm_head(x), torch.stack(weights)
 
-    def forward_from(self, layer: int, x, heads: HeadEdit | None = None):
-        """Logits (B, T, V) from x (B, T, C), the residual stream entering block `layer` (as residual_streams
-        gives it): the blocks before it are not run again, which is what removing heads of later layers
-        only needs."""
+    def forward_from(self, layer: int, x, y, heads: HeadEdit | None = None):
+        """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
+        heads' context vectors y (B, nh, T, hs), as residual_streams records them: nothing before those
+        is computed again, which is all that removing heads of that layer changes."""
         pos = torch.arange(x.size(1), device=x.device)  # (T,)
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
             else None
-        for i in range(layer, self.config.n_layer):
+        x = self.transformer.h[layer].finish(x, y, layer, heads)
+        for i in range(layer + 1, self.config.n_layer):
             x, _ = self.transformer.h[i](x, rope, None, i, False, heads)
         return self.lm_head(self.transformer.ln_f(x))
 
-    def residual_streams(self, idx) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The logits (B, T, V) and the residual stream entering each block (n_layer of (B, T, C)), for
-        forward_from."""
-        streams = []
-        x, _ = self._trunk(idx, None, need_weights=False, streams=streams)
-        return self.lm_head(x), streams
+    def residual_streams(self, idx) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The logits (B, T, V), and for each block the residual stream entering it (B, T, C) and its heads'
+        context vectors (B, nh, T, hs), for forward_from."""
+        record = []
+        x, _ = self._trunk(idx, None, need_weights=False, record=record)
+        return self.lm_head(x), record
 
     def _trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
-               streams: list | None = None):
+               record: list | None = None):
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         encoding, block_size = self.config.pos_encoding, self.config.block_size
@@ -452,9 +470,7 @@ class GPT(nn.Module):
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
         weights = []
         for layer, block in enumerate(self.transformer.h):
-            if streams is not None:
-                streams.append(x)
-            x, w = block(x, rope, cache, layer, need_weights, heads)
+            x, w = block(x, rope, cache, layer, need_weights, heads, record)
             weights.append(w)
         if cache is not None:
             cache.length += T

@@ -135,10 +135,11 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     """Mean loss over the scored target positions, intact and with each head removed alone: (loss, (L, H)).
 
     inputs and targets are (N, T) windows, scored a (T,) bool mask of the positions that count. Removing
-    a head of layer l changes nothing before block l, so each window's residual stream entering block l
-    is computed once, intact, and the removals of layer l's heads start from it (GPT.forward_from),
-    as copies of the windows stacked in one batch, a different head removed in each copy, up to
-    max_rows rows per forward: on a CPU, fewer and larger forwards cost less than one after another.
+    a head of layer l changes nothing before that layer's heads have spoken, so the residual stream
+    entering block l and its heads' context vectors are computed once, intact, and the removals of
+    layer l's heads start from them (GPT.forward_from), as copies of the windows stacked in one batch,
+    a different head removed in each copy, up to max_rows rows per forward: on a CPU, fewer and larger
+    forwards cost less than one after another.
     """
     c = model.config
     n_scored = len(inputs) * int(scored.sum())
@@ -154,16 +155,17 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     for w in range(0, len(inputs), windows):
         x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
         b = x.size(0)
-        with ctx:
+        with ctx:  # one autocast region for the window's forwards: the weights are cast once, not once each
             logits, streams = model.residual_streams(x)  # (b, T, V), n_layer of (b, T, C)
-        intact += loss_sum(logits, y).sum()
-        for layer in range(c.n_layer):
-            rows = keep.clone()
-            rows[torch.arange(c.n_head), layer, torch.arange(c.n_head)] = 0.0  # (H, L, H)
-            ablation = Ablation(rows.repeat_interleave(b, 0), value)  # (H b, L, H): copy h, window j at h b + j
-            with ctx:
-                logits = model.forward_from(layer, streams[layer].repeat(c.n_head, 1, 1), ablation)  # (H b, T, V)
-            without[layer] += loss_sum(logits, y.repeat(c.n_head, 1)).view(c.n_head, b).sum(dim=1)
+            intact += loss_sum(logits, y).sum()
+            for layer in range(c.n_layer):
+                rows = keep.clone()
+                rows[torch.arange(c.n_head), layer, torch.arange(c.n_head)] = 0.0  # (H, L, H)
+                ablation = Ablation(rows.repeat_interleave(b, 0), value)  # (H b, L, H): copy h, window j at h b + j
+                x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input and what its heads say
+                logits = model.forward_from(layer, x_in.repeat(c.n_head, 1, 1), y_in.repeat(c.n_head, 1, 1, 1),
+                                            ablation)  # (H b, T, V)
+                without[layer] += loss_sum(logits, y.repeat(c.n_head, 1)).view(c.n_head, b).sum(dim=1)
     return intact.item() / n_scored, (without / n_scored).float().cpu()
 
 

@@ -192,3 +192,22 @@ def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, 
 
 def test_parse_heads_keeps_the_order_given():
     assert parse_heads("2.3, 0.1") == [(2, 3), (0, 1)]
+
+
+def test_head_importance_goes_to_wandb_as_a_table_and_an_image(tmp_path, data_dir):
+    from tests.conftest import tiny_config
+    from train import train
+
+    out = tmp_path / "out"
+    train(tiny_config(data_dir, out, max_iters=10, eval_interval=10, attn_log_interval=0))
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = python("eval.py", f"--out_dir={out}", "--head_importance", "--max_tokens=256", "--wandb_log=true", env=env)
+    assert run.returncode == 0, run.stderr
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run_dir / "files" / "media" / "table").rglob("*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["layer", "head", "loss", "loss_increase"] and len(logged["data"]) == 2 * 2
+    with open(out / "head_importance.csv") as f:
+        written = [float(v) for row in csv.DictReader(f) for v in row.values()]
+    assert written == pytest.approx([v for row in logged["data"] for v in row])
+    assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
