@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import textwrap
 import unicodedata
 import warnings
 from pathlib import Path
@@ -94,17 +95,18 @@ def write_layer_images(folder: Path, attn, tokens, prompt_len: int) -> list[Path
 def write_importance_image(path: Path, increase: np.ndarray, title: str) -> Path:
     """A heatmap of each head's loss increase when it is removed: layers down, heads across (L, H)."""
     n_layer, n_head = increase.shape
-    fig = Figure(figsize=(1.2 + 0.7 * n_head, 1.0 + 0.55 * n_layer), dpi=120)
+    fig = Figure(figsize=(max(5.0, 1.6 + 0.7 * n_head), 1.4 + 0.55 * n_layer), dpi=120)
     ax = fig.add_subplot()
     span = max(float(np.abs(increase).max()), 1e-9)  # a diverging scale centred on 0: red costs, blue helps
     image = ax.imshow(increase, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
     for (layer, head), value in np.ndenumerate(increase):
-        ax.text(head, layer, f"{value:+.3f}", ha="center", va="center", fontsize=7)
+        dark = abs(value) > 0.6 * span  # white on the deepest colours, black elsewhere
+        ax.text(head, layer, f"{value:+.3f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(n_head), [str(h) for h in range(n_head)])
     ax.set_yticks(range(n_layer), [str(layer) for layer in range(n_layer)])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=8)
     fig.colorbar(image, ax=ax, label="loss increase (nats per token)")
     fig.tight_layout()
     fig.savefig(path)
