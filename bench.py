@@ -56,7 +56,7 @@ from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import sample_next
-from glimpse.runtime import Distributed, autocast, resolve_device, resolve_dtype
+from glimpse.runtime import Distributed, autocast, resolve_device, resolve_dtype, synchronize
 from model import GPT
 from train import TrainConfig, setup, train_step
 
@@ -168,8 +168,7 @@ def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) ->
         for fn, device, ts in zip(fns, devices, times):
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # GPU work runs asynchronously: wait for it before reading the clock
+            synchronize(device)  # GPU work runs asynchronously: wait for it before reading the clock
             ts.append(time.perf_counter() - t0)
     return [statistics.median(ts) for ts in times]
 

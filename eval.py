@@ -158,12 +158,15 @@ def score_heads(cfg: EvalConfig) -> dict:
 
 def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: str):
     """OUT_DIR/head_importance.csv, one row per head, and head_importance.png, the increases as a heatmap."""
-    with open(out_dir / "head_importance.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "head", "loss", "loss_increase"])
-        for layer, row in enumerate(losses.tolist()):
-            writer.writerows([layer, head, loss, loss - intact] for head, loss in enumerate(row))
-    render.write_importance_image(out_dir / "head_importance.png", (losses - intact).numpy(), title)
+    try:
+        with open(out_dir / "head_importance.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "head", "loss", "loss_increase"])
+            for layer, row in enumerate(losses.tolist()):
+                writer.writerows([layer, head, loss, loss - intact] for head, loss in enumerate(row))
+        render.write_importance_image(out_dir / "head_importance.png", (losses - intact).numpy(), title)
+    except OSError as e:
+        raise GlimpseError(f"could not write the head importance to {out_dir}: {e.strerror or e}") from None
 
 
 def log_importance_to_wandb(state: dict, out_dir: Path, losses: torch.Tensor, intact: float):

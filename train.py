@@ -24,7 +24,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -163,6 +163,7 @@ class Run:
     ddp: Distributed
     device: torch.device
     dtype: torch.dtype
+    ctx: AbstractContextManager  # autocast to dtype (nothing for float32), entered around every forward
     data: TokenData
     model: GPT
     compiled: torch.nn.Module
@@ -178,10 +179,6 @@ class Run:
     step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
     tokens_per_sec: float = 0.0  # over the last log interval
     last_eval: dict = field(default_factory=dict)
-
-    @property
-    def ctx(self):
-        return autocast(self.device, self.dtype)
 
     @property
     def tokens_per_iter(self) -> int:
@@ -264,7 +261,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         resume_run_id=state.get("wandb_run_id") if state else None,
         keep_through_iter=state["iter_num"] if state else None,
     )
-    run = Run(cfg, ddp, device, dtype, data, model, compiled, ddp_model,
+    run = Run(cfg, ddp, device, dtype, autocast(device, dtype), data, model, compiled, ddp_model,
               optimizer=configure_optimizer(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,

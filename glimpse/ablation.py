@@ -17,7 +17,7 @@ average contribution). Heads are named layer.head, counted from 0, as in the dum
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from glimpse.config import option
 from glimpse.errors import GlimpseError
 
-ABLATIONS = ("zero", "mean")
 AblationKind = Literal["zero", "mean"]
+ABLATIONS = get_args(AblationKind)
 
 
 def ablation_option(over: str):
@@ -150,8 +150,13 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
 
     intact = torch.zeros((), dtype=torch.float64, device=inputs.device)
     without = torch.zeros(c.n_layer, c.n_head, dtype=torch.float64, device=inputs.device)
-    keep = torch.ones(c.n_head, c.n_layer, c.n_head, device=inputs.device)  # copy h: head h removed ...
-    windows = max(1, max_rows // c.n_head)  # ... and as many windows a forward as max_rows allows
+    heads = torch.arange(c.n_head, device=inputs.device)
+    per_layer = []  # per_layer[l] (H, L, H): copy h keeps every head but head h of layer l
+    for layer in range(c.n_layer):
+        keep = torch.ones(c.n_head, c.n_layer, c.n_head, device=inputs.device)
+        keep[heads, layer, heads] = 0.0
+        per_layer.append(keep)
+    windows = max(1, max_rows // c.n_head)  # as many windows a forward as max_rows allows
     for w in range(0, len(inputs), windows):
         x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
         b = x.size(0)
@@ -159,9 +164,7 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
             logits, streams = model.residual_streams(x)  # (b, T, V), n_layer of (b, T, C)
             intact += loss_sum(logits, y).sum()
             for layer in range(c.n_layer):
-                rows = keep.clone()
-                rows[torch.arange(c.n_head), layer, torch.arange(c.n_head)] = 0.0  # (H, L, H)
-                ablation = Ablation(rows.repeat_interleave(b, 0), value)  # (H b, L, H): copy h, window j at h b + j
+                ablation = Ablation(per_layer[layer].repeat_interleave(b, 0), value)  # (H b, L, H): row h b + j
                 x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input and what its heads say
                 logits = model.forward_from(layer, x_in.repeat(c.n_head, 1, 1), y_in.repeat(c.n_head, 1, 1, 1),
                                             ablation)  # (H b, T, V)

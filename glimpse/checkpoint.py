@@ -58,6 +58,9 @@ def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
     if which == "last" or (which == "auto" and not best_path(out_dir).exists()):
         return checkpoint_path(out_dir)
+    if not best_path(out_dir).exists() and checkpoint_path(out_dir).exists():
+        raise GlimpseError(f"no {best_path(out_dir)}: this run has no eval that saved one yet; read where training "
+                           "stopped with --checkpoint=last")
     return best_path(out_dir)
 
 

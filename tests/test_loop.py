@@ -201,3 +201,13 @@ def test_a_config_is_one_source_for_the_models_options():
     assert cfg.model_config(vocab_size=65) == replace(cfg.model, vocab_size=65)
     with pytest.raises(GlimpseError, match="pos_encoding must be one of learned, sinusoidal, rope, alibi, none"):
         parse_config(TrainConfig, ["--pos_encoding=sideways"], prog="train.py", description="")
+
+
+def test_asking_for_best_pt_where_there_is_none_says_what_to_read_instead(trained, tmp_path, capsys):
+    import sample as sample_script
+    from tests.test_reliability import run_main
+
+    cfg, _ = trained
+    (tmp_path / "ckpt.pt").write_bytes(checkpoint_path(cfg.out_dir).read_bytes())  # ckpt.pt alone
+    message = run_main(sample_script.main, [f"--out_dir={tmp_path}", "--checkpoint=best"], capsys)
+    assert "no " + str(tmp_path / "best.pt") in message and "--checkpoint=last" in message
