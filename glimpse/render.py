@@ -11,18 +11,22 @@ while a weight of 1 still stands out. The colour bars are labelled in real weigh
 
 The viewer is a single file with everything inside it (no network, no fonts or scripts from
 elsewhere), so it opens from disk on an air-gapped machine. The weights travel as one byte each, the
-square root quantised to 0..255 (at most 0.004 off for weights up to 0.25), and only the lower
-triangle: a 6-layer, 6-head, 256-token dump is about 1.6 MB of base64.
+square root quantised to 0..255 (at most 0.004 off), only the lower triangle, and deflated layer by
+layer: the page inflates a layer (the browser's own DecompressionStream) when it is first shown, so a
+GPT-2 small dump over 1024 tokens opens in seconds instead of decoding 144 heads up front. A small
+max-pooled picture of every head travels uncompressed beside them, for the layer x head picker.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import textwrap
 import unicodedata
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ MAX_LABELLED_TOKENS = 64  # past this, token text on the axes would overlap: pos
 VIEWER_TEMPLATE = Path(__file__).with_name("viewer.html")
 DATA_PLACEHOLDER = "__GLIMPSE_DATA__"
 VISIBLE_CHARS = {"\n": "⏎", "\t": "⇥", " ": "␣"}
+THUMBNAIL_CELLS = 48  # a picker thumbnail is at most 48 x 48 cells: 144 of them stay light to embed and draw
 
 
 def token_label(token: str, limit: int = 12) -> str:
@@ -57,8 +62,14 @@ def token_label(token: str, limit: int = 12) -> str:
 
 
 def checked_attention(attn, tokens, prompt_len: int) -> np.ndarray:
-    """attn as float32 (n_layer, n_head, T, T), or a ValueError that says what does not fit."""
-    attn = np.asarray(attn, dtype=np.float32)
+    """attn as a float array (n_layer, n_head, T, T), or a ValueError that says what does not fit.
+
+    A float array comes back as it is, not copied: GPT-2 small's dump over 1024 tokens is 300 MB in
+    float16 and would be 600 MB in float32, so the callers convert one layer at a time.
+    """
+    attn = np.asarray(attn)
+    if not np.issubdtype(attn.dtype, np.floating):
+        attn = attn.astype(np.float32)
     if attn.ndim != 4 or attn.shape[2] != attn.shape[3]:
         hint = " (a batch of dumps? pick one: attn[:, 0])" if attn.ndim == 5 else ""
         raise ValueError(f"attn must be (n_layer, n_head, T, T), got shape {attn.shape}{hint}")
@@ -68,7 +79,7 @@ def checked_attention(attn, tokens, prompt_len: int) -> np.ndarray:
         raise ValueError(f"{len(tokens)} tokens for attention over T={attn.shape[2]} positions")
     if not 0 <= prompt_len <= attn.shape[2]:
         raise ValueError(f"prompt_len must be in [0, T={attn.shape[2]}], got {prompt_len}")
-    if not np.isfinite(attn).all():
+    if not all(np.isfinite(layer).all() for layer in attn):  # per layer: no mask the size of the dump
         raise ValueError("attn holds NaN or infinite weights")
     return attn
 
@@ -82,7 +93,7 @@ def write_layer_images(folder: Path, attn, tokens, prompt_len: int) -> list[Path
     paths = []
     for layer in range(attn.shape[0]):
         path = folder / f"layer_{layer}.png"
-        fig = layer_figure(attn[layer], layer, labels, prompt_len)
+        fig = layer_figure(attn[layer].astype(np.float32), layer, labels, prompt_len)  # (H, T, T)
         with warnings.catch_warnings():
             # tokens in scripts DejaVu Sans lacks draw as boxes; one warning per glyph is only noise
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -224,7 +235,7 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
         "importance": plain(importance),
         "colormap": [f"{r:02x}{g:02x}{b:02x}" for r, g, b in colormap_bytes()],
         "masked": MASKED_COLOR,
-        "weights": packed_weights(attn),
+        **packed_weights(attn),
     }
     # ASCII JSON with < > & escaped: no token can close the <script> it sits in, or open a comment
     payload = json.dumps(data, ensure_ascii=True, allow_nan=False)
@@ -241,17 +252,49 @@ def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: d
     return path
 
 
-def packed_weights(attn: np.ndarray) -> str:
-    """Base64 of uint8 (n_layer, n_head, T * (T + 1) / 2): round(255 * sqrt(w)) over the lower triangle.
+def packed_weights(attn: np.ndarray) -> dict:
+    """The weights as the viewer reads them: {"weights": [L strings], "thumbnails": str, "thumbnail_block": int}.
 
-    Row q of a head starts at q * (q + 1) / 2 and holds keys 0..q; the viewer decodes (byte / 255)^2.
+    weights[l] is base64 of zlib of uint8 (n_head, T * (T + 1) / 2): round(255 * sqrt(w)) over the lower
+    triangle, row q of a head starting at q * (q + 1) / 2 and holding keys 0..q; the viewer decodes
+    (byte / 255)^2. thumbnails is base64 of uint8 (n_layer, n_head, n, n), the same bytes max-pooled
+    over blocks of thumbnail_block x thumbnail_block cells (n = ceil(T / block)): the maximum, so that a
+    thin line such as a previous-token diagonal survives the shrinking.
     """
     n_layer, n_head, T, _ = attn.shape
-    rows, cols = np.tril_indices(T)  # row-major: (0,0), (1,0), (1,1), (2,0), ...
-    packed = np.empty((n_layer, n_head, rows.size), dtype=np.uint8)
-    for layer in range(n_layer):  # one layer at a time keeps the float copy small when T is 1024
-        packed[layer] = np.rint(255 * np.sqrt(np.clip(attn[layer][:, rows, cols], 0.0, 1.0)))
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    block = math.ceil(T / THUMBNAIL_CELLS)
+    starts = np.arange(0, T, block)  # (n,) first query, and first key, of each thumbnail block
+    lower = np.flatnonzero(np.tri(T, dtype=bool))  # (T(T+1)/2,) the lower triangle in a flat (T * T), row-major
+    thumbnails = np.empty((n_layer, n_head, starts.size, starts.size), dtype=np.uint8)
+    layers = []
+    for layer in range(n_layer):  # one layer at a time: never a float copy of the whole dump
+        square = sqrt_bytes(attn[layer])  # (H, T, T) uint8
+        thumbnails[layer] = np.maximum.reduceat(np.maximum.reduceat(square, starts, axis=1), starts, axis=2)
+        packed = np.take(square.reshape(n_head, T * T), lower, axis=1)  # (H, T(T+1)/2)
+        # level 1 with run-length matches only: most of a peaky head is long runs of zero bytes (weights
+        # under 4e-6), which this compresses as well as level 9 does and much faster than the default;
+        # noisy rows have no long matches for the slower levels to find anyway
+        deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+        layers.append(base64.b64encode(deflate.compress(packed) + deflate.flush()).decode("ascii"))
+    return {"weights": layers, "thumbnails": base64.b64encode(thumbnails.tobytes()).decode("ascii"),
+            "thumbnail_block": block}
+
+
+def sqrt_bytes(weights: np.ndarray) -> np.ndarray:
+    """round(255 * sqrt(w)) as uint8, for w clipped to [0, 1]; any shape, the same shape back."""
+    if weights.dtype == np.float16:  # a dump's own dtype: one table look-up instead of four float passes
+        return float16_sqrt_bytes()[weights.view(np.uint16)]
+    scaled = np.clip(weights, 0.0, 1.0, dtype=np.float32)  # the only float copy, of one layer
+    np.sqrt(scaled, out=scaled)
+    scaled *= 255
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+@functools.cache
+def float16_sqrt_bytes() -> np.ndarray:
+    """(65536,) uint8: sqrt_bytes of every float16, indexed by its bits; NaN bits map to 0."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
+    return sqrt_bytes(np.nan_to_num(every, nan=0.0))
 
 
 def colormap_bytes() -> np.ndarray:

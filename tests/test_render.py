@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -156,11 +157,40 @@ def test_viewer_is_self_contained_and_carries_the_weights():
     data = embedded_data(html)
     assert data["tokens"] == tokens and data["prompt_len"] == 12
     assert data["meta"] == {"iter": 500, "temperature": pytest.approx(0.8), "loss": None}
-    # the packed lower triangle decodes to the weights, one byte of sqrt(w) each
-    packed = np.frombuffer(base64.b64decode(data["weights"]), dtype=np.uint8).reshape(2, 3, -1)
+    # each layer's packed lower triangle inflates and decodes to the weights, one byte of sqrt(w) each
+    assert len(data["weights"]) == 2
+    packed = np.stack([np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8).reshape(3, -1)
+                       for text in data["weights"]])  # (L, H, T(T+1)/2)
     rows, cols = np.tril_indices(30)
     decoded = (packed / 255.0) ** 2
     assert np.abs(decoded - attn[:, :, rows, cols]).max() < 0.004
+    # 30 tokens fit a thumbnail whole: the thumbnails are the same bytes, square, 0 above the diagonal
+    assert data["thumbnail_block"] == 1
+    thumbnails = np.frombuffer(base64.b64decode(data["thumbnails"]), dtype=np.uint8).reshape(2, 3, 30, 30)
+    assert np.array_equal(thumbnails[:, :, rows, cols], packed)
+    assert not thumbnails[:, :, ~np.tri(30, dtype=bool)].any()
+
+
+def test_viewer_thumbnails_keep_a_thin_diagonal_when_pooled():
+    T = 200
+    attn = np.zeros((1, 1, T, T), dtype=np.float16)
+    attn[0, 0, np.arange(T), np.arange(T)] = 1.0  # each token only on itself: a one-cell-wide line
+    data = embedded_data(viewer_html(attn, sample_tokens(T), 0, {}))
+    block = data["thumbnail_block"]
+    n = -(-T // block)
+    assert block == 5 and n <= 48
+    thumbnails = np.frombuffer(base64.b64decode(data["thumbnails"]), dtype=np.uint8).reshape(n, n)
+    assert np.array_equal(thumbnails, 255 * np.eye(n, dtype=np.uint8))  # max-pooled: the diagonal at full strength
+
+
+def test_viewer_quantises_float16_and_float32_alike():
+    attn = synthetic_attention(n_layer=2, n_head=2, T=40, seed=3).astype(np.float32)
+    tokens = sample_tokens(40)
+    as_float32 = embedded_data(viewer_html(attn, tokens, 8, {}))
+    as_float16 = embedded_data(viewer_html(attn.astype(np.float16), tokens, 8, {}))
+    for a, b in zip(as_float32["weights"], as_float16["weights"]):
+        bytes32, bytes16 = (np.frombuffer(zlib.decompress(base64.b64decode(x)), dtype=np.uint8) for x in (a, b))
+        assert np.abs(bytes32.astype(int) - bytes16).max() <= 1  # float16's own rounding, at most one step
 
 
 def test_viewer_for_a_typical_dump_stays_small():
@@ -200,6 +230,11 @@ def open_viewer(browser, path: Path):
     page.goto(path.as_uri())
     page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
     return page, errors, requests
+
+
+def wait_painted(page, layer: int, head: int, scale: str = "sqrt"):
+    """Wait until the heatmap shows (layer, head): a layer not inflated yet is painted a moment later."""
+    page.wait_for_function(f"document.body.dataset.painted === '{layer},{head},{scale}'", timeout=10_000)
 
 
 def state(page) -> dict:
@@ -245,12 +280,17 @@ def test_viewer_in_chromium(tmp_path, browser):
     assert page.inner_text('#metrics tr[data-metric="entropy"] td.value') == f"{entropy:.3f}"
 
     page.select_option("#layer", "1")
+    wait_painted(page, 1, 1)
     assert state(page)["layer"] == 1 and heatmap_pixels(page) not in (first, second)
-    page.click('#overview .thumb[data-head="2"]')
+    page.click('#overview .thumb[data-layer="1"][data-head="2"]')
     assert state(page)["head"] == 2
     page.evaluate("document.activeElement.blur()")  # arrows on a focused select belong to the select
     page.keyboard.press("ArrowLeft")
     assert (state(page)["layer"], state(page)["head"]) == (1, 1)
+    page.keyboard.press("ArrowUp")
+    wait_painted(page, 0, 1)
+    page.keyboard.press("ArrowDown")
+    wait_painted(page, 1, 1)
 
     # the weights the page decoded are the ones it was given
     shown = page.evaluate(
@@ -263,6 +303,7 @@ def test_viewer_in_chromium(tmp_path, browser):
     # hovering a token highlights what it attends to (before it) and what attends to it (after it)
     page.select_option("#layer", "0")
     page.select_option("#head", "0")
+    wait_painted(page, 0, 0)
     overlay_before = page.evaluate("document.getElementById('overlay').toDataURL()")
     page.hover('#tokens .tok[data-i="12"]')
     assert state(page)["hover"] == 12
@@ -312,10 +353,14 @@ def test_viewer_shows_each_heads_loss_increase_on_its_thumbnail_in_chromium(tmp_
     importance = {"intact_loss": 1.0, "loss_increase": [[0.5, -0.02, 0.0], [0.125, 0.25, 1.5]]}
     path = write_viewer(tmp_path / "viewer.html", attn, sample_tokens(12), 4, {}, head_metrics(attn), importance)
     page, errors, _ = open_viewer(browser, path)
-    costs = lambda: page.eval_on_selector_all("#overview .thumb .cost", "nodes => nodes.map(n => n.textContent)")  # noqa: E731
-    assert costs() == ["Δloss +0.500", "Δloss -0.020", "Δloss +0.000"]  # layer 0's heads
-    page.select_option("#layer", "1")
-    assert costs() == ["Δloss +0.125", "Δloss +0.250", "Δloss +1.500"]
+    costs = lambda layer: page.eval_on_selector_all(  # noqa: E731
+        f'#overview .thumb[data-layer="{layer}"] .cost', "nodes => nodes.map(n => n.textContent)")
+    assert costs(0) == ["Δloss +0.500", "Δloss -0.020", "Δloss +0.000"]  # one row of thumbnails per layer
+    assert costs(1) == ["Δloss +0.125", "Δloss +0.250", "Δloss +1.500"]
+    page.click('#overview .thumb[data-layer="1"][data-head="2"]')
+    assert (state(page)["layer"], state(page)["head"]) == (1, 2)
+    assert page.eval_on_selector_all("#overview .thumb.selected", "nodes => nodes.map(n => n.title)") == [
+        "layer 1 · head 2"]
     plain = write_viewer(tmp_path / "plain.html", attn, sample_tokens(12), 4, {}, head_metrics(attn))
     page2, errors2, _ = open_viewer(browser, plain)
     assert page2.eval_on_selector_all("#overview .thumb .cost", "nodes => nodes.length") == 0  # no scores, no captions
