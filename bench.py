@@ -110,7 +110,7 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
     model = GPT(model_config).eval()  # block_size changed, so not preset_model()
     ids = torch.randint(cfg.vocab_size, (cfg.tokens,))
     tokens = [chr(97 + i % 26) for i in ids.tolist()]
-    attn, _ = attention_weights(model, ids)
+    attn = attention_weights(model, ids)
     meta = {"bench": True}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

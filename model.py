@@ -409,25 +409,32 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, heads: HeadEdit | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, heads: HeadEdit | None = None,
+                last_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
-        heads: a HeadEdit that sees (and may replace) each layer's per-head context vectors.
+        heads: a HeadEdit that sees (and may replace) each layer's per-head context vectors. last_only: the
+        logits of the last position alone (B, 1, vocab_size), all that generating the next token needs.
         """
         x, _ = self._trunk(idx, cache, need_weights=False, heads=heads)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): a 1,024-token prefill would otherwise write 1,024 x 50,257 logits
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def forward_with_attention(self, idx, heads: HeadEdit | None = None):
-        """Like forward, but through the explicit path: (logits (B, T, V), weights).
+    def forward_with_attention(self, idx, heads: HeadEdit | None = None, weights_dtype: torch.dtype | None = None,
+                               logits: bool = True):
+        """Like forward, but through the explicit path: (logits (B, T, V) or None, weights).
 
-        weights is (n_layer, B, n_head, T, T): post-softmax, rows are queries, columns keys.
+        weights is (n_layer, B, n_head, T, T): post-softmax, rows are queries, columns keys. weights_dtype
+        casts each layer's weights as soon as they are computed (a dump keeps float16: at GPT-2's 144 heads
+        and 1,024 tokens that halves what is held); logits=False skips the head (T x vocab_size of work).
         """
-        x, weights = self._trunk(idx, None, need_weights=True, heads=heads)
-        return self.lm_head(x), torch.stack(weights)
+        x, weights = self._trunk(idx, None, need_weights=True, heads=heads, weights_dtype=weights_dtype)
+        return (self.lm_head(x) if logits else None), torch.stack(weights)
 
     def forward_from(self, layer: int, x, y, heads: HeadEdit | None = None):
         """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
@@ -449,7 +456,7 @@ class GPT(nn.Module):
         return self.lm_head(x), record
 
     def _trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
-               record: list | None = None):
+               record: list | None = None, weights_dtype: torch.dtype | None = None):
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         encoding, block_size = self.config.pos_encoding, self.config.block_size
@@ -471,7 +478,7 @@ class GPT(nn.Module):
         weights = []
         for layer, block in enumerate(self.transformer.h):
             x, w = block(x, rope, cache, layer, need_weights, heads, record)
-            weights.append(w)
+            weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x), weights  # (B, T, C)
@@ -505,11 +512,11 @@ class GPT(nn.Module):
         logits = None
         for _ in range(max_new_tokens):
             if logits is None:  # the first step: prefill the cache with the prompt's window
-                logits = self(tokens[:, window_start:], cache=cache, heads=heads)[0][:, -1]
+                logits = self(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
             elif cache.length == block_size:  # full: slide by refilling from the recent half
                 cache.length = 0
                 window_start = tokens.size(1) - keep
-                logits = self(tokens[:, window_start:], cache=cache, heads=heads)[0][:, -1]
+                logits = self(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
             else:  # the usual step: only the newest token goes through the network
                 logits = self(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
             logits = logits.float()  # (B, vocab_size)

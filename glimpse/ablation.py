@@ -27,6 +27,7 @@ from glimpse.errors import GlimpseError
 
 AblationKind = Literal["zero", "mean"]
 ABLATIONS = get_args(AblationKind)
+LOGITS_BYTES = 256 * 2**20  # the most float32 logits losses_per_head holds at once
 
 
 def ablation_option(over: str):
@@ -114,7 +115,7 @@ def head_means(model, inputs: torch.Tensor, batch_rows: int, ctx) -> torch.Tenso
     collect = HeadMeans(c.n_layer, c.n_head, c.n_embd // c.n_head, device=inputs.device)
     with torch.inference_mode(), ctx:
         for i in range(0, len(inputs), batch_rows):
-            model(inputs[i:i + batch_rows], heads=collect)
+            model(inputs[i:i + batch_rows], heads=collect, last_only=True)  # the heads' outputs, not the logits
     return collect.means()
 
 
@@ -156,19 +157,26 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
         keep = torch.ones(c.n_head, c.n_layer, c.n_head, device=inputs.device)
         keep[heads, layer, heads] = 0.0
         per_layer.append(keep)
+    # the logits of a forward's rows are held at once: at GPT-2's 1,024 tokens and 50,257 tokens of vocabulary
+    # one row's are 206 MB, so the rows a forward takes shrink to keep them within LOGITS_BYTES
+    max_rows = max(1, min(max_rows, LOGITS_BYTES // (inputs.size(1) * c.vocab_size * 4)))
     windows = max(1, max_rows // c.n_head)  # as many windows a forward as max_rows allows
     for w in range(0, len(inputs), windows):
         x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
         b = x.size(0)
+        per_forward = max(1, max_rows // b)  # heads removed in one forward, one copy of the windows each
         with ctx:  # one autocast region for the window's forwards: the weights are cast once, not once each
             logits, streams = model.residual_streams(x)  # (b, T, V), n_layer of (b, T, C)
             intact += loss_sum(logits, y).sum()
             for layer in range(c.n_layer):
-                ablation = Ablation(per_layer[layer].repeat_interleave(b, 0), value)  # (H b, L, H): row h b + j
                 x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input and what its heads say
-                logits = model.forward_from(layer, x_in.repeat(c.n_head, 1, 1), y_in.repeat(c.n_head, 1, 1, 1),
-                                            ablation)  # (H b, T, V)
-                without[layer] += loss_sum(logits, y.repeat(c.n_head, 1)).view(c.n_head, b).sum(dim=1)
+                for first in range(0, c.n_head, per_forward):
+                    chosen = heads[first:first + per_forward]  # (k,): the heads removed, one per copy
+                    k = len(chosen)
+                    ablation = Ablation(per_layer[layer][chosen].repeat_interleave(b, 0), value)  # (k b, L, H)
+                    logits = model.forward_from(layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1),
+                                                ablation)  # (k b, T, V): row i b + j removes head chosen[i]
+                    without[layer, chosen] += loss_sum(logits, y.repeat(k, 1)).view(k, b).sum(dim=1)
     return intact.item() / n_scored, (without / n_scored).float().cpu()
 
 

@@ -3,21 +3,28 @@ Attention dumps: what every head of every layer attended to, saved for people an
 
 One dump is a folder:
 
-    attention.npz  attn float16 [n_layer, n_head, T, T] post-softmax weights (rows are queries,
-                   columns keys; exactly 0 above the diagonal; rows sum to 1), token_ids int32 [T],
-                   tokens [T] (each token's text), prompt_len, meta (a JSON string)
+    attention.npz  a zip of .npy arrays (np.load reads it, no pickle): layer_<l> float16
+                   [n_head, T (T + 1) / 2], layer l's post-softmax weights, lower triangle only (row q of
+                   a head, the weights query q puts on keys 0..q, starts at q (q + 1) / 2; above the
+                   diagonal every weight is exactly 0; rows sum to 1); token_ids int32 [T]; tokens [T]
+                   (each token's text); prompt_len; meta (a JSON string). load_dump rebuilds the full
+                   [n_layer, n_head, T, T] array, load_layer one layer of it.
     heads.json     per layer and head: entropy, mass on the previous token, on the first token (a
                    sink), on the token itself, and the mean distance attended over
-    layer_<l>.png  each layer's heads as heatmaps
+    layer_<l>.png  each layer's heads as heatmaps (optional: at GPT-2's size they cost more than the rest)
     index.html     a self-contained viewer
 
-sample.py writes one per sample and train.py one per eval; the probes below score heads on known
-circuits (previous-token, sink, induction).
+Layers are stored apart, and deflated at zlib's fastest level, so that a dump of GPT-2 small over its
+1,024 tokens (144 heads of a million weights) is written in seconds and read one layer at a time;
+docs/gpt2.md gives the sizes and times measured. sample.py writes one per sample and train.py one per
+eval; the probes below score heads on known circuits (previous-token, sink, induction).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,16 +37,17 @@ from model import GPT
 
 
 @torch.no_grad()
-def attention_weights(model: GPT, ids: torch.Tensor, heads=None) -> tuple[np.ndarray, torch.Tensor]:
-    """Post-softmax weights [n_layer, n_head, T, T] (float32) and logits (T, V) for one text (T,).
+def attention_weights(model: GPT, ids: torch.Tensor, heads=None) -> np.ndarray:
+    """Post-softmax weights [n_layer, n_head, T, T] as float16, the dumps' precision, for one text (T,).
 
     heads: a HeadEdit (glimpse/ablation.py) in place while the text goes through, or None.
     """
     was_training = model.training
     model.eval()  # no dropout: the weights are the model's, not a random mask's
-    logits, weights = model.forward_with_attention(ids[None], heads)  # (1, T, V), (L, 1, H, T, T)
+    _, weights = model.forward_with_attention(ids[None], heads, weights_dtype=torch.float16,
+                                              logits=False)  # (L, 1, H, T, T)
     model.train(was_training)
-    return weights[:, 0].float().cpu().numpy(), logits[0]
+    return weights[:, 0].cpu().numpy()
 
 
 def head_metrics(attn: np.ndarray) -> dict:
@@ -50,32 +58,60 @@ def head_metrics(attn: np.ndarray) -> dict:
     first_token    weight on token 0, where many heads park attention they do not need (a sink)
     self           weight on the query's own token
     mean_distance  expected distance back from the query to the keys, in tokens
+
+    One layer at a time, in float32 (each query's sums in float64): a float copy of GPT-2's 144 heads
+    at 1,024 tokens would be 600 MB or more.
     """
     n_layer, n_head, T, _ = attn.shape
     queries = np.arange(1, T) if T > 1 else np.array([0])  # (Q,)
     rows = np.arange(len(queries))
-    w = attn[:, :, queries, :].astype(np.float64)  # (L, H, Q, T)
-    entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(-1).mean(-1) + 0.0  # (L, H); + 0.0 turns -0.0 into 0.0
-    prev = w[:, :, rows, queries - 1].mean(-1) if T > 1 else np.zeros((n_layer, n_head))  # (L, H)
-    first = w[..., 0].mean(-1)  # (L, H)
-    self_mass = w[:, :, rows, queries].mean(-1)  # (L, H)
-    back = (queries[:, None] - np.arange(T)[None, :]).clip(min=0)  # (Q, T) how far back each key is
-    distance = (w * back).sum(-1).mean(-1)  # (L, H)
+    back = (queries[:, None] - np.arange(T)[None, :]).clip(min=0).astype(np.float32)  # (Q, T) how far back
     layers = []
     for layer in range(n_layer):
+        w = attn[layer][:, queries, :].astype(np.float32)  # (H, Q, T)
+        logs = np.log(np.where(w > 0, w, 1.0))  # (H, Q, T)
+        entropy = -(w * logs).sum(-1, dtype=np.float64).mean(-1) + 0.0  # (H,); + 0.0 turns -0.0 into 0.0
+        del logs
+        prev = w[:, rows, queries - 1].mean(-1, dtype=np.float64) if T > 1 else np.zeros(n_head)  # (H,)
+        first = w[..., 0].mean(-1, dtype=np.float64)  # (H,)
+        self_mass = w[:, rows, queries].mean(-1, dtype=np.float64)  # (H,)
+        distance = (w * back).sum(-1, dtype=np.float64).mean(-1)  # (H,)
         heads = [
-            {"head": h, "entropy": float(entropy[layer, h]), "prev_token": float(prev[layer, h]),
-             "first_token": float(first[layer, h]), "self": float(self_mass[layer, h]),
-             "mean_distance": float(distance[layer, h])}
+            {"head": h, "entropy": float(entropy[h]), "prev_token": float(prev[h]), "first_token": float(first[h]),
+             "self": float(self_mass[h]), "mean_distance": float(distance[h])}
             for h in range(n_head)
         ]
         layers.append({"layer": layer, "heads": heads})
     return {"queries": len(queries), "layers": layers}
 
 
+def write_npz(path: Path, attn: np.ndarray, **arrays):
+    """attention.npz as the module docstring describes it, written to a temporary name and renamed.
+
+    np.savez_compressed deflates at level 6, which took seconds per layer at GPT-2's size; zipfile at
+    level 1 writes the same .npy entries a few times faster, and np.load reads them all the same.
+    """
+    T = attn.shape[-1]
+    rows, cols = np.tril_indices(T)  # row-major: (0,0), (1,0), (1,1), (2,0), ...
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            entries = {f"layer_{layer}": (lambda layer=layer: attn[layer][:, rows, cols].astype(np.float16))
+                       for layer in range(attn.shape[0])}
+            entries.update({name: (lambda a=a: a) for name, a in arrays.items()})
+            for name, make in entries.items():  # one layer's triangle in memory at a time
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(make()), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,
-               pictures: bool = True, importance: dict | None = None) -> dict:
+               pictures: bool = True, importance: dict | None = None, pngs: bool = True) -> dict:
     """Write one dump folder (see the module docstring); return its head metrics.
+
+    pictures: the viewer, and the layer PNGs unless pngs is false.
 
     importance, when given ({"intact_loss", "loss_increase" (L, H), ...}), goes to head_importance.json
     and into the viewer, which shows each head's loss increase on its thumbnail.
@@ -83,20 +119,15 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     from glimpse import render  # matplotlib is imported only when pictures are drawn
 
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        folder / "attention.npz",
-        attn=attn.astype(np.float16),
-        token_ids=np.asarray(token_ids, dtype=np.int32),
-        tokens=np.array(tokens, dtype=str),
-        prompt_len=np.int32(prompt_len),
-        meta=np.array(json.dumps(meta)),
-    )
+    write_npz(folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),
+              tokens=np.array(tokens, dtype=str), prompt_len=np.int32(prompt_len), meta=np.array(json.dumps(meta)))
     heads = head_metrics(attn)
     (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
     if importance is not None:
         (folder / "head_importance.json").write_text(json.dumps(importance, indent=1) + "\n", encoding="utf-8")
-    if pictures:
+    if pictures and pngs:
         render.write_layer_images(folder, attn, tokens, prompt_len)
+    if pictures:
         render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance)
     return heads
 
@@ -107,7 +138,7 @@ def dump_window(model: GPT, ids) -> list[int]:
 
 
 def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: Path, pictures: bool = True,
-              heads=None, importance: dict | None = None) -> dict:
+              heads=None, importance: dict | None = None, pngs: bool = True) -> dict:
     """Dump the attention over the last block_size tokens of ids (a text's token ids).
 
     heads: a HeadEdit in place (removed heads stay removed in the dump); importance: see write_dump.
@@ -116,18 +147,38 @@ def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: P
     window = dump_window(model, ids)
     cut = len(ids) - len(window)  # tokens older than the window are left out
     device = next(model.parameters()).device
-    attn, _ = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
+    attn = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
     return write_dump(folder, attn, window, tokenizer.token_strings(window), max(0, prompt_len - cut), meta, pictures,
-                      importance)
+                      importance, pngs)
 
 
 def load_dump(folder: Path) -> dict:
-    """A dump's arrays and meta, read with numpy alone (no pickle)."""
-    with np.load(folder / "attention.npz", allow_pickle=False) as z:
-        out = {k: z[k] for k in z.files}
+    """A dump's arrays and meta, read with numpy alone (no pickle); attn is the full [n_layer, n_head, T, T]
+    float16 array (dumps written before layers were stored apart hold it as it is)."""
+    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files if not k.startswith("layer_")}
+        n_layer = sum(k.startswith("layer_") for k in z.files)
+        if n_layer:
+            out["attn"] = np.stack([unpacked(z[f"layer_{layer}"], len(out["token_ids"])) for layer in range(n_layer)])
     out["meta"] = json.loads(str(out["meta"]))
     out["prompt_len"] = int(out["prompt_len"])
     return out
+
+
+def load_layer(folder: Path, layer: int) -> np.ndarray:
+    """One layer of a dump, [n_head, T, T] float16, reading only that layer's entry of the npz."""
+    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+        if "attn" in z.files:
+            return z["attn"][layer]
+        return unpacked(z[f"layer_{layer}"], len(z["token_ids"]))
+
+
+def unpacked(tril: np.ndarray, T: int) -> np.ndarray:
+    """[n_head, T (T + 1) / 2] lower triangles -> [n_head, T, T], zeros above the diagonal."""
+    full = np.zeros((tril.shape[0], T, T), dtype=tril.dtype)
+    rows, cols = np.tril_indices(T)
+    full[:, rows, cols] = tril
+    return full
 
 
 @torch.no_grad()
@@ -153,13 +204,20 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     seq = torch.cat([r, r], dim=1).to(device)  # (B, 2n)
     was_training = model.training
     model.eval()
-    logits, weights = model.forward_with_attention(seq)  # (B, 2n, V), (L, B, H, 2n, 2n)
-    model.train(was_training)
-    scores = induction_scores(weights, n)  # (L, H)
+    # one sequence at a time, the weights in float16: at GPT-2's 1,024 tokens a batch's float32 weights and
+    # logits would take 6 GB, one sequence's a few hundred MB
+    scores, prev_token, offsets, losses = 0.0, 0.0, 0.0, []
     t = torch.arange(1, 2 * n, device=device)
-    prev_token = weights[:, :, :, t, t - 1].float().mean(dim=(1, 3))  # (L, H): weight on the token before
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), seq[:, 1:], reduction="none")  # (B, 2n - 1)
-    offsets = repeat_offsets(weights, n)  # (L, H, 2n)
+    for row in seq:
+        logits, weights = model.forward_with_attention(row[None], weights_dtype=torch.float16)
+        # logits (1, 2n, V), weights (L, 1, H, 2n, 2n)
+        scores = scores + induction_scores(weights, n) / batch  # (L, H)
+        prev_token = prev_token + weights[:, 0, :, t, t - 1].float().mean(dim=-1) / batch  # (L, H): the token before
+        offsets = offsets + repeat_offsets(weights, n) / batch  # (L, H, 2n)
+        losses.append(F.cross_entropy(logits[0, :-1].float(), row[1:], reduction="none"))  # (2n - 1,)
+        del logits, weights
+    model.train(was_training)
+    losses = torch.stack(losses)  # (B, 2n - 1)
     without = None
     if ablation is not None:
         inputs, targets = seq[:, :-1], seq[:, 1:]  # (B, 2n - 1) each

@@ -175,8 +175,9 @@ def test_induction_probe_offsets_place_each_heads_weight_relative_to_the_earlier
         for d in range(-j, n + 1):
             expected[n - 1 + d] += 1 / (n + j + 1) / n
     assert offsets.shape == (2, 3, 2 * n)
-    np.testing.assert_allclose(offsets, np.broadcast_to(expected, offsets.shape), rtol=1e-5)
-    np.testing.assert_allclose(offsets.sum(-1), 1.0, rtol=1e-5)
+    # the probe holds the weights in float16, as the dumps do: 3 significant digits
+    np.testing.assert_allclose(offsets, np.broadcast_to(expected, offsets.shape), rtol=1e-3)
+    np.testing.assert_allclose(offsets.sum(-1), 1.0, rtol=1e-3)
 
 
 def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
