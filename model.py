@@ -374,6 +374,17 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def with_weights(cls, config: GPTConfig, state: dict[str, torch.Tensor]) -> GPT:
+        """A GPT holding these weights, built on the meta device: no memory and no random initialisation is
+        spent on parameters that the state dict replaces at once."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)  # the state's tensors themselves become the parameters
+        if config.tie_embeddings:
+            model.transformer.wte.weight = model.lm_head.weight  # assign gave the two names a Parameter each
+        return model
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -5,11 +5,14 @@ Generate text from a trained checkpoint, streaming it as it comes.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out-shakespeare-char --ablate=1.0,2.3      # generate without heads 1.0 and 2.3
     python sample.py --out_dir=out-shakespeare-char --head_importance    # each head's cost, on its thumbnail
+    python sample.py --init_from=gpt2 --start="The meaning of life is" --probe=induction   # pretrained GPT-2
     python sample.py --help
 
 The checkpoint alone is enough: the tokenizer travels inside it, so no data folder is needed. It
 reads OUT_DIR/best.pt (the lowest validation loss) when there is one, else ckpt.pt; --checkpoint chooses.
-Generation uses a KV cache; past block_size the context window slides (see GPT.generate).
+--init_from=gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder holding a Hugging Face GPT-2's
+config.json and model.safetensors) samples from pretrained GPT-2 instead, fetched into the Hugging
+Face cache on first use. Generation uses a KV cache; past block_size the context window slides (see GPT.generate).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from glimpse.tracking import Tracker
 class SampleConfig:
     out_dir: str = option("out", "folder of the training run to sample from")
     checkpoint: Which = checkpoint_option()
+    init_from: str = option("", "sample from pretrained GPT-2 instead of OUT_DIR: gpt2, gpt2-medium, gpt2-large, "
+                                "gpt2-xl (from the Hugging Face Hub or its cache), or a folder holding a Hugging "
+                                "Face GPT-2 config.json and model.safetensors")
     start: str = option("\n", "the prompt (default: a newline), or FILE:path to read it from a file")
     num_samples: int = option(3, "how many samples to draw, one after another")
     max_new_tokens: int = option(500, "tokens to generate per sample")
@@ -56,7 +62,10 @@ class SampleConfig:
     device: Device = device_option()
     dtype: Dtype = dtype_option()
     dump_attention: bool = option(True, "write each sample's attention (npz, heads.json, PNGs, HTML viewer)")
-    dump_dir: str = option("", "where the dumps go, one sample_<i>/ each (empty: OUT_DIR/attention)")
+    dump_dir: str = option("", "where the dumps go, one sample_<i>/ each (empty: OUT_DIR/attention, or "
+                               "attention-NAME/ with --init_from)")
+    pngs: bool = option(True, "also draw each layer's heatmap PNGs in the dumps (seconds per layer at 1,024 "
+                              "tokens; the HTML viewer needs none of them)")
     probe: Literal["none", "induction"] = option(
         "none", "induction: also score every head on repeated random tokens (induction) and on the samples' "
         "text (previous-token, sink)"
@@ -100,7 +109,8 @@ def read_prompt(start: str) -> str:
 def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     """Draw cfg.num_samples continuations of the prompt; stream each to out (stdout); return them."""
     out = out or sys.stdout
-    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "sampling from")
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "sampling from",
+                                               cfg.init_from)
     tokenizer = tokenizer_from_spec(state["tokenizer"])
     prompt = read_prompt(cfg.start)
     ids = tokenizer.encode(prompt)
@@ -114,7 +124,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         value = head_means(model, idx[:, -c.block_size:], 1, ctx) if cfg.ablation == "mean" else None
         heads = Ablation.of(parse_heads(cfg.ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, value, device)
 
-    dump_dir = Path(cfg.dump_dir) if cfg.dump_dir else Path(cfg.out_dir) / "attention"
+    dump_dir = Path(cfg.dump_dir or default_dump_dir(cfg))
     if (cfg.dump_attention or cfg.probe != "none") and dump_dir.exists() and not dump_dir.is_dir():
         raise GlimpseError(f"--dump_dir {str(dump_dir)!r} is a file; give a folder for the attention dumps")
     if cfg.probe == "induction" and model.config.block_size < 4:
@@ -145,7 +155,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
             folder, text_ids = dump_dir / f"sample_{i}", [*ids.tolist(), *generated]
             importance = text_importance(model, text_ids, cfg.ablation, ctx) if cfg.head_importance else None
             metrics = dump_text(model, tokenizer, text_ids, len(ids), dump_meta(state, cfg, i), folder, heads=heads,
-                                importance=importance)
+                                importance=importance, pngs=cfg.pngs)
             tracker.log_attention(folder, metrics, prefix=f"sample_{i}")
             sample_heads.append(metrics)
     if cfg.probe == "induction":
@@ -154,6 +164,11 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     if cfg.dump_attention:
         print(f"attention dumps: {dump_dir}/sample_*/index.html", file=sys.stderr)
     return samples
+
+
+def default_dump_dir(cfg: SampleConfig) -> Path:
+    """OUT_DIR/attention for a checkpoint; attention-NAME for a pretrained model, kept apart from any run."""
+    return Path(f"attention-{Path(cfg.init_from).name}") if cfg.init_from else Path(cfg.out_dir) / "attention"
 
 
 def text_importance(model, text_ids: list[int], ablation: str, ctx) -> dict | None:

@@ -50,6 +50,7 @@ from glimpse.checkpoint import (
 from glimpse.config import config_values, nested, option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, length_loss
+from glimpse.gpt2 import load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.runtime import (
     Device,
@@ -173,6 +174,7 @@ class Run:
     batch_gen: torch.Generator  # draws every training batch; the same on every process
     tracker: Tracker
     peak: float | None  # the device's peak FLOP/s at dtype, for MFU; None where it is not known
+    pretrained: str | None = None  # the --init_from a finetuning run started from (gpt2, or a folder)
     iter_num: int = 0
     best_val_loss: float = float("inf")
     train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
@@ -193,7 +195,7 @@ class Run:
         return {"model": self.model.state_dict(), "model_config": asdict(self.model.config),
                 "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
                 "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
-                "wandb_run_id": self.tracker.run_id}
+                "wandb_run_id": self.tracker.run_id, "pretrained": self.pretrained}
 
     def state_dict(self) -> dict:
         """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
@@ -234,9 +236,11 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         )
     out_dir = Path(cfg.out_dir)
     existing = [p for p in (checkpoint_path(out_dir), best_path(out_dir)) if p.exists()]
-    if cfg.init_from == "scratch" and existing:
+    if cfg.init_from != "resume" and existing:
         raise GlimpseError(f"{existing[0]} exists: continue it with --init_from=resume, or start fresh in another "
                            "--out_dir (or delete that one)")
+    pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
+    folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
 
     # data: the first process of each machine prepares a built-in dataset while the others wait
     if ddp.local_rank == 0:
@@ -246,11 +250,28 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     data.check_block_size(cfg.model.block_size)
 
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
-    model_config = cfg.model_config(data.vocab_size)
-    if state is not None:
-        check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
+    if pretrained and data.tokenizer_spec["kind"] != "gpt2":
+        raise GlimpseError(f"--init_from={pretrained} reads GPT-2's BPE tokens, but dataset {cfg.dataset} is "
+                           f"tokenized by {data.tokenizer_spec['kind']}: finetune on a GPT-2 BPE dataset, such as "
+                           "--dataset=shakespeare")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = GPT(model_config).to(device)
+    if pretrained:
+        model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
+        cfg = replace(cfg, model=replace(model.config))  # the run's config says what it trains: GPT-2's shape
+    else:
+        model_config = cfg.model_config(data.vocab_size)
+        if state is not None:
+            pretrained = state.get("pretrained")  # a finetuning run resumes with its pretrained model's shape
+            if pretrained is not None:
+                model_config = replace(GPTConfig(**state["model_config"]), block_size=cfg.model.block_size,
+                                       dropout=cfg.model.dropout)
+                cfg = replace(cfg, model=model_config)
+            check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
+        model = GPT(model_config)
+    if model.config.vocab_size < data.vocab_size:
+        raise GlimpseError(f"dataset {cfg.dataset} has {data.vocab_size} tokens, more than the model's "
+                           f"{model.config.vocab_size}: finetune on a dataset of its tokenizer")
+    model = model.to(device)
     compiled = torch.compile(model) if cfg.compile else model
     ddp_model = compiled
     if ddp.enabled:
@@ -265,7 +286,8 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
               optimizer=configure_optimizer(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
-              peak=peak_flops(device, dtype))  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
+              peak=peak_flops(device, dtype),  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
+              pretrained=pretrained)
     if state is not None:
         run.load_state_dict(state)
     else:
@@ -471,7 +493,11 @@ class TrainConfig:
     out_dir: str = option("out", "folder for ckpt.pt, best.pt, config.json and metrics.jsonl")
     dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/{train,val}.bin")
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
-    init_from: Literal["scratch", "resume"] = option("scratch", "start fresh, or resume out_dir/ckpt.pt")
+    init_from: str = option(
+        "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt; gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl, or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: finetune "
+        "pretrained GPT-2 (its shape; of the model keys only block_size, at most 1024, and dropout apply)"
+    )
     # where it runs
     device: Device = device_option()
     dtype: Dtype = dtype_option()

@@ -30,6 +30,7 @@ import torch
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
+from glimpse.gpt2 import load_pretrained, pretrained_state
 from glimpse.runtime import allow_tf32, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
@@ -90,14 +91,18 @@ def save_checkpoint(path: Path, state: dict):
             os.close(fd)
 
 
-def load_checkpoint(path: Path, device="cpu") -> dict:
-    """The checkpoint's dict, or a GlimpseError that says why it cannot be used."""
+def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
+    """The checkpoint's dict, or a GlimpseError that says why it cannot be used.
+
+    mmap: map the file instead of reading it (CPU only), so that what the caller never touches (the
+    optimizer state, for sampling) is never read from disk.
+    """
     if not path.exists():
         raise GlimpseError(
             f"no checkpoint at {path}; train one first (python train.py ...) or fix --out_dir"
         )
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GlimpseError(f"{path} was refused by the safe loader: {first_line}") from None
@@ -109,23 +114,29 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> GPT:
-    """Rebuild the model a checkpoint describes and load its weights."""
-    model = GPT(GPTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device)
+    """The model a checkpoint describes, holding its weights (built without a random initialisation)."""
+    return GPT.with_weights(GPTConfig(**state["model_config"]), state["model"]).to(device)
 
 
-def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name: str, doing: str):
+def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name: str, doing: str,
+                 init_from: str = ""):
     """(model in eval mode, checkpoint dict, device, dtype) for the scripts that use a trained model.
 
     Reads the checkpoint --checkpoint names onto the device --device names, and says on stderr which
-    file it read ("sampling from out/best.pt (step 5000, val loss 1.4712)").
+    file it read ("sampling from out/best.pt (step 5000, val loss 1.4712)"). init_from, when given, is a
+    pretrained GPT-2 instead (a name such as gpt2, or a Hugging Face folder): see glimpse/gpt2.py.
     """
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     allow_tf32(device, dtype)
+    if init_from:
+        model = load_pretrained(init_from, device)
+        print(f"{doing} {init_from} ({model.num_params(non_embedding=False) / 1e6:.0f}M parameters)",
+              file=sys.stderr)
+        return model, pretrained_state(init_from, model), device, dtype
     path = chosen_checkpoint(out_dir, which)
-    state = load_checkpoint(path, device)
+    # read on the CPU, memory-mapped: the weights are read once, the optimizer state not at all
+    state = load_checkpoint(path, "cpu", mmap=True)
     print(f"{doing} {describe(path, state)}", file=sys.stderr)
     return model_from_checkpoint(state, device).eval(), state, device, dtype
 

@@ -57,4 +57,4 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
     lower = 2 ** math.floor(math.log2(n_head))
     slopes = geometric(lower) + geometric(2 * lower)[0::2][: n_head - lower]
-    return torch.tensor(slopes)
+    return torch.tensor(slopes, device="cpu")  # a real tensor even in a model built on the meta device

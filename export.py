@@ -1,0 +1,112 @@
+"""
+Export a trained glimpse model to a Hugging Face GPT-2 folder, for transformers and the tools built on it.
+
+    python export.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char
+    python -c "from transformers import pipeline; \
+               print(pipeline('text-generation', model='hf-shakespeare-char')('ROMEO:'))"
+
+writes into DIR:
+  config.json              a GPT2LMHeadModel's config
+  model.safetensors        the weights under GPT-2's names and in its layout, float32
+  generation_config.json   generate stops at block_size tokens in all: transformers' GPT-2 has no
+                           window that slides past its learned positions, as glimpse's generate has
+  tokenizer.json, tokenizer_config.json
+                           the checkpoint's own tokenizer, GPT-2's BPE or the char-level one
+so that AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it. It
+reads OUT_DIR/best.pt when there is one, else ckpt.pt (--checkpoint chooses).
+
+Only GPT-2's architecture exports: learned positions, LayerNorm, GELU and scaled dot-product scores,
+with or without biases (a model without them exports zeros, which add nothing) and with a tied or
+untied head. Writing the tokenizer needs transformers (pip install transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from glimpse.checkpoint import (
+    Which,
+    checkpoint_option,
+    chosen_checkpoint,
+    describe,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from glimpse.config import option, parse_config
+from glimpse.errors import GlimpseError, user_errors
+from glimpse.gpt2 import hf_config, hf_tokenizer, hf_weights, unexportable
+from model import GPTConfig
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = option("out", "folder of the training run to export")
+    checkpoint: Which = checkpoint_option()
+    to: str = option("", "the folder to write the Hugging Face model to (new or empty, unless --overwrite)")
+    overwrite: bool = option(False, "write into a folder that already holds files, replacing those of the same names")
+
+    def __post_init__(self):
+        if not self.to:
+            raise ValueError("give the folder to write with --to=DIR")
+
+
+def check_destination(dest: Path, overwrite: bool):
+    """The folder export writes: new, empty, or --overwrite given."""
+    if dest.exists() and not dest.is_dir():
+        raise GlimpseError(f"--to {str(dest)!r} is a file; give a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise GlimpseError(f"--to {str(dest)!r} already holds files; give a new folder, or --overwrite to replace them")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the checkpoint as a Hugging Face GPT-2 folder at cfg.to; return that folder."""
+    from safetensors.torch import save_file
+
+    dest = Path(cfg.to)
+    check_destination(dest, cfg.overwrite)
+    path = chosen_checkpoint(cfg.out_dir, cfg.checkpoint)
+    state = load_checkpoint(path, "cpu", mmap=True)
+    config = GPTConfig(**state["model_config"])
+    if unexportable(config):
+        raise GlimpseError(f"{path} has {', '.join(unexportable(config))}, which GPT-2 has no equivalent of: only "
+                           "pos_encoding=learned, norm=layernorm, activation=gelu, attn_score=scaled_dot and "
+                           "qk_norm=false export")
+    print(f"exporting {describe(path, state)}", file=sys.stderr)
+    tokenizer = hf_tokenizer(state["tokenizer"], config.block_size)  # before anything is written: it may fail
+    model = model_from_checkpoint(state)
+
+    # everything goes to a folder beside dest first, so that a failure half-way leaves dest as it was
+    tmp = dest.with_name(f".{dest.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(hf_weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        hf = hf_config(config, tokenizer.eos_token_id)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
+                      "max_length": config.block_size}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save_pretrained(tmp)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {dest}: {', '.join(sorted(f.name for f in dest.iterdir()))}", file=sys.stderr)
+    return dest
+
+
+def main(argv: list[str] | None = None):
+    with user_errors():
+        cfg = parse_config(ExportConfig, sys.argv[1:] if argv is None else argv,
+                           prog="export.py", description=__doc__, allow_file=False)
+        export(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""
+GPT-2 in and out: Hugging Face GPT-2 folders (config.json and model.safetensors) to glimpse models and back.
+
+glimpse's GPT with its default switches is GPT-2's architecture, with its modules under GPT-2's own
+names (transformer.h.0.attn.c_attn, ...), so a checkpoint maps onto it name for name. Two things
+differ on disk:
+  - GPT-2 holds its four projections (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) as Conv1D
+    layers, whose weight is (in, out): the transpose of nn.Linear's (out, in);
+  - the original upload names its tensors without the "transformer." prefix and keeps the causal
+    mask as a buffer (attn.bias); transformers' own save_pretrained writes the prefix and no mask.
+
+Pretrained weights come from the Hugging Face Hub through huggingface_hub, which keeps them in its
+cache (HF_HOME; HF_HUB_OFFLINE=1 reads the cache only), and are read with safetensors: a format of
+plain tensors, never a pickle. Exporting (export.py) writes the same layout back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import GPT2_ENCODING, GPT2Tokenizer
+from glimpse.errors import GlimpseError
+from model import GPT, GPTConfig
+
+PRETRAINED = {  # --init_from names -> Hub repositories
+    "gpt2": "openai-community/gpt2",  # 124M
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
+}
+FILES = ("config.json", "model.safetensors")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # in older uploads: the causal mask, not a parameter
+GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation, as model.py's MLP has it
+# the switches GPT-2 has, with its values: a model with anything else has no GPT-2 equivalent
+GPT2_SWITCHES = {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "attn_score": "scaled_dot",
+                 "qk_norm": False}
+
+
+def download_hint(name: str) -> str:
+    repo = PRETRAINED.get(name, PRETRAINED["gpt2"])
+    return (f"on a machine with a network run `hf download {repo} {' '.join(FILES)} --local-dir DIR`, "
+            "then pass --init_from=DIR")
+
+
+def pretrained_folder(source: str) -> Path:
+    """The folder holding config.json and model.safetensors for --init_from=source: a Hub name, or a path."""
+    if source in PRETRAINED:
+        from huggingface_hub import snapshot_download
+
+        try:  # huggingface_hub honours HF_HOME and HF_HUB_OFFLINE itself
+            return Path(snapshot_download(PRETRAINED[source], allow_patterns=list(FILES)))
+        except Exception as e:  # no network and nothing cached: huggingface_hub raises one of several kinds
+            raise GlimpseError(f"{source}'s weights are not in the Hugging Face cache and could not be downloaded "
+                               f"({type(e).__name__}): {download_hint(source)}") from None
+    folder = Path(source)
+    if not folder.is_dir():
+        names = ", ".join(PRETRAINED)
+        raise GlimpseError(f"--init_from={source!r} is neither a pretrained model ({names}) nor a folder holding a "
+                           "Hugging Face GPT-2 config.json and model.safetensors")
+    for name in FILES:
+        if not (folder / name).is_file():
+            raise GlimpseError(f"{folder} has no {name}: a Hugging Face GPT-2 folder holds {' and '.join(FILES)} "
+                               f"({download_hint('gpt2')})")
+    return folder
+
+
+def read_config(folder: Path) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config.json, or a GlimpseError naming what is not GPT-2."""
+    path = folder / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GlimpseError(f"{path} is not a readable JSON config ({type(e).__name__})") from None
+    kind = hf.get("model_type")
+    if kind != "gpt2":
+        raise GlimpseError(f"{path} describes a {kind!r} model, not GPT-2 (model_type 'gpt2'): glimpse loads the "
+                           "GPT-2 architecture only")
+    n_embd = hf.get("n_embd", 768)
+    differs = {  # settings GPT-2 checkpoints could have but glimpse's GPT does not compute
+        "activation_function": hf.get("activation_function", "gelu_new") not in GPT2_GELUS,
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
+        "add_cross_attention": hf.get("add_cross_attention", False) is not False,
+    }
+    if any(differs.values()):
+        keys = ", ".join(f"{k}={hf.get(k)!r}" for k, bad in differs.items() if bad)
+        raise GlimpseError(f"{path} sets {keys}, which glimpse's GPT-2 does not have")
+    try:
+        return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0,
+                         bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+    except (ValueError, TypeError) as e:
+        raise GlimpseError(f"{path}: {e}") from None
+
+
+def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """model.safetensors as a state dict of glimpse's GPT (its names, nn.Linear's layout), on the CPU."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / "model.safetensors"
+    state = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: each tensor read once
+            for name in f.keys():
+                if name.endswith(MASK_BUFFERS):
+                    continue
+                ours = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+                tensor = f.get_tensor(name)
+                state[ours] = tensor.t().contiguous() if ours.endswith(CONV1D) else tensor
+    except (SafetensorError, OSError) as e:
+        raise GlimpseError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
+    if config.tie_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state.get("transformer.wte.weight")  # tied: one matrix under both names
+    with torch.device("meta"):  # the shapes glimpse's GPT of this config has, at no cost in memory
+        expected = {name: p.shape for name, p in GPT(config).state_dict().items()}
+    missing = sorted(set(expected) - {k for k, v in state.items() if v is not None})
+    wrong = [k for k in expected if k in state and state[k] is not None and state[k].shape != expected[k]]
+    if missing or wrong:
+        what = f"no {missing[0]}" if missing else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, not " \
+                                                  f"{tuple(expected[wrong[0]])}"
+        raise GlimpseError(f"{path} does not match its config.json: {what}")
+    return {k: state[k] for k in expected}
+
+
+def load_pretrained(source: str, device="cpu", block_size: int | None = None, dropout: float = 0.0) -> GPT:
+    """GPT-2 from --init_from=source (a Hub name or a folder), in eval mode; block_size below GPT-2's 1,024
+    keeps the first block_size learned positions, and dropout is set for finetuning."""
+    folder = pretrained_folder(source)
+    config = read_config(folder)
+    state = read_weights(folder, config)
+    if block_size is not None and block_size != config.block_size:
+        if block_size > config.block_size:
+            raise GlimpseError(f"block_size={block_size} is longer than {source}'s {config.block_size} learned "
+                               "positions: give block_size <= that")
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
+        config.block_size = block_size
+    config.dropout = dropout
+    return GPT.with_weights(config, state).to(device).eval()
+
+
+def pretrained_state(source: str, model: GPT) -> dict:
+    """What sample.py and eval.py read from a checkpoint, for a pretrained model: its shape, GPT-2's tokenizer,
+    and no training behind it."""
+    return {"model_config": asdict(model.config), "tokenizer": {"kind": "gpt2", "encoding": GPT2_ENCODING},
+            "train_config": {}, "iter_num": None, "val_loss": None, "pretrained": source}
+
+
+def unexportable(config: GPTConfig) -> list[str]:
+    """The settings of config that GPT-2 has no equivalent of, as key=value; empty when it exports."""
+    return [f"{k}={getattr(config, k)}" for k, v in GPT2_SWITCHES.items() if getattr(config, k) != v]
+
+
+def hf_config(config: GPTConfig, eos_token_id: int | None) -> dict:
+    """config.json of the GPT2LMHeadModel that computes what a glimpse model of this config computes."""
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
+            "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+            "use_cache": True, "dtype": "float32"}
+
+
+def hf_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights under GPT2LMHeadModel's names and layout, in float32; biases a bias=False model
+    lacks are zeros (adding 0 changes nothing), and a tied head is written once, as transformer.wte."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]  # safetensors stores a tensor once; transformers ties it back on load
+    out = {}
+    for name, tensor in state.items():
+        out[name] = tensor.t().contiguous() if name.endswith(CONV1D) else tensor.contiguous()
+        if not model.config.bias and name.endswith(".weight") and not name.endswith(("wte.weight", "wpe.weight",
+                                                                                     "lm_head.weight")):
+            width = tensor.shape[0]  # nn.Linear (out, in) and LayerNorm (C,): out is the bias's length
+            out[name.removesuffix(".weight") + ".bias"] = torch.zeros(width)
+    return out
+
+
+def hf_tokenizer(spec: dict, block_size: int):
+    """The Hugging Face fast tokenizer that gives the ids glimpse's tokenizer of this spec gives.
+
+    GPT-2's BPE is built by transformers' converter for tiktoken encodings from the same merge ranks
+    tiktoken reads; the char-level one is a word-level vocabulary of single characters (tokenizers).
+    """
+    try:
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise GlimpseError("export.py writes the tokenizer files with transformers: pip install transformers") from None
+    if spec["kind"] == "char":
+        tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(spec["chars"])}))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character a token
+        tokenizer.decoder = decoders.Fuse()  # and back, with nothing between them
+        special = {}
+    else:
+        GPT2Tokenizer()  # fails with the offline hint if tiktoken cannot read the ranks
+        from tiktoken_ext.openai_public import r50k_base
+
+        encoding = r50k_base()
+
+        class Ranks(TikTokenConverter):
+            def load_tiktoken_bpe(self, url):  # the ranks in hand, not a file to read
+                return encoding["mergeable_ranks"]
+
+        tokenizer = Ranks(pattern=encoding["pat_str"]).converted()
+        (eot,) = encoding["special_tokens"]
+        tokenizer.add_special_tokens([eot])  # <|endoftext|>, id 50256: after the 50,256 ranks
+        special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    # clean_up_tokenization_spaces would drop the space before punctuation on decoding: text must come back whole
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
+                                   clean_up_tokenization_spaces=False, **special)
