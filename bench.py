@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import ExitStack, redirect_stderr, redirect_stdout
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -53,25 +54,31 @@ from glimpse import render
 from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
-from glimpse.errors import user_errors
+from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import sample_next
 from glimpse.runtime import Distributed, autocast, resolve_device, resolve_dtype, synchronize
-from model import GPT
+from model import GPT, GPTConfig
 from train import TrainConfig, setup, train_step
 
 
 @dataclass
 class BenchConfig:
-    what: Literal["attention_dump", "train_step", "sample", "head_importance"] = option(
+    what: Literal["attention_dump", "train_step", "sample", "head_importance", "gpt2"] = option(
         "attention_dump", "which benchmark to run")
     preset: str = option("config/shakespeare_char_cpu.toml",
                          "training preset(s) whose model is measured; several, comma-separated, are compared; "
                          "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does")
     tokens: int = option(256, "attention_dump: context length of the dump (the model's block_size is set to it)")
+    shape: Literal["preset", "gpt2"] = option(
+        "preset", "attention_dump: the first preset's model, or GPT-2 small's shape (12 layers of 12 heads, 768 wide, "
+        "GPT-2's vocabulary; random weights)")
+    pngs: bool = option(True, "attention_dump: also time the layer PNGs (seconds per layer at 1,024 tokens)")
     new_tokens: int = option(500, "sample: tokens generated per timed run")
     uncached: bool = option(False, "sample: also time each preset without the KV cache (the whole window through "
                                    "the network for every token), interleaved, for the cache's speedup in one run")
+    prompt_tokens: int = option(64, "gpt2: tokens of the prompt the models generate after")
+    gpt2_n_layer: int = option(12, "gpt2: layers of the GPT-2-shaped model (12: GPT-2 small)")
     vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
     val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
     repeats: int = option(5, "timed runs; the median is reported")
@@ -103,29 +110,113 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def bench_attention_dump(cfg: BenchConfig) -> dict:
-    train_cfg = preset_config(cfg.presets[0])
-    model_config = train_cfg.model_config(cfg.vocab_size)
-    model_config.block_size = cfg.tokens
+    if cfg.shape == "gpt2":
+        model_config = GPTConfig(block_size=cfg.tokens, vocab_size=50257)  # GPT-2 small: 12 x 12 heads, 768 wide
+    else:
+        model_config = replace(preset_config(cfg.presets[0]).model_config(cfg.vocab_size), block_size=cfg.tokens)
     torch.manual_seed(0)
     model = GPT(model_config).eval()  # block_size changed, so not preset_model()
-    ids = torch.randint(cfg.vocab_size, (cfg.tokens,))
+    ids = torch.randint(model_config.vocab_size, (cfg.tokens,))
     tokens = [chr(97 + i % 26) for i in ids.tolist()]
-    attn = attention_weights(model, ids)
     meta = {"bench": True}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+
+        def dump():  # what sample.py does per sample with --pngs=false: the weights, the data and the viewer
+            write_dump(folder / "dump", attention_weights(model, ids), ids.tolist(), tokens, cfg.tokens, meta,
+                       pngs=False)
+
+        before = resident_bytes()
+        dump()  # first: the process's peak memory is then the dump's
+        peak = peak_resident_bytes()
+        sizes = {f.name: f.stat().st_size for f in (folder / "dump").iterdir()}
+        attn = attention_weights(model, ids)
         parts = {
             "weights": lambda: attention_weights(model, ids),
             "npz_and_heads_json": lambda: write_dump(folder, attn, ids.tolist(), tokens, cfg.tokens, meta,
                                                      pictures=False),
-            "layer_pngs": lambda: render.write_layer_images(folder, attn, tokens, cfg.tokens),
             "html_viewer": lambda: render.write_viewer(folder / "index.html", attn, tokens, cfg.tokens, meta,
                                                        head_metrics(attn)),
+            "dump_without_pngs": dump,
         }
+        if cfg.pngs:
+            parts["layer_pngs"] = lambda: render.write_layer_images(folder, attn, tokens, cfg.tokens)
         seconds = {name: median_seconds(fn, cfg.repeats) for name, fn in parts.items()}
+        if cfg.pngs:
+            sizes["layer_pngs"] = sum(f.stat().st_size for f in folder.glob("layer_*.png"))
     seconds["data_total"] = seconds["weights"] + seconds["npz_and_heads_json"]
-    seconds["with_pictures_total"] = sum(seconds[k] for k in parts)
-    return {"model": asdict(model_config), "seconds": seconds}
+    memory = None if before is None else {"before_dump_mb": before / 2**20, "peak_mb": peak / 2**20,
+                                          "peak_beyond_before_mb": (peak - before) / 2**20}
+    return {"model": asdict(model_config), "seconds": seconds, "megabytes": {k: v / 1e6 for k, v in sizes.items()},
+            "memory": memory}
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def peak_resident_bytes() -> int:
+    import resource  # POSIX
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def bench_gpt2(cfg: BenchConfig) -> dict:
+    """GPT-2's shape (random weights) in glimpse and in transformers, side by side: the logits after import and
+    after export, loading a Hugging Face folder to the first generated token, and greedy KV-cache sampling."""
+    try:
+        import transformers
+    except ImportError:
+        raise GlimpseError("--what=gpt2 compares with transformers: pip install -r requirements-dev.txt") from None
+    from safetensors.torch import save_file
+
+    from glimpse.gpt2 import hf_config, hf_weights, load_pretrained
+
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=cfg.gpt2_n_layer)).eval()
+    reference.generation_config.eos_token_id = None  # generate all new_tokens, as glimpse does
+    prompt = torch.randint(50257, (1, cfg.prompt_tokens))
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        folder, exported = Path(tmp) / "gpt2", Path(tmp) / "exported"
+        reference.save_pretrained(folder)
+        model = load_pretrained(str(folder))
+        imported = (model(prompt)[0] - reference(prompt).logits).abs().max().item()
+        exported.mkdir()
+        save_file(hf_weights(model), exported / "model.safetensors")
+        (exported / "config.json").write_text(json.dumps(hf_config(model.config, 50256)))
+        back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+        exported_diff = (back(prompt).logits - model(prompt)[0]).abs().max().item()
+        del back
+
+        def glimpse_load():
+            next(load_pretrained(str(folder)).generate(prompt, 1, temperature=0.0))
+
+        def transformers_load():
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+            hf.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+        ours, theirs = [], []
+
+        def glimpse_sample():
+            ours[:] = [step.token.item() for step in model.generate(prompt, cfg.new_tokens, temperature=0.0)]
+
+        def transformers_sample():
+            theirs[:] = reference.generate(prompt, max_new_tokens=cfg.new_tokens, do_sample=False,
+                                           pad_token_id=0)[0, cfg.prompt_tokens:].tolist()
+
+        cpu = [torch.device("cpu")] * 2
+        load = interleaved_medians([glimpse_load, transformers_load], cpu, cfg.repeats)
+        sample = interleaved_medians([glimpse_sample, transformers_sample], cpu, cfg.repeats)
+    return {"model": asdict(model.config), "max_abs_logit_diff": {"imported": imported, "exported": exported_diff},
+            "seconds": {"glimpse_load_to_first_token": load[0], "transformers_load_to_first_token": load[1],
+                        "glimpse_sample": sample[0], "transformers_sample": sample[1]},
+            "speedup": {"load": load[1] / load[0], "sample": sample[1] / sample[0]},
+            "same_tokens": ours == theirs, "tokens_per_sec": {"glimpse": cfg.new_tokens / sample[0],
+                                                             "transformers": cfg.new_tokens / sample[1]}}
 
 
 def bench_head_importance(cfg: BenchConfig) -> dict:
@@ -253,7 +344,8 @@ def main(argv: list[str] | None = None):
                            description=__doc__, allow_file=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance}.get(
+        run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance,
+               "gpt2": bench_gpt2}.get(
             cfg.what, bench_presets)
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
@@ -266,11 +358,28 @@ def main(argv: list[str] | None = None):
                   f"{m['block_size']}-token windows: intact {s['intact'] * 1000:.0f} ms, every head removed alone "
                   f"({result['scorings']} scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
             return
+        if cfg.what == "gpt2":
+            m, s, x = result["model"], result["seconds"], result["speedup"]
+            print(f"  GPT-2 shape {m['n_layer']} layers x {m['n_head']} heads, {m['n_embd']} wide; max |logit diff| "
+                  f"imported {result['max_abs_logit_diff']['imported']:.1e}, exported "
+                  f"{result['max_abs_logit_diff']['exported']:.1e}")
+            print(f"  load to first token: glimpse {s['glimpse_load_to_first_token']:.2f} s, transformers "
+                  f"{s['transformers_load_to_first_token']:.2f} s ({x['load']:.2f}x)")
+            print(f"  greedy sampling, {cfg.new_tokens} tokens after {cfg.prompt_tokens}: glimpse "
+                  f"{result['tokens_per_sec']['glimpse']:.1f} tok/s, transformers "
+                  f"{result['tokens_per_sec']['transformers']:.1f} tok/s ({x['sample']:.2f}x), same tokens: "
+                  f"{result['same_tokens']}")
+            return
         if cfg.what == "attention_dump":
             m = result["model"]
             print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")
             for name, s in result["seconds"].items():
                 print(f"  {name:<22} {s * 1000:9.1f} ms")
+            for name, mb in result["megabytes"].items():
+                print(f"  {name:<22} {mb:9.1f} MB")
+            if result["memory"]:
+                print(f"  peak memory {result['memory']['peak_mb']:,.0f} MB, "
+                      f"{result['memory']['peak_beyond_before_mb']:,.0f} MB beyond the model's process before the dump")
             return
         unit = "ms/step" if cfg.what == "train_step" else "ms/run"
         print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "

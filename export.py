@@ -2,8 +2,7 @@
 Export a trained glimpse model to a Hugging Face GPT-2 folder, for transformers and the tools built on it.
 
     python export.py --out_dir=out-shakespeare-char --to=hf-shakespeare-char
-    python -c "from transformers import pipeline; \
-               print(pipeline('text-generation', model='hf-shakespeare-char')('ROMEO:'))"
+    python -c "import transformers as t; print(t.pipeline('text-generation', 'hf-shakespeare-char')('ROMEO:'))"
 
 writes into DIR:
   config.json              a GPT2LMHeadModel's config

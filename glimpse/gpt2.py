@@ -34,7 +34,6 @@ PRETRAINED = {  # --init_from names -> Hub repositories
 }
 FILES = ("config.json", "model.safetensors")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # in older uploads: the causal mask, not a parameter
 GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation, as model.py's MLP has it
 # the switches GPT-2 has, with its values: a model with anything else has no GPT-2 equivalent
 GPT2_SWITCHES = {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "attn_score": "scaled_dot",
@@ -105,28 +104,27 @@ def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     path = folder / "model.safetensors"
+    with torch.device("meta"):  # the shapes glimpse's GPT of this config has, at no cost in memory
+        expected = {name: p.shape for name, p in GPT(config).state_dict().items()}
     state = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: each tensor read once
             for name in f.keys():
-                if name.endswith(MASK_BUFFERS):
-                    continue
                 ours = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
-                tensor = f.get_tensor(name)
-                state[ours] = tensor.t().contiguous() if ours.endswith(CONV1D) else tensor
+                if ours in expected:  # not the causal masks that older uploads hold as attn.bias
+                    tensor = f.get_tensor(name)
+                    state[ours] = tensor.t().contiguous() if ours.endswith(CONV1D) else tensor
     except (SafetensorError, OSError) as e:
         raise GlimpseError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
     if config.tie_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state.get("transformer.wte.weight")  # tied: one matrix under both names
-    with torch.device("meta"):  # the shapes glimpse's GPT of this config has, at no cost in memory
-        expected = {name: p.shape for name, p in GPT(config).state_dict().items()}
-    missing = sorted(set(expected) - {k for k, v in state.items() if v is not None})
-    wrong = [k for k in expected if k in state and state[k] is not None and state[k].shape != expected[k]]
+    missing = sorted(k for k in expected if state.get(k) is None)
+    wrong = [k for k in expected if k not in missing and state[k].shape != expected[k]]
     if missing or wrong:
         what = f"no {missing[0]}" if missing else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, not " \
                                                   f"{tuple(expected[wrong[0]])}"
         raise GlimpseError(f"{path} does not match its config.json: {what}")
-    return {k: state[k] for k in expected}
+    return state
 
 
 def load_pretrained(source: str, device="cpu", block_size: int | None = None, dropout: float = 0.0) -> GPT:

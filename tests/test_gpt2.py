@@ -1,0 +1,295 @@
+"""GPT-2 in and out, against transformers as the reference: import (logits, attention, greedy generation),
+finetuning, export (logits, tokenizers, pipeline), the Hub cache offline, and bad input.
+
+transformers builds GPT-2 models with random weights offline, so nothing is downloaded. The shape is
+small (2 layers, 64 wide) with GPT-2's own vocabulary; GPT-2 small's shape goes through bench.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+import export  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from data.prepare import PrepareConfig, prepare  # noqa: E402
+from data.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from glimpse.attention import dump_text, load_dump  # noqa: E402
+from glimpse.checkpoint import load_trained, save_checkpoint  # noqa: E402
+from glimpse.config import build, parse_config  # noqa: E402
+from glimpse.gpt2 import load_pretrained  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tests.conftest import REPO, make_corpus, python, tiny_config  # noqa: E402
+from tests.test_reliability import run_main  # noqa: E402
+
+SHAPE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
+UNICODE = "Café naïve — déjà vu 😀🎉 中文字符\n\n   runs   of  spaces\t tab\r\nit 's here , isn't it ? end "
+
+
+def reference(tie: bool = True, seed: int = 0):
+    """A random GPT2LMHeadModel, its biases random too so that a bias read wrongly shows."""
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, tie_word_embeddings=tie,
+                                                              attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """(the reference model, the folder save_pretrained wrote)."""
+    hf = reference()
+    folder = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def original_layout(src: Path, dest: Path) -> Path:
+    """The folder as the original GPT-2 upload lays it out: no "transformer." prefix, the mask as a buffer."""
+    dest.mkdir()
+    shutil.copy(src / "config.json", dest / "config.json")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(src / "model.safetensors").items()}
+    for layer in range(SHAPE["n_layer"]):
+        state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(64, 64))[None, None]
+    save_file(state, dest / "model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "original"])
+def test_imported_logits_equal_transformers(hf_folder, tmp_path, layout):
+    hf, folder = hf_folder
+    if layout == "original":
+        folder = original_layout(folder, tmp_path / "original")
+    model = load_pretrained(str(folder))
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids)[0], hf(ids).logits
+    assert ours.shape == theirs.shape == (2, 64, SHAPE["vocab_size"])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_untied_head_imports(tmp_path):
+    hf = reference(tie=False, seed=3)
+    hf.save_pretrained(tmp_path / "untied")
+    model = load_pretrained(str(tmp_path / "untied"))
+    assert not model.config.tie_embeddings
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    ids = torch.arange(40)[None] * 7
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_dumped_attention_equals_transformers_output_attentions(hf_folder, tmp_path, gpt2_ranks):
+    hf, folder = hf_folder
+    model = load_pretrained(str(folder))
+    tokenizer = GPT2Tokenizer()
+    ids = tokenizer.encode(make_corpus(20))[:64].tolist()
+    dump_text(model, tokenizer, ids, 5, {"test": True}, tmp_path / "dump", pngs=False)
+    dumped = load_dump(tmp_path / "dump")["attn"]  # (n_layer, n_head, T, T) float16
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids]), output_attentions=True).attentions
+    assert dumped.shape == (2, 4, 64, 64)
+    for layer, weights in enumerate(theirs):
+        np.testing.assert_allclose(dumped[layer].astype(np.float32), weights[0].numpy(), atol=1e-3, rtol=0)
+
+
+def test_greedy_generation_equals_transformers_generate(hf_folder, tmp_path, gpt2_ranks):
+    hf, folder = hf_folder
+    prompt = "ROMEO: the night is"
+    ids = GPT2Tokenizer().encode(prompt).tolist()
+    hf.generation_config.eos_token_id = None  # a random model may say <|endoftext|>: generate all 50 regardless
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, pad_token_id=0)[0, len(ids):]
+    model, *_ = load_trained("", "auto", "cpu", "float32", "sampling from", init_from=str(folder))
+    ours = [step.token.item() for step in model.generate(torch.tensor([ids]), 50, temperature=0.0)]
+    assert len(ours) == 50 and ours == theirs.tolist()
+    # and the script, as a user runs it: the same text
+    cfg = build(sample.SampleConfig, dict(init_from=str(folder), start=prompt, num_samples=1, max_new_tokens=50,
+                                          temperature=0.0, dump_dir=str(tmp_path / "dumps"), pngs=False))
+    (text,) = sample.sample(cfg, out=io.StringIO())
+    assert text == GPT2Tokenizer().decode([*ids, *ours])
+    assert (tmp_path / "dumps" / "sample_0" / "attention.npz").exists()
+
+
+def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_ranks):
+    """--init_from=gpt2 reads huggingface_hub's cache under HF_HOME; offline and uncached it says what to do."""
+    _, folder = hf_folder
+    repo = tmp_path / "hf_home" / "hub" / "models--openai-community--gpt2"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "TIKTOKEN_CACHE_DIR": str(gpt2_ranks)}
+    args = ["sample.py", "--init_from=gpt2", "--start=Hello", "--num_samples=1", "--max_new_tokens=5",
+            "--dump_attention=false"]
+    done = python(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "sampling from gpt2 (3M parameters)" in done.stderr
+    missing = python(*args, env={**env, "HF_HOME": str(tmp_path / "empty")})
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    (line,) = missing.stderr.strip().splitlines()
+    assert "not in the Hugging Face cache" in line and "hf download openai-community/gpt2" in line
+
+
+def bpe_data(tmp_path: Path) -> Path:
+    (tmp_path / "play.txt").write_text(make_corpus(600), encoding="utf-8")
+    prepare(PrepareConfig(dataset="bpe", input=str(tmp_path / "play.txt"), data_dir=str(tmp_path / "data"),
+                          tokenizer="gpt2"))
+    return tmp_path / "data"
+
+
+def test_finetune_resume_and_sample(hf_folder, tmp_path, gpt2_ranks):
+    hf, folder = hf_folder
+    data = bpe_data(tmp_path)
+    out = tmp_path / "ft"
+    settings = dict(dataset="bpe", init_from=str(folder), block_size=32, dropout=0.1, batch_size=4, max_iters=4,
+                    eval_interval=2, eval_iters=2, learning_rate=1e-3, warmup_iters=0, attn_log_interval=4)
+    first = train.train(tiny_config(data, out, **settings))
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["pretrained"] == str(folder)
+    assert {k: state["model_config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == dict(
+        n_layer=2, n_head=4, n_embd=64, block_size=32)  # GPT-2's shape, whatever the model keys said
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2
+    assert (out / "attention").is_dir()
+    # the weights moved from GPT-2's, starting from them: step 0's loss is the pretrained model's
+    start = load_pretrained(str(folder))
+    assert not torch.equal(torch.load(out / "best.pt", weights_only=True)["model"]["transformer.h.0.mlp.c_fc.weight"],
+                           start.transformer.h[0].mlp.c_fc.weight)
+    # resuming takes the shape from the checkpoint, not from the model keys (which say 2 layers of 32 here)
+    again = train.train(tiny_config(data, out, **{**settings, "init_from": "resume", "max_iters": 6}))
+    assert again["iter"] == 6 and first["iter"] == 4
+    assert {k: json.loads((out / "config.json").read_text())[k] for k in ("n_head", "n_embd")} == dict(n_head=4,
+                                                                                                      n_embd=64)
+    model, saved, *_ = load_trained(out, "last", "cpu", "float32", "sampling from")
+    assert saved["pretrained"] == str(folder) and model.config.n_embd == 64
+
+
+def test_finetune_preset_trains_a_step(hf_folder, tmp_path, gpt2_ranks):
+    _, folder = hf_folder
+    cfg = parse_config(train.TrainConfig, [str(REPO / "config" / "finetune_shakespeare.toml"), f"--init_from={folder}",
+                                           f"--data_dir={bpe_data(tmp_path)}", "--dataset=bpe", "--block_size=32",
+                                           f"--out_dir={tmp_path / 'out'}", "--max_iters=1", "--eval_iters=1",
+                                           "--device=cpu"], prog="train.py", description="")
+    last = train.train(cfg)
+    assert last["iter"] == 1 and np.isfinite(last["val_loss"]) and (tmp_path / "out" / "best.pt").exists()
+
+
+def test_imported_model_trains_like_a_glimpse_one(hf_folder):
+    """Built on the meta device with its weights assigned: every parameter is real, trainable and tied."""
+    _, folder = hf_folder
+    model = load_pretrained(str(folder), block_size=16, dropout=0.1).train()
+    assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 64)
+    assert all(p.requires_grad and not p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    loss = model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))[1]
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
+def glimpse_checkpoint(path: Path, config: GPTConfig, tokenizer: dict, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.normal_(0, 0.1)  # LayerNorms and biases away from their initial 1 and 0
+    save_checkpoint(path / "best.pt", {"model": model.state_dict(), "model_config": asdict(config),
+                                       "tokenizer": tokenizer, "train_config": {}, "iter_num": 0, "val_loss": None})
+    return path
+
+
+def exported_logits_match(out_dir: Path, dest: Path, ids: torch.Tensor):
+    export.export(build(export.ExportConfig, dict(out_dir=str(out_dir), to=str(dest))))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dest).eval()
+    model, *_ = load_trained(out_dir, "auto", "cpu", "float32", "x")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids)[0], atol=1e-4, rtol=0)
+
+
+def test_export_trained_char_model(trained, tmp_path):
+    cfg, _ = trained
+    dest = tmp_path / "hf-char"
+    text = make_corpus(3)
+    ours = CharTokenizer(load_trained(cfg.out_dir, "auto", "cpu", "float32", "x")[1]["tokenizer"]["chars"])
+    exported_logits_match(Path(cfg.out_dir), dest, torch.tensor([ours.encode(text)[:32]]))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dest)
+    assert tokenizer.encode(text) == ours.encode(text).tolist()
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    generated = transformers.pipeline("text-generation", model=str(dest))("ROMEO:", max_new_tokens=10,
+                                                                          do_sample=False)
+    assert generated[0]["generated_text"].startswith("ROMEO:") and len(generated[0]["generated_text"]) == 16
+
+
+def test_export_without_biases_and_untied(tmp_path):
+    config = GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=32, bias=False,
+                       tie_embeddings=False)
+    out = glimpse_checkpoint(tmp_path / "run", config, {"kind": "char", "chars": "".join(chr(65 + i)
+                                                                                          for i in range(40))})
+    exported_logits_match(out, tmp_path / "hf", torch.arange(32)[None] % 40)
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "lm_head.weight" in weights and not weights["transformer.h.0.attn.c_attn.bias"].any()
+
+
+def test_export_gpt2_tokenizer_round_trips_unicode(tmp_path, gpt2_ranks):
+    config = GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)
+    out = glimpse_checkpoint(tmp_path / "run", config, {"kind": "gpt2", "encoding": "r50k_base"})
+    ids = torch.tensor([GPT2Tokenizer().encode(UNICODE).tolist()])
+    exported_logits_match(out, tmp_path / "hf", ids)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.encode(UNICODE) == ids[0].tolist()
+    assert tokenizer.decode(tokenizer.encode(UNICODE)) == UNICODE
+    assert tokenizer.eos_token_id == 50256
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
+    _, folder = hf_folder
+    no_config, no_weights, llama, truncated = (tmp_path / n for n in ("no_config", "no_weights", "llama", "cut"))
+    for f in (no_config, no_weights, llama, truncated):
+        shutil.copytree(folder, f)
+    (no_config / "config.json").unlink()
+    (no_weights / "model.safetensors").unlink()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for source, expected in [(no_config, "has no config.json"), (no_weights, "has no model.safetensors"),
+                             (llama, "describes a 'llama' model, not GPT-2"), (truncated, "is truncated"),
+                             ("gpt3", "is neither a pretrained model (gpt2, gpt2-medium")]:
+        assert expected in run_main(sample.main, [f"--init_from={source}", "--max_new_tokens=1"], capsys), source
+    # finetuning GPT-2 on a char-level dataset
+    out = tmp_path / "ft"
+    line = run_main(train.main, [f"--init_from={folder}", "--dataset=tiny", f"--data_dir={data_dir}",
+                                 f"--out_dir={out}", "--block_size=16", "--device=cpu"], capsys)
+    assert "reads GPT-2's BPE tokens, but dataset tiny is tokenized by char" in line
+    assert not (out / "ckpt.pt").exists() and not (out / "best.pt").exists()
+    # exporting an architecture GPT-2 does not have
+    odd = GPTConfig(block_size=16, vocab_size=10, n_layer=1, n_head=2, n_embd=16, pos_encoding="rope",
+                    norm="rmsnorm", qk_norm=True)
+    odd_run = glimpse_checkpoint(tmp_path / "odd", odd, {"kind": "char", "chars": "abcdefghij"})
+    line = run_main(export.main, [f"--out_dir={odd_run}", f"--to={tmp_path / 'never'}"], capsys)
+    assert "pos_encoding=rope, norm=rmsnorm, qk_norm=True, which GPT-2 has no equivalent of" in line
+    assert not (tmp_path / "never").exists()
+    # --to a folder that holds files: refused, and the files stay as they were
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    cfg, _ = trained
+    line = run_main(export.main, [f"--out_dir={cfg.out_dir}", f"--to={full}"], capsys)
+    assert "already holds files" in line and "--overwrite" in line
+    assert [p.name for p in full.iterdir()] == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
+    assert run_main(export.main, [f"--out_dir={cfg.out_dir}"], capsys).endswith("with --to=DIR")
+    export.main([f"--out_dir={cfg.out_dir}", f"--to={full}", "--overwrite"])
+    assert (full / "notes.txt").read_text() == "mine" and (full / "model.safetensors").exists()
