@@ -65,3 +65,20 @@ def test_head_importance_is_timed_beside_one_intact_scoring():
     result = bench_json("--what=head_importance", "--val_tokens=2000")
     assert result["scorings"] == 1 + 3 * 4 and result["tokens_scored"] == 15 * 128  # the CPU preset's model
     assert result["ratio"] == pytest.approx(result["seconds"]["head_importance"] / result["seconds"]["intact"])
+
+
+def test_gpt2_is_compared_with_transformers_in_one_run():
+    pytest.importorskip("transformers")
+    result = bench_json("--what=gpt2", "--gpt2_n_layer=1", "--new_tokens=4", "--prompt_tokens=8")
+    assert result["model"]["n_embd"] == 768 and result["model"]["n_layer"] == 1  # GPT-2 small's width
+    assert result["max_abs_logit_diff"]["imported"] < 1e-4 and result["max_abs_logit_diff"]["exported"] < 1e-4
+    assert result["same_tokens"] is True
+    s = result["seconds"]
+    assert result["speedup"]["sample"] == pytest.approx(s["transformers_sample"] / s["glimpse_sample"])
+
+
+def test_attention_dump_at_gpt2_shape_reports_sizes_and_memory():
+    result = bench_json("--what=attention_dump", "--shape=gpt2", "--tokens=32", "--pngs=false")
+    assert (result["model"]["n_layer"], result["model"]["n_head"], result["model"]["vocab_size"]) == (12, 12, 50257)
+    assert "layer_pngs" not in result["seconds"] and result["megabytes"]["attention.npz"] > 0
+    assert result["megabytes"]["index.html"] > 0 and result["memory"]["peak_mb"] >= result["memory"]["before_dump_mb"]
