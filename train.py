@@ -5,6 +5,7 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
     python train.py config/shakespeare_char.toml --max_iters=2000 --compile=true
     torchrun --standalone --nproc_per_node=2 train.py config/shakespeare_char_cpu.toml \
         --batch_size=6 --gradient_accumulation_steps=2     # the same 12 sequences per step, in 2 processes
+    python train.py config/finetune_shakespeare.toml   # finetune pretrained GPT-2 (--init_from=gpt2)
     python train.py --help              # every key, its default and meaning
 
 Built-in datasets (shakespeare_char, shakespeare) are downloaded and prepared on first use. The run
