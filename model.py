@@ -361,6 +361,8 @@ class GPT(nn.Module):
             # weight tying: reading a token in and writing it out share one matrix (fewer parameters,
             # and GPT-2 was trained this way)
             self.transformer.wte.weight = self.lm_head.weight
+        if self.lm_head.weight.is_meta:
+            return  # built to be handed weights (with_weights): nothing to initialise
         # an untied lm_head gets GPT-2's std 0.02 too, so that untying changes one thing only: the
         # initial logits have the tied model's scale
         self.apply(self._init_weights)

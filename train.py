@@ -258,6 +258,8 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     if pretrained:
         model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
+        for p in model.parameters():  # training rewrites every weight: own them, in the layout DDP's buckets expect
+            p.data = p.data.contiguous()
         cfg = replace(cfg, model=replace(model.config))  # the run's config says what it trains: GPT-2's shape
     else:
         model_config = cfg.model_config(data.vocab_size)

@@ -108,12 +108,13 @@ def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
         expected = {name: p.shape for name, p in GPT(config).state_dict().items()}
     state = {}
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: each tensor read once
+        with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: pages are read on first use
             for name in f.keys():
                 ours = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
                 if ours in expected:  # not the causal masks that older uploads hold as attn.bias
                     tensor = f.get_tensor(name)
-                    state[ours] = tensor.t().contiguous() if ours.endswith(CONV1D) else tensor
+                    # a transposed view, not a copy: matmuls read either layout at the same speed
+                    state[ours] = tensor.t() if ours.endswith(CONV1D) else tensor
     except (SafetensorError, OSError) as e:
         raise GlimpseError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
     if config.tie_embeddings or "lm_head.weight" not in state:
