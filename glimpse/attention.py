@@ -3,21 +3,25 @@ Attention dumps: what every head of every layer attended to, saved for people an
 
 One dump is a folder:
 
-    attention.npz  a zip of .npy arrays (np.load reads it, no pickle): layer_<l> float16
-                   [n_head, T (T + 1) / 2], layer l's post-softmax weights, lower triangle only (row q of
-                   a head, the weights query q puts on keys 0..q, starts at q (q + 1) / 2; above the
-                   diagonal every weight is exactly 0; rows sum to 1); token_ids int32 [T]; tokens [T]
-                   (each token's text); prompt_len; meta (a JSON string). load_dump rebuilds the full
-                   [n_layer, n_head, T, T] array, load_layer one layer of it.
+    attention.npz  a zip of .npy arrays (np.load reads it, no pickle): layer_<l>_high and layer_<l>_low
+                   uint8 [n_head, T (T + 1) / 2], the high and low bytes of layer l's post-softmax
+                   weights as float16 bits, lower triangle only (row q of a head, the weights query q puts
+                   on keys 0..q, starts at q (q + 1) / 2; above the diagonal every weight is exactly 0;
+                   rows sum to 1); token_ids int32 [T]; tokens [T] (each token's text); prompt_len; meta
+                   (a JSON string). load_layer rebuilds one layer [n_head, T, T] float16 with numpy alone,
+                   load_dump all of them [n_layer, n_head, T, T].
     heads.json     per layer and head: entropy, mass on the previous token, on the first token (a
                    sink), on the token itself, and the mean distance attended over
     layer_<l>.png  each layer's heads as heatmaps (optional: at GPT-2's size they cost more than the rest)
     index.html     a self-contained viewer
 
-Layers are stored apart, and deflated at zlib's fastest level, so that a dump of GPT-2 small over its
-1,024 tokens (144 heads of a million weights) is written in seconds and read one layer at a time;
-docs/gpt2.md gives the sizes and times measured. sample.py writes one per sample and train.py one per
-eval; the probes below score heads on known circuits (previous-token, sink, induction).
+Layers are stored apart, so that they are read one at a time, and each float16's two bytes apart: the
+high byte (exponent and top of the mantissa) deflates to a fraction of its size, the low byte is
+mostly noise, and interleaved they deflate poorly. The npz is deflated at zlib's fastest level while
+the viewer is built (zlib works outside Python's lock), so that a dump of GPT-2 small over its 1,024
+tokens (144 heads of half a million weights each) is written in seconds; docs/gpt2.md gives the sizes
+and times measured. sample.py writes one dump per sample and train.py one per eval; the probes below
+score heads on known circuits (previous-token, sink, induction).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -91,17 +96,21 @@ def write_npz(path: Path, attn: np.ndarray, **arrays):
     np.savez_compressed deflates at level 6, which took seconds per layer at GPT-2's size; zipfile at
     level 1 writes the same .npy entries a few times faster, and np.load reads them all the same.
     """
-    T = attn.shape[-1]
-    rows, cols = np.tril_indices(T)  # row-major: (0,0), (1,0), (1,1), (2,0), ...
+    rows, cols = np.tril_indices(attn.shape[-1])  # row-major: (0,0), (1,0), (1,1), (2,0), ...
+
+    def entries():  # one layer's triangle in memory at a time
+        for layer in range(attn.shape[0]):
+            bits = attn[layer][:, rows, cols].astype(np.float16).view(np.uint16)  # (H, T(T+1)/2)
+            yield f"layer_{layer}_high", (bits >> 8).astype(np.uint8)
+            yield f"layer_{layer}_low", (bits & 0xFF).astype(np.uint8)
+        yield from arrays.items()
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            entries = {f"layer_{layer}": (lambda layer=layer: attn[layer][:, rows, cols].astype(np.float16))
-                       for layer in range(attn.shape[0])}
-            entries.update({name: (lambda a=a: a) for name, a in arrays.items()})
-            for name, make in entries.items():  # one layer's triangle in memory at a time
+            for name, array in entries():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(make()), allow_pickle=False)
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -119,16 +128,19 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     from glimpse import render  # matplotlib is imported only when pictures are drawn
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_npz(folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),
-              tokens=np.array(tokens, dtype=str), prompt_len=np.int32(prompt_len), meta=np.array(json.dumps(meta)))
-    heads = head_metrics(attn)
-    (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
-    if importance is not None:
-        (folder / "head_importance.json").write_text(json.dumps(importance, indent=1) + "\n", encoding="utf-8")
-    if pictures and pngs:
-        render.write_layer_images(folder, attn, tokens, prompt_len)
-    if pictures:
-        render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance)
+    with ThreadPoolExecutor(1) as pool:  # deflating the npz on the second core while the rest is computed
+        npz = pool.submit(write_npz, folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),
+                          tokens=np.array(tokens, dtype=str), prompt_len=np.int32(prompt_len),
+                          meta=np.array(json.dumps(meta)))
+        heads = head_metrics(attn)
+        (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
+        if importance is not None:
+            (folder / "head_importance.json").write_text(json.dumps(importance, indent=1) + "\n", encoding="utf-8")
+        if pictures and pngs:
+            render.write_layer_images(folder, attn, tokens, prompt_len)
+        if pictures:
+            render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance)
+        npz.result()  # its error, if any, is this dump's
     return heads
 
 
@@ -154,28 +166,33 @@ def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: P
 
 def load_dump(folder: Path) -> dict:
     """A dump's arrays and meta, read with numpy alone (no pickle); attn is the full [n_layer, n_head, T, T]
-    float16 array (dumps written before layers were stored apart hold it as it is)."""
+    float16 array."""
     with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
         out = {k: z[k] for k in z.files if not k.startswith("layer_")}
-        n_layer = sum(k.startswith("layer_") for k in z.files)
-        if n_layer:
-            out["attn"] = np.stack([unpacked(z[f"layer_{layer}"], len(out["token_ids"])) for layer in range(n_layer)])
+        if "attn" not in out:  # older dumps hold the whole array as it is
+            n_layer = sum(k.endswith("_high") for k in z.files) or sum(k.startswith("layer_") for k in z.files)
+            out["attn"] = np.stack([layer_of(z, layer) for layer in range(n_layer)])
     out["meta"] = json.loads(str(out["meta"]))
     out["prompt_len"] = int(out["prompt_len"])
     return out
 
 
 def load_layer(folder: Path, layer: int) -> np.ndarray:
-    """One layer of a dump, [n_head, T, T] float16, reading only that layer's entry of the npz."""
+    """One layer of a dump, [n_head, T, T] float16, reading only that layer's entries of the npz."""
     with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
-        if "attn" in z.files:
-            return z["attn"][layer]
-        return unpacked(z[f"layer_{layer}"], len(z["token_ids"]))
+        return z["attn"][layer] if "attn" in z.files else layer_of(z, layer)
 
 
-def unpacked(tril: np.ndarray, T: int) -> np.ndarray:
-    """[n_head, T (T + 1) / 2] lower triangles -> [n_head, T, T], zeros above the diagonal."""
-    full = np.zeros((tril.shape[0], T, T), dtype=tril.dtype)
+def layer_of(z, layer: int) -> np.ndarray:
+    """Layer l [n_head, T, T] float16 from an open npz: its two byte planes put back together (or, in dumps
+    written before the bytes were stored apart, its float16 triangle), zeros above the diagonal."""
+    if f"layer_{layer}_high" in z.files:
+        bits = z[f"layer_{layer}_high"].astype(np.uint16) << 8 | z[f"layer_{layer}_low"]  # (H, T(T+1)/2)
+        tril = bits.view(np.float16)
+    else:
+        tril = z[f"layer_{layer}"]
+    T = len(z["token_ids"])
+    full = np.zeros((tril.shape[0], T, T), dtype=np.float16)
     rows, cols = np.tril_indices(T)
     full[:, rows, cols] = tril
     return full

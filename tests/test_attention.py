@@ -196,3 +196,27 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     heads_1 = json.loads((tmp_path / "sample_1" / "heads.json").read_text())
     expected = (heads_0["layers"][1]["heads"][0]["prev_token"] + heads_1["layers"][1]["heads"][0]["prev_token"]) / 2
     assert probe["heads"][2]["prev_token"] == pytest.approx(expected)  # layer 1, head 0: mean over the samples
+
+
+def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):
+    from glimpse.attention import load_layer, write_dump
+
+    rng = np.random.default_rng(0)
+    T = 9
+    scores = rng.normal(scale=6.0, size=(3, 2, T, T))  # peaky rows: weights from about 1e-8 (subnormal in float16) to 1
+    scores[..., np.triu(np.ones((T, T), dtype=bool), 1)] = -np.inf
+    attn = torch.softmax(torch.tensor(scores), -1).numpy().astype(np.float16)  # (L, H, T, T)
+    write_dump(tmp_path, attn, list(range(T)), [chr(97 + i) for i in range(T)], 4, {"k": 1}, pictures=False)
+    # the recipe README.md gives, in numpy alone
+    z = np.load(tmp_path / "attention.npz")
+    bits = z["layer_2_high"].astype(np.uint16) << 8 | z["layer_2_low"]  # (n_head, T(T+1)/2)
+    rows, cols = np.tril_indices(T)
+    layer = np.zeros((2, T, T), np.float16)
+    layer[:, rows, cols] = bits.view(np.float16)
+    assert z["layer_2_high"].dtype == np.uint8 and z["layer_2_high"].shape == (2, T * (T + 1) // 2)
+    assert (layer.view(np.uint16) == attn[2].view(np.uint16)).all()
+    assert (load_layer(tmp_path, 1).view(np.uint16) == attn[1].view(np.uint16)).all()
+    dump = load_dump(tmp_path)
+    assert (dump["attn"].view(np.uint16) == attn.view(np.uint16)).all() and dump["meta"] == {"k": 1}
+    assert dump["prompt_len"] == 4 and list(dump["tokens"]) == [chr(97 + i) for i in range(T)]
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary npz was renamed into place
