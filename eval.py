@@ -121,7 +121,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     for multiple in multiples:
         length = multiple * block_size
         for mode in MODES:
-            loss, scored = length_loss(model, data.splits["val"], length, mode, min(stride, length), cfg.max_tokens,
+            loss, scored = length_loss(model, data.tokens("val"), length, mode, min(stride, length), cfg.max_tokens,
                                        cfg.batch_size, device, ctx)
             rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
                          "bits_per_token": loss / math.log(2), "tokens_scored": scored,
@@ -137,7 +137,7 @@ def score_heads(cfg: EvalConfig) -> dict:
     model, state, data, ctx = load(cfg)
     c, device = model.config, next(model.parameters()).device
     removed = parse_heads(cfg.ablate, c.n_layer, c.n_head) if cfg.ablate else []
-    inputs, targets = windows(data.splits["val"], c.block_size, cfg.max_tokens, device)  # (N, T) each
+    inputs, targets = windows(data.tokens("val"), c.block_size, cfg.max_tokens, device)  # (N, T) each
     value = head_means(model, inputs, cfg.batch_size, ctx) if cfg.ablation == "mean" else None
     result = {"tokens_scored": inputs.numel(), "ablation": cfg.ablation}
     if removed:

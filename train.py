@@ -409,7 +409,7 @@ def snapshot_attention(run: Run):
     The text is the same at every step, so the dumps show how the heads form over the run; the cost
     is one forward over attn_probe_tokens tokens, and the pictures. Rank 0 draws; the others wait.
     """
-    cfg, val = run.cfg, run.data.splits["val"]
+    cfg, val = run.cfg, run.data.tokens("val")
     n = min(cfg.attn_probe_tokens, cfg.model.block_size, len(val))
     if n == 0:
         return
@@ -452,7 +452,7 @@ def save(run: Run, best: bool = False):
 def final_eval(run: Run) -> dict:
     """Score the whole validation split in block_size windows, each process its share; log and return it."""
     run.model.eval()
-    val, block_size = run.data.splits["val"], run.cfg.model.block_size
+    val, block_size = run.data.tokens("val"), run.cfg.model.block_size
     # no gradients to keep, so bigger batches than training's (up to 4,096 tokens) run faster
     eval_batch = max(run.cfg.batch_size, 4096 // block_size)
     loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,

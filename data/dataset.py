@@ -1,9 +1,11 @@
 """
-Reading a prepared dataset: meta.json plus train.bin / val.bin, memory-mapped.
+Reading a prepared dataset: meta.json plus its shards (train_NNNNNN.bin, val_NNNNNN.bin; older datasets
+hold one train.bin and one val.bin), memory-mapped.
 
 A batch is B windows of block_size + 1 consecutive tokens: inputs are the first block_size, targets
-the same shifted by one. Window starts come from a torch.Generator that the caller owns, so the exact
-sequence of batches is part of the state a checkpoint can save and restore.
+the same shifted by one. Windows lie within one shard, drawn uniformly over every window of the split.
+Window starts come from a torch.Generator that the caller owns, so the exact sequence of batches is
+part of the state a checkpoint can save and restore.
 """
 
 from __future__ import annotations
@@ -33,37 +35,62 @@ class TokenData:
         self.tokenizer_spec = self.meta["tokenizer"]
         self.vocab_size = int(self.meta["vocab_size"])
         dtype = np.dtype(self.meta["dtype"])
-        self.splits = {}
+        shards = self.meta.get("shards") or {split: [{"file": f"{split}.bin", "tokens": self.meta[f"{split}_tokens"]}]
+                                             for split in ("train", "val")}
+        self.splits = {}  # split -> [memmap per shard]
         for split in ("train", "val"):
-            path = folder / f"{split}.bin"
-            expected = int(self.meta[f"{split}_tokens"])
-            size = path.stat().st_size if path.exists() else -1
-            if size != expected * dtype.itemsize:
-                raise GlimpseError(
-                    f"{path} does not match {meta_path} (expected {expected} {dtype.name} tokens); "
-                    f"prepare the dataset again with python data/prepare.py --dataset={folder.name}"
-                )
-            self.splits[split] = np.memmap(path, dtype=dtype, mode="r")
+            self.splits[split] = []
+            for shard in shards[split]:
+                path = folder / shard["file"]
+                size = path.stat().st_size if path.exists() else -1
+                if size != int(shard["tokens"]) * dtype.itemsize:
+                    raise GlimpseError(
+                        f"{path} does not match {meta_path} (expected {shard['tokens']} {dtype.name} tokens; "
+                        "deleted or changed since): prepare the dataset again with "
+                        f"python data/prepare.py --dataset={folder.name}"
+                    )
+                self.splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
 
     def tokenizer(self):
         return tokenizer_from_spec(self.tokenizer_spec)
 
     def check_block_size(self, block_size: int):
         """Each split must hold at least one whole window of block_size + 1 tokens."""
-        for split, tokens in self.splits.items():
-            if len(tokens) < block_size + 1:
+        for split, shards in self.splits.items():
+            longest = max(len(s) for s in shards)
+            if longest < block_size + 1:
+                where = "" if len(shards) == 1 else " in its longest shard"
                 raise GlimpseError(
-                    f"the {split} split of {self.folder} has {len(tokens)} tokens, fewer than "
+                    f"the {split} split of {self.folder} has {longest} tokens{where}, fewer than "
                     f"block_size + 1 = {block_size + 1}; use a smaller --block_size or more text"
                 )
 
+    def tokens(self, split: str, limit: int | None = None) -> np.ndarray:
+        """The split's first `limit` tokens (all when None) as one array: a shard itself when one holds them."""
+        shards = self.splits[split]
+        if len(shards) == 1 or (limit is not None and limit <= len(shards[0])):
+            return shards[0][:limit]
+        return np.concatenate(shards)[:limit]
+
+    def window_counts(self, split: str, block_size: int) -> np.ndarray:
+        """(n_shards,) how many windows of block_size + 1 tokens start in each shard."""
+        return np.array([max(len(s) - block_size, 0) for s in self.splits[split]], dtype=np.int64)
+
     def random_starts(self, split: str, n: int, block_size: int, generator: torch.Generator):
-        """n window starts drawn uniformly from the split: (n,) int64."""
-        high = len(self.splits[split]) - block_size
+        """n windows drawn uniformly from the split's: (n,) int64 indices over the windows of all its shards."""
+        high = int(self.window_counts(split, block_size).sum())
         return torch.randint(high, (n,), generator=generator)
 
     def batch(self, split: str, starts: torch.Tensor, block_size: int):
         """Inputs and targets for the windows at starts: (len(starts), block_size) int64 each."""
-        offsets = starts.numpy()[:, None] + np.arange(block_size + 1)  # (N, T + 1)
-        window = torch.from_numpy(self.splits[split][offsets].astype(np.int64))  # (N, T + 1)
+        counts = self.window_counts(split, block_size)
+        ends = np.cumsum(counts)  # (n_shards,)
+        starts = starts.numpy()
+        shard_of = np.searchsorted(ends, starts, side="right")  # (N,)
+        offsets = starts - (ends - counts)[shard_of]  # (N,) the window's start within its shard
+        window = np.empty((len(starts), block_size + 1), dtype=np.int64)  # (N, T + 1)
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            window[rows] = self.splits[split][shard][offsets[rows, None] + np.arange(block_size + 1)]
+        window = torch.from_numpy(window)
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()

@@ -1,25 +1,36 @@
 """
-Turn a text corpus into the token files train.py reads.
+Turn a text corpus of any size into the token shards train.py reads.
 
     python data/prepare.py --dataset=shakespeare_char             # downloads tiny Shakespeare
     python data/prepare.py --dataset=shakespeare_char --input=input.txt   # offline, from a local copy
-    python data/prepare.py --dataset=mybooks --input=books.txt --tokenizer=gpt2
+    python data/prepare.py --dataset=mybooks --input=books/ --tokenizer=gpt2   # .txt .jsonl(.gz/.zst) .parquet
+    python data/prepare.py --dataset=fineweb_edu                  # streamed through Hugging Face datasets
 
-writes data/NAME/train.bin and val.bin (token ids: uint16 when the vocabulary fits, else uint32; the
-last 10% of the tokens is validation) and data/NAME/meta.json (tokenizer spec, vocabulary size,
-counts). meta.json is written last, so its presence means the dataset is complete.
+Documents (a .txt file, a JSON line, a parquet row: data/sources.py) are tokenized in parallel on every
+core, joined by GPT-2's <|endoftext|> (char-level: --separator) and written to DATA_DIR/NAME/ as
+train_NNNNNN.bin and val_NNNNNN.bin shards of --shard_tokens tokens (uint16 when the vocabulary fits,
+else uint32). Validation is whole documents: the first ones up to --val_tokens, or one in every
+1 / --val_fraction; a corpus of a single document keeps its last --val_fraction of tokens instead.
+meta.json (tokenizer, vocabulary, shards and their token counts) is written last, so its presence
+means the dataset is complete. Work in progress lives in NAME/.preparing-HOST/ with the finished
+shards: after a crash the same command keeps them and writes the rest, the same tokens as one run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import multiprocessing
 import os
 import socket
 import sys
+import time
 import urllib.request
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -27,27 +38,47 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
+from data.shards import Progress, Router, publish, token_dtype, write_atomic  # noqa: E402
+from data.sources import Documents, hub_documents, input_files  # noqa: E402
+from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, tokenizer_from_spec  # noqa: E402
 from glimpse.config import option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class Hub(NamedTuple):
+    """A corpus on the Hugging Face Hub: load_dataset(path, name, data_files=...)'s train split, streamed."""
+    path: str
+    name: str | None = None
+    data_files: str | None = None
+
+
 BUILTIN = {  # name -> (tokenizer, where its text comes from)
     "shakespeare_char": ("char", SHAKESPEARE_URL),
     "shakespeare": ("gpt2", SHAKESPEARE_URL),
+    "openwebtext": ("gpt2", Hub("Skylion007/openwebtext")),
+    "fineweb_edu": ("gpt2", Hub("HuggingFaceFW/fineweb-edu", "sample-10BT")),  # its 10B-token sample
 }
-VAL_FRACTION = 0.1
-CHUNK_CHARS = 1 << 20  # encode in pieces of about 1M characters, for the progress bar
+CHUNK_CHARS = 1 << 20  # a task for a worker: documents (or pieces of a long one) of about 1M characters
 
 
 @dataclass
 class PrepareConfig:
     dataset: str = option("shakespeare_char", "dataset name: its files go to DATA_DIR/NAME/")
-    input: str = option("", "UTF-8 text file to build from (built-in datasets download theirs if empty)")
+    input: str = option("", "a file, folder or glob of .txt, .jsonl(.gz/.zst), .parquet (built-ins fetch theirs "
+                            "if empty)")
     tokenizer: Literal["auto", "char", "gpt2"] = option(
         "auto", "char or gpt2 (GPT-2 BPE); auto: the built-in dataset's own, char for other inputs"
     )
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
+    text_column: str = option("text", "the JSON field or parquet column that holds each document's text")
+    separator: str = option("\n\n", "char-level: the text put between documents (GPT-2 BPE puts <|endoftext|>)")
+    shard_tokens: int = option(100_000_000, "tokens per shard file")
+    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them)")
+    val_fraction: float = option(0.1, "validation: one document in every 1 / this, when --val_tokens is 0")
+    workers: int = option(0, "tokenizing processes (0: one per core)")
+    skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON or lack the text field")
 
     def __post_init__(self):
         if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
@@ -57,21 +88,43 @@ class PrepareConfig:
                 f"dataset {self.dataset!r} is not built in ({', '.join(BUILTIN)}): "
                 "give its text with --input=PATH"
             )
+        if self.shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be at least 1, got {self.shard_tokens}")
+        if self.val_tokens < 0 or not 0 < self.val_fraction < 1:
+            raise ValueError("val_tokens must be >= 0 and val_fraction between 0 and 1 (exclusive)")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """Read (or download), tokenize, split and write one dataset; return its folder."""
+    """Read (or download or stream), tokenize, split and write one dataset; return its folder."""
     out = Path(cfg.data_dir) / cfg.dataset
     kind = cfg.tokenizer
     if kind == "auto":
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"
-    source = cfg.input or str(out / "input.txt")
-    if not cfg.input and not (out / "input.txt").exists():
-        download(BUILTIN[cfg.dataset][1], out / "input.txt", cfg.dataset)
-    text = read_text(Path(source))
-    tokenizer = CharTokenizer.from_text(text) if kind == "char" else GPT2Tokenizer()
-    ids = encode(tokenizer, text)
-    write_dataset(out, tokenizer, ids, source)
+    source = cfg.input or BUILTIN[cfg.dataset][1]
+    if isinstance(source, Hub):
+        docs, total = lambda: hub_documents(source.path, source.name, cfg.text_column, source.data_files), None
+    else:
+        if not cfg.input:
+            source = str(out / "input.txt")
+            if not (out / "input.txt").exists():
+                download(BUILTIN[cfg.dataset][1], out / "input.txt", cfg.dataset)
+        files = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
+        docs, total = files.__iter__, files.total_bytes
+    if kind == "char":
+        chars, n_docs = set(), 0
+        for text, _ in tqdm(docs(), desc="reading the characters", unit="doc", disable=None):
+            chars.update(text)
+            n_docs += 1
+        tokenizer = CharTokenizer("".join(chars | (set(cfg.separator) if n_docs > 1 else set())))
+    else:
+        tokenizer = GPT2Tokenizer()
+    settings = {"source": str(source), "tokenizer": tokenizer.spec, **asdict(cfg)}
+    settings.pop("workers")  # how many processes tokenize changes nothing in what is written
+    write_shards(out, tokenizer, docs, total, cfg, settings)
+    if bad_lines := getattr(files, "bad_lines", 0) if not isinstance(source, Hub) else 0:
+        print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)
     return out
 
 
@@ -105,34 +158,6 @@ def download(url: str, dest: Path, name: str):
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 
-def read_text(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GlimpseError(f"input file {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise GlimpseError(f"input {str(path)!r} is a folder; give a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise GlimpseError(
-            f"input file {str(path)!r} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv"
-        ) from None
-    if not text:
-        raise GlimpseError(f"input file {str(path)!r} is empty")
-    return text
-
-
-def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """All of text's token ids, encoded in pieces so that a progress bar can follow large inputs."""
-    pieces = list(safe_chunks(text, CHUNK_CHARS))
-    bar = tqdm(total=len(text), unit="char", unit_scale=True, desc="tokenizing", disable=len(pieces) < 2)
-    ids = []
-    for piece in pieces:
-        ids.append(tokenizer.encode(piece))
-        bar.update(len(piece))
-    bar.close()
-    return np.concatenate(ids)
-
-
 def safe_chunks(text: str, size: int):
     """Split text into pieces of about `size` characters that tokenize as the whole text does.
 
@@ -153,45 +178,107 @@ def safe_chunks(text: str, size: int):
     yield text[start:]
 
 
-def write_dataset(out: Path, tokenizer: Tokenizer, ids: np.ndarray, source: str):
-    """Split ids into train/val and write the two .bin files, then meta.json."""
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    n_train = int(len(ids) * (1 - VAL_FRACTION))
-    splits = {"train": ids[:n_train], "val": ids[n_train:]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the dataset is incomplete until meta.json is back
-    for split, part in splits.items():
-        write_atomic(out / f"{split}.bin", part.astype(dtype).tofile)
-    meta = {
-        "tokenizer": tokenizer.spec,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "train_tokens": int(len(splits["train"])),
-        "val_tokens": int(len(splits["val"])),
-        "source": source,
-    }
-    write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
-    print(
-        f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-        f"vocabulary {tokenizer.vocab_size:,} ({tokenizer.spec['kind']})",
-        file=sys.stderr,
-    )
+def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None, cfg: PrepareConfig, settings: dict):
+    """Tokenize docs() in parallel, route whole documents to train or val, write shards, then meta.json."""
+    staging = out / f".preparing-{socket.gethostname()}"  # one per host: nodes on a shared filesystem never meet
+    progress = Progress.resume(staging, settings, token_dtype(tokenizer.vocab_size), cfg.shard_tokens)
+    if progress.items:
+        print(f"resuming: {progress.shards_kept()} finished shards kept in {staging}", file=sys.stderr)
+    router = Router(progress.writers, separator_ids(tokenizer, cfg.separator), cfg.val_tokens, cfg.val_fraction,
+                    progress.docs)
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {cfg.dataset}", disable=None)
+    start = time.perf_counter()
+    items = skipped(pieces(docs()), progress.items, bar)
+    for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers):
+        for (starts_doc, size), ids in zip(infos, encoded):
+            router.add(ids, starts_doc)
+            progress.items += 1
+            bar.update(size)
+            if any(w.wrote for w in progress.writers.values()):
+                progress.save(router.docs)  # a shard is finished: a rerun starts after this piece
+        tokens = sum(w.count for w in progress.writers.values())
+        bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
+                            f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+    bar.close()
+    router.finish(settings["source"])
+    meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size, "dtype": progress.dtype.name,
+            "source": settings["source"], "documents": router.docs}
+    publish(out, staging, progress.writers, meta)
 
 
-def write_atomic(dest: Path, write):
-    """Call write(path) on a temporary file beside dest, then move it into place in one step.
+def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return np.array([tokenizer.eot_token])
+    return tokenizer.encode(separator) if set(separator) <= set(tokenizer.chars) else np.array([], dtype=np.int64)
 
-    The temporary name holds this host's name and process id: nodes that prepare the same dataset on a
-    shared filesystem each write their own file, never into another's half-written one. A write that
-    fails removes its own temporary file.
-    """
-    tmp = dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+def pieces(docs):
+    """(text, (starts a document, input bytes)) per document; a long one is cut where no token spans the cut."""
+    for text, size in docs:
+        for i, piece in enumerate(safe_chunks(text, CHUNK_CHARS)):
+            yield piece, (i == 0, size if i == 0 else 0)
+
+
+def skipped(items, n: int, bar):
+    """items after the first n, which a resumed run has written already (read again, not tokenized)."""
+    for i, item in enumerate(items):
+        if i >= n:
+            yield item
+        else:
+            bar.update(item[1][1])
+
+
+def batched(items):
+    """Tasks of about CHUNK_CHARS characters each."""
+    task, chars = [], 0
+    for item in items:
+        task.append(item)
+        chars += len(item[0])
+        if chars >= CHUNK_CHARS:
+            yield task
+            task, chars = [], 0
+    if task:
+        yield task
+
+
+def tokenized(items, spec: str, dtype: np.dtype, workers: int):
+    """(infos, token arrays) per task, in order; a pool of workers tokenizes with at most 2 tasks each in
+    flight, so memory stays bounded however fast the documents are read."""
+    tasks = batched(items)
+    head = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(head, tasks)
+    if workers == 1 or len(head) < 2:  # a small corpus: no processes to start
+        for task in tasks:
+            yield [info for _, info in task], encode_task(spec, dtype, [text for text, _ in task])
+        return
+    with multiprocessing.Pool(workers) as pool:
+        window = deque()
+        for task in tasks:
+            texts = [text for text, _ in task]
+            window.append(([info for _, info in task], pool.apply_async(encode_joined, (spec, dtype, texts))))
+            if len(window) > 2 * workers:
+                infos, result = window.popleft()
+                yield infos, np.split(*result.get())[:-1]
+        while window:
+            infos, result = window.popleft()
+            yield infos, np.split(*result.get())[:-1]
+
+
+def encode_task(spec: str, dtype: np.dtype, texts: list[str]) -> list[np.ndarray]:
+    tokenizer = cached_tokenizer(spec)
+    return [tokenizer.encode(text, dtype) for text in texts]
+
+
+def encode_joined(spec: str, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """encode_task's arrays as one array and their ends: one object to send back, not one per document."""
+    encoded = encode_task(spec, dtype, texts)
+    return np.concatenate(encoded), np.cumsum([len(ids) for ids in encoded])
+
+
+@lru_cache(maxsize=2)
+def cached_tokenizer(spec: str) -> Tokenizer:  # once per worker process, not once per task
+    return tokenizer_from_spec(json.loads(spec))
 
 
 def main(argv: list[str] | None = None):

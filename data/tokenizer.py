@@ -35,8 +35,8 @@ class CharTokenizer:
     def spec(self) -> dict:
         return {"kind": "char", "chars": self.chars}
 
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids of text, as an int64 array; a character outside the vocabulary is an error."""
+    def encode(self, text: str, dtype=np.int64) -> np.ndarray:
+        """Token ids of text, as an array of dtype; a character outside the vocabulary is an error."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
         ids = np.searchsorted(self._codepoints, codes)
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
@@ -47,7 +47,7 @@ class CharTokenizer:
                 f"characters not in this model's vocabulary: {''.join(repr(c)[1:-1] for c in missing)!r}; "
                 "a char-level model can only read the characters it was trained on"
             )
-        return ids.astype(np.int64)
+        return ids.astype(dtype)
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -80,9 +80,10 @@ class GPT2Tokenizer:
     def spec(self) -> dict:
         return {"kind": "gpt2", "encoding": GPT2_ENCODING}
 
-    def encode(self, text: str) -> np.ndarray:
-        # encode_ordinary: text that happens to contain "<|endoftext|>" stays ordinary text
-        return np.array(self.enc.encode_ordinary(text), dtype=np.int64)
+    def encode(self, text: str, dtype=np.int64) -> np.ndarray:
+        # no special tokens allowed: text that happens to contain "<|endoftext|>" stays ordinary text, as in
+        # encode_ordinary; the numpy buffer skips building a Python list of every id
+        return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))

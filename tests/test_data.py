@@ -19,7 +19,8 @@ R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tikto
 
 
 def read_split(folder, split, meta):
-    return np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+    """A split's tokens, its shards in meta.json's order, read with numpy alone."""
+    return np.concatenate([np.fromfile(folder / s["file"], dtype=meta["dtype"]) for s in meta["shards"][split]])
 
 
 def test_prepare_char_writes_bins_and_meta(tmp_path, corpus_file):
@@ -112,7 +113,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     empty.write_text("")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café".encode("latin-1"))
-    for path, message in [(tmp_path / "nope.txt", "not found"), (empty, "is empty"), (latin1, "not UTF-8")]:
+    for path, message in [(tmp_path / "nope.txt", "not found"), (empty, "holds no text"), (latin1, "not UTF-8")]:
         with pytest.raises(GlimpseError, match=message):
             prepare(PrepareConfig(dataset="x", input=str(path), data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="give its text with --input"):
@@ -141,8 +142,8 @@ def test_prepare_leaves_other_nodes_temporary_files_alone(tmp_path, corpus_file,
     prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(tmp_path)))
     for name in others:
         assert (folder / name).read_text() == "another node's half-written file"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(others + ["input.txt", "train.bin", "val.bin",
-                                                                        "meta.json"])  # no temporary file of ours
+    ours = ["input.txt", "train_000000.bin", "val_000000.bin", "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(others + ours)  # no temporary file of ours
     text = corpus_file.read_text()
     assert (folder / "input.txt").read_text() == text
     meta = json.loads((folder / "meta.json").read_text())
@@ -180,7 +181,7 @@ def test_batches_are_shifted_windows(data_dir):
     x, y = data.batch("train", starts, 32)
     assert x.shape == y.shape == (8, 32) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
-    tokens = np.asarray(data.splits["train"])
+    tokens = data.tokens("train")
     assert x[0].tolist() == tokens[starts[0]: starts[0] + 32].tolist()
     with pytest.raises(GlimpseError, match="fewer than block_size"):
         data.check_block_size(10**6)
@@ -188,7 +189,7 @@ def test_batches_are_shifted_windows(data_dir):
 
 def test_bins_that_do_not_match_meta_are_refused(tmp_path, corpus_file):
     folder = prepare(PrepareConfig(dataset="cut", input=str(corpus_file), data_dir=str(tmp_path)))
-    with open(folder / "val.bin", "r+b") as f:
+    with open(folder / "val_000000.bin", "r+b") as f:
         f.truncate(10)
     with pytest.raises(GlimpseError, match="does not match"):
         TokenData(folder)

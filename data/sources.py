@@ -1,0 +1,177 @@
+"""
+Where a corpus's documents come from: local files of several formats, or a Hugging Face dataset streamed.
+
+    .txt                       one document per file
+    .jsonl .jsonl.gz .jsonl.zst  one document per line, its text in a field (--text_column)
+    .parquet                   one document per row, its text in a column (--text_column)
+
+An input is a file, a folder (searched recursively) or a glob; its files are read in sorted order, so
+the same input always gives the same documents in the same order. Every document comes with the
+number of input bytes it accounts for, which is what the progress bar counts when the total is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from glimpse.errors import GlimpseError
+
+FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def file_format(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((f for f in sorted(FORMATS, key=len, reverse=True) if name.endswith(f)), None)
+
+
+def input_files(spec: str) -> list[Path]:
+    """The files an --input names: a file, a folder or a glob, in sorted order."""
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
+        where = f"folder {spec!r}"
+    elif path.is_file():
+        if not file_format(path):
+            raise GlimpseError(f"input {spec!r} is none of {', '.join(FORMATS)}: rename it or convert it")
+        return [path]
+    else:
+        found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() and file_format(Path(p)))
+        if not found and not glob.has_magic(spec):
+            raise GlimpseError(f"input file {spec!r} not found")
+        where = f"glob {spec!r}"
+    if not found:
+        raise GlimpseError(f"{where} holds no {', '.join(FORMATS)} files: point --input at the corpus")
+    return found
+
+
+@dataclass
+class Documents:
+    """The documents of some files, read lazily; bad_lines counts the JSON lines skipped."""
+
+    files: list[Path]
+    text_column: str = "text"
+    skip_bad_lines: bool = False
+    bad_lines: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:  # (text, input bytes it accounts for)
+        self.bad_lines = 0  # each pass over the files counts afresh
+        for path in self.files:
+            kind = file_format(path)
+            if kind == ".txt":
+                yield read_text(path), path.stat().st_size
+            elif kind == ".parquet":
+                yield from self.parquet(path)
+            else:
+                yield from self.jsonl(path, kind)
+
+    def jsonl(self, path: Path, kind: str):
+        """Each line's text, and the bytes of the file (compressed ones too) read since the last text."""
+        try:
+            with open(path, "rb") as raw, open_lines(raw, path, kind) as lines:
+                read = 0
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)  # bytes: no decoding of the whole line first
+                    except UnicodeDecodeError:
+                        raise GlimpseError(f"{path}:{number} is not UTF-8 text; convert it, e.g. with iconv") from None
+                    except json.JSONDecodeError as e:
+                        if self.skip_bad_lines:
+                            self.bad_lines += 1
+                            continue
+                        raise GlimpseError(f"{path}:{number} is not JSON ({e.msg}); fix the line, or pass "
+                                           "--skip_bad_lines to count and skip such lines") from None
+                    text = record.get(self.text_column) if isinstance(record, dict) else None
+                    if not isinstance(text, str):
+                        if self.skip_bad_lines:
+                            self.bad_lines += 1
+                            continue
+                        raise GlimpseError(f"{path}:{number} has no text field {self.text_column!r}; name the "
+                                           "field with --text_column=NAME, or pass --skip_bad_lines")
+                    position = raw.tell()
+                    yield text, position - read
+                    read = position
+        except (EOFError, gzip.BadGzipFile, zlib.error, *zstd_errors()) as e:
+            what = "gzip" if kind == ".jsonl.gz" else "zstandard"
+            raise GlimpseError(f"{path} is truncated or not {what} ({e}); download or compress it again") from None
+
+    def parquet(self, path: Path):
+        import pyarrow.parquet as pq  # datasets' own dependency
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not parquet
+            raise GlimpseError(f"{path} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+        columns = table.schema_arrow.names
+        if self.text_column not in columns:
+            raise GlimpseError(f"{path} has no column {self.text_column!r} (it has {', '.join(columns)}): "
+                               "pick the text with --text_column=NAME")
+        rows = max(table.metadata.num_rows, 1)
+        per_row = path.stat().st_size / rows
+        for batch in table.iter_batches(batch_size=1024, columns=[self.text_column]):
+            for text in batch.column(0).to_pylist():
+                if text is not None:
+                    yield text, per_row
+
+
+def zstd_errors() -> tuple:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
+
+
+def open_lines(raw, path: Path, kind: str):
+    """The lines, as bytes, of a .jsonl file open as raw, decompressed as its name says."""
+    if kind == ".jsonl.gz":
+        return gzip.GzipFile(fileobj=raw)
+    if kind == ".jsonl.zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise GlimpseError(f"{path} is zstandard-compressed: pip install zstandard") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
+    return contextlib.nullcontext(raw)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GlimpseError(f"input file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise GlimpseError(f"input {str(path)!r} is a folder; give a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise GlimpseError(
+            f"input file {str(path)!r} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv"
+        ) from None
+
+
+def hub_documents(path: str, name: str | None, text_column: str, data_files=None) -> Iterator[tuple[str, int]]:
+    """A Hugging Face dataset's train split, streamed with `datasets` (nothing downloaded whole first)."""
+    try:
+        import datasets
+    except ImportError:
+        raise GlimpseError("the built-in corpora stream through Hugging Face datasets: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(path, name=name, split="train", streaming=True, data_files=data_files)
+        for record in stream:
+            text = record[text_column]
+            yield text, len(text)
+    except (ConnectionError, OSError) as e:
+        raise GlimpseError(f"could not stream {path} ({str(e).splitlines()[0]}); offline, download its files on "
+                           "a machine with a network and pass them with --input=PATH") from None

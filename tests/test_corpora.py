@@ -1,0 +1,259 @@
+"""Corpora of several formats, sharded: token counts against tiktoken, whole validation documents, resume
+after kill -9, the built-ins through datasets on local parquet, training over shards (DDP too), bad input."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data.prepare as prepare_module
+from data.dataset import TokenData
+from data.prepare import Hub, PrepareConfig, prepare
+from glimpse.errors import GlimpseError
+from tests.conftest import REPO, make_corpus, python
+from tests.test_distributed import torchrun
+from tests.test_train import read_metrics
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    """n short made-up documents, Unicode and runs of spaces included."""
+    extras = ["café déjà vu", "emoji 🎭 and 中文", "  spaced   out\n\n\ttabbed", ""]
+    return [make_corpus(3 + i % 5, seed=seed + i) + "\n" + extras[i % len(extras)] for i in range(n)]
+
+
+def write_corpus(folder, docs: list[str]) -> list[str]:
+    """docs spread over every format, in a folder; returns them in the order prepare.py reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folder.mkdir(parents=True)
+    a, b, c, d = np.array_split(np.arange(len(docs) - 1), 4)
+    (folder / "a.txt").write_text(docs[0], encoding="utf-8")  # one document
+    lines = lambda ids: "".join(json.dumps({"id": int(i), "text": docs[i + 1]}) + "\n" for i in ids)  # noqa: E731
+    (folder / "b.jsonl").write_text(lines(a), encoding="utf-8")
+    (folder / "sub").mkdir()
+    with gzip.open(folder / "sub" / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines(b))
+    (folder / "sub" / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(c).encode()))
+    pq.write_table(pa.table({"id": [int(i) for i in d], "text": [docs[i + 1] for i in d]}), folder / "e.parquet",
+                   row_group_size=3)
+    (folder / "notes.md").write_text("not a corpus file")
+    # sorted paths: a.txt, b.jsonl, e.parquet, sub/c.jsonl.gz, sub/d.jsonl.zst
+    return [docs[0]] + [docs[i + 1] for i in (*a, *d, *b, *c)]
+
+
+def split(folder, name):
+    meta = json.loads((folder / "meta.json").read_text())
+    return np.concatenate([np.fromfile(folder / s["file"], dtype=meta["dtype"]) for s in meta["shards"][name]])
+
+
+def joined(enc, docs):
+    out = []
+    for i, doc in enumerate(docs):
+        out += ([enc.eot_token] if i else []) + enc.encode_ordinary(doc)
+    return out
+
+
+def test_a_folder_of_every_format_is_sharded_with_whole_validation_documents(tmp_path, gpt2_ranks, monkeypatch):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")
+    docs = write_corpus(tmp_path / "corpus", documents(41))
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2000)  # many tasks: the pool of 2 workers is used
+    folder = prepare(PrepareConfig(dataset="mixed", input=str(tmp_path / "corpus"), tokenizer="gpt2",
+                                   data_dir=str(tmp_path), shard_tokens=500, workers=2))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["documents"] == len(docs) == 41
+    val_docs = [d for i, d in enumerate(docs) if i % 10 == 0]  # one in every 10, whole
+    train_docs = [d for i, d in enumerate(docs) if i % 10]
+    assert split(folder, "val").tolist() == joined(enc, val_docs)
+    assert split(folder, "train").tolist() == joined(enc, train_docs)
+    train_shards = meta["shards"]["train"]
+    assert [s["tokens"] for s in train_shards[:-1]] == [500] * (len(train_shards) - 1) and len(train_shards) > 3
+    assert 0 < train_shards[-1]["tokens"] <= 500 and meta["train_tokens"] == sum(s["tokens"] for s in train_shards)
+    assert not list(folder.glob(".preparing-*"))  # the staging folder is gone
+
+
+def test_workers_and_shard_size_change_no_token(tmp_path, monkeypatch):
+    docs = write_corpus(tmp_path / "corpus", documents(23, seed=5))
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)
+    runs = {}
+    for workers, shard_tokens in [(1, 10**6), (2, 777)]:
+        runs[workers] = prepare(PrepareConfig(dataset=f"w{workers}", input=str(tmp_path / "corpus"), workers=workers,
+                                              data_dir=str(tmp_path), shard_tokens=shard_tokens, separator="\n~\n"))
+    for name in ("train", "val"):
+        assert split(runs[1], name).tolist() == split(runs[2], name).tolist()
+    meta = json.loads((runs[1] / "meta.json").read_text())
+    assert set(meta["tokenizer"]["chars"]) == set("".join(docs)) | set("\n~")
+    chars = meta["tokenizer"]["chars"]
+    text = "".join(chars[i] for i in split(runs[1], "val"))
+    assert text == "\n~\n".join(d for i, d in enumerate(docs) if i % 10 == 0)
+
+
+def test_val_tokens_holds_out_the_first_documents(tmp_path):
+    write_corpus(tmp_path / "corpus", documents(12))
+    in_b = [json.loads(line)["text"] for line in (tmp_path / "corpus" / "b.jsonl").read_text("utf-8").splitlines()]
+    folder = prepare(PrepareConfig(dataset="v", input=str(tmp_path / "corpus" / "*.jsonl"), data_dir=str(tmp_path),
+                                   val_tokens=len(in_b[0]) + 1))  # the glob: b.jsonl alone
+    chars = json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
+    decode = lambda ids: "".join(chars[i] for i in ids)  # noqa: E731
+    assert decode(split(folder, "val")) == "\n\n".join(in_b[:2])  # whole documents until the count is reached
+    assert decode(split(folder, "train")) == "\n\n".join(in_b[2:])
+
+
+def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
+    corpus = tmp_path / "big.jsonl"
+    docs = [make_corpus(20, seed=i) for i in range(6000)]  # about 4.2M characters
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    args = ["data/prepare.py", f"--input={corpus}", "--shard_tokens=2000000", "--workers=1"]
+    whole = python(*args, "--dataset=whole", f"--data_dir={tmp_path}")
+    assert whole.returncode == 0, whole.stderr
+    staging = tmp_path / "cut" / f".preparing-{os.uname().nodename}"
+    run = subprocess.Popen([sys.executable, *args, "--dataset=cut", f"--data_dir={tmp_path}"], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def written_past_the_save() -> bool:  # a shard is finished, and the next one's file has grown since
+        try:
+            saved = json.loads((staging / "progress.json").read_text())["splits"]["train"]
+            partial = staging / f"train_{len(saved['shards']):06d}.bin.partial"
+            return partial.stat().st_size > saved["partial"] * 2  # uint16 tokens
+        except (OSError, ValueError):
+            return False
+
+    while not written_past_the_save() and run.poll() is None:
+        pass
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "cut" / "meta.json").exists(), "the run ended before the kill: make the corpus bigger"
+    again = python(*args, "--dataset=cut", f"--data_dir={tmp_path}")
+    assert again.returncode == 0, again.stderr
+    assert "resuming: " in again.stderr and "resuming: 0 " not in again.stderr
+    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    assert meta == json.loads((tmp_path / "whole" / "meta.json").read_text())
+    decode = lambda ids: "".join(meta["tokenizer"]["chars"][i] for i in ids)  # noqa: E731
+    assert decode(split(tmp_path / "whole", "train")) == "\n\n".join(d for i, d in enumerate(docs) if i % 10)
+    for name in ("train", "val"):
+        for shard in meta["shards"][name]:
+            assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
+
+
+def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
+    """fineweb_edu as datasets streams it, pointed at a local parquet of its layout (a text column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tiktoken
+
+    docs = documents(15, seed=3)
+    pq.write_table(pa.table({"text": docs, "score": [1.0] * 15}), tmp_path / "train.parquet")
+    monkeypatch.setitem(prepare_module.BUILTIN, "fineweb_edu",
+                        ("gpt2", Hub("parquet", None, str(tmp_path / "train.parquet"))))
+    folder = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path)))
+    enc = tiktoken.get_encoding("r50k_base")
+    assert split(folder, "val").tolist() == joined(enc, [d for i, d in enumerate(docs) if i % 10 == 0])
+    assert split(folder, "train").tolist() == joined(enc, [d for i, d in enumerate(docs) if i % 10])
+
+
+def sharded_dataset(tmp_path, shard_tokens=4000):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": make_corpus(40, seed=i)}) + "\n" for i in range(40)),
+                      encoding="utf-8")
+    prepare(PrepareConfig(dataset="tiny", input=str(corpus), data_dir=str(tmp_path / "data"),
+                          shard_tokens=shard_tokens))
+    return tmp_path / "data"
+
+
+def test_batches_cover_every_shard_and_never_cross_one(tmp_path):
+    data = TokenData(sharded_dataset(tmp_path) / "tiny")
+    shards = data.splits["train"]
+    assert len(shards) > 3
+    starts = data.random_starts("train", 4000, 16, torch.Generator().manual_seed(0))
+    x, y = data.batch("train", starts, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    counts = data.window_counts("train", 16)
+    ends = np.cumsum(counts)
+    for start, row, target in zip(starts.tolist()[:200], x, y):
+        shard = int(np.searchsorted(ends, start, side="right"))
+        offset = start - (ends[shard] - counts[shard])
+        assert row.tolist() == shards[shard][offset:offset + 16].tolist()
+        assert target[-1] == shards[shard][offset + 16]  # the last target is still in the shard
+    hit = np.searchsorted(ends, starts.numpy(), side="right")
+    assert set(hit.tolist()) == set(range(len(shards)))
+
+
+def test_training_over_shards_with_ddp_resumes_exactly(tmp_path):
+    data_dir = sharded_dataset(tmp_path)
+    settings = ["--dataset=tiny", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+                "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3",
+                "--eval_iters=2", "--log_interval=1", f"--data_dir={data_dir}", "--attn_log_interval=0"]
+    straight = torchrun(2, *settings, f"--out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    half = torchrun(2, *settings, "--max_iters=3", f"--out_dir={tmp_path / 'halves'}")
+    assert half.returncode == 0, half.stderr
+    rest = torchrun(2, *settings, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
+    assert rest.returncode == 0, rest.stderr
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+
+
+def test_older_single_file_datasets_still_load(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    np.arange(100, dtype=np.uint16).tofile(folder / "train.bin")
+    np.arange(20, dtype=np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "char", "chars": "".join(map(chr, range(
+        32, 132)))}, "vocab_size": 100, "dtype": "uint16", "train_tokens": 100, "val_tokens": 20}))
+    data = TokenData(folder)
+    x, _ = data.batch("train", torch.tensor([5]), 8)
+    assert x.tolist() == [list(range(5, 13))] and data.tokens("val").tolist() == list(range(20))
+
+
+def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(30)))
+    ok = python("data/prepare.py", "--dataset=d", f"--input={good}", f"--data_dir={tmp_path}")
+    assert ok.returncode == 0, ok.stderr
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no corpus here")
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json\n{"text": "after"}\n')
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "cols.parquet")
+    whole = gzip.compress(good.read_bytes() * 50)
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    for args, message in [
+        ([f"--input={tmp_path / 'empty'}"], "holds no .txt, .jsonl"),
+        ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON"),
+        ([f"--input={tmp_path / 'cols.parquet'}"], "has no column 'text' (it has content)"),
+        ([f"--input={tmp_path / 'cut.jsonl.gz'}"], "is truncated or not gzip"),
+        ([f"--input={good}", "--shard_tokens=0"], "shard_tokens must be at least 1"),
+    ]:
+        run = python("data/prepare.py", "--dataset=d", *args, f"--data_dir={tmp_path}")
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.startswith("error: ") and message in run.stderr and run.stderr.count("\n") == 1, run.stderr
+        assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before  # nothing lost
+    skipping = python("data/prepare.py", "--dataset=s", f"--input={bad_line}", "--skip_bad_lines=true",
+                      f"--data_dir={tmp_path}")
+    assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+
+
+def test_a_shard_deleted_or_changed_after_preparation_is_named(tmp_path):
+    folder = sharded_dataset(tmp_path) / "tiny"
+    meta = json.loads((folder / "meta.json").read_text())
+    second = folder / meta["shards"]["train"][1]["file"]
+    with open(second, "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(GlimpseError, match=f"{second.name} does not match .*deleted or changed"):
+        TokenData(folder)
+    second.unlink()
+    with pytest.raises(GlimpseError, match=f"{second.name} does not match"):
+        TokenData(folder)
