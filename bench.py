@@ -15,6 +15,9 @@ train_step times train.py's own train_step (drawing the batch, forward, backward
 optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
 block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
 compile=true the model is compiled on the warm-up step, outside the timing.
+prepare times python data/prepare.py --tokenizer=gpt2 (every core) on a generated corpus of 8 .jsonl
+files beside a plain single-process tiktoken loop over the same documents, and reports the peak
+resident memory of the largest prepare.py process.
 head_importance times eval.py --head_importance (every head removed alone, copies of the windows
 batched) beside one intact scoring of the same windows, on --val_tokens random tokens.
 sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
@@ -35,6 +38,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,7 +51,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data.prepare import write_dataset
+from data.shards import write_dataset
 from data.tokenizer import CharTokenizer
 from eval import EvalConfig
 from glimpse import render
@@ -64,7 +68,7 @@ from train import TrainConfig, setup, train_step
 
 @dataclass
 class BenchConfig:
-    what: Literal["attention_dump", "train_step", "sample", "head_importance", "gpt2"] = option(
+    what: Literal["attention_dump", "train_step", "sample", "head_importance", "gpt2", "prepare"] = option(
         "attention_dump", "which benchmark to run")
     preset: str = option("config/shakespeare_char_cpu.toml",
                          "training preset(s) whose model is measured; several, comma-separated, are compared; "
@@ -81,6 +85,9 @@ class BenchConfig:
     gpt2_n_layer: int = option(12, "gpt2: layers of the GPT-2-shaped model (12: GPT-2 small)")
     vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
     val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
+    shards: str = option("1", "train_step: shard counts of the random-token dataset, comma-separated; each preset is "
+                              "timed on each (1,16: one file beside 16 shards, interleaved)")
+    corpus_mb: int = option(20, "prepare: megabytes of generated .jsonl text, in 8 files")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
     json: bool = option(False, "print JSON instead of a table")
@@ -93,10 +100,21 @@ class BenchConfig:
         missing = [p.split(":")[0] for p in self.presets if not Path(p.split(":")[0]).is_file()]
         if missing:
             raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
+        _ = self.shard_counts  # a malformed list fails here, before anything is built
 
     @property
     def presets(self) -> list[str]:
         return [p.strip() for p in self.preset.split(",") if p.strip()]
+
+    @property
+    def shard_counts(self) -> list[int]:
+        try:
+            counts = [int(n) for n in self.shards.split(",") if n.strip()]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1:
+            raise ValueError(f"shards must be positive whole numbers, comma-separated (1,16), got {self.shards!r}")
+        return counts
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -149,6 +167,62 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
                                           "peak_beyond_before_mb": (peak - before) / 2**20}
     return {"model": asdict(model_config), "seconds": seconds, "megabytes": {k: v / 1e6 for k, v in sizes.items()},
             "memory": memory}
+
+
+PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(code)")
+
+
+def bench_prepare(cfg: BenchConfig) -> dict:
+    """data/prepare.py beside a one-process tiktoken loop, on the same generated documents."""
+    import random
+    import subprocess
+
+    from data.sources import Documents, input_files
+    from data.tokenizer import GPT2Tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(rng.randint(1, 9))) for _ in range(5000)]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        corpus.mkdir()
+        files = [open(corpus / f"part_{i}.jsonl", "w", encoding="utf-8") for i in range(8)]
+        written, doc = 0, 0
+        while written < cfg.corpus_mb * 1_000_000:
+            text = " ".join(rng.choices(words, k=rng.randint(50, 1500))) + "."
+            line = json.dumps({"text": text}) + "\n"
+            files[doc % 8].write(line)
+            written, doc = written + len(line), doc + 1
+        for f in files:
+            f.close()
+        enc = GPT2Tokenizer().enc
+        counted, peaks = [], []
+
+        def loop():
+            counted.append(sum(len(enc.encode_ordinary(text)) for text, _ in Documents(input_files(str(corpus)))))
+
+        def prepare():
+            shutil.rmtree(Path(tmp) / "bench", ignore_errors=True)  # every run prepares from nothing
+            # a small parent process runs prepare.py and reports its children's peak: this process's own
+            # memory, copied into a child for an instant before it starts prepare.py, would count otherwise
+            run = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, sys.executable, "data/prepare.py",
+                                  "--dataset=bench", f"--input={corpus}", "--tokenizer=gpt2", f"--data_dir={tmp}"],
+                                 capture_output=True, text=True, cwd=Path(__file__).parent)
+            if run.returncode:
+                raise GlimpseError(f"prepare.py failed: {run.stderr.strip().splitlines()[-1]}")
+            peaks.append(int(run.stdout.split()[-1]))  # the largest process, workers too
+
+        cpu = torch.device("cpu")
+        loop_s, prepare_s = interleaved_medians([loop, prepare], [cpu, cpu], cfg.repeats)
+        meta = json.loads((Path(tmp) / "bench" / "meta.json").read_text())
+    tokens = counted[0]
+    prepared = meta["train_tokens"] + meta["val_tokens"] - (meta["documents"] - 2)  # less the <|endoftext|>s
+    if prepared != tokens:
+        raise GlimpseError(f"prepare.py wrote {prepared:,} document tokens, the loop counted {tokens:,}")
+    return {"megabytes": written / 1e6, "documents": doc, "tokens": tokens,
+            "seconds": {"prepare": prepare_s, "loop": loop_s},
+            "tokens_per_sec": {"prepare": tokens / prepare_s, "loop": tokens / loop_s}, "speedup": loop_s / prepare_s,
+            "peak_mb": max(peaks) / 2**20}
 
 
 def resident_bytes() -> int | None:
@@ -264,8 +338,8 @@ def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) ->
     return [statistics.median(ts) for ts in times]
 
 
-def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path):
-    """train.py's own train_step on the preset's Run, over a dataset of random tokens in tmp."""
+def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path, shards: int = 1):
+    """train.py's own train_step on the preset's Run, over a dataset of random tokens in tmp, in `shards` shards."""
     name = f"bench{len(list(tmp.iterdir()))}"
     rng = np.random.default_rng(0)
     chars = "".join(chr(32 + i) for i in range(cfg.vocab_size))
@@ -273,7 +347,7 @@ def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path):
     train_cfg = preset_config(preset, out_dir=str(tmp / name), data_dir=str(tmp / "data"), dataset=name,
                               wandb_log="false", init_from="scratch")
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # their progress lines would mix with ours
-        write_dataset(tmp / "data" / name, CharTokenizer(chars), ids, "random tokens")
+        write_dataset(tmp / "data" / name, CharTokenizer(chars), ids, "random tokens", shards=shards)
         run = setup(train_cfg, Distributed())
     lr = train_cfg.learning_rate
 
@@ -283,7 +357,7 @@ def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path):
     tokens = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps
     setup_info = {"device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
                   "optimizer": train_cfg.optimizer, "compile": train_cfg.compile, "batch_size": train_cfg.batch_size,
-                  "block_size": train_cfg.model.block_size}
+                  "block_size": train_cfg.model.block_size, "shards": len(run.data.splits["train"])}
     return run.model, setup_info, step, tokens
 
 
@@ -319,7 +393,8 @@ def bench_presets(cfg: BenchConfig) -> dict:
 def _bench_presets(cfg: BenchConfig, stack: ExitStack) -> dict:
     if cfg.what == "train_step":
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        presets, built = cfg.presets, [train_step_fn(preset, cfg, tmp) for preset in cfg.presets]
+        presets = [p for p in cfg.presets for _ in cfg.shard_counts]
+        built = [train_step_fn(p, cfg, tmp, shards) for p in cfg.presets for shards in cfg.shard_counts]
     else:  # each preset with the cache and, with --uncached, then without it
         caches = (True, False) if cfg.uncached else (True,)
         presets = [p for p in cfg.presets for _ in caches]
@@ -345,7 +420,7 @@ def main(argv: list[str] | None = None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance,
-               "gpt2": bench_gpt2}.get(
+               "gpt2": bench_gpt2, "prepare": bench_prepare}.get(
             cfg.what, bench_presets)
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
@@ -357,6 +432,13 @@ def main(argv: list[str] | None = None):
             print(f"  {m['n_layer']} layers x {m['n_head']} heads, {result['tokens_scored']:,} tokens in "
                   f"{m['block_size']}-token windows: intact {s['intact'] * 1000:.0f} ms, every head removed alone "
                   f"({result['scorings']} scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
+            return
+        if cfg.what == "prepare":
+            t = result["tokens_per_sec"]
+            print(f"  {result['megabytes']:.0f} MB, {result['tokens']:,} tokens: prepare.py "
+                  f"{t['prepare']:,.0f} tokens/s, one-process tiktoken loop {t['loop']:,.0f} tokens/s "
+                  f"({result['speedup']:.2f}x); peak memory "
+                  f"{result['peak_mb']:,.0f} MB")
             return
         if cfg.what == "gpt2":
             m, s, x = result["model"], result["seconds"], result["speedup"]
@@ -391,6 +473,7 @@ def main(argv: list[str] | None = None):
             print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
                   f"{r['seconds'] * 1000:8.1f} "
                   f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}"
+                  + (f" ({r['shards']} shards)" if len(cfg.shard_counts) > 1 else "")
                   + ("" if r.get("kv_cache", True) else "  (no KV cache)"))
 
 

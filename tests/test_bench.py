@@ -82,3 +82,19 @@ def test_attention_dump_at_gpt2_shape_reports_sizes_and_memory():
     assert (result["model"]["n_layer"], result["model"]["n_head"], result["model"]["vocab_size"]) == (12, 12, 50257)
     assert "layer_pngs" not in result["seconds"] and result["megabytes"]["attention.npz"] > 0
     assert result["megabytes"]["index.html"] > 0 and result["memory"]["peak_mb"] >= result["memory"]["before_dump_mb"]
+
+
+def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_ranks):
+    result = bench_json("--what=prepare", "--corpus_mb=1")
+    assert result["megabytes"] >= 1 and result["documents"] > 8 and result["tokens"] > 100_000  # counts agreed
+    assert result["speedup"] > 0 and result["peak_mb"] > 0
+    assert result["tokens_per_sec"]["loop"] == pytest.approx(result["tokens"] / result["seconds"]["loop"])
+
+
+def test_train_step_is_timed_on_one_file_beside_shards():
+    result = bench_json("--what=train_step", "--shards=1,4", f"--preset={RECIPE}")
+    one, four = result["runs"]
+    assert (one["shards"], four["shards"]) == (1, 4)  # the datasets the steps read were cut as asked
+    assert one["preset"] == four["preset"] == RECIPE and four["tokens_per_sec"] > 0
+    bad = python("bench.py", "--what=train_step", "--shards=1,0")
+    assert bad.returncode == 2 and "shards must be positive" in bad.stderr
