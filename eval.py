@@ -22,6 +22,15 @@ windows as the intact model (glimpse/ablation.py says what removing a head means
     python eval.py --out_dir=out --ablate=0.1 --ablation=mean      # the head says its mean instead of 0
     python eval.py --out_dir=out --head_importance                 # every head removed alone, ranked
 
+HellaSwag, completion style (data/hellaswag.py says how each ending is scored):
+
+    python eval.py --out_dir=out-gpt --task=hellaswag               # downloads the validation file once
+    python eval.py --init_from=gpt2 --task=hellaswag --hellaswag_file=hellaswag_val.jsonl   # offline
+    python eval.py --out_dir=out-gpt --task=hellaswag --hellaswag_examples=500   # the first 500 only
+
+It prints acc and acc_norm and appends them to OUT_DIR/metrics.jsonl (with --init_from and no
+--out_dir: eval-NAME/metrics.jsonl), and with --wandb_log to the checkpoint's wandb run.
+
 --head_importance writes OUT_DIR/head_importance.csv (layer, head, loss, loss_increase) and
 head_importance.png (layers x heads, coloured by the loss increase), and prints the heads that
 matter most; with --wandb_log, a wandb.Table and the image.
@@ -34,10 +43,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from data import hellaswag
 from data.dataset import TokenData
+from data.tokenizer import tokenizer_from_spec
 from glimpse import render
 from glimpse.ablation import (
     Ablation,
@@ -57,11 +69,21 @@ from glimpse.evaluation import MODES, length_loss, windows
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
+DEFAULT_OUT = "out"
+
 
 @dataclass
 class EvalConfig:
-    out_dir: str = option("out", "folder of the training run to evaluate; results are written there too")
+    out_dir: str = option(DEFAULT_OUT, "folder of the training run to evaluate; results are written there too")
     checkpoint: Which = checkpoint_option()
+    init_from: str = option("", "score pretrained GPT-2 instead of OUT_DIR's checkpoint (--task=hellaswag): gpt2, "
+                                "gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
+    task: Literal["length", "hellaswag"] = option(
+        "length", "length: validation loss at multiples of block_size (and --ablate, --head_importance); hellaswag: "
+        "HellaSwag accuracy, completion style")
+    hellaswag_file: str = option("", "hellaswag: a local hellaswag_val.jsonl (empty: download it to "
+                                     "DATA_DIR/hellaswag/ once)")
+    hellaswag_examples: int = option(0, "hellaswag: score the first this many examples (0: all 10,042)")
     lengths: str = option("1,2,4,8", "context lengths to test, as multiples of the training block_size")
     stride: int = option(0, "sliding mode: tokens scored per window (0: block_size // 2)")
     max_tokens: int = option(16384, "validation tokens scored per length and mode (the start of the split)")
@@ -80,6 +102,14 @@ class EvalConfig:
     def __post_init__(self):
         self.multiples()  # a malformed list fails here, before anything loads
         check_removals(self.ablate, self.ablation, self.head_importance)
+        if self.init_from and self.task != "hellaswag":
+            raise ValueError("--init_from scores pretrained GPT-2 on --task=hellaswag; the length and head studies "
+                             "read a trained checkpoint's dataset: give --out_dir instead")
+        if self.task == "hellaswag" and (self.ablate or self.head_importance):
+            raise ValueError("--ablate and --head_importance score the validation split: use them without "
+                             "--task=hellaswag")
+        if self.hellaswag_examples < 0:
+            raise ValueError(f"hellaswag_examples must be 0 (all) or more, got {self.hellaswag_examples}")
         if self.stride < 0 or self.max_tokens < 1 or self.batch_size < 1:
             raise ValueError("stride must be 0 or more; max_tokens and batch_size at least 1")
 
@@ -154,6 +184,29 @@ def score_heads(cfg: EvalConfig) -> dict:
     if cfg.wandb_log:
         log_importance_to_wandb(state, Path(cfg.out_dir), losses, intact)
     return result
+
+
+def score_hellaswag(cfg: EvalConfig) -> dict:
+    """--task=hellaswag: acc and acc_norm, appended to the run's metrics.jsonl and logged to its wandb run."""
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "scoring",
+                                               cfg.init_from)
+    data_dir = cfg.data_dir or state["train_config"].get("data_dir", "data")
+    examples = hellaswag.first(hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, data_dir)),
+                               cfg.hellaswag_examples)
+    result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]), model.config.block_size,
+                                device, autocast(device, dtype))
+    out_dir = Path(cfg.out_dir)
+    if cfg.init_from and cfg.out_dir == DEFAULT_OUT:  # no run folder of its own: one named after the model
+        out_dir = Path(f"eval-{Path(cfg.init_from).name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"iter": state["iter_num"] or 0, **result}
+    Tracker(out_dir / "metrics.jsonl", append=True).log(record)
+    if cfg.wandb_log:
+        tracker = Tracker(None, wandb_log=True, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
+                          resume_run_id=state.get("wandb_run_id"), job_type="eval")
+        tracker.run.log({f"hellaswag/{k.removeprefix('hellaswag_')}": v for k, v in result.items()})
+        tracker.close()
+    return {**record, "metrics": str(out_dir / "metrics.jsonl")}
 
 
 def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: str):
@@ -235,6 +288,14 @@ def main(argv: list[str] | None = None):
     with user_errors():
         cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="eval.py",
                            description=__doc__, allow_file=False)
+        if cfg.task == "hellaswag":
+            r = score_hellaswag(cfg)
+            skipped = f" ({r['hellaswag_skipped']:,} skipped: text its tokenizer cannot read)" if r[
+                "hellaswag_skipped"] else ""
+            print(f"hellaswag: acc {r['hellaswag_acc']:.4f}, acc_norm {r['hellaswag_acc_norm']:.4f} over "
+                  f"{r['hellaswag_examples']:,} examples{skipped}")
+            print(f"appended to {r['metrics']}", file=sys.stderr)
+            return
         if cfg.ablate or cfg.head_importance:
             print_heads(score_heads(cfg))
             if cfg.head_importance:

@@ -35,6 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data import hellaswag
 from data.dataset import TokenData
 from data.prepare import ensure_dataset
 from glimpse.attention import dump_text
@@ -107,6 +108,10 @@ def loop(run: Run) -> dict:
                 if evaluate_and_save(run, last_step):
                     t_saved = time.time()
                 log.pause()  # evaluation time does not count against throughput
+            if run.hellaswag and (run.iter_num % cfg.hellaswag_interval == 0 or last_step) \
+                    and run.iter_num != resumed_at:
+                score_hellaswag(run)
+                log.pause()
             if attn_every and (run.iter_num % attn_every == 0 or last_step) and run.iter_num != resumed_at:
                 snapshot_attention(run)
                 log.pause()
@@ -176,6 +181,7 @@ class Run:
     tracker: Tracker
     peak: float | None  # the device's peak FLOP/s at dtype, for MFU; None where it is not known
     pretrained: str | None = None  # the --init_from a finetuning run started from (gpt2, or a folder)
+    hellaswag: list[hellaswag.Example] | None = None  # what --hellaswag_interval scores
     iter_num: int = 0
     best_val_loss: float = float("inf")
     train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
@@ -249,6 +255,13 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     ddp.barrier()
     data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
     data.check_block_size(cfg.model.block_size)
+    examples = None
+    if cfg.hellaswag_interval:  # downloaded by one process per machine, like the data
+        if ddp.local_rank == 0:
+            hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
+        ddp.barrier()
+        examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
+        examples = hellaswag.first(examples, cfg.hellaswag_examples)
 
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
     if pretrained and data.tokenizer_spec["kind"] != "gpt2":
@@ -290,7 +303,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
               peak=peak_flops(device, dtype),  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
-              pretrained=pretrained)
+              pretrained=pretrained, hellaswag=examples)
     if state is not None:
         run.load_state_dict(state)
     else:
@@ -401,6 +414,19 @@ def evaluate_and_save(run: Run, last_step: bool) -> bool:
         save(run)
         return True
     return False
+
+
+def score_hellaswag(run: Run) -> dict:
+    """HellaSwag accuracy (completion style, data/hellaswag.py), each process its share of the examples.
+
+    The eager model scores it: the examples' lengths all differ, which a compiled model would recompile for.
+    """
+    result = hellaswag.evaluate(run.model, run.hellaswag, run.data.tokenizer(), run.cfg.model.block_size,
+                                run.device, run.ctx, run.ddp, show_progress=run.ddp.is_main)
+    run.tracker.log({"iter": run.iter_num, **result})
+    run.say(f"step {run.iter_num}: hellaswag acc {result['hellaswag_acc']:.4f}, acc_norm "
+            f"{result['hellaswag_acc_norm']:.4f} ({result['hellaswag_examples']:,} examples)")
+    return result
 
 
 def snapshot_attention(run: Run):
@@ -533,6 +559,12 @@ class TrainConfig:
         None, "dump attention maps of a fixed validation text every this many steps (none: at every eval; 0: never)"
     )
     attn_probe_tokens: int = option(64, "tokens of validation text in those maps (token labels show up to 64)")
+    hellaswag_interval: int = option(
+        0, "score HellaSwag (completion style) every this many steps and at the end, the examples split across "
+        "processes; logs hellaswag_acc and hellaswag_acc_norm (0: never)"
+    )
+    hellaswag_file: str = option("", "a local hellaswag_val.jsonl (empty: downloaded once to DATA_DIR/hellaswag/)")
+    hellaswag_examples: int = option(0, "score the first this many HellaSwag examples each time (0: all 10,042)")
     # optimizers and the learning-rate schedule
     optimizer: Literal["adamw", "muon"] = option(
         "adamw", "adamw: AdamW for every parameter; muon: Muon for the matrices inside the blocks (c_attn, c_proj, "
@@ -573,7 +605,8 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens", "hellaswag_interval",
+                     "hellaswag_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_time < 0:

@@ -109,7 +109,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         if not cfg.input:
             source = str(out / "input.txt")
             if not (out / "input.txt").exists():
-                download(BUILTIN[cfg.dataset][1], out / "input.txt", cfg.dataset)
+                download(BUILTIN[cfg.dataset][1], out / "input.txt", "offline, pass a local copy: python "
+                         f"data/prepare.py --dataset={cfg.dataset} --input=PATH/TO/input.txt")
         files = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
         docs, total = files.__iter__, files.total_bytes
     if kind == "char":
@@ -142,8 +143,8 @@ def ensure_dataset(name: str, data_dir: str) -> Path:
     )
 
 
-def download(url: str, dest: Path, name: str):
-    """Fetch url to dest, atomically; offline this fails with a hint to pass a local file."""
+def download(url: str, dest: Path, offline_hint: str):
+    """Fetch url to dest, atomically; offline this fails with offline_hint (how to pass a local file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} ...", file=sys.stderr)
     try:
@@ -151,10 +152,7 @@ def download(url: str, dest: Path, name: str):
             body = response.read()
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         reason = getattr(e, "reason", e)
-        raise GlimpseError(
-            f"could not download {url} ({reason}); offline, pass a local copy: "
-            f"python data/prepare.py --dataset={name} --input=PATH/TO/input.txt"
-        ) from None
+        raise GlimpseError(f"could not download {url} ({reason}); {offline_hint}") from None
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 

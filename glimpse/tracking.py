@@ -27,17 +27,19 @@ class Tracker:
         resume_run_id: str | None = None,
         keep_through_iter: int | None = None,
         job_type: str = "train",
+        append: bool = False,
     ):
         """metrics_path: where metrics.jsonl goes (None: nowhere, wandb only).
 
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
+        append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
         """
         self.enabled = enabled
         self.run = None
         self.path = metrics_path
         if not enabled:
             return
-        if metrics_path is not None:
+        if metrics_path is not None and not append:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if keep_through_iter is not None and metrics_path.exists():

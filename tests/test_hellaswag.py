@@ -1,0 +1,155 @@
+"""HellaSwag, completion style: losses checked by hand, a trained model finds the endings of its own training
+text, the examples split across DDP processes add up to one process's score, GPT-2 folders, bad files."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from data.hellaswag import Example, ending_losses, evaluate, read_examples, rows
+from data.tokenizer import CharTokenizer
+from glimpse.errors import GlimpseError
+from model import GPT, GPTConfig
+from tests.conftest import make_corpus, python
+from tests.test_distributed import torchrun
+from tests.test_gpt2 import reference
+from tests.test_train import read_metrics
+
+
+def write_examples(path, examples: list[dict]):
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return path
+
+
+def fixed_logits_model(chars: str) -> GPT:
+    """A model whose logits are v for token v at every position, whatever it reads: every weight is zero but
+    ln_f's bias (1 in dimension 0) and the embedding of token v (v in dimension 0), tied to lm_head."""
+    model = GPT(GPTConfig(vocab_size=len(chars), block_size=16, n_layer=1, n_head=1, n_embd=4, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[:, 0] = torch.arange(len(chars), dtype=torch.float32)
+    return model.eval()
+
+
+def test_summed_and_mean_losses_are_the_hand_computed_ones():
+    tokenizer = CharTokenizer(" abcd")  # ids: ' '=0, a=1, b=2, c=3, d=4
+    model = fixed_logits_model(tokenizer.chars)
+    lse = math.log(sum(math.exp(v) for v in range(5)))  # the loss of token v is lse - v
+
+    example = Example("ab", ["c", "ddddd", "d", "a"], label=1)
+    tokens, mask = rows(example, tokenizer, block_size=16)
+    assert tokens[2].tolist()[:4] == [1, 2, 0, 4] and mask[2].tolist()[:5] == [False, False, True, True, False]
+    summed, mean = ending_losses(model, tokens, mask, torch.autocast("cpu", enabled=False))
+    # each ending is read after a space: " c" is tokens 0 and 3, " ddddd" is 0 and five 4s
+    want_summed = [2 * lse - 3, 6 * lse - 20, 2 * lse - 4, 2 * lse - 1]
+    want_mean = [s / n for s, n in zip(want_summed, (2, 6, 2, 2))]
+    assert summed.tolist() == pytest.approx(want_summed, rel=1e-5)
+    assert mean.tolist() == pytest.approx(want_mean, rel=1e-5)
+    # the lowest sum is " d" (index 2), the lowest mean " ddddd" (index 1, the label)
+    result = evaluate(model, [example], tokenizer, 16, "cpu", torch.autocast("cpu", enabled=False), show_progress=False)
+    assert (result["hellaswag_acc"], result["hellaswag_acc_norm"]) == (0.0, 1.0)
+    assert result["hellaswag_examples"] == 1 and result["hellaswag_skipped"] == 0
+
+
+def test_a_long_context_loses_its_start_and_unreadable_examples_are_skipped():
+    tokenizer = CharTokenizer(" abcd")
+    tokens, mask = rows(Example("abcd" * 10, ["a", "bb", "c", "d"], 0), tokenizer, block_size=8)
+    assert tokens.shape == (4, 9)  # block_size inputs and their targets
+    assert tokens[1].tolist() == tokenizer.encode("cdabcd bb").tolist()  # the context's last tokens, then " bb"
+    assert mask[1].sum() == 3 and mask[0].sum() == 2
+    assert rows(Example("xyz", ["a", "b", "c", "d"], 0), tokenizer, 8) is None  # x, y, z: not in the vocabulary
+    model = fixed_logits_model(tokenizer.chars)
+    result = evaluate(model, [Example("xyz", ["a"] * 4, 0), Example("ab", ["a", "b", "c", "d"], 3)], tokenizer, 8,
+                      "cpu", torch.autocast("cpu", enabled=False), show_progress=False)
+    assert (result["hellaswag_examples"], result["hellaswag_skipped"]) == (1, 1)
+    assert result["hellaswag_acc"] == 1.0  # " d" has the lowest loss of the four
+    with pytest.raises(GlimpseError, match="could read none"):
+        evaluate(model, [Example("xyz", ["a"] * 4, 0)], tokenizer, 8, "cpu", torch.autocast("cpu", enabled=False),
+                 show_progress=False)
+
+
+def own_text_examples(n: int, seed: int = 0) -> list[dict]:
+    """Contexts and endings cut from lines of the generated play the tiny model trains on; the three wrong
+    endings are the real one's characters shuffled."""
+    rng = random.Random(seed)
+    lines = [line for line in make_corpus().split("\n\n") if len(line.split()) >= 6][:n]
+    examples = []
+    for line in lines:
+        words = line.split(" ")
+        context, ending = " ".join(words[:3]), " ".join(words[3:])
+        wrong = ["".join(rng.sample(ending, len(ending))) for _ in range(3)]
+        label = rng.randrange(4)
+        examples.append({"ctx": context, "endings": wrong[:label] + [ending] + wrong[label:], "label": label})
+    return examples
+
+
+def test_a_trained_model_knows_the_endings_of_its_training_text(tmp_path, trained):
+    cfg, _ = trained
+    before = read_metrics(cfg.out_dir)
+    file = write_examples(tmp_path / "val.jsonl", own_text_examples(40))
+    run = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", f"--hellaswag_file={file}", "--device=cpu")
+    assert run.returncode == 0, run.stderr
+    assert "over 40 examples" in run.stdout
+    record = read_metrics(cfg.out_dir)[-1]
+    assert read_metrics(cfg.out_dir)[:-1] == before  # the training run's records are kept
+    assert record["hellaswag_examples"] == 40 and record["iter"] == cfg.max_iters
+    assert record["hellaswag_acc"] >= 0.9 and record["hellaswag_acc_norm"] >= 0.9  # chance is 0.25
+    assert f"acc {record['hellaswag_acc']:.4f}, acc_norm {record['hellaswag_acc_norm']:.4f}" in run.stdout
+    limited = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", f"--hellaswag_file={file}",
+                     "--hellaswag_examples=7", "--device=cpu")
+    assert limited.returncode == 0 and read_metrics(cfg.out_dir)[-1]["hellaswag_examples"] == 7
+
+
+def test_training_scores_hellaswag_with_the_examples_split_across_processes(tmp_path, data_dir):
+    file = write_examples(tmp_path / "val.jsonl", own_text_examples(13))  # 13: the processes' shares differ
+    settings = ["--dataset=tiny", f"--data_dir={data_dir}", "--device=cpu", "--n_layer=1", "--n_head=2",
+                "--n_embd=16", "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2",
+                "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--attn_log_interval=0",
+                "--hellaswag_interval=2", f"--hellaswag_file={file}", "--dropout=0.0"]
+    one = python("train.py", *settings, f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *settings, f"--out_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr
+    scores = [[r for r in read_metrics(tmp_path / name) if "hellaswag_acc" in r] for name in ("one", "two")]
+    assert [r["iter"] for r in scores[0]] == [0, 2, 4] == [r["iter"] for r in scores[1]]
+    for a, b in zip(*scores):
+        assert a["hellaswag_examples"] == b["hellaswag_examples"] == 13  # every example scored once
+        assert b["hellaswag_acc"] == pytest.approx(a["hellaswag_acc"])  # the same weights: the same answers
+        assert b["hellaswag_acc_norm"] == pytest.approx(a["hellaswag_acc_norm"])
+
+
+def test_pretrained_gpt2_folders_are_scored_into_a_folder_of_their_own(tmp_path, gpt2_ranks):
+    folder = tmp_path / "gpt2-tiny"
+    reference().save_pretrained(folder)
+    file = write_examples(tmp_path / "val.jsonl", own_text_examples(5))
+    out = tmp_path / "scores"
+    run = python("eval.py", f"--init_from={folder}", "--task=hellaswag", f"--hellaswag_file={file}",
+                 f"--out_dir={out}", env={"TIKTOKEN_CACHE_DIR": str(gpt2_ranks)})
+    assert run.returncode == 0, run.stderr
+    record = read_metrics(out)[-1]
+    assert record["hellaswag_examples"] == 5 and record["iter"] == 0 and 0 <= record["hellaswag_acc_norm"] <= 1
+
+
+@pytest.mark.parametrize("line,says", [
+    ("not json", "val.jsonl:2 is not a HellaSwag example"),
+    (json.dumps({"ctx": "a", "endings": ["a", "b"], "label": 0}), "val.jsonl:2 has 2 endings"),
+])
+def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says):
+    good = json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1})
+    (tmp_path / "val.jsonl").write_text(good + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(GlimpseError, match=says):
+        read_examples(tmp_path / "val.jsonl")
+    cfg, _ = trained
+    run = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag",
+                 f"--hellaswag_file={tmp_path / 'val.jsonl'}")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ") and says in run.stderr
+    assert "Traceback" not in run.stderr
+    missing = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", "--hellaswag_file=/nope.jsonl")
+    assert missing.returncode == 2 and "could not read HellaSwag file /nope.jsonl" in missing.stderr
+    wrong = python("eval.py", "--init_from=gpt2", "--task=length")
+    assert wrong.returncode == 2 and "--init_from scores pretrained GPT-2 on --task=hellaswag" in wrong.stderr
+
