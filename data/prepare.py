@@ -27,7 +27,7 @@ import sys
 import time
 import urllib.request
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -60,6 +60,8 @@ BUILTIN = {  # name -> (tokenizer, where its text comes from)
     "openwebtext": ("gpt2", Hub("Skylion007/openwebtext")),
     "fineweb_edu": ("gpt2", Hub("HuggingFaceFW/fineweb-edu", "sample-10BT")),  # its 10B-token sample
 }
+VAL_FRACTION = 0.1  # of the documents held out for validation, by default
+HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation documents, when neither is chosen
 CHUNK_CHARS = 1 << 20  # a task for a worker: documents (or pieces of a long one) of about 1M characters
 
 
@@ -75,8 +77,10 @@ class PrepareConfig:
     text_column: str = option("text", "the JSON field or parquet column that holds each document's text")
     separator: str = option("\n\n", "char-level: the text put between documents (GPT-2 BPE puts <|endoftext|>)")
     shard_tokens: int = option(100_000_000, "tokens per shard file")
-    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them)")
-    val_fraction: float = option(0.1, "validation: one document in every 1 / this, when --val_tokens is 0")
+    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them; "
+                                "the streamed built-ins, whose tenth would be a billion tokens, hold out 10M "
+                                "unless --val_fraction is given)")
+    val_fraction: float = option(VAL_FRACTION, "validation: one document in every 1 / this, when --val_tokens is 0")
     workers: int = option(0, "tokenizing processes (0: one per core)")
     skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON or lack the text field")
 
@@ -105,6 +109,8 @@ def prepare(cfg: PrepareConfig) -> Path:
     source = cfg.input or BUILTIN[cfg.dataset][1]
     if isinstance(source, Hub):
         docs, total = lambda: hub_documents(source.path, source.name, cfg.text_column, source.data_files), None
+        if not cfg.val_tokens and cfg.val_fraction == VAL_FRACTION:  # neither chosen: a tenth would be too many
+            cfg = replace(cfg, val_tokens=HUB_VAL_TOKENS)
     else:
         if not cfg.input:
             source = str(out / "input.txt")

@@ -154,10 +154,17 @@ def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
     pq.write_table(pa.table({"text": docs, "score": [1.0] * 15}), tmp_path / "train.parquet")
     monkeypatch.setitem(prepare_module.BUILTIN, "fineweb_edu",
                         ("gpt2", Hub("parquet", None, str(tmp_path / "train.parquet"))))
+    monkeypatch.setattr(prepare_module, "HUB_VAL_TOKENS", 60)  # the built-ins hold out their first documents
     folder = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path)))
     enc = tiktoken.get_encoding("r50k_base")
-    assert split(folder, "val").tolist() == joined(enc, [d for i, d in enumerate(docs) if i % 10 == 0])
-    assert split(folder, "train").tolist() == joined(enc, [d for i, d in enumerate(docs) if i % 10])
+    held, count = 0, 0
+    while count < 60:  # whole documents until validation has 60 tokens
+        count, held = count + len(enc.encode_ordinary(docs[held])) + (held > 0), held + 1
+    assert 1 < held < 15
+    assert split(folder, "val").tolist() == joined(enc, docs[:held])
+    assert split(folder, "train").tolist() == joined(enc, docs[held:])
+    fraction = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path / "f"), val_fraction=0.2))
+    assert split(fraction, "val").tolist() == joined(enc, docs[::5])  # a fraction asked for is what is held out
 
 
 def sharded_dataset(tmp_path, shard_tokens=4000):

@@ -153,3 +153,33 @@ def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says)
     wrong = python("eval.py", "--init_from=gpt2", "--task=length")
     assert wrong.returncode == 2 and "--init_from scores pretrained GPT-2 on --task=hellaswag" in wrong.stderr
 
+
+def test_the_gpt2_124m_preset_is_gpt2_small_and_runs_its_schedule_shrunk(tmp_path, corpus_file, gpt2_ranks):
+    from data.prepare import PrepareConfig, prepare
+    from glimpse.config import parse_config
+    from train import TrainConfig, train
+
+    preset = ["config/gpt2_124m.toml"]
+    full = parse_config(TrainConfig, preset, prog="train.py", description="")
+    shape = full.model
+    assert (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size) == (12, 12, 768, 1024)
+    assert full.batch_size * shape.block_size * full.gradient_accumulation_steps == 524_288  # 0.5M tokens a step
+    assert (full.dtype, full.compile, full.dataset, full.device) == ("bfloat16", True, "fineweb_edu", "cuda")
+    assert full.hellaswag_interval and full.hellaswag_interval % full.eval_interval == 0
+    with torch.device("meta"):  # the shape alone, no weights
+        gpt2_small = GPT(full.model_config(50257))
+    assert gpt2_small.num_params() == 123_552_768  # GPT-2 small's count without the input embedding
+
+    prepare(PrepareConfig(dataset="bpe", input=str(corpus_file), tokenizer="gpt2", data_dir=str(tmp_path)))
+    file = write_examples(tmp_path / "val.jsonl", own_text_examples(6))
+    shrunk = parse_config(TrainConfig, [*preset, f"--data_dir={tmp_path}", "--dataset=bpe", "--device=cpu",
+                                        "--dtype=float32", "--compile=false", "--n_layer=1", "--n_head=2",
+                                        "--n_embd=16", "--block_size=32", "--batch_size=2", "--max_iters=4",
+                                        "--eval_interval=2", "--hellaswag_interval=2", f"--hellaswag_file={file}",
+                                        "--eval_iters=2", "--attn_log_interval=0", f"--out_dir={tmp_path / 'out'}"],
+                          prog="train.py", description="")
+    last = train(shrunk)
+    assert last["iter"] == 4 and math.isfinite(last["final_val_loss"])
+    records = read_metrics(tmp_path / "out")
+    assert [r["iter"] for r in records if "hellaswag_acc_norm" in r] == [0, 2, 4]
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]
