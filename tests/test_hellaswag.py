@@ -183,3 +183,28 @@ def test_the_gpt2_124m_preset_is_gpt2_small_and_runs_its_schedule_shrunk(tmp_pat
     records = read_metrics(tmp_path / "out")
     assert [r["iter"] for r in records if "hellaswag_acc_norm" in r] == [0, 2, 4]
     assert [r["iter"] for r in records if "val_loss" in r] == [0, 2, 4]
+
+
+def test_scores_reach_wandb_from_training_and_from_eval(tmp_path, data_dir):
+    from tests.wandb_records import logged_history
+
+    file = write_examples(tmp_path / "val.jsonl", own_text_examples(4))
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    out = tmp_path / "out"
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=4", "--max_iters=4",
+                 "--eval_interval=2", "--eval_iters=2", "--attn_log_interval=0", "--wandb_log=true",
+                 "--hellaswag_interval=4", f"--hellaswag_file={file}", env=env)
+    assert run.returncode == 0, run.stderr
+    (train_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = logged_history(train_dir)
+    scored = {row["_step"]: row["hellaswag_acc_norm"] for row in history if "hellaswag_acc_norm" in row}
+    by_metrics = {r["iter"]: r["hellaswag_acc_norm"] for r in read_metrics(out) if "hellaswag_acc_norm" in r}
+    assert scored == by_metrics and sorted(scored) == [0, 4]
+    again = python("eval.py", f"--out_dir={out}", "--task=hellaswag", f"--hellaswag_file={file}", "--wandb_log=true",
+                   env=env)
+    assert again.returncode == 0, again.stderr
+    (eval_dir,) = set((tmp_path / "wandb").glob("offline-run-*")) - {train_dir}
+    (row,) = [r for r in logged_history(eval_dir) if "hellaswag/acc_norm" in r]
+    assert row["hellaswag/acc_norm"] == read_metrics(out)[-1]["hellaswag_acc_norm"]
+    assert row["hellaswag/examples"] == 4
