@@ -40,7 +40,7 @@ from glimpse.ablation import (
 from glimpse.attention import dump_text, dump_window, induction_probe
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
-from glimpse.errors import GlimpseError, user_errors
+from glimpse.errors import GlimpseError, read_utf8, user_errors
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -97,13 +97,7 @@ def read_prompt(start: str) -> str:
     """The prompt text: start itself, or the contents of the file that FILE:path names."""
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:"):])
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GlimpseError(f"prompt file {str(path)!r} not found") from None
-    except UnicodeDecodeError:
-        raise GlimpseError(f"prompt file {str(path)!r} is not UTF-8 text") from None
+    return read_utf8(Path(start[len("FILE:"):]), "prompt file")
 
 
 def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:

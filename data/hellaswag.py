@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.prepare import download
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, read_utf8
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -38,10 +38,7 @@ class Example:
 
 def read_examples(path: Path) -> list[Example]:
     """The examples of a HellaSwag .jsonl file (fields ctx, endings, label); a bad line is a one-line error."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GlimpseError(f"could not read HellaSwag file {path} ({getattr(e, 'strerror', None) or e})") from None
+    lines = read_utf8(path, "HellaSwag file").splitlines()
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, read_utf8
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
@@ -70,7 +70,7 @@ class Documents:
         for path in self.files:
             kind = file_format(path)
             if kind == ".txt":
-                yield read_text(path), path.stat().st_size
+                yield read_utf8(path, "input file"), path.stat().st_size
             elif kind == ".parquet":
                 yield from self.parquet(path)
             else:
@@ -146,19 +146,6 @@ def open_lines(raw, path: Path, kind: str):
             raise GlimpseError(f"{path} is zstandard-compressed: pip install zstandard") from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
     return contextlib.nullcontext(raw)
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GlimpseError(f"input file {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise GlimpseError(f"input {str(path)!r} is a folder; give a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise GlimpseError(
-            f"input file {str(path)!r} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv"
-        ) from None
 
 
 def hub_documents(path: str, name: str | None, text_column: str, data_files=None) -> Iterator[tuple[str, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class GlimpseError(Exception):
@@ -18,3 +19,18 @@ def user_errors():
     except GlimpseError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a UTF-8 file, or a one-line error that names it as `what` ("input file", "prompt file")."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GlimpseError(f"{what} {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise GlimpseError(f"{what} {str(path)!r} is a folder; give a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise GlimpseError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}); convert it, e.g. with "
+                           "iconv") from None
+    except OSError as e:
+        raise GlimpseError(f"could not read {what} {str(path)!r}: {e.strerror or e}") from None

@@ -17,8 +17,7 @@ from data.dataset import TokenData
 from data.prepare import Hub, PrepareConfig, prepare
 from glimpse.errors import GlimpseError
 from tests.conftest import REPO, make_corpus, python
-from tests.test_distributed import torchrun
-from tests.test_train import read_metrics
+from tests.test_distributed import assert_two_processes_resume_exactly
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
@@ -199,14 +198,7 @@ def test_training_over_shards_with_ddp_resumes_exactly(tmp_path):
     settings = ["--dataset=tiny", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
                 "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3",
                 "--eval_iters=2", "--log_interval=1", f"--data_dir={data_dir}", "--attn_log_interval=0"]
-    straight = torchrun(2, *settings, f"--out_dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr
-    half = torchrun(2, *settings, "--max_iters=3", f"--out_dir={tmp_path / 'halves'}")
-    assert half.returncode == 0, half.stderr
-    rest = torchrun(2, *settings, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
-    assert rest.returncode == 0, rest.stderr
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+    assert_two_processes_resume_exactly(tmp_path, settings, stop_at=3)
 
 
 def test_older_single_file_datasets_still_load(tmp_path):

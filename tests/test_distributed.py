@@ -38,11 +38,16 @@ def test_two_processes_match_one(tmp_path, data_dir):
 def test_two_processes_resume_exactly_with_dropout(tmp_path, data_dir):
     """Each process draws its own dropout masks; a resumed run must give each one its own streams back."""
     with_dropout = [*SETTINGS, "--dropout=0.2", f"--data_dir={data_dir}"]
-    straight = torchrun(2, *with_dropout, f"--out_dir={tmp_path / 'straight'}")
+    assert_two_processes_resume_exactly(tmp_path, with_dropout, stop_at=6)
+
+
+def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: int):
+    """Two processes straight through, and stopped at step stop_at then resumed, log the same records."""
+    straight = torchrun(2, *settings, f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
-    half = torchrun(2, *with_dropout, "--max_iters=6", f"--out_dir={tmp_path / 'halves'}")
+    half = torchrun(2, *settings, f"--max_iters={stop_at}", f"--out_dir={tmp_path / 'halves'}")
     assert half.returncode == 0, half.stderr
-    rest = torchrun(2, *with_dropout, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
+    rest = torchrun(2, *settings, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
     assert rest.returncode == 0, rest.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))

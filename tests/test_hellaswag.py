@@ -4,6 +4,8 @@ text, the examples split across DDP processes add up to one process's score, GPT
 import json
 import math
 import random
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,6 +91,8 @@ def own_text_examples(n: int, seed: int = 0) -> list[dict]:
 
 def test_a_trained_model_knows_the_endings_of_its_training_text(tmp_path, trained):
     cfg, _ = trained
+    cfg = replace(cfg, out_dir=str(tmp_path / "run"))  # a copy: the session's run stays as other tests expect it
+    shutil.copytree(trained[0].out_dir, cfg.out_dir)
     before = read_metrics(cfg.out_dir)
     file = write_examples(tmp_path / "val.jsonl", own_text_examples(40))
     run = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", f"--hellaswag_file={file}", "--device=cpu")
@@ -149,7 +153,7 @@ def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ") and says in run.stderr
     assert "Traceback" not in run.stderr
     missing = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", "--hellaswag_file=/nope.jsonl")
-    assert missing.returncode == 2 and "could not read HellaSwag file /nope.jsonl" in missing.stderr
+    assert missing.returncode == 2 and "HellaSwag file '/nope.jsonl' not found" in missing.stderr
     wrong = python("eval.py", "--init_from=gpt2", "--task=length")
     assert wrong.returncode == 2 and "--init_from scores pretrained GPT-2 on --task=hellaswag" in wrong.stderr
 
