@@ -87,7 +87,8 @@ class BenchConfig:
     val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
     shards: str = option("1", "train_step: shard counts of the random-token dataset, comma-separated; each preset is "
                               "timed on each (1,16: one file beside 16 shards, interleaved)")
-    corpus_mb: int = option(20, "prepare: megabytes of generated .jsonl text, in 8 files")
+    corpus_mb: int = option(80, "prepare: megabytes of generated .jsonl text, in 8 files (at 20 or less, starting "
+                                "Python and the pool is a large share)")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
     json: bool = option(False, "print JSON instead of a table")
