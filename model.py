@@ -100,6 +100,10 @@ class GPTConfig:
         False, "start the projections that write into the residual stream (attn.c_proj, mlp.c_proj) at zero, so "
         "every block starts as the identity and learns what to add; false: GPT-2's small random start"
     )
+    logit_softcap: float = option(
+        0.0, "squash the logits smoothly into (-cap, cap): cap * tanh(logits / cap), as modded-nanogpt does, so "
+        "that no logit grows without bound (0: no cap, as GPT-2)"
+    )
 
     def __post_init__(self):
         for name, kind in (("attn_score", AttnScore), ("pos_encoding", PosEncoding), ("norm", Norm),
@@ -117,6 +121,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be 0 (no cap) or positive, got {self.logit_softcap}")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             head_dim = self.n_embd // self.n_head
             raise ValueError(f"rope rotates channel pairs: n_embd // n_head ({head_dim}) must be even")
@@ -422,6 +428,12 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def head(self, x):
+        """The logits of the final residual stream x (B, T, C): (B, T, vocab_size), capped if logit_softcap."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
     def forward(self, idx, targets=None, cache: KVCache | None = None, heads: HeadEdit | None = None,
                 last_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
@@ -432,7 +444,7 @@ class GPT(nn.Module):
         x, _ = self._trunk(idx, cache, need_weights=False, heads=heads)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): a 1,024-token prefill would otherwise write 1,024 x 50,257 logits
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -447,7 +459,7 @@ class GPT(nn.Module):
         and 1,024 tokens that halves what is held); logits=False skips the head (T x vocab_size of work).
         """
         x, weights = self._trunk(idx, None, need_weights=True, heads=heads, weights_dtype=weights_dtype)
-        return (self.lm_head(x) if logits else None), torch.stack(weights)
+        return (self.head(x) if logits else None), torch.stack(weights)
 
     def forward_from(self, layer: int, x, y, heads: HeadEdit | None = None):
         """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
@@ -459,14 +471,14 @@ class GPT(nn.Module):
         x = self.transformer.h[layer].finish(x, y, layer, heads)
         for i in range(layer + 1, self.config.n_layer):
             x, _ = self.transformer.h[i](x, rope, None, i, False, heads)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.head(self.transformer.ln_f(x))
 
     def residual_streams(self, idx) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The logits (B, T, V), and for each block the residual stream entering it (B, T, C) and its heads'
         context vectors (B, nh, T, hs), for forward_from."""
         record = []
         x, _ = self._trunk(idx, None, need_weights=False, record=record)
-        return self.lm_head(x), record
+        return self.head(x), record
 
     def _trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
                record: list | None = None, weights_dtype: torch.dtype | None = None):

@@ -1,4 +1,5 @@
-"""Architecture options (norm, activation, qk_norm, tie_embeddings, zero_init_proj) and the Muon optimizer."""
+"""Architecture options (norm, activation, qk_norm, tie_embeddings, zero_init_proj, logit_softcap) and the Muon
+optimizer."""
 
 import math
 from dataclasses import asdict, fields
@@ -26,7 +27,9 @@ FLAGS = {
     "qk_norm": dict(qk_norm=True),
     "untied": dict(tie_embeddings=False),
     "zero_init_proj": dict(zero_init_proj=True),
-    "all": dict(norm="rmsnorm", activation="relu2", qk_norm=True, tie_embeddings=False, zero_init_proj=True),
+    "softcap": dict(logit_softcap=0.5),  # small: the cap bends every logit of an untrained model
+    "all": dict(norm="rmsnorm", activation="relu2", qk_norm=True, tie_embeddings=False, zero_init_proj=True,
+                logit_softcap=0.5),
 }
 # each flag with GPT-2's learned positions and with rope (qk_norm acts just before the rotation), and
 # everything on with the scores and encodings that take other paths
@@ -154,6 +157,20 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
     idx = torch.randint(0, 20, (2, 8))
     embedded = model.transformer.wte(idx)  # rope: no position embedding is added
     torch.testing.assert_close(model(idx)[0], model.lm_head(model.transformer.ln_f(embedded)))
+
+
+def test_softcap_squashes_every_logit_through_tanh():
+    capped = flagged("softcap")
+    with torch.no_grad():
+        capped.lm_head.weight.mul_(10)  # logits past the cap
+    plain = GPT(GPTConfig(**{**asdict(capped.config), "logit_softcap": 0.0}))
+    plain.load_state_dict(capped.state_dict())
+    idx = torch.randint(0, 20, (2, 8))
+    raw, logits = plain(idx)[0], capped(idx)[0]
+    assert raw.abs().max() > 0.5 and logits.abs().max() < 0.5  # bounded by the cap
+    torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5))
+    with pytest.raises(ValueError, match="logit_softcap must be 0"):
+        GPTConfig(logit_softcap=-1.0)
 
 
 def test_flags_are_checked_and_pass_through_train_config():
