@@ -7,13 +7,20 @@ network, and hands each step's logits to sample_next.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from model import GPTConfig
+
+class CacheShape(Protocol):
+    """What a KVCache needs of a model's config (model.py's GPTConfig has it): no import of model, which
+    imports this module."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
 
 
 class KVCache:
@@ -24,7 +31,7 @@ class KVCache:
     every layer has written its part.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype=torch.float32):
+    def __init__(self, config: CacheShape, batch_size: int, device, dtype=torch.float32):
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
