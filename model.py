@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, get_args
 
 import torch
 import torch.nn as nn
@@ -142,13 +142,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.score = config.attn_score
+        self.score_kind = config.attn_score  # scores() computes them
         self.pos_encoding = config.pos_encoding
         # queries, keys and values for all heads come from one matrix multiply
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = make_dropout(config.dropout)
-        if self.score == "additive":  # Bahdanau: v^T tanh(W_q q + W_k k), with its own W_q, W_k, v per head
+        if self.score_kind == "additive":  # Bahdanau: v^T tanh(W_q q + W_k k), with its own W_q, W_k, v per head
             hs = self.head_dim
             self.score_q = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
             self.score_k = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
@@ -164,15 +164,16 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                heads: HeadEdit | None = None):
+                heads: HeadEdit | None = None, masks: Masks | None = None):
         """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None): context, then project.
 
         rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
-        heads, when given, sees every head's context vectors before c_proj mixes them, and may replace
-        some (glimpse/ablation.py removes heads that way); the weights returned are the softmax's, as
-        computed.
+        masks, what the causal mask and ALiBi make of this forward (GPT builds them once for all layers;
+        built here when not given). heads, when given, sees every head's context vectors before c_proj
+        mixes them, and may replace some (glimpse/ablation.py removes heads that way); the weights
+        returned are the softmax's, as computed.
         """
-        y, weights = self.context(x, rope, cache, layer, need_weights)  # (B, nh, T, hs)
+        y, weights = self.context(x, rope, cache, layer, need_weights, masks)  # (B, nh, T, hs)
         return self.project(y, layer, heads), weights
 
     def project(self, y, layer: int = 0, heads: HeadEdit | None = None):
@@ -184,9 +185,12 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+    def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
+                masks: Masks | None = None):
         """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None)."""
         B, T, C = x.size()
+        if masks is None:
+            masks = self.masks(T, cache.length if cache is not None else 0, x.device, need_weights)
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         # split the channels into heads: each head attends with its own slice
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -197,52 +201,74 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # rotate by position, so q.k depends on the distance only
             cos, sin = (t.to(q.dtype) for t in rope)  # the turn in q's dtype, which is cheaper
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs) each
-        S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        if masks.explicit:
+            y, weights = self.explicit_attention(q, k, v, masks, dropout_p)
+            return y, weights if need_weights else None
+        # the fused kernel computes exactly what the explicit path does, without the weights
+        scale = 1.0 if self.score_kind == "dot" else None  # None: SDPA's own 1/sqrt(hs)
+        y = fused_attention(q, k, v, attn_mask=masks.fused, dropout_p=dropout_p, is_causal=masks.is_causal,
+                            scale=scale)
+        return y, None
 
-        if need_weights or self.score == "additive":
-            mask = causal_mask(T, S, past, x.device)  # (T, S)
-            y, weights = attend(self.scores(q, k) + self.bias(T, S, past, x.device), v, mask, dropout_p)
-            weights = weights if need_weights else None
-        else:
-            # the fused kernel computes exactly what the explicit path does, without the weights
-            scale = 1.0 if self.score == "dot" else None  # None: SDPA's own 1/sqrt(hs)
-            weights = None
-            mask, is_causal = None, False
-            if self.pos_encoding == "alibi":  # a float mask: ALiBi's bias, and -inf where it is causal
-                mask = self.bias(T, S, past, x.device).masked_fill(~causal_mask(T, S, past, x.device), float("-inf"))
-            elif past == 0:
-                is_causal = True  # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
-            elif T > 1:  # several new queries after a cache: each sees the cache and the new ones up to itself
-                mask = causal_mask(T, S, past, x.device)
-            # else one new query at the end of the window sees every cached key: no mask needed
-            y = fused_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    def explicit_attention(self, q, k, v, masks: Masks, dropout_p: float = 0.0):
+        """Every step written out, weights kept: scores (+ ALiBi's penalty), the causal mask, softmax, the
+        weighted sum of the values. (B, nh, T, hs), (B, nh, S, hs) x 2 -> (context, weights (B, nh, T, S))."""
+        return attend(self.scores(q, k) + masks.penalty, v, masks.causal, dropout_p)
 
-        return y, weights
+    def masks(self, T: int, past: int, device, need_weights: bool) -> Masks:
+        """What the causal mask and ALiBi make of a forward of T queries after past cached positions."""
+        slopes = self.alibi_slopes if self.pos_encoding == "alibi" else None
+        return Masks.build(T, past, device, need_weights or self.score_kind == "additive", slopes)
 
     def scores(self, q, k):
         """How much each query matches each key: (B, nh, T, hs), (B, nh, S, hs) -> (B, nh, T, S)."""
-        if self.score == "scaled_dot":
+        if self.score_kind == "scaled_dot":
             # dividing by sqrt(hs) keeps the scores' spread near 1 whatever the head size, so the
             # softmax neither saturates nor flattens as heads get wider
             return dot_scores(q, k, 1 / math.sqrt(self.head_dim))
-        if self.score == "dot":
+        if self.score_kind == "dot":
             return dot_scores(q, k, 1.0)
         query_part = torch.einsum("bhtd,hde->bhte", q, self.score_q)  # (B, nh, T, hs)
         key_part = torch.einsum("bhsd,hde->bhse", k, self.score_k)  # (B, nh, S, hs)
         hidden = torch.tanh(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # (B, nh, T, S, hs)
         return torch.einsum("bhtse,he->bhts", hidden, self.score_v)  # (B, nh, T, S)
 
-    def bias(self, T: int, S: int, past: int, device):
-        """ALiBi's penalty, slope x distance back, per head: (nh, T, S); 0 for other encodings."""
-        if self.pos_encoding != "alibi":
-            return torch.zeros((), device=device)
-        distance = (torch.arange(T, device=device)[:, None] + past - torch.arange(S, device=device)[None, :])
-        return -self.alibi_slopes[:, None, None] * distance.clamp(min=0)  # (nh, T, S)
+
+class Masks(NamedTuple):
+    """One forward's masks, the same in every layer: what the explicit path and the fused kernel each take.
+
+    explicit  the explicit path runs (weights wanted, or additive scores, which SDPA cannot compute)
+    causal    explicit path: (T, S) True where a query may see a key
+    penalty   explicit path: ALiBi's (nh, T, S) penalty, added to the scores; 0.0 for other encodings
+    fused     fused path: ALiBi's penalty with -inf where masked, a boolean mask after a cache, or None
+    is_causal fused path: SDPA's own causal mask (no cache: queries and keys are the same positions)
+    """
+
+    explicit: bool
+    causal: torch.Tensor | None
+    penalty: torch.Tensor | float
+    fused: torch.Tensor | None
+    is_causal: bool
+
+    @classmethod
+    def build(cls, T: int, past: int, device, explicit: bool, slopes: torch.Tensor | None = None) -> Masks:
+        S = past + T
+        penalty = 0.0
+        if slopes is not None:  # ALiBi: slope x distance back, per head
+            distance = torch.arange(T, device=device)[:, None] + past - torch.arange(S, device=device)[None, :]
+            penalty = -slopes[:, None, None] * distance.clamp(min=0)  # (nh, T, S)
+        if explicit:
+            return cls(True, causal_mask(T, S, past, device), penalty, None, False)
+        if slopes is not None:  # a float mask: ALiBi's penalty, and -inf where it is causal
+            return cls(False, None, 0.0, penalty.masked_fill(~causal_mask(T, S, past, device), float("-inf")), False)
+        if past == 0:  # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
+            return cls(False, None, 0.0, None, True)
+        if T > 1:  # several new queries after a cache: each sees the cache and the new ones up to itself
+            return cls(False, None, 0.0, causal_mask(T, S, past, device), False)
+        return cls(False, None, 0.0, None, False)  # one new query at the end sees every cached key: no mask
 
 
 def fused_attention(q, k, v, **kwargs):
@@ -336,9 +362,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None):
+    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None):
         """record, a list, collects (x, the heads' context vectors) for GPT.forward_from."""
-        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights)  # (B, nh, T, hs)
+        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks)  # (B, nh, T, hs)
         if record is not None:
             record.append((x, y))
         return self.finish(x, y, layer, heads), weights
@@ -469,8 +495,9 @@ class GPT(nn.Module):
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
             else None
         x = self.transformer.h[layer].finish(x, y, layer, heads)
+        masks = self.transformer.h[0].attn.masks(x.size(1), 0, x.device, False)  # every layer's
         for i in range(layer + 1, self.config.n_layer):
-            x, _ = self.transformer.h[i](x, rope, None, i, False, heads)
+            x, _ = self.transformer.h[i](x, rope, None, i, False, heads, masks=masks)
         return self.head(self.transformer.ln_f(x))
 
     def residual_streams(self, idx) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -500,9 +527,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
         # rope's angles depend on positions only: computed once here, not in every layer
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
+        masks = self.transformer.h[0].attn.masks(T, past, idx.device, need_weights)  # the same in every layer
         weights = []
         for layer, block in enumerate(self.transformer.h):
-            x, w = block(x, rope, cache, layer, need_weights, heads, record)
+            x, w = block(x, rope, cache, layer, need_weights, heads, record, masks)
             weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)
         if cache is not None:
             cache.length += T
