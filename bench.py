@@ -1,5 +1,5 @@
 """
-Benchmarks whose figures the README quotes, each the median of several timed runs after a warm-up.
+Benchmarks whose figures README.md and docs/ quote, each the median of several timed runs after a warm-up.
 
     python bench.py --what=attention_dump                       # a 256-token dump, CPU preset model
     python bench.py --what=attention_dump --tokens=64 --json

@@ -71,7 +71,7 @@ class GPT2Tokenizer:
         except Exception as e:  # tiktoken downloads the ranks on first use; offline that fails
             raise GlimpseError(
                 f"could not load GPT-2's BPE ranks through tiktoken ({type(e).__name__}); offline, copy "
-                "a local r50k_base.tiktoken into $TIKTOKEN_CACHE_DIR as the README's Data section shows"
+                "a local r50k_base.tiktoken into $TIKTOKEN_CACHE_DIR as docs/corpora.md shows"
             ) from None
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token

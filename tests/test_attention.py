@@ -207,7 +207,7 @@ def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):
     scores[..., np.triu(np.ones((T, T), dtype=bool), 1)] = -np.inf
     attn = torch.softmax(torch.tensor(scores), -1).numpy().astype(np.float16)  # (L, H, T, T)
     write_dump(tmp_path, attn, list(range(T)), [chr(97 + i) for i in range(T)], 4, {"k": 1}, pictures=False)
-    # the recipe README.md gives, in numpy alone
+    # the recipe docs/attention.md gives, in numpy alone
     z = np.load(tmp_path / "attention.npz")
     bits = z["layer_2_high"].astype(np.uint16) << 8 | z["layer_2_low"]  # (n_head, T(T+1)/2)
     rows, cols = np.tril_indices(T)
