@@ -61,7 +61,7 @@ from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import sample_next
-from glimpse.runtime import Distributed, autocast, resolve_device, resolve_dtype, synchronize
+from glimpse.runtime import Distributed, resolve_device, runtime, synchronize
 from model import GPT, GPTConfig
 from train import TrainConfig, setup, train_step
 
@@ -297,9 +297,8 @@ def bench_gpt2(cfg: BenchConfig) -> dict:
 def bench_head_importance(cfg: BenchConfig) -> dict:
     """Every head removed alone (eval.py --head_importance) beside one intact scoring of the same windows."""
     train_cfg, model = preset_model(cfg.presets[0], cfg)
-    device = resolve_device(train_cfg.device)
+    device, _, ctx = runtime(train_cfg.device, train_cfg.dtype)
     model.to(device).eval()
-    ctx = autocast(device, resolve_dtype(train_cfg.dtype, device))
     tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
     inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
     scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)

@@ -202,8 +202,7 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
     record = {"iter": state["iter_num"] or 0, **result}
     Tracker(out_dir / "metrics.jsonl", append=True).log(record)
     if cfg.wandb_log:
-        tracker = Tracker(None, wandb_log=True, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
-                          resume_run_id=state.get("wandb_run_id"), job_type="eval")
+        tracker = Tracker.for_checkpoint(state, "eval")
         tracker.run.log({f"hellaswag/{k.removeprefix('hellaswag_')}": v for k, v in result.items()})
         tracker.close()
     return {**record, "metrics": str(out_dir / "metrics.jsonl")}
@@ -225,8 +224,7 @@ def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: 
 def log_importance_to_wandb(state: dict, out_dir: Path, losses: torch.Tensor, intact: float):
     import wandb
 
-    tracker = Tracker(None, wandb_log=True, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
-                      resume_run_id=state.get("wandb_run_id"), job_type="eval")
+    tracker = Tracker.for_checkpoint(state, "eval")
     rows = [[layer, head, loss, loss - intact] for layer, row in enumerate(losses.tolist())
             for head, loss in enumerate(row)]
     tracker.run.log({"head_importance/table": wandb.Table(columns=["layer", "head", "loss", "loss_increase"],
@@ -273,8 +271,7 @@ def write_results(out_dir: Path, rows: list[dict], title: str):
 def log_to_wandb(state: dict, rows: list[dict]):
     import wandb
 
-    tracker = Tracker(None, wandb_log=True, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
-                      resume_run_id=state.get("wandb_run_id"), job_type="eval")
+    tracker = Tracker.for_checkpoint(state, "eval")
     table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
     sliding = wandb.Table(columns=["multiple", "val_loss"],
                           data=[[r["multiple"], r["val_loss"]] for r in rows if r["mode"] == "sliding"])

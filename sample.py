@@ -124,9 +124,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     if cfg.probe == "induction" and model.config.block_size < 4:
         raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
                            "is too short for it")
-    project = state["train_config"].get("wandb_project", "glimpse")
-    tracker = Tracker(None, wandb_log=cfg.wandb_log, wandb_project=project, resume_run_id=state.get("wandb_run_id"),
-                      job_type="sample")
+    tracker = Tracker.for_checkpoint(state, "sample", wandb_log=cfg.wandb_log)
     samples, sample_heads = [], []  # the text and the head metrics of each sample
     for i in range(cfg.num_samples):
         # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally

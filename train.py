@@ -51,7 +51,7 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import config_values, nested, option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.evaluation import estimate_loss, length_loss
+from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.gpt2 import load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.runtime import (
@@ -59,15 +59,12 @@ from glimpse.runtime import (
     Distributed,
     Dtype,
     StopRequest,
-    allow_tf32,
-    autocast,
     close_distributed,
     device_option,
     dtype_option,
     init_distributed,
     peak_flops,
-    resolve_device,
-    resolve_dtype,
+    runtime,
     synchronize,
     to_device,
 )
@@ -233,9 +230,7 @@ class Run:
 def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     """Everything a run needs before its first step: device, data, model, optimizer, tracker, and the
     checkpoint's state when resuming."""
-    device = resolve_device(cfg.device, ddp.local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
-    allow_tf32(device, dtype)
+    device, dtype, ctx = runtime(cfg.device, cfg.dtype, ddp.local_rank)
     if cfg.gradient_accumulation_steps % ddp.world_size:
         raise GlimpseError(
             f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
@@ -298,7 +293,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         resume_run_id=state.get("wandb_run_id") if state else None,
         keep_through_iter=state["iter_num"] if state else None,
     )
-    run = Run(cfg, ddp, device, dtype, autocast(device, dtype), data, model, compiled, ddp_model,
+    run = Run(cfg, ddp, device, dtype, ctx, data, model, compiled, ddp_model,
               optimizer=configure_optimizer(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
               batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
@@ -350,6 +345,12 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     return total
 
 
+def blown_up(what: str, step: int) -> GlimpseError:
+    """The error that stops a run whose loss or weights stopped being finite."""
+    return GlimpseError(f"{what} at step {step}; the last good checkpoint is kept. Try a lower learning_rate, or "
+                        "dtype=float32")
+
+
 def throughput(run: Run) -> dict:
     """Model FLOPs utilisation at the last measured speed, {'mfu': share of the devices' combined peak}, or {}
     where the peak is not known."""
@@ -379,8 +380,7 @@ class StepLog:
             record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
         run.tracker.log(record)
         if not math.isfinite(train_loss):
-            raise GlimpseError(f"the training loss became {train_loss} at step {run.iter_num}; the last good "
-                               "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+            raise blown_up(f"the training loss became {train_loss}", run.iter_num)
         self.loss_sum.zero_()
         self.steps, self.since = 0, time.time()
         shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
@@ -396,8 +396,7 @@ def evaluate(run: Run) -> dict:
     run.tracker.log(run.last_eval)
     run.say(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if not math.isfinite(losses["val"]):
-        raise GlimpseError(f"the validation loss became {losses['val']} at step {run.iter_num}; the last good "
-                           "checkpoint is kept. Try a lower learning_rate, or dtype=float32")
+        raise blown_up(f"the validation loss became {losses['val']}", run.iter_num)
     return run.last_eval
 
 
@@ -461,8 +460,7 @@ def save(run: Run, best: bool = False):
     """
     finite = all(torch.isfinite(p).all() for p in run.model.parameters())
     if run.ddp.any(not finite):
-        raise GlimpseError(f"the weights are no longer finite at step {run.iter_num}; the last good checkpoint "
-                           "is kept. Try a lower learning_rate, or dtype=float32")
+        raise blown_up("the weights are no longer finite", run.iter_num)
     path = best_path(run.cfg.out_dir) if best else checkpoint_path(run.cfg.out_dir)
     state = run.weights_dict() if best else run.state_dict()
 
@@ -477,12 +475,12 @@ def save(run: Run, best: bool = False):
 
 def final_eval(run: Run) -> dict:
     """Score the whole validation split in block_size windows, each process its share; log and return it."""
-    run.model.eval()
     val, block_size = run.data.tokens("val"), run.cfg.model.block_size
     # no gradients to keep, so bigger batches than training's (up to 4,096 tokens) run faster
     eval_batch = max(run.cfg.batch_size, 4096 // block_size)
-    loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
-                               run.device, run.ctx, ddp=run.ddp)
+    with evaluating(run.model):
+        loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
+                                   run.device, run.ctx, ddp=run.ddp)
     final = {"iter": run.iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
              "final_val_tokens": scored}
     run.tracker.log(final)

@@ -91,6 +91,11 @@ class TokenData:
         window = np.empty((len(starts), block_size + 1), dtype=np.int64)  # (N, T + 1)
         for shard in np.unique(shard_of):
             rows = np.flatnonzero(shard_of == shard)
-            window[rows] = self.splits[split][shard][offsets[rows, None] + np.arange(block_size + 1)]
+            window[rows] = gather_windows(self.splits[split][shard], offsets[rows], block_size + 1)
         window = torch.from_numpy(window)
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """tokens[s : s + length] for each start s: (len(starts), length) int64."""
+    return tokens[starts[:, None] + np.arange(length)].astype(np.int64)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data.prepare import download
 from glimpse.errors import GlimpseError, read_utf8
+from glimpse.evaluation import evaluating
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -105,23 +106,21 @@ def evaluate(model, examples: list[Example], tokenizer, block_size: int, device,
              show_progress: bool = True) -> dict:
     """acc, acc_norm and the examples scored; under DDP each process scores every world_size-th example
     and the counts are added up."""
-    was_training = model.training
-    model.eval()
     mine = examples if ddp is None else examples[ddp.rank::ddp.world_size]
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # (correct, correct_norm, scored, skipped)
-    for example in tqdm(mine, desc="hellaswag", unit="example", disable=not show_progress or None, leave=False):
-        built = rows(example, tokenizer, block_size)
-        if built is None:
-            counts[3] += 1
-            continue
-        tokens, mask = (t.to(device) for t in built)
-        summed, mean = ending_losses(model, tokens, mask, ctx)
-        counts[0] += int(summed.argmin()) == example.label
-        counts[1] += int(mean.argmin()) == example.label
-        counts[2] += 1
+    with evaluating(model):
+        for example in tqdm(mine, desc="hellaswag", unit="example", disable=not show_progress or None, leave=False):
+            built = rows(example, tokenizer, block_size)
+            if built is None:
+                counts[3] += 1
+                continue
+            tokens, mask = (t.to(device) for t in built)
+            summed, mean = ending_losses(model, tokens, mask, ctx)
+            counts[0] += int(summed.argmin()) == example.label
+            counts[1] += int(mean.argmin()) == example.label
+            counts[2] += 1
     if ddp is not None:
         counts = ddp.sum(counts)
-    model.train(was_training)
     correct, correct_norm, scored, skipped = counts.tolist()
     if not scored:
         raise GlimpseError(f"the model's tokenizer could read none of the {len(examples):,} HellaSwag examples; "

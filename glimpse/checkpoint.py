@@ -31,7 +31,7 @@ import torch
 from glimpse.config import option
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import load_pretrained, pretrained_state
-from glimpse.runtime import allow_tf32, resolve_device, resolve_dtype
+from glimpse.runtime import runtime
 from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -126,9 +126,7 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     file it read ("sampling from out/best.pt (step 5000, val loss 1.4712)"). init_from, when given, is a
     pretrained GPT-2 instead (a name such as gpt2, or a Hugging Face folder): see glimpse/gpt2.py.
     """
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
-    allow_tf32(device, dtype)
+    device, dtype, _ = runtime(device_name, dtype_name)
     if init_from:
         model = load_pretrained(init_from, device)
         print(f"{doing} {init_from} ({model.num_params(non_embedding=False) / 1e6:.0f}M parameters)",

@@ -10,11 +10,13 @@ the whole split in windows of a given length (eval.py, and train.py's final scor
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.dataset import gather_windows
 from glimpse.errors import GlimpseError
 
 MODES = ("windows", "sliding")
@@ -31,7 +33,7 @@ def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np
 def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping windows over the start of tokens, about max_tokens in all: inputs, targets (N, L) each."""
     starts = window_starts(len(tokens), length, length, math.ceil(max_tokens / length))
-    window = torch.from_numpy(tokens[starts[:, None] + np.arange(length + 1)].astype(np.int64)).to(device)
+    window = torch.from_numpy(gather_windows(tokens, starts, length + 1)).to(device)
     return window[:, :-1], window[:, 1:]  # (N, L) each
 
 
@@ -50,8 +52,7 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
         starts = starts[ddp.rank::ddp.world_size]  # this process's share
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)
     for i in range(0, len(starts), batch_size):
-        offsets = starts[i:i + batch_size, None] + np.arange(length + 1)  # (b, L + 1)
-        window = torch.from_numpy(tokens[offsets].astype(np.int64)).to(device)  # (b, L + 1)
+        window = torch.from_numpy(gather_windows(tokens, starts[i:i + batch_size], length + 1)).to(device)  # (b, L + 1)
         with ctx:
             logits, _ = model(window[:, :-1])  # (b, L, V)
         losses = F.cross_entropy(logits[:, scored_from:].float().transpose(1, 2), window[:, scored_from + 1:],
@@ -71,18 +72,33 @@ def estimate_loss(model, data, cfg, device, ctx, ddp) -> dict[str, float]:
     Fixed batches make successive evals comparable: a change in the number is the model's, not the
     sample's. Under DDP the batches are shared out between processes and the losses averaged.
     """
-    model.eval()
     out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.model.block_size, gen)
-        total = torch.zeros((), device=device)
-        mine = range(ddp.rank, cfg.eval_iters, ddp.world_size)
-        for i in mine:
-            x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.model.block_size)
-            with ctx:
-                _, loss = model(x.to(device), y.to(device))
-            total += loss.float()
-        out[split] = (ddp.sum(total) / cfg.eval_iters).item()
-    model.train()
+    with evaluating(model):
+        for split in ("train", "val"):
+            out[split] = split_estimate(model, data, split, cfg, device, ctx, ddp)
     return out
+
+
+@torch.no_grad()
+def split_estimate(model, data, split: str, cfg, device, ctx, ddp) -> float:
+    """The mean loss on one split's cfg.eval_iters fixed batches, each process its share."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.model.block_size, gen)
+    total = torch.zeros((), device=device)
+    for i in range(ddp.rank, cfg.eval_iters, ddp.world_size):
+        x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.model.block_size)
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    return (ddp.sum(total) / cfg.eval_iters).item()
+
+
+@contextmanager
+def evaluating(model):
+    """model in eval mode inside the block, and back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -80,6 +80,14 @@ def allow_tf32(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def runtime(device_name: str, dtype_name: str, local_rank: int = 0):
+    """(device, dtype, autocast context) for --device and --dtype: what every script that runs a model sets up."""
+    device = resolve_device(device_name, local_rank)
+    dtype = resolve_dtype(dtype_name, device)
+    allow_tf32(device, dtype)
+    return device, dtype, autocast(device, dtype)
+
+
 def synchronize(device: torch.device):
     """Wait until the device has finished the work queued on it (a no-op on the CPU)."""
     if device.type == "cuda":

@@ -60,6 +60,12 @@ class Tracker:
                 job_type=job_type,
             )
 
+    @classmethod
+    def for_checkpoint(cls, state: dict, job_type: str, wandb_log: bool = True) -> Tracker:
+        """wandb only, in the run that trained the checkpoint state (a new run in its project when it has none)."""
+        return cls(None, wandb_log=wandb_log, wandb_project=state["train_config"].get("wandb_project", "glimpse"),
+                   resume_run_id=state.get("wandb_run_id"), job_type=job_type)
+
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
