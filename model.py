@@ -272,13 +272,8 @@ class Masks(NamedTuple):
 
 
 def fused_attention(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention, in float32 when a CPU runs under bfloat16 autocast.
-
-    In a torch.profiler trace of a CPU training step, the bfloat16 attention kernel took several times
-    the float32 one's time, backward above all, and cancelled what the bfloat16 matrix multiplies around
-    it gained. So the projections take bfloat16 and attention float32; the end-to-end effect:
-    python bench.py --what=train_step --preset=P,P:dtype=bfloat16, for a preset P.
-    """
+    """F.scaled_dot_product_attention, in float32 under CPU bfloat16 autocast: PyTorch's CPU attention kernel
+    is slower in bfloat16 than in float32 (docs/performance.md, "A training step")."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
@@ -332,16 +327,16 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with its gain cast to the input's dtype: under bfloat16 autocast, a float32 gain on
-    bfloat16 queries and keys would send them down a slower, unfused kernel."""
+    """nn.RMSNorm with its gain in the input's dtype: a float32 gain on bfloat16 input takes a slower, unfused
+    kernel."""
 
     def forward(self, x):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def make_dropout(p: float) -> nn.Module:
-    """nn.Dropout(p), or an Identity at p = 0: generating a token calls every module once, and a Dropout
-    that does nothing still checks its arguments on every call; an Identity only returns its input."""
+    """nn.Dropout(p), or at p = 0 an Identity, which costs nothing per call where a Dropout still checks its
+    arguments (generation is per-call overhead on a CPU)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
