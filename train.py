@@ -14,7 +14,8 @@ per eval), out_dir/ckpt.pt (where training stands: what --init_from=resume conti
 out_dir/best.pt (the weights with the lowest validation loss, which sample.py and eval.py read).
 """
 
-# Reading order: train and loop -> Run and setup (what a run holds, and what its checkpoint holds) ->
+# Reading order: train and loop -> Run and setup (what a run holds, and what its checkpoint holds; setup_data and
+# build_model) ->
 # the loop's steps: train_step, StepLog, evaluate, snapshot_attention, save, final_eval -> TimeBudget ->
 # TrainConfig (the keys).
 
@@ -244,44 +245,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
 
-    # data: the first process of each machine prepares a built-in dataset while the others wait
-    if ddp.local_rank == 0:
-        ensure_dataset(cfg.dataset, cfg.data_dir)
-    ddp.barrier()
-    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
-    data.check_block_size(cfg.model.block_size)
-    examples = None
-    if cfg.hellaswag_interval:  # downloaded by one process per machine, like the data
-        if ddp.local_rank == 0:
-            hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
-        ddp.barrier()
-        examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
-        examples = hellaswag.first(examples, cfg.hellaswag_examples)
-
+    data, examples = setup_data(cfg, ddp)
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
-    if pretrained and data.tokenizer_spec["kind"] != "gpt2":
-        raise GlimpseError(f"--init_from={pretrained} reads GPT-2's BPE tokens, but dataset {cfg.dataset} is "
-                           f"tokenized by {data.tokenizer_spec['kind']}: finetune on a GPT-2 BPE dataset, such as "
-                           "--dataset=shakespeare")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    if pretrained:
-        model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
-        for p in model.parameters():  # training rewrites every weight: own them, in the layout DDP's buckets expect
-            p.data = p.data.contiguous()
-        cfg = replace(cfg, model=replace(model.config))  # the run's config says what it trains: GPT-2's shape
-    else:
-        model_config = cfg.model_config(data.vocab_size)
-        if state is not None:
-            pretrained = state.get("pretrained")  # a finetuning run resumes with its pretrained model's shape
-            if pretrained is not None:
-                model_config = replace(GPTConfig(**state["model_config"]), block_size=cfg.model.block_size,
-                                       dropout=cfg.model.dropout)
-                cfg = replace(cfg, model=model_config)
-            check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
-        model = GPT(model_config)
-    if model.config.vocab_size < data.vocab_size:
-        raise GlimpseError(f"dataset {cfg.dataset} has {data.vocab_size} tokens, more than the model's "
-                           f"{model.config.vocab_size}: finetune on a dataset of its tokenizer")
+    cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
     compiled = torch.compile(model) if cfg.compile else model
     ddp_model = compiled
@@ -310,6 +276,52 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
     return run
+
+
+def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:
+    """The dataset, and the HellaSwag examples when they are scored: the first process of each machine
+    prepares or downloads them while the others wait."""
+    if ddp.local_rank == 0:
+        ensure_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.hellaswag_interval:
+            hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
+    ddp.barrier()
+    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
+    data.check_block_size(cfg.model.block_size)
+    examples = None
+    if cfg.hellaswag_interval:
+        examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
+        examples = hellaswag.first(examples, cfg.hellaswag_examples)
+    return data, examples
+
+
+def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):
+    """(the config as the run trains it, the model on the CPU, the pretrained model it started from or None):
+    a new GPT of the model keys, pretrained GPT-2's shape and weights, or a checkpoint's shape to resume."""
+    if pretrained and data.tokenizer_spec["kind"] != "gpt2":
+        raise GlimpseError(f"--init_from={pretrained} reads GPT-2's BPE tokens, but dataset {cfg.dataset} is "
+                           f"tokenized by {data.tokenizer_spec['kind']}: finetune on a GPT-2 BPE dataset, such as "
+                           "--dataset=shakespeare")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    if pretrained:
+        model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
+        for p in model.parameters():  # training rewrites every weight: own them, in the layout DDP's buckets expect
+            p.data = p.data.contiguous()
+        cfg = replace(cfg, model=replace(model.config))  # the run's config says what it trains: GPT-2's shape
+    else:
+        model_config = cfg.model_config(data.vocab_size)
+        if state is not None:
+            pretrained = state.get("pretrained")  # a finetuning run resumes with its pretrained model's shape
+            if pretrained is not None:
+                model_config = replace(GPTConfig(**state["model_config"]), block_size=cfg.model.block_size,
+                                       dropout=cfg.model.dropout)
+                cfg = replace(cfg, model=model_config)
+            check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
+        model = GPT(model_config)
+    if model.config.vocab_size < data.vocab_size:
+        raise GlimpseError(f"dataset {cfg.dataset} has {data.vocab_size} tokens, more than the model's "
+                           f"{model.config.vocab_size}: finetune on a dataset of its tokenizer")
+    return cfg, model, pretrained
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
