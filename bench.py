@@ -102,6 +102,8 @@ class BenchConfig:
         if missing:
             raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
         _ = self.shard_counts  # a malformed list fails here, before anything is built
+        if self.corpus_mb < 1:
+            raise ValueError(f"corpus_mb must be at least 1, got {self.corpus_mb}")
 
     @property
     def presets(self) -> list[str]:

@@ -60,8 +60,8 @@ BUILTIN = {  # name -> (tokenizer, where its text comes from)
     "openwebtext": ("gpt2", Hub("Skylion007/openwebtext")),
     "fineweb_edu": ("gpt2", Hub("HuggingFaceFW/fineweb-edu", "sample-10BT")),  # its 10B-token sample
 }
-VAL_FRACTION = 0.1  # of the documents held out for validation, by default
-HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation documents, when neither is chosen
+VAL_FRACTION = 0.1  # of the documents held out for validation, when neither --val_tokens nor --val_fraction is given
+HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation tokens then
 CHUNK_CHARS = 1 << 20  # a task for a worker: documents (or pieces of a long one) of about 1M characters
 
 
@@ -77,10 +77,10 @@ class PrepareConfig:
     text_column: str = option("text", "the JSON field or parquet column that holds each document's text")
     separator: str = option("\n\n", "char-level: the text put between documents (GPT-2 BPE puts <|endoftext|>)")
     shard_tokens: int = option(100_000_000, "tokens per shard file")
-    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them; "
-                                "the streamed built-ins, whose tenth would be a billion tokens, hold out 10M "
-                                "unless --val_fraction is given)")
-    val_fraction: float = option(VAL_FRACTION, "validation: one document in every 1 / this, when --val_tokens is 0")
+    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them)")
+    val_fraction: float = option(0.0, "validation: one document in every 1 / this, when --val_tokens is 0 (0: a "
+                                      "tenth; the streamed built-ins, whose tenth would be a billion tokens, hold "
+                                      "out their first 10M tokens instead)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
     skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON or lack the text field")
 
@@ -94,8 +94,8 @@ class PrepareConfig:
             )
         if self.shard_tokens < 1:
             raise ValueError(f"shard_tokens must be at least 1, got {self.shard_tokens}")
-        if self.val_tokens < 0 or not 0 < self.val_fraction < 1:
-            raise ValueError("val_tokens must be >= 0 and val_fraction between 0 and 1 (exclusive)")
+        if self.val_tokens < 0 or not 0 <= self.val_fraction < 1:
+            raise ValueError("val_tokens must be >= 0 and val_fraction at least 0 (0: the default) and below 1")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
@@ -108,9 +108,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"
     source = cfg.input or BUILTIN[cfg.dataset][1]
     if isinstance(source, Hub):
-        docs, total = lambda: hub_documents(source.path, source.name, cfg.text_column, source.data_files), None
-        if not cfg.val_tokens and cfg.val_fraction == VAL_FRACTION:  # neither chosen: a tenth would be too many
-            cfg = replace(cfg, val_tokens=HUB_VAL_TOKENS)
+        docs, total, files = lambda: hub_documents(source.path, source.name, cfg.text_column, source.data_files), \
+            None, None
     else:
         if not cfg.input:
             source = str(out / "input.txt")
@@ -119,6 +118,9 @@ def prepare(cfg: PrepareConfig) -> Path:
                          f"data/prepare.py --dataset={cfg.dataset} --input=PATH/TO/input.txt")
         files = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
         docs, total = files.__iter__, files.total_bytes
+    if not cfg.val_tokens and not cfg.val_fraction:  # neither chosen
+        streamed = isinstance(source, Hub)
+        cfg = replace(cfg, val_tokens=HUB_VAL_TOKENS) if streamed else replace(cfg, val_fraction=VAL_FRACTION)
     if kind == "char":
         chars, n_docs = set(), 0
         for text, _ in tqdm(docs(), desc="reading the characters", unit="doc", disable=None):
@@ -130,7 +132,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     settings = {"source": str(source), "tokenizer": tokenizer.spec, **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     write_shards(out, tokenizer, docs, total, cfg, settings)
-    if bad_lines := getattr(files, "bad_lines", 0) if not isinstance(source, Hub) else 0:
+    if bad_lines := files.bad_lines if files else 0:
         print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)
     return out
 
@@ -194,13 +196,15 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {cfg.dataset}", disable=None)
     start = time.perf_counter()
     items = skipped(pieces(docs()), progress.items, bar)
+    saved_shards = progress.shards_kept()
     for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers):
         for (starts_doc, size), ids in zip(infos, encoded):
             router.add(ids, starts_doc)
             progress.items += 1
             bar.update(size)
-            if any(w.wrote for w in progress.writers.values()):
-                progress.save(router.docs)  # a shard is finished: a rerun starts after this piece
+            if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
+                progress.save(router.docs)
+                saved_shards = progress.shards_kept()
         tokens = sum(w.count for w in progress.writers.values())
         bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
                             f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")

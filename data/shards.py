@@ -31,7 +31,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """One split's tokens, written as shards of `size` tokens; `wrote` says a shard was finished since asked.
+    """One split's tokens, written as shards of `size` tokens.
 
     Tokens go straight to the open shard's file (SPLIT_NNNNNN.bin.partial), which is renamed when it
     holds `size` tokens: memory holds no shard, whatever its size. A resumed writer cuts its partial
@@ -41,7 +41,7 @@ class ShardWriter:
     def __init__(self, folder: Path, split: str, size: int, dtype: np.dtype, shards=(), partial: int = 0):
         self.folder, self.split, self.size, self.dtype = folder, split, size, dtype
         self.shards = list(shards)  # [{"file": ..., "tokens": ...}]
-        self.filled, self.file, self._wrote = partial, None, False
+        self.filled, self.file = partial, None
         if partial:
             self.file = open(self.partial_path(), "r+b", buffering=WRITE_BUFFER)
             if self.file.seek(0, os.SEEK_END) < partial * dtype.itemsize:
@@ -55,11 +55,6 @@ class ShardWriter:
     @property
     def count(self) -> int:
         return sum(s["tokens"] for s in self.shards) + self.filled
-
-    @property
-    def wrote(self) -> bool:
-        wrote, self._wrote = self._wrote, False
-        return wrote
 
     def append(self, ids: np.ndarray):
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
@@ -80,7 +75,7 @@ class ShardWriter:
             name = f"{self.split}_{len(self.shards):06d}.bin"
             os.replace(self.partial_path(), self.folder / name)
             self.shards.append({"file": name, "tokens": self.filled})
-            self.filled, self.file, self._wrote = 0, None, True
+            self.filled, self.file = 0, None
 
     def sync(self):
         """Put the open shard's tokens on disk, so that a saved progress can count on them."""
@@ -191,7 +186,8 @@ def publish(out: Path, staging: Path, writers: dict[str, ShardWriter], meta: dic
     write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8"))
     shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in "
-          f"{sum(len(w.shards) for w in writers.values())} shards, {meta['documents']:,} documents, "
+          f"{sum(len(w.shards) for w in writers.values())} shards, {meta['documents']:,} "
+          f"document{'s' if meta['documents'] != 1 else ''}, "
           f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']['kind']})", file=sys.stderr)
 
 

@@ -98,3 +98,5 @@ def test_train_step_is_timed_on_one_file_beside_shards():
     assert one["preset"] == four["preset"] == RECIPE and four["tokens_per_sec"] > 0
     bad = python("bench.py", "--what=train_step", "--shards=1,0")
     assert bad.returncode == 2 and "shards must be positive" in bad.stderr
+    empty = python("bench.py", "--what=prepare", "--corpus_mb=0")
+    assert empty.returncode == 2 and "corpus_mb must be at least 1" in empty.stderr

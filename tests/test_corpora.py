@@ -164,6 +164,8 @@ def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
     assert split(folder, "train").tolist() == joined(enc, docs[held:])
     fraction = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path / "f"), val_fraction=0.2))
     assert split(fraction, "val").tolist() == joined(enc, docs[::5])  # a fraction asked for is what is held out
+    tenth = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path / "t"), val_fraction=0.1))
+    assert split(tenth, "val").tolist() == joined(enc, docs[::10])  # even when it is the local files' default
 
 
 def sharded_dataset(tmp_path, shard_tokens=4000):
