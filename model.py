@@ -104,6 +104,18 @@ class GPTConfig:
         0.0, "squash the logits smoothly into (-cap, cap): cap * tanh(logits / cap), as modded-nanogpt does, so "
         "that no logit grows without bound (0: no cap, as GPT-2)"
     )
+    value_embeds: int = option(
+        0, "the first this many blocks add a token embedding of their own to their attention's values, as "
+        "modded-nanogpt's value embeddings do: each token's identity reaches those values directly (0: none)"
+    )
+    unet: bool = option(
+        False, "U-net skips: for i < n_layer // 2, block n_layer - 1 - i takes in a learned share of block i's "
+        "output, a short path from early blocks to late ones (modded-nanogpt)"
+    )
+    smear: bool = option(
+        False, "add to each token's embedding a learned, gated share of the previous token's (modded-nanogpt's "
+        "smear): a look one token back before any attention"
+    )
 
     def __post_init__(self):
         for name, kind in (("attn_score", AttnScore), ("pos_encoding", PosEncoding), ("norm", Norm),
@@ -121,6 +133,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.value_embeds <= self.n_layer:
+            raise ValueError(f"value_embeds must be between 0 and n_layer ({self.n_layer}), got {self.value_embeds}")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be 0 (no cap) or positive, got {self.logit_softcap}")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
@@ -186,12 +200,16 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                masks: Masks | None = None):
-        """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None)."""
+                masks: Masks | None = None, ve: torch.Tensor | None = None):
+        """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None).
+
+        ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its value."""
         B, T, C = x.size()
         if masks is None:
             masks = self.masks(T, cache.length if cache is not None else 0, x.device, need_weights)
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+        if ve is not None:
+            v = v + ve  # (B, T, C)
         # split the channels into heads: each head attends with its own slice
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -357,9 +375,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None):
+    def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None,
+                ve=None):
         """record, a list, collects (x, the heads' context vectors) for GPT.forward_from."""
-        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks)  # (B, nh, T, hs)
+        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks, ve)  # (B, nh, T, hs)
         if record is not None:
             record.append((x, y))
         return self.finish(x, y, layer, heads), weights
@@ -377,6 +396,11 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
         if config.pos_encoding == "learned":  # one learned vector per position, up to block_size
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeds:  # one table per block that takes them, looked up like wte
+            modules["ve"] = nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                          for _ in range(config.value_embeds))
+        if config.smear:  # the gate reads the token's own embedding; smear_scale starts it at nothing
+            modules["smear_gate"] = nn.Linear(config.n_embd, 1, bias=False)
         modules.update(
             drop=make_dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -384,6 +408,10 @@ class GPT(nn.Module):
         )
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.smear:
+            self.smear_scale = nn.Parameter(torch.zeros(1))
+        if config.unet:  # one weight per skip, starting as a plain sum of the two streams
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         if config.tie_embeddings:
             # weight tying: reading a token in and writing it out share one matrix (fewer parameters,
             # and GPT-2 was trained this way)
@@ -431,6 +459,8 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         if non_embedding and not self.config.tie_embeddings:
             n -= self.transformer.wte.weight.numel()
+        if non_embedding and "ve" in self.transformer:
+            n -= sum(p.numel() for p in self.transformer.ve.parameters())
         return n
 
     def flops_per_token(self) -> int:
@@ -485,7 +515,11 @@ class GPT(nn.Module):
     def forward_from(self, layer: int, x, y, heads: HeadEdit | None = None):
         """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
         heads' context vectors y (B, nh, T, hs), as residual_streams records them: nothing before those
-        is computed again, which is all that removing heads of that layer changes."""
+        is computed again, which is all that removing heads of that layer changes. Not for models with
+        value_embeds or unet, whose later blocks need more than x."""
+        if self.config.value_embeds or self.config.unet:
+            raise ValueError("forward_from needs value_embeds = 0 and unet = false: later blocks of this model "
+                             "read the tokens or earlier blocks' outputs too")
         pos = torch.arange(x.size(1), device=x.device)  # (T,)
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
             else None
@@ -515,6 +549,8 @@ class GPT(nn.Module):
             )
         pos = torch.arange(past, past + T, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.smear:
+            x = self.smear(x, cache)
         if encoding == "learned":
             x = x + self.transformer.wpe(pos)
         elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
@@ -523,13 +559,32 @@ class GPT(nn.Module):
         # rope's angles depend on positions only: computed once here, not in every layer
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
         masks = self.transformer.h[0].attn.masks(T, past, idx.device, need_weights)  # the same in every layer
-        weights = []
+        ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []  # (B, T, C) each
+        n_layer, n_skips = self.config.n_layer, self.config.n_layer // 2 if self.config.unet else 0
+        weights, skips = [], []
         for layer, block in enumerate(self.transformer.h):
-            x, w = block(x, rope, cache, layer, need_weights, heads, record, masks)
+            if layer >= n_layer - n_skips:  # the late half takes in the early half's outputs, innermost first
+                x = x + self.skip_weights[n_layer - 1 - layer] * skips.pop()
+            x, w = block(x, rope, cache, layer, need_weights, heads, record, masks,
+                         ves[layer] if layer < len(ves) else None)
+            if layer < n_skips:
+                skips.append(x)
             weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x), weights  # (B, T, C)
+
+    def smear(self, x, cache: KVCache | None):
+        """Token embeddings x (B, T, C) -> each plus a gated share of the one before it. Under the KV cache
+        the one before the first new token is the cache's last_embedding (none at the window's start)."""
+        before = cache.last_embedding if cache is not None and cache.length else None
+        if before is None:
+            before = torch.zeros_like(x[:, :1])  # (B, 1, C): the first token has nothing before it
+        previous = torch.cat((before, x[:, :-1]), dim=1)  # (B, T, C)
+        if cache is not None:
+            cache.last_embedding = x[:, -1:]
+        gate = torch.sigmoid(self.transformer.smear_gate(x))  # (B, T, 1): how much of it each token takes
+        return x + self.smear_scale * gate * previous
 
     @torch.inference_mode()  # like no_grad, and cheaper per op: generation is overhead-bound on a CPU
     def generate(

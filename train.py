@@ -54,7 +54,7 @@ from glimpse.config import config_values, nested, option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.gpt2 import load_pretrained, pretrained_folder
-from glimpse.optim import configure_optimizer, get_lr, set_lr
+from glimpse.optim import configure_optimizer, get_lr, ramp, set_lr
 from glimpse.runtime import (
     Device,
     Distributed,
@@ -117,6 +117,7 @@ def loop(run: Run) -> dict:
                 break
 
             t_step = time.perf_counter()
+            log.tokens += math.prod(run.step_shape(run.iter_num)) * cfg.gradient_accumulation_steps
             log.loss_sum += train_step(run, lr)
             if cfg.max_time:
                 synchronize(run.device)  # the budget counts the step's work, not the time to queue it
@@ -190,6 +191,11 @@ class Run:
     @property
     def tokens_per_iter(self) -> int:
         return self.cfg.batch_size * self.cfg.model.block_size * self.cfg.gradient_accumulation_steps
+
+    def step_shape(self, it: int) -> tuple[int, int]:
+        """(sequences per micro-step, tokens per sequence) at step it: full size, or on their ramps."""
+        return (ramp(it, self.cfg.batch_size, self.cfg.batch_warmup_iters),
+                ramp(it, self.cfg.model.block_size, self.cfg.seq_warmup_iters))
 
     def say(self, text: str):
         if self.ddp.is_main:
@@ -333,10 +339,9 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     cfg, ddp = run.cfg, run.ddp
     set_lr(run.optimizer, lr, cfg)
     run.step_lr = lr
-    block_size = cfg.model.block_size
-    starts = run.data.random_starts("train", cfg.gradient_accumulation_steps * cfg.batch_size, block_size,
-                                    run.batch_gen)
-    mine = starts.view(cfg.gradient_accumulation_steps, cfg.batch_size)[ddp.rank::ddp.world_size]
+    batch_size, block_size = run.step_shape(run.iter_num)
+    starts = run.data.random_starts("train", cfg.gradient_accumulation_steps * batch_size, block_size, run.batch_gen)
+    mine = starts.view(cfg.gradient_accumulation_steps, batch_size)[ddp.rank::ddp.world_size]
     total = torch.zeros((), device=run.device)
     for micro, micro_starts in enumerate(mine):
         x, y = (to_device(t, run.device) for t in run.data.batch("train", micro_starts, block_size))
@@ -376,7 +381,7 @@ class StepLog:
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.since = 0, time.time()
+        self.steps, self.tokens, self.since = 0, 0, time.time()
 
     def pause(self):
         """Leave the time since the last step out of the next speed (an eval, a snapshot)."""
@@ -385,7 +390,7 @@ class StepLog:
     def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
         """Log the mean loss and speed since the last log step; return what the progress bar shows."""
         train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
-        run.tokens_per_sec = run.tokens_per_iter * self.steps / (time.time() - self.since)
+        run.tokens_per_sec = self.tokens / (time.time() - self.since)
         record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
                   **throughput(run)}
         if budget_used is not None:
@@ -394,7 +399,7 @@ class StepLog:
         if not math.isfinite(train_loss):
             raise blown_up(f"the training loss became {train_loss}", run.iter_num)
         self.loss_sum.zero_()
-        self.steps, self.since = 0, time.time()
+        self.steps, self.tokens, self.since = 0, 0, time.time()
         shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
         return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
 
@@ -544,6 +549,14 @@ class TrainConfig:
     seed: int = option(1337, "seeds weights, batches and dropout")
     # data
     batch_size: int = option(64, "sequences per micro-step (per process under DDP)")
+    batch_warmup_iters: int = option(
+        0, "grow the sequences per micro-step from a quarter of batch_size to all of it over this many steps, in "
+        "eighths: cheaper steps early, when a rough gradient does as well (0: the full batch from the start)"
+    )
+    seq_warmup_iters: int = option(
+        0, "grow the training sequences from a quarter of block_size to all of it over this many steps, in "
+        "eighths: short contexts first, as modded-nanogpt's window schedule (0: full length from the start)"
+    )
     gradient_accumulation_steps: int = option(
         1, "micro-steps per optimizer step, over all processes (must divide by the process count)"
     )
@@ -616,7 +629,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens", "hellaswag_interval",
-                     "hellaswag_examples"):
+                     "hellaswag_examples", "batch_warmup_iters", "seq_warmup_iters"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_time < 0:

@@ -140,7 +140,8 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     entering block l and its heads' context vectors are computed once, intact, and the removals of
     layer l's heads start from them (GPT.forward_from), as copies of the windows stacked in one batch,
     a different head removed in each copy, up to max_rows rows per forward: on a CPU, fewer and larger
-    forwards cost less than one after another.
+    forwards cost less than one after another. Under value_embeds or unet, later blocks read more than the
+    stream entering them, and each removal runs the whole network instead.
     """
     c = model.config
     n_scored = len(inputs) * int(scored.sum())
@@ -161,6 +162,7 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     # one row's are 206 MB, so the rows a forward takes shrink to keep them within LOGITS_BYTES
     max_rows = max(1, min(max_rows, LOGITS_BYTES // (inputs.size(1) * c.vocab_size * 4)))
     windows = max(1, max_rows // c.n_head)  # as many windows a forward as max_rows allows
+    whole = bool(c.value_embeds or c.unet)  # later blocks read more than the stream: every forward runs whole
     for w in range(0, len(inputs), windows):
         x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
         b = x.size(0)
@@ -174,8 +176,10 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
                     chosen = heads[first:first + per_forward]  # (k,): the heads removed, one per copy
                     k = len(chosen)
                     ablation = Ablation(per_layer[layer][chosen].repeat_interleave(b, 0), value)  # (k b, L, H)
-                    logits = model.forward_from(layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1),
-                                                ablation)  # (k b, T, V): row i b + j removes head chosen[i]
+                    if whole:  # (k b, T, V): row i b + j removes head chosen[i]
+                        logits = model(x.repeat(k, 1), heads=ablation)[0]
+                    else:
+                        logits = model.forward_from(layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1), ablation)
                     without[layer, chosen] += loss_sum(logits, y.repeat(k, 1)).view(k, b).sum(dim=1)
     return intact.item() / n_scored, (without / n_scored).float().cpu()
 

@@ -37,6 +37,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, C): the newest token's, for the smear
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new keys and values; return all keys and values seen so far."""

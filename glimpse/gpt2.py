@@ -37,7 +37,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation, as model.py's MLP has it
 # the switches GPT-2 has, with its values: a model with anything else has no GPT-2 equivalent
 GPT2_SWITCHES = {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "attn_score": "scaled_dot",
-                 "qk_norm": False, "logit_softcap": 0.0}
+                 "qk_norm": False, "logit_softcap": 0.0,
+                 "value_embeds": 0, "unet": False, "smear": False}
 
 
 def download_hint(name: str) -> str:

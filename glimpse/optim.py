@@ -11,7 +11,8 @@ Two optimizers, chosen by optimizer=:
 
 The schedule (get_lr) is a pure function of the step: linear warmup, cosine decay to min_lr, then
 flat; under a time budget the decay follows the fraction of the budget spent. set_lr applies it to
-every group, Muon's scaled from its own peak, so both optimizers warm up and decay together.
+every group, Muon's scaled from its own peak, so both optimizers warm up and decay together. ramp
+grows a step's batch or sequence length over the first steps, in eighths.
 """
 
 from __future__ import annotations
@@ -124,3 +125,12 @@ def set_lr(optimizer: torch.optim.AdamW | MuonWithAdamW, lr: float, cfg: Optimiz
     """This step's learning rate for every group: lr for AdamW's, the same fraction of muon_lr for Muon's."""
     for group in optimizer.param_groups:
         group["lr"] = cfg.muon_lr * (lr / cfg.learning_rate) if group.get("muon") else lr
+
+
+def ramp(it: int, full: int, iters: int) -> int:
+    """A size that grows from a quarter of full to full over the first iters steps, in steps of an eighth
+    (few distinct shapes: a compiled model recompiles for each); full from the start when iters is 0."""
+    if it >= iters:
+        return full
+    eighths = math.ceil(2 + 6 * it / iters)  # 2/8 at step 0, growing to 8/8
+    return max(1, full * eighths // 8)

@@ -102,8 +102,10 @@ def test_mean_ablation_substitutes_the_mean_it_reports():
     assert torch.equal(model(idx, heads=collect)[0], model(idx)[0])  # collecting changes nothing
 
 
-def test_each_head_removed_alone_in_batched_copies_equals_one_scoring_per_head():
-    model = small_model()
+@pytest.mark.parametrize("overrides", [dict(), dict(value_embeds=1, unet=True, smear=True)])
+def test_each_head_removed_alone_in_batched_copies_equals_one_scoring_per_head(overrides):
+    """With value_embeds or unet, later blocks read more than the stream entering them: whole forwards."""
+    model = small_model(**overrides)
     x, y = torch.randint(30, (5, 16)), torch.randint(30, (5, 16))
     scored = torch.arange(16) >= 4  # the last 12 positions count
     for max_rows in (64, 7, 3):  # every copy in one forward; several windows a forward; copies split up

@@ -1,5 +1,5 @@
-"""Architecture options (norm, activation, qk_norm, tie_embeddings, zero_init_proj, logit_softcap) and the Muon
-optimizer."""
+"""Architecture options (norm, activation, qk_norm, tie_embeddings, zero_init_proj, logit_softcap, value_embeds,
+unet, smear) and the Muon optimizer."""
 
 import math
 from dataclasses import asdict, fields
@@ -28,8 +28,11 @@ FLAGS = {
     "untied": dict(tie_embeddings=False),
     "zero_init_proj": dict(zero_init_proj=True),
     "softcap": dict(logit_softcap=0.5),  # small: the cap bends every logit of an untrained model
+    "value_embeds": dict(value_embeds=2),
+    "unet": dict(unet=True),
+    "smear": dict(smear=True),
     "all": dict(norm="rmsnorm", activation="relu2", qk_norm=True, tie_embeddings=False, zero_init_proj=True,
-                logit_softcap=0.5),
+                logit_softcap=0.5, value_embeds=1, unet=True, smear=True),
 }
 # each flag with GPT-2's learned positions and with rope (qk_norm acts just before the rotation), and
 # everything on with the scores and encodings that take other paths
@@ -38,7 +41,29 @@ CASES = [(flag, "scaled_dot", pos) for flag in FLAGS for pos in ("learned", "rop
 
 
 def flagged(flag: str, score: str = "scaled_dot", pos: str = "rope") -> GPT:
-    return variant(score, pos, **FLAGS[flag])
+    model = variant(score, pos, **FLAGS[flag])
+    if model.config.smear:
+        with torch.no_grad():
+            model.smear_scale.fill_(0.8)  # it starts at 0, where the smear would change nothing to test
+    return model
+
+
+def plain_twin(model: GPT, **off) -> GPT:
+    """The same weights in a model with the flags in `off` set back (the extra parameters dropped)."""
+    twin = GPT(GPTConfig(**{**asdict(model.config), **off})).eval()
+    twin.load_state_dict(model.state_dict(), strict=False)
+    return twin
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_no_position_sees_a_later_token(flag):
+    model = flagged(flag)
+    idx = torch.randint(0, 20, (2, 8))
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 20
+    before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
 @pytest.mark.parametrize("flag,score,pos", CASES)
@@ -171,6 +196,69 @@ def test_softcap_squashes_every_logit_through_tanh():
     torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5))
     with pytest.raises(ValueError, match="logit_softcap must be 0"):
         GPTConfig(logit_softcap=-1.0)
+
+
+def test_value_embeds_add_a_token_table_to_the_first_layers_values():
+    model = flagged("value_embeds")
+    assert [n for n, _ in model.named_parameters() if ".ve." in n] == ["transformer.ve.0.weight",
+                                                                       "transformer.ve.1.weight"]
+    idx = torch.randint(0, 20, (2, 8))
+    plain = plain_twin(model, value_embeds=0)
+    assert not torch.allclose(model(idx)[0], plain(idx)[0])
+    with torch.no_grad():
+        model.transformer.ve[1].weight.zero_()
+    torch.testing.assert_close(model(idx)[0], plain_twin(model, value_embeds=1)(idx)[0])  # one table a layer
+    with torch.no_grad():
+        model.transformer.ve[0].weight.zero_()
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0])  # nothing else differs
+    assert model.num_params() == plain.num_params()  # looked up, like wte: not counted
+    with pytest.raises(ValueError, match="value_embeds must be between 0 and n_layer"):
+        GPTConfig(n_layer=2, value_embeds=3)
+
+
+def test_unet_adds_the_early_blocks_outputs_to_the_late_blocks_inputs():
+    model = variant("scaled_dot", "rope", n_layer=4, unet=True)
+    assert model.skip_weights.tolist() == [1.0, 1.0]  # starting as plain sums
+    idx = torch.randint(0, 20, (2, 8))
+    plain = plain_twin(model, unet=False)
+    with torch.no_grad():
+        for block in model.transformer.h:  # move the zero-initialised projections, so that blocks write
+            block.attn.c_proj.weight.normal_(0, 0.1)
+            block.mlp.c_proj.weight.normal_(0, 0.1)
+        plain.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(model(idx)[0], plain(idx)[0])
+    # block 3 takes block 0's output and block 2 block 1's: the streams entering them, recorded by hand
+    streams, x = [], model.transformer.wte(idx)
+    rope = rotary_table(torch.arange(8), 8)
+    for layer, block in enumerate(plain.transformer.h):
+        if layer >= 2:
+            x = x + 0.5 * layer * streams[3 - layer]
+        x, _ = block(x, rope, layer=layer)
+        streams.append(x)
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([1.5, 1.0]))  # skip i: 0.5 * (n_layer - 1 - i)
+    torch.testing.assert_close(model(idx)[0], plain.head(plain.transformer.ln_f(x)))
+    with torch.no_grad():
+        model.skip_weights.zero_()
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+
+
+def test_smear_mixes_in_the_previous_tokens_embedding_only():
+    model = flagged("smear")
+    idx = torch.randint(0, 20, (2, 8))
+    plain = plain_twin(model, smear=False)
+    smeared, logits = model(idx)[0], plain(idx)[0]
+    torch.testing.assert_close(smeared[:, 0], logits[:, 0])  # the first token has nothing before it
+    assert not torch.allclose(smeared[:, 1:], logits[:, 1:])
+    # by hand: x_t + scale * sigmoid(gate . x_t) * x_(t-1), and the rest of the network unchanged
+    x = model.transformer.wte(idx)
+    gate = torch.sigmoid(x @ model.transformer.smear_gate.weight.T)  # (B, T, 1)
+    mixed = x + 0.8 * gate * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+    emb = plain.transformer.wte
+    with torch.no_grad():
+        plain.transformer.wte = nn.Embedding.from_pretrained(mixed.view(-1, 16))  # one row per (b, t)
+    torch.testing.assert_close(smeared, plain(torch.arange(16).view(2, 8))[0])
+    plain.transformer.wte = emb
 
 
 def test_flags_are_checked_and_pass_through_train_config():

@@ -21,7 +21,7 @@ else:
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import config_values, parse_config
 from glimpse.errors import GlimpseError
-from glimpse.optim import get_lr
+from glimpse.optim import get_lr, ramp
 from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
@@ -45,6 +45,26 @@ def test_a_save_never_writes_weights_that_are_no_longer_finite(tmp_path, data_di
         with pytest.raises(GlimpseError, match="no longer finite at step 1; the last good checkpoint is kept"):
             save(run, best=best)
     assert {p: digest(p) for p in before} == before
+
+
+def test_ramp_grows_from_a_quarter_to_full_in_eighths():
+    sizes = [ramp(it, 64, 12) for it in range(14)]
+    assert sizes[0] == 16 and sizes[12:] == [64, 64] and sizes == sorted(sizes)
+    assert {size % 8 for size in sizes} == {0} and len(set(sizes)) == 7  # 16, 24, ..., 64
+    assert ramp(0, 12, 0) == 12 and ramp(0, 1, 10) == 1
+
+
+def test_the_batch_and_sequence_ramps_shape_the_steps(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, tmp_path / "out", batch_warmup_iters=4, seq_warmup_iters=8)
+    run = setup(cfg, Distributed())
+    shapes = []
+    run.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    for _ in range(10):
+        train_step(run, 1e-3)
+    assert shapes[0] == (4, 8) and shapes[4:] == [(16, s) for s in (20, 24, 28, 32, 32, 32)]
+    assert shapes == [run.step_shape(it) for it in range(10)]
+    with pytest.raises(GlimpseError, match="seq_warmup_iters must not be negative"):
+        tiny_config(data_dir, tmp_path / "out", seq_warmup_iters=-1)
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_checkpoint_whole(tmp_path):
