@@ -63,6 +63,7 @@ from glimpse.runtime import (
     close_distributed,
     device_option,
     dtype_option,
+    exit_when_done_under_torchrun,
     init_distributed,
     peak_flops,
     runtime,
@@ -657,7 +658,7 @@ class TrainConfig:
 
 
 def main(argv: list[str] | None = None):
-    with user_errors():
+    with exit_when_done_under_torchrun(), user_errors():
         cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,
                            prog="train.py", description=__doc__)
         train(cfg)

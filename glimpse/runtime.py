@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import threading
-from contextlib import nullcontext
+import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -247,6 +249,36 @@ def init_distributed(device_name: str) -> Distributed:
 def close_distributed(ddp: Distributed):
     if ddp.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def exit_when_done_under_torchrun():
+    """Under torchrun, end the process with the block's exit status the moment it is done, without
+    Python's teardown; elsewhere, nothing.
+
+    DDP's reducer keeps its gloo process group alive after destroy_process_group, so the group's worker
+    threads outlive the script. One of them still letting go of the last collective's tensors as the
+    interpreter shuts down reaches for a GIL that is gone, and the process aborts (SIGABRT) after a run
+    that succeeded, now and then. By the end of the block every file is written and closed and wandb
+    finished; only the streams are left to flush.
+    """
+    if "RANK" not in os.environ:
+        yield
+        return
+    status = 0
+    try:
+        yield
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 class StopRequest:

@@ -1,10 +1,11 @@
 """DDP through torchrun with gloo on CPU: two processes train exactly as one does."""
 
 import sys
+import textwrap
 
 import pytest
 
-from tests.conftest import python, run_script
+from tests.conftest import REPO, python, run_script
 from tests.test_train import read_metrics
 
 SETTINGS = ["--dataset=tiny", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16",
@@ -58,3 +59,25 @@ def test_accumulation_must_divide_among_processes(tmp_path, data_dir):
                    f"--out_dir={tmp_path}")
     assert run.returncode != 0
     assert "gradient_accumulation_steps (3) must be a multiple of the number of processes (2)" in run.stderr
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, status):
+    """DDP keeps its gloo group's worker threads alive to the end. Were Python's teardown to run, one still
+    letting go of a collective's tensors would abort a finished run now and then: each process must end
+    with its status at once, its output written and no exit handler run."""
+    script = tmp_path / "ends.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from glimpse.runtime import exit_when_done_under_torchrun
+        atexit.register(print, "teardown")
+        with exit_when_done_under_torchrun():
+            print("done")
+            raise SystemExit({status})
+    """))
+    run = run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script))
+    assert run.stdout.count("done") == 2 and "teardown" not in run.stdout, run.stdout + run.stderr
+    assert run.returncode == (0 if status == 0 else 1)  # torchrun's own status: 1 when a process failed
+    if status:
+        assert f"exitcode  : {status}" in run.stderr
