@@ -20,7 +20,7 @@ files beside a plain single-process tiktoken loop over the same documents, and r
 resident memory of the largest prepare.py process.
 head_importance times eval.py --head_importance (every head removed alone, copies of the windows
 batched) beside one intact scoring of the same windows, on --val_tokens random tokens.
-sample times GPT.generate (KV cache, sliding window, in float32) on the preset's device, producing
+sample times glimpse.generation.generate (KV cache, sliding window, in float32) on the preset's device, producing
 --new_tokens tokens after a prompt that already fills the context; --uncached also times each preset
 generating without the cache, the whole window through the network for every token, so that the
 cache's speedup comes from one run. On a GPU each timing waits for the device to finish.
@@ -60,7 +60,7 @@ from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import windows
-from glimpse.generation import sample_next
+from glimpse.generation import generate, sample_next
 from glimpse.runtime import Distributed, resolve_device, runtime, synchronize
 from model import GPT, GPTConfig
 from train import TrainConfig, setup, train_step
@@ -270,7 +270,7 @@ def bench_gpt2(cfg: BenchConfig) -> dict:
         del back
 
         def glimpse_load():
-            next(load_pretrained(str(folder)).generate(prompt, 1, temperature=0.0))
+            next(generate(load_pretrained(str(folder)), prompt, 1, temperature=0.0))
 
         def transformers_load():
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -279,7 +279,7 @@ def bench_gpt2(cfg: BenchConfig) -> dict:
         ours, theirs = [], []
 
         def glimpse_sample():
-            ours[:] = [step.token.item() for step in model.generate(prompt, cfg.new_tokens, temperature=0.0)]
+            ours[:] = [step.token.item() for step in generate(model, prompt, cfg.new_tokens, temperature=0.0)]
 
         def transformers_sample():
             theirs[:] = reference.generate(prompt, max_new_tokens=cfg.new_tokens, do_sample=False,
@@ -370,7 +370,7 @@ def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
     prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size), device=device)  # a full window from the start
 
     def generate():
-        for _ in model.generate(prompt, cfg.new_tokens, temperature=1.0, top_k=200,
+        for _ in generate(model, prompt, cfg.new_tokens, temperature=1.0, top_k=200,
                                 generator=torch.Generator(device=device).manual_seed(0)):
             pass
 

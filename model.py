@@ -1,17 +1,12 @@
 """
 A GPT-2 style decoder-only transformer you can look inside.
 
-Reading order: GPTConfig -> CausalSelfAttention (queries, keys, values, scores, the causal mask,
-softmax weights, context vectors) and its helpers (dot_scores, attend, causal_mask) -> MLP -> Block
--> GPT and GPT.generate. The position encodings that are functions (sinusoidal, rotary,
-alibi_slopes) live in glimpse/positions.py; the KV cache and the choice of each next token in
-glimpse/generation.py.
-
-Attention has two paths through one module. The fast path calls F.scaled_dot_product_attention,
-which on GPU runs a fused flash kernel that never materialises the (T, T) weights. The explicit path
-writes out softmax(scores + mask) V step by step and hands the weights back; it is taken when a
-caller asks for the weights (GPT.forward_with_attention), and for additive scores, which no fused
-kernel computes. Training with the default scores pays nothing for it.
+Reading order: GPTConfig -> MLP -> Block -> GPT. Each block starts with causal multi-head
+self-attention, which has a file of its own to be read by itself: glimpse/self_attention.py (queries,
+keys, values, scores, softmax weights, context vectors; the fast fused path and the explicit one).
+Beside it in glimpse/: the causal mask (masks.py), the position encodings that are functions
+(positions.py), the norms and device workarounds the blocks are built from (layers.py), and generating
+with the KV cache (generation.py).
 
 The variants of the lecture notes are config switches, GPT-2 by default:
   attn_score    scaled_dot (QK^T / sqrt(d)), dot (QK^T), additive (Bahdanau: v^T tanh(W_q q + W_k k))
@@ -19,7 +14,8 @@ The variants of the lecture notes are config switches, GPT-2 by default:
                 rope (rotates queries and keys), alibi (a per-head penalty on distance), none
 and so are the architecture choices of later GPTs: norm (layernorm or rmsnorm), activation (gelu or
 relu2, ReLU squared), qk_norm (RMS-normalised queries and keys), tie_embeddings (lm_head shares
-wte's matrix) and zero_init_proj (every block starts as the identity).
+wte's matrix), zero_init_proj (every block starts as the identity), and modded-nanogpt's
+logit_softcap, value_embeds, unet and smear.
 
 This file holds the model and nothing else: no I/O, no argv, no prints. GPTConfig's fields carry the
 help text that train.py's --help shows for them, so each option is described once, here.
@@ -28,32 +24,24 @@ help text that train.py's --help shows for them, so each option is described onc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from glimpse.config import option
-from glimpse.generation import KVCache, Step, sample_next
-from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary_table, rotate, sinusoidal
+from glimpse.generation import KVCache
+from glimpse.layers import ReLUSquared, make_dropout, make_norm
+from glimpse.positions import SINUSOID_SCALE, rotary_table, sinusoidal
+from glimpse.self_attention import CausalSelfAttention, HeadEdit
 
 AttnScore = Literal["scaled_dot", "dot", "additive"]
 PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "relu2"]
 ATTN_SCORES, POS_ENCODINGS = get_args(AttnScore), get_args(PosEncoding)
-NORM_EPS = 1e-5  # LayerNorm's default, used by RMSNorm too, so that the two differ only in what they compute
-
-
-class HeadEdit(Protocol):
-    """Something that sees each layer's per-head context vectors and returns them, changed or not."""
-
-    def edit(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        """y (B, nh, T, hs): the heads' context vectors at one layer, before c_proj mixes them."""
-        ...
 
 
 @dataclass
@@ -142,193 +130,6 @@ class GPTConfig:
             raise ValueError(f"rope rotates channel pairs: n_embd // n_head ({head_dim}) must be even")
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position attends only to itself and earlier ones.
-
-    Self-attention: queries, keys and values all come from the same sequence (in encoder-decoder
-    attention, the queries come from another). Each head scores every (query, key) pair, turns a
-    query's scores into weights with a softmax, and returns the weighted sum of the values: the
-    query's context vector.
-    """
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.dropout = config.dropout
-        self.score_kind = config.attn_score  # scores() computes them
-        self.pos_encoding = config.pos_encoding
-        # queries, keys and values for all heads come from one matrix multiply
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = make_dropout(config.dropout)
-        if self.score_kind == "additive":  # Bahdanau: v^T tanh(W_q q + W_k k), with its own W_q, W_k, v per head
-            hs = self.head_dim
-            self.score_q = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
-            self.score_k = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
-            self.score_v = nn.Parameter(torch.randn(self.n_head, hs) * 0.02)
-        if self.pos_encoding == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(self.n_head), persistent=False)
-        self.qk_norm = config.qk_norm
-        if self.qk_norm:
-            # RMSNorm over each head's channels, with a learned gain per channel shared by the heads. Unit-RMS
-            # queries and keys cap a scaled score at sqrt(hs) (under 3 for 8-channel heads), too flat a softmax
-            # for sharp attention; the gains let training raise that cap, so the 1/sqrt(hs) scale stays as it is
-            self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
-            self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
-
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                heads: HeadEdit | None = None, masks: Masks | None = None):
-        """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None): context, then project.
-
-        rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
-        masks, what the causal mask and ALiBi make of this forward (GPT builds them once for all layers;
-        built here when not given). heads, when given, sees every head's context vectors before c_proj
-        mixes them, and may replace some (glimpse/ablation.py removes heads that way); the weights
-        returned are the softmax's, as computed.
-        """
-        y, weights = self.context(x, rope, cache, layer, need_weights, masks)  # (B, nh, T, hs)
-        return self.project(y, layer, heads), weights
-
-    def project(self, y, layer: int = 0, heads: HeadEdit | None = None):
-        """The heads' context vectors y (B, nh, T, hs) -> the attention's output (B, T, C): side by side,
-        then mixed by c_proj."""
-        if heads is not None:
-            y = heads.edit(layer, y)  # (B, nh, T, hs)
-        B, nh, T, hs = y.size()
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
-
-    def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                masks: Masks | None = None, ve: torch.Tensor | None = None):
-        """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None).
-
-        ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its value."""
-        B, T, C = x.size()
-        if masks is None:
-            masks = self.masks(T, cache.length if cache is not None else 0, x.device, need_weights)
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        if ve is not None:
-            v = v + ve  # (B, T, C)
-        # split the channels into heads: each head attends with its own slice
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if self.qk_norm:  # before rope (a rotation keeps norms) and before the cache: cached keys are normalised
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # rotate by position, so q.k depends on the distance only
-            cos, sin = (t.to(q.dtype) for t in rope)  # the turn in q's dtype, which is cheaper
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs) each
-        dropout_p = self.dropout if self.training else 0.0
-        if masks.explicit:
-            y, weights = self.explicit_attention(q, k, v, masks, dropout_p)
-            return y, weights if need_weights else None
-        # the fused kernel computes exactly what the explicit path does, without the weights
-        scale = 1.0 if self.score_kind == "dot" else None  # None: SDPA's own 1/sqrt(hs)
-        y = fused_attention(q, k, v, attn_mask=masks.fused, dropout_p=dropout_p, is_causal=masks.is_causal,
-                            scale=scale)
-        return y, None
-
-    def explicit_attention(self, q, k, v, masks: Masks, dropout_p: float = 0.0):
-        """Every step written out, weights kept: scores (+ ALiBi's penalty), the causal mask, softmax, the
-        weighted sum of the values. (B, nh, T, hs), (B, nh, S, hs) x 2 -> (context, weights (B, nh, T, S))."""
-        return attend(self.scores(q, k) + masks.penalty, v, masks.causal, dropout_p)
-
-    def masks(self, T: int, past: int, device, need_weights: bool) -> Masks:
-        """What the causal mask and ALiBi make of a forward of T queries after past cached positions."""
-        slopes = self.alibi_slopes if self.pos_encoding == "alibi" else None
-        return Masks.build(T, past, device, need_weights or self.score_kind == "additive", slopes)
-
-    def scores(self, q, k):
-        """How much each query matches each key: (B, nh, T, hs), (B, nh, S, hs) -> (B, nh, T, S)."""
-        if self.score_kind == "scaled_dot":
-            # dividing by sqrt(hs) keeps the scores' spread near 1 whatever the head size, so the
-            # softmax neither saturates nor flattens as heads get wider
-            return dot_scores(q, k, 1 / math.sqrt(self.head_dim))
-        if self.score_kind == "dot":
-            return dot_scores(q, k, 1.0)
-        query_part = torch.einsum("bhtd,hde->bhte", q, self.score_q)  # (B, nh, T, hs)
-        key_part = torch.einsum("bhsd,hde->bhse", k, self.score_k)  # (B, nh, S, hs)
-        hidden = torch.tanh(query_part[:, :, :, None, :] + key_part[:, :, None, :, :])  # (B, nh, T, S, hs)
-        return torch.einsum("bhtse,he->bhts", hidden, self.score_v)  # (B, nh, T, S)
-
-
-class Masks(NamedTuple):
-    """One forward's masks, the same in every layer: what the explicit path and the fused kernel each take.
-
-    explicit  the explicit path runs (weights wanted, or additive scores, which SDPA cannot compute)
-    causal    explicit path: (T, S) True where a query may see a key
-    penalty   explicit path: ALiBi's (nh, T, S) penalty, added to the scores; 0.0 for other encodings
-    fused     fused path: ALiBi's penalty with -inf where masked, a boolean mask after a cache, or None
-    is_causal fused path: SDPA's own causal mask (no cache: queries and keys are the same positions)
-    """
-
-    explicit: bool
-    causal: torch.Tensor | None
-    penalty: torch.Tensor | float
-    fused: torch.Tensor | None
-    is_causal: bool
-
-    @classmethod
-    def build(cls, T: int, past: int, device, explicit: bool, slopes: torch.Tensor | None = None) -> Masks:
-        S = past + T
-        penalty = 0.0
-        if slopes is not None:  # ALiBi: slope x distance back, per head
-            distance = torch.arange(T, device=device)[:, None] + past - torch.arange(S, device=device)[None, :]
-            penalty = -slopes[:, None, None] * distance.clamp(min=0)  # (nh, T, S)
-        if explicit:
-            return cls(True, causal_mask(T, S, past, device), penalty, None, False)
-        if slopes is not None:  # a float mask: ALiBi's penalty, and -inf where it is causal
-            return cls(False, None, 0.0, penalty.masked_fill(~causal_mask(T, S, past, device), float("-inf")), False)
-        if past == 0:  # SDPA's is_causal mask is aligned to the top-left corner, right when queries == keys
-            return cls(False, None, 0.0, None, True)
-        if T > 1:  # several new queries after a cache: each sees the cache and the new ones up to itself
-            return cls(False, None, 0.0, causal_mask(T, S, past, device), False)
-        return cls(False, None, 0.0, None, False)  # one new query at the end sees every cached key: no mask
-
-
-def fused_attention(q, k, v, **kwargs):
-    """F.scaled_dot_product_attention, in float32 under CPU bfloat16 autocast: PyTorch's CPU attention kernel
-    is slower in bfloat16 than in float32 (docs/performance.md, "A training step")."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def dot_scores(q, k, scale: float):
-    """q . k for every (query, key) pair, times scale: (..., T, hs), (..., S, hs) -> (..., T, S)."""
-    return (q @ k.transpose(-2, -1)) * scale
-
-
-def attend(scores, v, mask=None, dropout_p: float = 0.0):
-    """Scores -> softmax weights -> context vectors: returns (context (..., T, hs), weights (..., T, S)).
-
-    mask (T, S) is True where a query may see a key; elsewhere the weight is exactly 0.
-    """
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = F.softmax(scores, dim=-1)  # each row sums to 1
-    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return dropped @ v, weights
-
-
-def causal_mask(n_queries: int, n_keys: int, offset: int, device) -> torch.Tensor:
-    """(T, S) boolean mask, True where query i (at position offset + i) may attend to key j."""
-    query_pos = torch.arange(n_queries, device=device)[:, None] + offset  # (T, 1)
-    key_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
-    return key_pos <= query_pos  # (T, S)
-
-
-class ReLUSquared(nn.Module):
-    """relu(x)^2, the Primer paper's activation (So et al., 2021): 0 below zero, quadratic above."""
-
-    def forward(self, x):
-        return F.relu(x).square()
-
-
 class MLP(nn.Module):
     """Position-wise feed-forward: widen 4x, a nonlinearity (GELU or ReLU squared), project back."""
 
@@ -344,40 +145,19 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with its gain in the input's dtype: a float32 gain on bfloat16 input takes a slower, unfused
-    kernel."""
-
-    def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
-
-
-def make_dropout(p: float) -> nn.Module:
-    """nn.Dropout(p), or at p = 0 an Identity, which costs nothing per call where a Dropout still checks its
-    arguments (generation is per-call overhead on a CPU)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    """GPT-2's LayerNorm, or RMSNorm: x / rms(x) times a gain, with no mean subtracted and no bias."""
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, eps=NORM_EPS)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = make_norm(config)
+        self.ln_1 = make_norm(config.norm, config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config)
+        self.ln_2 = make_norm(config.norm, config.n_embd, config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None,
                 ve=None):
-        """record, a list, collects (x, the heads' context vectors) for GPT.forward_from."""
+        """record, a list, collects (x, the heads' context vectors): see GPT.trunk."""
         y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks, ve)  # (B, nh, T, hs)
         if record is not None:
             record.append((x, y))
@@ -404,7 +184,7 @@ class GPT(nn.Module):
         modules.update(
             drop=make_dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=make_norm(config.norm, config.n_embd, config.bias),
         )
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -492,7 +272,7 @@ class GPT(nn.Module):
         heads: a HeadEdit that sees (and may replace) each layer's per-head context vectors. last_only: the
         logits of the last position alone (B, 1, vocab_size), all that generating the next token needs.
         """
-        x, _ = self._trunk(idx, cache, need_weights=False, heads=heads)
+        x, _ = self.trunk(idx, cache, need_weights=False, heads=heads)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): a 1,024-token prefill would otherwise write 1,024 x 50,257 logits
         logits = self.head(x)  # (B, T, vocab_size)
@@ -509,35 +289,15 @@ class GPT(nn.Module):
         casts each layer's weights as soon as they are computed (a dump keeps float16: at GPT-2's 144 heads
         and 1,024 tokens that halves what is held); logits=False skips the head (T x vocab_size of work).
         """
-        x, weights = self._trunk(idx, None, need_weights=True, heads=heads, weights_dtype=weights_dtype)
+        x, weights = self.trunk(idx, None, need_weights=True, heads=heads, weights_dtype=weights_dtype)
         return (self.head(x) if logits else None), torch.stack(weights)
 
-    def forward_from(self, layer: int, x, y, heads: HeadEdit | None = None):
-        """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
-        heads' context vectors y (B, nh, T, hs), as residual_streams records them: nothing before those
-        is computed again, which is all that removing heads of that layer changes. Not for models with
-        value_embeds or unet, whose later blocks need more than x."""
-        if self.config.value_embeds or self.config.unet:
-            raise ValueError("forward_from needs value_embeds = 0 and unet = false: later blocks of this model "
-                             "read the tokens or earlier blocks' outputs too")
-        pos = torch.arange(x.size(1), device=x.device)  # (T,)
-        rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
-            else None
-        x = self.transformer.h[layer].finish(x, y, layer, heads)
-        masks = self.transformer.h[0].attn.masks(x.size(1), 0, x.device, False)  # every layer's
-        for i in range(layer + 1, self.config.n_layer):
-            x, _ = self.transformer.h[i](x, rope, None, i, False, heads, masks=masks)
-        return self.head(self.transformer.ln_f(x))
+    def trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
+              record: list | None = None, weights_dtype: torch.dtype | None = None):
+        """idx (B, T) -> (the final residual stream, normalised (B, T, C), each layer's weights or Nones).
 
-    def residual_streams(self, idx) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The logits (B, T, V), and for each block the residual stream entering it (B, T, C) and its heads'
-        context vectors (B, nh, T, hs), for forward_from."""
-        record = []
-        x, _ = self._trunk(idx, None, need_weights=False, record=record)
-        return self.head(x), record
-
-    def _trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
-               record: list | None = None, weights_dtype: torch.dtype | None = None):
+        record, a list, collects each block's input stream and heads' context vectors (glimpse/ablation.py
+        starts removals from them)."""
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         encoding, block_size = self.config.pos_encoding, self.config.block_size
@@ -585,44 +345,3 @@ class GPT(nn.Module):
             cache.last_embedding = x[:, -1:]
         gate = torch.sigmoid(self.transformer.smear_gate(x))  # (B, T, 1): how much of it each token takes
         return x + self.smear_scale * gate * previous
-
-    @torch.inference_mode()  # like no_grad, and cheaper per op: generation is overhead-bound on a CPU
-    def generate(
-        self,
-        idx,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        heads: HeadEdit | None = None,
-    ) -> Iterator[Step]:
-        """Yield max_new_tokens Steps, each one sampled token (B, 1) continuing idx (B, T).
-
-        The KV cache covers one context window. When it is full, the window slides: the cache is
-        refilled from the most recent half of the window (one batched forward) and generation goes
-        on. Keys of deeper layers depend on every earlier token of the window, so the oldest entry
-        cannot simply be dropped. Every Step's logits therefore equal a full forward over exactly
-        tokens[:, window_start:] as they stood when it was sampled; the context seen oscillates
-        between half a window and a full one.
-        """
-        block_size = self.config.block_size
-        keep = max(1, block_size // 2)  # tokens kept when the window slides
-        tokens = idx
-        dtype = next(self.parameters()).dtype
-        cache = KVCache(self.config, idx.size(0), idx.device, dtype)
-        window_start = max(0, tokens.size(1) - block_size)
-        logits = None
-        for _ in range(max_new_tokens):
-            if logits is None:  # the first step: prefill the cache with the prompt's window
-                logits = self(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
-            elif cache.length == block_size:  # full: slide by refilling from the recent half
-                cache.length = 0
-                window_start = tokens.size(1) - keep
-                logits = self(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
-            else:  # the usual step: only the newest token goes through the network
-                logits = self(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
-            logits = logits.float()  # (B, vocab_size)
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            yield Step(token, logits, window_start)
-            tokens = torch.cat((tokens, token), dim=1)

@@ -12,7 +12,8 @@ The checkpoint alone is enough: the tokenizer travels inside it, so no data fold
 reads OUT_DIR/best.pt (the lowest validation loss) when there is one, else ckpt.pt; --checkpoint chooses.
 --init_from=gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder holding a Hugging Face GPT-2's
 config.json and model.safetensors) samples from pretrained GPT-2 instead, fetched into the Hugging
-Face cache on first use. Generation uses a KV cache; past block_size the context window slides (see GPT.generate).
+Face cache on first use. Generation uses a KV cache; past block_size the context window slides
+(see glimpse/generation.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from glimpse.attention import dump_text, dump_window, induction_probe
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, read_utf8, user_errors
+from glimpse.generation import generate
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -132,7 +134,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         pieces, generated = [prompt], []
         out.write(prompt)
         with ctx:
-            for step in model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+            for step in generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
                                        heads):
                 generated.append(step.token[0, 0].item())
                 text = decoder.decode(tokenizer.decode_bytes(generated[-1:]))

@@ -12,7 +12,7 @@ average contribution). Heads are named layer.head, counted from 0, as in the dum
     HeadMeans         a HeadEdit that changes nothing and averages every head's context vectors
     mean_loss         the mean loss over windows, with a HeadEdit in place
     losses_per_head   the loss intact and with each head removed alone, several removals per forward,
-                      each from the residual stream where its layer starts
+                      each from the residual stream where its layer starts (residual_streams, forward_from)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
+from glimpse.positions import rotary_table
 
 AblationKind = Literal["zero", "mean"]
 ABLATIONS = get_args(AblationKind)
@@ -138,7 +139,7 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     inputs and targets are (N, T) windows, scored a (T,) bool mask of the positions that count. Removing
     a head of layer l changes nothing before that layer's heads have spoken, so the residual stream
     entering block l and its heads' context vectors are computed once, intact, and the removals of
-    layer l's heads start from them (GPT.forward_from), as copies of the windows stacked in one batch,
+    layer l's heads start from them (forward_from), as copies of the windows stacked in one batch,
     a different head removed in each copy, up to max_rows rows per forward: on a CPU, fewer and larger
     forwards cost less than one after another. Under value_embeds or unet, later blocks read more than the
     stream entering them, and each removal runs the whole network instead.
@@ -168,7 +169,7 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
         b = x.size(0)
         per_forward = max(1, max_rows // b)  # heads removed in one forward, one copy of the windows each
         with ctx:  # one autocast region for the window's forwards: the weights are cast once, not once each
-            logits, streams = model.residual_streams(x)  # (b, T, V), n_layer of (b, T, C)
+            logits, streams = residual_streams(model, x)  # (b, T, V), n_layer of (b, T, C)
             intact += loss_sum(logits, y).sum()
             for layer in range(c.n_layer):
                 x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input and what its heads say
@@ -179,9 +180,35 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
                     if whole:  # (k b, T, V): row i b + j removes head chosen[i]
                         logits = model(x.repeat(k, 1), heads=ablation)[0]
                     else:
-                        logits = model.forward_from(layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1), ablation)
+                        logits = forward_from(model, layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1), ablation)
                     without[layer, chosen] += loss_sum(logits, y.repeat(k, 1)).view(k, b).sum(dim=1)
     return intact.item() / n_scored, (without / n_scored).float().cpu()
+
+
+def residual_streams(model, idx) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The logits (B, T, V) of model (a GPT), and for each block the residual stream entering it (B, T, C)
+    and its heads' context vectors (B, nh, T, hs), for forward_from."""
+    record = []
+    x, _ = model.trunk(idx, None, need_weights=False, record=record)
+    return model.head(x), record
+
+
+def forward_from(model, layer: int, x, y, heads=None):
+    """Logits (B, T, V) from block `layer` on, given the residual stream x (B, T, C) entering it and its
+    heads' context vectors y (B, nh, T, hs), as residual_streams records them: nothing before those
+    is computed again, which is all that removing heads of that layer changes. Not for models with
+    value_embeds or unet, whose later blocks need more than x."""
+    c, blocks = model.config, model.transformer.h
+    if c.value_embeds or c.unet:
+        raise ValueError("forward_from needs value_embeds = 0 and unet = false: later blocks of this model "
+                         "read the tokens or earlier blocks' outputs too")
+    pos = torch.arange(x.size(1), device=x.device)  # (T,)
+    rope = rotary_table(pos, c.n_embd // c.n_head) if c.pos_encoding == "rope" else None
+    x = blocks[layer].finish(x, y, layer, heads)
+    masks = blocks[0].attn.masks(x.size(1), 0, x.device, False)  # every layer's
+    for i in range(layer + 1, c.n_layer):
+        x, _ = blocks[i](x, rope, None, i, False, heads, masks=masks)
+    return model.head(model.transformer.ln_f(x))
 
 
 def top_heads(losses: torch.Tensor, intact: float, n: int = 10) -> list[dict]:

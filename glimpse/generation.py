@@ -1,12 +1,15 @@
 """
-What generation needs besides the network: the KV cache, one step's record, and picking the next token.
+Generating text with a model: the KV cache, the loop that fills it and slides the window, and picking
+each next token.
 
-GPT.generate (model.py) runs the loop: it fills a KVCache, feeds one new token at a time through the
-network, and hands each step's logits to sample_next.
+generate() prefills a KVCache with the prompt, feeds one new token at a time through the network, and
+hands each step's logits to sample_next. It takes any GPT of model.py (this module does not import
+model, which imports the KV cache from here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 import torch
@@ -75,3 +78,37 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.inference_mode()  # like no_grad, and cheaper per op: generation is overhead-bound on a CPU
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, heads=None) -> Iterator[Step]:
+    """Yield max_new_tokens Steps of model (a GPT), each one sampled token (B, 1) continuing idx (B, T).
+
+    The KV cache covers one context window. When it is full, the window slides: the cache is
+    refilled from the most recent half of the window (one batched forward) and generation goes
+    on. Keys of deeper layers depend on every earlier token of the window, so the oldest entry
+    cannot simply be dropped. Every Step's logits therefore equal a full forward over exactly
+    tokens[:, window_start:] as they stood when it was sampled; the context seen oscillates
+    between half a window and a full one. heads: a HeadEdit (model.py) applied at every step.
+    """
+    block_size = model.config.block_size
+    keep = max(1, block_size // 2)  # tokens kept when the window slides
+    tokens = idx
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, idx.size(0), idx.device, dtype)
+    window_start = max(0, tokens.size(1) - block_size)
+    logits = None
+    for _ in range(max_new_tokens):
+        if logits is None:  # the first step: prefill the cache with the prompt's window
+            logits = model(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
+        elif cache.length == block_size:  # full: slide by refilling from the recent half
+            cache.length = 0
+            window_start = tokens.size(1) - keep
+            logits = model(tokens[:, window_start:], cache=cache, heads=heads, last_only=True)[0][:, -1]
+        else:  # the usual step: only the newest token goes through the network
+            logits = model(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
+        logits = logits.float()  # (B, vocab_size)
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+        yield Step(token, logits, window_start)
+        tokens = torch.cat((tokens, token), dim=1)

@@ -19,6 +19,7 @@ import eval as eval_script
 import sample as sample_script
 from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
 from glimpse.attention import induction_probe, load_dump
+from glimpse.generation import generate
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
 from tests.conftest import python
@@ -53,8 +54,8 @@ def test_a_removed_head_equals_zeroing_its_c_proj_columns_on_every_path(override
     ours, theirs = model.forward_with_attention(idx, ablation), reference.forward_with_attention(idx)  # explicit
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-6)
-    steps = list(model.generate(idx[:, :5], 30, temperature=0, heads=ablation))  # the KV cache, past a slide
-    expected = list(reference.generate(idx[:, :5], 30, temperature=0))
+    steps = list(generate(model, idx[:, :5], 30, temperature=0, heads=ablation))  # the KV cache, past a slide
+    expected = list(generate(reference, idx[:, :5], 30, temperature=0))
     assert [s.token.tolist() for s in steps] == [s.token.tolist() for s in expected]
     for ours_step, theirs_step in zip(steps, expected):
         torch.testing.assert_close(ours_step.logits, theirs_step.logits, rtol=0, atol=1e-5)

@@ -12,9 +12,10 @@ import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.config import config_keys
 from glimpse.generation import KVCache
+from glimpse.layers import ReLUSquared
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary_table, rotate
-from model import GPT, GPTConfig, ReLUSquared
+from model import GPT, GPTConfig
 from tests.conftest import tiny_config, train_config
 from tests.test_reliability import run_main
 from tests.test_train import read_metrics

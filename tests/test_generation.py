@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from glimpse.generation import sample_next
+from glimpse.generation import generate, sample_next
 from model import GPT, GPTConfig
 
 
@@ -21,7 +21,7 @@ def test_a_slid_window_keeps_at_least_half_a_window_of_context(block_size, promp
     tokens = torch.randint(0, 20, (2, prompt_len))
     gen = torch.Generator().manual_seed(0)
     first_start, slid, checked = None, False, 0
-    for step in model.generate(tokens, 5 * block_size, generator=gen):
+    for step in generate(model, tokens, 5 * block_size, generator=gen):
         context = tokens.size(1) - step.window_start  # tokens the logits were computed from
         if first_start is None:
             first_start = step.window_start

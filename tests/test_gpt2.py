@@ -28,6 +28,7 @@ from data.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 from glimpse.attention import dump_text, load_dump  # noqa: E402
 from glimpse.checkpoint import load_trained, save_checkpoint  # noqa: E402
 from glimpse.config import build, parse_config  # noqa: E402
+from glimpse.generation import generate  # noqa: E402
 from glimpse.gpt2 import load_pretrained  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tests.conftest import REPO, make_corpus, python, tiny_config  # noqa: E402
@@ -114,7 +115,7 @@ def test_greedy_generation_equals_transformers_generate(hf_folder, tmp_path, gpt
     hf.generation_config.eos_token_id = None  # a random model may say <|endoftext|>: generate all 50 regardless
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, pad_token_id=0)[0, len(ids):]
     model, *_ = load_trained("", "auto", "cpu", "float32", "sampling from", init_from=str(folder))
-    ours = [step.token.item() for step in model.generate(torch.tensor([ids]), 50, temperature=0.0)]
+    ours = [step.token.item() for step in generate(model, torch.tensor([ids]), 50, temperature=0.0)]
     assert len(ours) == 50 and ours == theirs.tolist()
     # and the script, as a user runs it: the same text
     cfg = build(sample.SampleConfig, dict(init_from=str(folder), start=prompt, num_samples=1, max_new_tokens=50,

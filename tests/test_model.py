@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glimpse.generation import KVCache, sample_next
-from model import GPT, GPTConfig, fused_attention
+from glimpse.generation import KVCache, generate, sample_next
+from glimpse.layers import fused_attention
+from model import GPT, GPTConfig
 
 
 def small_model(**overrides) -> GPT:
@@ -98,7 +99,7 @@ def test_cpu_bfloat16_attention_runs_in_float32():
 
 def test_weights_path_is_only_taken_when_asked(monkeypatch):
     """The training path must not build the (T, T) weights: the explicit attend() is never called."""
-    import model as model_module
+    import glimpse.self_attention as model_module
 
     model = small_model()
     calls = []
@@ -134,7 +135,7 @@ def test_generation_logits_equal_full_forward_over_their_window(prompt_len, bloc
     gen = torch.Generator().manual_seed(0)
     tokens = idx
     windows = set()
-    for step in model.generate(idx, 3 * block_size + 5, temperature=1.0, generator=gen):
+    for step in generate(model, idx, 3 * block_size + 5, temperature=1.0, generator=gen):
         window = tokens[:, step.window_start:]
         assert 1 <= window.size(1) <= block_size
         expected, _ = model(window)
@@ -150,7 +151,7 @@ def test_greedy_generation_is_deterministic_and_seeded_sampling_repeats():
     idx = torch.randint(0, 50, (1, 4))
 
     def run(**kw):
-        return torch.cat([s.token for s in model.generate(idx, 20, **kw)], 1)
+        return torch.cat([s.token for s in generate(model, idx, 20, **kw)], 1)
 
     torch.testing.assert_close(run(temperature=0), run(temperature=0))
     a = run(temperature=1.0, generator=torch.Generator().manual_seed(3))

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from glimpse.generation import generate
 from glimpse.positions import alibi_slopes, rotary_table, rotate
-from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig, attend, dot_scores
+from glimpse.self_attention import attend, dot_scores
+from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig
 
 COMBINATIONS = list(itertools.product(ATTN_SCORES, POS_ENCODINGS))
 
@@ -46,7 +48,7 @@ def check_paths_agree(model: GPT):
 def check_cached_generation(model: GPT):
     """Every KV-cached step's logits equal an uncached forward over its window, past block_size."""
     tokens = torch.randint(0, 20, (2, 3))
-    for step in model.generate(tokens, 20, generator=torch.Generator().manual_seed(0)):
+    for step in generate(model, tokens, 20, generator=torch.Generator().manual_seed(0)):
         expected, _ = model(tokens[:, step.window_start:])
         torch.testing.assert_close(step.logits, expected[:, -1], rtol=1e-4, atol=1e-4)
         tokens = torch.cat([tokens, step.token], 1)
