@@ -61,9 +61,10 @@ from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import generate, sample_next
+from glimpse.run import setup
 from glimpse.runtime import Distributed, resolve_device, runtime, synchronize
 from model import GPT, GPTConfig
-from train import TrainConfig, setup, train_step
+from train import TrainConfig, train_step
 
 
 @dataclass
@@ -369,7 +370,7 @@ def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
     model.to(device).eval()
     prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size), device=device)  # a full window from the start
 
-    def generate():
+    def generate_cached():
         for _ in generate(model, prompt, cfg.new_tokens, temperature=1.0, top_k=200,
                                 generator=torch.Generator(device=device).manual_seed(0)):
             pass
@@ -383,7 +384,7 @@ def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
             tokens = torch.cat((tokens, sample_next(logits, 1.0, 200, generator=generator)), dim=1)
 
     setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens, "kv_cache": cache}
-    return model, setup, generate if cache else generate_uncached, cfg.new_tokens
+    return model, setup, generate_cached if cache else generate_uncached, cfg.new_tokens
 
 
 def bench_presets(cfg: BenchConfig) -> dict:
@@ -415,6 +416,59 @@ def environment(cfg: BenchConfig) -> dict:
             "threads": torch.get_num_threads(), "machine": platform.machine(), "repeats": cfg.repeats}
 
 
+def report(cfg: BenchConfig, result: dict):
+    """Print a benchmark's result as a table."""
+    print(f"{cfg.what} | torch {torch.__version__}, {torch.get_num_threads()} threads, median of {cfg.repeats}")
+    if cfg.what == "head_importance":
+        m, s = result["model"], result["seconds"]
+        print(f"  {m['n_layer']} layers x {m['n_head']} heads, {result['tokens_scored']:,} tokens in "
+              f"{m['block_size']}-token windows: intact {s['intact'] * 1000:.0f} ms, every head removed alone "
+              f"({result['scorings']} scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
+        return
+    if cfg.what == "prepare":
+        t = result["tokens_per_sec"]
+        print(f"  {result['megabytes']:.0f} MB, {result['tokens']:,} tokens: prepare.py "
+              f"{t['prepare']:,.0f} tokens/s, one-process tiktoken loop {t['loop']:,.0f} tokens/s "
+              f"({result['speedup']:.2f}x); peak memory "
+              f"{result['peak_mb']:,.0f} MB")
+        return
+    if cfg.what == "gpt2":
+        m, s, x = result["model"], result["seconds"], result["speedup"]
+        print(f"  GPT-2 shape {m['n_layer']} layers x {m['n_head']} heads, {m['n_embd']} wide; max |logit diff| "
+              f"imported {result['max_abs_logit_diff']['imported']:.1e}, exported "
+              f"{result['max_abs_logit_diff']['exported']:.1e}")
+        print(f"  load to first token: glimpse {s['glimpse_load_to_first_token']:.2f} s, transformers "
+              f"{s['transformers_load_to_first_token']:.2f} s ({x['load']:.2f}x)")
+        print(f"  greedy sampling, {cfg.new_tokens} tokens after {cfg.prompt_tokens}: glimpse "
+              f"{result['tokens_per_sec']['glimpse']:.1f} tok/s, transformers "
+              f"{result['tokens_per_sec']['transformers']:.1f} tok/s ({x['sample']:.2f}x), same tokens: "
+              f"{result['same_tokens']}")
+        return
+    if cfg.what == "attention_dump":
+        m = result["model"]
+        print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")
+        for name, s in result["seconds"].items():
+            print(f"  {name:<22} {s * 1000:9.1f} ms")
+        for name, mb in result["megabytes"].items():
+            print(f"  {name:<22} {mb:9.1f} MB")
+        if result["memory"]:
+            print(f"  peak memory {result['memory']['peak_mb']:,.0f} MB, "
+                  f"{result['memory']['peak_beyond_before_mb']:,.0f} MB beyond the model's process before the dump")
+        return
+    unit = "ms/step" if cfg.what == "train_step" else "ms/run"
+    print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
+          f"{'vs first':>8}  preset")
+    for r in result["runs"]:
+        m = r["model"]
+        shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
+        batch = str(r.get("batch_size", 1))
+        print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
+              f"{r['seconds'] * 1000:8.1f} "
+              f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}"
+              + (f" ({r['shards']} shards)" if len(cfg.shard_counts) > 1 else "")
+              + ("" if r.get("kv_cache", True) else "  (no KV cache)"))
+
+
 def main(argv: list[str] | None = None):
     with user_errors():
         cfg = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv, prog="bench.py",
@@ -427,56 +481,8 @@ def main(argv: list[str] | None = None):
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
             print(json.dumps(result, indent=1))
-            return
-        print(f"{cfg.what} | torch {torch.__version__}, {torch.get_num_threads()} threads, median of {cfg.repeats}")
-        if cfg.what == "head_importance":
-            m, s = result["model"], result["seconds"]
-            print(f"  {m['n_layer']} layers x {m['n_head']} heads, {result['tokens_scored']:,} tokens in "
-                  f"{m['block_size']}-token windows: intact {s['intact'] * 1000:.0f} ms, every head removed alone "
-                  f"({result['scorings']} scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
-            return
-        if cfg.what == "prepare":
-            t = result["tokens_per_sec"]
-            print(f"  {result['megabytes']:.0f} MB, {result['tokens']:,} tokens: prepare.py "
-                  f"{t['prepare']:,.0f} tokens/s, one-process tiktoken loop {t['loop']:,.0f} tokens/s "
-                  f"({result['speedup']:.2f}x); peak memory "
-                  f"{result['peak_mb']:,.0f} MB")
-            return
-        if cfg.what == "gpt2":
-            m, s, x = result["model"], result["seconds"], result["speedup"]
-            print(f"  GPT-2 shape {m['n_layer']} layers x {m['n_head']} heads, {m['n_embd']} wide; max |logit diff| "
-                  f"imported {result['max_abs_logit_diff']['imported']:.1e}, exported "
-                  f"{result['max_abs_logit_diff']['exported']:.1e}")
-            print(f"  load to first token: glimpse {s['glimpse_load_to_first_token']:.2f} s, transformers "
-                  f"{s['transformers_load_to_first_token']:.2f} s ({x['load']:.2f}x)")
-            print(f"  greedy sampling, {cfg.new_tokens} tokens after {cfg.prompt_tokens}: glimpse "
-                  f"{result['tokens_per_sec']['glimpse']:.1f} tok/s, transformers "
-                  f"{result['tokens_per_sec']['transformers']:.1f} tok/s ({x['sample']:.2f}x), same tokens: "
-                  f"{result['same_tokens']}")
-            return
-        if cfg.what == "attention_dump":
-            m = result["model"]
-            print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")
-            for name, s in result["seconds"].items():
-                print(f"  {name:<22} {s * 1000:9.1f} ms")
-            for name, mb in result["megabytes"].items():
-                print(f"  {name:<22} {mb:9.1f} MB")
-            if result["memory"]:
-                print(f"  peak memory {result['memory']['peak_mb']:,.0f} MB, "
-                      f"{result['memory']['peak_beyond_before_mb']:,.0f} MB beyond the model's process before the dump")
-            return
-        unit = "ms/step" if cfg.what == "train_step" else "ms/run"
-        print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
-              f"{'vs first':>8}  preset")
-        for r in result["runs"]:
-            m = r["model"]
-            shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
-            batch = str(r.get("batch_size", 1))
-            print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
-                  f"{r['seconds'] * 1000:8.1f} "
-                  f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}"
-                  + (f" ({r['shards']} shards)" if len(cfg.shard_counts) > 1 else "")
-                  + ("" if r.get("kv_cache", True) else "  (no KV cache)"))
+        else:
+            report(cfg, result)
 
 
 if __name__ == "__main__":

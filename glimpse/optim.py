@@ -27,7 +27,7 @@ from model import GPT
 
 
 class OptimizerSettings(Protocol):
-    """The keys of TrainConfig (train.py) that the optimizers and the schedule read."""
+    """The keys of TrainConfig (glimpse/train_config.py) that the optimizers and the schedule read."""
 
     optimizer: str
     learning_rate: float

@@ -22,11 +22,12 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.errors import GlimpseError
 from glimpse.optim import get_lr, ramp
+from glimpse.run import TimeBudget, setup, throughput
 from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
 from tests.test_train import read_metrics
-from train import TimeBudget, TrainConfig, save, setup, throughput, train, train_step
+from train import TrainConfig, save, train, train_step
 
 
 def digest(path: Path) -> str:

@@ -1,0 +1,286 @@
+"""
+A training run: what it holds between steps (Run, and what its checkpoint holds), setting it up
+(setup: the data, the model, the optimizer, the tracker, a resumed checkpoint's state), and the
+loop's bookkeeping (StepLog for the loss and speed between logs, TimeBudget for max_time).
+
+train.py runs the loop over these; bench.py sets up a Run the same way to time train.py's own step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import hellaswag
+from data.dataset import TokenData
+from data.prepare import ensure_dataset
+from glimpse.checkpoint import (
+    best_path,
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+    rank_rng_state,
+    restore_rank_rng,
+    saved_rank_states,
+)
+from glimpse.config import config_values
+from glimpse.errors import GlimpseError
+from glimpse.gpt2 import load_pretrained, pretrained_folder
+from glimpse.optim import configure_optimizer, get_lr, ramp
+from glimpse.runtime import Distributed, peak_flops, runtime
+from glimpse.tracking import Tracker
+from glimpse.train_config import TrainConfig
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Run:
+    """A training run between steps: what it trains and with what, and how far it has got.
+
+    Three names for the network, each for its callers:
+      model      the module itself: its weights are saved, checked for finiteness and drawn in snapshots
+                 (a compiled or DDP wrapper would put prefixes on every saved name)
+      compiled   model, or torch.compile(model): evaluations call it, for the compiled speed without
+                 DDP's gradient hooks
+      ddp_model  compiled inside DDP under torchrun, else compiled itself: training steps call it, since
+                 DDP averages the gradients across processes in backward
+    """
+
+    cfg: TrainConfig
+    ddp: Distributed
+    device: torch.device
+    dtype: torch.dtype
+    ctx: AbstractContextManager  # autocast to dtype (nothing for float32), entered around every forward
+    data: TokenData
+    model: GPT
+    compiled: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16 only: scales the loss so that small gradients survive
+    batch_gen: torch.Generator  # draws every training batch; the same on every process
+    tracker: Tracker
+    peak: float | None  # the device's peak FLOP/s at dtype, for MFU; None where it is not known
+    pretrained: str | None = None  # the --init_from a finetuning run started from (gpt2, or a folder)
+    hellaswag: list[hellaswag.Example] | None = None  # what --hellaswag_interval scores
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
+    step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
+    tokens_per_sec: float = 0.0  # over the last log interval
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.cfg.batch_size * self.cfg.model.block_size * self.cfg.gradient_accumulation_steps
+
+    def step_shape(self, it: int) -> tuple[int, int]:
+        """(sequences per micro-step, tokens per sequence) at step it: full size, or on their ramps."""
+        return (ramp(it, self.cfg.batch_size, self.cfg.batch_warmup_iters),
+                ramp(it, self.cfg.model.block_size, self.cfg.seq_warmup_iters))
+
+    def say(self, text: str):
+        if self.ddp.is_main:
+            tqdm.write(text)
+
+    def weights_dict(self) -> dict:
+        """What best.pt holds: the weights and what sampling and evaluation need to use them."""
+        return {"model": self.model.state_dict(), "model_config": asdict(self.model.config),
+                "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
+                "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
+                "wandb_run_id": self.tracker.run_id, "pretrained": self.pretrained}
+
+    def state_dict(self) -> dict:
+        """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
+
+        Every process calls it: each one's own random streams (its dropout masks) are gathered.
+        """
+        return {**self.weights_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
+                "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
+
+    def load_state_dict(self, state: dict):
+        """Continue from a ckpt.pt (older ones too: no scaler, one rank's streams)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.batch_gen.set_state(state["rng"]["batches"].cpu())
+        ranks = saved_rank_states(state["rng"])
+        if len(ranks) == self.ddp.world_size:
+            restore_rank_rng(ranks[self.ddp.rank], self.device)
+        else:  # another process count: no exact continuation, but each process still its own masks
+            self.say(f"resuming {len(ranks)} process(es)' run in {self.ddp.world_size}: dropout masks are reseeded")
+            torch.manual_seed(self.cfg.seed + self.ddp.rank + self.iter_num * self.ddp.world_size)
+
+
+def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
+    """Everything a run needs before its first step: device, data, model, optimizer, tracker, and the
+    checkpoint's state when resuming."""
+    device, dtype, ctx = runtime(cfg.device, cfg.dtype, ddp.local_rank)
+    if cfg.gradient_accumulation_steps % ddp.world_size:
+        raise GlimpseError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
+            f"the number of processes ({ddp.world_size}): each process takes an equal share"
+        )
+    out_dir = Path(cfg.out_dir)
+    existing = [p for p in (checkpoint_path(out_dir), best_path(out_dir)) if p.exists()]
+    if cfg.init_from != "resume" and existing:
+        raise GlimpseError(f"{existing[0]} exists: continue it with --init_from=resume, or start fresh in another "
+                           "--out_dir (or delete that one)")
+    pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
+    folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
+
+    data, examples = setup_data(cfg, ddp)
+    state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
+    cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
+    model = model.to(device)
+    compiled = torch.compile(model) if cfg.compile else model
+    ddp_model = compiled
+    if ddp.enabled:
+        ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
+    tracker = Tracker(
+        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+        wandb_run_name=cfg.wandb_run_name, config=config_values(cfg),
+        resume_run_id=state.get("wandb_run_id") if state else None,
+        keep_through_iter=state["iter_num"] if state else None,
+    )
+    run = Run(cfg, ddp, device, dtype, ctx, data, model, compiled, ddp_model,
+              optimizer=configure_optimizer(model, cfg, device),
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
+              peak=peak_flops(device, dtype),  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
+              pretrained=pretrained, hellaswag=examples)
+    if state is not None:
+        run.load_state_dict(state)
+    else:
+        torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
+    run.step_lr = get_lr(run.iter_num, cfg)  # step 0's eval reports the rate its first step will take
+    if ddp.is_main:
+        (out_dir / "config.json").write_text(json.dumps(config_values(cfg), indent=1) + "\n", encoding="utf-8")
+    run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
+            f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
+            + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
+    return run
+
+
+def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:
+    """The dataset, and the HellaSwag examples when they are scored: the first process of each machine
+    prepares or downloads them while the others wait."""
+    if ddp.local_rank == 0:
+        ensure_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.hellaswag_interval:
+            hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
+    ddp.barrier()
+    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
+    data.check_block_size(cfg.model.block_size)
+    examples = None
+    if cfg.hellaswag_interval:
+        examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
+        examples = hellaswag.first(examples, cfg.hellaswag_examples)
+    return data, examples
+
+
+def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):
+    """(the config as the run trains it, the model on the CPU, the pretrained model it started from or None):
+    a new GPT of the model keys, pretrained GPT-2's shape and weights, or a checkpoint's shape to resume."""
+    if pretrained and data.tokenizer_spec["kind"] != "gpt2":
+        raise GlimpseError(f"--init_from={pretrained} reads GPT-2's BPE tokens, but dataset {cfg.dataset} is "
+                           f"tokenized by {data.tokenizer_spec['kind']}: finetune on a GPT-2 BPE dataset, such as "
+                           "--dataset=shakespeare")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    if pretrained:
+        model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
+        for p in model.parameters():  # training rewrites every weight: own them, in the layout DDP's buckets expect
+            p.data = p.data.contiguous()
+        cfg = replace(cfg, model=replace(model.config))  # the run's config says what it trains: GPT-2's shape
+    else:
+        model_config = cfg.model_config(data.vocab_size)
+        if state is not None:
+            pretrained = state.get("pretrained")  # a finetuning run resumes with its pretrained model's shape
+            if pretrained is not None:
+                model_config = replace(GPTConfig(**state["model_config"]), block_size=cfg.model.block_size,
+                                       dropout=cfg.model.dropout)
+                cfg = replace(cfg, model=model_config)
+            check_resume(state, model_config, cfg.optimizer, data.tokenizer_spec, data.folder)
+        model = GPT(model_config)
+    if model.config.vocab_size < data.vocab_size:
+        raise GlimpseError(f"dataset {cfg.dataset} has {data.vocab_size} tokens, more than the model's "
+                           f"{model.config.vocab_size}: finetune on a dataset of its tokenizer")
+    return cfg, model, pretrained
+
+
+def blown_up(what: str, step: int) -> GlimpseError:
+    """The error that stops a run whose loss or weights stopped being finite."""
+    return GlimpseError(f"{what} at step {step}; the last good checkpoint is kept. Try a lower learning_rate, or "
+                        "dtype=float32")
+
+
+def throughput(run: Run) -> dict:
+    """Model FLOPs utilisation at the last measured speed, {'mfu': share of the devices' combined peak}, or {}
+    where the peak is not known."""
+    if not run.peak:
+        return {}
+    return {"mfu": run.tokens_per_sec * run.model.flops_per_token() / (run.peak * run.ddp.world_size)}
+
+
+class StepLog:
+    """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.tokens, self.since = 0, 0, time.time()
+
+    def pause(self):
+        """Leave the time since the last step out of the next speed (an eval, a snapshot)."""
+        self.since = time.time()
+
+    def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
+        """Log the mean loss and speed since the last log step; return what the progress bar shows."""
+        train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
+        run.tokens_per_sec = self.tokens / (time.time() - self.since)
+        record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
+                  **throughput(run)}
+        if budget_used is not None:
+            record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
+        run.tracker.log(record)
+        if not math.isfinite(train_loss):
+            raise blown_up(f"the training loss became {train_loss}", run.iter_num)
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.since = 0, 0, time.time()
+        shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
+        return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
+
+
+class TimeBudget:
+    """The max_time clock: seconds spent in training steps (evals, checkpoints and snapshots are off it).
+
+    Every process must take the same learning rate and stop at the same step, but their clocks differ
+    a little. So they agree on the slowest clock at log steps (every step when there is one process),
+    and in between extend the agreed time by the seconds per step agreed so far.
+    """
+
+    def __init__(self, max_time: float, spent: float, iter_num: int):
+        self.max_time, self.spent = max_time, spent  # spent: this process's own clock
+        self.agreed, self.agreed_at = spent, iter_num
+        self.start, self.start_at = spent, iter_num
+
+    def agree(self, slowest: float, iter_num: int):
+        self.agreed, self.agreed_at = slowest, iter_num
+
+    def fraction(self, iter_num: int) -> float | None:
+        """The share of the budget spent by step iter_num, the same on every process; None: no budget."""
+        if not self.max_time:
+            return None
+        steps = self.agreed_at - self.start_at
+        per_step = (self.agreed - self.start) / steps if steps else 0.0
+        return (self.agreed + (iter_num - self.agreed_at) * per_step) / self.max_time

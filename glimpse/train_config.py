@@ -1,0 +1,143 @@
+"""
+TrainConfig: every key of a training run, with its default and the help that train.py --help shows.
+
+Precedence is defaults < a TOML preset < --key=value (glimpse/config.py); the model's keys are
+model.py's GPTConfig, set by their own names (--n_layer=4). A config that cannot run is refused here,
+before any data or model is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from glimpse.config import nested, option
+from glimpse.runtime import Device, Dtype, device_option, dtype_option
+from model import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = option("out", "folder for ckpt.pt, best.pt, config.json and metrics.jsonl")
+    dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/{train,val}.bin")
+    data_dir: str = option("data", "folder that holds one sub-folder per dataset")
+    init_from: str = option(
+        "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt; gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl, or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: finetune "
+        "pretrained GPT-2 (its shape; of the model keys only block_size, at most 1024, and dropout apply)"
+    )
+    # where it runs
+    device: Device = device_option()
+    dtype: Dtype = dtype_option()
+    compile: bool = option(False, "torch.compile the model: slower start, faster steps")
+    seed: int = option(1337, "seeds weights, batches and dropout")
+    # data
+    batch_size: int = option(64, "sequences per micro-step (per process under DDP)")
+    batch_warmup_iters: int = option(
+        0, "grow the sequences per micro-step from a quarter of batch_size to all of it over this many steps, in "
+        "eighths: cheaper steps early, when a rough gradient does as well (0: the full batch from the start)"
+    )
+    seq_warmup_iters: int = option(
+        0, "grow the training sequences from a quarter of block_size to all of it over this many steps, in "
+        "eighths: short contexts first, as modded-nanogpt's window schedule (0: full length from the start)"
+    )
+    gradient_accumulation_steps: int = option(
+        1, "micro-steps per optimizer step, over all processes (must divide by the process count)"
+    )
+    # schedule
+    max_iters: int = option(5000, "optimizer steps in total")
+    max_time: float = option(
+        0.0, "a time budget in seconds of training steps (evals, checkpoints and attention maps are off this clock): "
+        "training stops when it is spent, and the cosine decay follows the fraction used, so the run ends fully "
+        "decayed; 0: no budget, max_iters and lr_decay_iters rule"
+    )
+    eval_interval: int = option(250, "evaluate (and maybe checkpoint) every this many steps")
+    eval_iters: int = option(200, "batches per split in each evaluation")
+    log_interval: int = option(10, "log the training loss every this many steps")
+    always_save_checkpoint: bool = option(
+        True, "write ckpt.pt (what resuming needs) at every eval; false: only at the end, on a signal and every "
+        "checkpoint_interval_s. Either way best.pt keeps the weights with the lowest val loss"
+    )
+    final_eval: bool = option(True, "after the last step, score the whole validation split and log final_val_loss")
+    checkpoint_interval_s: float = option(
+        0.0, "also checkpoint every this many seconds of training, whatever the val loss (0: only at evals)"
+    )
+    attn_log_interval: int | None = option(
+        None, "dump attention maps of a fixed validation text every this many steps (none: at every eval; 0: never)"
+    )
+    attn_probe_tokens: int = option(64, "tokens of validation text in those maps (token labels show up to 64)")
+    hellaswag_interval: int = option(
+        0, "score HellaSwag (completion style) every this many steps and at the end, the examples split across "
+        "processes; logs hellaswag_acc and hellaswag_acc_norm (0: never)"
+    )
+    hellaswag_file: str = option("", "a local hellaswag_val.jsonl (empty: downloaded once to DATA_DIR/hellaswag/)")
+    hellaswag_examples: int = option(0, "score the first this many HellaSwag examples each time (0: all 10,042)")
+    # optimizers and the learning-rate schedule
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", "adamw: AdamW for every parameter; muon: Muon for the matrices inside the blocks (c_attn, c_proj, "
+        "c_fc) and AdamW for embeddings, lm_head, norms and biases. Muon orthogonalises each momentum update with "
+        "Newton-Schulz iterations, so that every direction of a matrix moves at a similar rate, not only the few "
+        "that dominate the gradient. Needs PyTorch 2.9 or newer"
+    )
+    learning_rate: float = option(1e-3, "peak learning rate (AdamW's), reached after warmup")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warmup")
+    lr_decay_iters: int = option(5000, "step at which the cosine decay reaches min_lr")
+    weight_decay: float = option(
+        0.1, "decoupled weight decay, on matrices only (not biases or norms); under optimizer=muon Muon's matrices "
+        "take it too, times muon_lr"
+    )
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    muon_lr: float = option(
+        0.02, "Muon's peak learning rate (optimizer=muon); the schedule scales it as it scales learning_rate, so Muon "
+        "and AdamW warm up and decay together"
+    )
+    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov), optimizer=muon")
+    muon_ns_steps: int = option(
+        5, "Newton-Schulz iterations that orthogonalise each Muon update: fewer are cheaper and rougher"
+    )
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    # model: GPTConfig's keys, with a smaller default than GPT-2's
+    model: GPTConfig = nested(
+        lambda: GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        "the network's shape (model.py's GPTConfig); each key is set by its own name, --n_layer=4 or n_layer = 4",
+    )
+    # wandb
+    wandb_log: bool = option(False, "log config and scalars to wandb (WANDB_MODE=offline works)")
+    wandb_project: str = option("glimpse", "wandb project")
+    wandb_run_name: str = option("", "wandb run name (empty: wandb picks one)")
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens", "hellaswag_interval",
+                     "hellaswag_examples", "batch_warmup_iters", "seq_warmup_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.max_time < 0:
+            raise ValueError(f"max_time must not be negative, got {self.max_time}")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(f"checkpoint_interval_s must not be negative, got {self.checkpoint_interval_s}")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
+        if self.attn_log_interval is not None and self.attn_log_interval < 0:
+            raise ValueError(f"attn_log_interval must be none, 0 (never) or positive, got {self.attn_log_interval}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.muon_ns_steps < 1:
+            raise ValueError(f"muon_ns_steps must be at least 1, got {self.muon_ns_steps}")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr} and "
+                             f"{self.muon_momentum}")
+        if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
+                             f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The network to build: the model keys, and the dataset's vocabulary."""
+        return replace(self.model, vocab_size=vocab_size)
