@@ -36,13 +36,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -57,12 +53,14 @@ from eval import EvalConfig
 from glimpse import render
 from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
+from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
 from glimpse.config import option, parse_config
-from glimpse.errors import GlimpseError, user_errors
+from glimpse.errors import user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import generate, sample_next
 from glimpse.run import setup
-from glimpse.runtime import Distributed, resolve_device, runtime, synchronize
+from glimpse.runtime import Distributed, resolve_device, runtime
+from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
 from model import GPT, GPTConfig
 from train import TrainConfig, train_step
 
@@ -121,16 +119,6 @@ class BenchConfig:
         return counts
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and lazy imports are not what a user waits for each time
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_attention_dump(cfg: BenchConfig) -> dict:
     if cfg.shape == "gpt2":
         model_config = GPTConfig(block_size=cfg.tokens, vocab_size=50257)  # GPT-2 small: 12 x 12 heads, 768 wide
@@ -173,130 +161,6 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
             "memory": memory}
 
 
-PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(code)")
-
-
-def bench_prepare(cfg: BenchConfig) -> dict:
-    """data/prepare.py beside a one-process tiktoken loop, on the same generated documents."""
-    import random
-    import subprocess
-
-    from data.sources import Documents, input_files
-    from data.tokenizer import GPT2Tokenizer
-
-    rng = random.Random(0)
-    words = ["".join(rng.choice("etaoinshrdlucmfwypvbgkjqxz") for _ in range(rng.randint(1, 9))) for _ in range(5000)]
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        files = [open(corpus / f"part_{i}.jsonl", "w", encoding="utf-8") for i in range(8)]
-        written, doc = 0, 0
-        while written < cfg.corpus_mb * 1_000_000:
-            text = " ".join(rng.choices(words, k=rng.randint(50, 1500))) + "."
-            line = json.dumps({"text": text}) + "\n"
-            files[doc % 8].write(line)
-            written, doc = written + len(line), doc + 1
-        for f in files:
-            f.close()
-        enc = GPT2Tokenizer().enc
-        counted, peaks = [], []
-
-        def loop():
-            counted.append(sum(len(enc.encode_ordinary(text)) for text, _ in Documents(input_files(str(corpus)))))
-
-        def prepare():
-            shutil.rmtree(Path(tmp) / "bench", ignore_errors=True)  # every run prepares from nothing
-            # a small parent process runs prepare.py and reports its children's peak: this process's own
-            # memory, copied into a child for an instant before it starts prepare.py, would count otherwise
-            run = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, sys.executable, "data/prepare.py",
-                                  "--dataset=bench", f"--input={corpus}", "--tokenizer=gpt2", f"--data_dir={tmp}"],
-                                 capture_output=True, text=True, cwd=Path(__file__).parent)
-            if run.returncode:
-                raise GlimpseError(f"prepare.py failed: {run.stderr.strip().splitlines()[-1]}")
-            peaks.append(int(run.stdout.split()[-1]))  # the largest process, workers too
-
-        cpu = torch.device("cpu")
-        loop_s, prepare_s = interleaved_medians([loop, prepare], [cpu, cpu], cfg.repeats)
-        meta = json.loads((Path(tmp) / "bench" / "meta.json").read_text())
-    tokens = counted[0]
-    prepared = meta["train_tokens"] + meta["val_tokens"] - (meta["documents"] - 2)  # less the <|endoftext|>s
-    if prepared != tokens:
-        raise GlimpseError(f"prepare.py wrote {prepared:,} document tokens, the loop counted {tokens:,}")
-    return {"megabytes": written / 1e6, "documents": doc, "tokens": tokens,
-            "seconds": {"prepare": prepare_s, "loop": loop_s},
-            "tokens_per_sec": {"prepare": tokens / prepare_s, "loop": tokens / loop_s}, "speedup": loop_s / prepare_s,
-            "peak_mb": max(peaks) / 2**20}
-
-
-def resident_bytes() -> int | None:
-    """This process's resident memory now (Linux; None elsewhere)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def peak_resident_bytes() -> int:
-    import resource  # POSIX
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
-
-
-def bench_gpt2(cfg: BenchConfig) -> dict:
-    """GPT-2's shape (random weights) in glimpse and in transformers, side by side: the logits after import and
-    after export, loading a Hugging Face folder to the first generated token, and greedy KV-cache sampling."""
-    try:
-        import transformers
-    except ImportError:
-        raise GlimpseError("--what=gpt2 compares with transformers: pip install -r requirements-dev.txt") from None
-    from safetensors.torch import save_file
-
-    from glimpse.gpt2 import hf_config, hf_weights, load_pretrained
-
-    torch.manual_seed(0)
-    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=cfg.gpt2_n_layer)).eval()
-    reference.generation_config.eos_token_id = None  # generate all new_tokens, as glimpse does
-    prompt = torch.randint(50257, (1, cfg.prompt_tokens))
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        folder, exported = Path(tmp) / "gpt2", Path(tmp) / "exported"
-        reference.save_pretrained(folder)
-        model = load_pretrained(str(folder))
-        imported = (model(prompt)[0] - reference(prompt).logits).abs().max().item()
-        exported.mkdir()
-        save_file(hf_weights(model), exported / "model.safetensors")
-        (exported / "config.json").write_text(json.dumps(hf_config(model.config, 50256)))
-        back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-        exported_diff = (back(prompt).logits - model(prompt)[0]).abs().max().item()
-        del back
-
-        def glimpse_load():
-            next(generate(load_pretrained(str(folder)), prompt, 1, temperature=0.0))
-
-        def transformers_load():
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-            hf.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
-
-        ours, theirs = [], []
-
-        def glimpse_sample():
-            ours[:] = [step.token.item() for step in generate(model, prompt, cfg.new_tokens, temperature=0.0)]
-
-        def transformers_sample():
-            theirs[:] = reference.generate(prompt, max_new_tokens=cfg.new_tokens, do_sample=False,
-                                           pad_token_id=0)[0, cfg.prompt_tokens:].tolist()
-
-        cpu = [torch.device("cpu")] * 2
-        load = interleaved_medians([glimpse_load, transformers_load], cpu, cfg.repeats)
-        sample = interleaved_medians([glimpse_sample, transformers_sample], cpu, cfg.repeats)
-    return {"model": asdict(model.config), "max_abs_logit_diff": {"imported": imported, "exported": exported_diff},
-            "seconds": {"glimpse_load_to_first_token": load[0], "transformers_load_to_first_token": load[1],
-                        "glimpse_sample": sample[0], "transformers_sample": sample[1]},
-            "speedup": {"load": load[1] / load[0], "sample": sample[1] / sample[0]},
-            "same_tokens": ours == theirs, "tokens_per_sec": {"glimpse": cfg.new_tokens / sample[0],
-                                                             "transformers": cfg.new_tokens / sample[1]}}
-
-
 def bench_head_importance(cfg: BenchConfig) -> dict:
     """Every head removed alone (eval.py --head_importance) beside one intact scoring of the same windows."""
     train_cfg, model = preset_model(cfg.presets[0], cfg)
@@ -325,20 +189,6 @@ def preset_model(preset: str, cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
     train_cfg = preset_config(preset)
     torch.manual_seed(0)
     return train_cfg, GPT(train_cfg.model_config(cfg.vocab_size))
-
-
-def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) -> list[float]:
-    """Median seconds of each fn, timing them in turn, round after round, after one warm-up each."""
-    for fn in fns:
-        fn()  # warm-up: first-call allocations and lazy imports are not what a user waits for each time
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, device, ts in zip(fns, devices, times):
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)  # GPU work runs asynchronously: wait for it before reading the clock
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
 
 
 def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path, shards: int = 1):
@@ -476,7 +326,8 @@ def main(argv: list[str] | None = None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance,
-               "gpt2": bench_gpt2, "prepare": bench_prepare}.get(
+               "gpt2": lambda c: gpt2_beside_transformers(c.gpt2_n_layer, c.prompt_tokens, c.new_tokens, c.repeats),
+               "prepare": lambda c: prepare_beside_tiktoken(c.corpus_mb, c.repeats)}.get(
             cfg.what, bench_presets)
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
