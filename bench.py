@@ -101,6 +101,8 @@ class BenchConfig:
         if missing:
             raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
         _ = self.shard_counts  # a malformed list fails here, before anything is built
+        if self.gpt2_n_layer < 1 or self.prompt_tokens < 1:
+            raise ValueError("gpt2_n_layer and prompt_tokens must be at least 1")
         if self.corpus_mb < 1:
             raise ValueError(f"corpus_mb must be at least 1, got {self.corpus_mb}")
 

@@ -5,8 +5,8 @@ its random streams.
 
 A run's out_dir holds two checkpoints, because resuming and sampling want different weights:
 
-    ckpt.pt   where training stands: what a resumed run needs to continue exactly
-              (glimpse/run.py's Run.state_dict defines it: weights, optimizer, grad scaler, counters, every rank's
+    ckpt.pt   where training stands: what a resumed run needs to continue exactly (glimpse/run.py's
+              Run.state_dict defines it: weights, optimizer, grad scaler, counters, every rank's
               random streams). Written at evals, on a signal, every checkpoint_interval_s, at the end.
     best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
               is a third of the size. Written when an eval improves on the best.

@@ -232,9 +232,14 @@ def process_group_options(device_name: str, local_rank: int, cuda_available: boo
     return {"backend": "gloo"}
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started (it sets RANK, LOCAL_RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ
+
+
 def init_distributed(device_name: str) -> Distributed:
-    """Join the process group when launched by torchrun (RANK in the environment)."""
-    if "RANK" not in os.environ:
+    """Join the process group when launched by torchrun."""
+    if not launched_by_torchrun():
         return Distributed()
     local_rank = int(os.environ["LOCAL_RANK"])
     options = process_group_options(device_name, local_rank, torch.cuda.is_available())
@@ -262,7 +267,7 @@ def exit_when_done_under_torchrun():
     that succeeded, now and then. By the end of the block every file is written and closed and wandb
     finished; only the streams are left to flush.
     """
-    if "RANK" not in os.environ:
+    if not launched_by_torchrun():
         yield
         return
     status = 0

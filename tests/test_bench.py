@@ -5,6 +5,8 @@ import json
 import pytest
 
 from bench import preset_config
+from glimpse.comparisons import prepare_beside_tiktoken
+from glimpse.errors import GlimpseError
 from tests.conftest import python
 
 RECIPE = "config/shakespeare_char_recipe.toml"
@@ -91,6 +93,22 @@ def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_rank
     assert result["tokens_per_sec"]["loop"] == pytest.approx(result["tokens"] / result["seconds"]["loop"])
 
 
+def test_prepare_timing_is_refused_when_the_two_counts_disagree(gpt2_ranks, monkeypatch):
+    """The two sides must tokenize the same documents into the same tokens, or their speeds compare nothing:
+    a loop that drops each document's first token is caught."""
+    import data.tokenizer
+
+    class Short(data.tokenizer.GPT2Tokenizer):
+        def __init__(self):
+            super().__init__()
+            full = self.enc
+            self.enc = type("Enc", (), {"encode_ordinary": staticmethod(lambda text: full.encode_ordinary(text)[1:])})
+
+    monkeypatch.setattr(data.tokenizer, "GPT2Tokenizer", Short)  # the loop's tokenizer; prepare.py runs its own
+    with pytest.raises(GlimpseError, match=r"prepare.py wrote [\d,]+ document tokens, the loop counted"):
+        prepare_beside_tiktoken(corpus_mb=1, repeats=1)
+
+
 def test_train_step_is_timed_on_one_file_beside_shards():
     result = bench_json("--what=train_step", "--shards=1,4", f"--preset={RECIPE}")
     one, four = result["runs"]
@@ -100,3 +118,6 @@ def test_train_step_is_timed_on_one_file_beside_shards():
     assert bad.returncode == 2 and "shards must be positive" in bad.stderr
     empty = python("bench.py", "--what=prepare", "--corpus_mb=0")
     assert empty.returncode == 2 and "corpus_mb must be at least 1" in empty.stderr
+    no_layers = python("bench.py", "--what=gpt2", "--gpt2_n_layer=0")
+    assert no_layers.returncode == 2
+    assert no_layers.stderr.strip() == "error: gpt2_n_layer and prompt_tokens must be at least 1"

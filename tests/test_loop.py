@@ -245,3 +245,13 @@ def test_asking_for_best_pt_where_there_is_none_says_what_to_read_instead(traine
     (tmp_path / "ckpt.pt").write_bytes(checkpoint_path(cfg.out_dir).read_bytes())  # ckpt.pt alone
     message = run_main(sample_script.main, [f"--out_dir={tmp_path}", "--checkpoint=best"], capsys)
     assert "no " + str(tmp_path / "best.pt") in message and "--checkpoint=last" in message
+
+
+def test_the_last_step_is_evaluated_and_drawn_off_the_schedule(tmp_path, data_dir):
+    """A run that does not end on a multiple of eval_interval still evaluates, saves and draws its last step."""
+    cfg = tiny_config(data_dir, tmp_path, max_iters=25, eval_interval=10, lr_decay_iters=25, final_eval=False)
+    train(cfg)
+    evals = [r["iter"] for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert evals == [0, 10, 20, 25]
+    assert sorted(int(p.name.removeprefix("iter_")) for p in (tmp_path / "attention").iterdir()) == [0, 10, 20, 25]
+    assert load_checkpoint(checkpoint_path(tmp_path), torch.device("cpu"))["iter_num"] == 25
