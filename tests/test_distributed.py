@@ -66,7 +66,8 @@ def test_accumulation_must_divide_among_processes(tmp_path, data_dir):
 def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, status):
     """DDP keeps its gloo group's worker threads alive to the end. Were Python's teardown to run, one still
     letting go of a collective's tensors would abort a finished run now and then: each process must end
-    with its status at once (1 and the traceback for an error), its output written and no exit handler run."""
+    with its status at once (1 and the traceback for an error), its output written and no exit handler run.
+    A failing process alone: torchrun stops the others the moment one fails, before they may have printed."""
     script = tmp_path / "ends.py"
     script.write_text(textwrap.dedent(f"""
         import atexit, sys
@@ -77,10 +78,12 @@ def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, sta
             print("done")
             {ending}
     """))
-    run = run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script))
-    assert run.stdout.count("done") == 2 and "teardown" not in run.stdout, run.stdout + run.stderr
+    nproc = 1 if status else 2
+    run = run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                     str(script))
+    assert run.stdout.count("done") == nproc and "teardown" not in run.stdout, run.stdout + run.stderr
     assert run.returncode == (0 if status == 0 else 1)  # torchrun's own status: 1 when a process failed
     if status:
         assert f"exitcode  : {status}" in run.stderr
     if "RuntimeError" in ending:
-        assert run.stderr.count("RuntimeError: broken") >= 2  # each process's traceback
+        assert "RuntimeError: broken" in run.stderr  # the process's traceback
