@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import sys
 import textwrap
 import types
@@ -216,7 +215,19 @@ def _default(f):
 def _show(value) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "none"}[value]
-    return json.dumps(value) if isinstance(value, str) and (not value or not value.isprintable()) else str(value)
+    return _typed_in_a_shell(value) if isinstance(value, str) else str(value)
+
+
+def _typed_in_a_shell(text: str) -> str:
+    r"""text as a shell user would type it, so that a default in --help can be copied: flags are taken
+    literally (--start="\n" is a backslash and an n), so a newline shows as bash's $'\n'."""
+    if not text:
+        return "''"
+    if text.isprintable():
+        return text
+    special = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
+    escaped = "".join(special.get(c, c if c.isprintable() else f"\\U{ord(c):08x}") for c in text)
+    return f"$'{escaped}'"
 
 
 def _key(cls, key: str, where: str = "") -> Key:

@@ -1,10 +1,14 @@
 """Config loading: defaults < TOML < flags, typed parsing, and errors that name the key."""
 
+import re
+import subprocess
 from dataclasses import fields
 
 import pytest
 
-from glimpse.config import build, config_values, parse_config
+from data.prepare import PrepareConfig
+from eval import EvalConfig
+from glimpse.config import build, config_help, config_keys, config_values, parse_config
 from glimpse.errors import GlimpseError
 from model import GPTConfig
 from sample import SampleConfig
@@ -106,3 +110,16 @@ def test_help_lists_every_key_and_errors_are_one_line():
     bad = python("train.py", "--n_layr=3")
     assert bad.returncode != 0
     assert bad.stderr.strip() == "error: unknown config key 'n_layr'; did you mean n_layer?"
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, SampleConfig, EvalConfig, PrepareConfig])
+def test_each_text_default_in_help_can_be_typed_back(cls):
+    """--help shows each default as a shell user would type it: copied into bash, it gives the default back
+    (a newline is $'\\n', since a flag's "\\n" would be a backslash and an n)."""
+    text = config_help(cls, "x.py", "")
+    keys = [name for name, key in config_keys(cls).items() if isinstance(key.default, str)]
+    heads = [re.search(rf"^  (--{name}=.*?)(  |$)", text, re.MULTILINE).group(1) for name in keys]
+    typed = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(heads)], capture_output=True, text=True,
+                           check=True).stdout.split("\0")[:-1]
+    assert len(typed) == len(keys)
+    assert config_values(parse(typed, cls)) == config_values(cls())
