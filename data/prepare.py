@@ -22,6 +22,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import socket
 import sys
 import time
@@ -63,6 +64,11 @@ BUILTIN = {  # name -> (tokenizer, where its text comes from)
 VAL_FRACTION = 0.1  # of the documents held out for validation, when neither --val_tokens nor --val_fraction is given
 HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation tokens then
 CHUNK_CHARS = 1 << 20  # a task for a worker: documents (or pieces of a long one) of about 1M characters
+# Where a long document is cut into pieces, tokenized apart: just before whitespace that a non-space follows.
+# GPT-2's pre-tokenizer starts a piece there, and a text that ends in whitespace ends in the same piece
+# ("a \n\nb" is "a", " \n", "\n", "b" whole; cut before the second "\n", both halves keep those pieces).
+# Whitespace is Unicode's, as the tokenizer's regex has it: Python's \s also counts \x1c-\x1f.
+CUT = re.compile(r"(?=[^\S\x1c-\x1f][\S\x1c-\x1f])")
 
 
 @dataclass
@@ -123,9 +129,9 @@ def prepare(cfg: PrepareConfig) -> Path:
         cfg = replace(cfg, val_tokens=HUB_VAL_TOKENS) if streamed else replace(cfg, val_fraction=VAL_FRACTION)
     if kind == "char":
         chars, n_docs = set(), 0
-        for text, _ in tqdm(docs(), desc="reading the characters", unit="doc", disable=None):
+        for text, _, starts_doc in tqdm(docs(), desc="reading the characters", unit="part", disable=None):
             chars.update(text)
-            n_docs += 1
+            n_docs += starts_doc
         tokenizer = CharTokenizer("".join(chars | (set(cfg.separator) if n_docs > 1 else set())))
     else:
         tokenizer = GPT2Tokenizer()
@@ -162,26 +168,6 @@ def download(url: str, dest: Path, offline_hint: str):
         reason = getattr(e, "reason", e)
         raise GlimpseError(f"could not download {url} ({reason}); {offline_hint}") from None
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
-
-
-def safe_chunks(text: str, size: int):
-    """Split text into pieces of about `size` characters that tokenize as the whole text does.
-
-    A cut is made only after a newline that has a non-space character on both sides: GPT-2's
-    pre-tokenizer never joins such a newline with its neighbours, so no BPE token spans the cut.
-    """
-    start = 0
-    while len(text) - start > size:
-        cut = start + size
-        while cut < len(text) - 1 and not (
-            text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
-        ):
-            cut += 1
-        if cut >= len(text) - 1:
-            break
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
 
 
 def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None, cfg: PrepareConfig, settings: dict):
@@ -221,11 +207,24 @@ def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
     return tokenizer.encode(separator) if set(separator) <= set(tokenizer.chars) else np.array([], dtype=np.int64)
 
 
-def pieces(docs):
-    """(text, (starts a document, input bytes)) per document; a long one is cut where no token spans the cut."""
-    for text, size in docs:
-        for i, piece in enumerate(safe_chunks(text, CHUNK_CHARS)):
-            yield piece, (i == 0, size if i == 0 else 0)
+def pieces(parts):
+    """(text, (starts a document, input bytes)) per piece of about CHUNK_CHARS characters: each document,
+    given whole or in parts, is cut at the first CUT past every CHUNK_CHARS, so the pieces are the same
+    however the document was read."""
+    text, start, seek, first, unsent = None, 0, 0, True, 0  # text[start:] of the document is not given out yet
+    for part, size, starts_doc in parts:
+        if starts_doc:
+            if text is not None:
+                yield text[start:], (first, unsent)
+            text, start, seek, first, unsent = part, 0, 0, True, size
+        else:  # keep only what is not given out: a cut is never sought twice in the same text
+            text, seek, start, unsent = text[start:] + part, max(seek - start, 0), 0, unsent + size
+        while cut := CUT.search(text, max(seek, start + CHUNK_CHARS)):
+            yield text[start:cut.start()], (first, unsent)
+            start, first, unsent = cut.start(), False, 0
+        seek = len(text) - 1  # a cut needs the character after it: the last one is sought again
+    if text is not None:
+        yield text[start:], (first, unsent)
 
 
 def skipped(items, n: int, bar):

@@ -24,6 +24,7 @@ from data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
 
 WRITE_BUFFER = 1 << 20  # bytes gathered before a write to the shard file: few system calls per shard
+HELD_SLICE = 1 << 22  # tokens of the first document copied at a time from its file to the shards
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -84,23 +85,47 @@ class ShardWriter:
             os.fsync(self.file.fileno())
 
 
+class Held:
+    """The first document's tokens, in a file beside the shards rather than in memory, until it is known
+    whether another document follows; read back a slice of HELD_SLICE tokens at a time."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype, self.count = path, dtype, 0
+        self.file = open(path, "wb", buffering=WRITE_BUFFER)
+
+    def append(self, ids: np.ndarray):
+        self.file.write(np.ascontiguousarray(ids, dtype=self.dtype).data)
+        self.count += len(ids)
+
+    def slices(self, start: int, stop: int):
+        self.file.close()
+        for i in range(start, stop, HELD_SLICE):  # read, not mapped: mapped pages would count as the process's
+            yield np.fromfile(self.path, self.dtype, count=min(HELD_SLICE, stop - i), offset=i * self.dtype.itemsize)
+
+    def drop(self):
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 class Router:
     """Sends each document, whole, to val or train, with the separator between documents of a split.
 
-    The first document waits for the second: a corpus of one document is split by its tokens instead.
+    The first document waits for the second, on disk: a corpus of one document is split by its tokens instead.
     """
 
     def __init__(self, writers: dict[str, ShardWriter], separator: np.ndarray, val_tokens: int, val_fraction: float,
                  docs: int = 0):
         self.writers, self.separator, self.docs = writers, separator, docs
         self.val_tokens, self.val_fraction = val_tokens, val_fraction
-        self.held = [] if docs == 0 else None
+        val = writers["val"]
+        self.held = Held(val.folder / "first_document.bin", val.dtype) if docs == 0 else None
         self.split = None
 
     def add(self, ids: np.ndarray, starts_doc: bool):
         if starts_doc:
             if self.docs == 1 and self.held is not None:
-                self.emit("val", np.concatenate(self.held), True)  # the first document is validation's
+                self.release("val", 0, self.held.count)  # the first document is validation's
+                self.held.drop()
                 self.held = None
             self.split = self.assign(self.docs)
             self.docs += 1
@@ -108,6 +133,11 @@ class Router:
             self.held.append(ids)
         else:
             self.emit(self.split, ids, starts_doc)
+
+    def release(self, split: str, start: int, stop: int):
+        """Held tokens start:stop to split, as one document."""
+        for i, ids in enumerate(self.held.slices(start, stop)):
+            self.emit(split, ids, i == 0)
 
     def assign(self, doc: int) -> str:
         if self.val_tokens:
@@ -122,12 +152,14 @@ class Router:
 
     def finish(self, source: str):
         if self.held is not None:  # one document: validation is its last tokens
-            ids = np.concatenate(self.held) if self.held else np.array([], dtype=np.int64)
-            if not len(ids):
+            n = self.held.count
+            if not n:
+                self.held.drop()
                 raise GlimpseError(f"{source} holds no text: point --input at the corpus")
-            n_val = self.val_tokens or len(ids) - int(len(ids) * (1 - self.val_fraction))
-            self.emit("train", ids[:len(ids) - n_val], True)
-            self.emit("val", ids[len(ids) - n_val:], True)
+            n_val = min(self.val_tokens or n - int(n * (1 - self.val_fraction)), n)
+            self.release("train", 0, n - n_val)
+            self.release("val", n - n_val, n)
+            self.held.drop()
         for split, writer in self.writers.items():
             writer.flush()
             if not writer.count:

@@ -6,8 +6,10 @@ Where a corpus's documents come from: local files of several formats, or a Huggi
     .parquet                   one document per row, its text in a column (--text_column)
 
 An input is a file, a folder (searched recursively) or a glob; its files are read in sorted order, so
-the same input always gives the same documents in the same order. Every document comes with the
-number of input bytes it accounts for, which is what the progress bar counts when the total is known.
+the same input always gives the same documents in the same order. They come as parts, (text, input
+bytes, starts a document): a record is one part, while a .txt file is read a block of TXT_BLOCK
+characters at a time, so that a file of any size passes through in bounded memory. The input bytes
+are what the progress bar counts when the total is known.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from glimpse.errors import GlimpseError, read_utf8
+from glimpse.errors import GlimpseError, reading
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+TXT_BLOCK = 1 << 22  # characters of a .txt file read at a time
 
 
 def file_format(path: Path) -> str | None:
@@ -54,7 +57,7 @@ def input_files(spec: str) -> list[Path]:
 
 @dataclass
 class Documents:
-    """The documents of some files, read lazily; bad_lines counts the JSON lines skipped."""
+    """The documents of some files as parts, read lazily; bad_lines counts the JSON lines skipped."""
 
     files: list[Path]
     text_column: str = "text"
@@ -65,16 +68,16 @@ class Documents:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
-    def __iter__(self) -> Iterator[tuple[str, int]]:  # (text, input bytes it accounts for)
+    def __iter__(self) -> Iterator[tuple[str, float, bool]]:  # (text, input bytes, starts a document)
         self.bad_lines = 0  # each pass over the files counts afresh
         for path in self.files:
             kind = file_format(path)
             if kind == ".txt":
-                yield read_utf8(path, "input file"), path.stat().st_size
+                yield from txt_parts(path)
             elif kind == ".parquet":
-                yield from self.parquet(path)
+                yield from ((text, size, True) for text, size in self.parquet(path))
             else:
-                yield from self.jsonl(path, kind)
+                yield from ((text, size, True) for text, size in self.jsonl(path, kind))
 
     def jsonl(self, path: Path, kind: str):
         """Each line's text, and the bytes of the file (compressed ones too) read since the last text."""
@@ -127,6 +130,21 @@ class Documents:
                     yield text, per_row
 
 
+def txt_parts(path: Path) -> Iterator[tuple[str, int, bool]]:
+    """A .txt file, one document, as blocks of TXT_BLOCK characters (the first one starts the document);
+    newlines are translated as a whole read would (\\r\\n to \\n)."""
+    read = 0
+    with reading(path, "input file"):
+        raw = open(path, "rb")
+    with raw, reading(path, "input file", lambda error: raw.tell() - len(error.object)):
+        text = io.TextIOWrapper(raw, encoding="utf-8")
+        first = True
+        while (block := text.read(TXT_BLOCK)) or first:
+            position = raw.tell()
+            yield block, position - read, first
+            read, first = position, False
+
+
 def zstd_errors() -> tuple:
     try:
         import zstandard
@@ -148,7 +166,7 @@ def open_lines(raw, path: Path, kind: str):
     return contextlib.nullcontext(raw)
 
 
-def hub_documents(path: str, name: str | None, text_column: str, data_files=None) -> Iterator[tuple[str, int]]:
+def hub_documents(path: str, name: str | None, text_column: str, data_files=None) -> Iterator[tuple[str, int, bool]]:
     """A Hugging Face dataset's train split, streamed with `datasets` (nothing downloaded whole first)."""
     try:
         import datasets
@@ -158,7 +176,7 @@ def hub_documents(path: str, name: str | None, text_column: str, data_files=None
         stream = datasets.load_dataset(path, name=name, split="train", streaming=True, data_files=data_files)
         for record in stream:
             text = record[text_column]
-            yield text, len(text)
+            yield text, len(text), True
     except (ConnectionError, OSError) as e:
         raise GlimpseError(f"could not stream {path} ({str(e).splitlines()[0]}); offline, download its files on "
                            "a machine with a network and pass them with --input=PATH") from None

@@ -23,14 +23,22 @@ def user_errors():
 
 def read_utf8(path: Path, what: str) -> str:
     """The text of a UTF-8 file, or a one-line error that names it as `what` ("input file", "prompt file")."""
-    try:
+    with reading(path, what):
         return path.read_text(encoding="utf-8")
+
+
+@contextmanager
+def reading(path: Path, what: str, offset=lambda error: 0):
+    """Turn the errors of reading a UTF-8 file inside the block into one-line errors that name it as `what`;
+    offset(error) is the byte of the file at which the bytes that failed to decode begin (0: read whole)."""
+    try:
+        yield
     except FileNotFoundError:
         raise GlimpseError(f"{what} {str(path)!r} not found") from None
     except IsADirectoryError:
         raise GlimpseError(f"{what} {str(path)!r} is a folder; give a UTF-8 text file") from None
     except UnicodeDecodeError as e:
-        raise GlimpseError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}); convert it, e.g. with "
-                           "iconv") from None
+        raise GlimpseError(f"{what} {str(path)!r} is not UTF-8 text (byte {offset(e) + e.start}); convert it, "
+                           "e.g. with iconv") from None
     except OSError as e:
         raise GlimpseError(f"could not read {what} {str(path)!r}: {e.strerror or e}") from None

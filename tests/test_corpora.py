@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import data.prepare as prepare_module
+import data.shards as shards_module
+import data.sources as sources_module
 from data.dataset import TokenData
-from data.prepare import Hub, PrepareConfig, prepare
+from data.prepare import Hub, PrepareConfig, pieces, prepare
 from glimpse.errors import GlimpseError
 from tests.conftest import REPO, make_corpus, python
 from tests.test_distributed import assert_two_processes_resume_exactly
@@ -78,6 +80,73 @@ def test_a_folder_of_every_format_is_sharded_with_whole_validation_documents(tmp
     assert [s["tokens"] for s in train_shards[:-1]] == [500] * (len(train_shards) - 1) and len(train_shards) > 3
     assert 0 < train_shards[-1]["tokens"] <= 500 and meta["train_tokens"] == sum(s["tokens"] for s in train_shards)
     assert not list(folder.glob(".preparing-*"))  # the staging folder is gone
+
+
+def long_text(paragraphs: int) -> str:
+    """A long text with Windows line ends, multi-byte characters and runs of spaces, to read in small blocks."""
+    return "\r\n".join(make_corpus(2, seed=i) + ("  déjà 🎭 vu" if i % 3 else "") for i in range(paragraphs))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """A .txt file read 1,000 characters at a time (cutting words, characters' bytes and \\r\\n apart), cut
+    into pieces of about 700, and a held document copied 333 tokens at a time."""
+    monkeypatch.setattr(sources_module, "TXT_BLOCK", 1000)
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 700)
+    monkeypatch.setattr(shards_module, "HELD_SLICE", 333)
+
+
+def test_a_long_document_read_in_parts_is_cut_where_it_is_cut_whole(monkeypatch):
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 700)
+    text = long_text(40).replace("\r\n", "\n") + "\n\n" + "x" * 3000  # a stretch with no place to cut
+    whole = list(pieces([(text, len(text), True), ("next", 4, True)]))
+    assert len(whole) > 5 and all(len(piece) >= 700 for piece, _ in whole[:-2])
+    rng = np.random.default_rng(0)
+    before_each_word = [i for i in range(1, len(text)) if text[i - 1].isspace() and not text[i].isspace()]
+    for n in range(21):  # random parts, and parts that end one character after a cut (whitespace, then a word)
+        ends = np.cumsum(rng.integers(1, 900, size=len(text))) if n else np.array(before_each_word)
+        bounds = [0, *[int(e) for e in ends if e < len(text)], len(text)]
+        parts = [(text[a:b], b - a, a == 0) for a, b in zip(bounds, bounds[1:])] + [("next", 4, True)]
+        cut = list(pieces(parts))
+        assert [piece for piece, _ in cut] == [piece for piece, _ in whole]
+        assert [starts for _, (starts, _) in cut] == [True] + [False] * (len(cut) - 2) + [True]
+        assert sum(size for _, (_, size) in cut) == len(text) + 4  # every input byte counted once
+
+
+def test_a_long_txt_file_streams_in_blocks_and_keeps_its_last_tokens_for_validation(tmp_path, gpt2_ranks,
+                                                                                    small_blocks):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("r50k_base")
+    text = long_text(120)
+    (tmp_path / "one.txt").write_bytes(text.encode("utf-8"))
+    folder = prepare(PrepareConfig(dataset="one", input=str(tmp_path / "one.txt"), tokenizer="gpt2",
+                                   data_dir=str(tmp_path), shard_tokens=500, workers=2))
+    ids = enc.encode_ordinary(text.replace("\r\n", "\n"))  # newlines read as a whole read reads them
+    n_train = int(len(ids) * 0.9)
+    assert len(ids) > 10 * 333
+    assert split(folder, "train").tolist() == ids[:n_train]
+    assert split(folder, "val").tolist() == ids[n_train:]
+    assert not list(folder.glob(".preparing-*"))  # the held document's file went with the staging folder
+
+
+def test_a_long_first_txt_file_goes_whole_to_validation(tmp_path, small_blocks):
+    texts = [long_text(60).replace("\r\n", "\n"), make_corpus(20, seed=9)]
+    (tmp_path / "corpus").mkdir()
+    for name, text in zip(("a.txt", "b.txt"), texts):
+        (tmp_path / "corpus" / name).write_text(text, encoding="utf-8")
+    folder = prepare(PrepareConfig(dataset="two", input=str(tmp_path / "corpus"), data_dir=str(tmp_path),
+                                   shard_tokens=1000))
+    chars = json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
+    decode = lambda ids: "".join(chars[i] for i in ids)  # noqa: E731
+    assert decode(split(folder, "val")) == texts[0] and decode(split(folder, "train")) == texts[1]
+
+
+def test_a_bad_byte_deep_in_a_txt_file_is_named_by_its_place(tmp_path, small_blocks):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a" * 50000 + b"\xe9" + b"b" * 5000)
+    with pytest.raises(GlimpseError, match=r"is not UTF-8 text \(byte 50000\)"):
+        prepare(PrepareConfig(dataset="bad", input=str(bad), data_dir=str(tmp_path)))
 
 
 def test_workers_and_shard_size_change_no_token(tmp_path, monkeypatch):

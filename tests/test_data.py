@@ -1,6 +1,7 @@
 """Data preparation and loading: token files, meta.json, tokenizers, and what goes wrong."""
 
 import json
+import random
 import tempfile
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 import data.prepare as prepare_module
 from data.dataset import TokenData
-from data.prepare import PrepareConfig, prepare, safe_chunks, write_atomic
+from data.prepare import PrepareConfig, pieces, prepare, write_atomic
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
 from tests import conftest
@@ -82,13 +83,20 @@ def test_gpt2_ranks_fixture_uses_tiktokens_own_cache(env, tmp_path, monkeypatch)
             found.unlink()
 
 
-def test_chunked_bpe_equals_whole_text_bpe(gpt2_ranks):
-    """Cutting the text for the progress bar must not change a single token."""
-    text = make_corpus(400) + "\n\n\n  spaced\n\tTabs\nA\nB  \nC\n\nend"
-    pieces = list(safe_chunks(text, 50))
-    assert len(pieces) > 20 and "".join(pieces) == text
+def test_cut_pieces_tokenize_as_the_whole_text(gpt2_ranks, monkeypatch):
+    """Cutting a long document for the workers must not change a single token: random texts of the characters
+    GPT-2's pre-tokenizer treats apart, cut at every place CUT allows, give the whole text's tokens."""
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 1)  # a piece ends at every cut
     tokenizer = GPT2Tokenizer()
-    assert np.concatenate([tokenizer.encode(p) for p in pieces]).tolist() == tokenizer.encode(text).tolist()
+    rng = random.Random(0)
+    alphabet = ["a", "Zé", "中文", "7", "42", "'", "'s", "ll", ".", "!?", "_", "🎭", " ", "  ", "\n", "\n\n", "\t",
+                "\r", "\x0b", "\x1c", "\x1f", "\x85", "\xa0", "\u2003", "\u3000"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randint(1, 40))) for _ in range(300)]
+    for text in [*texts, make_corpus(40) + "\n\n\n  spaced\n\tTabs\nA\nB  \nC\n\nend"]:
+        cut = [piece for piece, _ in pieces([(text, len(text), True)])]
+        assert "".join(cut) == text
+        assert np.concatenate([tokenizer.encode(p) for p in cut]).tolist() == tokenizer.encode(text).tolist(), cut
+    assert len(cut) > 200  # the last text, English-like, is cut before almost every word
 
 
 def test_large_vocabulary_uses_uint32(tmp_path):
