@@ -16,8 +16,8 @@ optimizer) on each preset's run as train.py sets it up: its model and flags, dev
 block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
 compile=true the model is compiled on the warm-up step, outside the timing.
 prepare times python data/prepare.py --tokenizer=gpt2 (every core) on a generated corpus of 8 .jsonl
-files beside a plain single-process tiktoken loop over the same documents, and reports the peak
-resident memory of the largest prepare.py process.
+files (or one .txt file: --corpus_files=txt) beside a plain single-process tiktoken loop over the same
+documents, and reports the peak resident memory of the largest prepare.py process.
 head_importance times eval.py --head_importance (every head removed alone, copies of the windows
 batched) beside one intact scoring of the same windows, on --val_tokens random tokens.
 sample times glimpse.generation.generate (KV cache, sliding window, in float32) on the preset's device, producing
@@ -86,8 +86,10 @@ class BenchConfig:
     val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
     shards: str = option("1", "train_step: shard counts of the random-token dataset, comma-separated; each preset is "
                               "timed on each (1,16: one file beside 16 shards, interleaved)")
-    corpus_mb: int = option(80, "prepare: megabytes of generated .jsonl text, in 8 files (at 20 or less, starting "
+    corpus_mb: int = option(80, "prepare: megabytes of generated text (at 20 or less, starting "
                                 "Python and the pool is a large share)")
+    corpus_files: Literal["jsonl", "txt"] = option("jsonl", "prepare: the generated documents as 8 .jsonl files, or "
+                                                            "joined in one .txt file (one document, read in blocks)")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
     json: bool = option(False, "print JSON instead of a table")
@@ -279,7 +281,8 @@ def report(cfg: BenchConfig, result: dict):
         return
     if cfg.what == "prepare":
         t = result["tokens_per_sec"]
-        print(f"  {result['megabytes']:.0f} MB, {result['tokens']:,} tokens: prepare.py "
+        files = "8 .jsonl files" if result["layout"] == "jsonl" else "one .txt file"
+        print(f"  {result['megabytes']:.0f} MB in {files}, {result['tokens']:,} tokens: prepare.py "
               f"{t['prepare']:,.0f} tokens/s, one-process tiktoken loop {t['loop']:,.0f} tokens/s "
               f"({result['speedup']:.2f}x); peak memory "
               f"{result['peak_mb']:,.0f} MB")
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None):
             torch.set_num_threads(cfg.threads)
         run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance,
                "gpt2": lambda c: gpt2_beside_transformers(c.gpt2_n_layer, c.prompt_tokens, c.new_tokens, c.repeats),
-               "prepare": lambda c: prepare_beside_tiktoken(c.corpus_mb, c.repeats)}.get(
+               "prepare": lambda c: prepare_beside_tiktoken(c.corpus_mb, c.repeats, c.corpus_files)}.get(
             cfg.what, bench_presets)
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:

@@ -24,9 +24,10 @@ PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.run(sys.ar
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(code)")
 
 
-def prepare_beside_tiktoken(corpus_mb: int, repeats: int) -> dict:
+def prepare_beside_tiktoken(corpus_mb: int, repeats: int, layout: str = "jsonl") -> dict:
     """data/prepare.py beside a one-process tiktoken loop, on the same generated documents: corpus_mb
-    megabytes of .jsonl in 8 files; bench.py --what=prepare."""
+    megabytes of .jsonl in 8 files, or (layout "txt") of text in one .txt file, one document that prepare.py
+    reads in blocks and the loop reads whole; bench.py --what=prepare."""
     import random
     import subprocess
 
@@ -38,12 +39,13 @@ def prepare_beside_tiktoken(corpus_mb: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         corpus.mkdir()
-        files = [open(corpus / f"part_{i}.jsonl", "w", encoding="utf-8") for i in range(8)]
+        n_files = 8 if layout == "jsonl" else 1
+        files = [open(corpus / f"part_{i}.{layout}", "w", encoding="utf-8") for i in range(n_files)]
         written, doc = 0, 0
         while written < corpus_mb * 1_000_000:
             text = " ".join(rng.choices(words, k=rng.randint(50, 1500))) + "."
-            line = json.dumps({"text": text}) + "\n"
-            files[doc % 8].write(line)
+            line = json.dumps({"text": text}) + "\n" if layout == "jsonl" else ("\n\n" if doc else "") + text
+            files[doc % n_files].write(line)
             written, doc = written + len(line), doc + 1
         for f in files:
             f.close()
@@ -51,7 +53,10 @@ def prepare_beside_tiktoken(corpus_mb: int, repeats: int) -> dict:
         counted, peaks = [], []
 
         def loop():
-            counted.append(sum(len(enc.encode_ordinary(text)) for text, _ in Documents(input_files(str(corpus)))))
+            if layout == "txt":
+                counted.append(len(enc.encode_ordinary((corpus / "part_0.txt").read_text(encoding="utf-8"))))
+            else:
+                counted.append(sum(len(enc.encode_ordinary(text)) for text, *_ in Documents(input_files(str(corpus)))))
 
         def prepare():
             shutil.rmtree(Path(tmp) / "bench", ignore_errors=True)  # every run prepares from nothing
@@ -68,10 +73,10 @@ def prepare_beside_tiktoken(corpus_mb: int, repeats: int) -> dict:
         loop_s, prepare_s = interleaved_medians([loop, prepare], [cpu, cpu], repeats)
         meta = json.loads((Path(tmp) / "bench" / "meta.json").read_text())
     tokens = counted[0]
-    prepared = meta["train_tokens"] + meta["val_tokens"] - (meta["documents"] - 2)  # less the <|endoftext|>s
+    prepared = meta["train_tokens"] + meta["val_tokens"] - max(meta["documents"] - 2, 0)  # less the <|endoftext|>s
     if prepared != tokens:
         raise GlimpseError(f"prepare.py wrote {prepared:,} document tokens, the loop counted {tokens:,}")
-    return {"megabytes": written / 1e6, "documents": doc, "tokens": tokens,
+    return {"megabytes": written / 1e6, "documents": meta["documents"], "layout": layout, "tokens": tokens,
             "seconds": {"prepare": prepare_s, "loop": loop_s},
             "tokens_per_sec": {"prepare": tokens / prepare_s, "loop": tokens / loop_s}, "speedup": loop_s / prepare_s,
             "peak_mb": max(peaks) / 2**20}

@@ -93,6 +93,12 @@ def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_rank
     assert result["tokens_per_sec"]["loop"] == pytest.approx(result["tokens"] / result["seconds"]["loop"])
 
 
+def test_prepare_is_timed_on_one_txt_file_read_in_blocks(gpt2_ranks):
+    result = bench_json("--what=prepare", "--corpus_mb=1", "--corpus_files=txt", "--repeats=1")
+    assert result["layout"] == "txt" and result["documents"] == 1 and result["tokens"] > 100_000  # counts agreed
+    assert result["peak_mb"] > 0
+
+
 def test_prepare_timing_is_refused_when_the_two_counts_disagree(gpt2_ranks, monkeypatch):
     """The two sides must tokenize the same documents into the same tokens, or their speeds compare nothing:
     a loop that drops each document's first token is caught."""
