@@ -225,7 +225,7 @@ def test_export_trained_char_model(trained, tmp_path):
     dest = tmp_path / "hf-char"
     text = make_corpus(3)
     ours = CharTokenizer(load_trained(cfg.out_dir, "auto", "cpu", "float32", "x")[1]["tokenizer"]["chars"])
-    exported_logits_match(Path(cfg.out_dir), dest, torch.tensor([ours.encode(text)[:32]]))
+    exported_logits_match(Path(cfg.out_dir), dest, torch.from_numpy(ours.encode(text)[None, :32]))
     tokenizer = transformers.AutoTokenizer.from_pretrained(dest)
     assert tokenizer.encode(text) == ours.encode(text).tolist()
     assert tokenizer.decode(tokenizer.encode(text)) == text
