@@ -135,7 +135,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         tokenizer = CharTokenizer("".join(chars | (set(cfg.separator) if n_docs > 1 else set())))
     else:
         tokenizer = GPT2Tokenizer()
-    settings = {"source": str(source), "tokenizer": tokenizer.spec, **asdict(cfg)}
+    # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
+    settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": [CUT.pattern, CHUNK_CHARS], **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     write_shards(out, tokenizer, docs, total, cfg, settings)
     if bad_lines := files.bad_lines if files else 0:
@@ -177,7 +178,7 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
     if progress.items:
         print(f"resuming: {progress.shards_kept()} finished shards kept in {staging}", file=sys.stderr)
     router = Router(progress.writers, separator_ids(tokenizer, cfg.separator), cfg.val_tokens, cfg.val_fraction,
-                    progress.docs)
+                    progress.docs, progress.split)
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {cfg.dataset}", disable=None)
     start = time.perf_counter()
@@ -189,7 +190,7 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
             progress.items += 1
             bar.update(size)
             if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
-                progress.save(router.docs)
+                progress.save(router.docs, router.split)
                 saved_shards = progress.shards_kept()
         tokens = sum(w.count for w in progress.writers.values())
         bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "

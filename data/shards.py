@@ -114,12 +114,12 @@ class Router:
     """
 
     def __init__(self, writers: dict[str, ShardWriter], separator: np.ndarray, val_tokens: int, val_fraction: float,
-                 docs: int = 0):
+                 docs: int = 0, split: str | None = None):
         self.writers, self.separator, self.docs = writers, separator, docs
         self.val_tokens, self.val_fraction = val_tokens, val_fraction
         val = writers["val"]
         self.held = Held(val.folder / "first_document.bin", val.dtype) if docs == 0 else None
-        self.split = None
+        self.split = split  # where the document being added goes
 
     def add(self, ids: np.ndarray, starts_doc: bool):
         if starts_doc:
@@ -170,9 +170,10 @@ class Router:
 class Progress:
     """What a run has finished, in its staging folder: enough for a rerun to go on where it stopped."""
 
-    def __init__(self, staging: Path, settings: dict, dtype: np.dtype, writers: dict, items=0, docs=0):
+    def __init__(self, staging: Path, settings: dict, dtype: np.dtype, writers: dict, items=0, docs=0,
+                 split: str | None = None):
         self.staging, self.settings, self.dtype, self.writers = staging, settings, dtype, writers
-        self.items, self.docs = items, docs
+        self.items, self.docs, self.split = items, docs, split  # split: where the document in progress goes
 
     @classmethod
     def resume(cls, staging: Path, settings: dict, dtype: np.dtype, size: int) -> Progress:
@@ -185,7 +186,7 @@ class Progress:
                     raise ValueError(f"{shard['file']} changed")
             writers = {split: ShardWriter(staging, split, size, dtype, s["shards"], s["partial"])
                        for split, s in state["splits"].items()}
-            return cls(staging, settings, dtype, writers, state["items"], state["docs"])
+            return cls(staging, settings, dtype, writers, state["items"], state["docs"], state["split"])
         except (OSError, ValueError, KeyError, TypeError):  # nothing to resume, or not this run: start afresh
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -194,13 +195,14 @@ class Progress:
     def shards_kept(self) -> int:
         return sum(len(w.shards) for w in self.writers.values())
 
-    def save(self, docs: int):
+    def save(self, docs: int, split: str | None):
         """One file, replaced in one step, after the open shards' tokens are on disk: the position in the
-        corpus and the tokens it counts always agree."""
+        corpus and the tokens it counts always agree. A rerun may start inside a document: split says where
+        the rest of it goes."""
         for w in self.writers.values():
             w.sync()
         splits = {split: {"shards": w.shards, "partial": w.filled} for split, w in self.writers.items()}
-        state = {"settings": self.settings, "items": self.items, "docs": docs, "splits": splits}
+        state = {"settings": self.settings, "items": self.items, "docs": docs, "split": split, "splits": splits}
         write_atomic(self.staging / "progress.json",
                      lambda tmp: tmp.write_text(json.dumps(state) + "\n", encoding="utf-8"))
 

@@ -212,6 +212,40 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
             assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
 
 
+@pytest.mark.parametrize("recut", [False, True])
+def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path, small_blocks, monkeypatch, capsys,
+                                                                         recut):
+    """A shard can end inside a long document, cut in pieces: the rerun must know where the rest of it goes.
+    A rerun that cuts documents otherwise (another version) counts other pieces: it starts afresh."""
+    (tmp_path / "corpus").mkdir()
+    for name, paragraphs in (("a.txt", 10), ("b.txt", 600)):
+        (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
+    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    whole = prepare(PrepareConfig(dataset="whole", **settings))
+    add, calls = shards_module.Router.add, []
+
+    def add_then_stop(router, ids, starts_doc):
+        calls.append(starts_doc)
+        if len(calls) == 40:
+            raise KeyboardInterrupt  # a piece well inside b.txt, after shards finished inside it
+        add(router, ids, starts_doc)
+
+    monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(dataset="cut", **settings))
+    assert calls.count(True) == 2  # both documents started: the stop is inside the second
+    monkeypatch.setattr(shards_module.Router, "add", add)
+    if recut:
+        monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)
+    capsys.readouterr()
+    cut = prepare(PrepareConfig(dataset="cut", **settings))
+    assert ("resuming: " in capsys.readouterr().err) != recut
+    meta = json.loads((cut / "meta.json").read_text())
+    assert meta == json.loads((whole / "meta.json").read_text())
+    for shard in (shard for shards in meta["shards"].values() for shard in shards):
+        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+
+
 def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
     """fineweb_edu as datasets streams it, pointed at a local parquet of its layout (a text column)."""
     import pyarrow as pa
