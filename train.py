@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data import hellaswag
 from glimpse.attention import dump_text
@@ -39,7 +38,7 @@ from glimpse.config import parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
-from glimpse.run import Run, StepLog, TimeBudget, blown_up, setup
+from glimpse.run import Run, StepLog, TimeBudget, blown_up, progress_bar, setup
 from glimpse.runtime import (
     StopRequest,
     close_distributed,
@@ -70,8 +69,7 @@ def loop(run: Run) -> dict:
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
     resumed_at = run.iter_num if cfg.init_from == "resume" else None  # its eval is in metrics.jsonl already
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not ddp.is_main,
-               dynamic_ncols=True)
+    bar = progress_bar(cfg, run, show=ddp.is_main)
     log = StepLog(run.device)
     t_saved = time.time()
     try:
@@ -89,13 +87,14 @@ def loop(run: Run) -> dict:
             log.loss_sum += train_step(run, lr)
             if cfg.max_time:
                 synchronize(run.device)  # the budget counts the step's work, not the time to queue it
-            budget.spent += time.perf_counter() - t_step
+            seconds = time.perf_counter() - t_step
+            budget.spent += seconds
             run.train_seconds = budget.spent
             log.steps += 1
-            bar.update(1)
+            bar.update(min(seconds, bar.total - bar.n) if cfg.max_time else 1)
             log_step = run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters
             if log_step:
-                bar.set_postfix(log.write(run, lr, budget_used))
+                bar.set_postfix(({"step": run.iter_num} if cfg.max_time else {}) | log.write(run, lr, budget_used))
 
             # the processes must take the same decisions at the same step: under DDP they agree at log steps
             # only, in one small collective, rather than paying for one every step

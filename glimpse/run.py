@@ -261,6 +261,17 @@ class StepLog:
         return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
 
 
+def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
+    """The training bar: in steps, or under a time budget in its seconds, so that the time left it shows is the
+    budget's rather than max_iters' (a preset's budget ends long before its max_iters)."""
+    if cfg.max_time:
+        return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=not show,
+                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of steps "
+                                                   "[{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not show,
+                dynamic_ncols=True)
+
+
 class TimeBudget:
     """The max_time clock: seconds spent in training steps (evals, checkpoints and snapshots are off it).
 

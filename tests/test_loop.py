@@ -155,6 +155,19 @@ def test_the_time_budget_sets_each_steps_rate_and_stops_the_run_when_spent(tmp_p
     assert get_lr(500, budget, 0.5) == pytest.approx(0.55) and get_lr(500, budget, 1.0) == pytest.approx(0.1)
 
 
+def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir):
+    """A preset's budget ends long before its max_iters: its bar must count the budget, or the time left it
+    shows is max_iters' (an hour for a run of a minute)."""
+    shown = {}
+    for name, budget in (("budget", {"max_time": 1.0, "max_iters": 10**6}), ("steps", {"max_iters": 20})):
+        with redirect_stderr(io.StringIO()) as err:
+            train(tiny_config(data_dir, tmp_path / name, eval_interval=10**6, attn_log_interval=0, log_interval=1,
+                              final_eval=False, **budget))
+        shown[name] = err.getvalue().split("\r")[-2]  # the bar's last state
+    assert "100%" in shown["budget"] and "1/1 s of steps" in shown["budget"] and "step=" in shown["budget"]
+    assert "100%" in shown["steps"] and "20/20" in shown["steps"] and "s of steps" not in shown["steps"]
+
+
 def test_between_agreements_the_budget_runs_on_at_the_agreed_pace():
     """Under DDP the processes agree on the slowest clock at log steps only; in between, every one of them
     extends it by the agreed seconds per step, so all take the same rate and stop at the same step."""
