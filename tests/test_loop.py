@@ -163,7 +163,7 @@ def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir
         with redirect_stderr(io.StringIO()) as err:
             train(tiny_config(data_dir, tmp_path / name, eval_interval=10**6, attn_log_interval=0, log_interval=1,
                               final_eval=False, **budget))
-        shown[name] = err.getvalue().split("\r")[-2]  # the bar's last state
+        shown[name] = [line for line in err.getvalue().split("\r") if line.startswith("train:")][-1]  # its last state
     assert "100%" in shown["budget"] and "1/1 s of steps" in shown["budget"] and "step=" in shown["budget"]
     assert "100%" in shown["steps"] and "20/20" in shown["steps"] and "s of steps" not in shown["steps"]
 
