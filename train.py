@@ -87,11 +87,10 @@ def loop(run: Run) -> dict:
             log.loss_sum += train_step(run, lr)
             if cfg.max_time:
                 synchronize(run.device)  # the budget counts the step's work, not the time to queue it
-            seconds = time.perf_counter() - t_step
-            budget.spent += seconds
+            budget.spent += time.perf_counter() - t_step
             run.train_seconds = budget.spent
             log.steps += 1
-            bar.update(min(seconds, bar.total - bar.n) if cfg.max_time else 1)
+            bar.update(min(budget.spent, bar.total) - bar.n if cfg.max_time else 1)
             log_step = run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters
             if log_step:
                 bar.set_postfix(({"step": run.iter_num} if cfg.max_time else {}) | log.write(run, lr, budget_used))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import shlex
 import sys
 import textwrap
 import types
@@ -221,10 +222,8 @@ def _show(value) -> str:
 def _typed_in_a_shell(text: str) -> str:
     r"""text as a shell user would type it, so that a default in --help can be copied: flags are taken
     literally (--start="\n" is a backslash and an n), so a newline shows as bash's $'\n'."""
-    if not text:
-        return "''"
     if text.isprintable():
-        return text
+        return shlex.quote(text)
     special = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\", "'": "\\'"}
     escaped = "".join(special.get(c, c if c.isprintable() else f"\\U{ord(c):08x}") for c in text)
     return f"$'{escaped}'"

@@ -2,16 +2,20 @@
 
 import re
 import subprocess
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import pytest
 
+from bench import BenchConfig
 from data.prepare import PrepareConfig
 from eval import EvalConfig
-from glimpse.config import build, config_help, config_keys, config_values, parse_config
+from export import ExportConfig
+from glimpse.config import build, config_help, config_keys, config_values, option, parse_config
 from glimpse.errors import GlimpseError
 from model import GPTConfig
 from sample import SampleConfig
+from scripts.induction_study import StudyConfig as InductionStudy
+from scripts.length_study import StudyConfig as LengthStudy
 from tests.conftest import REPO, python
 from train import TrainConfig
 
@@ -112,14 +116,26 @@ def test_help_lists_every_key_and_errors_are_one_line():
     assert bad.stderr.strip() == "error: unknown config key 'n_layr'; did you mean n_layer?"
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, SampleConfig, EvalConfig, PrepareConfig])
+@dataclass
+class ShellSpecials:
+    """Defaults that a shell would split, expand or end early unless --help quotes them."""
+
+    spaced: str = option("a b", "h")
+    quoted: str = option("it's $HOME; `date` & *", "h")
+    controls: str = option("tab\there\r\n\x01 it's a\\b", "h")
+    wide: str = option("é 中", "h")
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, SampleConfig, EvalConfig, PrepareConfig, ExportConfig, BenchConfig,
+                                 InductionStudy, LengthStudy, ShellSpecials])
 def test_each_text_default_in_help_can_be_typed_back(cls):
     """--help shows each default as a shell user would type it: copied into bash, it gives the default back
     (a newline is $'\\n', since a flag's "\\n" would be a backslash and an n)."""
     text = config_help(cls, "x.py", "")
     keys = [name for name, key in config_keys(cls).items() if isinstance(key.default, str)]
     heads = [re.search(rf"^  (--{name}=.*?)(  |$)", text, re.MULTILINE).group(1) for name in keys]
-    typed = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(heads)], capture_output=True, text=True,
-                           check=True).stdout.split("\0")[:-1]
+    typed = subprocess.run(["bash", "-c", "printf '%s\\0' " + " ".join(heads)], capture_output=True,
+                           check=True).stdout.decode().split("\0")[:-1]  # bytes: text mode would turn \r\n into \n
     assert len(typed) == len(keys)
-    assert config_values(parse(typed, cls)) == config_values(cls())
+    required = ["--to=hf"] if cls is ExportConfig else []  # export has no default folder to write to
+    assert config_values(parse(typed + required, cls)) == config_values(parse(required, cls))
