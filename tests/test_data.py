@@ -94,7 +94,8 @@ def test_cut_pieces_tokenize_as_the_whole_text(gpt2_ranks, monkeypatch):
                 "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u1680", "\u180e", "\u2003", "\u200b", "\u2028",
                 "\u202f", "\u2060", "\u3000", "\ufeff"]
     texts = ["".join(rng.choices(alphabet, k=rng.randint(1, 40))) for _ in range(3000)]
-    for text in [*texts, "a \x1cb", "a\x1c b", "x \x1f\x1cy", "it 's", "a\u3000 b", make_corpus(40) + "\n\n\n  spaced\n\tTabs\nA\nB  \nC\n\nend"]:
+    edges = ["a \x1cb", "a\x1c b", "x \x1f\x1cy", "it 's", "a\u3000 b"]
+    for text in [*texts, *edges, make_corpus(40) + "\n\n\n  spaced\n\tTabs\nA\nB  \nC\n\nend"]:
         cut = [piece for piece, _ in pieces([(text, len(text), True)])]
         assert "".join(cut) == text
         assert np.concatenate([tokenizer.encode(p) for p in cut]).tolist() == tokenizer.encode(text).tolist(), cut
