@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import shlex
 import sys
 import textwrap
@@ -28,6 +29,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from glimpse.errors import GlimpseError
+
+PRESETS = Path(__file__).resolve().parents[1] / "config"  # the repository's preset files
 
 
 def option(default: Any, help: str):
@@ -138,7 +141,10 @@ def read_toml(cls, path: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise GlimpseError(f"config file {path!r} not found; presets live in config/") from None
+        files = _toml_files_near(p)
+        near = _nearest(p.name, files)
+        hint = f"did you mean {files[near]}?" if near else "presets live in config/"
+        raise GlimpseError(f"config file {path!r} not found; {hint}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GlimpseError(f"config file {path!r} is not valid TOML: {e}") from None
     for key, value in data.items():
@@ -229,11 +235,27 @@ def _typed_in_a_shell(text: str) -> str:
     return f"$'{escaped}'"
 
 
+def _nearest(word: str, choices) -> str | None:
+    """The choice most like word (a mistyped key or path), or None when none is close."""
+    near = difflib.get_close_matches(word, list(choices), n=1)
+    return near[0] if near else None
+
+
+def _toml_files_near(path: Path) -> dict[str, str]:
+    """The .toml files a mistyped config path may have meant, by file name: those in the folder it names, then
+    the presets, each written as the user would type it (in the folder as given; the presets from here)."""
+    folder = path.parent if path.parent.is_dir() else None
+    found = {f.name: str(path.parent / f.name) for f in sorted(folder.glob("*.toml"))} if folder else {}
+    for preset in sorted(PRESETS.glob("*.toml")):
+        found.setdefault(preset.name, os.path.relpath(preset))
+    return found
+
+
 def _key(cls, key: str, where: str = "") -> Key:
     table = config_keys(cls)
     if key not in table:
-        near = difflib.get_close_matches(key, table, n=1)
-        hint = f"; did you mean {near[0]}?" if near else "; see --help for the list"
+        near = _nearest(key, table)
+        hint = f"; did you mean {near}?" if near else "; see --help for the list"
         raise GlimpseError(f"unknown config key {key!r}{where}{hint}")
     return table[key]
 

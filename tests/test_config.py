@@ -1,5 +1,6 @@
 """Config loading: defaults < TOML < flags, typed parsing, and errors that name the key."""
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass, fields
@@ -94,6 +95,21 @@ def test_bad_toml_files(tmp_path):
     wrong_type.write_text('n_layer = "six"\n')
     with pytest.raises(GlimpseError, match="n_layer in .*wrong.toml must be integer"):
         parse([str(wrong_type)])
+
+
+def test_a_mistyped_config_path_names_the_nearest_file(tmp_path):
+    (tmp_path / "run.toml").write_text("n_layer = 2\n")
+    with pytest.raises(GlimpseError, match=f"not found; did you mean {re.escape(str(tmp_path / 'run.toml'))}\\?$"):
+        parse([str(tmp_path / "runn.toml")])
+    preset = os.path.relpath(REPO / "config" / "shakespeare_char_cpu.toml")  # a preset, typed from here
+    with pytest.raises(GlimpseError, match=f"not found; did you mean {re.escape(preset)}\\?$"):
+        parse([str(tmp_path / "shakespeare_char_cpu.toml")])
+    with pytest.raises(GlimpseError, match="'zzz.toml' not found; presets live in config/$"):
+        parse(["zzz.toml"])
+    typo = python("train.py", "config/shakespeare_char_cpuu.toml")  # as a user types it, from the repository
+    assert typo.returncode == 2
+    assert typo.stderr.strip() == ("error: config file 'config/shakespeare_char_cpuu.toml' not found; "
+                                   "did you mean config/shakespeare_char_cpu.toml?")
 
 
 def test_every_preset_loads():
