@@ -243,21 +243,22 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.transformer.ve.parameters())
         return n
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward and backward): 6 N + 12 n_layer n_embd block_size.
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward and backward) of sequences of seq_len tokens (default block_size):
+        6 N + 12 n_layer n_embd seq_len.
 
-        N is num_params(): the weights a token meets in a matrix product, lm_head included (and the biases
-        and norm gains, a rounding error), but not the position table, which is only looked up. Going
-        forward, each weight of a product costs one multiply and one add per token; going back, twice that
-        (one product for the input's gradient, one for the weight's): 6 N. Attention does work that no
-        weight accounts for: every query scores every key (Q K^T) and sums the values by its weights, 2
-        n_embd FLOPs per key for each, over all heads: 4 n_embd block_size per token and layer going
-        forward, 12 n_embd block_size with the backward pass. As in the PaLM paper's appendix, the estimate
-        counts the whole window (the causal mask leaves half of it unused) and leaves out the norms, softmax
-        and loss, cheap beside the matrix products; additive scores cost more than it says.
+        N is num_params(): the weights a token meets in a matrix product, lm_head included (and the biases and
+        norm gains, a rounding error), but not the position table, which is only looked up. Going forward, each
+        weight of a product costs one multiply and one add per token; going back, twice that (one product for
+        the input's gradient, one for the weight's): 6 N. Attention does work that no weight accounts for: every
+        query scores every key (Q K^T) and sums the values by its weights, 2 n_embd FLOPs per key for each, over
+        all heads: 4 n_embd seq_len per token and layer going forward, 12 n_embd seq_len with the backward pass
+        (shorter sequences, as in a sequence warm-up, do less). As in the PaLM paper's appendix, the estimate
+        counts the whole window (the causal mask leaves half of it unused) and leaves out the norms, softmax and
+        loss, cheap beside the matrix products; additive scores cost more than it says.
         """
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
     def head(self, x):
         """The logits of the final residual stream x (B, T, C): (B, T, vocab_size), capped if logit_softcap."""

@@ -67,7 +67,7 @@ def loop(run: Run) -> dict:
     """Steps until max_iters or the time budget: evals, snapshots and checkpoints on their schedules."""
     cfg, ddp = run.cfg, run.ddp
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
-    resumed_at = run.iter_num if cfg.init_from == "resume" else None  # its eval is in metrics.jsonl already
+    first_step = run.iter_num
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
     log = StepLog(run.device)
@@ -77,13 +77,13 @@ def loop(run: Run) -> dict:
             budget_used = budget.fraction(run.iter_num)
             lr = get_lr(run.iter_num, cfg, budget_used)
             last_step = run.iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
-            if run.iter_num != resumed_at and scheduled_work(run, last_step, log):
+            if run.iter_num != run.work_done_at and scheduled_work(run, last_step, log):
                 t_saved = time.time()
             if last_step:
                 break
 
             t_step = time.perf_counter()
-            log.tokens += math.prod(run.step_shape(run.iter_num)) * cfg.gradient_accumulation_steps
+            log.count(run, run.iter_num)
             log.loss_sum += train_step(run, lr)
             if cfg.max_time:
                 synchronize(run.device)  # the budget counts the step's work, not the time to queue it
@@ -102,7 +102,8 @@ def loop(run: Run) -> dict:
                 stopping, saving, slowest = ddp.max([stop.signum is not None, interval_due, budget.spent])
                 budget.agree(slowest, run.iter_num)
                 if saving or stopping:
-                    save(run)
+                    with log.paused():
+                        save(run)
                     t_saved = time.time()
                 if stopping:
                     bar.close()
@@ -113,27 +114,46 @@ def loop(run: Run) -> dict:
     finally:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
+    if cfg.max_time:
+        report_budget(run, run.iter_num - first_step)
     if cfg.final_eval:
         run.last_eval = {**run.last_eval, **final_eval(run)}
     return run.last_eval
 
 
 def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:
-    """The evaluation, HellaSwag score and attention snapshot due at this step, each left out of the training
-    speed; True when ckpt.pt was written."""
+    """The evaluation (and best.pt), HellaSwag score and attention snapshot due at this step, left out of the
+    training speed, then ckpt.pt when it is due; True when ckpt.pt was written."""
     cfg, it = run.cfg, run.iter_num
     attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
-    saved = False
-    if it % cfg.eval_interval == 0 or last_step:
-        saved = evaluate_and_save(run, last_step)
-        log.pause()
-    if run.hellaswag and (it % cfg.hellaswag_interval == 0 or last_step):
-        score_hellaswag(run)
-        log.pause()
-    if attn_every and (it % attn_every == 0 or last_step):
-        snapshot_attention(run)
-        log.pause()
-    return saved
+    eval_due = it % cfg.eval_interval == 0 or last_step
+    hellaswag_due = bool(run.hellaswag) and (it % cfg.hellaswag_interval == 0 or last_step)
+    snapshot_due = bool(attn_every) and (it % attn_every == 0 or last_step)
+    saving = eval_due and it > 0 and (cfg.always_save_checkpoint or last_step)  # step 0's weights are untrained
+    if eval_due or hellaswag_due or snapshot_due:
+        with log.paused():
+            if eval_due:
+                evaluate_and_keep_best(run)
+            if hellaswag_due:
+                score_hellaswag(run)
+            if snapshot_due:
+                snapshot_attention(run)
+            run.work_done_at = it  # before ckpt.pt is written: a run resumed from it goes straight to the next step
+            if saving:
+                save(run)
+    run.work_done_at = it
+    return saving
+
+
+def report_budget(run: Run, steps: int):
+    """Say how many steps the time budget bought, and warn when that is far below what it was set to buy."""
+    cfg = run.cfg
+    run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps (step {run.iter_num:,})")
+    if cfg.budget_steps and steps < cfg.budget_steps / 2 and run.iter_num < cfg.max_iters:
+        run.say(f"warning: {steps:,} steps is far below the {cfg.budget_steps:,} this budget buys on the machine it "
+                "was set on (a busy or slower machine?), so expect a clearly worse model. For a result that does not "
+                f"depend on the machine, give steps instead: --max_time=0 --max_iters={cfg.budget_steps} "
+                f"--lr_decay_iters={cfg.budget_steps}")
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
@@ -177,23 +197,16 @@ def evaluate(run: Run) -> dict:
     run.tracker.log(run.last_eval)
     run.say(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if not math.isfinite(losses["val"]):
-        raise blown_up(f"the validation loss became {losses['val']}", run.iter_num)
+        raise blown_up(f"the validation loss became {losses['val']}", run)
     return run.last_eval
 
 
-def evaluate_and_save(run: Run, last_step: bool) -> bool:
-    """An eval, then best.pt if it improved on the best so far, and ckpt.pt at every eval
-    (always_save_checkpoint) or at the last one. True when ckpt.pt was written."""
+def evaluate_and_keep_best(run: Run):
+    """An eval, then best.pt if it improved on the best so far (untrained weights at step 0 are never kept)."""
     val_loss = evaluate(run)["val_loss"]
-    if run.iter_num == 0:
-        return False  # untrained weights: nothing worth keeping
-    if val_loss < run.best_val_loss:
+    if run.iter_num > 0 and val_loss < run.best_val_loss:
         run.best_val_loss = val_loss
         save(run, best=True)
-    if run.cfg.always_save_checkpoint or last_step:
-        save(run)
-        return True
-    return False
 
 
 def score_hellaswag(run: Run) -> dict:
@@ -241,7 +254,7 @@ def save(run: Run, best: bool = False):
     """
     finite = all(torch.isfinite(p).all() for p in run.model.parameters())
     if run.ddp.any(not finite):
-        raise blown_up("the weights are no longer finite", run.iter_num)
+        raise blown_up("the weights are no longer finite", run)
     path = best_path(run.cfg.out_dir) if best else checkpoint_path(run.cfg.out_dir)
     state = run.weights_dict() if best else run.state_dict()
 

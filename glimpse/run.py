@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,9 +33,9 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import config_values
 from glimpse.errors import GlimpseError
-from glimpse.gpt2 import load_pretrained, pretrained_folder
+from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, ramp
-from glimpse.runtime import Distributed, peak_flops, runtime
+from glimpse.runtime import Distributed, peak_flops, runtime, synchronize
 from glimpse.tracking import Tracker
 from glimpse.train_config import TrainConfig
 from model import GPT, GPTConfig
@@ -75,7 +75,11 @@ class Run:
     train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
     step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
     tokens_per_sec: float = 0.0  # over the last log interval
+    flops_per_sec: float = 0.0  # the model arithmetic of those tokens, at the sequence lengths they had
     last_eval: dict = field(default_factory=dict)
+    # the step whose scheduled work (eval, best.pt, HellaSwag, snapshot) has run: a checkpoint taken between a
+    # step and its work (a signal, checkpoint_interval_s) must not let the resumed run skip that work
+    work_done_at: int = -1
 
     @property
     def tokens_per_iter(self) -> int:
@@ -104,6 +108,7 @@ class Run:
         """
         return {**self.weights_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
+                "work_done": self.work_done_at == self.iter_num,
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
 
     def load_state_dict(self, state: dict):
@@ -114,6 +119,8 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        # checkpoints from before the flag were only written after their step's work
+        self.work_done_at = self.iter_num if state.get("work_done", True) else -1
         self.batch_gen.set_state(state["rng"]["batches"].cpu())
         ranks = saved_rank_states(state["rng"])
         if len(ranks) == self.ddp.world_size:
@@ -170,6 +177,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
+    if state is not None:
+        run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
+                + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
 
 
@@ -193,10 +203,8 @@ def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | No
 def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):
     """(the config as the run trains it, the model on the CPU, the pretrained model it started from or None):
     a new GPT of the model keys, pretrained GPT-2's shape and weights, or a checkpoint's shape to resume."""
-    if pretrained and data.tokenizer_spec["kind"] != "gpt2":
-        raise GlimpseError(f"--init_from={pretrained} reads GPT-2's BPE tokens, but dataset {cfg.dataset} is "
-                           f"tokenized by {data.tokenizer_spec['kind']}: finetune on a GPT-2 BPE dataset, such as "
-                           "--dataset=shakespeare")
+    if pretrained:
+        check_finetune_tokenizer(pretrained, folder, data.tokenizer_spec, cfg.dataset)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     if pretrained:
         model = load_pretrained(str(folder), block_size=cfg.model.block_size, dropout=cfg.model.dropout).train()
@@ -219,10 +227,13 @@ def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretraine
     return cfg, model, pretrained
 
 
-def blown_up(what: str, step: int) -> GlimpseError:
-    """The error that stops a run whose loss or weights stopped being finite."""
-    return GlimpseError(f"{what} at step {step}; the last good checkpoint is kept. Try a lower learning_rate, or "
-                        "dtype=float32")
+def blown_up(what: str, run: Run) -> GlimpseError:
+    """The error that stops a run whose loss or weights stopped being finite, with the advice that fits it."""
+    kept = [str(p) for p in (checkpoint_path(run.cfg.out_dir), best_path(run.cfg.out_dir)) if p.exists()]
+    saved = f"{' and '.join(kept)} kept as {'they were' if len(kept) > 1 else 'it was'}" if kept else \
+        "no checkpoint had been written yet"
+    advice = "Try a lower learning_rate" + (", or dtype=float32" if run.dtype != torch.float32 else "")
+    return GlimpseError(f"{what} at step {run.iter_num}; {saved}. {advice}")
 
 
 def throughput(run: Run) -> dict:
@@ -230,33 +241,48 @@ def throughput(run: Run) -> dict:
     where the peak is not known."""
     if not run.peak:
         return {}
-    return {"mfu": run.tokens_per_sec * run.model.flops_per_token() / (run.peak * run.ddp.world_size)}
+    return {"mfu": run.flops_per_sec / (run.peak * run.ddp.world_size)}
 
 
 class StepLog:
     """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock=time.time):
+        self.device, self.clock = device, clock
         self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.since = 0, 0, time.time()
+        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
 
-    def pause(self):
-        """Leave the time since the last step out of the next speed (an eval, a snapshot)."""
-        self.since = time.time()
+    def count(self, run: Run, it: int):
+        """Count step it's tokens (all processes') and their model FLOPs, at the step's own sequence length."""
+        batch_size, seq_len = run.step_shape(it)
+        tokens = batch_size * seq_len * run.cfg.gradient_accumulation_steps
+        self.tokens += tokens
+        self.flops += tokens * run.model.flops_per_token(seq_len)
+
+    @contextmanager
+    def paused(self):
+        """Leave the block's time (an eval, a snapshot, a checkpoint) out of the speed of the steps around it."""
+        synchronize(self.device)  # the steps queued before the pause are the steps' time, not the pause's
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.away += self.clock() - start
 
     def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
         """Log the mean loss and speed since the last log step; return what the progress bar shows."""
         train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
-        run.tokens_per_sec = self.tokens / (time.time() - self.since)
+        seconds = self.clock() - self.since - self.away
+        run.tokens_per_sec, run.flops_per_sec = self.tokens / seconds, self.flops / seconds
         record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
                   **throughput(run)}
         if budget_used is not None:
             record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
         run.tracker.log(record)
         if not math.isfinite(train_loss):
-            raise blown_up(f"the training loss became {train_loss}", run.iter_num)
+            raise blown_up(f"the training loss became {train_loss}", run)
         self.loss_sum.zero_()
-        self.steps, self.tokens, self.since = 0, 0, time.time()
+        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, self.clock(), 0.0
         shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
         return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
 

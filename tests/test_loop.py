@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import signal
 import sys
-from contextlib import redirect_stderr
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,12 +24,12 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.errors import GlimpseError
 from glimpse.optim import get_lr, ramp
-from glimpse.run import TimeBudget, setup, throughput
+from glimpse.run import StepLog, TimeBudget, setup, throughput
 from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
 from tests.test_train import read_metrics
-from train import TrainConfig, save, train, train_step
+from train import TrainConfig, loop, save, train, train_step
 
 
 def digest(path: Path) -> str:
@@ -43,9 +45,93 @@ def test_a_save_never_writes_weights_that_are_no_longer_finite(tmp_path, data_di
     with torch.no_grad():
         run.model.lm_head.weight[0, 0] = float("nan")
     for best in (False, True):
-        with pytest.raises(GlimpseError, match="no longer finite at step 1; the last good checkpoint is kept"):
+        with pytest.raises(GlimpseError, match="no longer finite at step 1; .*ckpt.pt and .*best.pt kept as they were"
+                                               r"\. Try a lower learning_rate$"):  # float32 already: no dtype advice
             save(run, best=best)
     assert {p: digest(p) for p in before} == before
+    # nothing written yet: the message promises no checkpoint; a bfloat16 run is pointed at float32
+    run = setup(tiny_config(data_dir, tmp_path / "fresh", dtype="bfloat16"), Distributed())
+    with torch.no_grad():
+        run.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(GlimpseError, match="no checkpoint had been written yet. Try a lower learning_rate, or "
+                                           "dtype=float32"):
+        save(run)
+    assert not (tmp_path / "fresh" / "ckpt.pt").exists()
+
+
+def stop_during_step(run, step: int, sig=signal.SIGTERM):
+    """Send this process sig while run trains step `step` (its forward pass), as a user's kill would."""
+    calls = []
+
+    def hook(module, args):
+        if module.training:
+            calls.append(1)
+            if len(calls) == step + 1:
+                os.kill(os.getpid(), sig)
+    run.model.register_forward_pre_hook(hook)
+
+
+def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data_dir):
+    """A signal during step 19 checkpoints at step 20 before step 20's eval, best.pt and snapshot: the resumed
+    run must do them, and do each only once."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=40, eval_interval=20, lr_decay_iters=40, final_eval=False)
+    run = setup(cfg, Distributed())
+    stop_during_step(run, 19)
+    with pytest.raises(SystemExit) as stopped:
+        loop(run)
+    run.tracker.close()
+    assert stopped.value.code == 143 and load_checkpoint(checkpoint_path(cfg.out_dir))["iter_num"] == 20
+    assert not best_path(cfg.out_dir).exists()  # step 20's eval had not run
+    out = io.StringIO()
+    with redirect_stdout(out):
+        train(replace(cfg, init_from="resume"))
+    assert f"resumed from {checkpoint_path(cfg.out_dir)} at step 20" in out.getvalue()
+    evals = [r["iter"] for r in read_metrics(cfg.out_dir) if "val_loss" in r]
+    assert evals == [0, 20, 40]
+    snapshots = sorted(int(p.name.removeprefix("iter_")) for p in (Path(cfg.out_dir) / "attention").iterdir())
+    assert snapshots == [0, 20, 40]
+    best = load_checkpoint(best_path(cfg.out_dir))["iter_num"]
+    assert best in (20, 40)
+    # a checkpoint written by the eval itself is taken after its step's work: resuming it redoes none of it
+    train(replace(cfg, init_from="resume", max_iters=50, lr_decay_iters=50))
+    evals = [r["iter"] for r in read_metrics(cfg.out_dir) if "val_loss" in r]
+    assert evals == [0, 20, 40, 50]
+
+
+def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):
+    """tokens/s over steps only, however an eval falls between log steps; MFU from each step's own length."""
+    now = [0.0]
+    log = StepLog(torch.device("cpu"), clock=lambda: now[0])
+    run = setup(tiny_config(data_dir, tmp_path / "out", seq_warmup_iters=8), Distributed())
+    run.tracker.close()
+    run.peak = 1e9
+    log.loss_sum += 1.0
+    log.steps = 2
+    log.count(run, 0)  # 16 sequences of 8 tokens: a quarter of block_size
+    now[0] += 1.0
+    with log.paused():  # an eval between two log steps
+        now[0] += 10.0
+    log.count(run, 20)  # past the warm-up: 16 x 32
+    now[0] += 1.0
+    log.write(run, 1e-3, None)
+    assert run.tokens_per_sec == pytest.approx((16 * 8 + 16 * 32) / 2.0)  # the 10 s eval left out
+    flops = 16 * 8 * run.model.flops_per_token(8) + 16 * 32 * run.model.flops_per_token(32)
+    assert throughput(run)["mfu"] == pytest.approx(flops / 2.0 / 1e9)
+    record = read_metrics(tmp_path / "out")[-1]
+    assert record["mfu"] == pytest.approx(flops / 2.0 / 1e9) and record["tokens_per_sec"] == run.tokens_per_sec
+
+
+def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_path, data_dir):
+    said = {}
+    for name, expected in (("short", 10**7), ("as_set", 1)):
+        with redirect_stdout(io.StringIO()) as out:
+            train(tiny_config(data_dir, tmp_path / name, max_iters=10**6, max_time=0.5, budget_steps=expected,
+                              eval_interval=10**6, attn_log_interval=0, final_eval=False))
+        said[name] = out.getvalue()
+    steps = load_checkpoint(checkpoint_path(tmp_path / "short"))["iter_num"]
+    assert f"the 0.5 s budget bought {steps:,} steps" in said["short"]
+    assert "far below the 10,000,000 this budget buys" in said["short"] and "--max_iters=10000000" in said["short"]
+    assert "budget bought" in said["as_set"] and "far below" not in said["as_set"]
 
 
 def test_ramp_grows_from_a_quarter_to_full_in_eighths():
@@ -186,7 +272,8 @@ def test_mfu_is_the_share_of_the_peak_that_the_model_arithmetic_used(tmp_path, d
     c = run.model.config
     weights = sum(p.numel() for p in run.model.parameters()) - c.block_size * c.n_embd  # less the position table
     per_token = 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size  # forward and backward, attention included
-    run.peak, run.tokens_per_sec = 2e12, 40_000.0
+    assert run.model.flops_per_token() == per_token
+    run.peak, run.flops_per_sec = 2e12, 40_000.0 * per_token
     assert throughput(run)["mfu"] == pytest.approx(40_000 * per_token / 2e12)
     run.ddp = Distributed(world_size=4)
     assert throughput(run)["mfu"] == pytest.approx(40_000 * per_token / (4 * 2e12))  # four devices' peak

@@ -194,6 +194,8 @@ def test_flops_per_token_counts_the_matrix_products_by_hand():
     attention = 2 * 2 * C * 8 * 2  # per layer: QK^T and weights x V, 2 FLOPs per channel and key, 2 layers
     # backward costs twice the forward: 3x in all
     assert model.flops_per_token() == 3 * (2 * weights + attention) == 6 * 6912 + 12 * 2 * C * 8
+    # sequences of 4 tokens (a sequence warm-up) score half as many keys per query
+    assert model.flops_per_token(4) == 3 * (2 * weights + attention // 2)
 
 
 def test_dropout_drops_in_training_only_and_is_absent_at_zero():
