@@ -65,12 +65,9 @@ class TokenData:
                     f"block_size + 1 = {block_size + 1}; use a smaller --block_size or more text"
                 )
 
-    def tokens(self, split: str, limit: int | None = None) -> np.ndarray:
-        """The split's first `limit` tokens (all when None) as one array: a shard itself when one holds them."""
-        shards = self.splits[split]
-        if len(shards) == 1 or (limit is not None and limit <= len(shards[0])):
-            return shards[0][:limit]
-        return np.concatenate(shards)[:limit]
+    def tokens(self, split: str) -> SplitTokens:
+        """The split's tokens as one sequence, read shard by shard as sliced: nothing is copied until then."""
+        return SplitTokens(self.splits[split])
 
     def window_counts(self, split: str, block_size: int) -> np.ndarray:
         """(n_shards,) how many windows of block_size + 1 tokens start in each shard."""
@@ -96,6 +93,38 @@ class TokenData:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
-def gather_windows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    """tokens[s : s + length] for each start s: (len(starts), length) int64."""
-    return tokens[starts[:, None] + np.arange(length)].astype(np.int64)
+class SplitTokens:
+    """A split's shards as one sequence of tokens: len() and [start:stop] (an array), reading only the shards
+    that the slice touches, so that a snapshot's 64 tokens or an eval's next windows never copy the whole split."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.ends = np.cumsum([len(s) for s in shards], dtype=np.int64)  # (n_shards,) where each shard ends
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("SplitTokens takes a slice, tokens[start:stop]")
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("SplitTokens takes a slice with no step")
+        parts = []
+        for shard, end in zip(self.shards, self.ends):
+            begin = end - len(shard)
+            if start < end and stop > begin:
+                parts.append(shard[max(start - begin, 0):min(stop, end) - begin])
+        if len(parts) == 1:
+            return parts[0]  # a view of the shard itself
+        return np.concatenate(parts) if parts else np.empty(0, dtype=self.shards[0].dtype)
+
+
+def gather_windows(tokens: np.ndarray | SplitTokens, starts: np.ndarray, length: int) -> np.ndarray:
+    """tokens[s : s + length] for each start s: (len(starts), length) int64. Only the span from the first start
+    to the last window's end is read."""
+    if len(starts) == 0:
+        return np.empty((0, length), dtype=np.int64)
+    low = int(starts.min())
+    span = tokens[low:int(starts.max()) + length]
+    return span[(starts - low)[:, None] + np.arange(length)].astype(np.int64)

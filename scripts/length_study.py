@@ -95,7 +95,7 @@ def dump_lengths(out: Path, encoding: str, cfg: StudyConfig):
     data = TokenData(ensure_dataset("shakespeare_char", cfg.data_dir))
     tokenizer = data.tokenizer()
     for k in (1, 4) if encoding != "learned" else (1,):
-        ids = data.tokens("val", k * model.config.block_size).astype(np.int64)
+        ids = data.tokens("val")[:k * model.config.block_size].astype(np.int64)
         attn = attention_weights(model, torch.from_numpy(ids))
         meta = {"pos_encoding": encoding, "length": len(ids), "multiple": k, "iter": state["iter_num"]}
         write_dump(out / "dumps" / f"{encoding}-{k}x", attn, ids, tokenizer.token_strings(ids), len(ids), meta)

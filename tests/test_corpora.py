@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import tracemalloc
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ import torch
 import data.prepare as prepare_module
 import data.shards as shards_module
 import data.sources as sources_module
-from data.dataset import TokenData
+from data.dataset import TokenData, gather_windows
 from data.prepare import Hub, PrepareConfig, pieces, prepare
 from glimpse.errors import GlimpseError
+from glimpse.evaluation import length_loss
+from model import GPT, GPTConfig
 from tests.conftest import REPO, make_corpus, python
 from tests.test_distributed import assert_two_processes_resume_exactly
 
@@ -315,7 +319,7 @@ def test_older_single_file_datasets_still_load(tmp_path):
         32, 132)))}, "vocab_size": 100, "dtype": "uint16", "train_tokens": 100, "val_tokens": 20}))
     data = TokenData(folder)
     x, _ = data.batch("train", torch.tensor([5]), 8)
-    assert x.tolist() == [list(range(5, 13))] and data.tokens("val").tolist() == list(range(20))
+    assert x.tolist() == [list(range(5, 13))] and data.tokens("val")[:].tolist() == list(range(20))
 
 
 def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
@@ -361,3 +365,37 @@ def test_a_shard_deleted_or_changed_after_preparation_is_named(tmp_path):
     second.unlink()
     with pytest.raises(GlimpseError, match=f"{second.name} does not match"):
         TokenData(folder)
+
+
+def test_a_split_of_many_shards_is_read_only_where_it_is_sliced(tmp_path):
+    """A snapshot's 64 tokens, or the next batch of an eval's windows, must not copy the whole split."""
+    folder = tmp_path / "three"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    shards = {"train": [rng.integers(0, 50, 5000, dtype=np.uint16)],
+              "val": [rng.integers(0, 50, 200_000, dtype=np.uint16) for _ in range(3)]}
+    meta = {"tokenizer": {"kind": "char", "chars": "".join(map(chr, range(65, 115)))}, "vocab_size": 50,
+            "dtype": "uint16", "shards": {}}
+    for split, arrays in shards.items():
+        meta["shards"][split] = []
+        for i, array in enumerate(arrays):
+            array.tofile(folder / f"{split}_{i:06d}.bin")
+            meta["shards"][split].append({"file": f"{split}_{i:06d}.bin", "tokens": len(array)})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    data = TokenData(folder)
+    val, whole = data.tokens("val"), np.concatenate(shards["val"])
+    assert len(val) == len(whole) == 600_000
+    for a, b in ((0, 64), (199_990, 200_010), (150_000, 450_000), (599_990, 700_000), (7, 7), (-10, None)):
+        assert np.array_equal(val[a:b], whole[a:b])
+    starts = np.array([0, 199_995, 399_990, 599_983])
+    assert np.array_equal(gather_windows(val, starts, 17), gather_windows(whole, starts, 17))
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
+    assert length_loss(model, val, 16, "windows", 16, 2000, 8, "cpu", nullcontext()) == \
+        length_loss(model, whole, 16, "windows", 16, 2000, 8, "cpu", nullcontext())
+    tracemalloc.start()
+    first = val[:64].astype(np.int64)
+    batch = gather_windows(val, np.arange(8) * 17 + 199_950, 17)  # eight windows across a shard boundary
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert first.tolist() == whole[:64].tolist() and batch.shape == (8, 17)
+    assert peak < 20_000  # the split is 1.2 MB; these read a few hundred tokens
