@@ -393,8 +393,8 @@ def test_a_split_of_many_shards_is_read_only_where_it_is_sliced(tmp_path):
     assert length_loss(model, val, 16, "windows", 16, 2000, 8, "cpu", nullcontext()) == \
         length_loss(model, whole, 16, "windows", 16, 2000, 8, "cpu", nullcontext())
     tracemalloc.start()
-    first = val[:64].astype(np.int64)
-    batch = gather_windows(val, np.arange(8) * 17 + 199_950, 17)  # eight windows across a shard boundary
+    first = data.tokens("val")[:64].astype(np.int64)
+    batch = gather_windows(data.tokens("val"), np.arange(8) * 17 + 199_950, 17)  # windows across a shard boundary
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert first.tolist() == whole[:64].tolist() and batch.shape == (8, 17)
