@@ -210,6 +210,9 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
 
     With ablation ("zero" or "mean", glimpse/ablation.py), also the second-copy loss with each head
     removed alone, "second_copy_loss_without" (L, H): the heads the repeat depends on raise it.
+
+    Everything runs in eval mode (dropout would make the weights and the removals' losses random), and
+    the model is left in the mode it came in.
     """
     config = model.config
     n = n_tokens or config.block_size // 2
@@ -221,26 +224,28 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     seq = torch.cat([r, r], dim=1).to(device)  # (B, 2n)
     was_training = model.training
     model.eval()
-    # one sequence at a time, the weights in float16: at GPT-2's 1,024 tokens a batch's float32 weights and
-    # logits would take 6 GB, one sequence's a few hundred MB
-    scores, prev_token, offsets, losses = 0.0, 0.0, 0.0, []
-    t = torch.arange(1, 2 * n, device=device)
-    for row in seq:
-        logits, weights = model.forward_with_attention(row[None], weights_dtype=torch.float16)
-        # logits (1, 2n, V), weights (L, 1, H, 2n, 2n)
-        scores = scores + induction_scores(weights, n) / batch  # (L, H)
-        prev_token = prev_token + weights[:, 0, :, t, t - 1].float().mean(dim=-1) / batch  # (L, H): the token before
-        offsets = offsets + repeat_offsets(weights, n) / batch  # (L, H, 2n)
-        losses.append(F.cross_entropy(logits[0, :-1].float(), row[1:], reduction="none"))  # (2n - 1,)
-        del logits, weights
-    model.train(was_training)
-    losses = torch.stack(losses)  # (B, 2n - 1)
-    without = None
-    if ablation is not None:
-        inputs, targets = seq[:, :-1], seq[:, 1:]  # (B, 2n - 1) each
-        scored = torch.arange(2 * n - 1, device=device) >= n  # the targets r[1:] of the second copy
-        value = head_means(model, inputs, batch, nullcontext()) if ablation == "mean" else None
-        without = losses_per_head(model, inputs, targets, scored, value, nullcontext())[1].tolist()
+    try:
+        # one sequence at a time, the weights in float16: at GPT-2's 1,024 tokens a batch's float32 weights and
+        # logits would take 6 GB, one sequence's a few hundred MB
+        scores, prev_token, offsets, losses = 0.0, 0.0, 0.0, []
+        t = torch.arange(1, 2 * n, device=device)
+        for row in seq:
+            logits, weights = model.forward_with_attention(row[None], weights_dtype=torch.float16)
+            # logits (1, 2n, V), weights (L, 1, H, 2n, 2n)
+            scores = scores + induction_scores(weights, n) / batch  # (L, H)
+            prev_token = prev_token + weights[:, 0, :, t, t - 1].float().mean(dim=-1) / batch  # (L, H)
+            offsets = offsets + repeat_offsets(weights, n) / batch  # (L, H, 2n)
+            losses.append(F.cross_entropy(logits[0, :-1].float(), row[1:], reduction="none"))  # (2n - 1,)
+            del logits, weights
+        losses = torch.stack(losses)  # (B, 2n - 1)
+        without = None
+        if ablation is not None:
+            inputs, targets = seq[:, :-1], seq[:, 1:]  # (B, 2n - 1) each
+            scored = torch.arange(2 * n - 1, device=device) >= n  # the targets r[1:] of the second copy
+            value = head_means(model, inputs, batch, nullcontext()) if ablation == "mean" else None
+            without = losses_per_head(model, inputs, targets, scored, value, nullcontext())[1].tolist()
+    finally:
+        model.train(was_training)
     return {
         "n_tokens": n,
         "batch": batch,

@@ -135,6 +135,20 @@ def test_the_probe_reports_the_second_copy_without_each_head():
     assert (without - probe["second_copy_loss"]).abs().max() > 1e-4  # other heads do matter
 
 
+def test_the_probe_scores_a_model_in_training_mode_without_dropout_and_leaves_it_training():
+    """Dropout would make every loss of the removal pass random: two calls on a training-mode model gave
+    different second-copy losses without each head. They match eval mode's, and the mode is restored."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16, dropout=0.3))
+    model.train()
+    first = induction_probe(model, n_tokens=6, batch=3, ablation="zero")
+    second = induction_probe(model, n_tokens=6, batch=3, ablation="mean")
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    assert first == induction_probe(model, n_tokens=6, batch=3, ablation="zero")
+    assert second == induction_probe(model, n_tokens=6, batch=3, ablation="mean")
+
+
 def digest_tree(folder) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
