@@ -38,7 +38,7 @@ from glimpse.config import parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
-from glimpse.run import Run, StepLog, TimeBudget, blown_up, progress_bar, setup
+from glimpse.run import Run, StepLog, TimeBudget, blown_up, prepare_data, progress_bar, setup
 from glimpse.runtime import (
     StopRequest,
     close_distributed,
@@ -52,6 +52,7 @@ from glimpse.train_config import TrainConfig
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
+    prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
     ddp = init_distributed(cfg.device)
     try:
         run = setup(cfg, ddp)

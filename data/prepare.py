@@ -106,8 +106,11 @@ class PrepareConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
-def prepare(cfg: PrepareConfig) -> Path:
-    """Read (or download or stream), tokenize, split and write one dataset; return its folder."""
+def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
+    """Read (or download or stream), tokenize, split and write one dataset; return its folder.
+
+    start_method: how the tokenizing processes start (multiprocessing's; None: the platform's default).
+    """
     out = Path(cfg.data_dir) / cfg.dataset
     kind = cfg.tokenizer
     if kind == "auto":
@@ -138,20 +141,24 @@ def prepare(cfg: PrepareConfig) -> Path:
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
     settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": [CUT.pattern, CHUNK_CHARS], **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
-    write_shards(out, tokenizer, docs, total, cfg, settings)
+    write_shards(out, tokenizer, docs, total, cfg, settings, start_method)
     if bad_lines := files.bad_lines if files else 0:
         print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)
     return out
 
 
 def ensure_dataset(name: str, data_dir: str) -> Path:
-    """The dataset's folder, preparing a built-in dataset first if it is not there yet."""
+    """The dataset's folder, preparing a built-in dataset first if it is not there yet.
+
+    Its tokenizing processes are spawned, not forked: the callers (train.py, the studies) hold torch's threads,
+    and a forked child gets the parent's memory without its threads, so a lock one of them held stays held.
+    """
     folder = Path(data_dir) / name
     if (folder / "meta.json").exists():
         return folder
     if name in BUILTIN:
         print(f"preparing dataset {name!r} in {folder} ...", file=sys.stderr)
-        return prepare(PrepareConfig(dataset=name, data_dir=data_dir))
+        return prepare(PrepareConfig(dataset=name, data_dir=data_dir), start_method="spawn")
     raise GlimpseError(
         f"dataset {name!r} not found (no {folder / 'meta.json'}); make it with "
         f"python data/prepare.py --dataset={name} --input=PATH"
@@ -171,7 +178,8 @@ def download(url: str, dest: Path, offline_hint: str):
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 
-def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None, cfg: PrepareConfig, settings: dict):
+def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None, cfg: PrepareConfig, settings: dict,
+                 start_method: str | None = None):
     """Tokenize docs() in parallel, route whole documents to train or val, write shards, then meta.json."""
     staging = out / f".preparing-{socket.gethostname()}"  # one per host: nodes on a shared filesystem never meet
     progress = Progress.resume(staging, settings, token_dtype(tokenizer.vocab_size), cfg.shard_tokens)
@@ -184,7 +192,7 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
     start = time.perf_counter()
     items = skipped(pieces(docs()), progress.items, bar)
     saved_shards = progress.shards_kept()
-    for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers):
+    for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers, start_method):
         for (starts_doc, size), ids in zip(infos, encoded):
             router.add(ids, starts_doc)
             progress.items += 1
@@ -250,7 +258,7 @@ def batched(items):
         yield task
 
 
-def tokenized(items, spec: str, dtype: np.dtype, workers: int):
+def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str | None = None):
     """(infos, token arrays) per task, in order; a pool of workers tokenizes with at most 2 tasks each in
     flight, so memory stays bounded however fast the documents are read."""
     tasks = batched(items)
@@ -260,7 +268,7 @@ def tokenized(items, spec: str, dtype: np.dtype, workers: int):
         for task in tasks:
             yield [info for _, info in task], encode_task(spec, dtype, [text for text, _ in task])
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.get_context(start_method).Pool(workers) as pool:
         window = deque()
         for task in tasks:
             texts = [text for text, _ in task]

@@ -8,6 +8,7 @@ train.py runs the loop over these; bench.py sets up a Run the same way to time t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import time
@@ -35,7 +36,7 @@ from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, ramp
-from glimpse.runtime import Distributed, peak_flops, runtime, synchronize
+from glimpse.runtime import Distributed, machines, peak_flops, runtime, synchronize
 from glimpse.tracking import Tracker
 from glimpse.train_config import TrainConfig
 from model import GPT, GPTConfig
@@ -183,15 +184,32 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     return run
 
 
-def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:
-    """The dataset, and the HellaSwag examples when they are scored: the first process of each machine
-    prepares or downloads them while the others wait."""
-    if ddp.local_rank == 0:
+def prepare_data(cfg: TrainConfig):
+    """Make sure the dataset, and the HellaSwag examples when they are scored, are on this machine.
+
+    train.py calls it before any process group exists: every process of a machine takes the machine's lock in
+    turn, the first prepares or downloads, the others find the work done. Waiting for it inside the group
+    instead would sit in a collective whose timeout (NCCL's watchdog: 10 minutes) is far shorter than
+    preparing a real corpus. A machine of a multi-machine job cannot know when the others will be ready, so
+    there the dataset must be prepared first.
+    """
+    folder = Path(cfg.data_dir) / cfg.dataset
+    if machines() > 1 and not (folder / "meta.json").exists():
+        raise GlimpseError(f"dataset {cfg.dataset!r} is not prepared on this machine (no {folder / 'meta.json'}): "
+                           f"prepare it on every machine first (python data/prepare.py --dataset={cfg.dataset}), "
+                           "then start the job again")
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.data_dir) / f".{cfg.dataset}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         ensure_dataset(cfg.dataset, cfg.data_dir)
         if cfg.hellaswag_interval:
             hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
-    ddp.barrier()
-    data = TokenData(ensure_dataset(cfg.dataset, cfg.data_dir))
+
+
+def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:
+    """The dataset, and the HellaSwag examples when they are scored (prepared first if need be)."""
+    prepare_data(cfg)  # under train.py already done, before the process group: here a quick check
+    data = TokenData(Path(cfg.data_dir) / cfg.dataset)
     data.check_block_size(cfg.model.block_size)
     examples = None
     if cfg.hellaswag_interval:

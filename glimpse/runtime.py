@@ -237,6 +237,13 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ
 
 
+def machines() -> int:
+    """How many machines the torchrun job spans (1 outside torchrun): its processes over this machine's."""
+    if not launched_by_torchrun():
+        return 1
+    return int(os.environ["WORLD_SIZE"]) // int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+
+
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group when launched by torchrun."""
     if not launched_by_torchrun():

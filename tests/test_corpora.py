@@ -18,12 +18,13 @@ import data.prepare as prepare_module
 import data.shards as shards_module
 import data.sources as sources_module
 from data.dataset import TokenData, gather_windows
-from data.prepare import Hub, PrepareConfig, pieces, prepare
+from data.prepare import Hub, PrepareConfig, ensure_dataset, pieces, prepare
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss
+from glimpse.run import prepare_data
 from model import GPT, GPTConfig
-from tests.conftest import REPO, make_corpus, python
-from tests.test_distributed import assert_two_processes_resume_exactly
+from tests.conftest import REPO, make_corpus, python, tiny_config
+from tests.test_distributed import assert_two_processes_resume_exactly, torchrun
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
@@ -399,3 +400,49 @@ def test_a_split_of_many_shards_is_read_only_where_it_is_sliced(tmp_path):
     tracemalloc.stop()
     assert first.tolist() == whole[:64].tolist() and batch.shape == (8, 17)
     assert peak < 20_000  # the split is 1.2 MB; these read a few hundred tokens
+
+
+def builtin_source(data_dir, copies: int = 1):
+    """A local input.txt for the built-in shakespeare_char, where prepare.py looks before downloading it."""
+    (data_dir / "shakespeare_char").mkdir(parents=True)
+    (data_dir / "shakespeare_char" / "input.txt").write_text(make_corpus(1500) * copies, encoding="utf-8")
+
+
+def test_processes_of_a_machine_prepare_a_dataset_once_before_they_join_the_group(tmp_path):
+    """Preparing inside the process group left the other processes in a barrier, whose watchdog (NCCL's: 10
+    minutes) ends the job long before a real corpus is ready; now the machine's lock orders them first."""
+    builtin_source(tmp_path / "data")
+    run = torchrun(2, "--dataset=shakespeare_char", f"--data_dir={tmp_path / 'data'}", "--device=cpu",
+                   "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
+                   "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_iters=1", "--attn_log_interval=0",
+                   f"--out_dir={tmp_path / 'out'}")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("preparing dataset 'shakespeare_char'") == 1
+    assert (tmp_path / "data" / "shakespeare_char" / "meta.json").exists()
+
+
+def test_a_job_of_several_machines_refuses_a_dataset_it_would_wait_for(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", dataset="shakespeare_char")
+    builtin_source(tmp_path / "data")
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(GlimpseError, match=r"not prepared on this machine .* prepare it on every machine first "
+                                           r"\(python data/prepare.py --dataset=shakespeare_char\)"):
+        prepare_data(cfg)
+    assert not (tmp_path / "data" / "shakespeare_char" / "meta.json").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: it prepares
+    prepare_data(cfg)
+    assert (tmp_path / "data" / "shakespeare_char" / "meta.json").exists()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the dataset is tokenized in this process")
+def test_a_dataset_prepared_under_train_py_starts_fresh_worker_processes(tmp_path, monkeypatch):
+    """train.py holds torch's threads (and under torchrun NCCL's): its tokenizing workers are spawned, not forked
+    copies of it. A forked worker would inherit this process's broken tokenizer below; a spawned one does not."""
+    builtin_source(tmp_path / "data", copies=40)  # over two tasks of 1M characters: the pool starts
+
+    def broken(spec):
+        raise RuntimeError("a forked worker runs its parent's state")
+    monkeypatch.setattr(prepare_module, "cached_tokenizer", broken)
+    folder = ensure_dataset("shakespeare_char", str(tmp_path / "data"))
+    assert sum(len(s) for s in TokenData(folder).splits["train"]) > 1_500_000
