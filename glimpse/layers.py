@@ -20,11 +20,14 @@ class ReLUSquared(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with its gain in the input's dtype: a float32 gain on bfloat16 input takes a slower, unfused
-    kernel."""
+    """nn.RMSNorm that keeps its input's dtype, gain included: a float32 gain on bfloat16 input takes a slower,
+    unfused kernel, and CUDA's autocast lists rms_norm among the ops it runs in float32, which would hand qk_norm's
+    queries and keys to attention in float32 and keep float32 copies of them for the backward pass. The kernel
+    sums the squares in float32 whatever its input, so bfloat16 in and out loses nothing there."""
 
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        with torch.autocast(x.device.type, enabled=False):  # x's dtype, not autocast's float32 list
+            return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(kind: str, width: int, bias: bool) -> nn.Module:

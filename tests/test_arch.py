@@ -7,6 +7,7 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -145,6 +146,20 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     torch.testing.assert_close(logits_after_scaling(flagged("qk_norm"), 100.0), normed(idx)[0], rtol=0, atol=1e-3)
     plain = variant("scaled_dot", "rope")
     assert not torch.allclose(logits_after_scaling(variant("scaled_dot", "rope"), 100.0), plain(idx)[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_rms_norm_keeps_its_inputs_dtype_under_autocast(device):
+    """CUDA's autocast runs rms_norm in float32: qk_norm's queries and keys must still reach attention in
+    bfloat16, as the projections made them, and equal a float32 norm up to bfloat16's rounding."""
+    model = flagged("qk_norm").to(device)
+    norm = model.transformer.h[0].attn.q_norm
+    x = torch.randn(2, 2, 5, 8, device=device).bfloat16()  # (B, nh, T, hs), as c_attn gives them under autocast
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.rms_norm(x.float(), (8,), norm.weight, norm.eps), rtol=1e-2, atol=1e-2)
 
 
 def test_qk_norm_puts_normalised_keys_in_the_cache():
