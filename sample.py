@@ -189,13 +189,14 @@ def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
 def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfig, out: TextIO):
     """Print and save every head's induction score, and its previous-token and sink mass on the samples.
 
-    text_heads holds each sample's head metrics (none when the dumps were turned off).
+    text_heads holds each sample's head metrics (none when the dumps were turned off). The table ends with a
+    legend of its columns and a verdict: which heads are induction heads, and what the repeat costs with and
+    without them.
     """
     probe = induction_probe(model, seed=cfg.seed, ablation=cfg.ablation)
-    out.write(f"\ninduction probe: {probe['n_tokens']} random tokens, repeated; loss on the first copy "
-              f"{probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
-    # peak: the offset from the query token's first occurrence that the head weighs most (+1: induction);
-    # without: the second copy's loss with that head removed, as --ablation says
+    ceiling = probe["induction_ceiling"]
+    out.write(f"\ninduction probe: {probe['n_tokens']} random tokens ({probe['draw']}), repeated; loss on the first "
+              f"copy {probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
     out.write("layer head  induction  peak  prev_token  sink  without\n")
     probe["heads"] = []
     for layer, scores in enumerate(probe["induction"]):
@@ -206,9 +207,20 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
             peak = probe["peak_offsets"][layer][head]
             without = probe["second_copy_loss_without"][layer][head]
             probe["heads"].append({"layer": layer, "head": head, "induction": score, "peak_offset": peak,
-                                   "prev_token": prev, "first_token": sink, "second_copy_loss_without": without})
+                                   "prev_token_on_samples": prev, "first_token_on_samples": sink,
+                                   "second_copy_loss_without": without})
             shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"
             out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {peak:+4d}  {shown}  {without:7.3f}\n")
+    samples = "the samples' text" if text_heads else "the samples' text (-: no dumps to read it from)"
+    out.write(f"  induction   weight on what followed the query token's earlier occurrences; a perfect induction "
+              f"head: {ceiling:.3f}\n"
+              "  peak        offset weighed most from the query token's place in the first copy: +1 induction, "
+              "0 the same token\n"
+              f"  prev_token  weight on the token just before, on {samples}\n"
+              f"  sink        weight on the first token, on {samples}\n"
+              f"  without     the second copy's loss with that head removed ({cfg.ablation} ablation); intact "
+              f"{probe['second_copy_loss']:.3f}\n"
+              f"verdict: {probe['verdict']}\n")
     dump_dir.mkdir(parents=True, exist_ok=True)
     (dump_dir / "probe_induction.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
 

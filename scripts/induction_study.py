@@ -146,13 +146,15 @@ def probe_summary(model, n: int, seed: int) -> dict:
     """induction_probe at one length, with each head's peak offset (where it looks most, +1: induction) and
     the second copy's loss without it; for two layers or more, the circuit's removals side by side."""
     probe = induction_probe(model, n_tokens=n, batch=32, seed=seed, ablation="zero")
-    heads = [{"layer": layer, "head": head, "induction": score, "prev_token": probe["prev_token"][layer][head],
+    heads = [{"layer": layer, "head": head, "induction": score,
+              "prev_token_on_probe": probe["prev_token_on_probe"][layer][head],
               "peak_offset": probe["peak_offsets"][layer][head],
               "peak_weight": max(probe["offsets"][layer][head]),
               "second_copy_loss_without": probe["second_copy_loss_without"][layer][head]}
              for layer, scores in enumerate(probe["induction"]) for head, score in enumerate(scores)]
-    summary = {"n_tokens": n, "first_copy_loss": probe["first_copy_loss"],
-               "second_copy_loss": probe["second_copy_loss"], "heads": heads}
+    summary = {"n_tokens": n, "draw": probe["draw"], "induction_ceiling": probe["induction_ceiling"],
+               "first_copy_loss": probe["first_copy_loss"], "second_copy_loss": probe["second_copy_loss"],
+               "heads": heads, "verdict": probe["verdict"]}
     if model.config.n_layer >= 2:
         summary["circuit"] = circuit(heads)
     return summary
@@ -167,9 +169,9 @@ def circuit(heads: list[dict]) -> dict:
     not the criterion it was picked by.
     """
     induction = max((h for h in heads if h["layer"] >= 1), key=lambda h: h["induction"])
-    prev = max((h for h in heads if h["layer"] == 0), key=lambda h: h["prev_token"])
+    prev = max((h for h in heads if h["layer"] == 0), key=lambda h: h["prev_token_on_probe"])
     others = [h for h in heads if h is not induction and h is not prev]
-    idle = min(others, key=lambda h: h["induction"] + h["prev_token"]) if others else None
+    idle = min(others, key=lambda h: h["induction"] + h["prev_token_on_probe"]) if others else None
     name = lambda h: f"{h['layer']}.{h['head']}"  # noqa: E731
     roles = {"induction": induction, "prev_token": prev, **({"idle": idle} if idle else {})}
     return {role: {"head": name(h), "second_copy_loss_without": h["second_copy_loss_without"]}
@@ -185,6 +187,8 @@ def report(rows: list[dict]) -> str:
             f"{p['n_tokens']:>14d}" for p in probes))
         lines.append(f"{'  loss, first / second copy':<34}" + "".join(
             f"{p['first_copy_loss']:>7.2f} /{p['second_copy_loss']:>5.2f}" for p in probes))
+        lines.append(f"{'  a perfect induction head scores':<34}" + "".join(
+            f"{p['induction_ceiling']:>14.2f}" for p in probes))
         for i, head in enumerate(probes[0]["heads"]):
             cells = "".join(f"{p['heads'][i]['induction']:>8.2f} ({p['heads'][i]['peak_offset']:+3d})" for p in probes)
             label = f"  layer {head['layer']} head {head['head']} induction (peak)"

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from glimpse.attention import head_metrics, induction_probe, induction_scores, load_dump
+from glimpse.attention import (
+    head_metrics,
+    induction_probe,
+    induction_scores,
+    induction_verdict,
+    load_dump,
+    probe_tokens,
+)
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from tests.conftest import python
 from tests.wandb_records import logged_history
@@ -145,9 +152,11 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
 def test_induction_scores_on_known_heads():
     """Over [r, r], a head that reads the token after r[j]'s first copy scores 1, one that reads the previous
     token or r[j]'s first copy itself scores 0. Catches scoring the key at j (the earlier copy of the query's
-    own token) instead of j + 1 (the token that followed it)."""
+    own token) instead of j + 1 (the token that followed it). Every query of the second copy counts, the
+    last one too: its induction key, n, is in the sequence."""
     n = 5
-    weights = torch.zeros(1, 2, 4, 2 * n, 2 * n)  # (L, B, H, 2n, 2n)
+    tokens = torch.tensor([[3, 0, 4, 1, 2] * 2, [1, 2, 3, 4, 0] * 2])  # (B, 2n): r has no repeats
+    weights = torch.zeros(1, 2, 5, 2 * n, 2 * n)  # (L, B, H, 2n, 2n)
     for q in range(2 * n):
         earlier = q - n if q >= n else q  # the first copy of the query's token (itself in the first copy)
         induction = earlier + 1 if q >= n else q
@@ -156,8 +165,60 @@ def test_induction_scores_on_known_heads():
         weights[0, :, 2, q, earlier] = 1.0  # the same token, the first time
         weights[0, :, 3, q, induction] += 0.5  # half induction, half on the query itself
         weights[0, :, 3, q, q] += 0.5
-    scores = induction_scores(weights, n)
-    torch.testing.assert_close(scores, torch.tensor([[1.0, 0.0, 0.0, 0.5]]))
+        weights[0, :, 4, q, induction if q == 2 * n - 1 else q] = 1.0  # induction at the last query only
+    scores = induction_scores(weights, tokens)
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 0.0, 0.0, 0.5, 1 / n]]))
+
+
+def perfect_induction_head(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (1, B, 1, T, T): a head that matches tokens, as an induction head does: each query spreads
+    its weight evenly over the keys that followed an earlier occurrence of its token (itself when none)."""
+    B, T = tokens.shape
+    weights = torch.zeros(1, B, 1, T, T)
+    for b in range(B):
+        for q in range(T):
+            keys = [k + 1 for k in range(q) if tokens[b, k] == tokens[b, q]] or [q]
+            for k in keys:
+                weights[0, b, 0, q, k] += 1 / len(keys)
+    return weights
+
+
+@pytest.mark.parametrize("vocab_size, n", [(65, 64), (65, 16), (50257, 32), (16, 16), (4, 16), (2, 9)])
+def test_a_perfect_induction_head_scores_1_at_any_vocabulary(vocab_size, n):
+    """A head that reads what followed every earlier occurrence of the query's token is as good an
+    induction head as there is. Scored on the single key j + 1 it scored about 0.6 on r drawn with repeats
+    from a char model's 65 tokens at n = 64. The probe draws r without repeats where the vocabulary allows,
+    and credits every such key where it does not: the head scores 1, and so does the ceiling reported."""
+    tokens = probe_tokens(vocab_size, n, batch=6, seed=0)  # (B, 2n)
+    assert tokens.shape == (6, 2 * n) and (tokens[:, :n] == tokens[:, n:]).all()
+    assert 0 <= tokens.min() and tokens.max() < vocab_size
+    if vocab_size >= n:  # every query has one earlier occurrence, so one induction key: j + 1
+        assert all(len(set(row[:n].tolist())) == n for row in tokens)
+    assert induction_scores(perfect_induction_head(tokens), tokens).item() == pytest.approx(1.0, abs=1e-6)
+    assert (probe_tokens(vocab_size, n, batch=6, seed=0) == tokens).all()  # the seed decides the draw
+
+
+def test_the_induction_probe_reports_its_ceiling_and_how_it_drew():
+    from model import GPT, GPTConfig
+
+    for vocab_size, draw in [(30, "without repeats"), (5, "with repeats")]:
+        model = GPT(GPTConfig(block_size=16, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=8)).eval()
+        probe = induction_probe(model, n_tokens=8, batch=4)
+        assert probe["draw"] == draw and probe["induction_ceiling"] == 1.0
+        assert np.array(probe["prev_token_on_probe"]).shape == (1, 2) and "prev_token" not in probe
+        assert probe["verdict"].startswith("no induction head")  # random weights
+
+
+def test_the_induction_verdict_names_the_heads_that_read_the_induction_key():
+    """At least half the ceiling and the peak at +1: 0.1 and 1.0 are induction heads, 1.1 scores more than
+    1.0 but looks elsewhere most, and 0.0 scores too little."""
+    probe = {"induction": [[0.1, 0.9], [0.6, 0.7]], "peak_offsets": [[1, 1], [1, -1]], "induction_ceiling": 1.0,
+             "second_copy_loss_without": [[1.0, 3.5], [2.0, 0.4]], "first_copy_loss": 3.4, "second_copy_loss": 0.3}
+    assert induction_verdict(probe).startswith("induction heads 0.1 (0.900, 3.500 without it), 1.0 (0.600, 2.000 "
+                                               "without it); the second copy costs 0.300 nats, the first 3.400")
+    probe["induction_ceiling"] = 2.0  # the same scores, now below half of it
+    assert induction_verdict(probe).startswith("no induction head") and "the highest, 0.1, scores 0.900" in \
+        induction_verdict(probe)
 
 
 def test_induction_probe_offsets_place_each_heads_weight_relative_to_the_earlier_token():
@@ -185,17 +246,24 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=20", "--num_samples=2",
                  "--probe=induction", f"--dump_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
-    assert "induction probe: 16 random tokens, repeated" in run.stdout
-    assert "layer head  induction  peak  prev_token  sink" in run.stdout
+    assert "induction probe: 16 random tokens (without repeats), repeated" in run.stdout
+    table = run.stdout[run.stdout.index("layer head  induction  peak  prev_token  sink  without\n"):].splitlines()
+    legend = [line.split()[0] for line in table[5:10]]  # after the header and the 4 heads' rows
+    assert legend == ["induction", "peak", "prev_token", "sink", "without"]
+    assert table[5].endswith("a perfect induction head: 1.000") and "(zero ablation)" in table[9]
     probe = json.loads((tmp_path / "probe_induction.json").read_text())
-    assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16
+    assert table[10] == f"verdict: {probe['verdict']}" and "induction head" in probe["verdict"]
+    assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16 and probe["induction_ceiling"] == 1.0
+    assert "prev_token" not in probe and len(probe["prev_token_on_probe"]) == 2  # over [r, r], per layer
+    assert {"prev_token_on_samples", "first_token_on_samples"} <= set(probe["heads"][0])
+    assert "prev_token" not in probe["heads"][0] and "first_token" not in probe["heads"][0]
     for head in probe["heads"]:  # the printed peak is the largest entry of that head's offset profile
         row = probe["offsets"][head["layer"]][head["head"]]
         assert row[head["peak_offset"] + 15] == max(row)
     heads_0 = json.loads((tmp_path / "sample_0" / "heads.json").read_text())
     heads_1 = json.loads((tmp_path / "sample_1" / "heads.json").read_text())
     expected = (heads_0["layers"][1]["heads"][0]["prev_token"] + heads_1["layers"][1]["heads"][0]["prev_token"]) / 2
-    assert probe["heads"][2]["prev_token"] == pytest.approx(expected)  # layer 1, head 0: mean over the samples
+    assert probe["heads"][2]["prev_token_on_samples"] == pytest.approx(expected)  # layer 1, head 0: over the samples
 
 
 def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):

@@ -39,6 +39,11 @@ def test_a_short_study_trains_each_model_and_probes_it_at_each_length(tmp_path, 
             for head in probe["heads"]:
                 assert -(n - 1) <= head["peak_offset"] <= n and 0 < head["peak_weight"] <= 1
     assert "2 layer(s), probe length" in printed and "layer 1 head 1 induction (peak)" in printed
+    assert "a perfect induction head scores" in printed
+    for row in rows:
+        for probe in row["probes"]:  # 64 symbols: every probe length draws its string without repeats
+            assert probe["draw"] == "without repeats" and probe["induction_ceiling"] == 1.0
+            assert all("prev_token_on_probe" in head and "prev_token" not in head for head in probe["heads"])
     before = (out / "1-layer" / "ckpt.pt").read_bytes()
     assert "holds a trained model already" in run_main(induction_study.main, argv, capsys)
     assert (out / "1-layer" / "ckpt.pt").read_bytes() == before  # nothing retrained over it
@@ -68,11 +73,12 @@ def test_two_layers_learn_an_induction_head_and_one_layer_does_not(tmp_path):
     for probe in two["probes"]:  # at every length: a layer-1 head that looks at +1, and copies
         best = max((h for h in probe["heads"] if h["layer"] == 1), key=lambda h: h["induction"])
         assert best["induction"] > 0.5 and best["peak_offset"] == 1, probe
+        assert probe["verdict"].startswith(f"induction head {best['layer']}.{best['head']} "), probe
         assert probe["second_copy_loss"] < 0.5 * probe["first_copy_loss"], probe
     for probe in one["probes"]:  # one layer cannot match a token against what preceded another one
         assert max(h["induction"] for h in probe["heads"]) < 0.3, probe
         assert probe["second_copy_loss"] > 0.6 * probe["first_copy_loss"], probe
-        assert "circuit" not in probe
+        assert "circuit" not in probe and probe["verdict"].startswith("no induction head"), probe
     for probe in two["probes"]:  # the circuit needs both halves: without either, the repeat is as hard as new text
         circuit = probe["circuit"]
         assert circuit["induction"]["head"] == "1.0" and circuit["prev_token"]["head"] == "0.0"
