@@ -1,12 +1,13 @@
 """Shared fixtures: small generated corpora, a prepared char dataset and a tiny trained checkpoint.
 
 Tests make their own data; the only outside file they use is GPT-2's BPE ranks, copied from
-../shared/data when present, else read from tiktoken's own cache if it holds them (tests that need them
-skip with a reason otherwise).
+../shared/data when present, else taken as tiktoken takes them: from its cache, or downloaded into it
+(tests that need them skip, with tiktoken's error, when that fails too).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import tiktoken.load
 
 from data.prepare import PrepareConfig, prepare
 from glimpse.config import build
@@ -23,7 +25,8 @@ from train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
-R50K_CACHE_NAME = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"  # tiktoken's cache key for r50k_base
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # where tiktoken gets them
+R50K_CACHE_NAME = hashlib.sha1(R50K_URL.encode()).hexdigest()  # tiktoken's cache names a file by its URL's hash
 
 
 def make_corpus(n_lines: int = 1500, seed: int = 0) -> str:
@@ -97,29 +100,46 @@ def tiktoken_cache() -> Path | None:
     return Path(folder) if folder else None  # an empty TIKTOKEN_CACHE_DIR turns tiktoken's cache off
 
 
-def find_gpt2_ranks() -> Path | None:
-    """GPT-2's BPE ranks: the shared copy if there is one, else the file tiktoken has cached, else None."""
+def gpt2_ranks_or_why() -> tuple[Path | None, str]:
+    """GPT-2's BPE ranks as a file, or None and why not: the shared copy if there is one, else the file in
+    tiktoken's cache, which tiktoken downloads there first when it is not cached, as a user's run would."""
     if GPT2_RANKS.exists():
-        return GPT2_RANKS
+        return GPT2_RANKS, ""
+    try:
+        ranks = tiktoken.load.read_file_cached(R50K_URL)  # the cache, else a download into it
+    except Exception as e:  # no network, a proxy, a cache folder it cannot write: whatever tiktoken meets
+        return None, (f"GPT-2 BPE ranks: no copy at {GPT2_RANKS}, none in tiktoken's cache, and tiktoken could not "
+                      f"download them ({type(e).__name__}: {e})")
     cache = tiktoken_cache()
     if cache is not None and (cache / R50K_CACHE_NAME).is_file():
-        return cache / R50K_CACHE_NAME
-    return None
+        return cache / R50K_CACHE_NAME, ""
+    kept = Path(tempfile.mkdtemp(prefix="gpt2-ranks-")) / R50K_CACHE_NAME  # tiktoken's cache is off
+    kept.write_bytes(ranks)
+    return kept, ""
+
+
+def find_gpt2_ranks() -> Path | None:
+    """GPT-2's BPE ranks as a file (gpt2_ranks_or_why), or None."""
+    return gpt2_ranks_or_why()[0]
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks_file() -> Path:
+    """GPT-2's BPE ranks, looked for (and downloaded) once a session; tests that need them skip without them."""
+    ranks, why_not = gpt2_ranks_or_why()
+    if ranks is None:
+        pytest.skip(why_not)
+    return ranks
 
 
 @pytest.fixture
-def gpt2_ranks(tmp_path, monkeypatch):
-    """Point tiktoken at a local copy of GPT-2's BPE ranks, so no download is attempted."""
-    ranks = find_gpt2_ranks()
-    if ranks is None:
-        cache = tiktoken_cache()
-        cached = cache / R50K_CACHE_NAME if cache else "tiktoken's cache (off: TIKTOKEN_CACHE_DIR is empty)"
-        pytest.skip(f"GPT-2 BPE ranks found neither at {GPT2_RANKS} nor at {cached}")
-    if ranks == GPT2_RANKS:
+def gpt2_ranks(gpt2_ranks_file, tmp_path, monkeypatch):
+    """Point tiktoken at a cache folder holding GPT-2's BPE ranks, so that no test downloads them again."""
+    if gpt2_ranks_file.name == R50K_CACHE_NAME:
+        cache = gpt2_ranks_file.parent
+    else:
         cache = tmp_path / "tiktoken-cache"  # tiktoken finds a cached file by its URL's hash, not by this name
         cache.mkdir()
-        shutil.copy(GPT2_RANKS, cache / R50K_CACHE_NAME)
-    else:
-        cache = ranks.parent
+        shutil.copy(gpt2_ranks_file, cache / R50K_CACHE_NAME)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     return cache

@@ -1,11 +1,15 @@
-"""The floor plan: imports that run one way (no cycle, not even behind TYPE_CHECKING or inside a function), and
-documentation whose relative links and images all resolve."""
+"""The floor plan: imports that run one way (no cycle, not even behind TYPE_CHECKING or inside a function),
+documentation whose relative links and images all resolve, and the one outside file the tests use found as a
+user's run finds it."""
 
 import ast
 import re
 from pathlib import Path
 
-from tests.conftest import REPO
+import tiktoken.load
+
+from tests import conftest
+from tests.conftest import R50K_URL, REPO
 
 SOURCES = [*REPO.glob("*.py"), *REPO.glob("glimpse/*.py"), *REPO.glob("data/*.py"), *REPO.glob("scripts/*.py")]
 
@@ -79,3 +83,21 @@ def test_every_relative_link_and_image_in_the_docs_resolves():
                     broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
     assert checked > 5, "the README and docs link to their pages and pictures"
     assert not broken, "broken links: " + ", ".join(broken)
+
+
+def test_gpt2_tests_get_the_bpe_ranks_as_tiktoken_does_or_say_why_not(tmp_path, monkeypatch):
+    """Without the shared copy and with nothing cached, the GPT-2 tests take the ranks from tiktoken's download,
+    as a user's run would, and skip only when tiktoken cannot get them, with its error as the reason."""
+    monkeypatch.setattr(conftest, "GPT2_RANKS", tmp_path / "no-shared-copy")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    found, why_not = conftest.gpt2_ranks_or_why()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "another-cache"))  # tiktoken must download again
+    try:
+        expected, error = tiktoken.load.read_file_cached(R50K_URL), None
+    except Exception as e:  # whatever stops tiktoken must stop the tests the same way
+        expected, error = None, e
+    if error is None:
+        assert found is not None and found.read_bytes() == expected
+    else:
+        assert found is None
+        assert f"tiktoken could not download them ({type(error).__name__}: " in why_not, why_not
