@@ -7,7 +7,10 @@ Two optimizers, chosen by optimizer=:
   muon   Muon for the matrices inside the blocks (c_attn, c_proj, c_fc) and AdamW for the rest.
          Muon replaces each momentum update with the nearest orthogonal matrix (Newton-Schulz
          iterations), so every direction of a matrix moves at a similar rate, not only the few
-         that dominate the gradient. MuonWithAdamW steps the two as one optimizer.
+         that dominate the gradient. MuonWithAdamW steps the two as one optimizer. Muon decays
+         its matrices by its own key, muon_weight_decay (each step shrinks them by the step's
+         Muon rate times it, as torch's Muon does), and with muon_split_qkv orthogonalises c_attn's
+         queries, keys and values as three matrices (Muon, below).
 
 The schedule (get_lr) is a pure function of the step: linear warmup, cosine decay to min_lr, then
 flat; under a time budget the decay follows the fraction of the budget spent. set_lr applies it to
@@ -40,6 +43,8 @@ class OptimizerSettings(Protocol):
     muon_lr: float
     muon_momentum: float
     muon_ns_steps: int
+    muon_weight_decay: float
+    muon_split_qkv: bool
 
 
 def get_lr(it: int, cfg: OptimizerSettings, budget_used: float | None = None) -> float:
@@ -66,6 +71,7 @@ def configure_optimizer(model: GPT, cfg: OptimizerSettings,
     With optimizer=muon, Muon takes the weights of the Linear layers inside the blocks (c_attn, c_proj,
     c_fc) and AdamW the rest. Muon's orthogonalised update is meant for matrices that map one hidden
     space to another; embeddings (rows looked up one token at a time), the head and vectors are not.
+    With muon_split_qkv, each c_attn weight is three such maps, stacked: Muon updates them apart.
     """
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     hidden = []
@@ -81,13 +87,41 @@ def configure_optimizer(model: GPT, cfg: OptimizerSettings,
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if hidden:
         # "muon": True marks the group whose learning rate set_lr sets from muon_lr
-        muon = torch.optim.Muon([{"params": hidden, "muon": True}], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                ns_steps=cfg.muon_ns_steps,
-                                weight_decay=cfg.weight_decay)
+        row_blocks = {}
+        if cfg.muon_split_qkv:
+            row_blocks = {id(block.attn.c_attn.weight): 3 for block in model.transformer.h}  # queries, keys, values
+        muon = Muon([{"params": hidden, "muon": True}], row_blocks, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                    ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
         optimizer = MuonWithAdamW(muon, optimizer)
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(seen) == len(set(seen)) == len(params), "every parameter must be in exactly one optimizer group"
     return optimizer
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, which can also update a matrix as equal blocks of rows, each a matrix of its own.
+
+    row_blocks maps id(parameter) to its number of blocks. c_attn's weight stacks three maps, the
+    queries', keys' and values' (3C x C). Orthogonalised as one, their updates are coupled (one
+    orthogonal matrix shared out among the three) and, as the stack is three times taller than wide,
+    scaled by sqrt(3) by torch's shape rule. Cut into blocks, each gets torch's own update rule
+    (momentum, Newton-Schulz, decay, a rate adjusted to its shape) as if it were a C x C parameter.
+    The blocks are views of the parameter, its gradient and its one momentum buffer, so the state,
+    a checkpoint and a gradient scaler see the whole parameter either way.
+    """
+
+    def __init__(self, params, row_blocks: dict[int, int], **settings):
+        super().__init__(params, **settings)
+        self.row_blocks = row_blocks
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        # torch's step gathers a group's tensors here, then updates each in turn by its own shape; Muon has no
+        # public hook for this, and this private one has kept its signature from PyTorch 2.9 to 2.13
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        blocks = [self.row_blocks.get(id(p), 1) for p in params_with_grad]
+        for tensors in (params_with_grad, grads, muon_momentum_bufs):
+            tensors[:] = [part for t, n in zip(tensors, blocks) for part in ((t,) if n == 1 else t.chunk(n))]
+        return has_complex
 
 
 class MuonWithAdamW:

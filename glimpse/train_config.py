@@ -91,8 +91,8 @@ class TrainConfig:
     warmup_iters: int = option(100, "steps of linear warmup")
     lr_decay_iters: int = option(5000, "step at which the cosine decay reaches min_lr")
     weight_decay: float = option(
-        0.1, "decoupled weight decay, on matrices only (not biases or norms); under optimizer=muon Muon's matrices "
-        "take it too, times muon_lr"
+        0.1, "AdamW's decoupled weight decay, on matrices only (not biases or norms): each step shrinks them by the "
+        "step's learning rate times this (optimizer=muon: Muon's matrices take muon_weight_decay instead)"
     )
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
@@ -103,6 +103,15 @@ class TrainConfig:
     muon_momentum: float = option(0.95, "Muon's momentum (Nesterov), optimizer=muon")
     muon_ns_steps: int = option(
         5, "Newton-Schulz iterations that orthogonalise each Muon update: fewer are cheaper and rougher"
+    )
+    muon_weight_decay: float = option(
+        0.1, "Muon's decoupled weight decay (optimizer=muon): each step shrinks the blocks' matrices by the step's "
+        "Muon rate times this, as AdamW's shrink by its rate times weight_decay: at equal values Muon's decay is "
+        "muon_lr / learning_rate times AdamW's"
+    )
+    muon_split_qkv: bool = option(
+        False, "Muon orthogonalises c_attn's update as three C x C matrices (queries, keys, values), each at its "
+        "own rate, instead of one 3C x C matrix, which couples the three and steps sqrt(3) times as far"
     )
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
     # model: GPTConfig's keys, with a smaller default than GPT-2's
@@ -135,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         if self.muon_ns_steps < 1:
             raise ValueError(f"muon_ns_steps must be at least 1, got {self.muon_ns_steps}")
+        if self.muon_weight_decay < 0:
+            raise ValueError(f"muon_weight_decay must not be negative, got {self.muon_weight_decay}")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr} and "
                              f"{self.muon_momentum}")

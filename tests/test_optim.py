@@ -1,0 +1,95 @@
+"""Muon's keys: muon_split_qkv (c_attn's queries, keys and values orthogonalised apart) and muon_weight_decay."""
+
+import torch
+
+import train as train_script
+from glimpse.optim import configure_optimizer, set_lr
+from model import GPT
+from tests.conftest import tiny_config, train_config
+from tests.test_reliability import run_main
+from tests.test_train import read_metrics
+from train import TrainConfig, train
+
+SHAPE = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, optimizer="muon")
+
+
+def muon_matrices(model: GPT) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters()
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) and ".h." in name}
+
+
+def take_steps(model: GPT, optimizer, cfg: TrainConfig, grads: list[dict[str, torch.Tensor]]):
+    """Steps of the optimizer at a third of the peak rate, each with the given gradients (the rest zero)."""
+    for step_grads in grads:
+        for name, p in model.named_parameters():
+            p.grad = step_grads[name].clone() if name in step_grads else torch.zeros_like(p)
+        set_lr(optimizer, cfg.learning_rate / 3, cfg)
+        optimizer.step()
+
+
+def test_split_qkv_steps_queries_keys_and_values_as_torchs_muon_steps_three_matrices():
+    cfg = train_config(**SHAPE, muon_split_qkv=True, muon_weight_decay=0.05)
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(vocab_size=20))
+    start = {name: p.detach().clone() for name, p in muon_matrices(model).items()}
+    C = cfg.model.n_embd
+    grads = [{name: torch.randn_like(p) for name, p in muon_matrices(model).items()} for _ in range(3)]
+    take_steps(model, configure_optimizer(model, cfg, torch.device("cpu")), cfg, grads)
+
+    # torch's own Muon, each c_attn given as three C x C parameters (queries, keys, values) with their gradients
+    parts = {(name, i): torch.nn.Parameter(w[i * C:(i + 1) * C].clone() if "c_attn" in name else w.clone())
+             for name, w in start.items() for i in range(3 if "c_attn" in name else 1)}
+    reference = torch.optim.Muon(list(parts.values()), lr=cfg.muon_lr / 3, momentum=cfg.muon_momentum,
+                                 ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+    for step_grads in grads:
+        for (name, i), p in parts.items():
+            p.grad = step_grads[name][i * C:(i + 1) * C].clone() if "c_attn" in name else step_grads[name].clone()
+        reference.step()
+    for name, p in muon_matrices(model).items():
+        expected = torch.cat([parts[name, i].detach() for i in range(3 if "c_attn" in name else 1)])
+        assert torch.equal(p.detach(), expected), name
+
+    # the whole-matrix update (the default) differs for c_attn alone
+    whole = GPT(cfg.model_config(vocab_size=20))
+    whole.load_state_dict({**whole.state_dict(), **start})
+    unsplit = train_config(**SHAPE, muon_weight_decay=0.05)
+    take_steps(whole, configure_optimizer(whole, unsplit, torch.device("cpu")), unsplit, grads)
+    for name, p in muon_matrices(whole).items():
+        assert torch.equal(p.detach(), muon_matrices(model)[name].detach()) != ("c_attn" in name), name
+
+
+def test_muon_weight_decay_is_muons_own_and_weight_decay_adamws():
+    """With zero gradients a step only decays: Muon's matrices by the step's Muon rate times muon_weight_decay,
+    AdamW's by its rate times weight_decay, vectors not at all."""
+    cfg = train_config(**SHAPE, tie_embeddings=False, weight_decay=0.1, muon_weight_decay=0.3)
+    model = GPT(cfg.model_config(vocab_size=20))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    take_steps(model, configure_optimizer(model, cfg, torch.device("cpu")), cfg, [{}])
+    muon = muon_matrices(model)
+    for name, p in model.named_parameters():
+        if name in muon:
+            shrink = 1 - cfg.muon_lr / 3 * cfg.muon_weight_decay
+        elif p.dim() >= 2:
+            shrink = 1 - cfg.learning_rate / 3 * cfg.weight_decay
+        else:
+            shrink = 1.0
+        torch.testing.assert_close(p.detach(), before[name] * shrink, rtol=1e-6, atol=0, msg=name)
+    assert {"lm_head.weight", "transformer.wte.weight"} <= set(before) - set(muon)
+
+
+def test_a_negative_muon_weight_decay_is_a_one_line_error(tmp_path, capsys):
+    message = run_main(train_script.main, [f"--out_dir={tmp_path}", "--optimizer=muon", "--muon_weight_decay=-0.1"],
+                       capsys)
+    assert "muon_weight_decay must not be negative, got -0.1" in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_split_qkv_with_its_own_decay_resumes_exactly(tmp_path, data_dir):
+    settings = dict(optimizer="muon", muon_split_qkv=True, muon_weight_decay=0.05, max_iters=40, eval_interval=20,
+                    attn_log_interval=0, final_eval=False)
+    train(tiny_config(data_dir, tmp_path / "straight", **settings))
+    train(tiny_config(data_dir, tmp_path / "halves", **{**settings, "max_iters": 20}))
+    train(tiny_config(data_dir, tmp_path / "halves", **settings, init_from="resume"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+
