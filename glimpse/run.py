@@ -87,9 +87,7 @@ class Run:
         return self.cfg.batch_size * self.cfg.model.block_size * self.cfg.gradient_accumulation_steps
 
     def step_shape(self, it: int) -> tuple[int, int]:
-        """(sequences per micro-step, tokens per sequence) at step it: full size, or on their ramps."""
-        return (ramp(it, self.cfg.batch_size, self.cfg.batch_warmup_iters),
-                ramp(it, self.cfg.model.block_size, self.cfg.seq_warmup_iters))
+        return step_shape(self.cfg, it)
 
     def say(self, text: str):
         if self.ddp.is_main:
@@ -152,7 +150,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
-    compiled = torch.compile(model) if cfg.compile else model
+    compiled = compile_static(model, cfg) if cfg.compile else model
     ddp_model = compiled
     if ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
@@ -178,10 +176,55 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
+    if cfg.compile:
+        compile_ahead(run)
     if state is not None:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
+
+
+def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:
+    """The (sequences, tokens) shapes of the steps from from_iter on: the ramps' eighths, then full size."""
+    ramped = max(cfg.batch_warmup_iters, cfg.seq_warmup_iters)
+    shapes = [step_shape(cfg, it) for it in range(from_iter, max(ramped, from_iter) + 1)]
+    return list(dict.fromkeys(shapes))  # in order, each once
+
+
+def step_shape(cfg: TrainConfig, it: int) -> tuple[int, int]:
+    """(sequences per micro-step, tokens per sequence) at step it: full size, or on their ramps."""
+    return ramp(it, cfg.batch_size, cfg.batch_warmup_iters), ramp(it, cfg.model.block_size, cfg.seq_warmup_iters)
+
+
+def compile_static(model: GPT, cfg: TrainConfig) -> torch.nn.Module:
+    """torch.compile(model) with a static graph for each shape it meets.
+
+    By default Dynamo turns a dimension symbolic the second time it sees it change, so a run whose first
+    steps are smaller (the batch and sequence ramps, or an eval at another batch size) would train every
+    full-size step on a graph made for any size. The shapes are few (the ramps' eighths, the evals'), so each
+    gets its own graph, and the cache is sized to hold them all rather than fall back to eager mode.
+    """
+    needed = len(training_shapes(cfg)) + 4  # the steps', the evals' (training's batch) and the final eval's two
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+    return torch.compile(model, dynamic=False, backend=cfg.compile_backend)
+
+
+def compile_ahead(run: Run):
+    """Compile the training step for every shape the run has left, before the first step: compiling takes
+    minutes on a GPU, and inside the first step it would count against max_time and its schedule.
+
+    One forward and backward per shape on a batch of zeros, in training mode under the run's autocast; the
+    random streams are put back and the gradients dropped, so the run goes on as if this had not happened.
+    """
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=run.device.type if devices else None):
+        for batch_size, seq_len in training_shapes(run.cfg, run.iter_num):
+            # inputs and targets apart, as batches have them: Dynamo's guards tell one tensor passed twice apart
+            x, y = torch.zeros(2, batch_size, seq_len, dtype=torch.long, device=run.device)
+            with run.ctx:
+                _, loss = run.ddp_model(x, y)
+            loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def prepare_data(cfg: TrainConfig):

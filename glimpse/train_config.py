@@ -33,6 +33,10 @@ class TrainConfig:
     device: Device = device_option()
     dtype: Dtype = dtype_option()
     compile: bool = option(False, "torch.compile the model: slower start, faster steps")
+    compile_backend: str = option(
+        "inductor", "torch.compile's backend: inductor generates fused kernels; aot_eager traces the same graphs but "
+        "runs them op by op, which compiles in seconds (to tell a compiler problem from a model one)"
+    )
     seed: int = option(1337, "seeds weights, batches and dropout")
     # data
     batch_size: int = option(64, "sequences per micro-step (per process under DDP)")

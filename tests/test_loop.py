@@ -24,7 +24,7 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.errors import GlimpseError
 from glimpse.optim import get_lr, ramp
-from glimpse.run import StepLog, TimeBudget, setup, throughput
+from glimpse.run import StepLog, TimeBudget, setup, throughput, training_shapes
 from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
@@ -355,3 +355,30 @@ def test_the_last_step_is_evaluated_and_drawn_off_the_schedule(tmp_path, data_di
     assert evals == [0, 10, 20, 25]
     assert sorted(int(p.name.removeprefix("iter_")) for p in (tmp_path / "attention").iterdir()) == [0, 10, 20, 25]
     assert load_checkpoint(checkpoint_path(tmp_path), torch.device("cpu"))["iter_num"] == 25
+
+
+def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_first_step(tmp_path, data_dir):
+    """Dynamo would turn B and T symbolic once they change (the ramps), leaving full-size steps on a graph for
+    any size; and a compile inside the first step would count against max_time. aot_eager traces the same
+    graphs as inductor, in seconds."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config(data_dir, tmp_path / "out", compile=True, compile_backend="aot_eager", batch_warmup_iters=3,
+                      seq_warmup_iters=6, max_iters=12, eval_interval=6, final_eval=False, attn_log_interval=0,
+                      dropout=0.1)
+    shapes = training_shapes(cfg)
+    assert shapes[0] == (4, 8) and shapes[-1] == (16, 32) and len(shapes) == 7
+    plain = setup(replace(cfg, compile=False, out_dir=str(tmp_path / "plain")), Distributed())
+    plain.tracker.close()
+    rng = torch.get_rng_state()
+    torch._dynamo.reset()
+    counters.clear()
+    run = setup(cfg, Distributed())
+    assert counters["stats"]["unique_graphs"] == len(shapes)  # one static graph per shape, before any step
+    assert torch.equal(torch.get_rng_state(), rng)  # the same dropout masks to come as without compiling
+    assert all(p.grad is None for p in run.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), plain.model.parameters()))
+    loop(run)
+    run.tracker.close()
+    assert counters["stats"]["unique_graphs"] == len(shapes) + 1  # and the evals' one, no step compiled again
+    torch._dynamo.reset()
