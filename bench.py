@@ -14,7 +14,7 @@ heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has t
 train_step times train.py's own train_step (drawing the batch, forward, backward, clipping, the
 optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
 block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
-compile=true the model is compiled on the warm-up step, outside the timing.
+compile=true the model is compiled as train.py's setup compiles it, before any timed step.
 prepare times python data/prepare.py --tokenizer=gpt2 (every core) on a generated corpus of 8 .jsonl
 files (or one .txt file: --corpus_files=txt) beside a plain single-process tiktoken loop over the same
 documents, and reports the peak resident memory of the largest prepare.py process.
