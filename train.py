@@ -68,7 +68,6 @@ def loop(run: Run) -> dict:
     """Steps until max_iters or the time budget: evals, snapshots and checkpoints on their schedules."""
     cfg, ddp = run.cfg, run.ddp
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
-    first_step = run.iter_num
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
     log = StepLog(run.device)
@@ -116,7 +115,7 @@ def loop(run: Run) -> dict:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
     if cfg.max_time:
-        report_budget(run, run.iter_num - first_step)
+        report_budget(run)
     if cfg.final_eval:
         run.last_eval = {**run.last_eval, **final_eval(run)}
     return run.last_eval
@@ -146,10 +145,11 @@ def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:
     return saving
 
 
-def report_budget(run: Run, steps: int):
-    """Say how many steps the time budget bought, and warn when that is far below what it was set to buy."""
-    cfg = run.cfg
-    run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps (step {run.iter_num:,})")
+def report_budget(run: Run):
+    """Say how many steps the time budget bought (resumed runs included), and warn when that is far below what
+    it was set to buy."""
+    cfg, steps = run.cfg, run.iter_num
+    run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps")
     if cfg.budget_steps and steps < cfg.budget_steps / 2 and run.iter_num < cfg.max_iters:
         run.say(f"warning: {steps:,} steps is far below the {cfg.budget_steps:,} this budget buys on the machine it "
                 "was set on (a busy or slower machine?), so expect a clearly worse model. For a result that does not "
