@@ -12,6 +12,11 @@ differ on disk:
 Pretrained weights come from the Hugging Face Hub through huggingface_hub, which keeps them in its
 cache (HF_HOME; HF_HUB_OFFLINE=1 reads the cache only), and are read with safetensors: a format of
 plain tensors, never a pickle. Exporting (export.py) writes the same layout back.
+
+A folder's tokenizer.json says which of glimpse's tokenizers it reads: GPT-2's BPE, or a char-level
+vocabulary as export.py writes it. glimpse takes one only after the folder's own tokenizer (through the
+tokenizers library) has encoded a sample text to the ids glimpse's gives, so a folder whose tokenizer
+glimpse would read differently is refused rather than sampled from with the wrong ids.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import GPT2_ENCODING, GPT2Tokenizer
+from data.tokenizer import GPT2_ENCODING, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
 from model import GPT, GPTConfig
 
@@ -39,6 +44,11 @@ GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximatio
 GPT2_SWITCHES = {"pos_encoding": "learned", "norm": "layernorm", "activation": "gelu", "attn_score": "scaled_dot",
                  "qk_norm": False, "logit_softcap": 0.0,
                  "value_embeds": 0, "unet": False, "smear": False}
+GPT2_SPEC = {"kind": "gpt2", "encoding": GPT2_ENCODING}
+GPT2_VOCAB_SIZE = 50257
+# what a GPT-2 tokenizer.json must encode as glimpse does: accents, emoji, CJK, runs of spaces, tabs, CRLF, digits
+# and contractions, each a case GPT-2's pattern splits its own way
+GPT2_PROBE = "ROMEO: Café naïve — déjà vu 😀🎉 中文字符\n\n   runs   of  spaces\t tab\r\nit's 1234 , isn't it ? end "
 
 
 def download_hint(name: str) -> str:
@@ -146,10 +156,105 @@ def load_pretrained(source: str, device="cpu", block_size: int | None = None, dr
 
 
 def pretrained_state(source: str, model: GPT) -> dict:
-    """What sample.py and eval.py read from a checkpoint, for a pretrained model: its shape, GPT-2's tokenizer,
-    and no training behind it."""
-    return {"model_config": asdict(model.config), "tokenizer": {"kind": "gpt2", "encoding": GPT2_ENCODING},
+    """What sample.py and eval.py read from a checkpoint, for a pretrained model: its shape, its tokenizer
+    (see pretrained_tokenizer), and no training behind it."""
+    return {"model_config": asdict(model.config), "tokenizer": pretrained_tokenizer(source, model.config.vocab_size),
             "train_config": {}, "iter_num": None, "val_loss": None, "pretrained": source}
+
+
+def pretrained_tokenizer(source: str, vocab_size: int) -> dict:
+    """The tokenizer spec of --init_from=source: GPT-2's BPE for a Hub name (only its weights are fetched),
+    else the one its folder holds (folder_tokenizer)."""
+    return dict(GPT2_SPEC) if source in PRETRAINED else folder_tokenizer(Path(source), vocab_size)
+
+
+def folder_tokenizer(folder: Path, vocab_size: int) -> dict:
+    """The spec of glimpse's tokenizer that encodes as folder/tokenizer.json does, or a GlimpseError.
+
+    A folder without one holds weights alone, as download_hint fetches GPT-2's: GPT-2's BPE when the
+    vocabulary has room for it.
+    """
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        if vocab_size >= GPT2_VOCAB_SIZE:
+            return dict(GPT2_SPEC)
+        raise GlimpseError(f"{folder} has no tokenizer.json, and its {vocab_size:,}-token vocabulary is not GPT-2's "
+                           f"{GPT2_VOCAB_SIZE:,}: put the tokenizer.json it was trained with beside its weights "
+                           "(export.py writes one)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise GlimpseError(f"reading {path} needs the tokenizers library: pip install tokenizers") from None
+    try:
+        theirs = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # tokenizers reports a malformed file as a bare Exception
+        raise GlimpseError(f"{path} is not a readable tokenizer file ({str(e).splitlines()[0][:200]})") from None
+    vocab = theirs.get_vocab(with_added_tokens=True)  # {token: id}
+    spec = None
+    if len(vocab) == GPT2_VOCAB_SIZE and vocab.get("<|endoftext|>") == GPT2_VOCAB_SIZE - 1 and vocab == gpt2_vocab():
+        spec, probe = dict(GPT2_SPEC), GPT2_PROBE
+    elif all(len(t) == 1 for t in vocab) and sorted(vocab, key=vocab.get) == sorted(vocab) and \
+            sorted(vocab.values()) == list(range(len(vocab))):  # one character a token, ids in sorted order
+        chars = "".join(sorted(vocab))
+        spec, probe = {"kind": "char", "chars": chars}, chars + chars[::-1] + chars
+    if spec is None or not encodes_alike(theirs, spec, probe):
+        raise GlimpseError(f"{path} is a tokenizer glimpse cannot reproduce (it reads GPT-2's BPE and char-level "
+                           "vocabularies as export.py writes them): put beside the weights the tokenizer.json they "
+                           "were trained with, or load the folder with transformers")
+    if tokenizer_from_spec(spec).vocab_size > vocab_size:
+        raise GlimpseError(f"{path} has {len(vocab):,} tokens, more than the {vocab_size:,} of the model beside it")
+    return spec
+
+
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's vocabulary as a Hugging Face tokenizer.json spells it: each token's bytes as GPT-2's stand-in
+    characters for bytes (byte_symbols), and <|endoftext|>."""
+    enc = GPT2Tokenizer().enc
+    symbols = byte_symbols()
+    vocab = {"".join(symbols[b] for b in enc.decode_single_token_bytes(i)): i for i in range(enc.eot_token)}
+    vocab["<|endoftext|>"] = enc.eot_token
+    return vocab
+
+
+def byte_symbols() -> list[str]:
+    """The character GPT-2's byte-level BPE writes for each byte: a printable byte stands for itself, the
+    others (controls, space, ...) for the code points from 256 up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    symbols, spare = [], 256
+    for b in range(256):
+        symbols.append(chr(b) if b in printable else chr(spare))
+        spare += b not in printable
+    return symbols
+
+
+def encodes_alike(theirs, spec: dict, text: str) -> bool:
+    """Whether a tokenizers.Tokenizer encodes text (post-processing included) to the ids glimpse's tokenizer of
+    spec gives, and decodes them back to text."""
+    ids = tokenizer_from_spec(spec).encode(text).tolist()
+    try:
+        return theirs.encode(text).ids == ids and theirs.decode(ids, skip_special_tokens=False) == text
+    except Exception:  # tokenizers raises a bare Exception where it cannot encode text, as for an unknown character
+        return False
+
+
+def check_finetune_tokenizer(source: str, folder: Path, data_spec: dict, dataset: str):
+    """Finetuning reads the dataset's ids with the pretrained model's tokenizer: they must be the same one."""
+    spec = pretrained_tokenizer(source, read_config(folder).vocab_size)
+    if spec == data_spec:
+        return
+    if spec["kind"] == "gpt2":
+        raise GlimpseError(f"--init_from={source} reads GPT-2's BPE tokens, but dataset {dataset} is tokenized by "
+                           f"{data_spec['kind']}: finetune on a GPT-2 BPE dataset, such as --dataset=shakespeare")
+    chars = spec["chars"]
+    if data_spec["kind"] != "char":
+        raise GlimpseError(f"--init_from={source} reads {len(chars)} characters, one token each, but dataset {dataset} "
+                           f"is tokenized by {data_spec['kind']}: finetune on a char-level dataset of those characters")
+    lacks, adds = sorted(set(chars) - set(data_spec["chars"])), sorted(set(data_spec["chars"]) - set(chars))
+    shown = " and ".join(f"{what} {''.join(repr(c)[1:-1] for c in which)!r}"
+                         for what, which in (("lacks", lacks), ("adds", adds)) if which)
+    raise GlimpseError(f"--init_from={source} reads {len(chars)} characters, and dataset {dataset}'s vocabulary "
+                       f"{shown}, so its ids would stand for other characters: prepare the dataset from text of "
+                       "exactly the model's characters")
 
 
 def unexportable(config: GPTConfig) -> list[str]:
