@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -11,14 +12,39 @@ class GlimpseError(Exception):
     """Something wrong with the user's input or environment; the message says how to fix it."""
 
 
+class UserExit(SystemExit):
+    """The exit a GlimpseError ends a script with: status 2, and the message, for a caller that reports it."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+
+_caller_reports = ContextVar("caller_reports", default=False)
+
+
 @contextmanager
 def user_errors():
-    """Turn a GlimpseError raised inside the block into 'error: ...' on stderr and exit code 2."""
+    """Turn a GlimpseError raised inside the block into 'error: ...' on stderr and exit code 2 (UserExit)."""
     try:
         yield
     except GlimpseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if not _caller_reports.get():
+            print(f"error: {e}", file=sys.stderr)
+        raise UserExit(str(e)) from None
+
+
+@contextmanager
+def reported_by_caller():
+    """Inside the block, user_errors leaves printing its message to the caller, who catches the UserExit.
+
+    Under torchrun every process meets the same bad setting; the caller lets one of them print it.
+    """
+    token = _caller_reports.set(True)
+    try:
+        yield
+    finally:
+        _caller_reports.reset(token)
 
 
 def read_utf8(path: Path, what: str) -> str:

@@ -8,21 +8,24 @@ same on CPU, CUDA and Apple's MPS.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from glimpse.config import option
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, UserExit, reported_by_caller
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -266,31 +269,101 @@ def close_distributed(ddp: Distributed):
 @contextmanager
 def exit_when_done_under_torchrun():
     """Under torchrun, end the process with the block's exit status the moment it is done, without
-    Python's teardown; elsewhere, nothing.
+    Python's teardown, and print a user's error once for all processes; elsewhere, nothing.
 
     DDP's reducer keeps its gloo process group alive after destroy_process_group, so the group's worker
     threads outlive the script. One of them still letting go of the last collective's tensors as the
     interpreter shuts down reaches for a GIL that is gone, and the process aborts (SIGABRT) after a run
     that succeeded, now and then. By the end of the block every file is written and closed and wandb
     finished; only the streams are left to flush.
+
+    A bad setting stops every process alike: rank 0 prints it (report_user_error), the others exit with
+    the same status and say nothing, and a process that fails because another stopped for a user's error
+    (a collective whose peer left) says nothing either, where its traceback would bury the one line.
     """
     if not launched_by_torchrun():
         yield
         return
     status = 0
     try:
-        yield
+        with reported_by_caller():
+            yield
+    except UserExit as e:
+        status = e.code
+        report_user_error(e.message, e.code)
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
     except BaseException:
-        traceback.print_exc()
-        status = 1
+        reported = user_error_reported()
+        if reported is None:
+            traceback.print_exc()
+        status = 1 if reported is None else reported
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+# How long a process other than rank 0 waits for rank 0 to report the same error before printing its own:
+# rank 0 may still be importing torch, or meet an error that only this process has.
+REPORT_WAIT_S = 30.0
+
+
+def report_user_error(message: str, status: int):
+    """Print a user's error once for a torchrun job: on rank 0, or on another rank when rank 0 does not
+    report one within REPORT_WAIT_S; then tell the other processes, through torchrun's store, that it is
+    printed and with which status."""
+    rank = int(os.environ["RANK"])
+    store = _torchrun_store(REPORT_WAIT_S)
+    if rank != 0 and store is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun stopping the job stops this wait at once
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            store.wait([_report_key()])
+            return
+        except Exception:  # rank 0 did not report: this process's error is its own
+            pass
+    print(f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr)
+    if store is not None:
+        try:
+            store.set(_report_key(), str(status))
+            store.get(_report_key())  # an answer: the store holds it before this process leaves
+        except Exception:
+            pass
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's summary shows it instead of a link to its docs
+        record = {"message": f"error: {message}", "extraInfo": {"timestamp": str(int(time.time()))}}
+        try:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump({"message": record}, f)  # the layout torchrun's own error handler writes
+        except OSError:
+            pass
+
+
+def user_error_reported() -> int | None:
+    """The status of the user's error another process of this torchrun job printed, or None."""
+    store = _torchrun_store(5.0)
+    try:
+        return int(store.get(_report_key())) if store is not None and store.check([_report_key()]) else None
+    except Exception:
+        return None
+
+
+def _torchrun_store(timeout_s: float):
+    """A client of the key-value store torchrun's agent keeps for the job, or None where there is none."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except Exception:
+        return None
+
+
+def _report_key() -> str:
+    # one per attempt: torchrun --max_restarts starts the processes again on the same store
+    return f"glimpse/user_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 class StopRequest:

@@ -1,5 +1,6 @@
 """DDP through torchrun with gloo on CPU: two processes train exactly as one does."""
 
+import re
 import sys
 import textwrap
 
@@ -87,3 +88,72 @@ def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, sta
         assert f"exitcode  : {status}" in run.stderr
     if "RuntimeError" in ending:
         assert "RuntimeError: broken" in run.stderr  # the process's traceback
+
+
+def torchrun_script(tmp_path, body: str, nproc: int = 2):
+    """Run body as a script in nproc processes under torchrun, inside train.py's two context managers."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, {repo!r})
+        import torch.distributed as dist
+        from glimpse.errors import GlimpseError, user_errors
+        from glimpse.runtime import exit_when_done_under_torchrun
+        rank = int(os.environ["RANK"])
+        with exit_when_done_under_torchrun(), user_errors():
+        """).format(repo=str(REPO)) + textwrap.indent(textwrap.dedent(body), "    "))
+    return run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                      str(script), env={"OMP_NUM_THREADS": "1"})
+
+
+def error_lines(run) -> list[str]:
+    return re.findall(r"^error.*$", run.stderr, re.MULTILINE)
+
+
+def test_a_bad_setting_prints_once_and_no_process_a_traceback(tmp_path):
+    """Every process meets the same bad flag: one line from rank 0 (also in torchrun's summary, in place of a
+    link to its docs), each process ending with status 2 or stopped by torchrun before it got there."""
+    run = torchrun(2, *SETTINGS, "--batch_size=0", f"--out_dir={tmp_path}")
+    assert run.returncode == 1  # torchrun's own status when a process failed
+    assert error_lines(run) == ["error: batch_size must be at least 1, got 0"], run.stderr
+    assert "traceback : error: batch_size must be at least 1, got 0" in run.stderr
+    assert f'File "{REPO / "train.py"}' not in run.stderr and f'File "{REPO / "glimpse"}' not in run.stderr
+    assert set(re.findall(r"exitcode  : (-?\d+)", run.stderr)) <= {"2", "-15"}, run.stderr
+
+
+def test_rank_zero_prints_a_bad_setting_that_another_process_met_first(tmp_path):
+    """Rank 1 fails first and says nothing: it waits for rank 0, which prints its own line of the same error."""
+    run = torchrun_script(tmp_path, """
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+        if rank == 0:
+            store.wait(["test/rank 1 failed"])
+        else:
+            store.set("test/rank 1 failed", "1")
+        raise GlimpseError(f"a bad setting, met by rank {rank}")
+    """)
+    assert error_lines(run) == ["error: a bad setting, met by rank 0"], run.stderr
+    assert set(re.findall(r"exitcode  : (-?\d+)", run.stderr)) <= {"2", "-15"}, run.stderr
+
+
+def test_a_process_stopped_by_another_s_bad_setting_stays_quiet(tmp_path):
+    """Rank 1 waits in a collective for rank 0, which stops for a bad setting: the collective fails on rank 1,
+    and its gloo traceback would bury the one line that matters."""
+    run = torchrun_script(tmp_path, """
+        dist.init_process_group("gloo")
+        if rank == 0:
+            raise GlimpseError("a bad setting")
+        dist.barrier()
+    """)
+    assert error_lines(run) == ["error: a bad setting"], run.stderr
+    assert "RuntimeError" not in run.stderr and f'File "{tmp_path}' not in run.stderr, run.stderr
+    assert set(re.findall(r"exitcode  : (-?\d+)", run.stderr)) <= {"2", "-15"}, run.stderr
+
+
+def test_an_error_of_one_process_alone_is_still_printed(tmp_path):
+    """Rank 0 finishes and reports nothing: after waiting for it, rank 1 prints its own error, naming its rank."""
+    run = torchrun_script(tmp_path, """
+        if rank == 1:
+            raise GlimpseError("a file only rank 1 reads is missing")
+    """)
+    assert error_lines(run) == ["error (rank 1): a file only rank 1 reads is missing"], run.stderr
+    assert re.findall(r"exitcode  : (-?\d+)", run.stderr) == ["2"], run.stderr
