@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data import hellaswag
 from data.dataset import TokenData
-from data.prepare import ensure_dataset
+from data.prepare import BUILTIN, ensure_dataset
 from glimpse.checkpoint import (
     best_path,
     check_resume,
@@ -237,10 +237,14 @@ def prepare_data(cfg: TrainConfig):
     there the dataset must be prepared first.
     """
     folder = Path(cfg.data_dir) / cfg.dataset
-    if machines() > 1 and not (folder / "meta.json").exists():
+    to_prepare = cfg.dataset in BUILTIN and not (folder / "meta.json").exists()
+    if machines() > 1 and to_prepare:
         raise GlimpseError(f"dataset {cfg.dataset!r} is not prepared on this machine (no {folder / 'meta.json'}): "
                            f"prepare it on every machine first (python data/prepare.py --dataset={cfg.dataset}), "
                            "then start the job again")
+    if not (to_prepare or cfg.hellaswag_interval):
+        ensure_dataset(cfg.dataset, cfg.data_dir)  # there already, or an error that says how to make it
+        return
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(cfg.data_dir) / f".{cfg.dataset}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
