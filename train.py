@@ -280,7 +280,7 @@ def final_eval(run: Run) -> dict:
              "final_val_tokens": scored}
     run.tracker.log(final)
     run.say(f"final val loss {loss:.4f} on the whole validation split ({scored:,} tokens, {block_size}-token "
-            "windows)")
+            "windows; why it differs from the evals' estimate: docs/training.md)")
     return final
 
 
