@@ -7,12 +7,16 @@ Export a trained glimpse model to a Hugging Face GPT-2 folder, for transformers 
 writes into DIR:
   config.json              a GPT2LMHeadModel's config
   model.safetensors        the weights under GPT-2's names and in its layout, float32
-  generation_config.json   generate stops at block_size tokens in all: transformers' GPT-2 has no
-                           window that slides past its learned positions, as glimpse's generate has
+  generation_config.json   the end-of-text token; no max_length: transformers caps its default length
+                           at n_positions (block_size) itself, and one set here makes every
+                           generate(max_new_tokens=...) warn that both are set
   tokenizer.json, tokenizer_config.json
                            the checkpoint's own tokenizer, GPT-2's BPE or the char-level one
-so that AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it. It
-reads OUT_DIR/best.pt when there is one, else ckpt.pt (--checkpoint chooses).
+so that AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it, and
+glimpse too (sample.py --init_from=DIR, train.py --init_from=DIR). transformers' GPT-2 has no window
+that slides past its learned positions, as glimpse's generate has: there the prompt and the new tokens
+fit in block_size together. It reads OUT_DIR/best.pt when there is one, else ckpt.pt (--checkpoint
+chooses).
 
 Only GPT-2's architecture exports: learned positions, LayerNorm, GELU and scaled dot-product scores,
 with or without biases (a model without them exports zeros, which add nothing) and with a tied or
@@ -87,8 +91,7 @@ def export(cfg: ExportConfig) -> Path:
         save_file(hf_weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
         hf = hf_config(config, tokenizer.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
-                      "max_length": config.block_size}
+        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
         dest.mkdir(parents=True, exist_ok=True)

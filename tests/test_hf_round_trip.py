@@ -1,13 +1,15 @@
 """glimpse -> Hugging Face -> glimpse: an exported folder reads back into glimpse with its own tokenizer, for
-sampling and finetuning; transformers' generate on it gives the same greedy text; tokenizers glimpse cannot
-reproduce are one line.
+sampling and finetuning; transformers' generate on it gives the same greedy text without warnings;
+tokenizers glimpse cannot reproduce are one line.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,7 +102,7 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
     prepare(PrepareConfig(dataset="other", input=str(tmp_path / "other.txt"), data_dir=str(tmp_path / "data")))
     refused = tmp_path / "refused"
     line = run_main(train.main, [f"--init_from={char_folder}", "--dataset=other", f"--data_dir={tmp_path / 'data'}",
-                                 f"--out_dir={refused}", "--block_size=16", "--device=cpu"], capsys)
+                                 f"--out_dir={refused}", "--block_size=16", "--device=cpu", "--max_iters=1"], capsys)
     chars = set(state["tokenizer"]["chars"])
     lacks, adds = "".join(sorted(chars - set(other))), "".join(sorted(set(other) - chars))
     assert lacks and adds  # the upper case, and '%' with the letters only the names had
@@ -111,7 +113,8 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
 def test_finetune_exported_char_model_on_bpe_dataset_is_refused(char_folder, tmp_path, gpt2_ranks, capsys):
     data = bpe_data(tmp_path)
     line = run_main(train.main, [f"--init_from={char_folder}", "--dataset=bpe", f"--data_dir={data}",
-                                 f"--out_dir={tmp_path / 'out'}", "--block_size=16", "--device=cpu"], capsys)
+                                 f"--out_dir={tmp_path / 'out'}", "--block_size=16", "--device=cpu", "--max_iters=1"],
+                    capsys)
     assert "characters, one token each, but dataset bpe is tokenized by gpt2" in line, line
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
@@ -168,3 +171,35 @@ def test_transformers_own_gpt2_tokenizer_reads_as_gpt2(tmp_path, gpt2_ranks):
         else:
             with pytest.raises(GlimpseError, match="is a tokenizer glimpse cannot reproduce"):
                 folder_tokenizer(folder, 50257)
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2"])
+def test_generate_with_max_new_tokens_does_not_warn(kind, char_folder, tmp_path, request):
+    if kind == "gpt2":
+        request.getfixturevalue("gpt2_ranks")
+        out = glimpse_checkpoint(tmp_path / "run", GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16),
+                                 GPT2_SPEC)
+        folder = export_run(out, tmp_path / "hf")
+    else:
+        folder = char_folder
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    said = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = said.append
+    hf_logger = logging.getLogger("transformers")  # transformers logs to its own logger, which does not propagate
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert out.shape[1] <= inputs.input_ids.shape[1] + 5
+    assert [r.getMessage() for r in said] == [] and [str(w.message) for w in warned] == []
+    # without max_new_tokens transformers still stops at the model's learned positions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its advice to pass max_new_tokens
+        model.generation_config.eos_token_id = None
+        assert model.generate(**inputs, do_sample=False, min_new_tokens=1).shape[1] <= model.config.n_positions
