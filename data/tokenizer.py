@@ -81,8 +81,9 @@ class GPT2Tokenizer:
         return {"kind": "gpt2", "encoding": GPT2_ENCODING}
 
     def encode(self, text: str, dtype=np.int64) -> np.ndarray:
-        # no special tokens allowed: text that happens to contain "<|endoftext|>" stays ordinary text, as in
-        # encode_ordinary; the numpy buffer skips building a Python list of every id
+        # a literal "<|endoftext|>" stays ordinary text, as in encode_ordinary, in a corpus and a prompt alike: the
+        # model sees 50256 only where prepare.py puts it, between documents (the exported tokenizer agrees:
+        # docs/gpt2.md); the numpy buffer skips building a Python list of every id
         return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)
 
     def decode(self, ids) -> str:

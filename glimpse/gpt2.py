@@ -47,7 +47,8 @@ GPT2_SWITCHES = {"pos_encoding": "learned", "norm": "layernorm", "activation": "
 GPT2_SPEC = {"kind": "gpt2", "encoding": GPT2_ENCODING}
 GPT2_VOCAB_SIZE = 50257
 # what a GPT-2 tokenizer.json must encode as glimpse does: accents, emoji, CJK, runs of spaces, tabs, CRLF, digits
-# and contractions, each a case GPT-2's pattern splits its own way
+# and contractions, each a case GPT-2's pattern splits its own way (a literal <|endoftext|> is not here: see
+# hf_tokenizer)
 GPT2_PROBE = "ROMEO: Café naïve — déjà vu 😀🎉 中文字符\n\n   runs   of  spaces\t tab\r\nit's 1234 , isn't it ? end "
 
 
@@ -193,8 +194,7 @@ def folder_tokenizer(folder: Path, vocab_size: int) -> dict:
     spec = None
     if len(vocab) == GPT2_VOCAB_SIZE and vocab.get("<|endoftext|>") == GPT2_VOCAB_SIZE - 1 and vocab == gpt2_vocab():
         spec, probe = dict(GPT2_SPEC), GPT2_PROBE
-    elif all(len(t) == 1 for t in vocab) and sorted(vocab, key=vocab.get) == sorted(vocab) and \
-            sorted(vocab.values()) == list(range(len(vocab))):  # one character a token, ids in sorted order
+    elif all(len(t) == 1 for t in vocab):  # one character a token: the ids must be in sorted order, as the probe checks
         chars = "".join(sorted(vocab))
         spec, probe = {"kind": "char", "chars": chars}, chars + chars[::-1] + chars
     if spec is None or not encodes_alike(theirs, spec, probe):
@@ -293,6 +293,9 @@ def hf_tokenizer(spec: dict, block_size: int):
 
     GPT-2's BPE is built by transformers' converter for tiktoken encodings from the same merge ranks
     tiktoken reads; the char-level one is a word-level vocabulary of single characters (tokenizers).
+    A literal "<|endoftext|>" in text is ordinary text to both, as to glimpse's (data/tokenizer.py):
+    split_special_tokens, saved in tokenizer_config.json, keeps transformers from matching it as the
+    special token, which stays the end of text that generation stops at.
     """
     try:
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -318,7 +321,7 @@ def hf_tokenizer(spec: dict, block_size: int):
         tokenizer = Ranks(pattern=encoding["pat_str"]).converted()
         (eot,) = encoding["special_tokens"]
         tokenizer.add_special_tokens([eot])  # <|endoftext|>, id 50256: after the 50,256 ranks
-        special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+        special = {"bos_token": eot, "eos_token": eot, "unk_token": eot, "split_special_tokens": True}
     # clean_up_tokenization_spaces would drop the space before punctuation on decoding: text must come back whole
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
                                    clean_up_tokenization_spaces=False, **special)

@@ -1,6 +1,6 @@
 """glimpse -> Hugging Face -> glimpse: an exported folder reads back into glimpse with its own tokenizer, for
-sampling and finetuning; transformers' generate on it gives the same greedy text without warnings;
-tokenizers glimpse cannot reproduce are one line.
+sampling and finetuning; transformers' generate on it gives the same greedy text without warnings; its
+tokenizer and glimpse's read a literal <|endoftext|> alike; tokenizers glimpse cannot reproduce are one line.
 """
 
 from __future__ import annotations
@@ -171,6 +171,18 @@ def test_transformers_own_gpt2_tokenizer_reads_as_gpt2(tmp_path, gpt2_ranks):
         else:
             with pytest.raises(GlimpseError, match="is a tokenizer glimpse cannot reproduce"):
                 folder_tokenizer(folder, 50257)
+
+
+def test_literal_end_of_text_is_ordinary_text_in_both_tokenizers(tmp_path, gpt2_ranks):
+    out = glimpse_checkpoint(tmp_path / "run", GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), GPT2_SPEC)
+    theirs = transformers.AutoTokenizer.from_pretrained(export_run(out, tmp_path / "hf"))
+    ours = GPT2Tokenizer()
+    text = "The end.<|endoftext|>A new start <|endoftext|>\n<|endoftext|>"
+    ids = ours.encode(text).tolist()
+    assert ours.eot_token not in ids  # ordinary text: '<', '|', 'end', ...
+    assert theirs.encode(text) == theirs(text).input_ids == ids
+    assert theirs.eos_token_id == ours.eot_token == 50256  # the token itself, for generation to stop at
+    assert theirs.decode([*ids, 50256]) == ours.decode([*ids, 50256]) == text + "<|endoftext|>"
 
 
 @pytest.mark.parametrize("kind", ["char", "gpt2"])
