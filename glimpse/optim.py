@@ -102,10 +102,11 @@ class Muon(torch.optim.Muon):
     """torch's Muon, which can also update a matrix as equal blocks of rows, each a matrix of its own.
 
     row_blocks maps id(parameter) to its number of blocks. c_attn's weight stacks three maps, the
-    queries', keys' and values' (3C x C). Orthogonalised as one, their updates are coupled (one
-    orthogonal matrix shared out among the three) and, as the stack is three times taller than wide,
-    scaled by sqrt(3) by torch's shape rule. Cut into blocks, each gets torch's own update rule
-    (momentum, Newton-Schulz, decay, a rate adjusted to its shape) as if it were a C x C parameter.
+    queries', keys' and values' (3C x C). Orthogonalised as one, they share one orthogonal matrix:
+    torch's shape rule keeps its size that of three C x C steps (a rate times sqrt(rows / columns)),
+    but the three share it out by the size of their gradients, so one with a small gradient barely
+    moves. Cut into blocks, each gets torch's own update rule (momentum, Newton-Schulz, decay, a rate
+    adjusted to its shape) as if it were a C x C parameter.
     The blocks are views of the parameter, its gradient and its one momentum buffer, so the state,
     a checkpoint and a gradient scaler see the whole parameter either way.
     """

@@ -114,8 +114,8 @@ class TrainConfig:
         "muon_lr / learning_rate times AdamW's"
     )
     muon_split_qkv: bool = option(
-        False, "Muon orthogonalises c_attn's update as three C x C matrices (queries, keys, values), each at its "
-        "own rate, instead of one 3C x C matrix, which couples the three and steps sqrt(3) times as far"
+        False, "Muon orthogonalises c_attn's update as three C x C matrices (queries, keys, values), each a full step "
+        "of its own, instead of one 3C x C matrix, whose one step the three share out by the size of their gradients"
     )
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
     # model: GPTConfig's keys, with a smaller default than GPT-2's
