@@ -25,7 +25,9 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.optim._muon as muon_module
 
+from glimpse.runtime import cpu_computes_bfloat16
 from model import GPT
 
 
@@ -90,8 +92,10 @@ def configure_optimizer(model: GPT, cfg: OptimizerSettings,
         row_blocks = {}
         if cfg.muon_split_qkv:
             row_blocks = {id(block.attn.c_attn.weight): 3 for block in model.transformer.h}  # queries, keys, values
-        muon = Muon([{"params": hidden, "muon": True}], row_blocks, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                    ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+        # torch orthogonalises in bfloat16, which a CPU without bfloat16 instructions runs tens of times slower
+        float32_ns = device.type == "cpu" and not cpu_computes_bfloat16()
+        muon = Muon([{"params": hidden, "muon": True}], row_blocks, float32_ns, lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
         optimizer = MuonWithAdamW(muon, optimizer)
     seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(seen) == len(set(seen)) == len(params), "every parameter must be in exactly one optimizer group"
@@ -111,9 +115,21 @@ class Muon(torch.optim.Muon):
     a checkpoint and a gradient scaler see the whole parameter either way.
     """
 
-    def __init__(self, params, row_blocks: dict[int, int], **settings):
+    def __init__(self, params, row_blocks: dict[int, int], float32_ns: bool = False, **settings):
         super().__init__(params, **settings)
-        self.row_blocks = row_blocks
+        self.row_blocks, self.float32_ns = row_blocks, float32_ns
+
+    def step(self, closure=None):
+        if not self.float32_ns:
+            return super().step(closure)
+        # torch's Newton-Schulz casts to bfloat16 inside and has no setting for it: its step is run with the same
+        # iteration in float32 in its place (torch.optim._muon calls it by its module-level name)
+        original = muon_module._zeropower_via_newtonschulz
+        muon_module._zeropower_via_newtonschulz = newton_schulz_float32
+        try:
+            return super().step(closure)
+        finally:
+            muon_module._zeropower_via_newtonschulz = original
 
     def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
         # torch's step gathers a group's tensors here, then updates each in turn by its own shape; Muon has no
@@ -123,6 +139,22 @@ class Muon(torch.optim.Muon):
         for tensors in (params_with_grad, grads, muon_momentum_bufs):
             tensors[:] = [part for t, n in zip(tensors, blocks) for part in ((t,) if n == 1 else t.chunk(n))]
         return has_complex
+
+
+def newton_schulz_float32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                          eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation (its quintic Newton-Schulz iteration, its coefficients), in float32:
+    X / |X|, then X <- a X + (b G + c G^2) X with G = X X^T, ns_steps times, on the wide orientation of X."""
+    a, b, c = ns_coefficients
+    x = grad.float()  # (rows, columns)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T  # G = X X^T is then the smaller of the two Gram matrices
+    x = x / x.norm().clamp(min=eps)  # a spectral norm of at most 1, where the iteration converges
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
 
 
 class MuonWithAdamW:

@@ -8,6 +8,7 @@ same on CPU, CUDA and Apple's MPS.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,9 +41,10 @@ def device_option():
 
 def dtype_option():
     """The --dtype field every script shares."""
-    return option("auto", "auto: bfloat16 on CUDA GPUs that compute it natively (Ampere and later), float16 with a "
-                          "grad scaler on older ones (V100, T4), float32 elsewhere. float32 on CUDA lets matrix "
-                          "products use TF32 tensor cores (10-bit mantissa products, float32 sums)")
+    return option("auto", "auto: bfloat16 on CUDA GPUs that compute it natively (Ampere and later) and on CPUs with "
+                          "AVX-512 BF16 or AMX, float16 with a grad scaler on older GPUs (V100, T4), float32 elsewhere "
+                          "(a CPU without them runs bfloat16 many times slower than float32). float32 on CUDA lets "
+                          "matrix products use TF32 tensor cores (10-bit mantissa products, float32 sums)")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -60,7 +63,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA GPUs that compute it natively, float16 on older ones, float32 elsewhere.
+    """auto: bfloat16 on CUDA GPUs and CPUs that compute it natively, float16 on older GPUs, float32 elsewhere.
 
     Volta and Turing (V100, T4) can run bfloat16 only by emulating it, far slower than their float16
     tensor cores, and torch.cuda.is_bf16_supported() counts emulation unless told not to.
@@ -68,8 +71,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if device.type == "cpu" and cpu_computes_bfloat16():
+            return torch.bfloat16
         return torch.float32
     return DTYPES[name]
+
+
+@functools.cache
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 or AMX), read from /proc/cpuinfo.
+
+    Without them PyTorch converts every bfloat16 product to float32 and back, tens of times slower than
+    float32 itself. Outside Linux the answer is not known here, so no.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"^flags\s*:.*\b(avx512_bf16|amx_bf16)\b", flags, re.MULTILINE))
 
 
 def allow_tf32(device: torch.device, dtype: torch.dtype) -> bool:

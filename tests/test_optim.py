@@ -1,9 +1,11 @@
 """Muon's keys: muon_split_qkv (c_attn's queries, keys and values orthogonalised apart) and muon_weight_decay."""
 
 import torch
+import torch.optim._muon as muon_module
 
 import train as train_script
-from glimpse.optim import configure_optimizer, set_lr
+from glimpse.optim import configure_optimizer, newton_schulz_float32, set_lr
+from glimpse.runtime import cpu_computes_bfloat16
 from model import GPT
 from tests.conftest import tiny_config, train_config
 from tests.test_reliability import run_main
@@ -34,7 +36,9 @@ def test_split_qkv_steps_queries_keys_and_values_as_torchs_muon_steps_three_matr
     start = {name: p.detach().clone() for name, p in muon_matrices(model).items()}
     C = cfg.model.n_embd
     grads = [{name: torch.randn_like(p) for name, p in muon_matrices(model).items()} for _ in range(3)]
-    take_steps(model, configure_optimizer(model, cfg, torch.device("cpu")), cfg, grads)
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    optimizer.muon.float32_ns = False  # torch's own precision, to compare bit for bit (float32: the test below)
+    take_steps(model, optimizer, cfg, grads)
 
     # torch's own Muon, each c_attn given as three C x C parameters (queries, keys, values) with their gradients
     parts = {(name, i): torch.nn.Parameter(w[i * C:(i + 1) * C].clone() if "c_attn" in name else w.clone())
@@ -53,7 +57,9 @@ def test_split_qkv_steps_queries_keys_and_values_as_torchs_muon_steps_three_matr
     whole = GPT(cfg.model_config(vocab_size=20))
     whole.load_state_dict({**whole.state_dict(), **start})
     unsplit = train_config(**SHAPE, muon_weight_decay=0.05)
-    take_steps(whole, configure_optimizer(whole, unsplit, torch.device("cpu")), unsplit, grads)
+    optimizer = configure_optimizer(whole, unsplit, torch.device("cpu"))
+    optimizer.muon.float32_ns = False
+    take_steps(whole, optimizer, unsplit, grads)
     for name, p in muon_matrices(whole).items():
         assert torch.equal(p.detach(), muon_matrices(model)[name].detach()) != ("c_attn" in name), name
 
@@ -93,3 +99,37 @@ def test_split_qkv_with_its_own_decay_resumes_exactly(tmp_path, data_dir):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 
+
+
+def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32():
+    """torch's Muon runs its Newton-Schulz iteration in bfloat16, tens of times slower than float32 on a CPU
+    without bfloat16 instructions: there glimpse runs the same iteration in float32."""
+    cfg = train_config(**SHAPE)
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(vocab_size=20))
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    assert optimizer.muon.float32_ns == (not cpu_computes_bfloat16())
+    optimizer.muon.float32_ns = True
+    g = torch.randn(48, 16)
+    ours = newton_schulz_float32(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    torchs = muon_module._zeropower_via_newtonschulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    assert ours.dtype == torch.float32 and torchs.dtype == torch.bfloat16 and ours.shape == g.shape
+    torch.testing.assert_close(ours, torchs.float(), rtol=0, atol=2e-2)  # the same iteration up to bfloat16's rounding
+    singular = torch.linalg.svdvals(ours)
+    assert 0.5 < singular.min() and singular.max() < 1.5  # orthogonal up to the iteration's deliberate spread
+    # a step with float32 iterations, against torch's own Muon stepped on copies with the same gradients
+    start = {name: p.detach().clone() for name, p in muon_matrices(model).items()}
+    grads = [{name: torch.randn_like(p) for name, p in muon_matrices(model).items()}]
+    original = muon_module._zeropower_via_newtonschulz
+    take_steps(model, optimizer, cfg, grads)
+    assert muon_module._zeropower_via_newtonschulz is original  # torch's module is left as it was
+    copies = {name: torch.nn.Parameter(w.clone()) for name, w in start.items()}
+    reference = torch.optim.Muon(list(copies.values()), lr=cfg.muon_lr / 3, momentum=cfg.muon_momentum,
+                                 ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
+    for name, p in copies.items():
+        p.grad = grads[0][name].clone()
+    reference.step()
+    for name, p in muon_matrices(model).items():
+        moved, expected = p.detach() - start[name], copies[name].detach() - start[name]
+        assert not torch.equal(moved, expected)  # float32, not bfloat16
+        torch.testing.assert_close(moved, expected, rtol=0, atol=5e-2 * expected.abs().max().item())
