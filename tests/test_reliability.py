@@ -134,7 +134,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir
     assert exploded.returncode == 2
     assert "Traceback" not in exploded.stderr
     message = exploded.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: the ") and " at step " in message and "last good checkpoint" in message
+    assert message.startswith("error: the ") and " at step " in message
+    assert f"{checkpoint_path(out)} and {best_path(out)} kept as they were" in message
     assert {p: digest(p) for p in before} == before
 
 
