@@ -153,6 +153,13 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             raise ValueError(f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr} and "
                              f"{self.muon_momentum}")
+        if self.compile:
+            from torch._dynamo import list_backends  # only a compiled run pays for importing the compiler
+
+            backends = list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise ValueError(f"compile_backend must be one of torch.compile's backends, e.g. inductor or "
+                                 f"aot_eager; got {self.compile_backend!r}")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")

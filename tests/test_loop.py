@@ -382,3 +382,5 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
     run.tracker.close()
     assert counters["stats"]["unique_graphs"] == len(shapes) + 1  # and the evals' one, no step compiled again
     torch._dynamo.reset()
+    with pytest.raises(ValueError, match="compile_backend must be one of torch.compile's backends"):
+        replace(cfg, compile_backend="inductr")
