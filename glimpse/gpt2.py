@@ -208,23 +208,15 @@ def folder_tokenizer(folder: Path, vocab_size: int) -> dict:
 
 def gpt2_vocab() -> dict[str, int]:
     """GPT-2's vocabulary as a Hugging Face tokenizer.json spells it: each token's bytes as GPT-2's stand-in
-    characters for bytes (byte_symbols), and <|endoftext|>."""
-    enc = GPT2Tokenizer().enc
-    symbols = byte_symbols()
+    characters for bytes (transformers' bytes_to_unicode), and <|endoftext|>."""
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:
+        raise GlimpseError("reading a GPT-2 tokenizer.json needs transformers: pip install transformers") from None
+    enc, symbols = GPT2Tokenizer().enc, bytes_to_unicode()  # {byte: character}
     vocab = {"".join(symbols[b] for b in enc.decode_single_token_bytes(i)): i for i in range(enc.eot_token)}
     vocab["<|endoftext|>"] = enc.eot_token
     return vocab
-
-
-def byte_symbols() -> list[str]:
-    """The character GPT-2's byte-level BPE writes for each byte: a printable byte stands for itself, the
-    others (controls, space, ...) for the code points from 256 up, in byte order."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    symbols, spare = [], 256
-    for b in range(256):
-        symbols.append(chr(b) if b in printable else chr(spare))
-        spare += b not in printable
-    return symbols
 
 
 def encodes_alike(theirs, spec: dict, text: str) -> bool:
