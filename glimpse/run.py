@@ -316,13 +316,16 @@ class StepLog:
         self.device, self.clock = device, clock
         self.loss_sum = torch.zeros((), device=device)
         self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
+        self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
 
     def count(self, run: Run, it: int):
         """Count step it's tokens (all processes') and their model FLOPs, at the step's own sequence length."""
         batch_size, seq_len = run.step_shape(it)
         tokens = batch_size * seq_len * run.cfg.gradient_accumulation_steps
         self.tokens += tokens
-        self.flops += tokens * run.model.flops_per_token(seq_len)
+        if seq_len not in self.flops_per_token:
+            self.flops_per_token[seq_len] = run.model.flops_per_token(seq_len)
+        self.flops += tokens * self.flops_per_token[seq_len]
 
     @contextmanager
     def paused(self):
