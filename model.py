@@ -35,7 +35,7 @@ from glimpse.config import option
 from glimpse.generation import KVCache
 from glimpse.layers import ReLUSquared, make_dropout, make_norm
 from glimpse.positions import SINUSOID_SCALE, rotary_table, sinusoidal
-from glimpse.self_attention import CausalSelfAttention, HeadEdit
+from glimpse.self_attention import CausalSelfAttention, HeadEdit, Tap
 
 AttnScore = Literal["scaled_dot", "dot", "additive"]
 PosEncoding = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -156,12 +156,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None,
-                ve=None):
-        """record, a list, collects (x, the heads' context vectors): see GPT.trunk."""
-        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks, ve)  # (B, nh, T, hs)
+                ve=None, tap=None):
+        """record, a list, collects (x, the heads' context vectors): see GPT.trunk. tap: see GPT.trunk."""
+        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks, ve,
+                                       tap)  # (B, nh, T, hs)
         if record is not None:
             record.append((x, y))
-        return self.finish(x, y, layer, heads), weights
+        out = self.finish(x, y, layer, heads)  # (B, T, C)
+        if tap is not None:
+            tap.block(layer, x, y, out)
+        return out, weights
 
     def finish(self, x, y, layer=0, heads=None):
         """The block once its heads' context vectors y (B, nh, T, hs) are known: x + attention, x + MLP."""
@@ -294,11 +298,12 @@ class GPT(nn.Module):
         return (self.head(x) if logits else None), torch.stack(weights)
 
     def trunk(self, idx, cache: KVCache | None, need_weights: bool, heads: HeadEdit | None = None,
-              record: list | None = None, weights_dtype: torch.dtype | None = None):
+              record: list | None = None, weights_dtype: torch.dtype | None = None, tap: Tap | None = None):
         """idx (B, T) -> (the final residual stream, normalised (B, T, C), each layer's weights or Nones).
 
         record, a list, collects each block's input stream and heads' context vectors (glimpse/ablation.py
-        starts removals from them)."""
+        starts removals from them). tap, with need_weights, sees each layer's queries, keys, values, scores and
+        weights, and each block's streams (glimpse/mechanism.py reads the mechanism off them)."""
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         encoding, block_size = self.config.pos_encoding, self.config.block_size
@@ -327,7 +332,7 @@ class GPT(nn.Module):
             if layer >= n_layer - n_skips:  # the late half takes in the early half's outputs, innermost first
                 x = x + self.skip_weights[n_layer - 1 - layer] * skips.pop()
             x, w = block(x, rope, cache, layer, need_weights, heads, record, masks,
-                         ves[layer] if layer < len(ves) else None)
+                         ves[layer] if layer < len(ves) else None, tap)
             if layer < n_skips:
                 skips.append(x)
             weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)

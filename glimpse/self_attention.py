@@ -49,6 +49,21 @@ class HeadEdit(Protocol):
         ...
 
 
+class Tap(Protocol):
+    """Something that sees each step of the explicit path as the model computes it (glimpse/mechanism.py
+    records them): nothing is computed a second time for it."""
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor,
+                  weights: torch.Tensor):
+        """q, k (B, nh, T, hs) as the scores use them (after qk_norm and rope), v (B, nh, S, hs); scores
+        (B, nh, T, S) before the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's."""
+        ...
+
+    def block(self, layer: int, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor):
+        """x (B, T, C) the residual stream entering block `layer`, y (B, nh, T, hs) its heads' context
+        vectors, out (B, T, C) the stream it hands on."""
+        ...
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position attends only to itself and earlier ones.
@@ -108,10 +123,11 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                masks: Masks | None = None, ve: torch.Tensor | None = None):
+                masks: Masks | None = None, ve: torch.Tensor | None = None, tap: Tap | None = None):
         """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None).
 
-        ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its value."""
+        ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its value. tap, on the
+        explicit path, is handed q, k, v, the scores and the weights."""
         B, T, C = x.size()
         if masks is None:
             masks = self.masks(T, cache.length if cache is not None else 0, x.device, need_weights)
@@ -131,18 +147,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs) each
         dropout_p = self.dropout if self.training else 0.0
         if masks.explicit:
-            y, weights = self.explicit_attention(q, k, v, masks, dropout_p)
+            scores = self.scores(q, k) + masks.penalty  # (B, nh, T, S)
+            y, weights = attend(scores, v, masks.causal, dropout_p)
+            if tap is not None:
+                tap.attention(layer, q, k, v, scores, weights)
             return y, weights if need_weights else None
         # the fused kernel computes exactly what the explicit path does, without the weights
         scale = 1.0 if self.score_kind == "dot" else None  # None: SDPA's own 1/sqrt(hs)
         y = fused_attention(q, k, v, attn_mask=masks.fused, dropout_p=dropout_p, is_causal=masks.is_causal,
                             scale=scale)
         return y, None
-
-    def explicit_attention(self, q, k, v, masks: Masks, dropout_p: float = 0.0):
-        """Every step written out, weights kept: scores (+ ALiBi's penalty), the causal mask, softmax, the
-        weighted sum of the values. (B, nh, T, hs), (B, nh, S, hs) x 2 -> (context, weights (B, nh, T, S))."""
-        return attend(self.scores(q, k) + masks.penalty, v, masks.causal, dropout_p)
 
     def masks(self, T: int, past: int, device, need_weights: bool) -> Masks:
         """What the causal mask and ALiBi make of a forward of T queries after past cached positions."""
