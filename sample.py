@@ -5,6 +5,7 @@ Generate text from a trained checkpoint, streaming it as it comes.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out-shakespeare-char --ablate=1.0,2.3      # generate without heads 1.0 and 2.3
     python sample.py --out_dir=out-shakespeare-char --head_importance    # each head's cost, on its thumbnail
+    python sample.py --out_dir=out-shakespeare-char --mechanism          # queries, keys, values, scores in the viewer
     python sample.py --init_from=gpt2 --start="The meaning of life is" --probe=induction   # pretrained GPT-2
     python sample.py --help
 
@@ -66,6 +67,9 @@ class SampleConfig:
     dump_attention: bool = option(True, "write each sample's attention (npz, heads.json, PNGs, HTML viewer)")
     dump_dir: str = option("", "where the dumps go, one sample_<i>/ each (empty: OUT_DIR/attention, or "
                                "attention-NAME/ with --init_from)")
+    mechanism: bool = option(False, "also dump how each head computed its weights: queries, keys, values, scores, "
+                                    "what it moved from each token, each head's share of the predicted token's logit "
+                                    "and the logit lens (docs/attention.md; larger dumps)")
     pngs: bool = option(True, "also draw each layer's heatmap PNGs in the dumps (seconds per layer at 1,024 "
                               "tokens; the HTML viewer needs none of them)")
     probe: Literal["none", "induction"] = option(
@@ -83,6 +87,11 @@ class SampleConfig:
         check_removals(self.ablate, self.ablation, self.head_importance)
         if self.head_importance and not self.dump_attention:
             raise ValueError("--head_importance shows in the attention dumps: drop --dump_attention=false")
+        if self.mechanism and not self.dump_attention:
+            raise ValueError("--mechanism goes into the attention dumps: drop --dump_attention=false")
+        if self.mechanism and self.ablate:
+            raise ValueError("--mechanism shows the intact model's heads at work: drop --ablate (or dump the "
+                             "mechanism in a run of its own)")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.max_new_tokens < 0:
@@ -149,7 +158,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
             folder, text_ids = dump_dir / f"sample_{i}", [*ids.tolist(), *generated]
             importance = text_importance(model, text_ids, cfg.ablation, ctx) if cfg.head_importance else None
             metrics = dump_text(model, tokenizer, text_ids, len(ids), dump_meta(state, cfg, i), folder, heads=heads,
-                                importance=importance, pngs=cfg.pngs)
+                                importance=importance, pngs=cfg.pngs, mechanism=cfg.mechanism)
             tracker.log_attention(folder, metrics, prefix=f"sample_{i}")
             sample_heads.append(metrics)
     if cfg.probe == "induction":

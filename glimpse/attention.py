@@ -8,8 +8,15 @@ One dump is a folder:
                    weights as float16 bits, lower triangle only (row q of a head, the weights query q puts
                    on keys 0..q, starts at q (q + 1) / 2; above the diagonal every weight is exactly 0;
                    rows sum to 1); token_ids int32 [T]; tokens [T] (each token's text); prompt_len; meta
-                   (a JSON string). load_layer rebuilds one layer [n_head, T, T] float16 with numpy alone,
-                   load_dump all of them [n_layer, n_head, T, T].
+                   (a JSON string); cut, how many tokens before the window were left out (the model
+                   attends over block_size tokens at most). load_layer rebuilds one layer [n_head, T, T]
+                   float16 with numpy alone, load_dump all of them [n_layer, n_head, T, T].
+                   With the mechanism (sample.py --mechanism, glimpse/mechanism.py), also per layer l,
+                   float32: q_<l>, k_<l>, v_<l> [n_head, T, head_dim]; scores_<l> and head_out_norm_<l>
+                   [n_head, T (T + 1) / 2], packed as the weights are; and for the whole text predicted
+                   int32 [T], logit [T], dla_heads [n_layer, n_head, T], dla_embed [T], dla_attn_bias,
+                   dla_mlp and dla_skip [n_layer, T], dla_norm_bias [T], lens_ids int32 and lens_probs
+                   [n_layer + 1, T, 5]. load_mechanism reads them back at their full shapes.
     heads.json     per layer and head: entropy, mass on the previous token, on the first token (a
                    sink), on the token itself, and the mean distance attended over
     layer_<l>.png  each layer's heads as heatmaps (optional: at GPT-2's size they cost more than the rest)
@@ -38,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from glimpse.ablation import head_means, losses_per_head
+from glimpse.mechanism import Mechanism, trace
 from model import GPT
 
 
@@ -116,14 +124,54 @@ def write_npz(path: Path, attn: np.ndarray, **arrays):
         tmp.unlink(missing_ok=True)
 
 
+def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
+    """The npz entries of a Mechanism (see the module docstring): per layer, the triangles packed as the
+    weights are."""
+    L, _, T = mechanism.shape
+    rows, cols = np.tril_indices(T)
+    arrays = {}
+    for layer in range(L):
+        arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
+                       f"v_{layer}": mechanism.v[layer], f"scores_{layer}": mechanism.scores[layer][:, rows, cols],
+                       f"head_out_norm_{layer}": mechanism.head_out_norm[layer][:, rows, cols]})
+    arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
+                   **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
+                   "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
+    return {name: np.asarray(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32) for name, a in arrays.items()}
+
+
+def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
+    """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs); scores
+    (L, H, T, T), -inf above the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
+    lens_ids, lens_probs; the attribution's parts as attribution_<part>. A KeyError names a dump written
+    without --mechanism."""
+    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+        if "scores_0" not in z.files:
+            raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
+        T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
+        rows, cols = np.tril_indices(T)
+        out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
+        for name, above in (("scores", -np.inf), ("head_out_norm", 0.0)):
+            full = np.full((L, z[f"{name}_0"].shape[0], T, T), above, dtype=np.float32)
+            for layer in range(L):
+                full[layer][:, rows, cols] = z[f"{name}_{layer}"]
+            out[name] = full
+        for name in ("predicted", "logit", "lens_ids", "lens_probs"):
+            out[name] = z[name]
+        out.update({f"attribution_{name[4:]}": z[name] for name in z.files if name.startswith("dla_")})
+    return out
+
+
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,
-               pictures: bool = True, importance: dict | None = None, pngs: bool = True) -> dict:
+               pictures: bool = True, importance: dict | None = None, pngs: bool = True,
+               mechanism: Mechanism | None = None, cut: int = 0) -> dict:
     """Write one dump folder (see the module docstring); return its head metrics.
 
     pictures: the viewer, and the layer PNGs unless pngs is false.
 
     importance, when given ({"intact_loss", "loss_increase" (L, H), ...}), goes to head_importance.json
-    and into the viewer, which shows each head's loss increase on its thumbnail.
+    and into the viewer, which shows each head's loss increase on its thumbnail. mechanism, the text's
+    trace (attn is then its weights), goes into the npz and the viewer; cut, the tokens before the window.
     """
     from glimpse import render  # matplotlib is imported only when pictures are drawn
 
@@ -131,7 +179,8 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     with ThreadPoolExecutor(1) as pool:  # deflating the npz on the second core while the rest is computed
         npz = pool.submit(write_npz, folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),
                           tokens=np.array(tokens, dtype=str), prompt_len=np.int32(prompt_len),
-                          meta=np.array(json.dumps(meta)))
+                          meta=np.array(json.dumps(meta)), cut=np.int32(cut),
+                          **(mechanism_arrays(mechanism) if mechanism is not None else {}))
         heads = head_metrics(attn)
         (folder / "heads.json").write_text(json.dumps(heads, indent=1) + "\n", encoding="utf-8")
         if importance is not None:
@@ -139,7 +188,8 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
         if pictures and pngs:
             render.write_layer_images(folder, attn, tokens, prompt_len)
         if pictures:
-            render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance)
+            render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance, mechanism,
+                                cut)
         npz.result()  # its error, if any, is this dump's
     return heads
 
@@ -150,18 +200,27 @@ def dump_window(model: GPT, ids) -> list[int]:
 
 
 def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: Path, pictures: bool = True,
-              heads=None, importance: dict | None = None, pngs: bool = True) -> dict:
+              heads=None, importance: dict | None = None, pngs: bool = True, mechanism: bool = False) -> dict:
     """Dump the attention over the last block_size tokens of ids (a text's token ids).
 
     heads: a HeadEdit in place (removed heads stay removed in the dump); importance: see write_dump.
+    mechanism: also the queries, keys, values, scores, what each head moved, the logit attribution and
+    the logit lens (glimpse/mechanism.py), which describe the intact model: not with heads.
     """
+    if mechanism and heads is not None:
+        raise ValueError("the mechanism is the intact model's: dump it without heads removed")
     ids = [int(i) for i in ids]
     window = dump_window(model, ids)
     cut = len(ids) - len(window)  # tokens older than the window are left out
-    device = next(model.parameters()).device
-    attn = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
-    return write_dump(folder, attn, window, tokenizer.token_strings(window), max(0, prompt_len - cut), meta, pictures,
-                      importance, pngs)
+    tokens = tokenizer.token_strings(window)
+    traced = trace(model, window, tokens) if mechanism else None
+    if traced is not None:
+        attn = traced.weights
+    else:
+        device = next(model.parameters()).device
+        attn = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
+    return write_dump(folder, attn, window, tokens, max(0, prompt_len - cut), meta, pictures, importance, pngs,
+                      traced, cut)
 
 
 def load_dump(folder: Path) -> dict:

@@ -215,7 +215,7 @@ def pooled(a: np.ndarray, block: int, reduce=np.max) -> np.ndarray:
 
 
 def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
-                importance: dict | None = None) -> str:
+                importance: dict | None = None, mechanism=None, cut: int = 0) -> str:
     """A self-contained HTML page to pick a layer and head, see its heatmap, and hover tokens.
 
     importance ({"loss_increase": (L, H), ...}, glimpse/ablation.py) puts each head's loss increase
@@ -233,6 +233,7 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
         "meta": plain(meta),
         "heads": plain(heads),
         "importance": plain(importance),
+        "cut": int(cut),
         "colormap": [f"{r:02x}{g:02x}{b:02x}" for r, g, b in colormap_bytes()],
         "masked": MASKED_COLOR,
         **packed_weights(attn),
@@ -244,11 +245,11 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
 
 
 def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
-                 importance: dict | None = None) -> Path:
+                 importance: dict | None = None, mechanism=None, cut: int = 0) -> Path:
     """Write viewer_html(...) to path as UTF-8; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads, importance), encoding="utf-8")
+    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads, importance, mechanism, cut), encoding="utf-8")
     return path
 
 
