@@ -1,0 +1,189 @@
+"""
+glimpse from Python: load a model, run a text through it, and get what every head computed as arrays, or
+see it in the viewer inline in a notebook.
+
+    from glimpse.notebook import load
+    model = load("out-shakespeare-char-cpu")   # a training run's out_dir, a Hugging Face GPT-2 folder, or "gpt2"
+    run = model.run("ROMEO:\\nBut soft, what light")
+    run.show()                                 # the viewer, in the output cell
+
+A Run is a Mechanism (glimpse/mechanism.py: weights, scores, q, k, v, context, head_out_norm, the logit
+attribution and the logit lens, as numpy arrays) that knows its model's tokenizer: run.step(layer, head,
+query) takes one query through the lecture's computation, run.show() draws the same viewer that
+sample.py writes, run.save(folder) writes the same dump. model.induction() and model.loss(text,
+ablate="1.0") are the induction probe and a head removal that sample.py and eval.py run. Nothing here
+computes attention a second time: every number comes from trace(), the model's own forward.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import tokenizer_from_spec
+from glimpse.ablation import Ablation, parse_heads
+from glimpse.attention import head_metrics, induction_probe, write_dump
+from glimpse.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_trained
+from glimpse.errors import GlimpseError
+from glimpse.gpt2 import PRETRAINED
+from glimpse.mechanism import Mechanism, trace
+from model import GPT
+
+
+def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> Model:
+    """A model to run texts through: a training run's out_dir (its best.pt, else ckpt.pt; checkpoint="last"
+    for ckpt.pt), a folder holding a Hugging Face GPT-2 (config.json and model.safetensors), or a
+    pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). A GlimpseError says what is missing."""
+    source = str(source)
+    folder = Path(source).expanduser()
+    if (folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file():  # an out_dir has a config.json too
+        gpt, state, _, _ = load_trained(folder, checkpoint, device, "float32", "loaded")
+    elif source in PRETRAINED or (folder / "config.json").is_file():
+        gpt, state, _, _ = load_trained("", "auto", device, "float32", "loaded", init_from=source)
+    elif folder.is_dir():
+        raise GlimpseError(f"{folder} holds neither a glimpse checkpoint ({BEST_NAME} or {CHECKPOINT_NAME}) nor a "
+                           "Hugging Face GPT-2 (config.json): give a training run's out_dir or such a folder")
+    else:
+        raise GlimpseError(f"no folder {folder}: give a training run's out_dir, a Hugging Face GPT-2 folder, or one "
+                           f"of {', '.join(PRETRAINED)}")
+    return Model(gpt, state, source)
+
+
+@dataclass
+class Model:
+    """A GPT (gpt), the checkpoint it came from (state) and its tokenizer."""
+
+    gpt: GPT
+    state: dict = field(repr=False)
+    source: str = ""
+
+    def __post_init__(self):
+        self.tokenizer = tokenizer_from_spec(self.state["tokenizer"])
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of text; a GlimpseError for text the tokenizer cannot encode or an empty one."""
+        ids = [int(i) for i in self.tokenizer.encode(text)]
+        if not ids:
+            raise GlimpseError("the text is empty: give at least one token")
+        return ids
+
+    def run(self, text: str | list[int]) -> Run:
+        """What every head computed on text (or token ids): its last block_size tokens, traced."""
+        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
+        mechanism = trace(self.gpt, ids, self.tokenizer.token_strings(ids))
+        return Run(**vars(mechanism), model=self)
+
+    def induction(self, n_tokens: int | None = None, seed: int = 0, ablation: str | None = "zero") -> dict:
+        """The induction probe sample.py --probe=induction runs (glimpse/attention.py's induction_probe)."""
+        return induction_probe(self.gpt, n_tokens, seed=seed, ablation=ablation)
+
+    @torch.no_grad()
+    def loss(self, text: str | list[int], ablate: str = "") -> float:
+        """The mean next-token loss (nats) over text's last block_size + 1 tokens, with the heads ablate names
+        (layer.head, comma-separated, as --ablate takes them) zero-ablated."""
+        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
+        if len(ids) < 2:
+            raise GlimpseError("a loss needs at least two tokens: one to read, one to predict")
+        c, device = self.config, next(self.gpt.parameters()).device
+        window = torch.tensor(ids[-(c.block_size + 1):], device=device)[None]  # (1, T + 1)
+        heads = Ablation.of(parse_heads(ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, device=device) \
+            if ablate else None
+        was_training = self.gpt.training
+        self.gpt.eval()
+        try:
+            logits, _ = self.gpt(window[:, :-1], heads=heads)  # (1, T, V)
+        finally:
+            self.gpt.train(was_training)
+        return F.cross_entropy(logits[0].float(), window[0, 1:]).item()
+
+
+@dataclass
+class Run(Mechanism):
+    """A Mechanism (see glimpse/mechanism.py) with the model it came from."""
+
+    model: Model | None = field(default=None, repr=False)
+
+    def text_of(self, ids) -> list[str]:
+        """Each token id's own text."""
+        return self.model.tokenizer.token_strings([int(i) for i in np.ravel(ids)])
+
+    def step(self, layer: int, head: int, query: int) -> dict:
+        """One query of one head through the lecture's steps, every number taken from the trace: its query
+        vector and the keys it may see, q . k per key, the scale, ALiBi's penalty or none, the scores the
+        softmax takes, the weights, the weighted values, the context vector, and the size of what the head
+        moved from each key (moved_norm; top_moved_key the largest)."""
+        n_layer, n_head, T = self.shape
+        if not (0 <= layer < n_layer and 0 <= head < n_head and 0 <= query < T):
+            raise GlimpseError(f"layer, head and query must be within {n_layer} layers, {n_head} heads and {T} "
+                               f"tokens; got layer {layer}, head {head}, query {query}")
+        c = self.model.config
+        q, keys = self.q[layer, head, query], self.k[layer, head, : query + 1]  # (hs,), (query + 1, hs)
+        dots = keys @ q  # (query + 1,)
+        scale = {"scaled_dot": 1 / math.sqrt(q.size), "dot": 1.0}.get(c.attn_score)  # additive: no dot product
+        scores = self.scores[layer, head, query, : query + 1]  # (query + 1,)
+        weights = self.weights[layer, head, query, : query + 1]
+        values = self.v[layer, head, : query + 1]  # (query + 1, hs)
+        moved = self.head_out_norm[layer, head, query, : query + 1]
+        return {
+            "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q, "dots": dots,
+            "scale": scale, "penalty": scores - dots * scale if c.pos_encoding == "alibi" and scale else None,
+            "scores": scores, "masked": T - query - 1, "weights": weights, "values": values,
+            "weighted_values": weights[:, None] * values, "context": self.context[layer, head, query],
+            "moved_norm": moved, "top_moved_key": int(moved.argmax()),
+        }
+
+    def head_output(self, layer: int, head: int) -> np.ndarray:
+        """(T, C): what head `head` of layer `layer` wrote into the residual stream at each position."""
+        return self.head_outputs[layer, head]
+
+    def save(self, folder: str | Path, prompt_len: int | None = None, pngs: bool = False) -> Path:
+        """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder."""
+        folder = Path(folder)
+        write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len),
+                   self.meta(), pngs=pngs, mechanism=self, cut=self.cut)
+        return folder
+
+    def show(self, height: int = 760) -> Inline:
+        """The viewer of this run, for a notebook's output cell (it is also a whole page: .html)."""
+        from glimpse.render import viewer_html  # matplotlib, which render imports, only once a picture is wanted
+
+        page = viewer_html(self.weights, self.tokens, self.prompt_len(None), self.meta(), head_metrics(self.weights),
+                           mechanism=self, cut=self.cut)
+        return Inline(page, height)
+
+    def prompt_len(self, prompt_len: int | None) -> int:
+        return self.shape[2] if prompt_len is None else max(0, min(self.shape[2], prompt_len - self.cut))
+
+    def meta(self) -> dict:
+        state = self.model.state
+        return {"model_config": state["model_config"], "iter": state.get("iter_num"), "val_loss": state.get("val_loss"),
+                "source": self.model.source, "tokenizer": state["tokenizer"]}
+
+
+@dataclass
+class Inline:
+    """A viewer page that a notebook shows in its output cell: an iframe holding the whole page, which needs
+    no network and no server (the page inflates its data itself)."""
+
+    html: str
+    height: int = 760
+
+    def _repr_html_(self) -> str:
+        return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width: 100%; height: {self.height}px; '
+                'border: 1px solid #ddd" sandbox="allow-scripts allow-same-origin"></iframe>')
+
+    def save(self, path: str | Path) -> Path:
+        """The page as a file that opens in any browser."""
+        path = Path(path)
+        path.write_text(self.html, encoding="utf-8")
+        return path
