@@ -15,6 +15,14 @@ square root quantised to 0..255 (at most 0.004 off), only the lower triangle, an
 layer: the page inflates a layer (the browser's own DecompressionStream) when it is first shown, so a
 GPT-2 small dump over 1024 tokens opens in seconds instead of decoding 144 heads up front. A small
 max-pooled picture of every head travels uncompressed beside them, for the layer x head picker.
+
+With a Mechanism (glimpse/mechanism.py) the page also shows how each head got its weights: the
+pre-softmax scores, what each head moved from each key, the lecture's computation step by step for one
+query, the logit attribution and the logit lens. Its numbers travel as float16 (float32 when a value
+would not fit), high and low bytes apart as in the npz, deflated per layer and inflated when first
+shown; a dump without one carries exactly what it did before.
+
+write_snapshot_index puts a slider over train.py's attention snapshots (out_dir/attention/iter_<n>/).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import textwrap
 import unicodedata
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +45,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 COLORMAP = "viridis"
+DIVERGING_COLORMAP = "RdBu_r"  # scores and logit attributions: blue below 0, red above, white at 0
+MOVED_COLORMAP = "magma"  # what a head moved: sequential like the weights, but not to be mistaken for them
 MASKED_COLOR = "#eeeeee"  # above the diagonal: keys a query cannot see, unlike a weight of 0
 GENERATED_COLOR = "#c0392b"  # axis labels of generated tokens; prompt tokens stay black
 MAX_LABELLED_TOKENS = 64  # past this, token text on the axes would overlap: positions only
 VIEWER_TEMPLATE = Path(__file__).with_name("viewer.html")
+SNAPSHOTS_TEMPLATE = Path(__file__).with_name("snapshots.html")
 DATA_PLACEHOLDER = "__GLIMPSE_DATA__"
 VISIBLE_CHARS = {"\n": "⏎", "\t": "⇥", " ": "␣"}
 THUMBNAIL_CELLS = 48  # a picker thumbnail is at most 48 x 48 cells: 144 of them stay light to embed and draw
@@ -215,11 +227,15 @@ def pooled(a: np.ndarray, block: int, reduce=np.max) -> np.ndarray:
 
 
 def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
-                importance: dict | None = None, mechanism=None, cut: int = 0) -> str:
+                importance: dict | None = None, mechanism=None, cut: int = 0,
+                token_text: Callable[[list[int]], list[str]] | None = None) -> str:
     """A self-contained HTML page to pick a layer and head, see its heatmap, and hover tokens.
 
     importance ({"loss_increase": (L, H), ...}, glimpse/ablation.py) puts each head's loss increase
-    without it on its thumbnail.
+    without it on its thumbnail. mechanism, the text's Mechanism (its weights are attn), adds the scores
+    and moved modes and the step-by-step, attribution and lens panels; token_text turns the token ids
+    those panels name (predictions, the lens) into text, else they show as ids. cut: tokens before the
+    window left out.
     """
     attn = checked_attention(attn, tokens, prompt_len)
     n_layer, n_head, T, _ = attn.shape
@@ -238,6 +254,8 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
         "masked": MASKED_COLOR,
         **packed_weights(attn),
     }
+    if mechanism is not None:
+        data.update(packed_mechanism(mechanism, attn.shape[:3], meta, token_text))
     # ASCII JSON with < > & escaped: no token can close the <script> it sits in, or open a comment
     payload = json.dumps(data, ensure_ascii=True, allow_nan=False)
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -245,11 +263,13 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
 
 
 def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
-                 importance: dict | None = None, mechanism=None, cut: int = 0) -> Path:
+                 importance: dict | None = None, mechanism=None, cut: int = 0,
+                 token_text: Callable[[list[int]], list[str]] | None = None) -> Path:
     """Write viewer_html(...) to path as UTF-8; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(viewer_html(attn, tokens, prompt_len, meta, heads, importance, mechanism, cut), encoding="utf-8")
+    html = viewer_html(attn, tokens, prompt_len, meta, heads, importance, mechanism, cut, token_text)
+    path.write_text(html, encoding="utf-8")
     return path
 
 
@@ -298,9 +318,78 @@ def float16_sqrt_bytes() -> np.ndarray:
     return sqrt_bytes(np.nan_to_num(every, nan=0.0))
 
 
-def colormap_bytes() -> np.ndarray:
-    """(256, 3) uint8 RGB of COLORMAP, so the viewer's colours match the PNGs'."""
-    return np.rint(255 * colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3]).astype(np.uint8)
+def colormap_bytes(name: str = COLORMAP) -> np.ndarray:
+    """(256, 3) uint8 RGB of a matplotlib colormap, so the viewer's colours match the PNGs'."""
+    return np.rint(255 * colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3]).astype(np.uint8)
+
+
+def hex_colours(name: str) -> list[str]:
+    """A colormap's 256 colours as "rrggbb" strings, as the viewer reads them."""
+    return [f"{r:02x}{g:02x}{b:02x}" for r, g, b in colormap_bytes(name)]
+
+
+ATTRIBUTION_PARTS = ("heads", "embed", "attn_bias", "mlp", "skip", "norm_bias")  # the order the viewer reads
+
+
+def packed_mechanism(mechanism, shape: tuple, meta: dict,
+                     token_text: Callable[[list[int]], list[str]] | None = None) -> dict:
+    """A Mechanism as the viewer reads it: {"mechanism": {...}, "vocab": {id: label}} (see below).
+
+    mechanism.layers[l] is base64 of zlib of layer l's numbers, in this order: q, k, v (H, T, hs) each,
+    the scores' lower triangle (H, T (T + 1) / 2) packed as the weights are, and value_out_norm (H, T).
+    With bits 16 they are float16, all high bytes and then all low bytes (the high bytes deflate well,
+    the low ones hardly, and mixed they deflate poorly); with bits 32, float32 as they are. The page
+    computes the rest itself, as the lecture does: q.k, the softmax, the context vector and what each
+    key moved (weight x value_out_norm). mechanism.globals is base64 of zlib of float32 arrays, in the
+    order and shapes of globals_layout: the prediction, its logit and attribution at each position, and
+    the logit lens (ids as float32, exact below 2^24).
+    """
+    L, H, T = shape
+    if tuple(mechanism.shape) != (L, H, T):
+        raise ValueError(f"the mechanism is (n_layer, n_head, T) = {tuple(mechanism.shape)}, the attention {shape}")
+    rows, cols = np.tril_indices(T)
+    per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer],
+                  mechanism.scores[layer][:, rows, cols], mechanism.value_out_norm[layer]] for layer in range(L)]
+    # float16 holds numbers up to 65504: a model whose queries or scores grow past that travels in float32
+    fits = all(np.abs(a).max(initial=0.0) < 65000 for arrays in per_layer for a in arrays)
+    layers = [deflated_base64(half_planes(arrays) if fits else
+                              np.concatenate([np.ravel(a).astype("<f4") for a in arrays]).tobytes(), level=6)
+              for arrays in per_layer]
+    attribution = mechanism.attribution
+    globals_ = [("predicted", mechanism.predicted), ("logit", mechanism.logit),
+                *((f"dla_{name}", attribution[name]) for name in ATTRIBUTION_PARTS),
+                ("lens_ids", mechanism.lens_ids), ("lens_probs", mechanism.lens_probs)]
+    packed_globals = np.concatenate([np.ravel(a).astype("<f4") for _, a in globals_]).tobytes()
+    config = (meta or {}).get("model_config") or {}
+    vocab = {}
+    if token_text is not None:
+        ids = sorted({int(i) for i in mechanism.predicted} | {int(i) for i in np.ravel(mechanism.lens_ids)})
+        vocab = {str(i): token_label(text, 16) for i, text in zip(ids, token_text(ids))}
+    return {
+        "mechanism": {
+            "attn_score": str(config.get("attn_score", "scaled_dot")),
+            "pos_encoding": str(config.get("pos_encoding", "learned")),
+            "head_dim": int(mechanism.q.shape[-1]),
+            "bits": 16 if fits else 32,
+            "layers": layers,
+            "globals": deflated_base64(packed_globals, level=6),
+            "globals_layout": [[name, list(np.shape(a))] for name, a in globals_],
+            "diverging": hex_colours(DIVERGING_COLORMAP),
+            "moved_colormap": hex_colours(MOVED_COLORMAP),
+        },
+        "vocab": vocab,
+    }
+
+
+def half_planes(arrays: list[np.ndarray]) -> bytes:
+    """arrays, flattened one after another, as float16: every high byte, then every low byte."""
+    bits = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float16).view(np.uint16)
+    return (bits >> 8).astype(np.uint8).tobytes() + (bits & 0xFF).astype(np.uint8).tobytes()
+
+
+def deflated_base64(raw: bytes, level: int) -> str:
+    """raw deflated (a zlib stream, which the browser's DecompressionStream("deflate") reads) as base64 text."""
+    return base64.b64encode(zlib.compress(raw, level)).decode("ascii")
 
 
 def plain(value):
