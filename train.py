@@ -224,7 +224,8 @@ def score_hellaswag(run: Run) -> dict:
 
 
 def snapshot_attention(run: Run):
-    """Dump the attention over the start of the validation split to out_dir/attention/iter_<n>/ and wandb.
+    """Dump the attention over the start of the validation split to out_dir/attention/iter_<n>/ and wandb;
+    out_dir/attention/index.html slides over every snapshot so far.
 
     The text is the same at every step, so the dumps show how the heads form over the run; the cost
     is one forward over attn_probe_tokens tokens, and the pictures. Rank 0 draws; the others wait.
@@ -238,9 +239,12 @@ def snapshot_attention(run: Run):
     def draw():
         meta = {"iter": run.iter_num, "model_config": asdict(run.model.config), "tokenizer": run.data.tokenizer_spec,
                 "source": f"the first {n} tokens of {run.data.folder.name}'s validation split"}
+        from glimpse.render import write_snapshot_index  # matplotlib is imported only once a snapshot is drawn
+
         try:
             heads = dump_text(run.model, run.data.tokenizer(), val[:n].astype(np.int64), prompt_len=n, meta=meta,
                               folder=folder)
+            write_snapshot_index(folder.parent)  # the slider over every snapshot so far, without wandb
         except OSError as e:
             raise GlimpseError(f"could not write the attention snapshot to {folder}: {e.strerror or e}") from None
         run.tracker.log_attention(folder, heads, step=run.iter_num)

@@ -31,6 +31,8 @@ import base64
 import functools
 import json
 import math
+import os
+import re
 import textwrap
 import unicodedata
 import warnings
@@ -256,10 +258,14 @@ def viewer_html(attn, tokens, prompt_len: int, meta: dict, heads: dict | None = 
     }
     if mechanism is not None:
         data.update(packed_mechanism(mechanism, attn.shape[:3], meta, token_text))
-    # ASCII JSON with < > & escaped: no token can close the <script> it sits in, or open a comment
+    return VIEWER_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, script_json(data))
+
+
+def script_json(data) -> str:
+    """data as JSON to put inside a <script> element: ASCII with < > & escaped, so that no token can close
+    the element it sits in, or open a comment."""
     payload = json.dumps(data, ensure_ascii=True, allow_nan=False)
-    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return VIEWER_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, payload)
+    return payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: dict | None = None,
@@ -270,6 +276,30 @@ def write_viewer(path: Path, attn, tokens, prompt_len: int, meta: dict, heads: d
     path.parent.mkdir(parents=True, exist_ok=True)
     html = viewer_html(attn, tokens, prompt_len, meta, heads, importance, mechanism, cut, token_text)
     path.write_text(html, encoding="utf-8")
+    return path
+
+
+def write_snapshot_index(attention_dir: Path) -> Path:
+    """Write attention_dir/index.html: a slider over the snapshots train.py dumps there (iter_<n>/, by n),
+    each shown by its own viewer in a frame, with play and pause; returns the path.
+
+    The layer, head and mode picked stay as the steps change: the viewer in the frame reports them, and the
+    page keeps them, with the step, in its own address (#step=..&layer=..&head=..&mode=..). A folder without
+    its index.html (a dump still being written, or written without pictures) is left out. Written to a
+    temporary name and renamed, since a browser may be reading it while training goes on.
+    """
+    attention_dir = Path(attention_dir)
+    snapshots = sorted((int(match.group(1)), path.name) for path in attention_dir.iterdir()
+                       if (match := re.fullmatch(r"iter_(\d+)", path.name)) and (path / "index.html").is_file())
+    data = {"steps": [step for step, _ in snapshots], "folders": [name for _, name in snapshots]}
+    path = attention_dir / "index.html"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(SNAPSHOTS_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, script_json(data)),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
