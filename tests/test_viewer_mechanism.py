@@ -1,0 +1,433 @@
+"""The viewer's mechanism: the scores and moved modes, the step-by-step panel, the logit attribution and
+lens, the window's cut, the URL hash, and the training snapshots' slider, in a real headless Chromium.
+
+The mechanism is a real trace (glimpse/mechanism.py) of a small random-weight model whose queries and
+keys are scaled up so that its heads attend sharply; every number the page shows is compared with the
+Mechanism's own. The browser tests skip when Chromium or playwright is missing, as test_render's do.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glimpse.attention import head_metrics, write_dump
+from glimpse.mechanism import trace
+from glimpse.positions import alibi_slopes
+from glimpse.render import colormap_bytes, viewer_html, write_snapshot_index, write_viewer
+from model import GPT, GPTConfig
+from tests.test_render import (  # noqa: F401
+    ScriptCollector,
+    browser,
+    embedded_data,
+    open_viewer,
+    state,
+    synthetic_attention,
+)
+
+WORDS = "abcdefghijklmnopqrst"  # a made-up character vocabulary: token id i is WORDS[i]
+
+
+def traced_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **config):
+    """(mechanism, meta, token_text) of a random 2-layer model over n_tokens random tokens; the window
+    keeps the last block_size of them, so that cut = n_tokens - block_size."""
+    torch.manual_seed(seed)
+    model_config = GPTConfig(block_size=block_size, vocab_size=len(WORDS), n_layer=2, n_head=2, n_embd=16, **config)
+    model = GPT(model_config)
+    with torch.no_grad():  # sharp heads: scores of a few units, not the hundredths of a fresh model
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[: 2 * model_config.n_embd] *= 6.0
+        for name, parameter in model.named_parameters():  # biases that count in the logit's attribution
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+    ids = np.random.default_rng(seed).integers(0, len(WORDS), n_tokens).tolist()
+    mechanism = trace(model, ids, [WORDS[i] for i in ids])
+    return mechanism, {"model_config": asdict(model_config)}, lambda ids: [WORDS[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return traced_model()
+
+
+def write_mechanism_viewer(folder, traced, prompt_len: int = 6, name: str = "index.html"):
+    mechanism, meta, token_text = traced
+    return write_viewer(folder / name, mechanism.weights, mechanism.tokens, prompt_len, meta,
+                        head_metrics(mechanism.weights), None, mechanism, mechanism.cut, token_text)
+
+
+def on_page(x: float, digits: int = 3) -> str:
+    """A number as the panels write it: fixed digits, with a true minus sign."""
+    return f"{x:.{digits}f}".replace("-", "−")
+
+
+def inflate(text: str) -> bytes:
+    return zlib.decompress(base64.b64decode(text))
+
+
+# --- what the page carries ----------------------------------------------------------------------
+
+
+def test_viewer_embeds_the_mechanism_only_when_given(traced):
+    mechanism, meta, token_text = traced
+    L, H, T = mechanism.shape
+    plain = embedded_data(viewer_html(mechanism.weights, mechanism.tokens, 6, meta))
+    assert set(plain) == {"n_layer", "n_head", "T", "prompt_len", "tokens", "labels", "meta", "heads", "importance",
+                          "cut", "colormap", "masked", "weights", "thumbnails", "thumbnail_block"}  # as before
+    data = embedded_data(viewer_html(mechanism.weights, mechanism.tokens, 6, meta, mechanism=mechanism,
+                                     cut=mechanism.cut, token_text=token_text))
+    assert set(data) == set(plain) | {"mechanism", "vocab"}
+    packed = data["mechanism"]
+    assert packed["bits"] == 16 and packed["head_dim"] == 8 and packed["attn_score"] == "scaled_dot"
+    # each layer inflates to float16 high bytes, then low bytes, of q, k, v, the scores' triangle, value_out_norm
+    rows, cols = np.tril_indices(T)
+    for layer, text in enumerate(packed["layers"]):
+        raw = np.frombuffer(inflate(text), dtype=np.uint8)
+        n = raw.size // 2
+        numbers = ((raw[:n].astype(np.uint16) << 8) | raw[n:]).view(np.float16).astype(np.float32)
+        parts = [mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], mechanism.scores[layer][:, rows, cols],
+                 mechanism.value_out_norm[layer]]
+        expected = np.concatenate([part.ravel() for part in parts])
+        np.testing.assert_allclose(numbers, expected, rtol=1e-3, atol=1e-4)
+    numbers = np.frombuffer(inflate(packed["globals"]), dtype="<f4")
+    shapes = dict((name, tuple(shape)) for name, shape in packed["globals_layout"])
+    assert shapes["dla_heads"] == (L, H, T) and shapes["lens_ids"] == (L + 1, T, 5)
+    assert numbers.size == sum(math.prod(shape) for shape in shapes.values())
+    # the token texts travel only for the ids the panels name: predictions and the lens
+    named = set(mechanism.predicted.tolist()) | set(mechanism.lens_ids.ravel().tolist())
+    assert data["vocab"] == {str(i): WORDS[i] for i in sorted(named)}
+
+
+def test_a_mechanism_past_float16_travels_in_float32(traced):
+    mechanism, meta, _ = traced
+    huge = dataclasses.replace(mechanism, scores=mechanism.scores * 1e6)  # past float16's 65504
+    data = embedded_data(viewer_html(huge.weights, huge.tokens, 6, meta, mechanism=huge))
+    assert data["mechanism"]["bits"] == 32
+    T = huge.shape[2]
+    rows, cols = np.tril_indices(T)
+    numbers = np.frombuffer(inflate(data["mechanism"]["layers"][1]), dtype="<f4")
+    start = 3 * huge.q[1].size
+    scores = numbers[start:start + huge.shape[1] * rows.size]
+    np.testing.assert_array_equal(scores, huge.scores[1][:, rows, cols].ravel())
+
+
+def test_a_mechanism_of_another_shape_is_refused(traced):
+    mechanism, meta, _ = traced
+    with pytest.raises(ValueError, match="mechanism"):
+        viewer_html(mechanism.weights[:1], mechanism.tokens, 6, meta, mechanism=mechanism)
+
+
+def test_the_mechanism_of_a_char_model_at_128_tokens_stays_small():
+    config = GPTConfig(block_size=128, vocab_size=65, n_layer=3, n_head=4, n_embd=128)  # the CPU preset's shape
+    torch.manual_seed(1)
+    mechanism = trace(GPT(config), np.random.default_rng(1).integers(0, 65, 128).tolist())
+    meta = {"model_config": asdict(config)}
+    plain = len(viewer_html(mechanism.weights, mechanism.tokens, 6, meta))
+    full = len(viewer_html(mechanism.weights, mechanism.tokens, 6, meta, mechanism=mechanism))
+    # float16 planes deflated: about 590 KB more for 3 x 4 heads of 32 numbers per token; float32 would be 1.2 MB
+    assert full - plain < 800_000
+
+
+# --- the modes --------------------------------------------------------------------------------------
+
+
+def wait_mode(page, layer: int, head: int, mode: str):
+    page.wait_for_function(f"document.body.dataset.painted?.startsWith('{layer},{head},') && "
+                           f"document.body.dataset.paintedMode === '{mode}'", timeout=10_000)
+
+
+def cell_rgb(page, q: int, k: int, dx: float = 0.5, dy: float = 0.5) -> np.ndarray:
+    """RGB at (dx, dy) inside heatmap cell (query q, key k)."""
+    return np.array(page.evaluate(
+        """([q, k, dx, dy]) => {
+            const canvas = document.getElementById("heatmap");
+            const cell = canvas.width / window.glimpseViewer.state().T;
+            const pixel = canvas.getContext("2d").getImageData((k + dx) * cell, (q + dy) * cell, 1, 1);
+            return Array.from(pixel.data.slice(0, 3));
+        }""", [int(q), int(k), float(dx), float(dy)]))
+
+
+def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    mechanism, _, _ = traced
+    T = mechanism.shape[2]
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    page.select_option("#head", "1")
+    wait_mode(page, 0, 1, "weights")
+    weights_picture = page.evaluate("document.getElementById('heatmap').toDataURL()")
+    assert "sums to 1" in page.inner_text("#mode-caption") and "probabilit" in page.inner_text("#mode-caption")
+    assert page.evaluate("window.glimpseViewer.mode().range") == [0, 1]
+
+    page.select_option("#mode", "scores")
+    wait_mode(page, 0, 1, "scores")
+    assert page.evaluate("document.getElementById('heatmap').toDataURL()") != weights_picture
+    scores = mechanism.scores[0, 1]  # (T, T), -inf above the diagonal
+    span = np.abs(scores[np.tril_indices(T)]).max()
+    low, high = page.evaluate("window.glimpseViewer.mode().range")
+    assert low == pytest.approx(-span, rel=2e-3) and high == pytest.approx(span, rel=2e-3)  # centred on 0
+    diverging = colormap_bytes("RdBu_r")
+    for q, k in [(5, 0), (12, 7), (T - 1, T - 1), (20, 3)]:
+        expected = diverging[int(np.clip(np.rint(127.5 + 127.5 * scores[q, k] / span), 0, 255))]
+        assert np.abs(cell_rgb(page, q, k) - expected).max() <= 3, (q, k)
+    for q, k in [(0, 1), (3, 20), (10, 11), (T - 2, T - 1)]:  # masked: hatched grey, whatever the score scale
+        for dx, dy in [(0.2, 0.2), (0.5, 0.5), (0.8, 0.3)]:
+            r, g, b = cell_rgb(page, q, k, dx, dy)
+            assert r == g == b and r < 215, (q, k, r)  # grey, darker than white or the weights' #eeeeee
+    assert "masked" in page.inner_text("#mode-caption") and "−∞" in page.inner_text("#mode-caption")
+
+    page.select_option("#mode", "moved")
+    wait_mode(page, 0, 1, "moved")
+    moved = mechanism.head_out_norm[0, 1]
+    assert page.evaluate("window.glimpseViewer.mode().range")[1] == pytest.approx(moved.max(), rel=5e-3)
+    q, k = np.unravel_index(moved.argmax(), moved.shape)
+    assert np.abs(cell_rgb(page, q, k) - colormap_bytes("magma")[255]).max() <= 3  # the most moved: the top colour
+    assert "residual stream" in page.inner_text("#mode-caption")
+    shown = page.evaluate(f"Array.from({{length: {T}}}, (_, k) => window.glimpseViewer.value(0, 1, 15, k, 'moved'))")
+    np.testing.assert_allclose(shown, moved[15], rtol=5e-3, atol=1e-5)
+    assert page.evaluate("location.hash") == "#layer=0&head=1&mode=moved"
+    assert errors == []
+    page.close()
+
+
+def test_a_dump_without_mechanism_offers_weights_alone_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    mechanism, meta, _ = traced
+    path = write_viewer(tmp_path / "plain.html", mechanism.weights, mechanism.tokens, 6, meta)
+    page, errors, _ = open_viewer(browser, path)
+    disabled = page.eval_on_selector_all("#mode option", "options => options.map(o => [o.value, o.disabled])")
+    assert disabled == [["weights", False], ["scores", True], ["moved", True]]
+    assert "sample.py --mechanism" in page.inner_text("#mode-hint")
+    page.evaluate("window.glimpseViewer.setMode('scores')")
+    assert state(page)["mode"] == "weights" and "sample.py --mechanism" in page.inner_text("#note")
+    page.click('#tokens .tok[data-i="8"]')
+    assert "sample.py --mechanism" in page.inner_text("#steps")
+    assert page.evaluate("window.glimpseViewer.steps()") is None
+    assert errors == []
+    page.close()
+
+
+def test_an_unknown_mode_in_the_address_falls_back_to_weights_with_a_note_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    path = write_mechanism_viewer(tmp_path, traced)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(path.as_uri() + "#layer=1&head=1&mode=attention-rollout")
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+    wait_mode(page, 1, 1, "weights")
+    assert (state(page)["layer"], state(page)["head"], state(page)["mode"]) == (1, 1, "weights")
+    note = page.locator("#note")
+    assert note.is_visible() and "attention-rollout" in note.inner_text() and "weights" in note.inner_text()
+    assert page.evaluate("location.hash") == "#layer=1&head=1&mode=weights"
+    page.goto(path.as_uri() + "#layer=0&head=1&mode=scores")  # the hash changes: a known mode is taken as it is
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+    wait_mode(page, 0, 1, "scores")
+    assert page.inner_text("#note") == "" and not page.locator("#note").is_visible()
+    page.close()
+
+
+# --- the panels -------------------------------------------------------------------------------------
+
+
+def pin(page, layer: int, head: int, query: int) -> None:
+    """Select (layer, head), click token query and wait for the panels to show it."""
+    page.evaluate(f"window.glimpseViewer.select({layer}, {head})")
+    if not (state(page)["pinned"] and state(page)["hover"] == query):
+        page.click(f'#tokens .tok[data-i="{query}"]')
+    page.wait_for_function(f"document.getElementById('steps').dataset.shown === '{layer},{head},{query}'",
+                           timeout=10_000)
+
+
+def test_the_steps_panel_shows_the_mechanisms_numbers_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    mechanism, _, _ = traced
+    L, H, T = mechanism.shape
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    layer, head, i = 1, 0, 17
+    pin(page, layer, head, i)
+    steps = page.evaluate("window.glimpseViewer.steps()")
+    q, k = mechanism.q[layer, head].astype(np.float64), mechanism.k[layer, head].astype(np.float64)  # (T, hs)
+    hs = q.shape[1]
+    np.testing.assert_allclose(steps["q"], q[i], rtol=1e-3, atol=1e-3)
+    assert steps["scale"] == pytest.approx(1 / math.sqrt(hs)) and steps["kind"] == "scaled_dot"
+    keys = steps["keys"]
+    assert [key["j"] for key in keys] == list(range(T))
+    dots = k @ q[i]  # (T,) q.k for every key, the masked ones too: the mask comes after
+    np.testing.assert_allclose([key["qk"] for key in keys], dots, rtol=5e-3, atol=5e-3)
+    np.testing.assert_allclose([key["scaled"] for key in keys], dots / math.sqrt(hs), rtol=5e-3, atol=5e-3)
+    visible = [key for key in keys if not key["masked"]]
+    assert [key["j"] for key in visible] == list(range(i + 1))
+    np.testing.assert_allclose([key["score"] for key in visible], mechanism.scores[layer, head, i, : i + 1],
+                               rtol=2e-3, atol=2e-3)
+    assert all(key["score"] == -math.inf and key["weight"] == 0 for key in keys[i + 1:])
+    np.testing.assert_allclose([key["weight"] for key in keys], mechanism.weights[layer, head, i], atol=2e-3)
+    np.testing.assert_allclose(steps["context"], mechanism.context[layer, head, i], rtol=1e-2, atol=2e-3)
+    top = int(mechanism.head_out_norm[layer, head, i].argmax())
+    assert top != mechanism.weights[layer, head, i].argmax()  # here the heaviest key is not the one that moved most
+    assert steps["top_moved"]["key"] == top and steps["top_moved"]["token"] == mechanism.tokens[top]
+    assert steps["top_moved"]["value"] == pytest.approx(mechanism.head_out_norm[layer, head, i, top], rel=1e-2)
+
+    # the rows on screen: the 8 heaviest keys, the one that moved most and the first masked one, with the numbers
+    heaviest = set(np.argsort(-mechanism.weights[layer, head, i])[:8].tolist())
+    assert top not in heaviest and set(steps["listed"]) == heaviest | {top, i + 1}
+    row = page.locator(f'#steps-table tr[data-key="{top}"]')
+    assert "top" in row.get_attribute("class")
+    assert on_page(keys[top]["weight"]) in row.inner_text() and on_page(keys[top]["score"]) in row.inner_text()
+    assert "masked" in page.locator(f'#steps-table tr[data-key="{i + 1}"]').get_attribute("class")
+    assert "−∞" in page.locator(f'#steps-table tr[data-key="{i + 1}"]').inner_text()
+    assert f"moved most from key #{top}" in page.inner_text("#steps-moved")
+    assert on_page(steps["context"][0]) in page.inner_text("#steps-context")
+    page.check("#steps-all")  # every key, the masked ones greyed
+    page.wait_for_function(f"window.glimpseViewer.steps().listed.length === {T}", timeout=10_000)
+    assert page.locator("#steps-table tr.masked").count() == T - 1 - i
+    assert errors == []
+    page.close()
+
+
+def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    mechanism, _, _ = traced
+    L, H, T = mechanism.shape
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    i = 11
+    pin(page, 0, 1, i)
+    shown = page.evaluate("window.glimpseViewer.attribution()")
+    predicted = int(mechanism.predicted[i])
+    assert shown["predicted"] == {"id": predicted, "text": WORDS[predicted]}
+    assert shown["logit"] == pytest.approx(mechanism.logit[i], rel=1e-5)
+    np.testing.assert_allclose(shown["heads"], mechanism.attribution["heads"][:, :, i], rtol=1e-5, atol=1e-6)
+    parts = {part["name"]: part["value"] for part in shown["parts"]}
+    assert parts["token (and position) embeddings"] == pytest.approx(mechanism.attribution["embed"][i], rel=1e-5)
+    for layer in range(L):
+        assert parts[f"layer {layer}: MLP"] == pytest.approx(mechanism.attribution["mlp"][layer, i], rel=1e-5, abs=1e-6)
+    assert shown["sum"] == pytest.approx(mechanism.logit[i], rel=1e-4, abs=1e-4)  # the parts add up to the logit
+    assert f"the logit is {on_page(mechanism.logit[i])}" in page.inner_text("#dla-sum")
+    assert WORDS[predicted] in page.inner_text("#dla-predicted")
+    cell = page.locator('#dla-grid td.cell[data-layer="1"][data-head="0"]')
+    assert cell.inner_text() == on_page(mechanism.attribution["heads"][1, 0, i], 2)
+    assert "selected" in page.locator('#dla-grid td.cell[data-layer="0"][data-head="1"]').get_attribute("class")
+    cell.click()  # a cell selects its head; the panels follow
+    page.wait_for_function(f"document.getElementById('steps').dataset.shown === '1,0,{i}'", timeout=10_000)
+    assert (state(page)["layer"], state(page)["head"]) == (1, 0)
+    assert "selected" in page.locator('#dla-grid td.cell[data-layer="1"][data-head="0"]').get_attribute("class")
+
+    lens = page.evaluate("window.glimpseViewer.lens()")
+    assert len(lens["rows"]) == L + 1
+    for row, ids, probs in zip(lens["rows"], mechanism.lens_ids[:, i], mechanism.lens_probs[:, i]):
+        assert [t["id"] for t in row["top"]] == ids.tolist()
+        assert [t["text"] for t in row["top"]] == [WORDS[j] for j in ids]
+        np.testing.assert_allclose([t["p"] for t in row["top"]], probs, rtol=1e-5)
+    last = page.locator(f'#lens tr[data-row="{L}"]')
+    assert WORDS[mechanism.lens_ids[L, i, 0]] in last.inner_text()
+    assert f"{100 * mechanism.lens_probs[L, i, 0]:.1f}%" in last.inner_text()
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("variant", [{"attn_score": "dot"}, {"attn_score": "additive"}, {"pos_encoding": "alibi"}])
+def test_the_steps_follow_the_models_own_scoring_in_chromium(tmp_path, browser, variant):  # noqa: F811
+    traced = traced_model(n_tokens=20, block_size=20, seed=2, **variant)
+    mechanism = traced[0]
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    layer, head, i = 1, 1, 9
+    pin(page, layer, head, i)
+    steps = page.evaluate("window.glimpseViewer.steps()")
+    keys = [key for key in steps["keys"] if not key["masked"]]
+    np.testing.assert_allclose([key["score"] for key in keys], mechanism.scores[layer, head, i, : i + 1],
+                               rtol=2e-3, atol=2e-3)
+    dots = mechanism.k[layer, head].astype(np.float64) @ mechanism.q[layer, head, i]  # (T,)
+    recipe = page.inner_text("#steps .recipe")
+    if variant.get("attn_score") == "dot":  # not scaled: the score is q.k itself
+        assert steps["scale"] == 1 and "not scaled" in recipe
+        np.testing.assert_allclose([key["scaled"] for key in keys], dots[: i + 1], rtol=5e-3, atol=5e-3)
+    elif variant.get("attn_score") == "additive":  # no dot product to show: the scores alone
+        assert all(key["qk"] is None for key in steps["keys"]) and "own small network" in recipe
+        assert "q·k" not in page.inner_text("#steps-table tr >> nth=0")
+    else:  # ALiBi: a penalty of -slope x distance beside the scaled q.k
+        slope = float(alibi_slopes(2)[head])
+        expected = [-slope * (i - key["j"]) for key in keys]
+        np.testing.assert_allclose([key["penalty"] for key in keys], expected, atol=5e-3)
+        assert "ALiBi" in recipe
+    assert errors == []
+    page.close()
+
+
+def test_the_window_says_what_was_cut_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    mechanism, _, _ = traced
+    T = mechanism.shape[2]
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    assert mechanism.cut == 6
+    text = page.inner_text("#window")
+    assert f"last {T} tokens" in text and "6 tokens before them" in text and "block_size (24)" in text
+    assert page.evaluate("document.body.dataset.cut") == "6" and state(page)["cut"] == 6
+    whole = write_viewer(tmp_path / "whole.html", synthetic_attention(1, 1, 8), list("abcdefgh"), 3, {})
+    page2, errors2, _ = open_viewer(browser, whole)
+    assert not page2.locator("#window").is_visible() and page2.evaluate("document.body.dataset.cut") == "0"
+    assert errors == [] and errors2 == []
+    page.close()
+    page2.close()
+
+
+# --- the training snapshots' slider -------------------------------------------------------------------
+
+
+def test_the_snapshot_slider_keeps_the_head_across_steps_in_chromium(tmp_path, browser):  # noqa: F811
+    attention = tmp_path / "attention"
+    steps = [0, 50, 100, 1000]  # 1000 after 100: sorted by number, not by name
+    for n, step in enumerate(reversed(steps)):
+        attn = synthetic_attention(n_layer=2, n_head=3, T=16, seed=n)
+        write_dump(attention / f"iter_{step}", attn, list(range(16)), [WORDS[i] for i in range(16)], 16,
+                   {"iter": step}, pngs=False)
+    (attention / "iter_7").mkdir()  # a snapshot whose dump was never finished: left out
+    (attention / "notes").mkdir()
+    index = write_snapshot_index(attention)
+    assert index == attention / "index.html"
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(index.as_uri())
+    frame_ready = "document.getElementById('frame').dataset.loaded === 'iter_{}'"
+    page.wait_for_function(frame_ready.format(1000), timeout=10_000)  # the latest snapshot first
+    assert page.evaluate("JSON.parse(document.body.dataset.steps)") == steps
+    assert page.inner_text("#step") == "step 1000"
+
+    viewer = page.frame_locator("#frame")
+    viewer.locator("#layer").select_option("1")
+    viewer.locator("#head").select_option("2")
+    page.wait_for_function("location.hash === '#step=1000&layer=1&head=2&mode=weights'", timeout=10_000)
+
+    page.locator("#slider").focus()
+    for key, step in [("Home", 0), ("ArrowRight", 50)]:  # other snapshots, with the same head
+        page.keyboard.press(key)
+        page.wait_for_function(frame_ready.format(step), timeout=10_000)
+        assert page.inner_text("#step") == f"step {step}"
+        frame = page.frame(url=lambda url, step=step: f"iter_{step}/index.html" in url)
+        frame.wait_for_function("document.body.dataset.painted === '1,2,sqrt'", timeout=10_000)
+        assert frame.evaluate("window.glimpseViewer.state().head") == 2
+
+    page.click("#play")  # plays on to the last step, then stops
+    page.wait_for_function(frame_ready.format(1000), timeout=30_000)
+    page.wait_for_function("document.getElementById('play').textContent.includes('play')", timeout=10_000)
+    frame = page.frame(url=lambda url: "iter_1000/index.html" in url)
+    frame.wait_for_function("document.body.dataset.painted === '1,2,sqrt'", timeout=10_000)
+    assert "layer=1&head=2" in page.evaluate("location.hash") and "step=1000" in page.evaluate("location.hash")
+    assert errors == []
+    page.close()
+
+
+def test_training_writes_the_snapshot_slider(trained):
+    cfg, _ = trained  # snapshots at every eval: steps 0, 50, 100 and 150
+    attention = Path(cfg.out_dir) / "attention"
+    data = embedded_data_of(attention / "index.html", "glimpse-snapshots")
+    assert data == {"steps": [0, 50, 100, 150], "folders": ["iter_0", "iter_50", "iter_100", "iter_150"]}
+    assert all((attention / folder / "index.html").is_file() for folder in data["folders"])
+
+
+def embedded_data_of(path: Path, element_id: str) -> dict:
+    """The JSON inside <script id=element_id> of the page at path."""
+    parser = ScriptCollector()
+    parser.feed(path.read_text(encoding="utf-8"))
+    (text,) = [text for attrs, text in parser.scripts if attrs.get("id") == element_id]
+    return json.loads(text)
