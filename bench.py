@@ -8,8 +8,10 @@ Benchmarks whose figures README.md and docs/ quote, each the median of several t
 
 attention_dump times each part of what sample.py does per sample when it dumps attention: the
 explicit forward that returns every layer's and head's weights, writing attention.npz and
-heads.json, drawing the layer PNGs, and writing the HTML viewer. The model has the shape of
---preset (random weights: the cost does not depend on their values) with block_size = --tokens.
+heads.json, drawing the layer PNGs, and writing the HTML viewer; and, unless --mechanism=false,
+the trace of sample.py --mechanism (glimpse/mechanism.py) and its whole dump, with the sizes of its
+files. The model has the shape of --preset (random weights: the cost does not depend on their
+values) with block_size = --tokens.
 
 train_step times train.py's own train_step (drawing the batch, forward, backward, clipping, the
 optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
@@ -58,6 +60,7 @@ from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import generate, sample_next
+from glimpse.mechanism import trace
 from glimpse.run import setup
 from glimpse.runtime import Distributed, resolve_device, runtime
 from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
@@ -77,6 +80,8 @@ class BenchConfig:
         "preset", "attention_dump: the first preset's model, or GPT-2 small's shape (12 layers of 12 heads, 768 wide, "
         "GPT-2's vocabulary; random weights)")
     pngs: bool = option(True, "attention_dump: also time the layer PNGs (seconds per layer at 1,024 tokens)")
+    mechanism: bool = option(True, "attention_dump: also time and size the dump sample.py --mechanism writes (q, k, v, "
+                                   "scores, what each head moved, logit attribution, logit lens)")
     new_tokens: int = option(500, "sample: tokens generated per timed run")
     uncached: bool = option(False, "sample: also time each preset without the KV cache (the whole window through "
                                    "the network for every token), interleaved, for the cache's speedup in one run")
@@ -155,12 +160,25 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
         }
         if cfg.pngs:
             parts["layer_pngs"] = lambda: render.write_layer_images(folder, attn, tokens, cfg.tokens)
+        if cfg.mechanism:
+            def mechanism_dump():  # sample.py --mechanism --pngs=false: the trace, the data and the viewer
+                traced = trace(model, ids.tolist(), tokens)
+                write_dump(folder / "mechanism", traced.weights, ids.tolist(), tokens, cfg.tokens, meta, pngs=False,
+                           mechanism=traced)
+
+            mechanism_dump()
+            peak_mechanism = peak_resident_bytes()
+            sizes.update({f"mechanism_{f.name}": f.stat().st_size for f in (folder / "mechanism").iterdir()})
+            parts.update({"trace": lambda: trace(model, ids.tolist(), tokens), "mechanism_dump_without_pngs":
+                          mechanism_dump})
         seconds = {name: median_seconds(fn, cfg.repeats) for name, fn in parts.items()}
         if cfg.pngs:
             sizes["layer_pngs"] = sum(f.stat().st_size for f in folder.glob("layer_*.png"))
     seconds["data_total"] = seconds["weights"] + seconds["npz_and_heads_json"]
     memory = None if before is None else {"before_dump_mb": before / 2**20, "peak_mb": peak / 2**20,
                                           "peak_beyond_before_mb": (peak - before) / 2**20}
+    if memory is not None and cfg.mechanism:  # the process's peak after the plain dump and then the mechanism's
+        memory["peak_with_mechanism_mb"] = peak_mechanism / 2**20
     return {"model": asdict(model_config), "seconds": seconds, "megabytes": {k: v / 1e6 for k, v in sizes.items()},
             "memory": memory}
 
@@ -303,12 +321,15 @@ def report(cfg: BenchConfig, result: dict):
         m = result["model"]
         print(f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, {m['block_size']} tokens")
         for name, s in result["seconds"].items():
-            print(f"  {name:<22} {s * 1000:9.1f} ms")
+            print(f"  {name:<28} {s * 1000:9.1f} ms")
         for name, mb in result["megabytes"].items():
-            print(f"  {name:<22} {mb:9.1f} MB")
+            print(f"  {name:<28} {mb:9.1f} MB")
         if result["memory"]:
-            print(f"  peak memory {result['memory']['peak_mb']:,.0f} MB, "
-                  f"{result['memory']['peak_beyond_before_mb']:,.0f} MB beyond the model's process before the dump")
+            memory = result["memory"]
+            print(f"  peak memory {memory['peak_mb']:,.0f} MB, "
+                  f"{memory['peak_beyond_before_mb']:,.0f} MB beyond the model's process before the dump"
+                  + (f"; {memory['peak_with_mechanism_mb']:,.0f} MB with the mechanism's dump"
+                     if "peak_with_mechanism_mb" in memory else ""))
         return
     unit = "ms/step" if cfg.what == "train_step" else "ms/run"
     print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
