@@ -1,0 +1,164 @@
+"""The walkthrough notebook, run top to bottom in a real Jupyter kernel, and the Python API it stands on.
+
+docs/attention_walkthrough.ipynb trains its own model (about a minute on 2 cores), so the notebook runs once per
+session; each test reads what one part of it printed and checks it against the notes or against glimpse's API
+on the checkpoint the notebook trained.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glimpse.errors import GlimpseError
+from glimpse.notebook import load
+from tests.conftest import REPO, python
+from tests.test_render import browser  # noqa: F401  (the Chromium fixture)
+
+NOTEBOOK = REPO / "docs" / "attention_walkthrough.ipynb"
+TEXT = "kQ7xbR2m" * 3  # the notebook's text, a string repeated
+QUERY = 11  # the notebook's query: the string's 'x' in its second copy
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """(the notebook's code cells as (source, printed text, output mime types), the folder it trained in)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    out = tmp_path_factory.mktemp("walkthrough")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # the kernel inherits this process's environment: the model and its data go to a temporary folder
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GLIMPSE_WALKTHROUGH_OUT", str(out))
+        nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
+                                resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    cells = []
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+            data = {k: v for o in cell.outputs if "data" in o for k, v in o["data"].items()}
+            cells.append((cell.source, printed, data))
+    return cells, out
+
+
+def cell(executed, marker: str) -> tuple[str, dict]:
+    """What the code cell whose source holds marker printed, and its rich outputs."""
+    cells, _ = executed
+    found = [(printed, data) for source, printed, data in cells if marker in source]
+    assert len(found) == 1, f"one cell should hold {marker!r}"
+    return found[0]
+
+
+def numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.\d+", text)]
+
+
+def test_the_toy_example_prints_the_lecture_notes_numbers(executed):
+    printed, _ = cell(executed, "dot_scores(q, keys")
+    first, second = printed.strip().splitlines()
+    assert "weights [0.4431 0.3224 0.2345]  context [0.5604 0.4396]" in first
+    assert "weights [0.3296 0.4075 0.2629]  context [0.4611 0.5389]" in second
+
+
+def test_the_model_trained_in_the_notebook_has_the_induction_head_it_takes_apart(executed):
+    _, out = executed
+    printed, _ = cell(executed, "probe = model.induction()")
+    layer, head = map(int, re.search(r"the induction head: layer (\d+), head (\d+)", printed).groups())
+    model = load(out / "2-layer")
+    scores = np.array(model.induction()["induction"])
+    assert (layer, head) == np.unravel_index(scores.argmax(), scores.shape)
+    assert layer == 1 and scores[layer, head] > 0.5  # an induction head needs a layer before it
+
+
+def test_one_head_taken_apart_shows_the_traced_numbers(executed):
+    _, out = executed
+    printed, _ = cell(executed, "step = run.step(layer, head, query)")
+    layer, head = map(int, re.search(r"the induction head: layer (\d+), head (\d+)",
+                                     cell(executed, "probe = model.induction()")[0]).groups())
+    run = load(out / "2-layer").run(TEXT)
+    rows = [line.split() for line in printed.splitlines() if re.match(r"^\s+\d+\s+'", line)]
+    assert [int(r[0]) for r in rows] == list(range(QUERY + 1))  # every key the query may see, none after it
+    table = np.array([[float(x) for x in r[2:]] for r in rows])  # q.k, scaled, weight, moved
+    q, k = run.q[layer, head, QUERY], run.k[layer, head, : QUERY + 1]
+    assert np.allclose(table[:, 0], k @ q, atol=1e-3)
+    assert np.allclose(table[:, 1], k @ q / np.sqrt(q.size), atol=1e-3)
+    assert np.allclose(table[:, 2], run.weights[layer, head, QUERY, : QUERY + 1], atol=1e-3)
+    assert np.allclose(table[:, 3], run.head_out_norm[layer, head, QUERY, : QUERY + 1], atol=1e-3)
+    # the induction head looks where the notebook says: at 'b', which followed the earlier 'x'
+    assert table[:, 2].argmax() == 4 and "most weight on key 4 ('b')" in cell(executed, "the full row of scores")[0]
+    checks = cell(executed, "the full row of scores")[0]
+    assert "softmax(scores) equals the weights: True" in checks
+    assert "weights @ values equals the context vector: True" in checks
+
+
+def test_the_heads_shares_and_the_rest_sum_to_the_logit_and_the_lens_ends_at_the_prediction(executed):
+    printed, _ = cell(executed, 'run.attribution["heads"][:, :, query]')
+    total, logit = map(float, re.search(r"heads \+ rest = (-?[\d.]+)\s+logit = (-?[\d.]+)", printed).groups())
+    assert total == pytest.approx(logit, abs=2e-3)
+    predicted = re.search(r"predicted after position 11 : '(.)'", printed).group(1)
+    assert predicted == "b"
+    assert re.search(r"after layer 1: '(.)'", printed).group(1) == predicted
+
+
+def test_removing_either_half_of_the_circuit_costs_the_repeats(executed):
+    printed, _ = cell(executed, "model.loss(text)")
+    intact, without_induction, without_prev = numbers(printed)[:1] + numbers(printed)[2:3] + numbers(printed)[5:6]
+    assert without_induction > intact + 0.2 and without_prev > intact + 0.2
+
+
+def test_the_viewer_shows_in_the_notebooks_output_cell_offline(executed, browser, tmp_path):  # noqa: F811
+    _, data = cell(executed, "run.show()")
+    assert "<iframe srcdoc=" in data["text/html"]
+    # the output cell as Jupyter renders it: the HTML inside a page; the viewer in the iframe must come up
+    page_file = tmp_path / "cell.html"
+    page_file.write_text(f"<!doctype html><html><body>{data['text/html']}</body></html>", encoding="utf-8")
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(page_file.as_uri())
+    frame = page.frames[1]
+    frame.wait_for_function("document.body.dataset.ready === 'true'", timeout=20_000)
+    assert frame.evaluate("window.glimpseViewer.state().T") == len(TEXT)
+    assert all(url.startswith(("file:", "about:", "data:")) for url in requests)  # nothing from a network
+    page.close()
+
+
+def test_loading_a_missing_folder_or_one_without_a_model_is_one_clear_error(tmp_path):
+    with pytest.raises(GlimpseError, match="no folder"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(GlimpseError, match="neither a glimpse checkpoint"):
+        load(tmp_path)
+
+
+def test_sample_mechanism_refuses_what_it_cannot_show(tmp_path, trained):
+    cfg, _ = trained
+    for flags, why in ((["--ablate=0.0"], "drop --ablate"), (["--dump_attention=false"], "drop --dump_attention")):
+        result = python("sample.py", f"--out_dir={cfg.out_dir}", "--mechanism", f"--dump_dir={tmp_path / 'd'}",
+                        "--max_new_tokens=2", *flags)
+        assert result.returncode == 2 and why in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "d").exists()
+
+
+def test_sample_mechanism_writes_a_dump_the_api_reads_alike(tmp_path, trained):
+    from glimpse.attention import load_dump, load_mechanism
+
+    cfg, _ = trained
+    result = python("sample.py", f"--out_dir={cfg.out_dir}", "--mechanism", f"--dump_dir={tmp_path}",
+                    "--start=ROMEO:", "--max_new_tokens=40", "--num_samples=1", "--pngs=false")
+    assert result.returncode == 0, result.stderr
+    dump, mechanism = load_dump(tmp_path / "sample_0"), load_mechanism(tmp_path / "sample_0")
+    run = load(cfg.out_dir).run(dump["token_ids"].tolist())
+    assert int(dump["cut"]) == 46 - 32 and len(dump["token_ids"]) == 32  # 6 + 40 tokens, a window of 32
+    for key in ("q", "k", "v", "scores", "head_out_norm"):
+        assert np.allclose(mechanism[key], getattr(run, key), atol=1e-5)  # -inf above the diagonal in both
+    assert (mechanism["predicted"] == run.predicted).all()
+
+
+def test_a_runs_step_checks_its_arguments(trained):
+    cfg, _ = trained
+    run = load(cfg.out_dir).run("ROMEO:")
+    with pytest.raises(GlimpseError, match="within 2 layers"):
+        run.step(5, 0, 0)
+    assert Path(run.save(Path(cfg.out_dir) / "api-dump") / "attention.npz").is_file()
