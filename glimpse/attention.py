@@ -164,14 +164,15 @@ def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
 
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,
                pictures: bool = True, importance: dict | None = None, pngs: bool = True,
-               mechanism: Mechanism | None = None, cut: int = 0) -> dict:
+               mechanism: Mechanism | None = None, cut: int = 0, token_text=None) -> dict:
     """Write one dump folder (see the module docstring); return its head metrics.
 
     pictures: the viewer, and the layer PNGs unless pngs is false.
 
     importance, when given ({"intact_loss", "loss_increase" (L, H), ...}), goes to head_importance.json
     and into the viewer, which shows each head's loss increase on its thumbnail. mechanism, the text's
-    trace (attn is then its weights), goes into the npz and the viewer; cut, the tokens before the window.
+    trace (attn is then its weights), goes into the npz and the viewer; cut, the tokens before the window;
+    token_text, the tokenizer's token_strings, names the tokens the mechanism's panels predict.
     """
     from glimpse import render  # matplotlib is imported only when pictures are drawn
 
@@ -189,7 +190,7 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
             render.write_layer_images(folder, attn, tokens, prompt_len)
         if pictures:
             render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance, mechanism,
-                                cut)
+                                cut, token_text)
         npz.result()  # its error, if any, is this dump's
     return heads
 
@@ -220,7 +221,7 @@ def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: P
         device = next(model.parameters()).device
         attn = attention_weights(model, torch.tensor(window, dtype=torch.long, device=device), heads)
     return write_dump(folder, attn, window, tokens, max(0, prompt_len - cut), meta, pictures, importance, pngs,
-                      traced, cut)
+                      traced, cut, tokenizer.token_strings)
 
 
 def load_dump(folder: Path) -> dict:

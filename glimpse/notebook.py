@@ -150,7 +150,7 @@ class Run(Mechanism):
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder."""
         folder = Path(folder)
         write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len),
-                   self.meta(), pngs=pngs, mechanism=self, cut=self.cut)
+                   self.meta(), pngs=pngs, mechanism=self, cut=self.cut, token_text=self.text_of)
         return folder
 
     def show(self, height: int = 760) -> Inline:
@@ -158,7 +158,7 @@ class Run(Mechanism):
         from glimpse.render import viewer_html  # matplotlib, which render imports, only once a picture is wanted
 
         page = viewer_html(self.weights, self.tokens, self.prompt_len(None), self.meta(), head_metrics(self.weights),
-                           mechanism=self, cut=self.cut)
+                           mechanism=self, cut=self.cut, token_text=self.text_of)
         return Inline(page, height)
 
     def prompt_len(self, prompt_len: int | None) -> int:
