@@ -7,6 +7,8 @@ optim       AdamW, Muon beside AdamW, and the learning-rate schedule
 runtime     device, dtype, autocast, DDP process-group setup, and stopping on signals
 tracking    metrics.jsonl and wandb logging
 attention   attention dumps, head metrics and the induction probe
+mechanism   a text traced through the model: queries, keys, values, scores, what each head moved, logit attribution
+notebook    the Python API for notebooks: load a model, run a text, get the arrays, show the viewer inline
 ablation    removing heads, and ranking every head by what its removal costs
 render      heatmap PNGs and the HTML viewer (viewer.html)
 evaluation  scoring a model on a whole split, in windows of a given length
