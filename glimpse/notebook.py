@@ -180,7 +180,7 @@ class Inline:
 
     def _repr_html_(self) -> str:
         return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width: 100%; height: {self.height}px; '
-                'border: 1px solid #ddd" sandbox="allow-scripts allow-same-origin"></iframe>')
+                'border: 1px solid #ddd"></iframe>')
 
     def save(self, path: str | Path) -> Path:
         """The page as a file that opens in any browser."""

@@ -88,7 +88,7 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
     assert f"resumed from {checkpoint_path(cfg.out_dir)} at step 20" in out.getvalue()
     evals = [r["iter"] for r in read_metrics(cfg.out_dir) if "val_loss" in r]
     assert evals == [0, 20, 40]
-    snapshots = sorted(int(p.name.removeprefix("iter_")) for p in (Path(cfg.out_dir) / "attention").iterdir())
+    snapshots = sorted(int(p.name.removeprefix("iter_")) for p in (Path(cfg.out_dir) / "attention").glob("iter_*"))
     assert snapshots == [0, 20, 40]
     best = load_checkpoint(best_path(cfg.out_dir))["iter_num"]
     assert best in (20, 40)
@@ -353,7 +353,7 @@ def test_the_last_step_is_evaluated_and_drawn_off_the_schedule(tmp_path, data_di
     train(cfg)
     evals = [r["iter"] for r in read_metrics(tmp_path) if "val_loss" in r]
     assert evals == [0, 10, 20, 25]
-    assert sorted(int(p.name.removeprefix("iter_")) for p in (tmp_path / "attention").iterdir()) == [0, 10, 20, 25]
+    assert sorted(int(p.name.removeprefix("iter_")) for p in (tmp_path / "attention").glob("iter_*")) == [0, 10, 20, 25]
     assert load_checkpoint(checkpoint_path(tmp_path), torch.device("cpu"))["iter_num"] == 25
 
 
