@@ -243,7 +243,7 @@ def test_a_failing_rank_brings_ddp_down(tmp_path, data_dir):
          "--log_interval=1", "--gradient_accumulation_steps=2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_steps(out, 3)
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and worker_rank(int(p)) == "1"]
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and worker_rank(int(p), out) == "1"]
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
@@ -279,14 +279,16 @@ def test_an_error_on_rank_0_stops_every_rank_at_once(tmp_path, data_dir, blocker
     assert 'train.py", line' not in stderr, stderr  # one line each; the only traceback is torchrun's own
 
 
-def worker_rank(pid: int) -> str | None:
-    """The RANK a process was started with, if it is a torchrun worker of this test."""
+def worker_rank(pid: int, out_dir: Path) -> str | None:
+    """The RANK a process was started with, if it is a torchrun worker of this test (training into out_dir: not
+    one of another run's on the same machine)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    if b"train.py" not in cmdline or b"torch.distributed.run" in cmdline:
+    ours = b"train.py" in cmdline and f"--out_dir={out_dir}".encode() in cmdline
+    if not ours or b"torch.distributed.run" in cmdline:
         return None
     for item in environ:
         if item.startswith(b"RANK="):
