@@ -16,7 +16,7 @@ One dump is a folder:
                    [n_head, T (T + 1) / 2], packed as the weights are; and for the whole text predicted
                    int32 [T], logit [T], dla_heads [n_layer, n_head, T], dla_embed [T], dla_attn_bias,
                    dla_mlp and dla_skip [n_layer, T], dla_norm_bias [T], lens_ids int32 and lens_probs
-                   [n_layer + 1, T, 5]. load_mechanism reads them back at their full shapes.
+                   [n_layer + 1, T, 5]. glimpse/mechanism.py's load_mechanism reads them back at their full shapes.
     heads.json     per layer and head: entropy, mass on the previous token, on the first token (a
                    sink), on the token itself, and the mean distance attended over
     layer_<l>.png  each layer's heads as heatmaps (optional: at GPT-2's size they cost more than the rest)
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from glimpse.ablation import head_means, losses_per_head
-from glimpse.mechanism import Mechanism, trace
+from glimpse.mechanism import Mechanism, mechanism_arrays, trace
 from model import GPT
 
 
@@ -122,44 +122,6 @@ def write_npz(path: Path, attn: np.ndarray, **arrays):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
-    """The npz entries of a Mechanism (see the module docstring): per layer, the triangles packed as the
-    weights are."""
-    L, _, T = mechanism.shape
-    rows, cols = np.tril_indices(T)
-    arrays = {}
-    for layer in range(L):
-        arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
-                       f"v_{layer}": mechanism.v[layer], f"scores_{layer}": mechanism.scores[layer][:, rows, cols],
-                       f"head_out_norm_{layer}": mechanism.head_out_norm[layer][:, rows, cols]})
-    arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
-                   **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
-                   "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
-    return {name: np.asarray(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32) for name, a in arrays.items()}
-
-
-def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
-    """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs); scores
-    (L, H, T, T), -inf above the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
-    lens_ids, lens_probs; the attribution's parts as attribution_<part>. A KeyError names a dump written
-    without --mechanism."""
-    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
-        if "scores_0" not in z.files:
-            raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
-        T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
-        rows, cols = np.tril_indices(T)
-        out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
-        for name, above in (("scores", -np.inf), ("head_out_norm", 0.0)):
-            full = np.full((L, z[f"{name}_0"].shape[0], T, T), above, dtype=np.float32)
-            for layer in range(L):
-                full[layer][:, rows, cols] = z[f"{name}_{layer}"]
-            out[name] = full
-        for name in ("predicted", "logit", "lens_ids", "lens_probs"):
-            out[name] = z[name]
-        out.update({f"attribution_{name[4:]}": z[name] for name in z.files if name.startswith("dla_")})
-    return out
 
 
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,

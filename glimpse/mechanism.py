@@ -18,13 +18,15 @@ that keeps each of those tensors as the model computed them, and adds three read
     lens           the logit lens: the prediction read off the residual stream after each block, through
                    ln_f and the output head, as if the model ended there.
 
-sample.py --mechanism writes them into a dump (glimpse/attention.py), the viewer shows them
+sample.py --mechanism writes them into a dump (glimpse/attention.py; mechanism_arrays are the entries it
+adds to attention.npz, load_mechanism reads them back with numpy alone), the viewer shows them
 (glimpse/render.py), and glimpse/notebook.py hands them to Python as a Mechanism.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -209,3 +211,41 @@ def logit_lens(model: GPT, streams: list[torch.Tensor], top: int = LENS_TOP) -> 
         ids.append(i.cpu())
         probs.append(p.cpu())
     return torch.stack(ids), torch.stack(probs)
+
+
+def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
+    """The entries a Mechanism adds to a dump's attention.npz (glimpse/attention.py's docstring lists them): per
+    layer, the triangles packed as the weights are."""
+    L, _, T = mechanism.shape
+    rows, cols = np.tril_indices(T)
+    arrays = {}
+    for layer in range(L):
+        arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
+                       f"v_{layer}": mechanism.v[layer], f"scores_{layer}": mechanism.scores[layer][:, rows, cols],
+                       f"head_out_norm_{layer}": mechanism.head_out_norm[layer][:, rows, cols]})
+    arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
+                   **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
+                   "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
+    return {name: np.asarray(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32) for name, a in arrays.items()}
+
+
+def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
+    """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs); scores
+    (L, H, T, T), -inf above the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
+    lens_ids, lens_probs; the attribution's parts as attribution_<part>. A KeyError names a dump written
+    without --mechanism."""
+    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+        if "scores_0" not in z.files:
+            raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
+        T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
+        rows, cols = np.tril_indices(T)
+        out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
+        for name, above in (("scores", -np.inf), ("head_out_norm", 0.0)):
+            full = np.full((L, z[f"{name}_0"].shape[0], T, T), above, dtype=np.float32)
+            for layer in range(L):
+                full[layer][:, rows, cols] = z[f"{name}_{layer}"]
+            out[name] = full
+        for name in ("predicted", "logit", "lens_ids", "lens_probs"):
+            out[name] = z[name]
+        out.update({f"attribution_{name[4:]}": z[name] for name in z.files if name.startswith("dla_")})
+    return out

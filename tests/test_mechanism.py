@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from glimpse.attention import dump_text, load_dump, load_mechanism
-from glimpse.mechanism import trace
+from glimpse.attention import dump_text, load_dump
+from glimpse.mechanism import load_mechanism, trace
 from glimpse.self_attention import attend, dot_scores
 from model import GPT, GPTConfig
 

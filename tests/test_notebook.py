@@ -144,7 +144,8 @@ def test_sample_mechanism_refuses_what_it_cannot_show(tmp_path, trained):
 
 
 def test_sample_mechanism_writes_a_dump_the_api_reads_alike(tmp_path, trained):
-    from glimpse.attention import load_dump, load_mechanism
+    from glimpse.attention import load_dump
+    from glimpse.mechanism import load_mechanism
 
     cfg, _ = trained
     result = python("sample.py", f"--out_dir={cfg.out_dir}", "--mechanism", f"--dump_dir={tmp_path}",
