@@ -81,7 +81,12 @@ class Mechanism:
 
     @property
     def head_out_norm(self) -> np.ndarray:
+        """(L, H, T, T), computed at each use from the weights: moved(layer) holds one layer of it."""
         return self.weights * self.value_out_norm[:, :, None, :]  # (L, H, T, T)
+
+    def moved(self, layer: int) -> np.ndarray:
+        """head_out_norm of one layer, (H, T, T): at GPT-2's 1,024 tokens the whole of it is 600 MB."""
+        return self.weights[layer] * self.value_out_norm[layer][:, None, :]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -222,7 +227,7 @@ def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
     for layer in range(L):
         arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
                        f"v_{layer}": mechanism.v[layer], f"scores_{layer}": mechanism.scores[layer][:, rows, cols],
-                       f"head_out_norm_{layer}": mechanism.head_out_norm[layer][:, rows, cols]})
+                       f"head_out_norm_{layer}": mechanism.moved(layer)[:, rows, cols]})
     arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
                    **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
                    "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})

@@ -133,7 +133,7 @@ class Run(Mechanism):
         scores = self.scores[layer, head, query, : query + 1]  # (query + 1,)
         weights = self.weights[layer, head, query, : query + 1]
         values = self.v[layer, head, : query + 1]  # (query + 1, hs)
-        moved = self.head_out_norm[layer, head, query, : query + 1]
+        moved = weights * self.value_out_norm[layer, head, : query + 1]  # (query + 1,): head_out_norm's row
         return {
             "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q, "dots": dots,
             "scale": scale, "penalty": scores - dots * scale if c.pos_encoding == "alibi" and scale else None,
