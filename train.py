@@ -5,6 +5,8 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
     python train.py config/shakespeare_char.toml --max_iters=2000 --compile=true
     torchrun --standalone --nproc_per_node=2 train.py config/shakespeare_char_cpu.toml \
         --batch_size=6 --gradient_accumulation_steps=2     # the same 12 sequences per step, in 2 processes
+    torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.toml --init_from=gpt2-xl \
+        --fsdp=true     # weights, gradients and AdamW state sharded across the 8 (docs/training.md)
     python train.py config/finetune_shakespeare.toml   # finetune pretrained GPT-2 (--init_from=gpt2)
     python train.py --help              # every key, its default and meaning
 
@@ -24,7 +26,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     """One optimizer step over the global batch at learning rate lr; returns this process's mean loss.
 
     The loss stays on the device (reading it would wait for the GPU). Every process draws the same
-    global batch and takes micro-steps rank, rank + world_size, ...; DDP averages the gradients.
+    global batch and takes micro-steps rank, rank + world_size, ...; DDP (or FSDP) averages the gradients.
     """
     cfg, ddp = run.cfg, run.ddp
     set_lr(run.optimizer, lr, cfg)
@@ -173,8 +174,7 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     for micro, micro_starts in enumerate(mine):
         x, y = (to_device(t, run.device) for t in run.data.batch("train", micro_starts, block_size))
         # gradients are averaged across processes only on the last micro-step
-        defer_sync = ddp.enabled and micro < len(mine) - 1
-        with run.ddp_model.no_sync() if defer_sync else nullcontext(), run.ctx:
+        with run.gradient_sync(defer=micro < len(mine) - 1), run.ctx:
             _, loss = run.ddp_model(x, y)
             loss = loss / len(mine)
         run.scaler.scale(loss).backward()
@@ -191,7 +191,7 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
 
 def evaluate(run: Run) -> dict:
     """Estimate the train and val loss on fixed batches (each process its share), and log them."""
-    losses = estimate_loss(run.compiled, run.data, run.cfg, run.device, run.ctx, run.ddp)
+    losses = estimate_loss(run.compiled, run.data, run.cfg, run.device, run.ctx, run.eval_shares)
     run.last_eval = {"iter": run.iter_num, "val_loss": losses["val"], "eval_train_loss": losses["train"],
                      "val_bits_per_token": losses["val"] / math.log(2),
                      "lr": run.step_lr, "tokens_per_sec": run.tokens_per_sec}  # those of the last step taken
@@ -216,7 +216,7 @@ def score_hellaswag(run: Run) -> dict:
     The eager model scores it: the examples' lengths all differ, which a compiled model would recompile for.
     """
     result = hellaswag.evaluate(run.model, run.hellaswag, run.data.tokenizer(), run.cfg.model.block_size,
-                                run.device, run.ctx, run.ddp, show_progress=run.ddp.is_main)
+                                run.device, run.ctx, run.eval_shares, show_progress=run.ddp.is_main)
     run.tracker.log({"iter": run.iter_num, **result})
     run.say(f"step {run.iter_num}: hellaswag acc {result['hellaswag_acc']:.4f}, acc_norm "
             f"{result['hellaswag_acc_norm']:.4f} ({result['hellaswag_examples']:,} examples)")
@@ -228,21 +228,23 @@ def snapshot_attention(run: Run):
     out_dir/attention/index.html slides over every snapshot so far.
 
     The text is the same at every step, so the dumps show how the heads form over the run; the cost
-    is one forward over attn_probe_tokens tokens, and the pictures. Rank 0 draws; the others wait.
+    is one forward over attn_probe_tokens tokens, and the pictures. Rank 0 draws; the others wait (under
+    fsdp, with a copy of the weights gathered on its CPU).
     """
     cfg, val = run.cfg, run.data.tokens("val")
     n = min(cfg.attn_probe_tokens, cfg.model.block_size, len(val))
     if n == 0:
         return
     folder = Path(cfg.out_dir) / "attention" / f"iter_{run.iter_num}"
+    model = run.inspectable_model()
 
     def draw():
-        meta = {"iter": run.iter_num, "model_config": asdict(run.model.config), "tokenizer": run.data.tokenizer_spec,
+        meta = {"iter": run.iter_num, "model_config": asdict(model.config), "tokenizer": run.data.tokenizer_spec,
                 "source": f"the first {n} tokens of {run.data.folder.name}'s validation split"}
         from glimpse.render import write_snapshot_index  # matplotlib is imported only once a snapshot is drawn
 
         try:
-            heads = dump_text(run.model, run.data.tokenizer(), val[:n].astype(np.int64), prompt_len=n, meta=meta,
+            heads = dump_text(model, run.data.tokenizer(), val[:n].astype(np.int64), prompt_len=n, meta=meta,
                               folder=folder)
             write_snapshot_index(folder.parent)  # the slider over every snapshot so far, without wandb
         except OSError as e:
@@ -256,11 +258,14 @@ def save(run: Run, best: bool = False):
     """Write ckpt.pt (best: best.pt) as the run stands. Every process calls it; rank 0 writes.
 
     Weights that are no longer finite are never saved, so the last good checkpoint survives a blow-up.
+    Under fsdp every process first writes its shards of the training state (ckpt.dcp/), then rank 0 ckpt.pt.
     """
-    finite = all(torch.isfinite(p).all() for p in run.model.parameters())
+    finite = all(torch.isfinite(p).all() for p in run.local_parameters())
     if run.ddp.any(not finite):
         raise blown_up("the weights are no longer finite", run)
     path = best_path(run.cfg.out_dir) if best else checkpoint_path(run.cfg.out_dir)
+    if run.cfg.fsdp and not best:
+        run.save_sharded()
     state = run.weights_dict() if best else run.state_dict()
 
     def write():
@@ -279,7 +284,7 @@ def final_eval(run: Run) -> dict:
     eval_batch = max(run.cfg.batch_size, 4096 // block_size)
     with evaluating(run.model):
         loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
-                                   run.device, run.ctx, ddp=run.ddp)
+                                   run.device, run.ctx, ddp=run.eval_shares)
     final = {"iter": run.iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
              "final_val_tokens": scored}
     run.tracker.log(final)

@@ -12,11 +12,15 @@ import fcntl
 import json
 import math
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -27,9 +31,13 @@ from glimpse.checkpoint import (
     best_path,
     check_resume,
     checkpoint_path,
+    clear_sharded_slot,
     load_checkpoint,
+    load_sharded,
+    next_sharded_slot,
     rank_rng_state,
     restore_rank_rng,
+    save_sharded,
     saved_rank_states,
 )
 from glimpse.config import config_values
@@ -48,11 +56,13 @@ class Run:
 
     Three names for the network, each for its callers:
       model      the module itself: its weights are saved, checked for finiteness and drawn in snapshots
-                 (a compiled or DDP wrapper would put prefixes on every saved name)
+                 (a compiled or DDP wrapper would put prefixes on every saved name); under fsdp it is
+                 sharded in place, each parameter a DTensor of which each process holds a part
       compiled   model, or torch.compile(model): evaluations call it, for the compiled speed without
                  DDP's gradient hooks
-      ddp_model  compiled inside DDP under torchrun, else compiled itself: training steps call it, since
-                 DDP averages the gradients across processes in backward
+      ddp_model  compiled inside DDP under torchrun, else compiled itself (and model under fsdp, which
+                 needs no wrapper): training steps call it, since DDP averages the gradients across
+                 processes in backward
     """
 
     cfg: TrainConfig
@@ -81,6 +91,51 @@ class Run:
     # the step whose scheduled work (eval, best.pt, HellaSwag, snapshot) has run: a checkpoint taken between a
     # step and its work (a signal, checkpoint_interval_s) must not let the resumed run skip that work
     work_done_at: int = -1
+    sharded_at: str | None = None  # fsdp: the folder of out_dir holding the training state ckpt.pt goes with
+
+    @property
+    def eval_shares(self) -> Distributed:
+        """How evaluations share their batches out: one share per process, but under fsdp each process scores
+        them all, since every forward is a collective that all processes must join, and the shares (every
+        world_size-th batch, window or example) do not always come out equal in number."""
+        return Distributed() if self.cfg.fsdp else self.ddp
+
+    def gradient_sync(self, defer: bool) -> AbstractContextManager:
+        """Around a micro-step's forward and backward: defer averaging the gradients across processes (to the
+        last micro-step) when defer, as DDP's no_sync does; FSDP takes it as a setting instead."""
+        if self.cfg.fsdp:
+            self.model.set_requires_gradient_sync(not defer)
+            return nullcontext()
+        return self.ddp_model.no_sync() if defer and self.ddp.enabled else nullcontext()
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        """The parameters' values this process holds: all of them, or under fsdp its shards."""
+        return [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+
+    def model_weights(self) -> dict:
+        """The model's whole state dict; under fsdp gathered from every process onto rank 0's CPU, so that
+        the other processes get {}. Every process calls it."""
+        if not self.cfg.fsdp:
+            return self.model.state_dict()
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def inspectable_model(self) -> GPT | None:
+        """The model for what rank 0 runs alone (attention snapshots): model itself, or under fsdp, whose
+        forward needs every process, a plain copy of the gathered weights on rank 0's CPU (None on the
+        others). Every process calls it."""
+        if not self.cfg.fsdp:
+            return self.model
+        weights = self.model_weights()
+        return GPT.with_weights(self.model.config, weights).eval() if self.ddp.is_main else None
+
+    def save_sharded(self):
+        """fsdp: write the weights and optimizer state, each process its shards, to the folder of ckpt.dcp/ that
+        the current ckpt.pt does not name; state_dict then names it. Every process calls it."""
+        slot = next_sharded_slot(self.sharded_at)
+        folder = Path(self.cfg.out_dir) / slot
+        self.ddp.on_main(lambda: clear_sharded_slot(folder), f"clearing {folder}")
+        save_sharded(folder, self.model, self.optimizer)
+        self.sharded_at = slot
 
     @property
     def tokens_per_iter(self) -> int:
@@ -95,7 +150,7 @@ class Run:
 
     def weights_dict(self) -> dict:
         """What best.pt holds: the weights and what sampling and evaluation need to use them."""
-        return {"model": self.model.state_dict(), "model_config": asdict(self.model.config),
+        return {"model": self.model_weights(), "model_config": asdict(self.model.config),
                 "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
                 "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
                 "wandb_run_id": self.tracker.run_id, "pretrained": self.pretrained}
@@ -103,17 +158,27 @@ class Run:
     def state_dict(self) -> dict:
         """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
 
-        Every process calls it: each one's own random streams (its dropout masks) are gathered.
+        Every process calls it: each one's own random streams (its dropout masks) are gathered. Under fsdp the
+        optimizer state is not in it but in the folder save_sharded last wrote, which it names.
         """
-        return {**self.weights_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        training = {"sharded": self.sharded_at} if self.cfg.fsdp else {"optimizer": self.optimizer.state_dict()}
+        return {**self.weights_dict(), **training, "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                 "work_done": self.work_done_at == self.iter_num,
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
 
     def load_state_dict(self, state: dict):
-        """Continue from a ckpt.pt (older ones too: no scaler, one rank's streams)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a ckpt.pt (older ones too: no scaler, one rank's streams). The weights and optimizer
+        state of an fsdp run's come from the folder it names, on any process count, with fsdp or without."""
+        if state.get("sharded"):
+            load_sharded(Path(self.cfg.out_dir) / state["sharded"], self.model, self.optimizer)
+            self.sharded_at = state["sharded"]
+        elif self.cfg.fsdp:
+            raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} was written without fsdp: resume it with "
+                               "--fsdp=false, or start a new out_dir")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
@@ -147,12 +212,18 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
 
     data, examples = setup_data(cfg, ddp)
-    state = load_checkpoint(checkpoint_path(out_dir), device) if cfg.init_from == "resume" else None
+    if cfg.fsdp:
+        check_fsdp(dtype)
+    state = None
+    if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
+        state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
     compiled = compile_static(model, cfg) if cfg.compile else model
     ddp_model = compiled
-    if ddp.enabled:
+    if cfg.fsdp:
+        shard(model)
+    elif ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
@@ -182,6 +253,25 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
+
+
+def check_fsdp(dtype: torch.dtype):
+    """fsdp=true needs torchrun's process group, and a number format without a loss scaler."""
+    if not dist.is_initialized():
+        raise GlimpseError("fsdp=true shards the model across torchrun's processes: launch train.py with torchrun "
+                           "(torchrun --standalone --nproc_per_node=N train.py ...; N=1 works too)")
+    if dtype == torch.float16:  # dtype=auto on a GPU without bfloat16
+        raise GlimpseError("fsdp=true does not support float16 (its loss scaler would skip steps on some processes "
+                           "only): use --dtype=float32")
+
+
+def shard(model: GPT):
+    """FSDP2 in place: each block one unit, whose weights are gathered for its forward and backward and freed
+    after, then the root for what is left (embeddings, final norm, head), so that no more than one block's
+    whole weights are held at a time besides the root's."""
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
 
 
 def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:

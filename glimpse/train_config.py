@@ -37,6 +37,11 @@ class TrainConfig:
         "inductor", "torch.compile's backend: inductor generates fused kernels; aot_eager traces the same graphs but "
         "runs them op by op, which compiles in seconds (to tell a compiler problem from a model one)"
     )
+    fsdp: bool = option(
+        False, "shard weights, gradients and AdamW state across torchrun's processes (PyTorch's FSDP2, one unit per "
+        "block) instead of DDP's full replica in each: for models whose replica and optimizer state do not fit one "
+        "device. Checkpoints save the training state sharded (out_dir/ckpt.dcp/), resumable on any process count"
+    )
     seed: int = option(1337, "seeds weights, batches and dropout")
     # data
     batch_size: int = option(64, "sequences per micro-step (per process under DDP)")
@@ -163,6 +168,15 @@ class TrainConfig:
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
+
+        if self.fsdp and self.compile:
+            raise ValueError("fsdp=true with compile=true is not supported yet: drop --compile (or use --fsdp=false)")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError("fsdp=true supports optimizer=adamw only (Muon orthogonalises whole matrices, which "
+                             "fsdp splits across processes): use --optimizer=adamw, or --fsdp=false")
+        if self.fsdp and self.dtype == "float16":
+            raise ValueError("fsdp=true does not support dtype=float16 (its loss scaler would skip steps on some "
+                             "processes only): use --dtype=bfloat16 or float32")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The network to build: the model keys, and the dataset's vocabulary."""

@@ -1,0 +1,131 @@
+"""FSDP2 (--fsdp=true) through torchrun with gloo on CPU: sharded training gives one process's and DDP's losses,
+its checkpoints resume exactly and on another process count, and what reads a trained model reads them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from glimpse.checkpoint import load_checkpoint, model_from_checkpoint
+from tests.conftest import python
+from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly, error_lines, torchrun
+from tests.test_train import read_metrics
+
+FSDP = [*SETTINGS, "--fsdp=true"]
+LOSSES = ("train_loss", "val_loss", "eval_train_loss", "final_val_loss")
+
+
+def assert_same_losses(records: list[dict], expected: list[dict]):
+    """The same records, losses equal within float tolerance (gradients are summed in another order)."""
+    assert [r["iter"] for r in records] == [r["iter"] for r in expected]
+    for a, b in zip(expected, records):
+        assert set(a) == set(b), a["iter"]
+        for key in LOSSES:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["iter"], key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """The same 12 steps in one process, in two under DDP and in two under FSDP: their out_dirs."""
+    root = tmp_path_factory.mktemp("fsdp")
+    common = [f"--data_dir={data_dir}"]
+    one = python("train.py", *SETTINGS, *common, f"--out_dir={root / 'one'}")
+    assert one.returncode == 0, one.stderr
+    ddp = torchrun(2, *SETTINGS, *common, f"--out_dir={root / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr
+    fsdp = torchrun(2, *FSDP, *common, f"--out_dir={root / 'fsdp'}")
+    assert fsdp.returncode == 0, fsdp.stderr
+    return {name: root / name for name in ("one", "ddp", "fsdp")}
+
+
+def test_two_sharded_processes_match_one_and_ddp(runs):
+    single = read_metrics(runs["one"])
+    assert len(single) == 12 + 3 + 1  # every step logged, three evals, the final eval
+    assert_same_losses(read_metrics(runs["fsdp"]), single)
+    assert_same_losses(read_metrics(runs["fsdp"]), read_metrics(runs["ddp"]))
+    final = [r for r in read_metrics(runs["fsdp"]) if "final_val_tokens" in r]
+    assert final[0]["final_val_tokens"] == [r for r in single if "final_val_tokens" in r][0]["final_val_tokens"]
+
+
+def test_sharded_run_writes_the_same_attention_snapshots(runs):
+    """Rank 0 draws from a copy of the gathered weights: the same maps as the one-process run's."""
+    for it in (0, 6, 12):
+        one = np.load(runs["one"] / "attention" / f"iter_{it}" / "attention.npz")
+        sharded = np.load(runs["fsdp"] / "attention" / f"iter_{it}" / "attention.npz")
+        assert sorted(one.files) == sorted(sharded.files)
+        for name in one.files:
+            if np.issubdtype(one[name].dtype, np.floating):
+                np.testing.assert_allclose(sharded[name], one[name], rtol=1e-4, atol=1e-5, err_msg=f"{it} {name}")
+
+
+def test_sharded_checkpoints_hold_whole_weights(runs):
+    """ckpt.pt and best.pt hold the whole model (gathered on rank 0), as one process's do; the optimizer state is
+    in the folder of ckpt.dcp/ that ckpt.pt names."""
+    for name in ("ckpt.pt", "best.pt"):
+        sharded, single = load_checkpoint(runs["fsdp"] / name), load_checkpoint(runs["one"] / name)
+        assert sharded["model"].keys() == single["model"].keys()
+        for key, tensor in single["model"].items():
+            torch.testing.assert_close(sharded["model"][key], tensor, rtol=1e-4, atol=1e-5)
+        model_from_checkpoint(sharded)  # builds as any checkpoint does
+    state = load_checkpoint(runs["fsdp"] / "ckpt.pt")
+    assert "optimizer" not in state and (runs["fsdp"] / state["sharded"] / ".metadata").exists()
+
+
+def test_sample_and_export_read_a_sharded_run(runs, tmp_path):
+    pytest.importorskip("transformers")
+    for which in ("best", "last"):
+        sampled = python("sample.py", f"--out_dir={runs['fsdp']}", f"--checkpoint={which}", "--start=ROMEO:",
+                         "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
+        assert sampled.returncode == 0 and "ROMEO:" in sampled.stdout, sampled.stderr
+    exported = python("export.py", f"--out_dir={runs['fsdp']}", f"--to={tmp_path / 'hf'}")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_layer"] == 2
+
+
+def test_two_sharded_processes_resume_exactly_with_dropout(tmp_path, data_dir):
+    assert_two_processes_resume_exactly(tmp_path, [*FSDP, "--dropout=0.2", f"--data_dir={data_dir}"], stop_at=6)
+
+
+@pytest.mark.parametrize("how", ["fsdp_one_process", "plain_python"])
+def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_dir, runs, how):
+    """Stopped at step 6 in two sharded processes, continued in one: DCP reshards the weights and AdamW state,
+    and the rest of the run logs the straight run's losses within float tolerance."""
+    settings = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
+    half = torchrun(2, *FSDP, *settings, "--max_iters=6")
+    assert half.returncode == 0, half.stderr
+    if how == "fsdp_one_process":
+        rest = torchrun(1, *FSDP, *settings, "--init_from=resume")
+    else:
+        rest = python("train.py", *SETTINGS, *settings, "--init_from=resume")
+    assert rest.returncode == 0, rest.stderr
+    assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile=true"], "error: fsdp=true with compile=true is not supported yet"),
+    (["--optimizer=muon"], "error: fsdp=true supports optimizer=adamw only"),
+    (["--dtype=float16"], "error: fsdp=true does not support dtype=float16"),
+])
+def test_combinations_fsdp_cannot_run_are_one_line_errors(tmp_path, data_dir, flags, message):
+    run = python("train.py", *FSDP, *flags, f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    assert run.returncode == 2 and run.stderr.startswith(message) and run.stderr.count("\n") == 1, run.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_fsdp_needs_torchrun(tmp_path, data_dir):
+    run = python("train.py", *FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: fsdp=true shards the model across torchrun's processes: launch train.py with torchrun (torchrun "
+        "--standalone --nproc_per_node=N train.py ...; N=1 works too)"]
+
+
+def test_a_checkpoint_written_without_fsdp_is_refused(runs, tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((runs["ddp"] / "ckpt.pt").read_bytes())
+    run = torchrun(2, *FSDP, "--init_from=resume", "--max_iters=13", f"--data_dir={data_dir}", f"--out_dir={out}")
+    assert error_lines(run) == [f"error: {out / 'ckpt.pt'} was written without fsdp: resume it with --fsdp=false, "
+                                "or start a new out_dir"], run.stderr
