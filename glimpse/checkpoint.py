@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
@@ -137,6 +135,9 @@ def clear_sharded_slot(folder: Path):
 
 def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """Every process writes its shards of the weights and the optimizer state to folder (a collective)."""
+    import torch.distributed.checkpoint as dcp  # only fsdp runs load torch's distributed checkpointing
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
 
@@ -144,6 +145,9 @@ def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
 def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
     """Load what save_sharded wrote into model and optimizer, whether sharded over any number of processes or
     not sharded at all: each process reads the parts its own tensors hold."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     if not (folder / ".metadata").exists():
         raise GlimpseError(f"{folder} is missing or incomplete: the checkpoint's weights and optimizer state are "
                            "there; restore that folder, or start a new out_dir")

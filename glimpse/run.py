@@ -18,9 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -110,13 +107,15 @@ class Run:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The parameters' values this process holds: all of them, or under fsdp its shards."""
-        return [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # DTensors
 
     def model_weights(self) -> dict:
         """The model's whole state dict; under fsdp gathered from every process onto rank 0's CPU, so that
         the other processes get {}. Every process calls it."""
         if not self.cfg.fsdp:
             return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def inspectable_model(self) -> GPT | None:
@@ -269,6 +268,8 @@ def shard(model: GPT):
     """FSDP2 in place: each block one unit, whose weights are gathered for its forward and backward and freed
     after, then the root for what is left (embeddings, final norm, head), so that no more than one block's
     whole weights are held at a time besides the root's."""
+    from torch.distributed.fsdp import fully_shard  # imported by fsdp runs only
+
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
