@@ -39,7 +39,8 @@ from glimpse.config import parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
-from glimpse.run import Run, StepLog, TimeBudget, blown_up, prepare_data, progress_bar, setup
+from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
+from glimpse.run import Run, prepare_data, setup
 from glimpse.runtime import (
     StopRequest,
     close_distributed,

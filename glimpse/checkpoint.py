@@ -11,11 +11,8 @@ A run's out_dir holds two checkpoints, because resuming and sampling want differ
     best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
               is a third of the size. Written when an eval improves on the best.
 
-Under fsdp=true ckpt.pt holds the full weights (gathered on rank 0, so sampling, evaluation and export read it
-as any other) but not the optimizer: the weights and AdamW state as training holds them, each process its
-shards, are in one of two folders of ckpt.dcp/ (torch.distributed.checkpoint), the one ckpt.pt names. A save
-writes the other folder, then ckpt.pt, so a crash mid-save leaves the previous pair whole; a resumed run
-reads the folder laid out for any number of processes (DCP reshards on load).
+Under fsdp=true ckpt.pt holds the full weights but not the optimizer state, which is saved sharded beside
+it (glimpse/sharding.py).
 
 Older out_dirs hold ckpt.pt alone; it loads everywhere as before. Either file is a dict of plain types
 and tensors, so it loads with torch.load(weights_only=True), which refuses anything that would run
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -43,7 +39,6 @@ from model import GPT, GPTConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
 BEST_NAME = "best.pt"
-SHARDED_SLOTS = ("ckpt.dcp/a", "ckpt.dcp/b")  # fsdp's training state: ckpt.pt names the one it goes with
 Which = Literal["auto", "best", "last"]
 
 
@@ -119,42 +114,6 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise GlimpseError(f"{path} is not a glimpse checkpoint (no model or model_config)")
     return state
-
-
-def next_sharded_slot(last: str | None) -> str:
-    """The folder (relative to out_dir) the next sharded save writes: not the one the current ckpt.pt names."""
-    return SHARDED_SLOTS[1] if last == SHARDED_SLOTS[0] else SHARDED_SLOTS[0]
-
-
-def clear_sharded_slot(folder: Path):
-    """Empty the folder a sharded save is about to write (rank 0, before the save), so that no shard of an older
-    save at another process count is left in it."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-
-
-def save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Every process writes its shards of the weights and the optimizer state to folder (a collective)."""
-    import torch.distributed.checkpoint as dcp  # only fsdp runs load torch's distributed checkpointing
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
-
-
-def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Load what save_sharded wrote into model and optimizer, whether sharded over any number of processes or
-    not sharded at all: each process reads the parts its own tensors hold."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not (folder / ".metadata").exists():
-        raise GlimpseError(f"{folder} is missing or incomplete: the checkpoint's weights and optimizer state are "
-                           "there; restore that folder, or start a new out_dir")
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill: this run's own
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> GPT:

@@ -1,7 +1,7 @@
 """
-A training run: what it holds between steps (Run, and what its checkpoint holds), setting it up
-(setup: the data, the model, the optimizer, the tracker, a resumed checkpoint's state), and the
-loop's bookkeeping (StepLog for the loss and speed between logs, TimeBudget for max_time).
+A training run: what it holds between steps (Run, and what its checkpoint holds), and setting it up
+(setup: the data, the model, the optimizer, the tracker, a resumed checkpoint's state). The loop's
+bookkeeping between steps is in glimpse/progress.py.
 
 train.py runs the loop over these; bench.py sets up a Run the same way to time train.py's own step.
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import time
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -28,20 +26,26 @@ from glimpse.checkpoint import (
     best_path,
     check_resume,
     checkpoint_path,
-    clear_sharded_slot,
     load_checkpoint,
-    load_sharded,
-    next_sharded_slot,
     rank_rng_state,
     restore_rank_rng,
-    save_sharded,
     saved_rank_states,
 )
 from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, ramp
-from glimpse.runtime import Distributed, machines, peak_flops, runtime, synchronize
+from glimpse.runtime import Distributed, machines, peak_flops, runtime
+from glimpse.sharding import (
+    check_fsdp,
+    clear_sharded_slot,
+    full_weights,
+    load_sharded,
+    local_parameters,
+    next_sharded_slot,
+    save_sharded,
+    shard,
+)
 from glimpse.tracking import Tracker
 from glimpse.train_config import TrainConfig
 from model import GPT, GPTConfig
@@ -107,16 +111,12 @@ class Run:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The parameters' values this process holds: all of them, or under fsdp its shards."""
-        return [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # DTensors
+        return local_parameters(self.model)
 
     def model_weights(self) -> dict:
         """The model's whole state dict; under fsdp gathered from every process onto rank 0's CPU, so that
         the other processes get {}. Every process calls it."""
-        if not self.cfg.fsdp:
-            return self.model.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full_weights(self.model) if self.cfg.fsdp else self.model.state_dict()
 
     def inspectable_model(self) -> GPT | None:
         """The model for what rank 0 runs alone (attention snapshots): model itself, or under fsdp, whose
@@ -221,7 +221,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     compiled = compile_static(model, cfg) if cfg.compile else model
     ddp_model = compiled
     if cfg.fsdp:
-        shard(model)
+        shard(model, model.transformer.h)
     elif ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     tracker = Tracker(
@@ -252,27 +252,6 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
-
-
-def check_fsdp(dtype: torch.dtype):
-    """fsdp=true needs torchrun's process group, and a number format without a loss scaler."""
-    if not dist.is_initialized():
-        raise GlimpseError("fsdp=true shards the model across torchrun's processes: launch train.py with torchrun "
-                           "(torchrun --standalone --nproc_per_node=N train.py ...; N=1 works too)")
-    if dtype == torch.float16:  # dtype=auto on a GPU without bfloat16
-        raise GlimpseError("fsdp=true does not support float16 (its loss scaler would skip steps on some processes "
-                           "only): use --dtype=float32")
-
-
-def shard(model: GPT):
-    """FSDP2 in place: each block one unit, whose weights are gathered for its forward and backward and freed
-    after, then the root for what is left (embeddings, final norm, head), so that no more than one block's
-    whole weights are held at a time besides the root's."""
-    from torch.distributed.fsdp import fully_shard  # imported by fsdp runs only
-
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
 
 
 def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:
@@ -381,102 +360,3 @@ def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretraine
         raise GlimpseError(f"dataset {cfg.dataset} has {data.vocab_size} tokens, more than the model's "
                            f"{model.config.vocab_size}: finetune on a dataset of its tokenizer")
     return cfg, model, pretrained
-
-
-def blown_up(what: str, run: Run) -> GlimpseError:
-    """The error that stops a run whose loss or weights stopped being finite, with the advice that fits it."""
-    kept = [str(p) for p in (checkpoint_path(run.cfg.out_dir), best_path(run.cfg.out_dir)) if p.exists()]
-    saved = f"{' and '.join(kept)} kept as {'they were' if len(kept) > 1 else 'it was'}" if kept else \
-        "no checkpoint had been written yet"
-    advice = "Try a lower learning_rate" + (", or dtype=float32" if run.dtype != torch.float32 else "")
-    return GlimpseError(f"{what} at step {run.iter_num}; {saved}. {advice}")
-
-
-def throughput(run: Run) -> dict:
-    """Model FLOPs utilisation at the last measured speed, {'mfu': share of the devices' combined peak}, or {}
-    where the peak is not known."""
-    if not run.peak:
-        return {}
-    return {"mfu": run.flops_per_sec / (run.peak * run.ddp.world_size)}
-
-
-class StepLog:
-    """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
-
-    def __init__(self, device: torch.device, clock=time.time):
-        self.device, self.clock = device, clock
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
-        self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
-
-    def count(self, run: Run, it: int):
-        """Count step it's tokens (all processes') and their model FLOPs, at the step's own sequence length."""
-        batch_size, seq_len = run.step_shape(it)
-        tokens = batch_size * seq_len * run.cfg.gradient_accumulation_steps
-        self.tokens += tokens
-        if seq_len not in self.flops_per_token:
-            self.flops_per_token[seq_len] = run.model.flops_per_token(seq_len)
-        self.flops += tokens * self.flops_per_token[seq_len]
-
-    @contextmanager
-    def paused(self):
-        """Leave the block's time (an eval, a snapshot, a checkpoint) out of the speed of the steps around it."""
-        synchronize(self.device)  # the steps queued before the pause are the steps' time, not the pause's
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self.away += self.clock() - start
-
-    def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
-        """Log the mean loss and speed since the last log step; return what the progress bar shows."""
-        train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
-        seconds = self.clock() - self.since - self.away
-        run.tokens_per_sec, run.flops_per_sec = self.tokens / seconds, self.flops / seconds
-        record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
-                  **throughput(run)}
-        if budget_used is not None:
-            record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
-        run.tracker.log(record)
-        if not math.isfinite(train_loss):
-            raise blown_up(f"the training loss became {train_loss}", run)
-        self.loss_sum.zero_()
-        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, self.clock(), 0.0
-        shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
-        return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
-
-
-def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
-    """The training bar: in steps, or under a time budget in its seconds, so that the time left it shows is the
-    budget's rather than max_iters' (a preset's budget ends long before its max_iters)."""
-    if cfg.max_time:
-        return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=not show,
-                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of steps "
-                                                   "[{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not show,
-                dynamic_ncols=True)
-
-
-class TimeBudget:
-    """The max_time clock: seconds spent in training steps (evals, checkpoints and snapshots are off it).
-
-    Every process must take the same learning rate and stop at the same step, but their clocks differ
-    a little. So they agree on the slowest clock at log steps (every step when there is one process),
-    and in between extend the agreed time by the seconds per step agreed so far.
-    """
-
-    def __init__(self, max_time: float, spent: float, iter_num: int):
-        self.max_time, self.spent = max_time, spent  # spent: this process's own clock
-        self.agreed, self.agreed_at = spent, iter_num
-        self.start, self.start_at = spent, iter_num
-
-    def agree(self, slowest: float, iter_num: int):
-        self.agreed, self.agreed_at = slowest, iter_num
-
-    def fraction(self, iter_num: int) -> float | None:
-        """The share of the budget spent by step iter_num, the same on every process; None: no budget."""
-        if not self.max_time:
-            return None
-        steps = self.agreed_at - self.start_at
-        per_step = (self.agreed - self.start) / steps if steps else 0.0
-        return (self.agreed + (iter_num - self.agreed_at) * per_step) / self.max_time

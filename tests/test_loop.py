@@ -24,7 +24,8 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.errors import GlimpseError
 from glimpse.optim import get_lr, ramp
-from glimpse.run import StepLog, TimeBudget, setup, throughput, training_shapes
+from glimpse.progress import StepLog, TimeBudget, throughput
+from glimpse.run import setup, training_shapes
 from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config

@@ -1,0 +1,121 @@
+"""
+The training loop's bookkeeping: StepLog for the loss and speed between log steps, TimeBudget for
+max_time, the progress bar, MFU, and the error that stops a run whose numbers blew up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from glimpse.checkpoint import best_path, checkpoint_path
+from glimpse.errors import GlimpseError
+from glimpse.runtime import synchronize
+from glimpse.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from glimpse.run import Run
+
+
+def blown_up(what: str, run: Run) -> GlimpseError:
+    """The error that stops a run whose loss or weights stopped being finite, with the advice that fits it."""
+    kept = [str(p) for p in (checkpoint_path(run.cfg.out_dir), best_path(run.cfg.out_dir)) if p.exists()]
+    saved = f"{' and '.join(kept)} kept as {'they were' if len(kept) > 1 else 'it was'}" if kept else \
+        "no checkpoint had been written yet"
+    advice = "Try a lower learning_rate" + (", or dtype=float32" if run.dtype != torch.float32 else "")
+    return GlimpseError(f"{what} at step {run.iter_num}; {saved}. {advice}")
+
+
+def throughput(run: Run) -> dict:
+    """Model FLOPs utilisation at the last measured speed, {'mfu': share of the devices' combined peak}, or {}
+    where the peak is not known."""
+    if not run.peak:
+        return {}
+    return {"mfu": run.flops_per_sec / (run.peak * run.ddp.world_size)}
+
+
+class StepLog:
+    """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
+
+    def __init__(self, device: torch.device, clock=time.time):
+        self.device, self.clock = device, clock
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
+        self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
+
+    def count(self, run: Run, it: int):
+        """Count step it's tokens (all processes') and their model FLOPs, at the step's own sequence length."""
+        batch_size, seq_len = run.step_shape(it)
+        tokens = batch_size * seq_len * run.cfg.gradient_accumulation_steps
+        self.tokens += tokens
+        if seq_len not in self.flops_per_token:
+            self.flops_per_token[seq_len] = run.model.flops_per_token(seq_len)
+        self.flops += tokens * self.flops_per_token[seq_len]
+
+    @contextmanager
+    def paused(self):
+        """Leave the block's time (an eval, a snapshot, a checkpoint) out of the speed of the steps around it."""
+        synchronize(self.device)  # the steps queued before the pause are the steps' time, not the pause's
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.away += self.clock() - start
+
+    def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
+        """Log the mean loss and speed since the last log step; return what the progress bar shows."""
+        train_loss = (run.ddp.mean(self.loss_sum) / self.steps).item()  # .item() waits for the device
+        seconds = self.clock() - self.since - self.away
+        run.tokens_per_sec, run.flops_per_sec = self.tokens / seconds, self.flops / seconds
+        record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
+                  **throughput(run)}
+        if budget_used is not None:
+            record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
+        run.tracker.log(record)
+        if not math.isfinite(train_loss):
+            raise blown_up(f"the training loss became {train_loss}", run)
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, self.clock(), 0.0
+        shown = {"loss": f"{train_loss:.4f}", "tok_s": f"{run.tokens_per_sec:,.0f}"}
+        return shown | ({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})
+
+
+def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
+    """The training bar: in steps, or under a time budget in its seconds, so that the time left it shows is the
+    budget's rather than max_iters' (a preset's budget ends long before its max_iters)."""
+    if cfg.max_time:
+        return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=not show,
+                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of steps "
+                                                   "[{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not show,
+                dynamic_ncols=True)
+
+
+class TimeBudget:
+    """The max_time clock: seconds spent in training steps (evals, checkpoints and snapshots are off it).
+
+    Every process must take the same learning rate and stop at the same step, but their clocks differ
+    a little. So they agree on the slowest clock at log steps (every step when there is one process),
+    and in between extend the agreed time by the seconds per step agreed so far.
+    """
+
+    def __init__(self, max_time: float, spent: float, iter_num: int):
+        self.max_time, self.spent = max_time, spent  # spent: this process's own clock
+        self.agreed, self.agreed_at = spent, iter_num
+        self.start, self.start_at = spent, iter_num
+
+    def agree(self, slowest: float, iter_num: int):
+        self.agreed, self.agreed_at = slowest, iter_num
+
+    def fraction(self, iter_num: int) -> float | None:
+        """The share of the budget spent by step iter_num, the same on every process; None: no budget."""
+        if not self.max_time:
+            return None
+        steps = self.agreed_at - self.start_at
+        per_step = (self.agreed - self.start) / steps if steps else 0.0
+        return (self.agreed + (iter_num - self.agreed_at) * per_step) / self.max_time
