@@ -43,7 +43,6 @@ from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
 from glimpse.run import Run, prepare_data, setup
 from glimpse.runtime import (
     StopRequest,
-    close_distributed,
     exit_when_done_under_torchrun,
     init_distributed,
     synchronize,
@@ -55,15 +54,12 @@ from glimpse.train_config import TrainConfig
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
     prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
-    ddp = init_distributed(cfg.device)
+    ddp = init_distributed(cfg.device)  # under torchrun the group lives until the process exits (see there)
+    run = setup(cfg, ddp)
     try:
-        run = setup(cfg, ddp)
-        try:
-            return loop(run)
-        finally:
-            run.tracker.close()
+        return loop(run)
     finally:
-        close_distributed(ddp)
+        run.tracker.close()
 
 
 def loop(run: Run) -> dict:

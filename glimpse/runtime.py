@@ -267,7 +267,14 @@ def machines() -> int:
 
 
 def init_distributed(device_name: str) -> Distributed:
-    """Join the process group when launched by torchrun."""
+    """Join the process group when launched by torchrun.
+
+    The group is never destroyed: the process ends by exit_when_done_under_torchrun's os._exit, with the
+    group alive. Destroying a gloo group joins its worker threads while holding the GIL, and a worker still
+    letting go of the last collective's tensors waits for that GIL: the process hangs after a run that
+    succeeded, now and then (whether destroy_process_group drops the last reference or DDP's reducer does,
+    as the run is freed).
+    """
     if not launched_by_torchrun():
         return Distributed()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -280,21 +287,15 @@ def init_distributed(device_name: str) -> Distributed:
     return ddp
 
 
-def close_distributed(ddp: Distributed):
-    if ddp.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextmanager
 def exit_when_done_under_torchrun():
     """Under torchrun, end the process with the block's exit status the moment it is done, without
     Python's teardown, and print a user's error once for all processes; elsewhere, nothing.
 
-    DDP's reducer keeps its gloo process group alive after destroy_process_group, so the group's worker
-    threads outlive the script. One of them still letting go of the last collective's tensors as the
-    interpreter shuts down reaches for a GIL that is gone, and the process aborts (SIGABRT) after a run
-    that succeeded, now and then. By the end of the block every file is written and closed and wandb
-    finished; only the streams are left to flush.
+    The process group is still alive (init_distributed), and its worker threads with it. Python's teardown
+    would have one of them, still letting go of the last collective's tensors, reach for a GIL that is gone,
+    and the process abort (SIGABRT) after a run that succeeded, now and then. By the end of the block every
+    file is written and closed and wandb finished; only the streams are left to flush.
 
     A bad setting stops every process alike: rank 0 prints it (report_user_error), the others exit with
     the same status and say nothing, and a process that fails because another stopped for a user's error
