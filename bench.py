@@ -16,7 +16,11 @@ values) with block_size = --tokens.
 train_step times train.py's own train_step (drawing the batch, forward, backward, clipping, the
 optimizer) on each preset's run as train.py sets it up: its model and flags, device, batch_size,
 block_size, gradient accumulation, dtype and optimizer, over a dataset of random tokens; with
-compile=true the model is compiled as train.py's setup compiles it, before any timed step.
+compile=true the model is compiled as train.py's setup compiles it, before any timed step. On a GPU
+the table adds MFU (against the GPU's dense peak, as train.py reports it) and the peak memory of a step;
+--profile=DIR then records a few steps of each preset with torch.profiler and says where a step's time
+went (matmuls, attention, cross-entropy, norms, Triton kernels, copies, the optimizer's step):
+    python bench.py --what=train_step --preset=config/gpt2_124m.toml,config/gpt2_124m.toml:compile=false --profile=p
 prepare times python data/prepare.py --tokenizer=gpt2 (every core) on a generated corpus of 8 .jsonl
 files (or one .txt file: --corpus_files=txt) beside a plain single-process tiktoken loop over the same
 documents, and reports the peak resident memory of the largest prepare.py process.
@@ -63,7 +67,13 @@ from glimpse.generation import generate, sample_next
 from glimpse.mechanism import trace
 from glimpse.run import setup
 from glimpse.runtime import Distributed, resolve_device, runtime
-from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
+from glimpse.timing import (
+    interleaved_medians,
+    median_seconds,
+    peak_resident_bytes,
+    profile_steps,
+    resident_bytes,
+)
 from model import GPT, GPTConfig
 from train import TrainConfig, train_step
 
@@ -95,13 +105,19 @@ class BenchConfig:
                                 "Python and the pool is a large share)")
     corpus_files: Literal["jsonl", "txt"] = option("jsonl", "prepare: the generated documents as 8 .jsonl files, or "
                                                             "joined in one .txt file (one document, read in blocks)")
+    profile: str = option("", "train_step: a folder to write each preset's torch.profiler record to, after the timing "
+                              "(the ops by self time on the device, a Chrome trace); the table gains the time per "
+                              "step by kind of op. '' for none")
+    profile_steps: int = option(3, "train_step: steps profiled per preset with --profile")
     repeats: int = option(5, "timed runs; the median is reported")
     threads: int = option(0, "torch threads (0: torch's default)")
     json: bool = option(False, "print JSON instead of a table")
 
     def __post_init__(self):
-        if self.tokens < 1 or self.repeats < 1 or self.threads < 0 or self.new_tokens < 1:
-            raise ValueError("tokens, new_tokens and repeats must be at least 1, threads 0 or more")
+        if self.tokens < 1 or self.repeats < 1 or self.threads < 0 or self.new_tokens < 1 or self.profile_steps < 1:
+            raise ValueError("tokens, new_tokens, repeats and profile_steps must be at least 1, threads 0 or more")
+        if self.profile and self.what != "train_step":
+            raise ValueError("--profile profiles training steps: use it with --what=train_step")
         if not self.presets:
             raise ValueError("--preset names no preset: give one or more paths, comma-separated")
         missing = [p.split(":")[0] for p in self.presets if not Path(p.split(":")[0]).is_file()]
@@ -232,7 +248,8 @@ def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path, shards: int = 1):
     tokens = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps
     setup_info = {"device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
                   "optimizer": train_cfg.optimizer, "compile": train_cfg.compile, "batch_size": train_cfg.batch_size,
-                  "block_size": train_cfg.model.block_size, "shards": len(run.data.splits["train"])}
+                  "block_size": train_cfg.model.block_size, "shards": len(run.data.splits["train"]),
+                  "flops_per_step": tokens * run.model.flops_per_token(), "peak_flops": run.peak}
     return run.model, setup_info, step, tokens
 
 
@@ -277,10 +294,28 @@ def _bench_presets(cfg: BenchConfig, stack: ExitStack) -> dict:
     devices = [torch.device(setup["device"]) for _, setup, _, _ in built]
     seconds = interleaved_medians([fn for _, _, fn, _ in built], devices, cfg.repeats)
     runs = []
-    for preset, (model, info, _, tokens), s in zip(presets, built, seconds):
-        runs.append({"preset": preset, "model": asdict(model.config), **info, "seconds": s,
-                     "tokens_per_sec": tokens / s, "vs_first": seconds[0] / s})
+    for i, (preset, (model, info, fn, tokens), s, device) in enumerate(zip(presets, built, seconds, devices)):
+        run = {"preset": preset, "model": asdict(model.config), **info, "seconds": s, "tokens_per_sec": tokens / s,
+               "vs_first": seconds[0] / s}
+        if cfg.what == "train_step":
+            run["mfu"] = info["flops_per_step"] / s / info["peak_flops"] if info["peak_flops"] else None
+            run["peak_mb"] = step_peak_mb(fn, device)
+            if cfg.profile:
+                run["profile"] = profile_steps(fn, device, cfg.profile_steps, Path(cfg.profile),
+                                               f"{i}_{Path(preset.split(':')[0]).stem}")
+        runs.append(run)
     return {"runs": runs}
+
+
+def step_peak_mb(fn, device: torch.device) -> float | None:
+    """The GPU memory allocated at the peak of one more run of fn, in MB (what every preset's run holds resident
+    included); None off CUDA, where torch keeps no such count."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -332,17 +367,33 @@ def report(cfg: BenchConfig, result: dict):
                      if "peak_with_mechanism_mb" in memory else ""))
         return
     unit = "ms/step" if cfg.what == "train_step" else "ms/run"
+    steps = cfg.what == "train_step"
     print(f"  {'model':<20} {'batch':<6} {'device':<7} {'dtype':<9} {'optim':<6} {unit:>8} {'tokens/s':>9} "
-          f"{'vs first':>8}  preset")
+          + (f"{'MFU':>6} {'peak MB':>8} " if steps else "") + f"{'vs first':>8}  preset")
     for r in result["runs"]:
         m = r["model"]
         shape = f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
         batch = str(r.get("batch_size", 1))
+        mfu = f"{r['mfu']:6.1%}" if r.get("mfu") is not None else f"{'-':>6}"
+        peak = f"{r['peak_mb']:8,.0f}" if r.get("peak_mb") is not None else f"{'-':>8}"
         print(f"  {shape:<20} {batch:<6} {r['device']:<7} {r['dtype']:<9} {r.get('optimizer', '-'):<6} "
               f"{r['seconds'] * 1000:8.1f} "
-              f"{r['tokens_per_sec']:9,.0f} {r['vs_first']:7.2f}x  {r['preset']}"
+              f"{r['tokens_per_sec']:9,.0f} " + (f"{mfu} {peak} " if steps else "") + f"{r['vs_first']:7.2f}x  "
+              f"{r['preset']}"
               + (f" ({r['shards']} shards)" if len(cfg.shard_counts) > 1 else "")
               + ("" if r.get("kv_cache", True) else "  (no KV cache)"))
+    for r in result["runs"]:
+        if "profile" in r:
+            print(profile_lines(r, cfg.profile))
+
+
+def profile_lines(r: dict, folder: str) -> str:
+    """A preset's profile as two lines: where a step's time went by kind of op, and the files with the detail."""
+    p = r["profile"]
+    kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in sorted(p["kinds_ms"].items(), key=lambda kv: -kv[1]) if ms)
+    return (f"  {r['preset']}: {p['wall_ms']:.1f} ms a step profiled, {p['clock'].upper()} busy {p['busy_ms']:.1f} ms:"
+            f" {kinds}; the optimizer's step {p['optimizer_step_ms']:.1f} ms (inclusive)\n"
+            f"    {', '.join(str(Path(folder) / f) for f in p['files'])}")
 
 
 def main(argv: list[str] | None = None):

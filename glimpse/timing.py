@@ -53,3 +53,56 @@ def peak_resident_bytes() -> int:
     import resource  # POSIX
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
+
+
+# What each kind of op is called, in torch's op names (aten::..., the CPU's kernels) and in the CUDA kernels'
+# (cuBLAS/CUTLASS GEMMs, flash attention, Triton kernels that torch.compile generated): the first that matches.
+OP_KINDS = {
+    "matmul": r"^aten::(mm|addmm|bmm|baddbmm|_scaled_mm|matmul|linear)$|gemm|cutlass|xmma|wgmma|cublas",
+    "attention": r"scaled_dot_product|flash|fmha|efficient_attention",
+    "cross-entropy": r"cross_entropy|log_softmax|nll_loss",
+    "norm": r"rms_norm|layer_norm",
+    "compiled (Triton)": r"^triton_",
+    "copies and casts": r"^aten::(copy_|to|_to_copy|clone|contiguous)$|memcpy|memset",
+}
+
+
+def profile_steps(fn, device: torch.device, steps: int, folder: Path, name: str) -> dict:
+    """Run fn steps times under torch.profiler, after one unprofiled run; write folder/name.txt (the ops that
+    took the time, by self time on the device: the GPU's where there is one, else the CPU's) and
+    folder/name.trace.json (for chrome://tracing or Perfetto); return the time per step by kind of op.
+
+    Self times do not overlap, so the kinds add up to the busy time. The optimizer's step is given apart,
+    inclusive of the ops inside it (the Newton-Schulz products are matmuls too). On a GPU, busy well below the
+    wall time means the GPU waited for the host.
+    """
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    rows = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+    for row in rows:
+        kind = next((k for k, pattern in OP_KINDS.items() if re.search(pattern, row.key, re.IGNORECASE)), "other")
+        kinds[kind] += self_us(row)
+    optimizer = sum(e.device_time_total if on_gpu else e.cpu_time_total for e in rows
+                    if e.key.startswith("Optimizer.step"))
+    folder.mkdir(parents=True, exist_ok=True)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    (folder / f"{name}.txt").write_text(rows.table(sort_by=sort_by, row_limit=40) + "\n", encoding="utf-8")
+    prof.export_chrome_trace(str(folder / f"{name}.trace.json"))
+    per_step_ms = 1e-3 / steps  # microseconds over all steps -> milliseconds per step
+    return {"clock": "gpu" if on_gpu else "cpu", "wall_ms": wall * 1e3 / steps,
+            "busy_ms": sum(kinds.values()) * per_step_ms,
+            "kinds_ms": {k: t * per_step_ms for k, t in kinds.items()},
+            "optimizer_step_ms": optimizer * per_step_ms, "files": [f"{name}.txt", f"{name}.trace.json"]}

@@ -127,3 +127,27 @@ def test_train_step_is_timed_on_one_file_beside_shards():
     no_layers = python("bench.py", "--what=gpt2", "--gpt2_n_layer=0")
     assert no_layers.returncode == 2
     assert no_layers.stderr.strip() == "error: gpt2_n_layer and prompt_tokens must be at least 1"
+
+
+def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
+    presets = f"{RECIPE},config/shakespeare_char_speedrun.toml"
+    result = bench_json("--what=train_step", f"--preset={presets}", f"--profile={tmp_path}", "--profile_steps=2")
+    adamw, muon = result["runs"]
+    for r, optimizer in ((adamw, "AdamW"), (muon, "Muon")):
+        assert r["mfu"] is None and r["peak_mb"] is None  # the CPU: no known peak, no allocator count
+        p = r["profile"]
+        assert p["clock"] == "cpu" and p["wall_ms"] > 0
+        assert 0 < p["busy_ms"] <= p["wall_ms"]  # self times: no op's time counted twice (inclusive times would be)
+        assert p["kinds_ms"]["matmul"] > 0 and p["kinds_ms"]["attention"] > 0 and p["optimizer_step_ms"] > 0
+        table, trace = (tmp_path / f for f in p["files"])
+        assert "aten::mm" in table.read_text() and f"Optimizer.step#{optimizer}.step" in table.read_text()
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        assert f"Optimizer.step#{optimizer}.step" in names
+    assert [p.name for p in sorted(tmp_path.iterdir())] == [
+        "0_shakespeare_char_recipe.trace.json", "0_shakespeare_char_recipe.txt",
+        "1_shakespeare_char_speedrun.trace.json", "1_shakespeare_char_speedrun.txt"]
+    table = python("bench.py", "--what=train_step", "--repeats=1", f"--preset={RECIPE}", f"--profile={tmp_path}")
+    assert "a step profiled, CPU busy" in table.stdout and "matmul" in table.stdout
+    wrong = python("bench.py", "--what=sample", f"--profile={tmp_path}")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --profile profiles training steps: use it with "
+                                                              "--what=train_step")
