@@ -69,7 +69,7 @@ def loop(run: Run) -> dict:
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
     log = StepLog(run.device)
-    t_saved = time.time()
+    first_step, t_saved = run.iter_num, time.time()
     try:
         while True:
             budget_used = budget.fraction(run.iter_num)
@@ -112,6 +112,9 @@ def loop(run: Run) -> dict:
     finally:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
+    steps, seconds = run.iter_num - first_step, log.steps_seconds()
+    run.tracker.log({"iter": run.iter_num, "steps_taken": steps, "steps_seconds": seconds})
+    run.say(f"{steps:,} steps in {seconds:.1f} s of training (evals, snapshots and checkpoints left out)")
     if cfg.max_time:
         report_budget(run)
     if cfg.final_eval:

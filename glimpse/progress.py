@@ -46,6 +46,7 @@ class StepLog:
         self.device, self.clock = device, clock
         self.loss_sum = torch.zeros((), device=device)
         self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
+        self.started, self.away_in_all = self.since, 0.0  # for the steps' time over the whole loop
         self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
 
     def count(self, run: Run, it: int):
@@ -66,6 +67,13 @@ class StepLog:
             yield
         finally:
             self.away += self.clock() - start
+            self.away_in_all += self.clock() - start
+
+    def steps_seconds(self) -> float:
+        """The seconds the loop has spent in training steps since it started: its wall time, less the pauses. The
+        steps' queued GPU work counts as theirs (each pause waits for it first, and so does this)."""
+        synchronize(self.device)
+        return self.clock() - self.started - self.away_in_all
 
     def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
         """Log the mean loss and speed since the last log step; return what the progress bar shows."""

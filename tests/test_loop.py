@@ -120,6 +120,22 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
     assert throughput(run)["mfu"] == pytest.approx(flops / 2.0 / 1e9)
     record = read_metrics(tmp_path / "out")[-1]
     assert record["mfu"] == pytest.approx(flops / 2.0 / 1e9) and record["tokens_per_sec"] == run.tokens_per_sec
+    with log.paused():  # a pause after a log step is left out of the loop's step time too
+        now[0] += 5.0
+    now[0] += 0.5
+    assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
+
+
+def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2)
+    train(cfg)
+    first = read_metrics(cfg.out_dir)[-2]  # the whole-split score comes last
+    train(replace(cfg, init_from="resume", max_iters=7))
+    resumed = read_metrics(cfg.out_dir)[-2]
+    assert (first["iter"], first["steps_taken"], resumed["iter"], resumed["steps_taken"]) == (4, 4, 7, 3)
+    assert first["steps_seconds"] > 0 and resumed["steps_seconds"] > 0
+    said = capsys.readouterr()
+    assert "4 steps in " in said.out + said.err and "3 steps in " in said.out + said.err
 
 
 def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_path, data_dir):
