@@ -1,13 +1,14 @@
 """bench.py runs every benchmark and reports what it measured, with the configuration that produced it."""
 
 import json
+import sys
 
 import pytest
 
 from bench import preset_config
 from glimpse.comparisons import prepare_beside_tiktoken
 from glimpse.errors import GlimpseError
-from tests.conftest import python
+from tests.conftest import python, run_script
 
 RECIPE = "config/shakespeare_char_recipe.toml"
 
@@ -151,3 +152,11 @@ def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
     wrong = python("bench.py", "--what=sample", f"--profile={tmp_path}")
     assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --profile profiles training steps: use it with "
                                                               "--what=train_step")
+
+
+def test_the_gpu_checks_refuse_a_machine_without_one_in_one_line(tmp_path):
+    """scripts/gpu_checks.sh runs on GPU machines only; here it must stop before it writes anything."""
+    run = run_script("bash", "scripts/gpu_checks.sh", str(tmp_path / "checks"), env={"PYTHON": sys.executable})
+    assert run.returncode == 2 and not (tmp_path / "checks").exists()
+    assert run.stderr.strip() == ("error: PyTorch sees no CUDA GPU here; these checks are for a machine with NVIDIA "
+                                  "GPUs")

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/performance.md ("On a GPU") in one go, on a machine with NVIDIA GPUs:
+#
+#   bash scripts/gpu_checks.sh [OUT_FOLDER] [SECONDS]      # defaults: gpu-checks/, 540
+#
+# In order of importance, each step only if the time left allows it (SECONDS in all; about 9 minutes
+# on one H100 for the lot):
+#   1. the GPU speedrun preset three times (its whole-split val loss, seconds of training, whole process),
+#      the third with evals every 50 steps for its loss curve
+#   2. nanoGPT's recipe (config/shakespeare_char.toml), its first 2,000 steps, for the curve beside it
+#   3. the GPT-2 (124M) preset's training step, compiled and eager: bench.py's table (tokens/s, MFU,
+#      step ms, peak memory) and where the time goes (torch.profiler)
+#   4. FSDP against DDP on every GPU: the same losses, tokens/s, and an exact resume
+#   5. the speedrun's neighbours (no dropout; nanoGPT's batch), to tune it
+#   6. the tests that need a GPU
+# OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/logs.tar.gz the logs and
+# profiles. Needs PyTorch with CUDA, numpy, tiktoken and tqdm; the char-level Shakespeare dataset is
+# prepared on first use (a download) unless data/shakespeare_char/ is there.
+set -u
+out=$(realpath -m "${1:-gpu-checks}")
+budget=${2:-540}
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+gpus=$($py -c "import torch; print(torch.cuda.device_count())") || exit 2
+if [ "$gpus" = 0 ]; then
+    echo "error: PyTorch sees no CUDA GPU here; these checks are for a machine with NVIDIA GPUs" >&2
+    exit 2
+fi
+mkdir -p "$out/logs"
+summary="$out/summary.txt"
+
+say() { echo "$*" | tee -a "$summary"; }
+
+# run NAME NEEDS_SECONDS CMD...: CMD with its output in logs/NAME.log, unless fewer than NEEDS_SECONDS are left
+run() {
+    local name=$1 needs=$2
+    shift 2
+    local left=$((budget - SECONDS))
+    if ((left < needs)); then
+        say "$name: skipped ($left s left, needs about $needs)"
+        return 1
+    fi
+    local start=$SECONDS
+    timeout "$left" "$@" >"$out/logs/$name.log" 2>&1
+    local rc=$?
+    say "$name: exit $rc, $((SECONDS - start)) s wall | $(grep -aE 'steps in|final val loss' "$out/logs/$name.log" |
+        sed -E 's/ \(evals.*//; s/ on the whole.*//' | tr '\n' ' ')"
+    return $rc
+}
+
+say "$(date -u +%FT%TZ) | $(nvidia-smi -L 2>/dev/null | head -1) | $gpus GPU(s) | $($py -c \
+    'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")')"
+[ -f data/shakespeare_char/meta.json ] || $py data/prepare.py --dataset=shakespeare_char >"$out/logs/prepare.log" 2>&1
+
+speedrun=config/shakespeare_char_gpu_speedrun.toml
+for i in 1 2 3; do
+    curve=()
+    [ "$i" = 3 ] && curve=(--eval_interval=50 --eval_iters=20)
+    run "speedrun_$i" 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_$i" "${curve[@]}"
+done
+run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/runs/recipe" --max_iters=2000 \
+    --attn_log_interval=0
+
+gpt2=config/gpt2_124m.toml:hellaswag_interval=0
+run bench_124m 200 $py bench.py --what=train_step --vocab_size=50257 --repeats=3 --profile="$out/logs/profile_124m" \
+    --profile_steps=1 --preset="$gpt2,$gpt2:compile=false"
+
+fsdp=(config/shakespeare_char.toml --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0
+      --log_interval=10 --gradient_accumulation_steps="$gpus")
+run ddp_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --out_dir="$out/runs/ddp" &&
+    run fsdp_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
+        --out_dir="$out/runs/fsdp" &&
+    run fsdp_100 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
+        --max_iters=100 --out_dir="$out/runs/fsdp_resumed" &&
+    run fsdp_resume_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
+        --init_from=resume --out_dir="$out/runs/fsdp_resumed"
+$py - "$out/runs" >>"$summary" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+def losses(name):
+    path = Path(sys.argv[1]) / name / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["iter"]: r["train_loss"] for r in records if "train_loss" in r}
+ddp, fsdp, resumed = losses("ddp"), losses("fsdp"), losses("fsdp_resumed")
+if ddp and fsdp:
+    diff = max(abs(ddp[i] - fsdp[i]) for i in ddp)
+    print(f"fsdp vs ddp: largest train-loss difference over {len(ddp)} logs {diff:.2e}")
+if fsdp and resumed:
+    same = all(resumed.get(i) == fsdp[i] for i in fsdp if i > 100)
+    print(f"fsdp resumed at 100: losses after it {'identical' if same else 'DIFFER'} to the straight run's")
+EOF
+
+run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_no_dropout" --dropout=0.0
+run speedrun_batch64 75 $py train.py $speedrun --out_dir="$out/runs/speedrun_batch64" --batch_size=64 \
+    --max_iters=800 --lr_decay_iters=800
+run gpu_tests 90 $py -m pytest -q -x tests/test_train.py tests/test_arch.py -k cuda
+
+rm -rf "$out/runs"/*/ckpt.* "$out/runs"/*/best.pt  # the weights are not needed; the metrics are
+tar -czf "$out/logs.tar.gz" -C "$out" logs runs 2>/dev/null
+say "done in $SECONDS s"
