@@ -113,7 +113,6 @@ def loop(run: Run) -> dict:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
     steps, seconds = run.iter_num - first_step, log.steps_seconds()
-    run.tracker.log({"iter": run.iter_num, "steps_taken": steps, "steps_seconds": seconds})
     run.say(f"{steps:,} steps in {seconds:.1f} s of training (evals, snapshots and checkpoints left out)")
     if cfg.max_time:
         report_budget(run)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import signal
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -129,13 +130,10 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
 def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):
     cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2)
     train(cfg)
-    first = read_metrics(cfg.out_dir)[-2]  # the whole-split score comes last
     train(replace(cfg, init_from="resume", max_iters=7))
-    resumed = read_metrics(cfg.out_dir)[-2]
-    assert (first["iter"], first["steps_taken"], resumed["iter"], resumed["steps_taken"]) == (4, 4, 7, 3)
-    assert first["steps_seconds"] > 0 and resumed["steps_seconds"] > 0
     said = capsys.readouterr()
-    assert "4 steps in " in said.out + said.err and "3 steps in " in said.out + said.err
+    times = re.findall(r"^(\d+) steps in (\d+\.\d) s of training", said.out + said.err, re.MULTILINE)
+    assert [steps for steps, _ in times] == ["4", "3"]  # the resumed run's own steps (seconds: see the test above)
 
 
 def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_path, data_dir):
