@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data.prepare import download
 from glimpse.errors import GlimpseError, read_utf8
-from glimpse.evaluation import evaluating
+from glimpse.evaluation import evaluating, idle_forward
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -106,13 +106,15 @@ def evaluate(model, examples: list[Example], tokenizer, block_size: int, device,
              show_progress: bool = True) -> dict:
     """acc, acc_norm and the examples scored; under DDP each process scores every world_size-th example
     and the counts are added up."""
-    mine = examples if ddp is None else examples[ddp.rank::ddp.world_size]
+    mine = examples if ddp is None else ddp.share(examples)  # in lockstep, padded with None
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # (correct, correct_norm, scored, skipped)
     with evaluating(model):
         for example in tqdm(mine, desc="hellaswag", unit="example", disable=not show_progress or None, leave=False):
-            built = rows(example, tokenizer, block_size)
+            built = None if example is None else rows(example, tokenizer, block_size)
             if built is None:
-                counts[3] += 1
+                counts[3] += example is not None
+                if ddp is not None and ddp.lockstep:
+                    idle_forward(model, device, ctx)
                 continue
             tokens, mask = (t.to(device) for t in built)
             summed, mean = ending_losses(model, tokens, mask, ctx)

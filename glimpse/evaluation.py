@@ -49,10 +49,14 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     per_window = length - scored_from
     starts = window_starts(len(tokens), length, step, math.ceil(max_tokens / per_window))
     if ddp is not None:
-        starts = starts[ddp.rank::ddp.world_size]  # this process's share
+        starts = ddp.share(starts)  # this process's share (in lockstep, padded with None)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)
     for i in range(0, len(starts), batch_size):
-        window = torch.from_numpy(gather_windows(tokens, starts[i:i + batch_size], length + 1)).to(device)  # (b, L + 1)
+        batch = np.array([s for s in starts[i:i + batch_size] if s is not None], dtype=np.int64)
+        if not len(batch):
+            idle_forward(model, device, ctx)
+            continue
+        window = torch.from_numpy(gather_windows(tokens, batch, length + 1)).to(device)  # (b, L + 1)
         with ctx:
             logits, _ = model(window[:, :-1])  # (b, L, V)
         losses = F.cross_entropy(logits[:, scored_from:].float().transpose(1, 2), window[:, scored_from + 1:],
@@ -85,12 +89,22 @@ def split_estimate(model, data, split: str, cfg, device, ctx, ddp) -> float:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     starts = data.random_starts(split, cfg.eval_iters * cfg.batch_size, cfg.model.block_size, gen)
     total = torch.zeros((), device=device)
-    for i in range(ddp.rank, cfg.eval_iters, ddp.world_size):
+    for i in ddp.share(range(cfg.eval_iters)):
+        if i is None:
+            idle_forward(model, device, ctx)
+            continue
         x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.model.block_size)
         with ctx:
             _, loss = model(x.to(device), y.to(device))
         total += loss.float()
     return (ddp.sum(total) / cfg.eval_iters).item()
+
+
+def idle_forward(model, device, ctx):
+    """A forward over one token whose result is thrown away: how a process in lockstep (Distributed.share) whose
+    share has run out, or whose item is skipped, joins the collectives of the others' forwards."""
+    with ctx:
+        model(torch.zeros((1, 1), dtype=torch.long, device=device))
 
 
 @contextmanager

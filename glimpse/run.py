@@ -96,10 +96,10 @@ class Run:
 
     @property
     def eval_shares(self) -> Distributed:
-        """How evaluations share their batches out: one share per process, but under fsdp each process scores
-        them all, since every forward is a collective that all processes must join, and the shares (every
-        world_size-th batch, window or example) do not always come out equal in number."""
-        return Distributed() if self.cfg.fsdp else self.ddp
+        """How evaluations share their batches out: one share per process, but under fsdp in lockstep, since every
+        forward is a collective that all processes must join, and the shares (every world_size-th batch, window
+        or example) do not always come out equal in number."""
+        return replace(self.ddp, lockstep=True) if self.cfg.fsdp else self.ddp
 
     def gradient_sync(self, defer: bool) -> AbstractContextManager:
         """Around a micro-step's forward and backward: defer averaging the gradients across processes (to the

@@ -185,6 +185,8 @@ class Distributed:
     local_rank: int = 0
     world_size: int = 1
     device: str = "cpu"  # where collectives put their tensors: NCCL needs them on the GPU
+    # every forward is a collective (fsdp gathers each block's weights): each process must run as many as the others
+    lockstep: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -193,6 +195,15 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share(self, items) -> list:
+        """This process's share of items (a sequence): every world_size-th from its rank. In lockstep the shares are
+        made equal in number, the short ones padded with None, for which a process runs a forward and throws it
+        away (evaluation.idle_forward)."""
+        mine = list(items[self.rank::self.world_size])
+        if self.lockstep:
+            mine += [None] * (-(-len(items) // self.world_size) - len(mine))  # up to ceil(len / world_size)
+        return mine
 
     def barrier(self):
         if self.enabled:

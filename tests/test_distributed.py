@@ -157,3 +157,13 @@ def test_an_error_of_one_process_alone_is_still_printed(tmp_path):
     """)
     assert error_lines(run) == ["error (rank 1): a file only rank 1 reads is missing"], run.stderr
     assert re.findall(r"exitcode  : (-?\d+)", run.stderr) == ["2"], run.stderr
+
+
+def test_shares_cover_every_item_once_and_in_lockstep_come_out_equal_in_number():
+    from glimpse.runtime import Distributed
+
+    shares = [Distributed(rank=r, world_size=3).share(range(7)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    padded = [Distributed(rank=r, world_size=3, lockstep=True).share(range(7)) for r in range(3)]
+    assert padded == [[0, 3, 6], [1, 4, None], [2, 5, None]]
+    assert Distributed(lockstep=True).share(["a", "b"]) == ["a", "b"]  # one process: everything, nothing padded

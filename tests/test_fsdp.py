@@ -13,6 +13,7 @@ from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly
 from tests.test_train import read_metrics
 
 FSDP = [*SETTINGS, "--fsdp=true"]
+EVALS = ["--eval_iters=3"]  # 3 batches: the two processes' shares differ in number
 LOSSES = ("train_loss", "val_loss", "eval_train_loss", "final_val_loss")
 
 
@@ -30,7 +31,7 @@ def assert_same_losses(records: list[dict], expected: list[dict]):
 def runs(tmp_path_factory, data_dir):
     """The same 12 steps in one process, in two under DDP and in two under FSDP: their out_dirs."""
     root = tmp_path_factory.mktemp("fsdp")
-    common = [f"--data_dir={data_dir}"]
+    common = [f"--data_dir={data_dir}", *EVALS]
     one = python("train.py", *SETTINGS, *common, f"--out_dir={root / 'one'}")
     assert one.returncode == 0, one.stderr
     ddp = torchrun(2, *SETTINGS, *common, f"--out_dir={root / 'ddp'}")
@@ -92,7 +93,7 @@ def test_two_sharded_processes_resume_exactly_with_dropout(tmp_path, data_dir):
 def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_dir, runs, how):
     """Stopped at step 6 in two sharded processes, continued in one: DCP reshards the weights and AdamW state,
     and the rest of the run logs the straight run's losses within float tolerance."""
-    settings = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
+    settings = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *EVALS]
     half = torchrun(2, *FSDP, *settings, "--max_iters=6")
     assert half.returncode == 0, half.stderr
     if how == "fsdp_one_process":
