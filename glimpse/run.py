@@ -59,8 +59,8 @@ class Run:
       model      the module itself: its weights are saved, checked for finiteness and drawn in snapshots
                  (a compiled or DDP wrapper would put prefixes on every saved name); under fsdp it is
                  sharded in place, each parameter a DTensor of which each process holds a part
-      compiled   model, or torch.compile(model): evaluations call it, for the compiled speed without
-                 DDP's gradient hooks
+      compiled   model, or torch.compile(model) (under fsdp model itself, its blocks compiled in place):
+                 evaluations call it, for the compiled speed without DDP's gradient hooks
       ddp_model  compiled inside DDP under torchrun, else compiled itself (and model under fsdp, which
                  needs no wrapper): training steps call it, since DDP averages the gradients across
                  processes in backward
@@ -218,10 +218,10 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
-    compiled = compile_static(model, cfg) if cfg.compile else model
+    compiled = compile_static(model, cfg) if cfg.compile and not cfg.fsdp else model
     ddp_model = compiled
-    if cfg.fsdp:
-        shard(model, model.transformer.h)
+    if cfg.fsdp:  # compiled block by block, if at all: FSDP's hooks between the blocks run eagerly
+        shard(model, model.transformer.h, compile_options(cfg) if cfg.compile else None)
     elif ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     tracker = Tracker(
@@ -274,9 +274,16 @@ def compile_static(model: GPT, cfg: TrainConfig) -> torch.nn.Module:
     full-size step on a graph made for any size. The shapes are few (the ramps' eighths, the evals'), so each
     gets its own graph, and the cache is sized to hold them all rather than fall back to eager mode.
     """
-    needed = len(training_shapes(cfg)) + 4  # the steps', the evals' (training's batch) and the final eval's two
+    return torch.compile(model, **compile_options(cfg))
+
+
+def compile_options(cfg: TrainConfig) -> dict:
+    """torch.compile's options for a run: static shapes, its backend; and a cache big enough for every shape."""
+    # the steps', the evals' (training's batch) and the final eval's two, and under fsdp the one-token forward of
+    # a process whose eval share ran out (evaluation.idle_forward)
+    needed = len(training_shapes(cfg)) + 4 + cfg.fsdp
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
-    return torch.compile(model, dynamic=False, backend=cfg.compile_backend)
+    return {"dynamic": False, "backend": cfg.compile_backend}
 
 
 def compile_ahead(run: Run):

@@ -43,13 +43,18 @@ def check_fsdp(dtype: torch.dtype):
                            "only): use --dtype=float32")
 
 
-def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList):
+def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: dict | None = None):
     """FSDP2 in place: each block one unit, whose weights are gathered for its forward and backward and freed
     after, then the root for what is left (embeddings, final norm, head), so that no more than one block's
-    whole weights are held at a time besides the root's."""
+    whole weights are held at a time besides the root's.
+
+    With compile_options each block is first compiled in place (Module.compile, so its parameters keep their
+    names in every state dict); FSDP's own hooks around it are never traced (torch disables Dynamo for them)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
+        if compile_options is not None:
+            block.compile(**compile_options)
         fully_shard(block)
     fully_shard(model)
 

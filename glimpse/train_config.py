@@ -169,8 +169,6 @@ class TrainConfig:
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
 
-        if self.fsdp and self.compile:
-            raise ValueError("fsdp=true with compile=true is not supported yet: drop --compile (or use --fsdp=false)")
         if self.fsdp and self.optimizer != "adamw":
             raise ValueError("fsdp=true supports optimizer=adamw only (Muon orthogonalises whole matrices, which "
                              "fsdp splits across processes): use --optimizer=adamw, or --fsdp=false")

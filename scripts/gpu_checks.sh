@@ -3,14 +3,13 @@
 #
 #   bash scripts/gpu_checks.sh [OUT_FOLDER] [SECONDS]      # defaults: gpu-checks/, 540
 #
-# In order of importance, each step only if the time left allows it (SECONDS in all; about 9 minutes
-# on one H100 for the lot):
+# In order of importance, each step only if the time left of SECONDS allows it (a skipped step is said):
 #   1. the GPU speedrun preset three times (its whole-split val loss, seconds of training, whole process),
 #      the third with evals every 50 steps for its loss curve
 #   2. nanoGPT's recipe (config/shakespeare_char.toml), its first 2,000 steps, for the curve beside it
 #   3. the GPT-2 (124M) preset's training step, compiled and eager: bench.py's table (tokens/s, MFU,
 #      step ms, peak memory) and where the time goes (torch.profiler)
-#   4. FSDP against DDP on every GPU: the same losses, tokens/s, and an exact resume
+#   4. FSDP against DDP on every GPU, eager and compiled: the same losses, tokens/s, and an exact resume
 #   5. the speedrun's neighbours (no dropout; nanoGPT's batch), to tune it
 #   6. the tests that need a GPU
 # OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/logs.tar.gz the logs and
@@ -65,16 +64,17 @@ run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/run
 gpt2=config/gpt2_124m.toml:hellaswag_interval=0
 run bench_124m 200 $py bench.py --what=train_step --vocab_size=50257 --repeats=3 --profile="$out/logs/profile_124m" \
     --profile_steps=1 --preset="$gpt2,$gpt2:compile=false"
+sed -n '/^train_step |/,$p' "$out/logs/bench_124m.log" | grep -v USDT >>"$summary"  # the table and where time went
 
-fsdp=(config/shakespeare_char.toml --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0
-      --log_interval=10 --gradient_accumulation_steps="$gpus")
-run ddp_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --out_dir="$out/runs/ddp" &&
-    run fsdp_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
-        --out_dir="$out/runs/fsdp" &&
-    run fsdp_100 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
-        --max_iters=100 --out_dir="$out/runs/fsdp_resumed" &&
-    run fsdp_resume_200 60 $py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py "${fsdp[@]}" --fsdp=true \
-        --init_from=resume --out_dir="$out/runs/fsdp_resumed"
+# nanoGPT's GPU preset for 200 steps on every GPU, one micro-step each, under DDP and FSDP
+every_gpu=($py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py config/shakespeare_char.toml
+           --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0 --log_interval=10
+           --gradient_accumulation_steps="$gpus")
+run ddp_200 60 "${every_gpu[@]}" --out_dir="$out/runs/ddp" &&
+    run fsdp_200 60 "${every_gpu[@]}" --fsdp=true --out_dir="$out/runs/fsdp" &&
+    run fsdp_compiled_200 90 "${every_gpu[@]}" --fsdp=true --compile=true --out_dir="$out/runs/fsdp_compiled"
+run fsdp_100 60 "${every_gpu[@]}" --fsdp=true --max_iters=100 --out_dir="$out/runs/fsdp_resumed" &&
+    run fsdp_resume_200 60 "${every_gpu[@]}" --fsdp=true --init_from=resume --out_dir="$out/runs/fsdp_resumed"
 $py - "$out/runs" >>"$summary" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
@@ -85,9 +85,10 @@ def losses(name):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return {r["iter"]: r["train_loss"] for r in records if "train_loss" in r}
 ddp, fsdp, resumed = losses("ddp"), losses("fsdp"), losses("fsdp_resumed")
-if ddp and fsdp:
-    diff = max(abs(ddp[i] - fsdp[i]) for i in ddp)
-    print(f"fsdp vs ddp: largest train-loss difference over {len(ddp)} logs {diff:.2e}")
+for name, other in (("fsdp", fsdp), ("fsdp_compiled", losses("fsdp_compiled"))):
+    if ddp and other:
+        diff = max(abs(ddp[i] - other[i]) for i in ddp)
+        print(f"{name} vs ddp: largest train-loss difference over {len(ddp)} logs {diff:.2e}")
 if fsdp and resumed:
     same = all(resumed.get(i) == fsdp[i] for i in fsdp if i > 100)
     print(f"fsdp resumed at 100: losses after it {'identical' if same else 'DIFFER'} to the straight run's")

@@ -14,9 +14,9 @@ SETTINGS = ["--dataset=tiny", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_
             "--eval_interval=6", "--eval_iters=4", "--log_interval=1", "--learning_rate=3e-3"]
 
 
-def torchrun(nproc: int, *args: str):
+def torchrun(nproc: int, *args: str, env: dict | None = None):
     return run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                      "train.py", *args, env={"OMP_NUM_THREADS": "1"})
+                      "train.py", *args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def test_two_processes_match_one(tmp_path, data_dir):

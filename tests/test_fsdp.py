@@ -104,8 +104,21 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_di
     assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
 
 
+def test_blocks_compiled_under_fsdp_train_as_the_eager_run_does(runs, tmp_path, data_dir):
+    """--compile=true under fsdp compiles each block in place before sharding it (aot_eager: the same graphs,
+    compiled in seconds): the same losses as the uncompiled sharded run, and the weights under their own names."""
+    compiled = torchrun(2, *FSDP, *EVALS, "--compile=true", "--compile_backend=aot_eager", f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path}", env={"TORCH_LOGS": "graph_code"})  # each compiled graph's code
+    assert compiled.returncode == 0, compiled.stderr
+    graphs = compiled.stderr.split("TRACED GRAPH")[1:]
+    assert graphs and all("c_attn" in g or "attn" in g for g in graphs)  # the blocks' graphs
+    assert not any("wte" in g or "lm_head" in g for g in graphs)  # and no other: the root runs eagerly
+    assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
+    weights = load_checkpoint(tmp_path / "ckpt.pt")["model"]
+    assert weights.keys() == load_checkpoint(runs["fsdp"] / "ckpt.pt")["model"].keys()
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--compile=true"], "error: fsdp=true with compile=true is not supported yet"),
     (["--optimizer=muon"], "error: fsdp=true supports optimizer=adamw only"),
     (["--dtype=float16"], "error: fsdp=true does not support dtype=float16"),
 ])
