@@ -212,10 +212,12 @@ def evaluate_and_keep_best(run: Run):
 def score_hellaswag(run: Run) -> dict:
     """HellaSwag accuracy (completion style, data/hellaswag.py), each process its share of the examples.
 
-    The eager model scores it: the examples' lengths all differ, which a compiled model would recompile for.
+    The eager model scores it: the examples' lengths all differ, which a compiled model would recompile for
+    (under fsdp the blocks are compiled in place, so they are told to run eagerly for it).
     """
-    result = hellaswag.evaluate(run.model, run.hellaswag, run.data.tokenizer(), run.cfg.model.block_size,
-                                run.device, run.ctx, run.eval_shares, show_progress=run.ddp.is_main)
+    with torch.compiler.set_stance("force_eager"):
+        result = hellaswag.evaluate(run.model, run.hellaswag, run.data.tokenizer(), run.cfg.model.block_size,
+                                    run.device, run.ctx, run.eval_shares, show_progress=run.ddp.is_main)
     run.tracker.log({"iter": run.iter_num, **result})
     run.say(f"step {run.iter_num}: hellaswag acc {result['hellaswag_acc']:.4f}, acc_norm "
             f"{result['hellaswag_acc_norm']:.4f} ({result['hellaswag_examples']:,} examples)")

@@ -72,12 +72,14 @@ def profile_steps(fn, device: torch.device, steps: int, folder: Path, name: str)
     took the time, by self time on the device: the GPU's where there is one, else the CPU's) and
     folder/name.trace.json (for chrome://tracing or Perfetto); return the time per step by kind of op.
 
-    Self times do not overlap, so the kinds add up to the busy time. The optimizer's step is given apart,
+    Self times do not overlap (on a GPU, only the kernels' rows are summed), so the kinds add up to the busy
+    time. The optimizer's step is given apart,
     inclusive of the ops inside it (the Newton-Schulz products are matmuls too). On a GPU, busy well below the
     wall time means the GPU waited for the host.
     """
     import re
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -90,15 +92,20 @@ def profile_steps(fn, device: torch.device, steps: int, folder: Path, name: str)
         synchronize(device)
         wall = time.perf_counter() - t0
     rows = prof.key_averages()
-    self_us = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    cpu_rows = [r for r in rows if r.device_type == DeviceType.CPU]
+    if on_gpu:  # the kernels' own rows: an aten op's row carries its kernels' time too, and annotations repeat it
+        timed, self_us = [r for r in rows if r.device_type != DeviceType.CPU and not r.is_user_annotation], \
+            (lambda r: r.self_device_time_total)
+    else:
+        timed, self_us = cpu_rows, (lambda r: r.self_cpu_time_total)
     kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
-    for row in rows:
+    for row in timed:
         kind = next((k for k, pattern in OP_KINDS.items() if re.search(pattern, row.key, re.IGNORECASE)), "other")
         kinds[kind] += self_us(row)
-    optimizer = sum(e.device_time_total if on_gpu else e.cpu_time_total for e in rows
-                    if e.key.startswith("Optimizer.step"))
+    optimizer = sum(r.device_time_total if on_gpu else r.cpu_time_total for r in cpu_rows
+                    if r.key.startswith("Optimizer.step"))  # the host's annotation, with the kernels it launched
     folder.mkdir(parents=True, exist_ok=True)
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     (folder / f"{name}.txt").write_text(rows.table(sort_by=sort_by, row_limit=40) + "\n", encoding="utf-8")
     prof.export_chrome_trace(str(folder / f"{name}.trace.json"))
     per_step_ms = 1e-3 / steps  # microseconds over all steps -> milliseconds per step

@@ -13,7 +13,7 @@
 #   5. the speedrun's neighbours (no dropout; nanoGPT's batch), to tune it
 #   6. the tests that need a GPU
 # OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/logs.tar.gz the logs and
-# profiles. Needs PyTorch with CUDA, numpy, tiktoken and tqdm; the char-level Shakespeare dataset is
+# profiles. Needs PyTorch with CUDA, numpy, tiktoken, tqdm and pytest; the char-level Shakespeare dataset is
 # prepared on first use (a download) unless data/shakespeare_char/ is there.
 set -u
 out=$(realpath -m "${1:-gpu-checks}")
@@ -26,6 +26,7 @@ if [ "$gpus" = 0 ]; then
     echo "error: PyTorch sees no CUDA GPU here; these checks are for a machine with NVIDIA GPUs" >&2
     exit 2
 fi
+rm -rf "$out/runs"  # a rerun starts its runs afresh rather than stop at their old checkpoints
 mkdir -p "$out/logs"
 summary="$out/summary.txt"
 
@@ -64,15 +65,16 @@ run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/run
 gpt2=config/gpt2_124m.toml:hellaswag_interval=0
 run bench_124m 200 $py bench.py --what=train_step --vocab_size=50257 --repeats=3 --profile="$out/logs/profile_124m" \
     --profile_steps=1 --preset="$gpt2,$gpt2:compile=false"
-sed -n '/^train_step |/,$p' "$out/logs/bench_124m.log" | grep -v USDT >>"$summary"  # the table and where time went
+[ -f "$out/logs/bench_124m.log" ] &&  # the table and where the time went
+    sed -n '/^train_step |/,$p' "$out/logs/bench_124m.log" | grep -v USDT >>"$summary"
 
 # nanoGPT's GPU preset for 200 steps on every GPU, one micro-step each, under DDP and FSDP
 every_gpu=($py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py config/shakespeare_char.toml
            --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0 --log_interval=10
            --gradient_accumulation_steps="$gpus")
-run ddp_200 60 "${every_gpu[@]}" --out_dir="$out/runs/ddp" &&
-    run fsdp_200 60 "${every_gpu[@]}" --fsdp=true --out_dir="$out/runs/fsdp" &&
-    run fsdp_compiled_200 90 "${every_gpu[@]}" --fsdp=true --compile=true --out_dir="$out/runs/fsdp_compiled"
+run ddp_200 60 "${every_gpu[@]}" --out_dir="$out/runs/ddp"
+run fsdp_200 60 "${every_gpu[@]}" --fsdp=true --out_dir="$out/runs/fsdp"
+run fsdp_compiled_200 90 "${every_gpu[@]}" --fsdp=true --compile=true --out_dir="$out/runs/fsdp_compiled"
 run fsdp_100 60 "${every_gpu[@]}" --fsdp=true --max_iters=100 --out_dir="$out/runs/fsdp_resumed" &&
     run fsdp_resume_200 60 "${every_gpu[@]}" --fsdp=true --init_from=resume --out_dir="$out/runs/fsdp_resumed"
 $py - "$out/runs" >>"$summary" 2>&1 <<'EOF'
@@ -84,14 +86,17 @@ def losses(name):
         return None
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return {r["iter"]: r["train_loss"] for r in records if "train_loss" in r}
-ddp, fsdp, resumed = losses("ddp"), losses("fsdp"), losses("fsdp_resumed")
-for name, other in (("fsdp", fsdp), ("fsdp_compiled", losses("fsdp_compiled"))):
-    if ddp and other:
-        diff = max(abs(ddp[i] - other[i]) for i in ddp)
-        print(f"{name} vs ddp: largest train-loss difference over {len(ddp)} logs {diff:.2e}")
-if fsdp and resumed:
-    same = all(resumed.get(i) == fsdp[i] for i in fsdp if i > 100)
-    print(f"fsdp resumed at 100: losses after it {'identical' if same else 'DIFFER'} to the straight run's")
+def compare(what, a, b, after=0):
+    shared = [i for i in a.keys() & b.keys() if i > after] if a and b else []
+    if shared:  # flash attention's backward is not deterministic on a GPU: differences within rounding are expected
+        diff = max(abs(a[i] - b[i]) for i in shared)
+        print(f"{what}: largest train-loss difference {diff:.2e} over the {len(shared)} logs both have")
+    else:
+        print(f"{what}: nothing to compare (a run missing or cut short)")
+ddp, fsdp = losses("ddp"), losses("fsdp")
+compare("fsdp vs ddp", ddp, fsdp)
+compare("fsdp compiled vs ddp", ddp, losses("fsdp_compiled"))
+compare("fsdp resumed at step 100 vs straight, after step 100", fsdp, losses("fsdp_resumed"), after=100)
 EOF
 
 run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_no_dropout" --dropout=0.0
