@@ -18,6 +18,10 @@
 set -u
 out=$(realpath -m "${1:-gpu-checks}")
 budget=${2:-540}
+if ! [[ $budget =~ ^[0-9]+$ ]]; then
+    echo "error: SECONDS must be a whole number of seconds, got '$budget'" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}

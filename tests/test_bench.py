@@ -152,6 +152,12 @@ def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
     wrong = python("bench.py", "--what=sample", f"--profile={tmp_path}")
     assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --profile profiles training steps: use it with "
                                                               "--what=train_step")
+    a_file = tmp_path / "0_shakespeare_char_recipe.txt"
+    before = a_file.read_text()
+    into_file = python("bench.py", "--what=train_step", f"--profile={a_file}")
+    assert into_file.returncode == 2 and into_file.stderr.strip() == (f"error: --profile={a_file} is a file: give a "
+                                                                      "folder to write the profiles to")
+    assert a_file.read_text() == before
 
 
 def test_the_gpu_checks_refuse_a_machine_without_one_in_one_line(tmp_path):
@@ -160,3 +166,6 @@ def test_the_gpu_checks_refuse_a_machine_without_one_in_one_line(tmp_path):
     assert run.returncode == 2 and not (tmp_path / "checks").exists()
     assert run.stderr.strip() == ("error: PyTorch sees no CUDA GPU here; these checks are for a machine with NVIDIA "
                                   "GPUs")
+    bad = run_script("bash", "scripts/gpu_checks.sh", str(tmp_path / "checks"), "ten")
+    assert bad.returncode == 2 and not (tmp_path / "checks").exists()
+    assert bad.stderr.strip() == "error: SECONDS must be a whole number of seconds, got 'ten'"
