@@ -56,7 +56,7 @@ import torch
 from data.shards import write_dataset
 from data.tokenizer import CharTokenizer
 from eval import EvalConfig
-from glimpse import render
+from glimpse import render, viewer
 from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
@@ -172,7 +172,7 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
             "weights": lambda: attention_weights(model, ids),
             "npz_and_heads_json": lambda: write_dump(folder, attn, ids.tolist(), tokens, cfg.tokens, meta,
                                                      pictures=False),
-            "html_viewer": lambda: render.write_viewer(folder / "index.html", attn, tokens, cfg.tokens, meta,
+            "html_viewer": lambda: viewer.write_viewer(folder / "index.html", attn, tokens, cfg.tokens, meta,
                                                        head_metrics(attn)),
             "dump_without_pngs": dump,
         }

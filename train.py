@@ -242,7 +242,7 @@ def snapshot_attention(run: Run):
     def draw():
         meta = {"iter": run.iter_num, "model_config": asdict(model.config), "tokenizer": run.data.tokenizer_spec,
                 "source": f"the first {n} tokens of {run.data.folder.name}'s validation split"}
-        from glimpse.render import write_snapshot_index  # matplotlib is imported only once a snapshot is drawn
+        from glimpse.viewer import write_snapshot_index  # matplotlib is imported only once a snapshot is drawn
 
         try:
             heads = dump_text(model, run.data.tokenizer(), val[:n].astype(np.int64), prompt_len=n, meta=meta,

@@ -10,7 +10,8 @@ attention   attention dumps, head metrics and the induction probe
 mechanism   a text traced through the model: queries, keys, values, scores, what each head moved, logit attribution
 notebook    the Python API for notebooks: load a model, run a text, get the arrays, show the viewer inline
 ablation    removing heads, and ranking every head by what its removal costs
-render      heatmap PNGs and the HTML viewer (viewer.html)
+render      heatmap PNGs, and the colours the viewer shares with them
+viewer      the HTML viewer (viewer.html) with a dump packed inside, and the snapshots' slider
 evaluation  scoring a model on a whole split, in windows of a given length
 positions   the position encodings that are functions: sinusoidal, rotary, ALiBi's slopes
 generation  the KV cache, a generated step, and sampling the next token

@@ -136,7 +136,7 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     trace (attn is then its weights), goes into the npz and the viewer; cut, the tokens before the window;
     token_text, the tokenizer's token_strings, names the tokens the mechanism's panels predict.
     """
-    from glimpse import render  # matplotlib is imported only when pictures are drawn
+    from glimpse import render, viewer  # matplotlib is imported only when pictures are drawn
 
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(1) as pool:  # deflating the npz on the second core while the rest is computed
@@ -151,7 +151,7 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
         if pictures and pngs:
             render.write_layer_images(folder, attn, tokens, prompt_len)
         if pictures:
-            render.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance, mechanism,
+            viewer.write_viewer(folder / "index.html", attn, tokens, prompt_len, meta, heads, importance, mechanism,
                                 cut, token_text)
         npz.result()  # its error, if any, is this dump's
     return heads

@@ -155,7 +155,7 @@ class Run(Mechanism):
 
     def show(self, height: int = 760) -> Inline:
         """The viewer of this run, for a notebook's output cell (it is also a whole page: .html)."""
-        from glimpse.render import viewer_html  # matplotlib, which render imports, only once a picture is wanted
+        from glimpse.viewer import viewer_html  # matplotlib, which it imports, only once a picture is wanted
 
         page = viewer_html(self.weights, self.tokens, self.prompt_len(None), self.meta(), head_metrics(self.weights),
                            mechanism=self, cut=self.cut, token_text=self.text_of)

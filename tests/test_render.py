@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from glimpse.attention import head_metrics
-from glimpse.render import GENERATED_COLOR, layer_figure, token_label, viewer_html, write_layer_images, write_viewer
+from glimpse.render import GENERATED_COLOR, layer_figure, token_label, write_layer_images
+from glimpse.viewer import viewer_html, write_viewer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path(os.environ.get("GLIMPSE_CHROMIUM", "/usr/bin/chromium"))

@@ -23,7 +23,8 @@ import torch
 from glimpse.attention import head_metrics, write_dump
 from glimpse.mechanism import trace
 from glimpse.positions import alibi_slopes
-from glimpse.render import colormap_bytes, viewer_html, write_snapshot_index, write_viewer
+from glimpse.render import colormap_bytes
+from glimpse.viewer import viewer_html, write_snapshot_index, write_viewer
 from model import GPT, GPTConfig
 from tests.test_render import (  # noqa: F401
     ScriptCollector,

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glimpse.render import colormap_bytes, sqrt_bytes, write_viewer
+from glimpse.render import colormap_bytes
+from glimpse.viewer import sqrt_bytes, write_viewer
 from tests.test_render import browser, open_viewer, sample_tokens, state, synthetic_attention, wait_painted  # noqa: F401
 
 LAYERS, HEADS, T = 6, 8, 160  # 48 thumbnails; 4 canvas pixels per cell; thumbnails pooled 4 x 4
