@@ -61,12 +61,13 @@ from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
 from glimpse.config import option, parse_config
+from glimpse.distributed import Distributed
 from glimpse.errors import user_errors
 from glimpse.evaluation import windows
 from glimpse.generation import generate, sample_next
 from glimpse.mechanism import trace
 from glimpse.run import setup
-from glimpse.runtime import Distributed, resolve_device, runtime
+from glimpse.runtime import resolve_device, runtime
 from glimpse.timing import (
     interleaved_medians,
     median_seconds,

@@ -36,18 +36,13 @@ from data import hellaswag
 from glimpse.attention import dump_text
 from glimpse.checkpoint import best_path, checkpoint_path, save_checkpoint
 from glimpse.config import parse_config
+from glimpse.distributed import exit_when_done_under_torchrun, init_distributed
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
 from glimpse.run import Run, prepare_data, setup
-from glimpse.runtime import (
-    StopRequest,
-    exit_when_done_under_torchrun,
-    init_distributed,
-    synchronize,
-    to_device,
-)
+from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
 

@@ -4,7 +4,8 @@ config      typed dataclass configs from defaults, TOML files and --key=value fl
 errors      the one-line error a user sees instead of a traceback
 checkpoint  saving and loading ckpt.pt and best.pt, rebuilding a model, what a resume must match
 optim       AdamW, Muon beside AdamW, and the learning-rate schedule
-runtime     device, dtype, autocast, DDP process-group setup, and stopping on signals
+runtime     device, dtype, autocast, the GPU's peak, and stopping on signals
+distributed torchrun's processes: rank and world size, collectives, the process group, one error for all
 tracking    metrics.jsonl and wandb logging
 attention   attention dumps, head metrics and the induction probe
 mechanism   a text traced through the model: queries, keys, values, scores, what each head moved, logit attribution

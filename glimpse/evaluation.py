@@ -42,7 +42,7 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
                 batch_size: int, device, ctx, *, ddp=None) -> tuple[float, int]:
     """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
 
-    Under DDP (ddp, a runtime.Distributed) each process scores every world_size-th window and the
+    Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only.
     """
     step, scored_from = (length, 0) if mode == "windows" else (stride, length - stride)

@@ -32,10 +32,11 @@ from glimpse.checkpoint import (
     saved_rank_states,
 )
 from glimpse.config import config_values
+from glimpse.distributed import Distributed, machines
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, ramp
-from glimpse.runtime import Distributed, machines, peak_flops, runtime
+from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
     check_fsdp,
     clear_sharded_slot,

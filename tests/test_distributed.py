@@ -73,7 +73,7 @@ def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, sta
     script.write_text(textwrap.dedent(f"""
         import atexit, sys
         sys.path.insert(0, {str(REPO)!r})
-        from glimpse.runtime import exit_when_done_under_torchrun
+        from glimpse.distributed import exit_when_done_under_torchrun
         atexit.register(print, "teardown")
         with exit_when_done_under_torchrun():
             print("done")
@@ -98,7 +98,7 @@ def torchrun_script(tmp_path, body: str, nproc: int = 2):
         sys.path.insert(0, {repo!r})
         import torch.distributed as dist
         from glimpse.errors import GlimpseError, user_errors
-        from glimpse.runtime import exit_when_done_under_torchrun
+        from glimpse.distributed import exit_when_done_under_torchrun
         rank = int(os.environ["RANK"])
         with exit_when_done_under_torchrun(), user_errors():
         """).format(repo=str(REPO)) + textwrap.indent(textwrap.dedent(body), "    "))
@@ -160,7 +160,7 @@ def test_an_error_of_one_process_alone_is_still_printed(tmp_path):
 
 
 def test_shares_cover_every_item_once_and_in_lockstep_come_out_equal_in_number():
-    from glimpse.runtime import Distributed
+    from glimpse.distributed import Distributed
 
     shares = [Distributed(rank=r, world_size=3).share(range(7)) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]

@@ -23,11 +23,12 @@ else:
     import tomli as tomllib
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import config_values, parse_config
+from glimpse.distributed import Distributed, process_group_options
 from glimpse.errors import GlimpseError
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
 from glimpse.run import setup, training_shapes
-from glimpse.runtime import Distributed, allow_tf32, process_group_options, resolve_dtype
+from glimpse.runtime import allow_tf32, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
 from tests.test_train import read_metrics
