@@ -58,9 +58,26 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 
 
 def run_script(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a command from the repository root as a user would, capturing its output."""
+    """Run a command from the repository root as a user would, capturing its output.
+
+    A command still running after timeout seconds gets SIGTERM first, then SIGKILL if that did not end it:
+    torchrun stops its workers on SIGTERM, where SIGKILL (subprocess.run's way) would leave them running,
+    taking the cores the tests after it need.
+    """
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(list(args), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(list(args), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
