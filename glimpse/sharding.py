@@ -49,7 +49,11 @@ def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: 
     whole weights are held at a time besides the root's.
 
     With compile_options each block is first compiled in place (Module.compile, so its parameters keep their
-    names in every state dict); FSDP's own hooks around it are never traced (torch disables Dynamo for them)."""
+    names in every state dict); FSDP's own hooks around it are never traced (torch disables Dynamo for them).
+
+    The sharded model's first forward must not run under torch.inference_mode: FSDP2 would keep the weights it
+    gathers there as inference tensors, which every training step after refuses to update. train.py's first
+    is the step-0 eval, under no_grad; HellaSwag and the final eval, under inference_mode, come after."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
