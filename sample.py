@@ -39,11 +39,12 @@ from glimpse.ablation import (
     losses_per_head,
     parse_heads,
 )
-from glimpse.attention import dump_text, dump_window, induction_probe
+from glimpse.attention import dump_text, dump_window
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, read_utf8, user_errors
 from glimpse.generation import generate
+from glimpse.induction import induction_probe
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 

@@ -7,7 +7,8 @@ optim       AdamW, Muon beside AdamW, and the learning-rate schedule
 runtime     device, dtype, autocast, the GPU's peak, and stopping on signals
 distributed torchrun's processes: rank and world size, collectives, the process group, one error for all
 tracking    metrics.jsonl and wandb logging
-attention   attention dumps, head metrics and the induction probe
+attention   attention dumps and head metrics
+induction   the induction probe: which heads copy what followed an earlier occurrence
 mechanism   a text traced through the model: queries, keys, values, scores, what each head moved, logit attribution
 notebook    the Python API for notebooks: load a model, run a text, get the arrays, show the viewer inline
 ablation    removing heads, and ranking every head by what its removal costs

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from data.tokenizer import tokenizer_from_spec
 from glimpse.ablation import Ablation, parse_heads
-from glimpse.attention import head_metrics, induction_probe, write_dump
+from glimpse.attention import head_metrics, write_dump
 from glimpse.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_trained
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import PRETRAINED
+from glimpse.induction import induction_probe
 from glimpse.mechanism import Mechanism, trace
 from model import GPT
 
@@ -84,7 +85,7 @@ class Model:
         return Run(**vars(mechanism), model=self)
 
     def induction(self, n_tokens: int | None = None, seed: int = 0, ablation: str | None = "zero") -> dict:
-        """The induction probe sample.py --probe=induction runs (glimpse/attention.py's induction_probe)."""
+        """The induction probe sample.py --probe=induction runs (glimpse/induction.py)."""
         return induction_probe(self.gpt, n_tokens, seed=seed, ablation=ablation)
 
     @torch.no_grad()

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import numpy as np  # noqa: E402
 
 from data.prepare import PrepareConfig, prepare  # noqa: E402
-from glimpse.attention import induction_probe  # noqa: E402
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint  # noqa: E402
 from glimpse.config import build, option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
+from glimpse.induction import induction_probe  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@#"  # 64 symbols, one token each

@@ -18,8 +18,9 @@ import torch
 import eval as eval_script
 import sample as sample_script
 from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
-from glimpse.attention import induction_probe, load_dump
+from glimpse.attention import load_dump
 from glimpse.generation import generate
+from glimpse.induction import induction_probe
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
 from tests.conftest import python

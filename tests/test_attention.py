@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from glimpse.attention import (
-    head_metrics,
-    induction_probe,
-    induction_scores,
-    induction_verdict,
-    load_dump,
-    probe_tokens,
-)
+from glimpse.attention import head_metrics, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from glimpse.induction import induction_probe, induction_scores, induction_verdict, probe_tokens
 from tests.conftest import python
 from tests.wandb_records import logged_history
 
