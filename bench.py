@@ -119,8 +119,12 @@ class BenchConfig:
             raise ValueError("tokens, new_tokens, repeats and profile_steps must be at least 1, threads 0 or more")
         if self.profile and self.what != "train_step":
             raise ValueError("--profile profiles training steps: use it with --what=train_step")
-        if self.profile and Path(self.profile).exists() and not Path(self.profile).is_dir():
-            raise ValueError(f"--profile={self.profile} is a file: give a folder to write the profiles to")
+        if self.profile:  # refused now rather than after the timing, when the profiles are written
+            folder = Path(self.profile)
+            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            if not existing.is_dir():
+                where = "" if existing == folder else f" is inside {existing}, which"
+                raise ValueError(f"--profile={self.profile}{where} is a file: give a folder to write the profiles to")
         if not self.presets:
             raise ValueError("--preset names no preset: give one or more paths, comma-separated")
         missing = [p.split(":")[0] for p in self.presets if not Path(p.split(":")[0]).is_file()]

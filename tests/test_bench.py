@@ -158,6 +158,11 @@ def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
     assert into_file.returncode == 2 and into_file.stderr.strip() == (f"error: --profile={a_file} is a file: give a "
                                                                       "folder to write the profiles to")
     assert a_file.read_text() == before
+    inside_file = python("bench.py", "--what=train_step", f"--profile={a_file / 'profiles'}")
+    assert inside_file.returncode == 2 and inside_file.stderr.strip() == (
+        f"error: --profile={a_file / 'profiles'} is inside {a_file}, which is a file: give a folder to write the "
+        "profiles to")
+    assert a_file.read_text() == before
 
 
 def test_the_gpu_checks_refuse_a_machine_without_one_in_one_line(tmp_path):
