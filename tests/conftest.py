@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,24 +61,50 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
 def run_script(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a command from the repository root as a user would, capturing its output.
 
-    A command still running after timeout seconds gets SIGTERM first, then SIGKILL if that did not end it:
-    torchrun stops its workers on SIGTERM, where SIGKILL (subprocess.run's way) would leave them running,
-    taking the cores the tests after it need.
+    The command runs in a session of its own, which a timeout (or Ctrl-C) stops whole: SIGTERM to every
+    process in it, then SIGKILL to those left a minute later. Killing the command alone (subprocess.run's
+    way) would leave what it started running, taking the cores the tests after it need: a script's children,
+    those under `timeout` (a process group of their own), torchrun's workers (sessions of their own, which
+    torchrun stops on SIGTERM).
     """
     full_env = {**os.environ, **(env or {})}
     with subprocess.Popen(list(args), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
+                          text=True, start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        except BaseException:
+            stop_session(proc)
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_session(proc: subprocess.Popen):
+    """SIGTERM to every process of proc's session, and SIGKILL to those still there once proc has ended or a
+    minute has passed."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def session_members(sid: int) -> list[int]:
+    """The processes of session sid, from /proc (Linux); elsewhere, its leader alone."""
+    if not os.path.isdir("/proc"):
+        return [sid]
+    members = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.getsid(int(name)) == sid:
+                members.append(int(name))
+        except OSError:  # ended meanwhile
+            pass
+    return members
 
 
 def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
