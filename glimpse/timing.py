@@ -73,9 +73,8 @@ def profile_steps(fn, device: torch.device, steps: int, folder: Path, name: str)
     folder/name.trace.json (for chrome://tracing or Perfetto); return the time per step by kind of op.
 
     Self times do not overlap (on a GPU, only the kernels' rows are summed), so the kinds add up to the busy
-    time. The optimizer's step is given apart,
-    inclusive of the ops inside it (the Newton-Schulz products are matmuls too). On a GPU, busy well below the
-    wall time means the GPU waited for the host.
+    time. The optimizer's step is given apart, inclusive of the ops inside it (the Newton-Schulz products are
+    matmuls too). On a GPU, busy well below the wall time means the GPU waited for the host.
     """
     import re
 
@@ -93,15 +92,12 @@ def profile_steps(fn, device: torch.device, steps: int, folder: Path, name: str)
         wall = time.perf_counter() - t0
     rows = prof.key_averages()
     cpu_rows = [r for r in rows if r.device_type == DeviceType.CPU]
-    if on_gpu:  # the kernels' own rows: an aten op's row carries its kernels' time too, and annotations repeat it
-        timed, self_us = [r for r in rows if r.device_type != DeviceType.CPU and not r.is_user_annotation], \
-            (lambda r: r.self_device_time_total)
-    else:
-        timed, self_us = cpu_rows, (lambda r: r.self_cpu_time_total)
+    # on a GPU the kernels' own rows: an aten op's row carries its kernels' time too, and annotations repeat it
+    timed = [r for r in rows if r.device_type != DeviceType.CPU and not r.is_user_annotation] if on_gpu else cpu_rows
     kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
     for row in timed:
         kind = next((k for k, pattern in OP_KINDS.items() if re.search(pattern, row.key, re.IGNORECASE)), "other")
-        kinds[kind] += self_us(row)
+        kinds[kind] += row.self_device_time_total if on_gpu else row.self_cpu_time_total
     optimizer = sum(r.device_time_total if on_gpu else r.cpu_time_total for r in cpu_rows
                     if r.key.startswith("Optimizer.step"))  # the host's annotation, with the kernels it launched
     folder.mkdir(parents=True, exist_ok=True)
