@@ -276,8 +276,9 @@ def save(run: Run, best: bool = False):
 def final_eval(run: Run) -> dict:
     """Score the whole validation split in block_size windows, each process its share; log and return it."""
     val, block_size = run.data.tokens("val"), run.cfg.model.block_size
-    # no gradients to keep, so bigger batches than training's (up to 4,096 tokens) run faster
-    eval_batch = max(run.cfg.batch_size, 4096 // block_size)
+    # no gradients to keep, so eagerly bigger batches than training's (up to 4,096 tokens) run faster; a compiled
+    # model keeps the evals' batch, whose graph it has
+    eval_batch = run.cfg.batch_size if run.cfg.compile else max(run.cfg.batch_size, 4096 // block_size)
     with evaluating(run.model):
         loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
                                    run.device, run.ctx, ddp=run.eval_shares)

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.dataset import gather_windows
 from glimpse.errors import GlimpseError
@@ -37,11 +36,15 @@ def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[t
     return window[:, :-1], window[:, 1:]  # (N, L) each
 
 
-@torch.inference_mode()  # like no_grad, and less bookkeeping per op: nothing here is trained
+@torch.no_grad()  # not inference_mode: a compiled model would need a graph of its own for inference tensors
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
                 batch_size: int, device, ctx, *, ddp=None) -> tuple[float, int]:
     """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
 
+    Each batch goes through the model as the evals' batches do, inputs and targets of batch_size windows, the
+    model scoring the targets it is given: the last batch is filled up with windows whose targets are all
+    ignored, and the context-only targets of sliding windows are ignored, so that a compiled model scores the
+    whole split on the graph its evals made (at the same batch size), with no shape of its own to compile.
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only.
     """
@@ -52,17 +55,20 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
         starts = ddp.share(starts)  # this process's share (in lockstep, padded with None)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)
     for i in range(0, len(starts), batch_size):
-        batch = np.array([s for s in starts[i:i + batch_size] if s is not None], dtype=np.int64)
-        if not len(batch):
-            idle_forward(model, device, ctx)
-            continue
-        window = torch.from_numpy(gather_windows(tokens, batch, length + 1)).to(device)  # (b, L + 1)
+        batch = [s for s in starts[i:i + batch_size] if s is not None]
+        n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
+        batch += [0] * (batch_size - n)  # any window does: its targets are ignored
+        window = torch.from_numpy(gather_windows(tokens, np.array(batch, dtype=np.int64), length + 1))
+        x = window[:, :-1].contiguous().to(device)  # (B, L)
+        # a copy of its own: for one window, contiguous() would give a view into x's memory, and -1 written there
+        y = window[:, 1:].clone(memory_format=torch.contiguous_format).to(device)  # (B, L)
+        y[:, :scored_from] = -1  # context only (sliding windows)
+        y[n:] = -1  # the filling
         with ctx:
-            logits, _ = model(window[:, :-1])  # (b, L, V)
-        losses = F.cross_entropy(logits[:, scored_from:].float().transpose(1, 2), window[:, scored_from + 1:],
-                                 reduction="sum")
-        sums[0] += losses.double()
-        sums[1] += window.size(0) * per_window
+            _, loss = model(x, y)  # the mean over the targets not ignored
+        if n:
+            sums[0] += loss.double() * (n * per_window)
+            sums[1] += n * per_window
     if ddp is not None:
         sums = ddp.sum(sums)
     total, count = sums.tolist()

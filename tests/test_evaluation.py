@@ -24,12 +24,14 @@ def loss_by_hand(model, tokens: np.ndarray, length: int, step: int, scored: int,
     return sum(losses) / len(losses), len(losses)
 
 
-@pytest.mark.parametrize("mode, stride, max_tokens", [("windows", 12, 100), ("sliding", 4, 100), ("sliding", 7, 100),
-                                                     ("sliding", 4, 30)])
-def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens):
+@pytest.mark.parametrize("mode, stride, max_tokens, batch_size", [
+    ("windows", 12, 100, 3), ("sliding", 4, 100, 3), ("sliding", 7, 100, 3), ("sliding", 4, 30, 3),
+    ("sliding", 4, 100, 1), ("windows", 12, 100, 1)])
+def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, batch_size):
     """windows scores every token of non-overlapping windows; sliding moves by stride and scores only the
     last stride tokens of each window. Catches sliding mode scoring whole windows (which counts the same
-    tokens several times, most of them with little context)."""
+    tokens several times, most of them with little context), and the filling of a last batch (every case
+    has a window count that batches of 3 do not divide) being scored."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 20, 100).astype(np.uint16)
@@ -37,6 +39,7 @@ def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens):
     step, scored = (length, length) if mode == "windows" else (stride, stride)
     with torch.no_grad():
         expected, expected_count = loss_by_hand(model, tokens, length, step, scored, max_tokens)
-    loss, count = length_loss(model, tokens, length, mode, stride, max_tokens, 3, "cpu", contextlib.nullcontext())
+    loss, count = length_loss(model, tokens, length, mode, stride, max_tokens, batch_size, "cpu",
+                              contextlib.nullcontext())
     assert count == expected_count
     assert loss == pytest.approx(expected, rel=1e-5)

@@ -25,6 +25,7 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.distributed import Distributed, process_group_options
 from glimpse.errors import GlimpseError
+from glimpse.evaluation import window_starts
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
 from glimpse.run import setup, training_shapes
@@ -384,11 +385,12 @@ def test_the_last_step_is_evaluated_and_drawn_off_the_schedule(tmp_path, data_di
 def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_first_step(tmp_path, data_dir):
     """Dynamo would turn B and T symbolic once they change (the ramps), leaving full-size steps on a graph for
     any size; and a compile inside the first step would count against max_time. aot_eager traces the same
-    graphs as inductor, in seconds."""
+    graphs as inductor, in seconds. The final whole-split score runs on the evals' graph: its last batch is
+    filled up to their shape."""
     from torch._dynamo.utils import counters
 
     cfg = tiny_config(data_dir, tmp_path / "out", compile=True, compile_backend="aot_eager", batch_warmup_iters=3,
-                      seq_warmup_iters=6, max_iters=12, eval_interval=6, final_eval=False, attn_log_interval=0,
+                      seq_warmup_iters=6, max_iters=12, eval_interval=6, final_eval=True, attn_log_interval=0,
                       dropout=0.1)
     shapes = training_shapes(cfg)
     assert shapes[0] == (4, 8) and shapes[-1] == (16, 32) and len(shapes) == 7
@@ -402,9 +404,11 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
     assert torch.equal(torch.get_rng_state(), rng)  # the same dropout masks to come as without compiling
     assert all(p.grad is None for p in run.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), plain.model.parameters()))
-    loop(run)
+    result = loop(run)
     run.tracker.close()
     assert counters["stats"]["unique_graphs"] == len(shapes) + 1  # and the evals' one, no step compiled again
+    windows = len(window_starts(len(run.data.tokens("val")), 32, 32, 10**9))  # the last batch was filled up
+    assert windows % cfg.batch_size and result["final_val_tokens"] == windows * 32
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="compile_backend must be one of torch.compile's backends"):
         replace(cfg, compile_backend="inductr")
