@@ -53,7 +53,7 @@ def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: 
 
     The sharded model's first forward must not run under torch.inference_mode: FSDP2 would keep the weights it
     gathers there as inference tensors, which every training step after refuses to update. train.py's first
-    is the step-0 eval, under no_grad; HellaSwag and the final eval, under inference_mode, come after."""
+    is the step-0 eval, under no_grad; HellaSwag, under inference_mode, comes after."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
