@@ -97,7 +97,7 @@ def split_estimate(model, data, split: str, cfg, device, ctx, ddp) -> float:
     total = torch.zeros((), device=device)
     for i in ddp.share(range(cfg.eval_iters)):
         if i is None:
-            idle_forward(model, device, ctx)
+            idle_forward(model, device, ctx, (cfg.batch_size, cfg.model.block_size))
             continue
         x, y = data.batch(split, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.model.block_size)
         with ctx:
@@ -106,11 +106,13 @@ def split_estimate(model, data, split: str, cfg, device, ctx, ddp) -> float:
     return (ddp.sum(total) / cfg.eval_iters).item()
 
 
-def idle_forward(model, device, ctx):
-    """A forward over one token whose result is thrown away: how a process in lockstep (Distributed.share) whose
-    share has run out, or whose item is skipped, joins the collectives of the others' forwards."""
+def idle_forward(model, device, ctx, shape: tuple[int, int] = (1, 1)):
+    """A forward whose result is thrown away: how a process in lockstep (Distributed.share) whose share has run
+    out, or whose item is skipped, joins the collectives of the others' forwards. Inputs and targets (all
+    ignored) of the shape the others score, as they pass them, so that a compiled model runs a graph it has."""
+    x = torch.zeros(shape, dtype=torch.long, device=device)
     with ctx:
-        model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        model(x, torch.full_like(x, -1))
 
 
 @contextmanager

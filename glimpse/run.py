@@ -280,9 +280,8 @@ def compile_static(model: GPT, cfg: TrainConfig) -> torch.nn.Module:
 
 def compile_options(cfg: TrainConfig) -> dict:
     """torch.compile's options for a run: static shapes, its backend; and a cache big enough for every shape."""
-    # the steps', the evals' (training's batch, the final whole-split score's too), two to spare, and under fsdp
-    # the one-token forward of a process whose eval share ran out (evaluation.idle_forward)
-    needed = len(training_shapes(cfg)) + 3 + cfg.fsdp
+    # the steps', the evals' (training's batch, the final whole-split score's too), and two to spare
+    needed = len(training_shapes(cfg)) + 3
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
     return {"dynamic": False, "backend": cfg.compile_backend}
 

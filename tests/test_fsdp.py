@@ -2,6 +2,7 @@
 its checkpoints resume exactly and on another process count, and what reads a trained model reads them."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -113,6 +114,9 @@ def test_blocks_compiled_under_fsdp_train_as_the_eager_run_does(runs, tmp_path, 
     graphs = compiled.stderr.split("TRACED GRAPH")[1:]
     assert graphs and all("c_attn" in g or "attn" in g for g in graphs)  # the blocks' graphs
     assert not any("wte" in g or "lm_head" in g for g in graphs)  # and no other: the root runs eagerly
+    # every graph at the steps' and evals' one shape (B, T, C): the process whose share of the 3 eval batches ran
+    # out joins the other's forward with a batch of that shape, not a graph of its own
+    assert set(re.findall(r'L_x_: "f32\[([\d, ]+)\]', compiled.stderr)) == {"4, 16, 32"}
     assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
     weights = load_checkpoint(tmp_path / "ckpt.pt")["model"]
     assert weights.keys() == load_checkpoint(runs["fsdp"] / "ckpt.pt")["model"].keys()
