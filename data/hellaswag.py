@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data.prepare import download
 from glimpse.errors import GlimpseError, read_utf8
 from glimpse.evaluation import evaluating, idle_forward
+from glimpse.runtime import sum_dtype
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -107,7 +108,7 @@ def evaluate(model, examples: list[Example], tokenizer, block_size: int, device,
     """acc, acc_norm and the examples scored; under DDP each process scores every world_size-th example
     and the counts are added up."""
     mine = examples if ddp is None else ddp.share(examples)  # in lockstep, padded with None
-    counts = torch.zeros(4, dtype=torch.float64, device=device)  # (correct, correct_norm, scored, skipped)
+    counts = torch.zeros(4, dtype=sum_dtype(device), device=device)  # (correct, correct_norm, scored, skipped)
     with evaluating(model):
         for example in tqdm(mine, desc="hellaswag", unit="example", disable=not show_progress or None, leave=False):
             built = None if example is None else rows(example, tokenizer, block_size)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from glimpse.config import option
 from glimpse.errors import GlimpseError
 from glimpse.positions import rotary_table
+from glimpse.runtime import sum_dtype
 
 AblationKind = Literal["zero", "mean"]
 ABLATIONS = get_args(AblationKind)
@@ -97,11 +98,12 @@ class HeadMeans:
     """Changes nothing; sums each head's context vectors over every position of every row it sees."""
 
     def __init__(self, n_layer: int, n_head: int, head_dim: int, device=None):
-        self.sums = torch.zeros(n_layer, n_head, head_dim, dtype=torch.float64, device=device)
-        self.positions = torch.zeros(n_layer, dtype=torch.float64, device=device)
+        dtype = sum_dtype(device or "cpu")
+        self.sums = torch.zeros(n_layer, n_head, head_dim, dtype=dtype, device=device)
+        self.positions = torch.zeros(n_layer, dtype=dtype, device=device)
 
     def edit(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        self.sums[layer] += y.double().sum(dim=(0, 2))  # (nh, hs)
+        self.sums[layer] += y.to(self.sums.dtype).sum(dim=(0, 2))  # (nh, hs)
         self.positions[layer] += y.size(0) * y.size(2)
         return y
 
@@ -123,11 +125,12 @@ def head_means(model, inputs: torch.Tensor, batch_rows: int, ctx) -> torch.Tenso
 @torch.inference_mode()
 def mean_loss(model, inputs: torch.Tensor, targets: torch.Tensor, heads, ctx, batch_rows: int) -> float:
     """Mean loss over every target of the windows (N, T), with heads (a HeadEdit, or None) in place."""
-    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    total = torch.zeros((), dtype=sum_dtype(inputs.device), device=inputs.device)
     for i in range(0, len(inputs), batch_rows):
         with ctx:
             logits, _ = model(inputs[i:i + batch_rows], heads=heads)  # (b, T, V)
-        total += F.cross_entropy(logits.float().transpose(1, 2), targets[i:i + batch_rows], reduction="sum").double()
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[i:i + batch_rows], reduction="sum")
+        total += losses.to(total.dtype)
     return total.item() / targets.numel()
 
 
@@ -149,10 +152,10 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
 
     def loss_sum(logits, y):  # (R, T, V), (R, T) -> (R,) summed over the scored positions
         losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (R, T)
-        return losses[:, scored].double().sum(dim=1)
+        return losses[:, scored].to(intact.dtype).sum(dim=1)
 
-    intact = torch.zeros((), dtype=torch.float64, device=inputs.device)
-    without = torch.zeros(c.n_layer, c.n_head, dtype=torch.float64, device=inputs.device)
+    intact = torch.zeros((), dtype=sum_dtype(inputs.device), device=inputs.device)
+    without = torch.zeros(c.n_layer, c.n_head, dtype=intact.dtype, device=inputs.device)
     heads = torch.arange(c.n_head, device=inputs.device)
     per_layer = []  # per_layer[l] (H, L, H): copy h keeps every head but head h of layer l
     for layer in range(c.n_layer):

@@ -17,6 +17,7 @@ import torch
 
 from data.dataset import gather_windows
 from glimpse.errors import GlimpseError
+from glimpse.runtime import sum_dtype
 
 MODES = ("windows", "sliding")
 
@@ -53,7 +54,7 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     starts = window_starts(len(tokens), length, step, math.ceil(max_tokens / per_window))
     if ddp is not None:
         starts = ddp.share(starts)  # this process's share (in lockstep, padded with None)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens scored)
+    sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
     for i in range(0, len(starts), batch_size):
         batch = [s for s in starts[i:i + batch_size] if s is not None]
         n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
@@ -67,7 +68,7 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
         with ctx:
             _, loss = model(x, y)  # the mean over the targets not ignored
         if n:
-            sums[0] += loss.double() * (n * per_window)
+            sums[0] += loss.to(sums.dtype) * (n * per_window)
             sums[1] += n * per_window
     if ddp is not None:
         sums = ddp.sum(sums)

@@ -119,6 +119,12 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+def sum_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype that many losses or counts are added up in on device: float64, but float32 on MPS, which has
+    no float64 (creating a float64 tensor there fails)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Mixed precision for the forward pass; float32 runs as it is."""
     if dtype == torch.float32:

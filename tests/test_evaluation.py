@@ -1,13 +1,21 @@
-"""Scoring a model over a whole split: length_loss against a plain loop over windows."""
+"""Scoring a model over a whole split: length_loss against a plain loop over windows; and the sums that
+evaluation, HellaSwag and head removal add up on the model's device, in a type MPS has."""
 
 import contextlib
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+from data import hellaswag
+from data.tokenizer import CharTokenizer
+from glimpse import ablation, evaluation
 from glimpse.evaluation import length_loss
+from glimpse.runtime import sum_dtype
 from model import GPT, GPTConfig
+from tests.test_hellaswag import fixed_logits_model
 
 
 def loss_by_hand(model, tokens: np.ndarray, length: int, step: int, scored: int, max_tokens: int):
@@ -43,3 +51,39 @@ def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, 
                               contextlib.nullcontext())
     assert count == expected_count
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+class DtypesMade(TorchDispatchMode):
+    """Records the dtype of every tensor that an op makes while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.dtypes.update(t.dtype for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def test_on_mps_the_sums_ask_for_no_float64(monkeypatch):
+    """MPS has no float64 (making a float64 tensor there fails): with sum_dtype's answer for MPS, scoring a
+    split, HellaSwag and removing heads make no float64 tensor at all; elsewhere the sums stay in float64."""
+    assert sum_dtype("mps") == sum_dtype(torch.device("mps")) == torch.float32
+    assert sum_dtype("cpu") == sum_dtype(torch.device("cuda", 1)) == torch.float64
+    for module in (evaluation, ablation, hellaswag):
+        monkeypatch.setattr(module, "sum_dtype", lambda device: sum_dtype("mps"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 20, 100).astype(np.uint16)
+    x, y = torch.randint(20, (3, 12)), torch.randint(20, (3, 12))
+    tokenizer = CharTokenizer(" abcd")
+    examples = [hellaswag.Example("ab", ["a", "b", "c", "d"], 3)]
+    chars_model = fixed_logits_model(tokenizer.chars)
+    with DtypesMade() as made:
+        length_loss(model, tokens, 12, "sliding", 4, 100, 3, "cpu", contextlib.nullcontext())
+        ablation.mean_loss(model, x, y, None, contextlib.nullcontext(), 2)
+        ablation.losses_per_head(model, x, y, torch.arange(12) >= 4, None, contextlib.nullcontext())
+        ablation.head_means(model, x, 2, contextlib.nullcontext())
+        hellaswag.evaluate(chars_model, examples, tokenizer, 8, "cpu", contextlib.nullcontext(), show_progress=False)
+    assert torch.float32 in made.dtypes and torch.float64 not in made.dtypes
