@@ -160,10 +160,12 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
 
 
 def rank_rng_state(device: torch.device) -> dict:
-    """This process's own random streams (dropout masks): torch's, and its GPU's."""
+    """This process's own random streams (dropout masks): torch's, and its GPU's (CUDA or MPS)."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -173,6 +175,8 @@ def restore_rank_rng(state: dict, device: torch.device):
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 def saved_rank_states(rng: dict) -> list[dict]:
