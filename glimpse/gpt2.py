@@ -124,7 +124,9 @@ def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
             for name in f.keys():
                 ours = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
                 if ours in expected:  # not the causal masks that older uploads hold as attn.bias
-                    tensor = f.get_tensor(name)
+                    # float32 whatever the file holds: training runs autocast over float32 weights (a float16
+                    # gradient cannot be unscaled), and the mechanism's trace feeds float32 back into the model
+                    tensor = f.get_tensor(name).float()
                     # a transposed view, not a copy: matmuls read either layout at the same speed
                     state[ours] = tensor.t() if ours.endswith(CONV1D) else tensor
     except (SafetensorError, OSError) as e:

@@ -94,6 +94,19 @@ def test_untied_head_imports(tmp_path):
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_folder_saved_in_half_precision_loads_in_float32(tmp_path, dtype):
+    """Weights saved in 16 bits are read as float32, as glimpse's training (a float16 gradient cannot be unscaled)
+    and the mechanism's trace need; the values are the file's own."""
+    hf = reference(seed=4).to(dtype)
+    hf.save_pretrained(tmp_path / "half")
+    model = load_pretrained(str(tmp_path / "half"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.arange(40)[None] * 11
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], hf.float()(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_dumped_attention_equals_transformers_output_attentions(hf_folder, tmp_path, gpt2_ranks):
     hf, folder = hf_folder
     model = load_pretrained(str(folder))
