@@ -106,9 +106,18 @@ class Distributed:
 
 def process_group_options(device_name: str, local_rank: int, cuda_available: bool) -> dict:
     """init_process_group's arguments: NCCL bound to this process's GPU from the start, else gloo."""
+    if device_name == "mps":
+        raise GlimpseError("device=mps cannot run under torchrun: its processes talk through gloo, which holds CPU "
+                           "and CUDA tensors only; use --device=cpu, or train on MPS in one process without torchrun")
     if device_name == "cuda" or (device_name == "auto" and cuda_available):
         return {"backend": "nccl", "device_id": torch.device("cuda", local_rank)}
     return {"backend": "gloo"}
+
+
+def run_device(device_name: str, ddp: Distributed) -> str:
+    """The --device a process runs on: as given, but auto under torchrun is the process group's own device (its
+    GPU under NCCL, else the CPU), never MPS, whose tensors gloo cannot hold."""
+    return ddp.device.split(":")[0] if ddp.enabled and device_name == "auto" else device_name
 
 
 def launched_by_torchrun() -> bool:

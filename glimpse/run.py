@@ -32,7 +32,7 @@ from glimpse.checkpoint import (
     saved_rank_states,
 )
 from glimpse.config import config_values
-from glimpse.distributed import Distributed, machines
+from glimpse.distributed import Distributed, machines, run_device
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr, ramp
@@ -197,7 +197,7 @@ class Run:
 def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     """Everything a run needs before its first step: device, data, model, optimizer, tracker, and the
     checkpoint's state when resuming."""
-    device, dtype, ctx = runtime(cfg.device, cfg.dtype, ddp.local_rank)
+    device, dtype, ctx = runtime(run_device(cfg.device, ddp), cfg.dtype, ddp.local_rank)
     if cfg.gradient_accumulation_steps % ddp.world_size:
         raise GlimpseError(
             f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
@@ -293,7 +293,7 @@ def compile_ahead(run: Run):
     One forward and backward per shape on a batch of zeros, in training mode under the run's autocast; the
     random streams are put back and the gradients dropped, so the run goes on as if this had not happened.
     """
-    devices = [run.device] if run.device.type == "cuda" else []
+    devices = [run.device] if run.device.type in ("cuda", "mps") else []  # the GPU's own stream (dropout) too
     with torch.random.fork_rng(devices=devices, device_type=run.device.type if devices else None):
         for batch_size, seq_len in training_shapes(run.cfg, run.iter_num):
             # inputs and targets apart, as batches have them: Dynamo's guards tell one tensor passed twice apart

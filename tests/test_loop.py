@@ -23,7 +23,7 @@ else:
     import tomli as tomllib
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.config import config_values, parse_config
-from glimpse.distributed import Distributed, process_group_options
+from glimpse.distributed import Distributed, process_group_options, run_device
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import window_starts
 from glimpse.optim import get_lr, ramp
@@ -352,6 +352,16 @@ def test_nccl_binds_each_process_to_its_gpu_from_the_start():
     assert process_group_options("auto", 1, cuda_available=True)["device_id"] == torch.device("cuda", 1)
     assert process_group_options("auto", 1, cuda_available=False) == {"backend": "gloo"}
     assert process_group_options("cpu", 0, cuda_available=True) == {"backend": "gloo"}
+
+
+def test_under_torchrun_auto_is_the_groups_device_and_mps_is_refused():
+    """gloo holds CPU and CUDA tensors only: on a Mac, auto would pick MPS for every process's collectives."""
+    assert run_device("auto", Distributed(0, 0, 2, "cpu")) == "cpu"
+    assert run_device("auto", Distributed(1, 1, 2, "cuda:1")) == "cuda"
+    assert run_device("auto", Distributed()) == "auto"  # one process: CUDA, then MPS, then the CPU
+    assert run_device("mps", Distributed()) == "mps" and run_device("cpu", Distributed(0, 0, 2, "cpu")) == "cpu"
+    with pytest.raises(GlimpseError, match="device=mps cannot run under torchrun.*--device=cpu"):
+        process_group_options("mps", 0, cuda_available=False)
 
 
 def test_a_config_is_one_source_for_the_models_options():
