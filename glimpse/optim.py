@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.optim._muon as muon_module
 
-from glimpse.runtime import cpu_computes_bfloat16
+from glimpse.runtime import computes_bfloat16
 from model import GPT
 
 
@@ -92,8 +92,9 @@ def configure_optimizer(model: GPT, cfg: OptimizerSettings,
         row_blocks = {}
         if cfg.muon_split_qkv:
             row_blocks = {id(block.attn.c_attn.weight): 3 for block in model.transformer.h}  # queries, keys, values
-        # torch orthogonalises in bfloat16, which a CPU without bfloat16 instructions runs tens of times slower
-        float32_ns = device.type == "cpu" and not cpu_computes_bfloat16()
+        # torch orthogonalises in bfloat16, which a CPU without bfloat16 instructions runs tens of times slower,
+        # and a GPU before Ampere (V100, T4) only by emulating it
+        float32_ns = not computes_bfloat16(device)
         muon = Muon([{"params": hidden, "muon": True}], row_blocks, float32_ns, lr=cfg.muon_lr,
                     momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)
         optimizer = MuonWithAdamW(muon, optimizer)

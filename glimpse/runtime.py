@@ -62,11 +62,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        if device.type == "cpu" and cpu_computes_bfloat16():
+            return torch.bfloat16 if computes_bfloat16(device) else torch.float16
+        if device.type == "cpu" and computes_bfloat16(device):
             return torch.bfloat16
         return torch.float32
     return DTYPES[name]
+
+
+def computes_bfloat16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 natively rather than by emulating it: CUDA GPUs from Ampere on, CPUs
+    with bfloat16 instructions; MPS is taken at its word."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_computes_bfloat16() if device.type == "cpu" else True
 
 
 @functools.cache

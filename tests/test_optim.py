@@ -101,14 +101,19 @@ def test_split_qkv_with_its_own_decay_resumes_exactly(tmp_path, data_dir):
 
 
 
-def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32():
+def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32(monkeypatch):
     """torch's Muon runs its Newton-Schulz iteration in bfloat16, tens of times slower than float32 on a CPU
-    without bfloat16 instructions: there glimpse runs the same iteration in float32."""
+    without bfloat16 instructions, and emulated on GPUs before Ampere: there glimpse runs the same iteration in
+    float32 (no GPU here: torch's answer on a V100 or T4 is stood in for)."""
     cfg = train_config(**SHAPE)
     torch.manual_seed(0)
     model = GPT(cfg.model_config(vocab_size=20))
     optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
     assert optimizer.muon.float32_ns == (not cpu_computes_bfloat16())
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: including_emulation or native)
+        assert configure_optimizer(model, cfg, torch.device("cuda")).muon.float32_ns == (not native)
     optimizer.muon.float32_ns = True
     g = torch.randn(48, 16)
     ours = newton_schulz_float32(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
