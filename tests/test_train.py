@@ -104,6 +104,16 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-7), (a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_compiled_by_inductor_on_cuda_trains_as_the_eager_run(tmp_path, data_dir):
+    """float32 on CUDA turns TF32 on through torch's fp32_precision settings, after which torch's older getters
+    raise; Inductor read them in torch 2.10 and earlier, so a compiled float32 run is checked on a GPU."""
+    run = dict(device="cuda", dtype="float32", max_iters=20, eval_interval=10, attn_log_interval=0)
+    eager = train(tiny_config(data_dir, tmp_path / "eager", **run))
+    compiled = train(tiny_config(data_dir, tmp_path / "compiled", compile=True, **run))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
     assert get_lr(0, cfg) == pytest.approx(1 / 11)
