@@ -59,10 +59,12 @@ say "$(date -u +%FT%TZ) | $(nvidia-smi -L 2>/dev/null | head -1) | $gpus GPU(s) 
 
 speedrun=config/shakespeare_char_gpu_speedrun.toml
 for i in 1 2 3; do
-    curve=()
+    curve=() logs=()
+    [ "$i" = 1 ] && logs=(env TORCH_LOGS=recompiles)  # each graph compiled after the first, and why
     [ "$i" = 3 ] && curve=(--eval_interval=50 --eval_iters=20)
-    run "speedrun_$i" 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_$i" "${curve[@]}"
+    run "speedrun_$i" 60 "${logs[@]}" $py train.py $speedrun --out_dir="$out/runs/speedrun_$i" "${curve[@]}"
 done
+say "speedrun_1: graphs compiled after the first: $(grep -ac 'Recompiling function' "$out/logs/speedrun_1.log") (the evals' is one)"
 run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/runs/recipe" --max_iters=2000 \
     --attn_log_interval=0
 
