@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import shlex
 import sys
@@ -147,6 +148,8 @@ def read_toml(cls, path: str) -> dict[str, Any]:
         raise GlimpseError(f"config file {path!r} not found; {hint}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GlimpseError(f"config file {path!r} is not valid TOML: {e}") from None
+    except OSError as e:  # a folder, a file it may not read
+        raise GlimpseError(f"config file {path!r} cannot be read: {e.strerror}") from None
     for key, value in data.items():
         _key(cls, key, where=f" in {path}")
         data[key] = check_value(cls, key, value, where=f" in {path}")
@@ -168,10 +171,13 @@ def parse_value(cls, key: str, raw: str) -> Any:
         raise GlimpseError(f"--{key} takes true or false (or 1 / 0), got {raw!r}")
     if base in (int, float):
         try:
-            return base(raw)
+            value = base(raw)
         except ValueError:
-            kind = "an integer" if base is int else "a number"
-            raise GlimpseError(f"--{key} takes {kind}, got {raw!r}") from None
+            value = None
+        if value is None or not math.isfinite(value):  # nan and inf parse as floats but mean no setting
+            kind = "an integer" if base is int else "a finite number"
+            raise GlimpseError(f"--{key} takes {kind}, got {raw!r}")
+        return value
     return check_value(cls, key, raw, where="")
 
 
@@ -188,6 +194,8 @@ def check_value(cls, key: str, value: Any, where: str) -> Any:
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):  # TOML writes nan and inf too
+        raise GlimpseError(f"{key}{where} must be a finite number, got {value!r}")
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise GlimpseError(f"{key}{where} must be {_type_name(typ)}, got {value!r}")
     return value

@@ -65,7 +65,10 @@ def test_types_are_parsed_by_field():
     [
         (["--n_layr=3"], "unknown config key 'n_layr'; did you mean n_layer?"),
         (["--max_iters=ten"], "--max_iters takes an integer, got 'ten'"),
-        (["--learning_rate=fast"], "--learning_rate takes a number"),
+        (["--learning_rate=fast"], "--learning_rate takes a finite number"),
+        (["--learning_rate=nan"], "--learning_rate takes a finite number, got 'nan'"),
+        (["--max_time=inf"], "--max_time takes a finite number, got 'inf'"),
+        (["--grad_clip=1e400"], "--grad_clip takes a finite number"),
         (["--compile=maybe"], "--compile takes true or false"),
         (["--device=tpu"], "device must be one of auto, cpu, cuda, mps"),
         (["--n_layer"], "--n_layer needs a value"),
@@ -95,6 +98,14 @@ def test_bad_toml_files(tmp_path):
     wrong_type.write_text('n_layer = "six"\n')
     with pytest.raises(GlimpseError, match="n_layer in .*wrong.toml must be integer"):
         parse([str(wrong_type)])
+    not_finite = tmp_path / "nan.toml"
+    not_finite.write_text("min_lr = nan\n")
+    with pytest.raises(GlimpseError, match="min_lr in .*nan.toml must be a finite number, got nan"):
+        parse([str(not_finite)])
+    folder = tmp_path / "folder.toml"
+    folder.mkdir()
+    with pytest.raises(GlimpseError, match="folder.toml' cannot be read"):
+        parse([str(folder)])
 
 
 def test_a_mistyped_config_path_names_the_nearest_file(tmp_path):
