@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import json
 import math
+import re
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -284,6 +285,57 @@ def test_the_steps_panel_shows_the_mechanisms_numbers_in_chromium(tmp_path, brow
     page.check("#steps-all")  # every key, the masked ones greyed
     page.wait_for_function(f"window.glimpseViewer.steps().listed.length === {T}", timeout=10_000)
     assert page.locator("#steps-table tr.masked").count() == T - 1 - i
+    assert errors == []
+    page.close()
+
+
+def steps_table(page) -> list[dict]:
+    """#steps-table's rows as shown: {"key": j or None, "cells": {column: text}, "text": the row's text}."""
+    return page.evaluate("""() => {
+        const rows = Array.from(document.querySelectorAll('#steps-table tr'));
+        const head = Array.from(rows[0].children, (th) => th.textContent);
+        return rows.slice(1).map((tr) => ({
+            key: tr.dataset.key === undefined ? null : +tr.dataset.key,
+            masked: tr.classList.contains('masked'),
+            cells: tr.dataset.key === undefined ? {} : Object.fromEntries(
+                Array.from(tr.children, (td, n) => [head[n], td.textContent])),
+            text: tr.textContent,
+        }));
+    }""")
+
+
+def page_number(text: str) -> float:
+    """A number as the panels write it (a true minus sign) back to a float."""
+    return float(text.replace("−", "-").replace("≈", ""))
+
+
+@pytest.mark.parametrize("query", [25, 39])  # keys before the first masked one skipped; the last query, none masked
+def test_every_skipped_key_of_a_long_row_is_summed_up_in_chromium(tmp_path, browser, query):  # noqa: F811
+    traced = traced_model(n_tokens=40, block_size=40, seed=0)
+    mechanism = traced[0]
+    layer, head = 1, 0
+    weights = mechanism.weights[layer, head, query, : query + 1]
+    listed = set(np.argsort(-weights)[:8].tolist()) | {int(mechanism.head_out_norm[layer, head, query].argmax())}
+    assert weights[max(listed) + 1:].sum() > 0.1  # the keys after the last one listed weigh enough to be missed
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    pin(page, layer, head, query)
+    rows = steps_table(page)
+    shown = [row for row in rows if row["key"] is not None and not row["masked"]]
+    assert {row["key"] for row in shown} == listed
+    summaries = [row["text"] for row in rows if row["key"] is None and "masked" not in row["text"]]
+    sums = [page_number(re.search(r"(?:sum to|weight) (\S+)$", text).group(1)) for text in summaries]
+    total = sum(page_number(row["cells"]["weight"]) for row in shown) + sum(sums)
+    assert total == pytest.approx(1.0, abs=0.0005 * (len(shown) + len(sums)))  # each rounded to 3 digits
+    # the summary rows name every key left out, once, in order with the listed ones
+    named = []
+    for row in rows:
+        if row["key"] is not None and not row["masked"]:
+            named.append(row["key"])
+        elif span := re.search(r"keys? #(\d+)(?:–#(\d+))?:", row["text"]):
+            named += list(range(int(span.group(1)), int(span.group(2) or span.group(1)) + 1))
+    assert named == list(range(query + 1))
+    if query + 1 < mechanism.shape[2]:  # the first masked key still follows them
+        assert rows[-2]["key"] == query + 1 and rows[-2]["masked"]
     assert errors == []
     page.close()
 
