@@ -209,6 +209,8 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
         "mechanism": {
             "attn_score": str(config.get("attn_score", "scaled_dot")),
             "pos_encoding": str(config.get("pos_encoding", "learned")),
+            # the logit the attribution splits is the one before this cap: the page shows both
+            "logit_softcap": float(config.get("logit_softcap") or 0.0),
             "head_dim": int(mechanism.q.shape[-1]),
             "bits": 16 if fits else 32,
             "layers": layers,

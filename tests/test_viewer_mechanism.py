@@ -39,9 +39,8 @@ from tests.test_render import (  # noqa: F401
 WORDS = "abcdefghijklmnopqrst"  # a made-up character vocabulary: token id i is WORDS[i]
 
 
-def traced_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **config):
-    """(mechanism, meta, token_text) of a random 2-layer model over n_tokens random tokens; the window
-    keeps the last block_size of them, so that cut = n_tokens - block_size."""
+def sharp_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **config) -> tuple[GPT, list[int]]:
+    """A random 2-layer model whose heads attend sharply, and n_tokens random token ids."""
     torch.manual_seed(seed)
     model_config = GPTConfig(block_size=block_size, vocab_size=len(WORDS), n_layer=2, n_head=2, n_embd=16, **config)
     model = GPT(model_config)
@@ -51,9 +50,15 @@ def traced_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **conf
         for name, parameter in model.named_parameters():  # biases that count in the logit's attribution
             if name.endswith("bias"):
                 parameter.normal_(0.0, 0.1)
-    ids = np.random.default_rng(seed).integers(0, len(WORDS), n_tokens).tolist()
+    return model, np.random.default_rng(seed).integers(0, len(WORDS), n_tokens).tolist()
+
+
+def traced_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **config):
+    """(mechanism, meta, token_text) of sharp_model's model over its n_tokens random tokens; the window
+    keeps the last block_size of them, so that cut = n_tokens - block_size."""
+    model, ids = sharp_model(n_tokens, block_size, seed, **config)
     mechanism = trace(model, ids, [WORDS[i] for i in ids])
-    return mechanism, {"model_config": asdict(model_config)}, lambda ids: [WORDS[i] for i in ids]
+    return mechanism, {"model_config": asdict(model.config)}, lambda ids: [WORDS[i] for i in ids]
 
 
 @pytest.fixture(scope="module")
@@ -375,6 +380,31 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
     last = page.locator(f'#lens tr[data-row="{L}"]')
     assert WORDS[mechanism.lens_ids[L, i, 0]] in last.inner_text()
     assert f"{100 * mechanism.lens_probs[L, i, 0]:.1f}%" in last.inner_text()
+    assert errors == []
+    page.close()
+
+
+def test_a_capped_models_attribution_shows_the_logit_before_and_after_the_cap_in_chromium(tmp_path, browser):  # noqa: F811
+    model, ids = sharp_model(n_tokens=20, block_size=20, seed=3, logit_softcap=0.1)  # a cap that bites
+    mechanism = trace(model, ids, [WORDS[i] for i in ids])
+    traced = mechanism, {"model_config": asdict(model.config)}, lambda ids: [WORDS[i] for i in ids]
+    with torch.no_grad():
+        logits, _ = model.eval()(torch.tensor(ids)[None])  # (1, T, V), through the model's own cap
+    i = 12
+    predicted = int(mechanism.predicted[i])
+    own = float(logits[0, i, predicted])
+    assert abs(own - mechanism.logit[i]) > 0.05  # the cap changes this logit
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    pin(page, 0, 1, i)
+    shown = page.evaluate("window.glimpseViewer.attribution()")
+    assert shown["softcap"] == pytest.approx(0.1) and shown["capped_logit"] == pytest.approx(own, abs=1e-5)
+    assert shown["logit"] == pytest.approx(mechanism.logit[i], rel=1e-5)
+    assert shown["sum"] == pytest.approx(mechanism.logit[i], abs=1e-4)  # the parts sum to the logit before the cap
+    predicted_line, total_line = page.inner_text("#dla-predicted"), page.inner_text("#dla-sum")
+    assert f"logit {on_page(own)}" in predicted_line and "logit_softcap" in predicted_line
+    assert f"{on_page(mechanism.logit[i])} before the cap" in predicted_line
+    assert f"the logit before the cap is {on_page(mechanism.logit[i])}" in total_line
+    assert "before the cap" in page.inner_text("#attribution .hint")
     assert errors == []
     page.close()
 
