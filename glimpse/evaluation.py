@@ -5,6 +5,9 @@ the whole split in windows of a given length (eval.py, and train.py's final scor
     windows   non-overlapping windows, every token scored
     sliding   windows moved by `stride`, only each window's last `stride` tokens scored, so every scored
               token sees at least length - stride tokens of context
+
+Over a whole split, the tokens after the last window that fits (fewer than a window's worth) are scored too,
+by one more window that ends where the split does, scoring only them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np
     return np.arange(min(last_start // step + 1, max_windows)) * step
 
 
+def scored_windows(n_tokens: int, length: int, mode: str, stride: int, max_tokens: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, scored_from), (W,) each: the windows mode makes over n_tokens tokens, and where each one's scored
+    targets begin (the ones before are context); about max_tokens scored in all."""
+    step, first = (length, 0) if mode == "windows" else (stride, length - stride)
+    max_windows = math.ceil(max_tokens / (length - first))
+    starts = window_starts(n_tokens, length, step, max_windows)
+    scored_from = np.full(len(starts), first, dtype=np.int64)
+    left = n_tokens - 1 - (int(starts[-1]) + length)  # targets after the last window's
+    if left > 0 and (n_tokens - length - 1) // step + 1 <= max_windows:  # the whole split: score them too
+        starts = np.append(starts, n_tokens - length - 1)
+        scored_from = np.append(scored_from, length - left)
+    return starts, scored_from
+
+
 def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-overlapping windows over the start of tokens, about max_tokens in all: inputs, targets (N, L) each."""
     starts = window_starts(len(tokens), length, length, math.ceil(max_tokens / length))
@@ -49,27 +67,25 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only.
     """
-    step, scored_from = (length, 0) if mode == "windows" else (stride, length - stride)
-    per_window = length - scored_from
-    starts = window_starts(len(tokens), length, step, math.ceil(max_tokens / per_window))
-    if ddp is not None:
-        starts = ddp.share(starts)  # this process's share (in lockstep, padded with None)
+    starts, scored_from = scored_windows(len(tokens), length, mode, stride, max_tokens)
+    mine = range(len(starts)) if ddp is None else ddp.share(range(len(starts)))  # in lockstep, padded with None
     sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
-    for i in range(0, len(starts), batch_size):
-        batch = [s for s in starts[i:i + batch_size] if s is not None]
+    for i in range(0, len(mine), batch_size):
+        batch = [w for w in mine[i:i + batch_size] if w is not None]
         n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
-        batch += [0] * (batch_size - n)  # any window does: its targets are ignored
-        window = torch.from_numpy(gather_windows(tokens, np.array(batch, dtype=np.int64), length + 1))
+        window = torch.from_numpy(gather_windows(tokens, starts[batch + [0] * (batch_size - n)], length + 1))
         x = window[:, :-1].contiguous().to(device)  # (B, L)
         # a copy of its own: for one window, contiguous() would give a view into x's memory, and -1 written there
-        y = window[:, 1:].clone(memory_format=torch.contiguous_format).to(device)  # (B, L)
-        y[:, :scored_from] = -1  # context only (sliding windows)
-        y[n:] = -1  # the filling
+        y = window[:, 1:].clone(memory_format=torch.contiguous_format)  # (B, L)
+        first = torch.full((batch_size, 1), length)  # (B, 1): the filling's targets are all ignored
+        first[:n, 0] = torch.from_numpy(scored_from[batch])
+        y[torch.arange(length) < first] = -1  # context only (sliding windows, the last window), and the filling
+        count = length * n - int(first[:n].sum())
         with ctx:
-            _, loss = model(x, y)  # the mean over the targets not ignored
-        if n:
-            sums[0] += loss.to(sums.dtype) * (n * per_window)
-            sums[1] += n * per_window
+            _, loss = model(x, y.to(device))  # the mean over the targets not ignored
+        if count:
+            sums[0] += loss.to(sums.dtype) * count
+            sums[1] += count
     if ddp is not None:
         sums = ddp.sum(sums)
     total, count = sums.tolist()

@@ -20,29 +20,40 @@ from tests.test_hellaswag import fixed_logits_model
 
 def loss_by_hand(model, tokens: np.ndarray, length: int, step: int, scored: int, max_tokens: int):
     """Windows of `length` tokens starting every `step` tokens, scoring each window's last `scored` predictions
-    until max_tokens are scored: the mean of -log softmax(logits)[next token], and how many were scored."""
-    losses = []
+    until max_tokens are scored, and when every window fitted, the targets after the last one in a window that
+    ends with the tokens: the mean of -log softmax(logits)[next token], and how many were scored."""
+    losses, last_target = [], 0
+
+    def score(start: int, positions: range):
+        window = torch.from_numpy(tokens[start:start + length + 1].astype(np.int64))
+        log_probs = model(window[None, :-1])[0][0].log_softmax(dim=-1)  # (length, V)
+        losses.extend(-log_probs[pos, window[pos + 1]].item() for pos in positions)
+
     for start in range(0, len(tokens) - length, step):  # the window's last target is tokens[start + length]
         if len(losses) >= max_tokens:
             break
-        window = torch.from_numpy(tokens[start:start + length + 1].astype(np.int64))
-        log_probs = model(window[None, :-1])[0][0].log_softmax(dim=-1)  # (length, V)
-        for pos in range(length - scored, length):
-            losses.append(-log_probs[pos, window[pos + 1]].item())
+        score(start, range(length - scored, length))
+        last_target = start + length
+    else:
+        left = len(tokens) - 1 - last_target
+        score(len(tokens) - length - 1, range(length - left, length))
     return sum(losses) / len(losses), len(losses)
 
 
-@pytest.mark.parametrize("mode, stride, max_tokens, batch_size", [
-    ("windows", 12, 100, 3), ("sliding", 4, 100, 3), ("sliding", 7, 100, 3), ("sliding", 4, 30, 3),
-    ("sliding", 4, 100, 1), ("windows", 12, 100, 1)])
-def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, batch_size):
+@pytest.mark.parametrize("mode, stride, max_tokens, batch_size, n_tokens", [
+    ("windows", 12, 100, 3, 100), ("sliding", 4, 100, 3, 100), ("sliding", 7, 100, 3, 100),
+    ("sliding", 4, 30, 3, 100), ("sliding", 4, 100, 1, 100), ("windows", 12, 100, 1, 100),
+    ("windows", 12, 100, 3, 97), ("windows", 12, 30, 3, 100)])
+def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, batch_size, n_tokens):
     """windows scores every token of non-overlapping windows; sliding moves by stride and scores only the
-    last stride tokens of each window. Catches sliding mode scoring whole windows (which counts the same
-    tokens several times, most of them with little context), and the filling of a last batch (every case
-    has a window count that batches of 3 do not divide) being scored."""
+    last stride tokens of each window; over the whole split, the tokens after the last window are scored too
+    (100 tokens leave 3 after twelve-token windows, 97 none). Catches sliding mode scoring whole windows (which
+    counts the same tokens several times, most of them with little context), the split's last tokens left out
+    or scored twice, and the filling of a last batch (every case has a window count that batches of 3 do not
+    divide) being scored."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
-    tokens = np.random.default_rng(0).integers(0, 20, 100).astype(np.uint16)
+    tokens = np.random.default_rng(0).integers(0, 20, n_tokens).astype(np.uint16)
     length = 12
     step, scored = (length, length) if mode == "windows" else (stride, stride)
     with torch.no_grad():

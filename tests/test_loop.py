@@ -25,7 +25,7 @@ from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save
 from glimpse.config import config_values, parse_config
 from glimpse.distributed import Distributed, process_group_options, run_device
 from glimpse.errors import GlimpseError
-from glimpse.evaluation import window_starts
+from glimpse.evaluation import scored_windows
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
 from glimpse.run import setup, training_shapes
@@ -417,8 +417,9 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
     result = loop(run)
     run.tracker.close()
     assert counters["stats"]["unique_graphs"] == len(shapes) + 1  # and the evals' one, no step compiled again
-    windows = len(window_starts(len(run.data.tokens("val")), 32, 32, 10**9))  # the last batch was filled up
-    assert windows % cfg.batch_size and result["final_val_tokens"] == windows * 32
+    val_tokens = len(run.data.tokens("val"))
+    windows = len(scored_windows(val_tokens, 32, "windows", 32, val_tokens)[0])  # the last batch was filled up
+    assert windows % cfg.batch_size and result["final_val_tokens"] == val_tokens - 1  # every target, once
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="compile_backend must be one of torch.compile's backends"):
         replace(cfg, compile_backend="inductr")
