@@ -7,9 +7,10 @@ Export a trained glimpse model to a Hugging Face GPT-2 folder, for transformers 
 writes into DIR:
   config.json              a GPT2LMHeadModel's config
   model.safetensors        the weights under GPT-2's names and in its layout, float32
-  generation_config.json   the end-of-text token; no max_length: transformers caps its default length
-                           at n_positions (block_size) itself, and one set here makes every
-                           generate(max_new_tokens=...) warn that both are set
+  generation_config.json   the end-of-text token, and max_length = n_positions (block_size): without it
+                           transformers' text-generation pipeline asks for 256 new tokens, past the
+                           learned positions of a shorter model (generate(max_new_tokens=...) then
+                           logs that max_new_tokens takes precedence, which it does)
   tokenizer.json, tokenizer_config.json
                            the checkpoint's own tokenizer, GPT-2's BPE or the char-level one
 so that AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it, and
@@ -91,7 +92,8 @@ def export(cfg: ExportConfig) -> Path:
         save_file(hf_weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
         hf = hf_config(config, tokenizer.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
+        generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
+                      "max_length": hf["n_positions"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
         dest.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """glimpse -> Hugging Face -> glimpse: an exported folder reads back into glimpse with its own tokenizer, for
-sampling and finetuning; transformers' generate on it gives the same greedy text without warnings; its
-tokenizer and glimpse's read a literal <|endoftext|> alike; tokenizers glimpse cannot reproduce are one line.
+sampling and finetuning; transformers' generate on it gives the same greedy text, and its pipeline and generate
+stay within the learned positions; its tokenizer and glimpse's read a literal <|endoftext|> alike; tokenizers
+glimpse cannot reproduce are one line.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def test_literal_end_of_text_is_ordinary_text_in_both_tokenizers(tmp_path, gpt2_
 
 
 @pytest.mark.parametrize("kind", ["char", "gpt2"])
-def test_generate_with_max_new_tokens_does_not_warn(kind, char_folder, tmp_path, request):
+def test_pipeline_and_generate_stay_within_n_positions(kind, char_folder, tmp_path, request):
     if kind == "gpt2":
         request.getfixturevalue("gpt2_ranks")
         out = glimpse_checkpoint(tmp_path / "run", GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16),
@@ -196,6 +197,14 @@ def test_generate_with_max_new_tokens_does_not_warn(kind, char_folder, tmp_path,
         folder = char_folder
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    n_positions = model.config.n_positions
+    assert n_positions == 32  # shorter than the 256 new tokens the pipeline asks for by default
+    # the pipeline with its defaults, as export.py's docstring shows it; sampling may end at <|endoftext|>
+    (generated,) = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)(PROMPT,
+                                                                                            return_tensors=True)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    assert list(generated["generated_token_ids"][:len(prompt_ids)]) == prompt_ids
+    assert len(prompt_ids) < len(generated["generated_token_ids"]) <= n_positions
     inputs = tokenizer(PROMPT, return_tensors="pt")
     said = []
     handler = logging.Handler(logging.WARNING)
@@ -209,9 +218,11 @@ def test_generate_with_max_new_tokens_does_not_warn(kind, char_folder, tmp_path,
     finally:
         hf_logger.removeHandler(handler)
     assert out.shape[1] <= inputs.input_ids.shape[1] + 5
-    assert [r.getMessage() for r in said] == [] and [str(w.message) for w in warned] == []
-    # without max_new_tokens transformers still stops at the model's learned positions
+    # nothing but the note that max_new_tokens wins over the folder's max_length
+    assert all("`max_new_tokens` will take precedence" in r.getMessage() for r in said), said
+    assert [str(w.message) for w in warned] == []
+    # without a length generate stops at the model's learned positions
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its advice to pass max_new_tokens
+        warnings.simplefilter("ignore")
         model.generation_config.eos_token_id = None
-        assert model.generate(**inputs, do_sample=False, min_new_tokens=1).shape[1] <= model.config.n_positions
+        assert model.generate(**inputs, do_sample=False, min_new_tokens=1).shape[1] == n_positions
