@@ -88,7 +88,8 @@ class PrepareConfig:
                                       "tenth; the streamed built-ins, whose tenth would be a billion tokens, hold "
                                       "out their first 10M tokens instead)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
-    skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON or lack the text field")
+    skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON, lack the text field, or "
+                                         "whose text is not a string or holds a lone surrogate (\\ud83d)")
 
     def __post_init__(self):
         if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):

@@ -19,6 +19,7 @@ import glob
 import gzip
 import io
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from glimpse.errors import GlimpseError, reading
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 TXT_BLOCK = 1 << 22  # characters of a .txt file read at a time
+# JSON can spell half of a surrogate pair alone ("\ud83d"): a str holds it, but no UTF-8 text can, so tokenizing fails
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def file_format(path: Path) -> str | None:
@@ -97,13 +100,13 @@ class Documents:
                             continue
                         raise GlimpseError(f"{path}:{number} is not JSON ({e.msg}); fix the line, or pass "
                                            "--skip_bad_lines to count and skip such lines") from None
-                    text = record.get(self.text_column) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
+                    if problem := not_text(record, self.text_column):
                         if self.skip_bad_lines:
                             self.bad_lines += 1
                             continue
-                        raise GlimpseError(f"{path}:{number} has no text field {self.text_column!r}; name the "
-                                           "field with --text_column=NAME, or pass --skip_bad_lines")
+                        raise GlimpseError(f"{path}:{number} {problem}; {fix_hint(problem, 'line')}, or pass "
+                                           "--skip_bad_lines to count and skip such lines")
+                    text = record[self.text_column]
                     position = raw.tell()
                     yield text, position - read
                     read = position
@@ -128,6 +131,24 @@ class Documents:
             for text in batch.column(0).to_pylist():
                 if text is not None:
                     yield text, per_row
+
+
+def not_text(record, column: str) -> str | None:
+    """Why a record (a JSON line's object) holds no document's text in its field column; None when it does."""
+    if not isinstance(record, dict) or column not in record:
+        return f"has no text field {column!r}"
+    text = record[column]
+    if not isinstance(text, str):
+        return f"has {'null' if text is None else type(text).__name__} in its text field {column!r}, not a string"
+    if lone := LONE_SURROGATE.search(text):
+        return (f"has a lone surrogate \\u{ord(lone.group()):04x} at character {lone.start()} of its text field "
+                f"{column!r}, half of a pair that no UTF-8 text can hold")
+    return None
+
+
+def fix_hint(problem: str, what: str) -> str:
+    """What to do about a line or record (what) that not_text refuses."""
+    return "name the field with --text_column=NAME" if problem.startswith("has no text field") else f"fix the {what}"
 
 
 def txt_parts(path: Path) -> Iterator[tuple[str, int, bool]]:

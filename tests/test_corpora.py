@@ -25,6 +25,7 @@ from glimpse.run import prepare_data
 from model import GPT, GPTConfig
 from tests.conftest import REPO, make_corpus, python, tiny_config
 from tests.test_distributed import assert_two_processes_resume_exactly, torchrun
+from tests.test_reliability import run_main
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
@@ -353,6 +354,23 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     skipping = python("data/prepare.py", "--dataset=s", f"--input={bad_line}", "--skip_bad_lines=true",
                       f"--data_dir={tmp_path}")
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_a_lone_surrogate_in_a_json_line_is_a_bad_line(tokenizer, tmp_path, request, capsys):
+    """JSON spells half a surrogate pair alone ("\\ud83d"); no UTF-8 text holds it, so a tokenizer cannot read it."""
+    if tokenizer == "gpt2":
+        request.getfixturevalue("gpt2_ranks")
+    corpus = tmp_path / "surrogate.jsonl"
+    corpus.write_text('{"text": "the first document"}\n{"text": "hello \\ud83d world"}\n{"text": "the third"}\n'
+                      '{"text": "and the fourth one"}\n')
+    argv = ["--dataset=d", f"--input={corpus}", f"--data_dir={tmp_path}", f"--tokenizer={tokenizer}"]
+    line = run_main(prepare_module.main, argv, capsys)
+    assert f"{corpus}:2 has a lone surrogate \\ud83d at character 6 of its text field 'text'" in line, line
+    assert "--skip_bad_lines" in line
+    prepare_module.main([*argv, "--skip_bad_lines=true"])
+    assert "skipped 1 bad line (--skip_bad_lines)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["documents"] == 3
 
 
 def test_a_shard_deleted_or_changed_after_preparation_is_named(tmp_path):
