@@ -115,7 +115,8 @@ class Documents:
             raise GlimpseError(f"{path} is truncated or not {what} ({e}); download or compress it again") from None
 
     def parquet(self, path: Path):
-        import pyarrow.parquet as pq  # datasets' own dependency
+        import pyarrow as pa  # datasets' own dependency
+        import pyarrow.parquet as pq
 
         try:
             table = pq.ParquetFile(path)
@@ -125,6 +126,11 @@ class Documents:
         if self.text_column not in columns:
             raise GlimpseError(f"{path} has no column {self.text_column!r} (it has {', '.join(columns)}): "
                                "pick the text with --text_column=NAME")
+        declared = table.schema_arrow.field(self.text_column).type
+        kind = declared.value_type if pa.types.is_dictionary(declared) else declared  # categories read as strings
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise GlimpseError(f"{path}'s column {self.text_column!r} holds {declared}, not text (string): pick the "
+                               "text with --text_column=NAME, or convert the column")
         rows = max(table.metadata.num_rows, 1)
         per_row = path.stat().st_size / rows
         for batch in table.iter_batches(batch_size=1024, columns=[self.text_column]):

@@ -338,6 +338,9 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "cols.parquet")
+    not_text = {"int64": pa.array([1, 2]), "binary": pa.array([b"a", b"b"]), "list<element: string>": pa.array([["a"]])}
+    for kind, column in not_text.items():
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{kind[:4]}.parquet")
     whole = gzip.compress(good.read_bytes() * 50)
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     for args, message in [
@@ -345,6 +348,8 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
         ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON"),
         ([f"--input={tmp_path / 'cols.parquet'}"], "has no column 'text' (it has content)"),
         ([f"--input={tmp_path / 'cut.jsonl.gz'}"], "is truncated or not gzip"),
+        *(([f"--input={tmp_path / f'{kind[:4]}.parquet'}"], f"column 'text' holds {kind}, not text (string)")
+          for kind in not_text),
         ([f"--input={good}", "--shard_tokens=0"], "shard_tokens must be at least 1"),
     ]:
         run = python("data/prepare.py", "--dataset=d", *args, f"--data_dir={tmp_path}")
@@ -354,6 +359,18 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     skipping = python("data/prepare.py", "--dataset=s", f"--input={bad_line}", "--skip_bad_lines=true",
                       f"--data_dir={tmp_path}")
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+
+
+def test_parquet_text_may_be_any_arrow_string_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["the first document", "a second one", "and a third"]
+    for kind, column in {"large": pa.array(texts, pa.large_string()),
+                         "categories": pa.array(texts).dictionary_encode()}.items():
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{kind}.parquet")
+        folder = prepare(PrepareConfig(dataset=kind, input=str(tmp_path / f"{kind}.parquet"), data_dir=str(tmp_path)))
+        assert json.loads((folder / "meta.json").read_text())["documents"] == 3
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
