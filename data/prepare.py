@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.shards import Progress, Router, publish, token_dtype, write_atomic  # noqa: E402
-from data.sources import Documents, hub_documents, input_files  # noqa: E402
+from data.sources import Documents, HubDocuments, input_files  # noqa: E402
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, tokenizer_from_spec  # noqa: E402
 from glimpse.config import option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
@@ -88,8 +88,9 @@ class PrepareConfig:
                                       "tenth; the streamed built-ins, whose tenth would be a billion tokens, hold "
                                       "out their first 10M tokens instead)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
-    skip_bad_lines: bool = option(False, "count and skip .jsonl lines that are not JSON, lack the text field, or "
-                                         "whose text is not a string or holds a lone surrogate (\\ud83d)")
+    skip_bad_lines: bool = option(False, "count and skip .jsonl lines (and records of a streamed built-in) that are "
+                                         "not JSON, lack the text field, or whose text is not a string or holds a "
+                                         "lone surrogate (\\ud83d)")
 
     def __post_init__(self):
         if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
@@ -118,8 +119,8 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"
     source = cfg.input or BUILTIN[cfg.dataset][1]
     if isinstance(source, Hub):
-        docs, total, files = lambda: hub_documents(source.path, source.name, cfg.text_column, source.data_files), \
-            None, None
+        files = HubDocuments(source.path, source.name, cfg.text_column, source.data_files, cfg.skip_bad_lines)
+        docs, total = files.__iter__, None
     else:
         if not cfg.input:
             source = str(out / "input.txt")
@@ -143,7 +144,7 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
     settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": [CUT.pattern, CHUNK_CHARS], **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     write_shards(out, tokenizer, docs, total, cfg, settings, start_method)
-    if bad_lines := files.bad_lines if files else 0:
+    if bad_lines := files.bad_lines:
         print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)
     return out
 

@@ -193,17 +193,40 @@ def open_lines(raw, path: Path, kind: str):
     return contextlib.nullcontext(raw)
 
 
-def hub_documents(path: str, name: str | None, text_column: str, data_files=None) -> Iterator[tuple[str, int, bool]]:
-    """A Hugging Face dataset's train split, streamed with `datasets` (nothing downloaded whole first)."""
-    try:
-        import datasets
-    except ImportError:
-        raise GlimpseError("the built-in corpora stream through Hugging Face datasets: pip install datasets") from None
-    try:
-        stream = datasets.load_dataset(path, name=name, split="train", streaming=True, data_files=data_files)
-        for record in stream:
-            text = record[text_column]
-            yield text, len(text), True
-    except (ConnectionError, OSError) as e:
-        raise GlimpseError(f"could not stream {path} ({str(e).splitlines()[0]}); offline, download its files on "
-                           "a machine with a network and pass them with --input=PATH") from None
+@dataclass
+class HubDocuments:
+    """A Hugging Face dataset's train split, streamed with `datasets` (nothing downloaded whole first), one
+    document a record; bad_lines counts the records skipped."""
+
+    path: str
+    name: str | None
+    text_column: str = "text"
+    data_files: str | None = None
+    skip_bad_lines: bool = False
+    bad_lines: int = 0
+
+    def __iter__(self) -> Iterator[tuple[str, int, bool]]:  # (text, characters, starts a document)
+        try:
+            import datasets
+        except ImportError:
+            raise GlimpseError("the built-in corpora stream through Hugging Face datasets: pip install datasets") \
+                from None
+        self.bad_lines = 0
+        try:
+            stream = datasets.load_dataset(self.path, name=self.name, split="train", streaming=True,
+                                           data_files=self.data_files)
+            for number, record in enumerate(stream, 1):
+                if self.text_column not in record:  # every record has the dataset's columns: the name is wrong
+                    raise GlimpseError(f"{self.path} has no column {self.text_column!r} (its records have "
+                                       f"{', '.join(record)}): pick the text with --text_column=NAME")
+                if problem := not_text(record, self.text_column):
+                    if self.skip_bad_lines:
+                        self.bad_lines += 1
+                        continue
+                    raise GlimpseError(f"{self.path}'s record {number} {problem}; pass --skip_bad_lines to count "
+                                       "and skip such records")
+                text = record[self.text_column]
+                yield text, len(text), True
+        except (ConnectionError, OSError) as e:
+            raise GlimpseError(f"could not stream {self.path} ({str(e).splitlines()[0]}); offline, download its files "
+                               "on a machine with a network and pass them with --input=PATH") from None

@@ -277,6 +277,24 @@ def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
     assert split(tenth, "val").tolist() == joined(enc, docs[::10])  # even when it is the local files' default
 
 
+def test_a_builtin_with_a_wrong_column_or_a_null_text_is_one_line(tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["the first document", None, "the third", "and a fourth one"]
+    pq.write_table(pa.table({"text": texts, "score": [1.0] * 4}), tmp_path / "train.parquet")
+    monkeypatch.setitem(prepare_module.BUILTIN, "fineweb_edu",
+                        ("char", Hub("parquet", None, str(tmp_path / "train.parquet"))))
+    argv = ["--dataset=fineweb_edu", f"--data_dir={tmp_path}", "--val_fraction=0.25"]
+    line = run_main(prepare_module.main, [*argv, "--text_column=content"], capsys)
+    assert "parquet has no column 'content' (its records have text, score): pick the text with --text_column" in line
+    line = run_main(prepare_module.main, argv, capsys)
+    assert "parquet's record 2 has null in its text field 'text', not a string; pass --skip_bad_lines" in line
+    prepare_module.main([*argv, "--skip_bad_lines=true"])
+    assert "skipped 1 bad line (--skip_bad_lines)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "fineweb_edu" / "meta.json").read_text())["documents"] == 3
+
+
 def sharded_dataset(tmp_path, shard_tokens=4000):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": make_corpus(40, seed=i)}) + "\n" for i in range(40)),
