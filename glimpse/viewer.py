@@ -209,6 +209,7 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
         "mechanism": {
             "attn_score": str(config.get("attn_score", "scaled_dot")),
             "pos_encoding": str(config.get("pos_encoding", "learned")),
+            "qk_norm": bool(config.get("qk_norm", False)),  # q and k as traced are after it: the page says so
             # the logit the attribution splits is the one before this cap: the page shows both
             "logit_softcap": float(config.get("logit_softcap") or 0.0),
             "head_dim": int(mechanism.q.shape[-1]),

@@ -409,6 +409,27 @@ def test_a_capped_models_attribution_shows_the_logit_before_and_after_the_cap_in
     page.close()
 
 
+@pytest.mark.parametrize("variant", [dict(pos_encoding="rope", qk_norm=True), dict(pos_encoding="rope"),
+                                     dict(qk_norm=True), {}])
+def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chromium(tmp_path, browser, variant):  # noqa: F811
+    traced = traced_model(n_tokens=12, block_size=12, seed=4, **variant)
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    pin(page, 0, 0, 5)
+    origin = page.inner_text("#steps-qk")
+    assert "ln_1" in origin  # every model: the projections of the block's normalised input
+    # in glimpse/self_attention.py's order (tests/test_mechanism.py's forward written out checks it): qk_norm, rope
+    assert ("qk_norm" in origin) == variant.get("qk_norm", False)
+    assert ("RoPE" in origin) == (variant.get("pos_encoding") == "rope")
+    if len(variant) == 2:
+        assert origin.index("qk_norm") < origin.index("RoPE")
+    if variant:
+        assert "W_q·x alone" in origin
+    else:
+        assert "RMS" not in origin and "position embeddings" in origin  # learned: positions came in the input
+    assert errors == []
+    page.close()
+
+
 @pytest.mark.parametrize("variant", [{"attn_score": "dot"}, {"attn_score": "additive"}, {"pos_encoding": "alibi"}])
 def test_the_steps_follow_the_models_own_scoring_in_chromium(tmp_path, browser, variant):  # noqa: F811
     traced = traced_model(n_tokens=20, block_size=20, seed=2, **variant)
