@@ -55,7 +55,8 @@ class SampleConfig:
     checkpoint: Which = checkpoint_option()
     init_from: str = option("", "sample from pretrained GPT-2 instead of OUT_DIR: gpt2, gpt2-medium, gpt2-large, "
                                 "gpt2-xl (from the Hugging Face Hub or its cache), or a folder holding a Hugging "
-                                "Face GPT-2 config.json and model.safetensors")
+                                "Face GPT-2 config.json and model.safetensors (a folder named gpt2 holding one wins "
+                                "over the Hub's gpt2)")
     start: str = option("\n", "the prompt (default: a newline), or FILE:path to read it from a file")
     num_samples: int = option(3, "how many samples to draw, one after another")
     max_new_tokens: int = option(500, "tokens to generate per sample")

@@ -11,7 +11,8 @@ differ on disk:
 
 Pretrained weights come from the Hugging Face Hub through huggingface_hub, which keeps them in its
 cache (HF_HOME; HF_HUB_OFFLINE=1 reads the cache only), and are read with safetensors: a format of
-plain tensors, never a pickle. Exporting (export.py) writes the same layout back.
+plain tensors, never a pickle. A folder named like a Hub model (./gpt2) that holds a config.json is read
+as the folder. Exporting (export.py) writes the same layout back.
 
 A folder's tokenizer.json says which of glimpse's tokenizers it reads: GPT-2's BPE, or a char-level
 vocabulary as export.py writes it. glimpse takes one only after the folder's own tokenizer (through the
@@ -58,9 +59,15 @@ def download_hint(name: str) -> str:
             "then pass --init_from=DIR")
 
 
+def is_hub_name(source: str) -> bool:
+    """Whether --init_from=source names a model on the Hub: one of PRETRAINED, unless a folder of that name holds a
+    config.json, which wins (a folder downloaded as ./gpt2 must not send an offline run to the Hub's cache)."""
+    return source in PRETRAINED and not (Path(source) / "config.json").is_file()
+
+
 def pretrained_folder(source: str) -> Path:
     """The folder holding config.json and model.safetensors for --init_from=source: a Hub name, or a path."""
-    if source in PRETRAINED:
+    if is_hub_name(source):
         from huggingface_hub import snapshot_download
 
         try:  # huggingface_hub honours HF_HOME and HF_HUB_OFFLINE itself
@@ -168,7 +175,7 @@ def pretrained_state(source: str, model: GPT) -> dict:
 def pretrained_tokenizer(source: str, vocab_size: int) -> dict:
     """The tokenizer spec of --init_from=source: GPT-2's BPE for a Hub name (only its weights are fetched),
     else the one its folder holds (folder_tokenizer)."""
-    return dict(GPT2_SPEC) if source in PRETRAINED else folder_tokenizer(Path(source), vocab_size)
+    return dict(GPT2_SPEC) if is_hub_name(source) else folder_tokenizer(Path(source), vocab_size)
 
 
 def folder_tokenizer(folder: Path, vocab_size: int) -> dict:

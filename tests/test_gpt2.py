@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -156,6 +159,22 @@ def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     (line,) = missing.stderr.strip().splitlines()
     assert "not in the Hugging Face cache" in line and "hf download openai-community/gpt2" in line
+
+
+def test_a_folder_named_like_a_hub_model_is_read_as_the_folder(trained, tmp_path):
+    """./gpt2 holding a Hugging Face folder (as `hf download ... --local-dir gpt2` makes it) is that folder, offline
+    too, tokenizer included: here an exported char model, whose text GPT-2's BPE would not give."""
+    cfg, _ = trained
+    export.main([f"--out_dir={cfg.out_dir}", f"--to={tmp_path / 'gpt2'}"])
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, str(REPO / "sample.py"), "--init_from=gpt2", "--start=ROMEO:", "--num_samples=1",
+            "--max_new_tokens=8", "--temperature=0", "--dump_attention=false"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    folder_text = sample.sample(build(sample.SampleConfig, dict(init_from=str(tmp_path / "gpt2"), start="ROMEO:",
+                                                                num_samples=1, max_new_tokens=8, temperature=0.0,
+                                                                dump_attention=False)), out=io.StringIO())[0]
+    assert done.stdout.startswith(folder_text)
 
 
 def bpe_data(tmp_path: Path) -> Path:
