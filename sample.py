@@ -109,6 +109,12 @@ class SampleConfig:
 def read_prompt(start: str) -> str:
     """The prompt text: start itself, or the contents of the file that FILE:path names."""
     if not start.startswith("FILE:"):
+        try:  # bytes that are not UTF-8 reach Python's argv as lone surrogates, which no tokenizer can encode
+            start.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise GlimpseError(f"--start is not UTF-8 text (byte {len(start[:e.start].encode('utf-8'))}): give the "
+                               "prompt in UTF-8, e.g. converted with iconv, or from a UTF-8 file with "
+                               "--start=FILE:path") from None
         return start
     return read_utf8(Path(start[len("FILE:"):]), "prompt file")
 

@@ -223,6 +223,7 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
         ([f"--out_dir={truncated}"], "corrupt or truncated"),
         (good + ["--start=ROMEO: Ω€"], "'Ω€'"),
+        (good + ["--start=Ω\udcff"], "--start is not UTF-8 text (byte 2)"),  # how Python's argv holds b"\xce\xa9\xff"
         (good + ["--temperature=-1"], "temperature must be 0 (greedy) or more"),
         (good + ["--top_k=0"], "top_k must be at least 1"),
         (good + ["--top_p=0"], "top_p must be in (0, 1]"),
