@@ -180,10 +180,15 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     With bits 16 they are float16, all high bytes and then all low bytes (the high bytes deflate well,
     the low ones hardly, and mixed they deflate poorly); with bits 32, float32 as they are. The page
     computes the rest itself, as the lecture does: q.k, the softmax, the context vector and what each
-    key moved (weight x value_out_norm). mechanism.globals is base64 of zlib of float32 arrays, in the
-    order and shapes of globals_layout: the prediction, its logit and attribution at each position, and
-    the logit lens (ids as float32, exact below 2^24).
+    key moved (weight x value_out_norm). It takes the scores of a dot-product model from q.k too (scaled,
+    plus ALiBi's -slope x distance from alibi_slopes), not from the scores packed beside them, so that
+    the scaled q.k and the score it shows are one number rather than two roundings to float16 of it;
+    it shows the packed scores of additive attention, which has no q.k. mechanism.globals is base64 of
+    zlib of float32 arrays, in the order and shapes of globals_layout: the prediction, its logit and
+    attribution at each position, and the logit lens (ids as float32, exact below 2^24).
     """
+    from glimpse.positions import alibi_slopes  # torch, which a Mechanism needs anyway
+
     L, H, T = shape
     if tuple(mechanism.shape) != (L, H, T):
         raise ValueError(f"the mechanism is (n_layer, n_head, T) = {tuple(mechanism.shape)}, the attention {shape}")
@@ -201,6 +206,7 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
                 ("lens_ids", mechanism.lens_ids), ("lens_probs", mechanism.lens_probs)]
     packed_globals = np.concatenate([np.ravel(a).astype("<f4") for _, a in globals_]).tobytes()
     config = (meta or {}).get("model_config") or {}
+    pos_encoding = str(config.get("pos_encoding", "learned"))
     vocab = {}
     if token_text is not None:
         ids = sorted({int(i) for i in mechanism.predicted} | {int(i) for i in np.ravel(mechanism.lens_ids)})
@@ -208,7 +214,9 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     return {
         "mechanism": {
             "attn_score": str(config.get("attn_score", "scaled_dot")),
-            "pos_encoding": str(config.get("pos_encoding", "learned")),
+            "pos_encoding": pos_encoding,
+            # ALiBi's penalty is -slope x distance: the page adds it to the scaled q.k itself, exactly
+            "alibi_slopes": alibi_slopes(H).tolist() if pos_encoding == "alibi" else None,
             "qk_norm": bool(config.get("qk_norm", False)),  # q and k as traced are after it: the page says so
             # the logit the attribution splits is the one before this cap: the page shows both
             "logit_softcap": float(config.get("logit_softcap") or 0.0),

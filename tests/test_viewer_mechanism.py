@@ -15,6 +15,7 @@ import math
 import re
 import zlib
 from dataclasses import asdict
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,11 @@ def write_mechanism_viewer(folder, traced, prompt_len: int = 6, name: str = "ind
 
 
 def on_page(x: float, digits: int = 3) -> str:
-    """A number as the panels write it: fixed digits, with a true minus sign."""
-    return f"{x:.{digits}f}".replace("-", "−")
+    """A number as the panels write it: JavaScript's toFixed (a tie rounds away from 0, where Python's format
+    rounds to even), with a true minus sign."""
+    fixed = Decimal(float(x) + 0.0).quantize(  # + 0.0: -0.0 reads 0.000, as toFixed writes it
+        Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{fixed:.{digits}f}".replace("-", "−")
 
 
 def inflate(text: str) -> bytes:
@@ -426,6 +430,43 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
         assert "W_q·x alone" in origin
     else:
         assert "RMS" not in origin and "position embeddings" in origin  # learned: positions came in the input
+    assert errors == []
+    page.close()
+
+
+def signed_on_page(x: float) -> str:
+    return ("+" if x >= 0 else "") + on_page(x)
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos_encoding": "alibi"}])
+def test_a_number_shown_in_two_places_reads_the_same_in_both_in_chromium(tmp_path, browser, variant):  # noqa: F811
+    traced = traced_model(n_tokens=40, block_size=40, seed=0, **variant)
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    layer, head, scaled = 1, 0, "÷√8"
+    page.evaluate("window.glimpseViewer.showAllKeys(true)")  # every key's row
+    box = page.locator("#overlay").bounding_box()
+    for query in (25, 39):
+        pin(page, layer, head, query)
+        rows = {row["key"]: row["cells"] for row in steps_table(page) if row["key"] is not None and not row["masked"]}
+        assert sorted(rows) == list(range(query + 1))
+        for j, cells in rows.items():
+            if variant:  # ALiBi's penalty is -slope x distance, not the rounding noise of a difference
+                slope = float(alibi_slopes(2)[head])
+                assert cells["ALiBi"] == signed_on_page(-slope * (query - j)), (query, j, cells)
+            else:  # the score is the scaled q.k: the same number in both columns
+                assert cells[scaled] == cells["score"], (query, j, cells)
+        # the weights the list under the text gives are the panel's
+        info = page.inner_text("#info").splitlines()
+        listed = re.findall(r"#(\d+) \S+ (\S+)", next(line for line in info if line.startswith("attends to")))
+        assert len(listed) == 5
+        for j, text in listed:
+            assert text == rows[int(j)]["weight"], (query, j, text)
+        # and so does the readout under the mouse, in more digits
+        for j in (query, query - 1, 3):
+            page.mouse.move(box["x"] + (j + 0.5) / 40 * box["width"], box["y"] + (query + 0.5) / 40 * box["height"])
+            number = re.search(r": (\S+)$", page.inner_text("#readout")).group(1)
+            assert on_page(float(number)) == rows[j]["weight"], (query, j, number)
+        page.click(f'#tokens .tok[data-i="{query}"]')  # let go, for the next query
     assert errors == []
     page.close()
 

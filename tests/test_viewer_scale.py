@@ -163,7 +163,8 @@ def test_weights_read_back_as_given_within_the_quantisation(browser, dump):  # n
         page.mouse.move(box["x"] + (k + 0.5) / T * box["width"], box["y"] + (q + 0.5) / T * box["height"])
         text = page.inner_text("#readout")
         assert f"query #{q} " in text and f"key #{k} " in text
-        assert abs(float(re.search(r": ([0-9.]+)$", text).group(1)) - attn[3, 2, q, k]) < 0.004 + 5e-5, text
+        # the one-byte weight, marked approximate, to the digits it holds
+        assert abs(float(re.search(r": ≈([0-9.]+)$", text).group(1)) - attn[3, 2, q, k]) < 0.004 + 5e-4, text
     page.mouse.move(box["x"] + 120.5 / T * box["width"], box["y"] + 20.5 / T * box["height"])
     assert "cannot see" in page.inner_text("#readout")
     assert errors == []
