@@ -51,7 +51,8 @@ from model import GPTConfig
 class ExportConfig:
     out_dir: str = option("out", "folder of the training run to export")
     checkpoint: Which = checkpoint_option()
-    to: str = option("", "the folder to write the Hugging Face model to (new or empty, unless --overwrite)")
+    to: str = option("", "the folder to write the Hugging Face model to (new or empty, unless --overwrite; never "
+                         "the run's own --out_dir)")
     overwrite: bool = option(False, "write into a folder that already holds files, replacing those of the same names")
 
     def __post_init__(self):
@@ -59,8 +60,13 @@ class ExportConfig:
             raise ValueError("give the folder to write with --to=DIR")
 
 
-def check_destination(dest: Path, overwrite: bool):
-    """The folder export writes: new, empty, or --overwrite given."""
+def check_destination(dest: Path, overwrite: bool, out_dir: Path):
+    """The folder export writes (resolved): new, empty, or --overwrite given; never the run's own folder."""
+    if dest == out_dir.resolve():
+        raise GlimpseError(f"--to {str(dest)!r} is the run's own --out_dir, whose config.json is the run's: give "
+                           "another folder")
+    if not dest.name:
+        raise GlimpseError(f"--to {str(dest)!r} is the filesystem's root; give a folder")
     if dest.exists() and not dest.is_dir():
         raise GlimpseError(f"--to {str(dest)!r} is a file; give a folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
@@ -71,8 +77,8 @@ def export(cfg: ExportConfig) -> Path:
     """Write the checkpoint as a Hugging Face GPT-2 folder at cfg.to; return that folder."""
     from safetensors.torch import save_file
 
-    dest = Path(cfg.to)
-    check_destination(dest, cfg.overwrite)
+    dest = Path(cfg.to).resolve()  # "." and "sub/.." name the folder itself: its temporary sibling needs its name
+    check_destination(dest, cfg.overwrite, Path(cfg.out_dir))
     path = chosen_checkpoint(cfg.out_dir, cfg.checkpoint)
     state = load_checkpoint(path, "cpu", mmap=True)
     config = GPTConfig(**state["model_config"])

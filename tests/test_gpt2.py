@@ -288,6 +288,18 @@ def test_export_gpt2_tokenizer_round_trips_unicode(tmp_path, gpt2_ranks):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
 
 
+@pytest.mark.parametrize("to", [".", "sub/.."])
+def test_export_to_a_path_that_names_the_current_folder(to, trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export.main([f"--out_dir={Path(cfg.out_dir).resolve()}", f"--to={to}"])
+    assert sorted(p.name for p in here.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no temporary folder left beside it
+
+
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
     no_config, no_weights, llama, truncated = (tmp_path / n for n in ("no_config", "no_weights", "llama", "cut"))
@@ -324,5 +336,11 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
     assert "already holds files" in line and "--overwrite" in line
     assert [p.name for p in full.iterdir()] == ["notes.txt"] and (full / "notes.txt").read_text() == "mine"
     assert run_main(export.main, [f"--out_dir={cfg.out_dir}"], capsys).endswith("with --to=DIR")
+    # --to the run's own folder, whose config.json is the training run's: refused, --overwrite or not
+    run_files = {p: p.read_bytes() for p in Path(cfg.out_dir).rglob("*") if p.is_file()}
+    for flags in ([], ["--overwrite"]):
+        line = run_main(export.main, [f"--out_dir={cfg.out_dir}", f"--to={cfg.out_dir}/.", *flags], capsys)
+        assert "is the run's own --out_dir" in line and "--overwrite" not in line
+    assert {p: p.read_bytes() for p in Path(cfg.out_dir).rglob("*") if p.is_file()} == run_files
     export.main([f"--out_dir={cfg.out_dir}", f"--to={full}", "--overwrite"])
     assert (full / "notes.txt").read_text() == "mine" and (full / "model.safetensors").exists()
