@@ -7,9 +7,11 @@ One dump is a folder:
                    uint8 [n_head, T (T + 1) / 2], the high and low bytes of layer l's post-softmax
                    weights as float16 bits, lower triangle only (row q of a head, the weights query q puts
                    on keys 0..q, starts at q (q + 1) / 2; above the diagonal every weight is exactly 0;
-                   rows sum to 1); token_ids int32 [T]; tokens [T] (each token's text); prompt_len; meta
-                   (a JSON string); cut, how many tokens before the window were left out (the model
-                   attends over block_size tokens at most). load_layer rebuilds one layer [n_head, T, T]
+                   rows sum to 1); token_ids int32 [T]; tokens [T] (each token's text, as numpy's
+                   fixed-width strings keep it: without trailing NUL characters); tokens_json, the same
+                   texts exactly, as a JSON list (load_dump reads it); prompt_len; meta (a JSON
+                   string); cut, how many tokens before the window were left out (the model attends
+                   over block_size tokens at most). load_layer rebuilds one layer [n_head, T, T]
                    float16 with numpy alone, load_dump all of them [n_layer, n_head, T, T].
                    With the mechanism (sample.py --mechanism, glimpse/mechanism.py), also per layer l,
                    float32: q_<l>, k_<l>, v_<l> [n_head, T, head_dim]; scores_<l> and head_out_norm_<l>
@@ -138,7 +140,8 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     folder.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(1) as pool:  # deflating the npz on the second core while the rest is computed
         npz = pool.submit(write_npz, folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),
-                          tokens=np.array(tokens, dtype=str), prompt_len=np.int32(prompt_len),
+                          tokens=np.array(tokens, dtype=str), tokens_json=np.array(json.dumps(list(tokens))),
+                          prompt_len=np.int32(prompt_len),
                           meta=np.array(json.dumps(meta)), cut=np.int32(cut),
                           **(mechanism_arrays(mechanism) if mechanism is not None else {}))
         heads = head_metrics(attn)
@@ -185,7 +188,7 @@ def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: P
 
 def load_dump(folder: Path) -> dict:
     """A dump's arrays and meta, read with numpy alone (no pickle); attn is the full [n_layer, n_head, T, T]
-    float16 array."""
+    float16 array, tokens a list of each token's text."""
     with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
         out = {k: z[k] for k in z.files if not k.startswith("layer_")}
         if "attn" not in out:  # older dumps hold the whole array as it is
@@ -193,6 +196,9 @@ def load_dump(folder: Path) -> dict:
             out["attn"] = np.stack([layer_of(z, layer) for layer in range(n_layer)])
     out["meta"] = json.loads(str(out["meta"]))
     out["prompt_len"] = int(out["prompt_len"])
+    # the JSON copy keeps a token of NUL characters, which numpy's strings drop; dumps older than it have none
+    texts = out.pop("tokens_json", None)
+    out["tokens"] = json.loads(str(texts)) if texts is not None else [str(t) for t in out["tokens"]]
     return out
 
 

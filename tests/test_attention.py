@@ -282,3 +282,23 @@ def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):
     assert (dump["attn"].view(np.uint16) == attn.view(np.uint16)).all() and dump["meta"] == {"k": 1}
     assert dump["prompt_len"] == 4 and list(dump["tokens"]) == [chr(97 + i) for i in range(T)]
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary npz was renamed into place
+
+
+def test_token_text_with_nul_characters_round_trips_through_a_dump(tmp_path):
+    from data.tokenizer import CharTokenizer
+    from glimpse.attention import dump_text, write_npz
+    from model import GPT, GPTConfig
+
+    tokenizer = CharTokenizer.from_text("a\x00b")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    ids = tokenizer.encode("a\x00b\x00\x00a").tolist()
+    dump_text(model, tokenizer, ids, 2, {}, tmp_path / "nul", pictures=False)
+    assert load_dump(tmp_path / "nul")["tokens"] == ["a", "\x00", "b", "\x00", "\x00", "a"]  # numpy's str drops NULs
+    # a dump written before the tokens travelled exactly still loads, its tokens as numpy kept them
+    old = tmp_path / "old"
+    old.mkdir()
+    attn = np.tril(np.ones((1, 1, 3, 3), dtype=np.float16)) / np.arange(1, 4, dtype=np.float16)[:, None]
+    write_npz(old / "attention.npz", attn, token_ids=np.arange(3, dtype=np.int32), tokens=np.array(["a", "b", "c"]),
+              prompt_len=np.int32(3), meta=np.array("{}"), cut=np.int32(0))
+    assert load_dump(old)["tokens"] == ["a", "b", "c"]
