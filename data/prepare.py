@@ -9,8 +9,9 @@ Turn a text corpus of any size into the token shards train.py reads.
 Documents (a .txt file, a JSON line, a parquet row: data/sources.py) are tokenized in parallel on every
 core, joined by GPT-2's <|endoftext|> (char-level: --separator) and written to DATA_DIR/NAME/ as
 train_NNNNNN.bin and val_NNNNNN.bin shards of --shard_tokens tokens (uint16 when the vocabulary fits,
-else uint32). Validation is whole documents: the first ones up to --val_tokens, or one in every
-1 / --val_fraction; a corpus of a single document keeps its last --val_fraction of tokens instead.
+else uint32). Validation is whole documents: the first ones up to --val_tokens, or a --val_fraction of
+them spread evenly (the first n documents hold ceil(n * fraction): one in every ten at 0.1, starting with
+the first); a corpus of a single document keeps its last --val_fraction of tokens instead.
 meta.json (tokenizer, vocabulary, shards and their token counts) is written last, so its presence
 means the dataset is complete. Work in progress lives in NAME/.preparing-HOST/ with the finished
 shards: after a crash the same command keeps them and writes the rest, the same tokens as one run.
@@ -84,9 +85,9 @@ class PrepareConfig:
     separator: str = option("\n\n", "char-level: the text put between documents (GPT-2 BPE puts <|endoftext|>)")
     shard_tokens: int = option(100_000_000, "tokens per shard file")
     val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them)")
-    val_fraction: float = option(0.0, "validation: one document in every 1 / this, when --val_tokens is 0 (0: a "
-                                      "tenth; the streamed built-ins, whose tenth would be a billion tokens, hold "
-                                      "out their first 10M tokens instead)")
+    val_fraction: float = option(0.0, "validation: this fraction of the documents, spread evenly, when "
+                                      "--val_tokens is 0 (0: a tenth; the streamed built-ins, whose tenth would be "
+                                      "a billion tokens, hold out their first 10M tokens instead)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
     skip_bad_lines: bool = option(False, "count and skip .jsonl lines (and records of a streamed built-in) that are "
                                          "not JSON, lack the text field, or whose text is not a string or holds a "

@@ -12,10 +12,12 @@ an older dataset's and writes meta.json last, so an older dataset stays whole un
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,8 @@ class Router:
                  docs: int = 0, split: str | None = None):
         self.writers, self.separator, self.docs = writers, separator, docs
         self.val_tokens, self.val_fraction = val_tokens, val_fraction
+        # the fraction as written (0.1 as 1/10, not the float just above it), so that whole multiples come out exact
+        self.val_share = Fraction(repr(val_fraction))
         val = writers["val"]
         self.held = Held(val.folder / "first_document.bin", val.dtype) if docs == 0 else None
         self.split = split  # where the document being added goes
@@ -140,9 +144,11 @@ class Router:
             self.emit(split, ids, i == 0)
 
     def assign(self, doc: int) -> str:
+        """Where document number doc goes: the first ones up to val_tokens, or else a val_fraction of them spread
+        evenly, the first n documents holding ceil(n * val_fraction) for validation (doc 0, 10, 20, ... at 0.1)."""
         if self.val_tokens:
             return "val" if self.writers["val"].count < self.val_tokens else "train"
-        return "val" if doc % max(1, round(1 / self.val_fraction)) == 0 else "train"
+        return "val" if math.ceil((doc + 1) * self.val_share) > math.ceil(doc * self.val_share) else "train"
 
     def emit(self, split: str, ids: np.ndarray, starts_doc: bool):
         writer = self.writers[split]
@@ -163,8 +169,9 @@ class Router:
         for split, writer in self.writers.items():
             writer.flush()
             if not writer.count:
+                cause = "--val_tokens" if self.val_tokens else "--val_fraction"  # the one that decided the split
                 raise GlimpseError(f"{source} gives no {split} tokens ({self.docs:,} documents): "
-                                   + ("lower --val_tokens" if split == "train" else "raise --val_fraction"))
+                                   + (f"lower {cause}" if split == "train" else f"raise {cause}"))
 
 
 class Progress:

@@ -3,12 +3,14 @@ after kill -9, the built-ins through datasets on local parquet, training over sh
 
 import gzip
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import tracemalloc
 from contextlib import nullcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -180,6 +182,36 @@ def test_val_tokens_holds_out_the_first_documents(tmp_path):
     decode = lambda ids: "".join(chars[i] for i in ids)  # noqa: E731
     assert decode(split(folder, "val")) == "\n\n".join(in_b[:2])  # whole documents until the count is reached
     assert decode(split(folder, "train")) == "\n\n".join(in_b[2:])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5, 0.3, 0.6, 0.67, 0.9])
+def test_val_fraction_holds_out_that_fraction_of_the_documents_spread_evenly(fraction, tmp_path):
+    docs = [f"document {i}" for i in range(100)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    folder = prepare(PrepareConfig(dataset="f", input=str(tmp_path / "docs.jsonl"), data_dir=str(tmp_path),
+                                   val_fraction=fraction))
+    chars = json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
+    val, train = ("".join(chars[i] for i in split(folder, name)).split("\n\n") for name in ("val", "train"))
+    share = Fraction(str(fraction))  # exact: 70 * 0.1 must be 7, not a float above it
+    assert len(val) == math.ceil(100 * share) and val[0] == docs[0]
+    assert sorted(val + train, key=docs.index) == docs
+    for n in range(1, 101):  # every prefix of the corpus holds its share, not bunched at one end
+        assert sum(docs.index(d) < n for d in val) == math.ceil(n * share)
+    if (1 / fraction).is_integer():  # one in every 1 / fraction: the split these fractions have always given
+        assert val == docs[::int(1 / fraction)]
+
+
+def test_the_val_fraction_is_exact_over_many_documents():
+    router = shards_module.Router({"train": None, "val": None}, np.array([]), 0, 0.67, docs=1)  # nothing held
+    val = [doc for doc in range(3000) if router.assign(doc) == "val"]
+    assert len(val) == 2010  # 3000 * 0.67 in floating point is 2010.0000000000002, which would round up to 2011
+
+
+def test_a_val_fraction_that_leaves_no_training_documents_says_so(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(30)))
+    with pytest.raises(GlimpseError, match=r"gives no train tokens \(30 documents\): lower --val_fraction$"):
+        prepare(PrepareConfig(dataset="f", input=str(tmp_path / "docs.jsonl"), data_dir=str(tmp_path),
+                              val_fraction=0.99))
 
 
 def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
