@@ -78,9 +78,23 @@ class Model:
             raise GlimpseError("the text is empty: give at least one token")
         return ids
 
+    def token_ids(self, text: str | list[int]) -> list[int]:
+        """text's token ids, or text itself when it is ids; a GlimpseError for none, or for an id the tokenizer
+        has no token for (the model would fail on it deep inside, or name it with an IndexError)."""
+        if isinstance(text, str):
+            return self.encode(text)
+        ids = [int(i) for i in text]
+        vocab = min(self.tokenizer.vocab_size, self.config.vocab_size)
+        if not ids:
+            raise GlimpseError(f"no token ids: give at least one, each from 0 to {vocab - 1}")
+        outside = next((i for i in ids if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise GlimpseError(f"token id {outside} is outside this model's vocabulary: ids run from 0 to {vocab - 1}")
+        return ids
+
     def run(self, text: str | list[int]) -> Run:
         """What every head computed on text (or token ids): its last block_size tokens, traced."""
-        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
+        ids = self.token_ids(text)
         mechanism = trace(self.gpt, ids, self.tokenizer.token_strings(ids))
         return Run(**vars(mechanism), model=self)
 
@@ -92,7 +106,7 @@ class Model:
     def loss(self, text: str | list[int], ablate: str = "") -> float:
         """The mean next-token loss (nats) over text's last block_size + 1 tokens, with the heads ablate names
         (layer.head, comma-separated, as --ablate takes them) zero-ablated."""
-        ids = self.encode(text) if isinstance(text, str) else [int(i) for i in text]
+        ids = self.token_ids(text)
         if len(ids) < 2:
             raise GlimpseError("a loss needs at least two tokens: one to read, one to predict")
         c, device = self.config, next(self.gpt.parameters()).device

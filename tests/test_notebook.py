@@ -159,6 +159,19 @@ def test_sample_mechanism_writes_a_dump_the_api_reads_alike(tmp_path, trained):
     assert (mechanism["predicted"] == run.predicted).all()
 
 
+def test_a_run_of_ids_outside_the_vocabulary_or_of_none_is_one_clear_error(trained):
+    cfg, _ = trained
+    model = load(cfg.out_dir)
+    vocab = model.tokenizer.vocab_size
+    for ids, why in (([vocab], f"token id {vocab} "), ([3, -1], "token id -1 "), ([], "no token ids")):
+        for call in (model.run, model.loss):
+            with pytest.raises(GlimpseError, match=why) as error:
+                call(ids)
+            message = str(error.value)
+            assert "\n" not in message and f"0 to {vocab - 1}" in message
+    assert model.run([0, vocab - 1]).shape[2] == 2  # the ends of the range are fine
+
+
 def test_a_runs_step_checks_its_arguments(trained):
     cfg, _ = trained
     run = load(cfg.out_dir).run("ROMEO:")
