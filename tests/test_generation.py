@@ -87,3 +87,14 @@ def test_temperature_reshapes_the_distribution():
         observed = frequencies(draws.view(1, -1), len(logits))[0]
         expected = torch.tensor(softmax([v / temperature for v in logits]), dtype=torch.float64)
         torch.testing.assert_close(observed, expected, rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_likeliest_token(temperature):
+    """Below about 1e-38 logits / temperature overflowed float32 to inf, and sampling died on NaN probabilities;
+    its limit is greedy decoding, with top-k and top-p too."""
+    logits = torch.tensor([[2.0, 5.0, -1.0, 4.9], [-3.0, -2.5, -2.0, -40.0], [1e30, 0.0, -1e30, 1e29]])
+    gen = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((None, None), (2, None), (None, 0.5), (3, 0.9)):
+        token = sample_next(logits.repeat(100, 1), temperature, top_k, top_p, gen)  # (300, 1)
+        assert token.view(100, 3).eq(torch.tensor([1, 2, 0])).all()
