@@ -193,6 +193,10 @@ class Inline:
     html: str
     height: int = 760
 
+    def __repr__(self) -> str:  # a terminal, or a notebook's plain-text copy of the output, gets what it is
+        return (f"<glimpse viewer page, {len(self.html):,} characters: a notebook shows it inline; .save(path) writes "
+                "it to a file that opens in any browser>")
+
     def _repr_html_(self) -> str:
         return (f'<iframe srcdoc="{html.escape(self.html, quote=True)}" style="width: 100%; height: {self.height}px; '
                 'border: 1px solid #ddd"></iframe>')

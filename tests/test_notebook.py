@@ -108,6 +108,7 @@ def test_removing_either_half_of_the_circuit_costs_the_repeats(executed):
 def test_the_viewer_shows_in_the_notebooks_output_cell_offline(executed, browser, tmp_path):  # noqa: F811
     _, data = cell(executed, "run.show()")
     assert "<iframe srcdoc=" in data["text/html"]
+    assert len(data["text/plain"]) < 200  # what a plain frontend shows: what the output is, not the page again
     # the output cell as Jupyter renders it: the HTML inside a page; the viewer in the iframe must come up
     page_file = tmp_path / "cell.html"
     page_file.write_text(f"<!doctype html><html><body>{data['text/html']}</body></html>", encoding="utf-8")
@@ -170,6 +171,14 @@ def test_a_run_of_ids_outside_the_vocabulary_or_of_none_is_one_clear_error(train
             message = str(error.value)
             assert "\n" not in message and f"0 to {vocab - 1}" in message
     assert model.run([0, vocab - 1]).shape[2] == 2  # the ends of the range are fine
+
+
+def test_a_viewer_page_reads_as_what_it_is_not_as_the_whole_page(trained):
+    cfg, _ = trained
+    page = load(cfg.out_dir).run("ROMEO:").show()
+    assert len(page.html) > 50_000 and "<html" in page.html  # the page is all there, for the notebook
+    text = repr(page)
+    assert len(text) < 200 and "<!doctype" not in text and f"{len(page.html):,}" in text and ".save(" in text
 
 
 def test_a_runs_step_checks_its_arguments(trained):
