@@ -65,17 +65,21 @@ def loop(run: Run) -> dict:
     bar = progress_bar(cfg, run, show=ddp.is_main)
     log = StepLog(run.device)
     first_step, t_saved = run.iter_num, time.time()
+    step_budget = None  # the share of the budget the last step's rate was set from
     try:
         while True:
             budget_used = budget.fraction(run.iter_num)
             lr = get_lr(run.iter_num, cfg, budget_used)
             last_step = run.iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
+            if last_step and log.steps:  # a budget that ends between log steps: its last steps' loss is logged too
+                bar.set_postfix(({"step": run.iter_num} if cfg.max_time else {})
+                                | log.write(run, run.step_lr, step_budget))
             if run.iter_num != run.work_done_at and scheduled_work(run, last_step, log):
                 t_saved = time.time()
             if last_step:
                 break
 
-            t_step = time.perf_counter()
+            t_step, step_budget = time.perf_counter(), budget_used
             log.count(run, run.iter_num)
             log.loss_sum += train_step(run, lr)
             if cfg.max_time:

@@ -142,6 +142,22 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     return model_from_checkpoint(state, device).eval(), state, device, dtype
 
 
+# a setting that contradicts the checkpoint may come from a flag, a preset or a default the run was not started with
+SAME_SETTINGS = ("resume with the preset and flags the run was started with (its out_dir/config.json lists every "
+                 "setting), or start a new out_dir")
+
+
+def check_resumable(state: dict, path: Path):
+    """A checkpoint to resume holds the training state, not only weights (a best.pt copied over ckpt.pt)."""
+    missing = [key for key in ("iter_num", "best_val_loss", "rng", "train_config") if key not in state]
+    if "optimizer" not in state and "sharded" not in state:
+        missing.append("optimizer")
+    if missing:
+        raise GlimpseError(f"{path} holds weights without the training state a resume needs (no "
+                           f"{', '.join(missing)}): it is a best.pt or an export, not a ckpt.pt; start a new run in "
+                           "another --out_dir")
+
+
 def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
     """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != tokenizer_spec:
@@ -150,13 +166,13 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
     saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
     if saved_optimizer != optimizer:
         raise GlimpseError(f"optimizer={optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "
-                           "whose state it could not continue; drop the flag or start a new out_dir")
+                           f"whose state it could not continue; {SAME_SETTINGS}")
     saved = state["model_config"]
     for f in fields(GPTConfig):
         was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
         if f.name != "dropout" and was != getattr(model_config, f.name):
             raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
-                               f"{f.name}={was}; drop the flag or start a new out_dir")
+                               f"{f.name}={was}; {SAME_SETTINGS}")
 
 
 def rank_rng_state(device: torch.device) -> dict:

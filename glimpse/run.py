@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from data.dataset import TokenData
 from data.prepare import BUILTIN, ensure_dataset
 from glimpse.checkpoint import (
     best_path,
+    check_resumable,
     check_resume,
     checkpoint_path,
     load_checkpoint,
@@ -79,8 +81,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # float16 only: scales the loss so that small gradients survive
     batch_gen: torch.Generator  # draws every training batch; the same on every process
-    tracker: Tracker
     peak: float | None  # the device's peak FLOP/s at dtype, for MFU; None where it is not known
+    # built last in setup, once nothing else can fail: on resume it rewrites metrics.jsonl to the checkpoint's step
+    tracker: Tracker = field(default_factory=lambda: Tracker(None, enabled=False))
+    wandb_run_id: str | None = None  # the checkpoint's: kept through a resume that does not log to wandb
     pretrained: str | None = None  # the --init_from a finetuning run started from (gpt2, or a folder)
     hellaswag: list[hellaswag.Example] | None = None  # what --hellaswag_interval scores
     iter_num: int = 0
@@ -153,7 +157,7 @@ class Run:
         return {"model": self.model_weights(), "model_config": asdict(self.model.config),
                 "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
                 "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
-                "wandb_run_id": self.tracker.run_id, "pretrained": self.pretrained}
+                "wandb_run_id": self.tracker.run_id or self.wandb_run_id, "pretrained": self.pretrained}
 
     def state_dict(self) -> dict:
         """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
@@ -165,6 +169,7 @@ class Run:
         return {**self.weights_dict(), **training, "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                 "work_done": self.work_done_at == self.iter_num,
+                "step_lr": self.step_lr, "tokens_per_sec": self.tokens_per_sec,  # what the step's eval reports
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
 
     def load_state_dict(self, state: dict):
@@ -177,12 +182,21 @@ class Run:
             raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} was written without fsdp: resume it with "
                                "--fsdp=false, or start a new out_dir")
         else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:  # a damaged or hand-edited ckpt.pt
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} does not fit the run it would resume "
+                                   f"({why}); start a new run in another --out_dir") from None
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.wandb_run_id = state.get("wandb_run_id")
+        # the rate and speed of the last step taken (older checkpoints: the rate the next step takes)
+        self.step_lr = state.get("step_lr", get_lr(self.iter_num, self.cfg))
+        self.tokens_per_sec = state.get("tokens_per_sec", 0.0)
         # checkpoints from before the flag were only written after their step's work
         self.work_done_at = self.iter_num if state.get("work_done", True) else -1
         self.batch_gen.set_state(state["rng"]["batches"].cpu())
@@ -204,12 +218,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
     out_dir = Path(cfg.out_dir)
-    existing = [p for p in (checkpoint_path(out_dir), best_path(out_dir)) if p.exists()]
-    if cfg.init_from != "resume" and existing:
-        raise GlimpseError(f"{existing[0]} exists: continue it with --init_from=resume, or start fresh in another "
-                           "--out_dir (or delete that one)")
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
+    check_out_dir(out_dir, cfg.init_from, folder)
 
     data, examples = setup_data(cfg, ddp)
     if cfg.fsdp:
@@ -217,6 +228,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     state = None
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
+        check_resumable(state, checkpoint_path(out_dir))
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
     compiled = compile_static(model, cfg) if cfg.compile and not cfg.fsdp else model
@@ -225,34 +237,80 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         shard(model, model.transformer.h, compile_options(cfg) if cfg.compile else None)
     elif ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
-    tracker = Tracker(
-        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
-        wandb_run_name=cfg.wandb_run_name, config=config_values(cfg),
-        resume_run_id=state.get("wandb_run_id") if state else None,
-        keep_through_iter=state["iter_num"] if state else None,
-    )
     run = Run(cfg, ddp, device, dtype, ctx, data, model, compiled, ddp_model,
               optimizer=configure_optimizer(model, cfg, device),
               scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-              batch_gen=torch.Generator().manual_seed(cfg.seed), tracker=tracker,
+              batch_gen=torch.Generator().manual_seed(cfg.seed),
               peak=peak_flops(device, dtype),  # None on CPU, MPS and unknown GPUs: no MFU rather than a guess
               pretrained=pretrained, hellaswag=examples)
     if state is not None:
         run.load_state_dict(state)
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
-    run.step_lr = get_lr(run.iter_num, cfg)  # step 0's eval reports the rate its first step will take
-    if ddp.is_main:
-        (out_dir / "config.json").write_text(json.dumps(config_values(cfg), indent=1) + "\n", encoding="utf-8")
+        run.step_lr = get_lr(0, cfg)  # step 0's eval reports the rate its first step will take
     run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
     if cfg.compile:
         compile_ahead(run)
+    # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole
+    if ddp.is_main:
+        write_text(out_dir / "config.json", json.dumps(config_values(cfg), indent=1) + "\n")
+    run.tracker = Tracker(
+        out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
+        wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
+        keep_through_iter=state["iter_num"] if state else None,
+    )
     if state is not None:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
+
+
+def check_out_dir(out_dir: Path, init_from: str, pretrained: Path | None):
+    """Refuse an out_dir a run cannot use, before anything is read or written: a file; a run to resume without the
+    training state; a run's checkpoints a new run would overwrite; the pretrained folder being read; another
+    program's config.json."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
+    ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
+    if init_from == "resume":
+        if best.exists() and not ckpt.exists():
+            raise GlimpseError(f"{out_dir} has best.pt but no ckpt.pt: its run stopped before saving its training "
+                               "state, and best.pt holds only weights (for sample.py and eval.py), so it cannot be "
+                               "resumed; start a new run in another --out_dir")
+        return
+    if ckpt.exists():
+        raise GlimpseError(f"{ckpt} exists: continue it with --init_from=resume, or start fresh in another --out_dir "
+                           "(or delete that one)")
+    if best.exists():
+        raise GlimpseError(f"{best} exists, from a run that stopped before saving ckpt.pt (so it cannot be resumed): "
+                           "start fresh in another --out_dir, or delete that one")
+    if pretrained is not None and out_dir.resolve() == pretrained.resolve():
+        raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
+                           "config.json a run would overwrite: train into another folder")
+    config = out_dir / "config.json"
+    if config.exists() and not is_run_config(config):
+        raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
+                           "--out_dir")
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether path is the config.json a run writes (a run that stopped before its first checkpoint leaves one)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
+
+
+def write_text(path: Path, text: str):
+    """Write text to path, making its folder first; a failure (a full disk, no permission) is a one-line error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:
@@ -322,12 +380,21 @@ def prepare_data(cfg: TrainConfig):
     if not (to_prepare or cfg.hellaswag_interval):
         ensure_dataset(cfg.dataset, cfg.data_dir)  # there already, or an error that says how to make it
         return
-    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cfg.data_dir) / f".{cfg.dataset}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
-        ensure_dataset(cfg.dataset, cfg.data_dir)
-        if cfg.hellaswag_interval:
-            hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
+    data_dir = Path(cfg.data_dir)
+    made = not data_dir.exists()
+    lock_path = data_dir / f".{cfg.dataset}.lock"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+            ensure_dataset(cfg.dataset, cfg.data_dir)
+            if cfg.hellaswag_interval:
+                hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
+    except OSError as e:
+        raise GlimpseError(f"could not prepare {cfg.dataset!r} in --data_dir {data_dir}: {e.strerror or e}") from None
+    finally:
+        if made and not (data_dir / cfg.dataset / "meta.json").exists():  # a mistyped --data_dir is not left behind
+            shutil.rmtree(data_dir, ignore_errors=True)  # this process made it: all it holds is from this attempt
 
 
 def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:

@@ -11,7 +11,23 @@ import json
 import math
 from pathlib import Path
 
+from glimpse.errors import GlimpseError
+
 HEAD_COLUMNS = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, leaving out lines that are not one (a line cut short when a process was
+    killed or the disk filled up)."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
+    return records
 
 
 class Tracker:
@@ -40,14 +56,18 @@ class Tracker:
         if not enabled:
             return
         if metrics_path is not None and not append:
-            metrics_path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if keep_through_iter is not None and metrics_path.exists():
-                lines = metrics_path.read_text(encoding="utf-8").splitlines()
-                records = [json.loads(line) for line in lines if line.strip()]
                 # a finished run's final record stops being final once the run goes on
-                kept = [json.dumps(r) for r in records if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
-            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                kept = [json.dumps(r) for r in read_records(metrics_path)
+                        if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
+            try:  # through a new file: a failure halfway leaves the old history whole
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                partial = metrics_path.with_name(metrics_path.name + ".partial")
+                partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                partial.replace(metrics_path)
+            except OSError as e:
+                raise GlimpseError(f"could not write {metrics_path}: {e.strerror or e}") from None
         if wandb_log:
             import wandb  # imported here: it is slow to import and most runs do not log to it
 
@@ -76,8 +96,11 @@ class Tracker:
             return
         if self.path is not None:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(clean) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(clean) + "\n")
+            except OSError as e:
+                raise GlimpseError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
 

@@ -134,6 +134,8 @@ class TrainConfig:
     wandb_run_name: str = option("", "wandb run name (empty: wandb picks one)")
 
     def __post_init__(self):
+        if not self.out_dir.strip():  # an empty one would write the run's files into the current folder
+            raise ValueError("out_dir must name a folder, got an empty one")
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

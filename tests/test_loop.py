@@ -28,7 +28,7 @@ from glimpse.errors import GlimpseError
 from glimpse.evaluation import scored_windows
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
-from glimpse.run import setup, training_shapes
+from glimpse.run import prepare_data, setup, training_shapes
 from glimpse.runtime import allow_tf32, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
@@ -90,8 +90,10 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
     with redirect_stdout(out):
         train(replace(cfg, init_from="resume"))
     assert f"resumed from {checkpoint_path(cfg.out_dir)} at step 20" in out.getvalue()
-    evals = [r["iter"] for r in read_metrics(cfg.out_dir) if "val_loss" in r]
-    assert evals == [0, 20, 40]
+    evals = [r for r in read_metrics(cfg.out_dir) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    # step 20's eval reports the rate and speed of step 19 (the last step taken), as it would have unstopped
+    assert evals[1]["lr"] == pytest.approx(get_lr(19, cfg)) and evals[1]["tokens_per_sec"] > 0
     snapshots = sorted(int(p.name.removeprefix("iter_")) for p in (Path(cfg.out_dir) / "attention").glob("iter_*"))
     assert snapshots == [0, 20, 40]
     best = load_checkpoint(best_path(cfg.out_dir))["iter_num"]
@@ -256,6 +258,43 @@ def test_the_time_budget_sets_each_steps_rate_and_stops_the_run_when_spent(tmp_p
     budget = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
     assert get_lr(5, budget, 0.0) == pytest.approx(6 / 11)  # warmup still counts steps
     assert get_lr(500, budget, 0.5) == pytest.approx(0.55) and get_lr(500, budget, 1.0) == pytest.approx(0.1)
+
+
+def test_a_budget_that_ends_between_log_steps_logs_the_loss_of_its_last_steps(tmp_path, data_dir):
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10**6, max_time=0.5, eval_interval=10**6,
+                      log_interval=10**6, attn_log_interval=0, warmup_iters=0, final_eval=False)
+    last = train(cfg)
+    logged = [r for r in read_metrics(cfg.out_dir) if "train_loss" in r]
+    assert [r["iter"] for r in logged] == [last["iter"]]  # every step's loss is in a record, the last ones too
+    assert logged[0]["lr"] == pytest.approx(get_lr(last["iter"] - 1, cfg, logged[0]["budget_used"]))
+    assert math.isfinite(logged[0]["train_loss"]) and logged[0]["budget_used"] < 1.0
+
+
+def test_a_mistyped_data_dir_is_not_left_behind(tmp_path, monkeypatch):
+    """A built-in dataset that cannot be fetched into a --data_dir that did not exist stops in one line, and the
+    folder it made for it is gone again (port 9 on loopback refuses the connection: a real failed download)."""
+    from data import prepare
+
+    monkeypatch.setitem(prepare.BUILTIN, "shakespeare_char", ("char", "http://127.0.0.1:9/input.txt"))
+    typo = tmp_path / "dta"
+    with pytest.raises(GlimpseError, match="could not download"):
+        prepare_data(tiny_config(typo, tmp_path / "out", dataset="shakespeare_char"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_reads_past_a_metrics_line_cut_short(tmp_path, data_dir):
+    """A process killed mid-write (or a full disk) leaves half a line at the end of metrics.jsonl: the resumed
+    run keeps every whole record up to its checkpoint and goes on."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=20, eval_interval=10, attn_log_interval=0,
+                      final_eval=False)
+    train(cfg)
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
+    whole = read_metrics(cfg.out_dir)
+    with open(metrics, "a") as f:
+        f.write('[1, 2]\n{"iter": 21, "train_lo')
+    train(replace(cfg, init_from="resume", max_iters=30))
+    records = read_metrics(cfg.out_dir)
+    assert records[:len(whole)] == whole and records[-1]["iter"] == 30
 
 
 def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir):

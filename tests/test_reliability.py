@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,47 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == files  # nothing was overwritten
 
 
+def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir, capsys):
+    """A run that could not continue, or would overwrite what is not its own, stops in one line before it writes
+    anything: the folder it was pointed at (a finished run's metrics.jsonl included) is left as it was."""
+    import export
+
+    out = tmp_path / "out"
+    train.train(tiny_config(data_dir, out, max_iters=10, eval_interval=5, attn_log_interval=0, n_layer=1,
+                            n_head=2, n_embd=16, block_size=16, batch_size=4))  # the shape TINY asks for
+    only_best = shutil.copytree(out, tmp_path / "only_best")  # killed before its first ckpt.pt
+    checkpoint_path(only_best).unlink()
+    weights_only = shutil.copytree(out, tmp_path / "weights_only")
+    shutil.copy(best_path(out), checkpoint_path(weights_only))
+    damaged = shutil.copytree(out, tmp_path / "damaged")  # an optimizer state that no longer fits
+    state = torch.load(checkpoint_path(damaged), weights_only=True)
+    state["optimizer"]["param_groups"].pop()
+    torch.save(state, checkpoint_path(damaged))
+    hf = tmp_path / "hf"
+    export.main([f"--out_dir={out}", f"--to={hf}"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "a_file").write_text("notes")
+    capsys.readouterr()
+    files = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        ([f"--out_dir={only_best}"], "from a run that stopped before saving ckpt.pt"),
+        ([f"--out_dir={only_best}", "--init_from=resume"], "has best.pt but no ckpt.pt"),
+        ([f"--out_dir={weights_only}", "--init_from=resume"], "holds weights without the training state"),
+        ([f"--out_dir={damaged}", "--init_from=resume"], "does not fit the run it would resume"),
+        ([f"--out_dir={hf}", f"--init_from={hf}"], "is the folder --init_from reads the pretrained model from"),
+        ([f"--out_dir={foreign}"], "is not a glimpse run's config.json"),
+        ([f"--out_dir={tmp_path / 'a_file'}"], "is a file, not a folder"),
+        (["--out_dir= "], "out_dir must name a folder"),
+        ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
+         "resume with the preset and flags the run was started with"),
+    ]
+    for argv, expected in cases:
+        assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv
+    assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing written, nothing lost
+
+
 def test_dataset_errors(tmp_path, corpus_file, capsys):
     folder = tmp_path / "d" / "nometa"
     folder.mkdir(parents=True)
@@ -230,6 +272,8 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         (good + ["--top_p=1.5"], "top_p must be in (0, 1]"),
         (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt'}"], "is a file"),
+        ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt' / 'a' / 'b'}"],
+         f"cannot be made: {str(truncated / 'ckpt.pt')!r} is a file"),  # it failed after the first sample
     ]
     for argv, expected in cases:
         assert expected in run_main(sample.main, argv, capsys), argv

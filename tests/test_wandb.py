@@ -42,3 +42,9 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, data_dir):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # one run id
     assert [row["_step"] for row in logged_history(runs[1])] == [15, 20]
+    # a stretch without wandb in between does not lose the run: the checkpoint keeps its id
+    third = python("train.py", *args, "--max_iters=30", "--init_from=resume", "--wandb_log=false", env=env)
+    fourth = python("train.py", *args, "--max_iters=40", "--init_from=resume", env=env)
+    assert third.returncode == 0 and fourth.returncode == 0, third.stderr + fourth.stderr
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and len({run.name.split("-")[-1] for run in runs}) == 1
