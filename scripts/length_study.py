@@ -117,8 +117,9 @@ def write_tables(out: Path, rows: list[dict]):
     table = summary(rows)
     multiples = sorted({r["multiple"] for r in rows})
     lines = []
-    for mode in ("sliding", "windows"):
-        lines += [f"\n{mode} windows: validation loss (nats/char), mean over seeds [min, max]\n",
+    # eval.py's modes, in the words its docs use: "windows" is already a noun, "sliding" is not
+    for mode, name in (("sliding", "sliding windows"), ("windows", "non-overlapping windows")):
+        lines += [f"\n{name}: validation loss (nats/char), mean over seeds [min, max]\n",
                   "| encoding | " + " | ".join(f"{m}x ({m * 64})" for m in multiples) + " |",
                   "|---|" + "---|" * len(multiples)]
         for encoding in dict.fromkeys(r["pos_encoding"] for r in rows):

@@ -302,3 +302,16 @@ def test_token_text_with_nul_characters_round_trips_through_a_dump(tmp_path):
     write_npz(old / "attention.npz", attn, token_ids=np.arange(3, dtype=np.int32), tokens=np.array(["a", "b", "c"]),
               prompt_len=np.int32(3), meta=np.array("{}"), cut=np.int32(0))
     assert load_dump(old)["tokens"] == ["a", "b", "c"]
+
+
+def test_the_length_studys_tables_name_each_way_of_windowing_once(tmp_path, capsys):
+    from scripts.length_study import write_tables
+
+    rows = [{"multiple": m, "length": 64 * m, "mode": mode, "val_loss": 2.0 + m / 10, "pos_encoding": "rope",
+             "seed": seed} for m in (1, 2) for mode in ("windows", "sliding") for seed in (1337, 1338)]
+    write_tables(tmp_path, rows)
+    text = (tmp_path / "length_study.md").read_text(encoding="utf-8")
+    headings = [line for line in text.splitlines() if "validation loss" in line]
+    assert headings == ["sliding windows: validation loss (nats/char), mean over seeds [min, max]",
+                        "non-overlapping windows: validation loss (nats/char), mean over seeds [min, max]"]
+    assert "| rope | 2.100 [2.100, 2.100] | 2.200 [2.200, 2.200] |" in text and text in capsys.readouterr().out
