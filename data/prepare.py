@@ -115,6 +115,10 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
     start_method: how the tokenizing processes start (multiprocessing's; None: the platform's default).
     """
     out = Path(cfg.data_dir) / cfg.dataset
+    existing = next(p for p in (out, *out.parents) if p.exists())  # "." at worst
+    if not existing.is_dir():
+        raise GlimpseError(f"{str(existing)!r} is a file: " + ("move it, or choose another --dataset" if existing == out
+                           else "--data_dir must be a folder, or a path where one can be made"))
     kind = cfg.tokenizer
     if kind == "auto":
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"

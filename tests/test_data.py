@@ -15,6 +15,7 @@ from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
 from tests import conftest
 from tests.conftest import R50K_CACHE_NAME, make_corpus, python
+from tests.test_reliability import run_main
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # as tiktoken_ext fetches it
 
@@ -129,6 +130,21 @@ def test_bad_inputs_are_clear_errors(tmp_path):
             prepare(PrepareConfig(dataset="x", input=str(path), data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="give its text with --input"):
         PrepareConfig(dataset="custom")
+
+
+def test_a_data_dir_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
+    (tmp_path / "afile").write_text("notes")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("not a dataset")
+    for data_dir, message in [(tmp_path / "afile", f"{str(tmp_path / 'afile')!r} is a file: --data_dir must be a "
+                                                    "folder"),
+                              (tmp_path / "afile" / "sub", f"{str(tmp_path / 'afile')!r} is a file: --data_dir"),
+                              (tmp_path / "d", f"{str(tmp_path / 'd' / 'x')!r} is a file: move it, or choose another "
+                                               "--dataset")]:
+        line = run_main(prepare_module.main, ["--dataset=x", f"--input={corpus_file}", f"--data_dir={data_dir}"],
+                        capsys)
+        assert message in line, line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "d", "x"]
 
 
 def test_offline_download_says_to_pass_a_local_file(tmp_path, monkeypatch):
