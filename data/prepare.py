@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -112,13 +113,26 @@ class PrepareConfig:
 def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
     """Read (or download or stream), tokenize, split and write one dataset; return its folder.
 
-    start_method: how the tokenizing processes start (multiprocessing's; None: the platform's default).
+    start_method: how the tokenizing processes start (multiprocessing's; None: the platform's default). A run
+    that fails on bad input removes the folders it made (data_dir, NAME/) when nothing was written in them.
     """
     out = Path(cfg.data_dir) / cfg.dataset
     existing = next(p for p in (out, *out.parents) if p.exists())  # "." at worst
     if not existing.is_dir():
         raise GlimpseError(f"{str(existing)!r} is a file: " + ("move it, or choose another --dataset" if existing == out
                            else "--data_dir must be a folder, or a path where one can be made"))
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        return make_dataset(cfg, out, start_method)
+    except GlimpseError:
+        for folder in made:
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Path:
+    """prepare's work, into the dataset folder out."""
     kind = cfg.tokenizer
     if kind == "auto":
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"
@@ -199,19 +213,31 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
     start = time.perf_counter()
     items = skipped(pieces(docs()), progress.items, bar)
     saved_shards = progress.shards_kept()
-    for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers, start_method):
-        for (starts_doc, size), ids in zip(infos, encoded):
-            router.add(ids, starts_doc)
-            progress.items += 1
-            bar.update(size)
-            if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
-                progress.save(router.docs, router.split)
-                saved_shards = progress.shards_kept()
-        tokens = sum(w.count for w in progress.writers.values())
-        bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
-                            f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+    try:
+        for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers, start_method):
+            for (starts_doc, size), ids in zip(infos, encoded):
+                router.add(ids, starts_doc)
+                progress.items += 1
+                bar.update(size)
+                if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
+                    progress.save(router.docs, router.split)
+                    saved_shards = progress.shards_kept()
+            tokens = sum(w.count for w in progress.writers.values())
+            bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
+                                f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+    except GlimpseError as e:  # bad input, met part-way through the corpus
+        bar.close()
+        if not (staging / "progress.json").exists():  # no finished shard a rerun could keep
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        raise GlimpseError(f"{e} (the finished shards stay in {staging}: the same command, once the input is "
+                           "fixed, goes on from them)") from None
     bar.close()
-    router.finish(settings["source"])
+    try:
+        router.finish(settings["source"])
+    except GlimpseError:  # the whole corpus was read: the same command would end the same way
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size, "dtype": progress.dtype.name,
             "source": settings["source"], "documents": router.docs}
     publish(out, staging, progress.writers, meta)

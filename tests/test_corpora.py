@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tracemalloc
@@ -282,6 +283,33 @@ def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path
     assert meta == json.loads((whole / "meta.json").read_text())
     for shard in (shard for shards in meta["shards"].values() for shard in shards):
         assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+
+
+def test_bad_input_deep_in_a_corpus_keeps_the_finished_shards_for_the_fixed_rerun(tmp_path, small_blocks,
+                                                                                     gpt2_ranks, capsys):
+    """Shards finished before a bad line are work a rerun can keep: they stay, and the one error line says where;
+    a failure with nothing finished leaves nothing (test_data.py)."""
+    lines = [json.dumps({"text": make_corpus(20, seed=i)}) for i in range(40)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join([*lines, "not json"]) + "\n")
+    settings = dict(input=str(corpus), data_dir=str(tmp_path), tokenizer="gpt2", shard_tokens=500, workers=1)
+    with pytest.raises(GlimpseError, match=rf"{corpus}:41 is not JSON") as error:  # before any shard is finished
+        prepare(PrepareConfig(dataset="d", **{**settings, "shard_tokens": 10**6}))
+    assert "finished shards" not in str(error.value) and not (tmp_path / "d").exists()
+    staging = tmp_path / "d" / f".preparing-{socket.gethostname()}"
+    with pytest.raises(GlimpseError, match=rf"{corpus}:41 is not JSON .*\(the finished shards stay in {staging}: "
+                                           r"the same command, once the input is fixed, goes on from them\)$"):
+        prepare(PrepareConfig(dataset="d", **settings))
+    assert (staging / "progress.json").exists() and not (tmp_path / "d" / "meta.json").exists()
+    corpus.write_text("\n".join([*lines, json.dumps({"text": "the last document"})]) + "\n")
+    capsys.readouterr()
+    fixed = prepare(PrepareConfig(dataset="d", **settings))
+    assert "resuming: " in capsys.readouterr().err and not staging.exists()
+    whole = prepare(PrepareConfig(dataset="whole", **settings))
+    meta = json.loads((fixed / "meta.json").read_text())
+    assert meta == json.loads((whole / "meta.json").read_text()) and meta["documents"] == 41
+    for shard in (shard for shards in meta["shards"].values() for shard in shards):
+        assert (fixed / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
 
 
 def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):

@@ -128,6 +128,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     for path, message in [(tmp_path / "nope.txt", "not found"), (empty, "holds no text"), (latin1, "not UTF-8")]:
         with pytest.raises(GlimpseError, match=message):
             prepare(PrepareConfig(dataset="x", input=str(path), data_dir=str(tmp_path)))
+        assert not (tmp_path / "x").exists()  # a failed run leaves no dataset folder and no work in progress
+    with pytest.raises(GlimpseError, match="holds no text"):  # the folders --data_dir asked for go too
+        prepare(PrepareConfig(dataset="x", input=str(empty), data_dir=str(tmp_path / "new" / "deeper")))
+    assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="give its text with --input"):
         PrepareConfig(dataset="custom")
 
