@@ -32,20 +32,26 @@ class TokenData:
         except json.JSONDecodeError as e:
             raise GlimpseError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again") from None
         self.folder = folder
-        self.tokenizer_spec = self.meta["tokenizer"]
-        self.vocab_size = int(self.meta["vocab_size"])
-        dtype = np.dtype(self.meta["dtype"])
-        shards = self.meta.get("shards") or {split: [{"file": f"{split}.bin", "tokens": self.meta[f"{split}_tokens"]}]
-                                             for split in ("train", "val")}
+        try:  # a meta.json that data/prepare.py did not write (another tool's, or edited) lacks what it says
+            self.tokenizer_spec = self.meta["tokenizer"]
+            self.vocab_size = int(self.meta["vocab_size"])
+            dtype = np.dtype(self.meta["dtype"])
+            shards = self.meta.get("shards") or {
+                split: [{"file": f"{split}.bin", "tokens": self.meta[f"{split}_tokens"]}] for split in ("train", "val")}
+            shards = {split: [(str(s["file"]), int(s["tokens"])) for s in shards[split]] for split in ("train", "val")}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            missing = f"no {e}" if isinstance(e, KeyError) else f"a bad value ({e})"
+            raise GlimpseError(f"{folder} is not a dataset data/prepare.py prepared: its meta.json has {missing}; "
+                               f"prepare it with python data/prepare.py --dataset={folder.name}") from None
         self.splits = {}  # split -> [memmap per shard]
         for split in ("train", "val"):
             self.splits[split] = []
-            for shard in shards[split]:
-                path = folder / shard["file"]
+            for file, tokens in shards[split]:
+                path = folder / file
                 size = path.stat().st_size if path.exists() else -1
-                if size != int(shard["tokens"]) * dtype.itemsize:
+                if size != tokens * dtype.itemsize:
                     raise GlimpseError(
-                        f"{path} does not match {meta_path} (expected {shard['tokens']} {dtype.name} tokens; "
+                        f"{path} does not match {meta_path} (expected {tokens} {dtype.name} tokens; "
                         "deleted or changed since): prepare the dataset again with "
                         f"python data/prepare.py --dataset={folder.name}"
                     )

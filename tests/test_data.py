@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data.prepare as prepare_module
+import train
 from data.dataset import TokenData
 from data.prepare import PrepareConfig, pieces, prepare, write_atomic
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
@@ -224,3 +225,21 @@ def test_bins_that_do_not_match_meta_are_refused(tmp_path, corpus_file):
         f.truncate(10)
     with pytest.raises(GlimpseError, match="does not match"):
         TokenData(folder)
+
+
+def test_a_meta_json_that_prepare_did_not_write_is_one_line(tmp_path, corpus_file, capsys):
+    folder = prepare(PrepareConfig(dataset="odd", input=str(corpus_file), data_dir=str(tmp_path)))
+    meta = json.loads((folder / "meta.json").read_text())
+    no_tokens = json.loads(json.dumps(meta))
+    del no_tokens["shards"]["val"][0]["tokens"]
+    for broken, said in [({k: v for k, v in meta.items() if k != "vocab_size"}, "has no 'vocab_size'"),
+                         ({k: v for k, v in meta.items() if k != "tokenizer"}, "has no 'tokenizer'"),
+                         (no_tokens, "has no 'tokens'"), ({**meta, "dtype": "words"}, "has a bad value"),
+                         ({**meta, "shards": {"train": []}}, "has no 'val'"), (["a", "list"], "has a bad value")]:
+        (folder / "meta.json").write_text(json.dumps(broken))
+        with pytest.raises(GlimpseError, match=f"{folder} is not a dataset data/prepare.py prepared: its meta.json "
+                                               f"{said}.*; prepare it with python data/prepare.py --dataset=odd$"):
+            TokenData(folder)
+    line = run_main(train.main, [f"--data_dir={tmp_path}", "--dataset=odd", f"--out_dir={tmp_path / 'out'}",
+                                 "--device=cpu"], capsys)
+    assert "is not a dataset data/prepare.py prepared" in line and not (tmp_path / "out").exists()
