@@ -305,10 +305,13 @@ def is_run_config(path: Path) -> bool:
 
 
 def write_text(path: Path, text: str):
-    """Write text to path, making its folder first; a failure (a full disk, no permission) is a one-line error."""
+    """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
+    read half of it); a failure (a full disk, no permission) is a one-line error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
     except OSError as e:
         raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None
 
