@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,10 +248,16 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
 
 
 def main(argv: list[str] | None = None):
-    with user_errors():
-        cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv,
-                           prog="sample.py", description=__doc__, allow_file=False)
-        sample(cfg)
+    try:
+        with user_errors():
+            cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv,
+                               prog="sample.py", description=__doc__, allow_file=False)
+            sample(cfg)
+    except BrokenPipeError:
+        # the reader went away (sample.py | head): stop without a word, as Unix tools do. stdout now points at
+        # /dev/null, or Python's own flush of it at exit would fail on the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)  # what a shell reports for a tool the closed pipe stopped
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import sample
 import train
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
-from tests.conftest import REPO, python, tiny_config
+from tests.conftest import REPO, make_corpus, python, tiny_config
 from tests.test_train import read_metrics
 
 TINY = ["--dataset=tiny", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
@@ -277,6 +277,22 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     ]
     for argv, expected in cases:
         assert expected in run_main(sample.main, argv, capsys), argv
+
+
+def test_sampling_into_a_pipe_its_reader_closes_stops_quietly(tmp_path, trained):
+    """`sample.py | head -c 10`: the prompt alone is more than a pipe holds, so sample.py is still writing when the
+    reader closes it, and stops as Unix tools do: nothing on stderr but what it said before, 128 + SIGPIPE."""
+    cfg, _ = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(make_corpus(3000))  # about 120 kB: a pipe holds 64 kB
+    with subprocess.Popen([sys.executable, "sample.py", f"--out_dir={cfg.out_dir}", f"--start=FILE:{prompt}",
+                           "--max_new_tokens=5", "--dump_attention=false"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.read(10) == prompt.read_text()[:10]
+        proc.stdout.close()
+        err = proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert err.startswith("sampling from ") and err.count("\n") == 1, err
 
 
 def test_a_failing_rank_brings_ddp_down(tmp_path, data_dir):
