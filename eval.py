@@ -247,25 +247,28 @@ def print_heads(result: dict):
 
 def write_results(out_dir: Path, rows: list[dict], title: str):
     """OUT_DIR/length_eval.csv, and length_eval.png: loss against context length, one line per mode."""
-    with open(out_dir / "length_eval.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    from matplotlib.figure import Figure
+    try:
+        with open(out_dir / "length_eval.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    for mode in MODES:
-        mine = [r for r in rows if r["mode"] == mode]
-        ax.plot([r["multiple"] for r in mine], [r["val_loss"] for r in mine], marker="o", label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length / training block_size")
-    ax.set_ylabel("validation loss (nats per token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "length_eval.png")
+        fig = Figure(figsize=(6, 4), dpi=120)
+        ax = fig.add_subplot()
+        for mode in MODES:
+            mine = [r for r in rows if r["mode"] == mode]
+            ax.plot([r["multiple"] for r in mine], [r["val_loss"] for r in mine], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length / training block_size")
+        ax.set_ylabel("validation loss (nats per token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "length_eval.png")
+    except OSError as e:
+        raise GlimpseError(f"could not write the length evaluation to {out_dir}: {e.strerror or e}") from None
 
 
 def log_to_wandb(state: dict, rows: list[dict]):

@@ -295,6 +295,16 @@ def test_sampling_into_a_pipe_its_reader_closes_stops_quietly(tmp_path, trained)
     assert err.startswith("sampling from ") and err.count("\n") == 1, err
 
 
+def test_length_results_it_cannot_write_are_one_line(tmp_path, trained, capsys):
+    import eval as eval_script
+
+    cfg, _ = trained
+    out = shutil.copytree(cfg.out_dir, tmp_path / "run")
+    (out / "length_eval.csv").mkdir()  # in the way of the file
+    line = run_main(eval_script.main, [f"--out_dir={out}", "--lengths=1", "--max_tokens=256"], capsys)
+    assert line == f"error: could not write the length evaluation to {out}: Is a directory"
+
+
 def test_a_failing_rank_brings_ddp_down(tmp_path, data_dir):
     """kill -9 one of two torchrun workers: the whole run stops with a clear report instead of hanging."""
     out = tmp_path / "out"
