@@ -245,6 +245,11 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
               pretrained=pretrained, hellaswag=examples)
     if state is not None:
         run.load_state_dict(state)
+        # best.pt may be newer than ckpt.pt (always_save_checkpoint=false, a run killed between checkpoints): a
+        # resumed run that does not retrace its steps exactly (a time budget) must not replace it with a worse one
+        if best_path(out_dir).exists():
+            best = load_checkpoint(best_path(out_dir), "cpu", mmap=True).get("val_loss")
+            run.best_val_loss = min(run.best_val_loss, best if best is not None else math.inf)
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
         run.step_lr = get_lr(0, cfg)  # step 0's eval reports the rate its first step will take

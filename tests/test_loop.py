@@ -282,6 +282,19 @@ def test_a_mistyped_data_dir_is_not_left_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_resume_keeps_a_best_pt_newer_than_its_checkpoint(tmp_path, data_dir):
+    """With always_save_checkpoint=false a run killed between checkpoints leaves a best.pt better than the best
+    its ckpt.pt knows of (here: made so by hand); a resumed run that does not beat it must not replace it."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=20, eval_interval=10, attn_log_interval=0,
+                      final_eval=False)
+    train(cfg)
+    state = load_checkpoint(best_path(cfg.out_dir))
+    save_checkpoint(best_path(cfg.out_dir), {**state, "val_loss": 0.01})
+    kept = hashlib.sha256(best_path(cfg.out_dir).read_bytes()).hexdigest()
+    train(replace(cfg, init_from="resume", max_iters=30))
+    assert hashlib.sha256(best_path(cfg.out_dir).read_bytes()).hexdigest() == kept
+
+
 def test_a_resume_reads_past_a_metrics_line_cut_short(tmp_path, data_dir):
     """A process killed mid-write (or a full disk) leaves half a line at the end of metrics.jsonl: the resumed
     run keeps every whole record up to its checkpoint and goes on."""
