@@ -11,6 +11,9 @@ A run's out_dir holds two checkpoints, because resuming and sampling want differ
     best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
               is a third of the size. Written when an eval improves on the best.
 
+What else a run writes there (config.json, metrics.jsonl) and which folders a run may not use (check_out_dir)
+are checked here too, before a run writes anything.
+
 Under fsdp=true ckpt.pt holds the full weights but not the optimizer state, which is saved sharded beside
 it (glimpse/sharding.py).
 
@@ -22,6 +25,7 @@ renamed over the old one, so a crash mid-write leaves the previous checkpoint wh
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -140,6 +144,55 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     state = load_checkpoint(path, "cpu", mmap=True)
     print(f"{doing} {describe(path, state)}", file=sys.stderr)
     return model_from_checkpoint(state, device).eval(), state, device, dtype
+
+
+def check_out_dir(out_dir: Path, init_from: str, pretrained: Path | None):
+    """Refuse an out_dir a run cannot use, before anything is read or written: a file; a run to resume without the
+    training state; a run's checkpoints a new run would overwrite; the pretrained folder being read; another
+    program's config.json."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
+    ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
+    if init_from == "resume":
+        if best.exists() and not ckpt.exists():
+            raise GlimpseError(f"{out_dir} has best.pt but no ckpt.pt: its run stopped before saving its training "
+                               "state, and best.pt holds only weights (for sample.py and eval.py), so it cannot be "
+                               "resumed; start a new run in another --out_dir")
+        return
+    if ckpt.exists():
+        raise GlimpseError(f"{ckpt} exists: continue it with --init_from=resume, or start fresh in another --out_dir "
+                           "(or delete that one)")
+    if best.exists():
+        raise GlimpseError(f"{best} exists, from a run that stopped before saving ckpt.pt (so it cannot be resumed): "
+                           "start fresh in another --out_dir, or delete that one")
+    if pretrained is not None and out_dir.resolve() == pretrained.resolve():
+        raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
+                           "config.json a run would overwrite: train into another folder")
+    config = out_dir / "config.json"
+    if config.exists() and not is_run_config(config):
+        raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
+                           "--out_dir")
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether path is the config.json a run writes (a run that stopped before its first checkpoint leaves one)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
+
+
+def write_text(path: Path, text: str):
+    """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
+    read half of it); a failure (a full disk, no permission) is a one-line error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    except OSError as e:
+        raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None
 
 
 # a setting that contradicts the checkpoint may come from a flag, a preset or a default the run was not started with

@@ -25,6 +25,7 @@ from data.dataset import TokenData
 from data.prepare import BUILTIN, ensure_dataset
 from glimpse.checkpoint import (
     best_path,
+    check_out_dir,
     check_resumable,
     check_resume,
     checkpoint_path,
@@ -32,6 +33,7 @@ from glimpse.checkpoint import (
     rank_rng_state,
     restore_rank_rng,
     saved_rank_states,
+    write_text,
 )
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, machines, run_device
@@ -270,55 +272,6 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
-
-
-def check_out_dir(out_dir: Path, init_from: str, pretrained: Path | None):
-    """Refuse an out_dir a run cannot use, before anything is read or written: a file; a run to resume without the
-    training state; a run's checkpoints a new run would overwrite; the pretrained folder being read; another
-    program's config.json."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
-    ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
-    if init_from == "resume":
-        if best.exists() and not ckpt.exists():
-            raise GlimpseError(f"{out_dir} has best.pt but no ckpt.pt: its run stopped before saving its training "
-                               "state, and best.pt holds only weights (for sample.py and eval.py), so it cannot be "
-                               "resumed; start a new run in another --out_dir")
-        return
-    if ckpt.exists():
-        raise GlimpseError(f"{ckpt} exists: continue it with --init_from=resume, or start fresh in another --out_dir "
-                           "(or delete that one)")
-    if best.exists():
-        raise GlimpseError(f"{best} exists, from a run that stopped before saving ckpt.pt (so it cannot be resumed): "
-                           "start fresh in another --out_dir, or delete that one")
-    if pretrained is not None and out_dir.resolve() == pretrained.resolve():
-        raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
-                           "config.json a run would overwrite: train into another folder")
-    config = out_dir / "config.json"
-    if config.exists() and not is_run_config(config):
-        raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
-                           "--out_dir")
-
-
-def is_run_config(path: Path) -> bool:
-    """Whether path is the config.json a run writes (a run that stopped before its first checkpoint leaves one)."""
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
-
-
-def write_text(path: Path, text: str):
-    """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
-    read half of it); a failure (a full disk, no permission) is a one-line error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
-    except OSError as e:
-        raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:
