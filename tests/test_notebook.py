@@ -50,6 +50,19 @@ def cell(executed, marker: str) -> tuple[str, dict]:
     return found[0]
 
 
+def test_the_progress_bar_is_set_up_before_anything_imports_tqdm():
+    """tqdm reads its TQDM_* settings once, when first imported (torch imports it): the notebook's setting must come
+    before that, or the saved notebook keeps hundreds of progress-bar redraws."""
+    nbformat = pytest.importorskip("nbformat")
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    before_training = cells[:next(n for n, source in enumerate(cells) if "train(" in source)]
+    script = "\n".join(before_training) + (
+        "\nimport io\nfrom tqdm import tqdm\nprint('mininterval', tqdm(total=1, file=io.StringIO()).mininterval)")
+    result = python("-c", script, env={"MPLBACKEND": "Agg", "GLIMPSE_WALKTHROUGH_OUT": "unused"})
+    assert result.returncode == 0, result.stderr
+    assert "mininterval 10.0" in result.stdout
+
+
 def test_the_toy_example_prints_the_lecture_notes_numbers(executed):
     printed, _ = cell(executed, "dot_scores(q, keys")
     first, second = printed.strip().splitlines()
