@@ -133,6 +133,11 @@ class BenchConfig:
         _ = self.shard_counts  # a malformed list fails here, before anything is built
         if self.gpt2_n_layer < 1 or self.prompt_tokens < 1:
             raise ValueError("gpt2_n_layer and prompt_tokens must be at least 1")
+        if self.what == "gpt2" and self.prompt_tokens + self.new_tokens > 1024:  # both models' learned positions
+            raise ValueError(f"--what=gpt2 generates within GPT-2's 1,024 positions: prompt_tokens + new_tokens is "
+                             f"{self.prompt_tokens + self.new_tokens}; lower either")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {self.vocab_size}")
         if self.corpus_mb < 1:
             raise ValueError(f"corpus_mb must be at least 1, got {self.corpus_mb}")
 
@@ -248,8 +253,10 @@ def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path, shards: int = 1):
         write_dataset(tmp / "data" / name, CharTokenizer(chars), ids, "random tokens", shards=shards)
         run = setup(train_cfg, Distributed())
     lr = train_cfg.learning_rate
+    full_size_from = max(train_cfg.batch_warmup_iters, train_cfg.seq_warmup_iters)
 
     def step():
+        run.iter_num = full_size_from  # every timed step past the ramps, at the full size the tokens below count
         train_step(run, lr)
 
     tokens = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps

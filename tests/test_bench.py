@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from bench import preset_config
+from bench import BenchConfig, preset_config, train_step_fn
 from glimpse.comparisons import prepare_beside_tiktoken
 from glimpse.errors import GlimpseError
 from tests.conftest import python, run_script
@@ -128,6 +128,23 @@ def test_train_step_is_timed_on_one_file_beside_shards():
     no_layers = python("bench.py", "--what=gpt2", "--gpt2_n_layer=0")
     assert no_layers.returncode == 2
     assert no_layers.stderr.strip() == "error: gpt2_n_layer and prompt_tokens must be at least 1"
+    for flags, says in [(["--what=gpt2", "--prompt_tokens=600"], "prompt_tokens + new_tokens is 1100"),
+                        (["--what=sample", "--vocab_size=0"], "vocab_size must be at least 1")]:
+        refused = python("bench.py", *flags)
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and says in refused.stderr
+
+
+def test_train_step_times_full_size_steps_when_the_preset_ramps_up(tmp_path):
+    """The tokens and FLOPs bench.py counts per step are the full batch's: the steps it times must be too, not
+    the batch and sequence ramps' smaller first steps."""
+    preset = f"{RECIPE}:batch_warmup_iters=1000:seq_warmup_iters=1000"
+    model, info, step, tokens = train_step_fn(preset, BenchConfig(preset=preset), tmp_path)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    for _ in range(3):
+        step()
+    full = (info["batch_size"], info["block_size"])
+    assert shapes == [full] * 3 and tokens == full[0] * full[1]
 
 
 def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
