@@ -53,7 +53,7 @@ def parse_heads(spec: str, n_layer: int | None = None, n_head: int | None = None
     heads = []
     for item in (part.strip() for part in spec.split(",")):
         layer, dot, head = item.partition(".")
-        if not (dot and layer.isdigit() and head.isdigit()):
+        if not (dot and layer.isascii() and layer.isdigit() and head.isascii() and head.isdigit()):  # not '²'
             raise GlimpseError(f"--ablate takes heads as layer.head, comma-separated (1.0,2.3), counted from 0; "
                                f"got {item!r}")
         heads.append((int(layer), int(head)))

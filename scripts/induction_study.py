@@ -82,13 +82,15 @@ class StudyConfig:
 
     def layer_counts(self) -> list[int]:
         counts = self.layers.split(",")
-        if not all(c.isdigit() and int(c) > 0 for c in counts):
+        if not all(c.isascii() and c.isdigit() and int(c) > 0 for c in counts):
             raise ValueError(f"layers must be positive whole numbers separated by commas, got {self.layers!r}")
+        if len(set(map(int, counts))) < len(counts):  # the second model would find the first one's out_dir
+            raise ValueError(f"layers names a layer count more than once: {self.layers!r}")
         return [int(c) for c in counts]
 
     def probe_lengths(self) -> list[int]:
         lengths = self.probe_tokens.split(",")
-        if not all(n.isdigit() and 2 <= int(n) <= 32 for n in lengths):
+        if not all(n.isascii() and n.isdigit() and 2 <= int(n) <= 32 for n in lengths):
             raise ValueError(f"probe_tokens must be whole numbers from 2 to 32 (the models see 64 characters), "
                              f"got {self.probe_tokens!r}")
         return [int(n) for n in lengths]

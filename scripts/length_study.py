@@ -55,6 +55,8 @@ class StudyConfig:
         unknown = set(self.encodings.split(",")) - set(POS_ENCODINGS)
         if unknown:
             raise ValueError(f"unknown encodings {', '.join(sorted(unknown))}: choose from {', '.join(POS_ENCODINGS)}")
+        if len(set(self.encodings.split(","))) < len(self.encodings.split(",")):
+            raise ValueError(f"encodings names an encoding more than once: {self.encodings!r}")
         if self.seeds < 1 or self.max_iters < 1 or self.max_tokens < 1:
             raise ValueError("seeds, max_iters and max_tokens must be at least 1")
         EvalConfig(lengths=self.lengths)  # the same check of the lengths as eval.py
@@ -169,6 +171,8 @@ def plot_dumps(out: Path):
     from glimpse.attention import load_dump
 
     encodings = [e for e in POS_ENCODINGS if (out / "dumps" / f"{e}-4x").exists()]
+    if not encodings:  # learned positions alone: nothing runs past its training length
+        return
     fig = Figure(figsize=(7, 3.2 * len(encodings)), dpi=110)
     for row, encoding in enumerate(encodings):
         for col, k in enumerate((1, 4)):

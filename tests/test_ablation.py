@@ -180,6 +180,7 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
     (["--ablate=9.0"], "the model has 2 layers"),
     (["--ablate=1.7"], "each layer has 2 heads"),
     (["--ablate=x"], "--ablate takes heads as layer.head"),
+    (["--ablate=\u00b2.0"], "--ablate takes heads as layer.head"),  # a superscript 2 is a digit to str.isdigit
     (["--ablate=1.0,1.0"], "names head 1.0 more than once"),
     (["--ablation=random"], "ablation must be one of zero, mean"),
     (["--head_importance", "--ablate=1.0"], "drop --ablate, or drop --head_importance"),

@@ -304,6 +304,16 @@ def test_token_text_with_nul_characters_round_trips_through_a_dump(tmp_path):
     assert load_dump(old)["tokens"] == ["a", "b", "c"]
 
 
+def test_a_length_study_of_learned_positions_alone_draws_no_longer_attention(tmp_path):
+    """Learned positions run only at their training length, so a study of them alone has no 4x dumps: the
+    picture of 1x beside 4x is left out (an empty figure failed to save, after every model had trained)."""
+    from scripts.length_study import plot_dumps
+
+    (tmp_path / "dumps" / "learned-1x").mkdir(parents=True)
+    plot_dumps(tmp_path)
+    assert not (tmp_path / "length_study_attention.png").exists()
+
+
 def test_the_length_studys_tables_name_each_way_of_windowing_once(tmp_path, capsys):
     from scripts.length_study import write_tables
 

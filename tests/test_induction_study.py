@@ -58,6 +58,8 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
     assert "cannot make the study's folder" in run_main(induction_study.main, [f"--out={tmp_path / 'a_file'}"], capsys)
     assert (tmp_path / "a_file").read_text() == "keep me"
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
+    assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=\u00b2"], capsys)
+    assert "names a layer count more than once" in run_main(induction_study.main, ["--layers=1,2,1"], capsys)
     assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
     assert "two copies in the models' 64-character window" in run_main(induction_study.main, ["--max_len=40"], capsys)
     assert "max_len <= doc_len / 2" in run_main(induction_study.main, ["--max_len=20", "--doc_len=30"], capsys)

@@ -372,4 +372,5 @@ def test_length_study_checks_its_settings(capsys):
     import length_study
 
     assert "unknown encodings bogus" in run_main(length_study.main, ["--encodings=rope,bogus"], capsys)
+    assert "names an encoding more than once" in run_main(length_study.main, ["--encodings=rope,alibi,rope"], capsys)
     assert "lengths must be whole numbers" in run_main(length_study.main, ["--lengths=1,x"], capsys)
