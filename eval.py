@@ -147,6 +147,9 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
             "longer contexts: use --lengths=1, or train with --pos_encoding=sinusoidal, rope, alibi or none"
         )
     stride = cfg.stride or max(1, block_size // 2)
+    if cfg.stride >= min(multiples) * block_size:  # no context left: sliding windows would be the non-overlapping ones
+        raise GlimpseError(f"--stride={stride} leaves sliding windows of {min(multiples) * block_size} tokens no "
+                           "context, so they would score what non-overlapping windows do: give a smaller stride")
     rows = []
     for multiple in multiples:
         length = multiple * block_size

@@ -158,6 +158,10 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     assert all(0 < float(r["val_loss"]) < 10 and int(r["tokens_scored"]) >= 256 for r in rows)
     assert (out / "length_eval.png").read_bytes()[:4] == b"\x89PNG"
 
+    no_context = python("eval.py", f"--out_dir={out}", "--lengths=1,2", "--stride=16")
+    assert no_context.returncode == 2 and "--stride=16 leaves sliding windows of 16 tokens no context" in \
+        no_context.stderr
+
     learned = tmp_path / "learned"
     train(tiny_config(data_dir, learned, block_size=16, max_iters=10, eval_interval=10, attn_log_interval=0))
     refused = python("eval.py", f"--out_dir={learned}", "--lengths=1,2")
