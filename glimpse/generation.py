@@ -67,9 +67,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     # a tiny temperature (1e-40) took logits / temperature to inf and softmax to NaN. Shifted so that each row's
     # largest logit is 0, the others go to -inf instead, and sampling tends to greedy as it should; the largest stay
-    # 0 undivided, as a temperature below float32's smallest number (5e-324) is 0 to it, and 0 / 0 is NaN
+    # 0 undivided, as a temperature below float32's smallest number (5e-324) is 0 to it, and 0 / 0 is NaN. A NaN
+    # logit (a blown-up model) stays NaN, for sampling to refuse rather than draw from a row made uniform
     shifted = logits - logits.max(dim=-1, keepdim=True).values  # (B, V)
-    logits = torch.where(shifted < 0, shifted / temperature, 0.0)  # (B, V)
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

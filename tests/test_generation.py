@@ -98,3 +98,5 @@ def test_a_tiny_temperature_samples_the_likeliest_token(temperature):
     for top_k, top_p in ((None, None), (2, None), (None, 0.5), (3, 0.9)):
         token = sample_next(logits.repeat(100, 1), temperature, top_k, top_p, gen)  # (300, 1)
         assert token.view(100, 3).eq(torch.tensor([1, 2, 0])).all()
+    with pytest.raises(RuntimeError, match="probability tensor contains"):  # a NaN is not turned into a draw
+        sample_next(torch.tensor([[1.0, float("nan"), 3.0, 2.0]]), temperature)
