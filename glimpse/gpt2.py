@@ -11,8 +11,8 @@ differ on disk:
 
 Pretrained weights come from the Hugging Face Hub through huggingface_hub, which keeps them in its
 cache (HF_HOME; HF_HUB_OFFLINE=1 reads the cache only), and are read with safetensors: a format of
-plain tensors, never a pickle. A folder named like a Hub model (./gpt2) that holds a config.json is read
-as the folder. Exporting (export.py) writes the same layout back.
+plain tensors, never a pickle. A folder named like a Hub model (./gpt2) that holds config.json and
+model.safetensors is read as the folder. Exporting (export.py) writes the same layout back.
 
 A folder's tokenizer.json says which of glimpse's tokenizers it reads: GPT-2's BPE, or a char-level
 vocabulary as export.py writes it. glimpse takes one only after the folder's own tokenizer (through the
@@ -61,8 +61,9 @@ def download_hint(name: str) -> str:
 
 def is_hub_name(source: str) -> bool:
     """Whether --init_from=source names a model on the Hub: one of PRETRAINED, unless a folder of that name holds a
-    config.json, which wins (a folder downloaded as ./gpt2 must not send an offline run to the Hub's cache)."""
-    return source in PRETRAINED and not (Path(source) / "config.json").is_file()
+    Hugging Face model (config.json and model.safetensors), which wins: a folder downloaded as ./gpt2 must not send
+    an offline run to the Hub's cache, while a training run's out_dir named gpt2 (its own config.json) is no model."""
+    return source in PRETRAINED and not all((Path(source) / name).is_file() for name in FILES)
 
 
 def pretrained_folder(source: str) -> Path:

@@ -26,8 +26,8 @@ class TrainConfig:
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
     init_from: str = option(
         "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt; gpt2, gpt2-medium, "
-        "gpt2-large, gpt2-xl (from the Hugging Face Hub or its cache; a folder of that name holding a config.json "
-        "wins), or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: finetune pretrained "
+        "gpt2-large, gpt2-xl (from the Hugging Face Hub or its cache; a folder of that name holding a Hugging Face "
+        "model wins), or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: finetune pretrained "
         "GPT-2 (its shape; of the model keys only block_size, at most 1024, and dropout apply)"
     )
     # where it runs

@@ -175,6 +175,10 @@ def test_a_folder_named_like_a_hub_model_is_read_as_the_folder(trained, tmp_path
                                                                 num_samples=1, max_new_tokens=8, temperature=0.0,
                                                                 dump_attention=False)), out=io.StringIO())[0]
     assert done.stdout.startswith(folder_text)
+    # a training run's out_dir of that name holds a config.json of its own, but no model: the name is the Hub's
+    shutil.copytree(cfg.out_dir, tmp_path / "runs" / "gpt2")
+    hub = subprocess.run(args, cwd=tmp_path / "runs", env=env, capture_output=True, text=True, timeout=300)
+    assert hub.returncode == 2 and "not in the Hugging Face cache" in hub.stderr
 
 
 def bpe_data(tmp_path: Path) -> Path:
