@@ -162,6 +162,8 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
     settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": [CUT.pattern, CHUNK_CHARS], **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
+    # nor does skipping bad lines before the first one: a run stopped by a bad line can go on with --skip_bad_lines
+    settings.pop("skip_bad_lines")
     write_shards(out, tokenizer, docs, total, cfg, settings, start_method)
     if bad_lines := files.bad_lines:
         print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)

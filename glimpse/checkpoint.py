@@ -37,7 +37,7 @@ import torch
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
-from glimpse.gpt2 import load_pretrained, pretrained_state
+from glimpse.gpt2 import is_hub_name, load_pretrained, pretrained_state
 from glimpse.runtime import runtime
 from model import GPT, GPTConfig
 
@@ -146,10 +146,10 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     return model_from_checkpoint(state, device).eval(), state, device, dtype
 
 
-def check_out_dir(out_dir: Path, init_from: str, pretrained: Path | None):
-    """Refuse an out_dir a run cannot use, before anything is read or written: a file; a run to resume without the
-    training state; a run's checkpoints a new run would overwrite; the pretrained folder being read; another
-    program's config.json."""
+def check_out_dir(out_dir: Path, init_from: str):
+    """Refuse an out_dir a run cannot use, before anything is read, fetched or written: a file; a run to resume
+    without the training state; a run's checkpoints a new run would overwrite; the pretrained folder being read;
+    another program's config.json."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
     ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
@@ -165,7 +165,8 @@ def check_out_dir(out_dir: Path, init_from: str, pretrained: Path | None):
     if best.exists():
         raise GlimpseError(f"{best} exists, from a run that stopped before saving ckpt.pt (so it cannot be resumed): "
                            "start fresh in another --out_dir, or delete that one")
-    if pretrained is not None and out_dir.resolve() == pretrained.resolve():
+    local = init_from != "scratch" and not is_hub_name(init_from)  # a Hugging Face folder to finetune
+    if local and out_dir.resolve() == Path(init_from).resolve():
         raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
                            "config.json a run would overwrite: train into another folder")
     config = out_dir / "config.json"

@@ -8,10 +8,10 @@ train.py runs the loop over these; bench.py sets up a Run the same way to time t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
-import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -187,6 +187,8 @@ class Run:
             try:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
+            except torch.OutOfMemoryError:  # a RuntimeError too, but the run is fine: the device is full
+                raise
             except (RuntimeError, ValueError, KeyError) as e:  # a damaged or hand-edited ckpt.pt
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} does not fit the run it would resume "
@@ -220,9 +222,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
     out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir, cfg.init_from)  # before GPT-2's weights are fetched (gigabytes) for a run that cannot go on
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
-    check_out_dir(out_dir, cfg.init_from, folder)
 
     data, examples = setup_data(cfg, ddp)
     if cfg.fsdp:
@@ -247,9 +249,10 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
               pretrained=pretrained, hellaswag=examples)
     if state is not None:
         run.load_state_dict(state)
-        # best.pt may be newer than ckpt.pt (always_save_checkpoint=false, a run killed between checkpoints): a
-        # resumed run that does not retrace its steps exactly (a time budget) must not replace it with a worse one
-        if best_path(out_dir).exists():
+        # the best so far is also best.pt's own loss: best.pt may be newer than ckpt.pt (always_save_checkpoint=false,
+        # a run killed between checkpoints), and a resumed run that does not retrace its steps exactly (a time
+        # budget) must not replace it with a worse one. A best.pt that cannot be read is replaced at the next best
+        with contextlib.suppress(GlimpseError):
             best = load_checkpoint(best_path(out_dir), "cpu", mmap=True).get("val_loss")
             run.best_val_loss = min(run.best_val_loss, best if best is not None else math.inf)
     else:
@@ -342,7 +345,7 @@ def prepare_data(cfg: TrainConfig):
         ensure_dataset(cfg.dataset, cfg.data_dir)  # there already, or an error that says how to make it
         return
     data_dir = Path(cfg.data_dir)
-    made = not data_dir.exists()
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
     lock_path = data_dir / f".{cfg.dataset}.lock"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -355,7 +358,10 @@ def prepare_data(cfg: TrainConfig):
         raise GlimpseError(f"could not prepare {cfg.dataset!r} in --data_dir {data_dir}: {e.strerror or e}") from None
     finally:
         if made and not (data_dir / cfg.dataset / "meta.json").exists():  # a mistyped --data_dir is not left behind
-            shutil.rmtree(data_dir, ignore_errors=True)  # this process made it: all it holds is from this attempt
+            lock_path.unlink(missing_ok=True)
+            for folder in made:  # those left empty: a preparation that failed part-way keeps its finished shards
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
 
 def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:

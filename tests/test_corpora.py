@@ -310,6 +310,33 @@ def test_bad_input_deep_in_a_corpus_keeps_the_finished_shards_for_the_fixed_reru
     assert meta == json.loads((whole / "meta.json").read_text()) and meta["documents"] == 41
     for shard in (shard for shards in meta["shards"].values() for shard in shards):
         assert (fixed / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    # the other way out the error offers, --skip_bad_lines, goes on from the finished shards too
+    corpus.write_text("\n".join([*lines, "not json"]) + "\n")
+    with pytest.raises(GlimpseError, match="the finished shards stay in"):
+        prepare(PrepareConfig(dataset="e", **settings))
+    capsys.readouterr()
+    skipped = prepare(PrepareConfig(dataset="e", **settings, skip_bad_lines=True))
+    assert "resuming: " in capsys.readouterr().err
+    assert json.loads((skipped / "meta.json").read_text())["documents"] == 40
+
+
+def test_train_py_keeps_the_finished_shards_of_a_preparation_that_failed_in_a_new_data_dir(tmp_path, monkeypatch,
+                                                                                             small_blocks, gpt2_ranks):
+    """train.py prepares a built-in dataset into a --data_dir that may not exist yet, and removes that folder when
+    the preparation fails; but not the shards a long preparation finished before a bad record, which a rerun keeps
+    (data/prepare.py says so in its error). Here the built-in's own corpus is a local one, cut into small shards."""
+    lines = [json.dumps({"text": make_corpus(20, seed=i)}) for i in range(40)]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join([*lines, "not json"]) + "\n")
+    import glimpse.run
+
+    monkeypatch.setattr(glimpse.run, "ensure_dataset", lambda name, data_dir: prepare(PrepareConfig(
+        dataset=name, data_dir=data_dir, input=str(corpus), tokenizer="gpt2", shard_tokens=500, workers=1)))
+    data_dir = tmp_path / "new" / "data"
+    with pytest.raises(GlimpseError, match="the finished shards stay in"):
+        prepare_data(tiny_config(data_dir, tmp_path / "out", dataset="shakespeare_char"))
+    staging = data_dir / "shakespeare_char" / f".preparing-{socket.gethostname()}"
+    assert (staging / "progress.json").exists() and list(staging.glob("train_*.bin"))
 
 
 def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):

@@ -293,6 +293,8 @@ def test_a_resume_keeps_a_best_pt_newer_than_its_checkpoint(tmp_path, data_dir):
     kept = hashlib.sha256(best_path(cfg.out_dir).read_bytes()).hexdigest()
     train(replace(cfg, init_from="resume", max_iters=30))
     assert hashlib.sha256(best_path(cfg.out_dir).read_bytes()).hexdigest() == kept
+    best_path(cfg.out_dir).write_bytes(b"not a checkpoint")  # a best.pt it cannot read does not stop a resume
+    assert train(replace(cfg, init_from="resume", max_iters=40))["iter"] == 40
 
 
 def test_a_resume_reads_past_a_metrics_line_cut_short(tmp_path, data_dir):

@@ -228,6 +228,8 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         ([f"--out_dir={weights_only}", "--init_from=resume"], "holds weights without the training state"),
         ([f"--out_dir={damaged}", "--init_from=resume"], "does not fit the run it would resume"),
         ([f"--out_dir={hf}", f"--init_from={hf}"], "is the folder --init_from reads the pretrained model from"),
+        # before GPT-2's weights are fetched (gigabytes): a finetune run again instead of resumed
+        ([f"--out_dir={out}", "--init_from=gpt2"], "ckpt.pt exists: continue it with --init_from=resume"),
         ([f"--out_dir={foreign}"], "is not a glimpse run's config.json"),
         ([f"--out_dir={tmp_path / 'a_file'}"], "is a file, not a folder"),
         (["--out_dir= "], "out_dir must name a folder"),
