@@ -128,7 +128,8 @@ class Documents:
                                "pick the text with --text_column=NAME")
         declared = table.schema_arrow.field(self.text_column).type
         kind = declared.value_type if pa.types.is_dictionary(declared) else declared  # categories read as strings
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16 and newer
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or string_view(kind)):
             raise GlimpseError(f"{path}'s column {self.text_column!r} holds {declared}, not text (string): pick the "
                                "text with --text_column=NAME, or convert the column")
         rows = max(table.metadata.num_rows, 1)
