@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from data.shards import write_atomic
 from glimpse.config import option
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import is_hub_name, load_pretrained, pretrained_state
@@ -186,12 +187,11 @@ def is_run_config(path: Path) -> bool:
 
 def write_text(path: Path, text: str):
     """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
-    read half of it); a failure (a full disk, no permission) is a one-line error."""
+    read half of it, and a failure halfway leaves the old file whole); a failure (a full disk, no permission) is a
+    one-line error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None
 

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from glimpse.checkpoint import write_text
 from glimpse.errors import GlimpseError
 
 HEAD_COLUMNS = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
@@ -61,13 +62,7 @@ class Tracker:
                 # a finished run's final record stops being final once the run goes on
                 kept = [json.dumps(r) for r in read_records(metrics_path)
                         if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
-            try:  # through a new file: a failure halfway leaves the old history whole
-                metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                partial = metrics_path.with_name(metrics_path.name + ".partial")
-                partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-                partial.replace(metrics_path)
-            except OSError as e:
-                raise GlimpseError(f"could not write {metrics_path}: {e.strerror or e}") from None
+            write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history whole
         if wandb_log:
             import wandb  # imported here: it is slow to import and most runs do not log to it
 
