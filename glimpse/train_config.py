@@ -150,6 +150,9 @@ class TrainConfig:
             raise ValueError(f"checkpoint_interval_s must not be negative, got {self.checkpoint_interval_s}")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
+        if self.min_lr > self.learning_rate:  # the cosine "decay" would then climb from the peak
+            raise ValueError(f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}), so the "
+                             f"schedule would rise after warmup: set --min_lr at or below the learning rate")
         if self.attn_log_interval is not None and self.attn_log_interval < 0:
             raise ValueError(f"attn_log_interval must be none, 0 (never) or positive, got {self.attn_log_interval}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
