@@ -102,7 +102,7 @@ def ending_losses(model, tokens: torch.Tensor, mask: torch.Tensor, ctx) -> tuple
     return summed, summed / scored.sum(1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a sharded model would keep the weights it gathers as inference tensors
 def evaluate(model, examples: list[Example], tokenizer, block_size: int, device, ctx, ddp=None,
              show_progress: bool = True) -> dict:
     """acc, acc_norm and the examples scored; under DDP each process scores every world_size-th example

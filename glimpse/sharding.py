@@ -52,8 +52,9 @@ def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: 
     names in every state dict); FSDP's own hooks around it are never traced (torch disables Dynamo for them).
 
     The sharded model's first forward must not run under torch.inference_mode: FSDP2 would keep the weights it
-    gathers there as inference tensors, which every training step after refuses to update. train.py's first
-    is the step-0 eval, under no_grad; HellaSwag, under inference_mode, comes after."""
+    gathers there as inference tensors, which every training step after refuses to update. train.py's evals,
+    HellaSwag and attention snapshots run under no_grad, so whichever comes first (a resumed run may start with
+    any of them) is fine."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:

@@ -10,7 +10,7 @@ import torch
 
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint
 from tests.conftest import python
-from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly, error_lines, torchrun
+from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly, error_lines, torchrun, torchrun_script
 from tests.test_train import read_metrics
 
 FSDP = [*SETTINGS, "--fsdp=true"]
@@ -147,3 +147,34 @@ def test_a_checkpoint_written_without_fsdp_is_refused(runs, tmp_path, data_dir):
     run = torchrun(2, *FSDP, "--init_from=resume", "--max_iters=13", f"--data_dir={data_dir}", f"--out_dir={out}")
     assert error_lines(run) == [f"error: {out / 'ckpt.pt'} was written without fsdp: resume it with --fsdp=false, "
                                 "or start a new out_dir"], run.stderr
+
+
+def test_hellaswag_before_any_other_forward_leaves_a_sharded_model_trainable(tmp_path):
+    """A run resumed from a stop before a HellaSwag step's work scores HellaSwag first: the sharded model's first
+    forward, whose gathered weights must stay ones that training steps can update."""
+    run = torchrun_script(tmp_path, """
+        import contextlib
+        import torch
+        from data.hellaswag import Example, evaluate
+        from data.tokenizer import CharTokenizer
+        from glimpse.sharding import shard
+        from model import GPT, GPTConfig
+        dist.init_process_group("gloo")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=27, n_layer=2, n_head=2, n_embd=16))
+        shard(model, model.transformer.h)
+        tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+        examples = [Example("the cat sat on", [" the mat", " a dog", " the sky", " it"], 0)] * 2
+        scored = evaluate(model, examples, tokenizer, 16, torch.device("cpu"), contextlib.nullcontext(),
+                          show_progress=False)
+        assert scored["hellaswag_examples"] == 2, scored
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        x = torch.randint(0, 27, (2, 16))
+        for _ in range(2):
+            _, loss = model(x, x)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        dist.destroy_process_group()
+    """, nproc=1)
+    assert run.returncode == 0, run.stderr
