@@ -60,7 +60,8 @@ def input_files(spec: str) -> list[Path]:
 
 @dataclass
 class Documents:
-    """The documents of some files as parts, read lazily; bad_lines counts the JSON lines skipped."""
+    """The documents of some files as parts, read lazily; bad_lines counts the JSON lines and parquet rows
+    skipped."""
 
     files: list[Path]
     text_column: str = "text"
@@ -84,8 +85,10 @@ class Documents:
 
     def jsonl(self, path: Path, kind: str):
         """Each line's text, and the bytes of the file (compressed ones too) read since the last text."""
+        with reading(path, "input file"):  # an unreadable file; what is inside is judged below
+            raw = open(path, "rb")
         try:
-            with open(path, "rb") as raw, open_lines(raw, path, kind) as lines:
+            with raw, open_lines(raw, path, kind) as lines:
                 read = 0
                 for number, line in enumerate(lines, 1):
                     if not line.strip():
@@ -134,10 +137,18 @@ class Documents:
                                "text with --text_column=NAME, or convert the column")
         rows = max(table.metadata.num_rows, 1)
         per_row = path.stat().st_size / rows
+        number = 0
         for batch in table.iter_batches(batch_size=1024, columns=[self.text_column]):
             for text in batch.column(0).to_pylist():
-                if text is not None:
-                    yield text, per_row
+                number += 1
+                if text is None:  # a missing value: held to the rule of a JSON line whose text is null
+                    if self.skip_bad_lines:
+                        self.bad_lines += 1
+                        continue
+                    raise GlimpseError(f"{path}'s row {number} has null in its text column {self.text_column!r}, "
+                                       "not a string; fix the file, or pass --skip_bad_lines to count and skip such "
+                                       "rows")
+                yield text, per_row
 
 
 def not_text(record, column: str) -> str | None:

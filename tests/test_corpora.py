@@ -22,6 +22,7 @@ import data.shards as shards_module
 import data.sources as sources_module
 from data.dataset import TokenData, gather_windows
 from data.prepare import Hub, PrepareConfig, ensure_dataset, pieces, prepare
+from data.sources import Documents
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss
 from glimpse.run import prepare_data
@@ -443,6 +444,7 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "cols.parquet")
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "null.parquet")
     not_text = {"int64": pa.array([1, 2]), "binary": pa.array([b"a", b"b"]), "list<element: string>": pa.array([["a"]])}
     for kind, column in not_text.items():
         pq.write_table(pa.table({"text": column}), tmp_path / f"{kind[:4]}.parquet")
@@ -452,6 +454,7 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
         ([f"--input={tmp_path / 'empty'}"], "holds no .txt, .jsonl"),
         ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON"),
         ([f"--input={tmp_path / 'cols.parquet'}"], "has no column 'text' (it has content)"),
+        ([f"--input={tmp_path / 'null.parquet'}"], "null.parquet's row 2 has null in its text column 'text'"),
         ([f"--input={tmp_path / 'cut.jsonl.gz'}"], "is truncated or not gzip"),
         *(([f"--input={tmp_path / f'{kind[:4]}.parquet'}"], f"column 'text' holds {kind}, not text (string)")
           for kind in not_text),
@@ -464,6 +467,17 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     skipping = python("data/prepare.py", "--dataset=s", f"--input={bad_line}", "--skip_bad_lines=true",
                       f"--data_dir={tmp_path}")
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+    skipping = python("data/prepare.py", "--dataset=n", f"--input={tmp_path / 'null.parquet'}", "--skip_bad_lines=true",
+                      f"--data_dir={tmp_path}")
+    assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+    assert json.loads((tmp_path / "n" / "meta.json").read_text())["documents"] == 2
+
+
+@pytest.mark.parametrize("name", ["gone.jsonl", "gone.jsonl.gz"])
+def test_a_file_gone_before_it_is_read_is_a_one_line_error(tmp_path, name):
+    """A file listed, then removed (or unreadable) before prepare.py reaches it."""
+    with pytest.raises(GlimpseError, match=f"input file '{tmp_path / name}' not found"):
+        list(Documents([tmp_path / name]))
 
 
 def test_parquet_text_may_be_any_arrow_string_type(tmp_path):
