@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glimpse.evaluation import evaluating
 from glimpse.mechanism import Mechanism, mechanism_arrays, trace
 from model import GPT
 
@@ -54,11 +55,9 @@ def attention_weights(model: GPT, ids: torch.Tensor, heads=None) -> np.ndarray:
 
     heads: a HeadEdit (glimpse/ablation.py) in place while the text goes through, or None.
     """
-    was_training = model.training
-    model.eval()  # no dropout: the weights are the model's, not a random mask's
-    _, weights = model.forward_with_attention(ids[None], heads, weights_dtype=torch.float16,
-                                              logits=False)  # (L, 1, H, T, T)
-    model.train(was_training)
+    with evaluating(model):  # no dropout: the weights are the model's, not a random mask's
+        _, weights = model.forward_with_attention(ids[None], heads, weights_dtype=torch.float16,
+                                                  logits=False)  # (L, 1, H, T, T)
     return weights[:, 0].cpu().numpy()
 
 

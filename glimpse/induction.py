@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from glimpse.ablation import head_means, losses_per_head
+from glimpse.evaluation import evaluating
 from model import GPT
 
 
@@ -44,9 +45,7 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
         raise ValueError(f"the probe needs 2 <= n_tokens <= block_size // 2 = {config.block_size // 2}")
     device = next(model.parameters()).device
     seq = probe_tokens(config.vocab_size, n, batch, seed).to(device)  # (B, 2n)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         # one sequence at a time, the weights in float16: at GPT-2's 1,024 tokens a batch's float32 weights and
         # logits would take 6 GB, one sequence's a few hundred MB
         scores, prev_token, offsets, losses = 0.0, 0.0, 0.0, []
@@ -66,8 +65,6 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
             scored = torch.arange(2 * n - 1, device=device) >= n  # the targets r[1:] of the second copy
             value = head_means(model, inputs, batch, nullcontext()) if ablation == "mean" else None
             without = losses_per_head(model, inputs, targets, scored, value, nullcontext())[1].tolist()
-    finally:
-        model.train(was_training)
     probe = {
         "n_tokens": n,
         "batch": batch,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from glimpse.evaluation import evaluating
 from model import GPT
 
 LENS_TOP = 5  # the likeliest tokens the logit lens keeps per layer and position
@@ -120,15 +121,11 @@ def trace(model: GPT, ids, tokens: list[str] | None = None) -> Mechanism:
     window = ids[-model.config.block_size:]
     device = next(model.parameters()).device
     idx = torch.tensor(window, dtype=torch.long, device=device)[None]  # (1, T)
-    recorder, was_training = Recorder(), model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, enabled=False):
-            final, _ = model.trunk(idx, None, need_weights=True, tap=recorder)  # (1, T, C), after ln_f
-            raw_logits = model.lm_head(final)[0].float().cpu()  # (T, V): no softcap, which DLA cannot split
-            lens_ids, lens_probs = logit_lens(model, [recorder.blocks[0][0]] + [b[2] for b in recorder.blocks])
-    finally:
-        model.train(was_training)
+    recorder = Recorder()
+    with evaluating(model), torch.autocast(device.type, enabled=False):
+        final, _ = model.trunk(idx, None, need_weights=True, tap=recorder)  # (1, T, C), after ln_f
+        raw_logits = model.lm_head(final)[0].float().cpu()  # (T, V): no softcap, which DLA cannot split
+        lens_ids, lens_probs = logit_lens(model, [recorder.blocks[0][0]] + [b[2] for b in recorder.blocks])
     steps = recorder.attention_steps
     q, k, v, scores, weights = (torch.stack([s[i] for s in steps]) for i in range(5))  # (L, H, T, .) each
     T = idx.size(1)

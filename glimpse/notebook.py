@@ -31,6 +31,7 @@ from glimpse.ablation import Ablation, parse_heads
 from glimpse.attention import head_metrics, write_dump
 from glimpse.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_trained
 from glimpse.errors import GlimpseError
+from glimpse.evaluation import evaluating
 from glimpse.gpt2 import PRETRAINED
 from glimpse.induction import induction_probe
 from glimpse.mechanism import Mechanism, trace
@@ -113,12 +114,8 @@ class Model:
         window = torch.tensor(ids[-(c.block_size + 1):], device=device)[None]  # (1, T + 1)
         heads = Ablation.of(parse_heads(ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, device=device) \
             if ablate else None
-        was_training = self.gpt.training
-        self.gpt.eval()
-        try:
+        with evaluating(self.gpt):
             logits, _ = self.gpt(window[:, :-1], heads=heads)  # (1, T, V)
-        finally:
-            self.gpt.train(was_training)
         return F.cross_entropy(logits[0].float(), window[0, 1:]).item()
 
 

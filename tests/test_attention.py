@@ -325,3 +325,20 @@ def test_the_length_studys_tables_name_each_way_of_windowing_once(tmp_path, caps
     assert headings == ["sliding windows: validation loss (nats/char), mean over seeds [min, max]",
                         "non-overlapping windows: validation loss (nats/char), mean over seeds [min, max]"]
     assert "| rope | 2.100 [2.100, 2.100] | 2.200 [2.200, 2.200] |" in text and text in capsys.readouterr().out
+
+
+def test_a_failed_look_at_the_weights_leaves_the_model_in_its_mode():
+    """attention_weights, the mechanism's trace and the induction probe put the model in eval mode for their
+    forward: one that fails (too long a text, too long a probe) must still give training mode back."""
+    from glimpse.attention import attention_weights
+    from glimpse.mechanism import trace
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, dropout=0.1)).train()
+    with pytest.raises(ValueError, match="cannot attend over 9 tokens"):
+        attention_weights(model, torch.arange(9))
+    assert model.training
+    with pytest.raises(IndexError):
+        trace(model, [1, 2, 99])  # 99 is past the 16-token vocabulary
+    assert model.training
+    assert attention_weights(model, torch.arange(8)).shape == (1, 2, 8, 8) and model.training
