@@ -31,7 +31,7 @@ import pickle
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -65,6 +65,8 @@ def checkpoint_option():
 
 def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
+    if which not in get_args(Which):  # the scripts' flags are checked already; a notebook's argument is not
+        raise GlimpseError(f"checkpoint must be one of {', '.join(get_args(Which))}, got {which!r}")
     if which == "last" or (which == "auto" and not best_path(out_dir).exists()):
         return checkpoint_path(out_dir)
     if not best_path(out_dir).exists() and checkpoint_path(out_dir).exists():

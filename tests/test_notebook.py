@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.notebook import load
 from tests.conftest import REPO, python
@@ -145,6 +146,14 @@ def test_loading_a_missing_folder_or_one_without_a_model_is_one_clear_error(tmp_
         load(tmp_path / "nowhere")
     with pytest.raises(GlimpseError, match="neither a glimpse checkpoint"):
         load(tmp_path)
+
+
+def test_a_checkpoint_the_scripts_would_refuse_is_refused_here_too(trained):
+    cfg, _ = trained
+    with pytest.raises(GlimpseError, match="checkpoint must be one of auto, best, last, got 'lats'"):
+        load(cfg.out_dir, checkpoint="lats")
+    assert load(cfg.out_dir, checkpoint="last").state["iter_num"] == load_checkpoint(checkpoint_path(cfg.out_dir))[
+        "iter_num"]
 
 
 def test_sample_mechanism_refuses_what_it_cannot_show(tmp_path, trained):
