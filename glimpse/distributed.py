@@ -51,10 +51,6 @@ class Distributed:
             mine += [None] * (-(-len(items) // self.world_size) - len(mine))  # up to ceil(len / world_size)
         return mine
 
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of a tensor over all processes (itself when not distributed)."""
         if self.enabled:

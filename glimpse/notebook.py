@@ -154,10 +154,6 @@ class Run(Mechanism):
             "moved_norm": moved, "top_moved_key": int(moved.argmax()),
         }
 
-    def head_output(self, layer: int, head: int) -> np.ndarray:
-        """(T, C): what head `head` of layer `layer` wrote into the residual stream at each position."""
-        return self.head_outputs[layer, head]
-
     def save(self, folder: str | Path, prompt_len: int | None = None, pngs: bool = False) -> Path:
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder."""
         folder = Path(folder)

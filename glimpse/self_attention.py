@@ -72,6 +72,10 @@ class CausalSelfAttention(nn.Module):
     attention, the queries come from another). Each head scores every (query, key) pair, turns a
     query's scores into weights with a softmax, and returns the weighted sum of the values: the
     query's context vector.
+
+    It runs in two halves, which a Block (model.py) calls in turn: context() computes every head's context
+    vectors, project() mixes them into the attention's output. Between the two, the heads are apart, which is
+    where head removal edits them and the mechanism's trace reads them.
     """
 
     def __init__(self, config: AttentionShape):
@@ -100,34 +104,15 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
             self.k_norm = RMSNorm(self.head_dim, eps=NORM_EPS)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
-                heads: HeadEdit | None = None, masks: Masks | None = None):
-        """x (B, T, C) -> (output (B, T, C), weights (B, nh, T, S) or None): context, then project.
-
-        rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
-        masks, what the causal mask and ALiBi make of this forward (GPT builds them once for all layers;
-        built here when not given). heads, when given, sees every head's context vectors before c_proj
-        mixes them, and may replace some (glimpse/ablation.py removes heads that way); the weights
-        returned are the softmax's, as computed.
-        """
-        y, weights = self.context(x, rope, cache, layer, need_weights, masks)  # (B, nh, T, hs)
-        return self.project(y, layer, heads), weights
-
-    def project(self, y, layer: int = 0, heads: HeadEdit | None = None):
-        """The heads' context vectors y (B, nh, T, hs) -> the attention's output (B, T, C): side by side,
-        then mixed by c_proj."""
-        if heads is not None:
-            y = heads.edit(layer, y)  # (B, nh, T, hs)
-        B, nh, T, hs = y.size()
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.c_proj(y))
-
     def context(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False,
                 masks: Masks | None = None, ve: torch.Tensor | None = None, tap: Tap | None = None):
         """x (B, T, C) -> (every head's context vectors (B, nh, T, hs), weights (B, nh, T, S) or None).
 
-        ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its value. tap, on the
-        explicit path, is handed q, k, v, the scores and the weights."""
+        rope is rotary's (cos, sin) for x's positions, each (T, hs/2), under pos_encoding=rope; else None.
+        masks, what the causal mask and ALiBi make of this forward (GPT builds them once for all layers; built
+        here when not given). ve (B, T, C), under value_embeds: this layer's embedding of each token, added to its
+        value. tap, on the explicit path, is handed q, k, v, the scores and the weights. The weights returned are
+        the softmax's, as computed, when need_weights."""
         B, T, C = x.size()
         if masks is None:
             masks = self.masks(T, cache.length if cache is not None else 0, x.device, need_weights)
@@ -155,8 +140,18 @@ class CausalSelfAttention(nn.Module):
         # the fused kernel computes exactly what the explicit path does, without the weights
         scale = 1.0 if self.score_kind == "dot" else None  # None: SDPA's own 1/sqrt(hs)
         y = fused_attention(q, k, v, attn_mask=masks.fused, dropout_p=dropout_p, is_causal=masks.is_causal,
-                            scale=scale)
+                            scale=scale)  # (B, nh, T, hs)
         return y, None
+
+    def project(self, y, layer: int = 0, heads: HeadEdit | None = None):
+        """The heads' context vectors y (B, nh, T, hs) -> the attention's output (B, T, C): side by side,
+        then mixed by c_proj. heads, when given, sees every head's context vectors first and may replace some
+        (glimpse/ablation.py removes heads that way)."""
+        if heads is not None:
+            y = heads.edit(layer, y)  # (B, nh, T, hs)
+        B, nh, T, hs = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
     def masks(self, T: int, past: int, device, need_weights: bool) -> Masks:
         """What the causal mask and ALiBi make of a forward of T queries after past cached positions."""
@@ -188,7 +183,7 @@ def attend(scores, v, mask=None, dropout_p: float = 0.0):
     mask (T, S) is True where a query may see a key; elsewhere the weight is exactly 0.
     """
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = F.softmax(scores, dim=-1)  # each row sums to 1
+        scores = scores.masked_fill(~mask, float("-inf"))  # (..., T, S)
+    weights = F.softmax(scores, dim=-1)  # (..., T, S): each row sums to 1
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return dropped @ v, weights
+    return dropped @ v, weights  # (..., T, hs), (..., T, S)
