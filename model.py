@@ -142,7 +142,7 @@ class MLP(nn.Module):
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))  # (B, T, C), through (B, T, 4C)
 
 
 class Block(nn.Module):
@@ -169,8 +169,8 @@ class Block(nn.Module):
 
     def finish(self, x, y, layer=0, heads=None):
         """The block once its heads' context vectors y (B, nh, T, hs) are known: x + attention, x + MLP."""
-        x = x + self.attn.project(y, layer, heads)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn.project(y, layer, heads)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
 class GPT(nn.Module):
@@ -266,7 +266,7 @@ class GPT(nn.Module):
 
     def head(self, x):
         """The logits of the final residual stream x (B, T, C): (B, T, vocab_size), capped if logit_softcap."""
-        logits = self.lm_head(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
         cap = self.config.logit_softcap
         return logits if not cap else cap * torch.tanh(logits / cap)
 
@@ -318,11 +318,11 @@ class GPT(nn.Module):
         if self.config.smear:
             x = self.smear(x, cache)
         if encoding == "learned":
-            x = x + self.transformer.wpe(pos)
+            x = x + self.transformer.wpe(pos)  # (B, T, C), (T, C) broadcast over the batch
         elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
-            x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)
+            x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)  # (B, T, C)
         x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
-        # rope's angles depend on positions only: computed once here, not in every layer
+        # rope's angles depend on positions only: computed once here, not in every layer; (cos, sin), (T, hs/2) each
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
         masks = self.transformer.h[0].attn.masks(T, past, idx.device, need_weights)  # the same in every layer
         ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []  # (B, T, C) each
@@ -330,9 +330,9 @@ class GPT(nn.Module):
         weights, skips = [], []
         for layer, block in enumerate(self.transformer.h):
             if layer >= n_layer - n_skips:  # the late half takes in the early half's outputs, innermost first
-                x = x + self.skip_weights[n_layer - 1 - layer] * skips.pop()
+                x = x + self.skip_weights[n_layer - 1 - layer] * skips.pop()  # (B, T, C)
             x, w = block(x, rope, cache, layer, need_weights, heads, record, masks,
-                         ves[layer] if layer < len(ves) else None, tap)
+                         ves[layer] if layer < len(ves) else None, tap)  # (B, T, C), (B, nh, T, S) or None
             if layer < n_skips:
                 skips.append(x)
             weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)
@@ -350,4 +350,4 @@ class GPT(nn.Module):
         if cache is not None:
             cache.last_embedding = x[:, -1:]
         gate = torch.sigmoid(self.transformer.smear_gate(x))  # (B, T, 1): how much of it each token takes
-        return x + self.smear_scale * gate * previous
+        return x + self.smear_scale * gate * previous  # (B, T, C)

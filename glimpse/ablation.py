@@ -8,7 +8,7 @@ residual stream at its usual scale, so what is lost is what the head says about 
 average contribution). Heads are named layer.head, counted from 0, as in the dumps.
 
     parse_heads       "1.0,2.3" -> [(1, 0), (2, 3)], checked against the model's shape
-    Ablation          a HeadEdit (model.py) that removes heads, a different set per batch row if asked
+    Ablation          a HeadEdit (glimpse/self_attention.py) that removes heads, a different set per batch row if asked
     HeadMeans         a HeadEdit that changes nothing and averages every head's context vectors
     mean_loss         the mean loss over windows, with a HeadEdit in place
     losses_per_head   the loss intact and with each head removed alone, several removals per forward,

@@ -95,7 +95,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     on. Keys of deeper layers depend on every earlier token of the window, so the oldest entry
     cannot simply be dropped. Every Step's logits therefore equal a full forward over exactly
     tokens[:, window_start:] as they stood when it was sampled; the context seen oscillates
-    between half a window and a full one. heads: a HeadEdit (model.py) applied at every step.
+    between half a window and a full one. heads: a HeadEdit (glimpse/self_attention.py) applied at every step.
     """
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # tokens kept when the window slides

@@ -20,7 +20,7 @@ that keeps each of those tensors as the model computed them, and adds three read
 
 sample.py --mechanism writes them into a dump (glimpse/attention.py; mechanism_arrays are the entries it
 adds to attention.npz, load_mechanism reads them back with numpy alone), the viewer shows them
-(glimpse/render.py), and glimpse/notebook.py hands them to Python as a Mechanism.
+(glimpse/viewer.py), and glimpse/notebook.py hands them to Python as a Mechanism.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 COLORMAP = "viridis"
-DIVERGING_COLORMAP = "RdBu_r"  # scores and logit attributions: blue below 0, red above, white at 0
+DIVERGING_COLORMAP = "RdBu_r"  # scores, logit attributions, head removal: blue below 0, red above, white at 0
 MOVED_COLORMAP = "magma"  # what a head moved: sequential like the weights, but not to be mistaken for them
 MASKED_COLOR = "#eeeeee"  # above the diagonal: keys a query cannot see, unlike a weight of 0
 GENERATED_COLOR = "#c0392b"  # axis labels of generated tokens; prompt tokens stay black
@@ -97,7 +97,7 @@ def write_importance_image(path: Path, increase: np.ndarray, title: str) -> Path
     fig = Figure(figsize=(max(5.0, 1.6 + 0.7 * n_head), 1.4 + 0.55 * n_layer), dpi=120)
     ax = fig.add_subplot()
     span = max(float(np.abs(increase).max()), 1e-9)  # a diverging scale centred on 0: red costs, blue helps
-    image = ax.imshow(increase, cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+    image = ax.imshow(increase, cmap=DIVERGING_COLORMAP, vmin=-span, vmax=span, aspect="auto")
     for (layer, head), value in np.ndenumerate(increase):
         dark = abs(value) > 0.6 * span  # white on the deepest colours, black elsewhere
         ax.text(head, layer, f"{value:+.3f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
@@ -178,7 +178,7 @@ def layer_figure(layer_attn: np.ndarray, layer: int, labels: list[str], prompt_l
 def label_axes(ax, labels: list[str], prompt_len: int, size: float):
     """Every token's text beside its column (below) and its row (left); generated tokens in red."""
     # plain texts, not tick labels: matplotlib builds a whole Tick (marks, label, grid line) per label,
-    # which made a labelled 6-head layer take twice as long to draw
+    # a cost per token that plain texts do not pay
     ax.set_xticks([])
     ax.set_yticks([])
     # below: x in token positions, y as a fraction of the axes (just under 0); beside: the other way round
