@@ -24,6 +24,7 @@ import numpy as np
 
 from data.tokenizer import Tokenizer
 from glimpse.errors import GlimpseError
+from glimpse.files import write_atomic
 
 WRITE_BUFFER = 1 << 20  # bytes gathered before a write to the shard file: few system calls per shard
 HELD_SLICE = 1 << 22  # tokens of the first document copied at a time from its file to the shards
@@ -249,18 +250,3 @@ def write_dataset(out: Path, tokenizer: Tokenizer, ids: np.ndarray, source: str,
     publish(out, staging, writers, {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size,
                                     "dtype": dtype.name, "source": source, "documents": 1})
 
-
-def write_atomic(dest: Path, write):
-    """Call write(path) on a temporary file beside dest, then move it into place in one step.
-
-    The temporary name holds this host's name and process id: nodes that prepare the same dataset on a
-    shared filesystem each write their own file, never into another's half-written one. A write that
-    fails removes its own temporary file.
-    """
-    tmp = dest.with_name(f"{dest.name}.{socket.gethostname()}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

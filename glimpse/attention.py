@@ -36,7 +36,6 @@ patterns (previous-token, sink, self), and glimpse/induction.py on the induction
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from glimpse.evaluation import evaluating
+from glimpse.files import write_atomic
 from glimpse.mechanism import Mechanism, mechanism_arrays, trace
 from model import GPT
 
@@ -111,15 +111,12 @@ def write_npz(path: Path, attn: np.ndarray, **arrays):
             yield f"layer_{layer}_low", (bits & 0xFF).astype(np.uint8)
         yield from arrays.items()
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for name, array in entries():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, write)
 
 
 def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], prompt_len: int, meta: dict,

@@ -35,9 +35,9 @@ from typing import Literal, get_args
 
 import torch
 
-from data.shards import write_atomic
 from glimpse.config import option
 from glimpse.errors import GlimpseError
+from glimpse.files import write_atomic
 from glimpse.gpt2 import is_hub_name, load_pretrained, pretrained_state
 from glimpse.runtime import runtime
 from model import GPT, GPTConfig

@@ -26,7 +26,6 @@ import base64
 import functools
 import json
 import math
-import os
 import re
 import zlib
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glimpse.files import write_atomic
 from glimpse.render import (
     COLORMAP,
     DIVERGING_COLORMAP,
@@ -116,13 +116,8 @@ def write_snapshot_index(attention_dir: Path) -> Path:
                        if (match := re.fullmatch(r"iter_(\d+)", path.name)) and (path / "index.html").is_file())
     data = {"steps": [step for step, _ in snapshots], "folders": [name for _, name in snapshots]}
     path = attention_dir / "index.html"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(SNAPSHOTS_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, script_json(data)),
-                       encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    page = SNAPSHOTS_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, script_json(data))
+    write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -281,7 +281,7 @@ def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):
     dump = load_dump(tmp_path)
     assert (dump["attn"].view(np.uint16) == attn.view(np.uint16)).all() and dump["meta"] == {"k": 1}
     assert dump["prompt_len"] == 4 and list(dump["tokens"]) == [chr(97 + i) for i in range(T)]
-    assert not list(tmp_path.glob(".*.tmp"))  # the temporary npz was renamed into place
+    assert not list(tmp_path.glob("*.part"))  # the temporary npz was renamed into place
 
 
 def test_token_text_with_nul_characters_round_trips_through_a_dump(tmp_path):
