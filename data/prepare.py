@@ -7,11 +7,11 @@ Turn a text corpus of any size into the token shards train.py reads.
     python data/prepare.py --dataset=fineweb_edu                  # streamed through Hugging Face datasets
 
 Documents (a .txt file, a JSON line, a parquet row: data/sources.py) are tokenized in parallel on every
-core, joined by GPT-2's <|endoftext|> (char-level: --separator) and written to DATA_DIR/NAME/ as
-train_NNNNNN.bin and val_NNNNNN.bin shards of --shard_tokens tokens (uint16 when the vocabulary fits,
-else uint32). Validation is whole documents: the first ones up to --val_tokens, or a --val_fraction of
-them spread evenly (the first n documents hold ceil(n * fraction): one in every ten at 0.1, starting with
-the first); a corpus of a single document keeps its last --val_fraction of tokens instead.
+core (data/tokenize_parallel.py), joined by GPT-2's <|endoftext|> (char-level: --separator) and written to
+DATA_DIR/NAME/ as train_NNNNNN.bin and val_NNNNNN.bin shards of --shard_tokens tokens (uint16 when the
+vocabulary fits, else uint32). Validation is whole documents: the first ones up to --val_tokens, or a
+--val_fraction of them spread evenly (the first n documents hold ceil(n * fraction): one in every ten at
+0.1, starting with the first); a corpus of a single document keeps its last --val_fraction of tokens instead.
 meta.json (tokenizer, vocabulary, shards and their token counts) is written last, so its presence
 means the dataset is complete. Work in progress lives in NAME/.preparing-HOST/ with the finished
 shards: after a crash the same command keeps them and writes the rest, the same tokens as one run.
@@ -19,19 +19,14 @@ shards: after a crash the same command keeps them and writes the rest, the same 
 
 from __future__ import annotations
 
-import itertools
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import socket
 import sys
 import time
 import urllib.request
-from collections import deque
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -43,7 +38,8 @@ if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo 
 
 from data.shards import Progress, Router, publish, token_dtype, write_atomic  # noqa: E402
 from data.sources import Documents, HubDocuments, input_files  # noqa: E402
-from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer, tokenizer_from_spec  # noqa: E402
+from data.tokenize_parallel import cutting, pieces, skipped, tokenized  # noqa: E402
+from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
 from glimpse.config import option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
 
@@ -65,12 +61,6 @@ BUILTIN = {  # name -> (tokenizer, where its text comes from)
 }
 VAL_FRACTION = 0.1  # of the documents held out for validation, when neither --val_tokens nor --val_fraction is given
 HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation tokens then
-CHUNK_CHARS = 1 << 20  # a task for a worker: documents (or pieces of a long one) of about 1M characters
-# Where a long document is cut into pieces, tokenized apart: just before whitespace that a non-space follows.
-# GPT-2's pre-tokenizer starts a piece there, and a text that ends in whitespace ends in the same piece
-# ("a \n\nb" is "a", " \n", "\n", "b" whole; cut before the second "\n", both halves keep those pieces).
-# Whitespace is Unicode's, as the tokenizer's regex has it: Python's \s also counts \x1c-\x1f.
-CUT = re.compile(r"(?=[^\S\x1c-\x1f][\S\x1c-\x1f])")
 
 
 @dataclass
@@ -160,7 +150,7 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
     else:
         tokenizer = GPT2Tokenizer()
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
-    settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": [CUT.pattern, CHUNK_CHARS], **asdict(cfg)}
+    settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": cutting(), **asdict(cfg)}
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     # nor does skipping bad lines before the first one: a run stopped by a bad line can go on with --skip_bad_lines
     settings.pop("skip_bad_lines")
@@ -249,87 +239,6 @@ def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
     if isinstance(tokenizer, GPT2Tokenizer):
         return np.array([tokenizer.eot_token])
     return tokenizer.encode(separator) if set(separator) <= set(tokenizer.chars) else np.array([], dtype=np.int64)
-
-
-def pieces(parts):
-    """(text, (starts a document, input bytes)) per piece of about CHUNK_CHARS characters: each document,
-    given whole or in parts, is cut at the first CUT past every CHUNK_CHARS, so the pieces are the same
-    however the document was read."""
-    text, start, seek, first, unsent = None, 0, 0, True, 0  # text[start:] of the document is not given out yet
-    for part, size, starts_doc in parts:
-        if starts_doc:
-            if text is not None:
-                yield text[start:], (first, unsent)
-            text, start, seek, first, unsent = part, 0, 0, True, size
-        else:  # keep only what is not given out: a cut is never sought twice in the same text
-            text, seek, start, unsent = text[start:] + part, max(seek - start, 0), 0, unsent + size
-        while cut := CUT.search(text, max(seek, start + CHUNK_CHARS)):
-            yield text[start:cut.start()], (first, unsent)
-            start, first, unsent = cut.start(), False, 0
-        seek = len(text) - 1  # a cut needs the character after it: the last one is sought again
-    if text is not None:
-        yield text[start:], (first, unsent)
-
-
-def skipped(items, n: int, bar):
-    """items after the first n, which a resumed run has written already (read again, not tokenized)."""
-    for i, item in enumerate(items):
-        if i >= n:
-            yield item
-        else:
-            bar.update(item[1][1])
-
-
-def batched(items):
-    """Tasks of about CHUNK_CHARS characters each."""
-    task, chars = [], 0
-    for item in items:
-        task.append(item)
-        chars += len(item[0])
-        if chars >= CHUNK_CHARS:
-            yield task
-            task, chars = [], 0
-    if task:
-        yield task
-
-
-def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str | None = None):
-    """(infos, token arrays) per task, in order; a pool of workers tokenizes with at most 2 tasks each in
-    flight, so memory stays bounded however fast the documents are read."""
-    tasks = batched(items)
-    head = list(itertools.islice(tasks, 2))
-    tasks = itertools.chain(head, tasks)
-    if workers == 1 or len(head) < 2:  # a small corpus: no processes to start
-        for task in tasks:
-            yield [info for _, info in task], encode_task(spec, dtype, [text for text, _ in task])
-        return
-    with multiprocessing.get_context(start_method).Pool(workers) as pool:
-        window = deque()
-        for task in tasks:
-            texts = [text for text, _ in task]
-            window.append(([info for _, info in task], pool.apply_async(encode_joined, (spec, dtype, texts))))
-            if len(window) > 2 * workers:
-                infos, result = window.popleft()
-                yield infos, np.split(*result.get())[:-1]
-        while window:
-            infos, result = window.popleft()
-            yield infos, np.split(*result.get())[:-1]
-
-
-def encode_task(spec: str, dtype: np.dtype, texts: list[str]) -> list[np.ndarray]:
-    tokenizer = cached_tokenizer(spec)
-    return [tokenizer.encode(text, dtype) for text in texts]
-
-
-def encode_joined(spec: str, dtype: np.dtype, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """encode_task's arrays as one array and their ends: one object to send back, not one per document."""
-    encoded = encode_task(spec, dtype, texts)
-    return np.concatenate(encoded), np.cumsum([len(ids) for ids in encoded])
-
-
-@lru_cache(maxsize=2)
-def cached_tokenizer(spec: str) -> Tokenizer:  # once per worker process, not once per task
-    return tokenizer_from_spec(json.loads(spec))
 
 
 def main(argv: list[str] | None = None):

@@ -20,9 +20,11 @@ import torch
 import data.prepare as prepare_module
 import data.shards as shards_module
 import data.sources as sources_module
+import data.tokenize_parallel as tokenize_parallel
 from data.dataset import TokenData, gather_windows
-from data.prepare import Hub, PrepareConfig, ensure_dataset, pieces, prepare
+from data.prepare import Hub, PrepareConfig, ensure_dataset, prepare
 from data.sources import Documents
+from data.tokenize_parallel import pieces
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss
 from glimpse.run import prepare_data
@@ -77,7 +79,7 @@ def test_a_folder_of_every_format_is_sharded_with_whole_validation_documents(tmp
 
     enc = tiktoken.get_encoding("r50k_base")
     docs = write_corpus(tmp_path / "corpus", documents(41))
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 2000)  # many tasks: the pool of 2 workers is used
+    monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 2000)  # many tasks: the pool of 2 workers is used
     folder = prepare(PrepareConfig(dataset="mixed", input=str(tmp_path / "corpus"), tokenizer="gpt2",
                                    data_dir=str(tmp_path), shard_tokens=500, workers=2))
     meta = json.loads((folder / "meta.json").read_text())
@@ -102,12 +104,12 @@ def small_blocks(monkeypatch):
     """A .txt file read 1,000 characters at a time (cutting words, characters' bytes and \\r\\n apart), cut
     into pieces of about 700, and a held document copied 333 tokens at a time."""
     monkeypatch.setattr(sources_module, "TXT_BLOCK", 1000)
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 700)
+    monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 700)
     monkeypatch.setattr(shards_module, "HELD_SLICE", 333)
 
 
 def test_a_long_document_read_in_parts_is_cut_where_it_is_cut_whole(monkeypatch):
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 700)
+    monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 700)
     text = long_text(40).replace("\r\n", "\n") + "\n\n" + "x" * 3000  # a stretch with no place to cut
     whole = list(pieces([(text, len(text), True), ("next", 4, True)]))
     assert len(whole) > 5 and all(len(piece) >= 700 for piece, _ in whole[:-2])
@@ -161,7 +163,7 @@ def test_a_bad_byte_deep_in_a_txt_file_is_named_by_its_place(tmp_path, small_blo
 
 def test_workers_and_shard_size_change_no_token(tmp_path, monkeypatch):
     docs = write_corpus(tmp_path / "corpus", documents(23, seed=5))
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 500)
     runs = {}
     for workers, shard_tokens in [(1, 10**6), (2, 777)]:
         runs[workers] = prepare(PrepareConfig(dataset=f"w{workers}", input=str(tmp_path / "corpus"), workers=workers,
@@ -276,7 +278,7 @@ def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path
     assert calls.count(True) == 2  # both documents started: the stop is inside the second
     monkeypatch.setattr(shards_module.Router, "add", add)
     if recut:
-        monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 500)
+        monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 500)
     capsys.readouterr()
     cut = prepare(PrepareConfig(dataset="cut", **settings))
     assert ("resuming: " in capsys.readouterr().err) != recut
@@ -597,6 +599,6 @@ def test_a_dataset_prepared_under_train_py_starts_fresh_worker_processes(tmp_pat
 
     def broken(spec):
         raise RuntimeError("a forked worker runs its parent's state")
-    monkeypatch.setattr(prepare_module, "cached_tokenizer", broken)
+    monkeypatch.setattr(tokenize_parallel, "cached_tokenizer", broken)
     folder = ensure_dataset("shakespeare_char", str(tmp_path / "data"))
     assert sum(len(s) for s in TokenData(folder).splits["train"]) > 1_500_000

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import data.prepare as prepare_module
+import data.tokenize_parallel as tokenize_parallel
 import train
 from data.dataset import TokenData
-from data.prepare import PrepareConfig, pieces, prepare, write_atomic
+from data.prepare import PrepareConfig, prepare, write_atomic
+from data.tokenize_parallel import pieces
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
 from tests import conftest
@@ -88,7 +90,7 @@ def test_gpt2_ranks_fixture_uses_tiktokens_own_cache(env, tmp_path, monkeypatch)
 def test_cut_pieces_tokenize_as_the_whole_text(gpt2_ranks, monkeypatch):
     """Cutting a long document for the workers must not change a single token: random texts of the characters
     GPT-2's pre-tokenizer treats apart, cut at every place CUT allows, give the whole text's tokens."""
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 1)  # a piece ends at every cut
+    monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 1)  # a piece ends at every cut
     tokenizer = GPT2Tokenizer()
     rng = random.Random(0)
     alphabet = ["a", "Zé", "e\u0301", "中文", "7", "42", "\u0663", "'", "'s", "'S", "'ll", "'ve", "ll", ".", "!?", "_",
