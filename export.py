@@ -43,7 +43,8 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.gpt2 import hf_config, hf_tokenizer, hf_weights, unexportable
+from glimpse.gpt2 import hf_config, hf_weights, unexportable
+from glimpse.hf_tokenizer import hf_tokenizer
 from model import GPTConfig
 
 

@@ -26,7 +26,7 @@ from data.tokenizer import GPT2Tokenizer  # noqa: E402
 from glimpse.checkpoint import load_trained  # noqa: E402
 from glimpse.config import build  # noqa: E402
 from glimpse.errors import GlimpseError  # noqa: E402
-from glimpse.gpt2 import folder_tokenizer  # noqa: E402
+from glimpse.hf_tokenizer import folder_tokenizer  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from tests.conftest import make_corpus, tiny_config  # noqa: E402
 from tests.test_gpt2 import UNICODE, bpe_data, glimpse_checkpoint  # noqa: E402
