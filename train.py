@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from data import hellaswag
+from data.training_data import prepare_data
 from glimpse.attention import dump_text
 from glimpse.checkpoint import best_path, checkpoint_path, save_checkpoint
 from glimpse.config import parse_config
@@ -41,7 +42,7 @@ from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
-from glimpse.run import Run, prepare_data, setup
+from glimpse.run import Run, setup
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 

@@ -1,15 +1,15 @@
 """
 A training run: what it holds between steps (Run, and what its checkpoint holds), and setting it up
-(setup: the data, the model, the optimizer, the tracker, a resumed checkpoint's state). The loop's
-bookkeeping between steps is in glimpse/progress.py.
+(setup: the data, the model, the optimizer, the tracker, a resumed checkpoint's state). The data comes
+from data/training_data.py, compiling from glimpse/compiling.py; the loop's bookkeeping between steps
+is in glimpse/progress.py.
 
-train.py runs the loop over these; bench.py sets up a Run the same way to time train.py's own step.
+train.py runs the loop over these; bench_presets.py sets up a Run the same way to time train.py's own step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 from contextlib import AbstractContextManager, nullcontext
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data import hellaswag
 from data.dataset import TokenData
-from data.prepare import BUILTIN, ensure_dataset
+from data.training_data import setup_data
 from glimpse.checkpoint import (
     best_path,
     check_out_dir,
@@ -35,11 +35,12 @@ from glimpse.checkpoint import (
     saved_rank_states,
     write_text,
 )
+from glimpse.compiling import compile_ahead, compile_options, compile_static, raise_recompile_limit, step_shape
 from glimpse.config import config_values
-from glimpse.distributed import Distributed, machines, run_device
+from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError
 from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
-from glimpse.optim import configure_optimizer, get_lr, ramp
+from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
     check_fsdp,
@@ -235,6 +236,8 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         check_resumable(state, checkpoint_path(out_dir))
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
+    if cfg.compile:  # Dynamo's limit is the process's, not torch.compile's: raised here, before anything compiles
+        raise_recompile_limit(cfg)
     compiled = compile_static(model, cfg) if cfg.compile and not cfg.fsdp else model
     ddp_model = compiled
     if cfg.fsdp:  # compiled block by block, if at all: FSDP's hooks between the blocks run eagerly
@@ -262,7 +265,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
     if cfg.compile:
-        compile_ahead(run)
+        compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
     # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole
     if ddp.is_main:
         write_text(out_dir / "config.json", json.dumps(config_values(cfg), indent=1) + "\n")
@@ -275,105 +278,6 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     return run
-
-
-def training_shapes(cfg: TrainConfig, from_iter: int = 0) -> list[tuple[int, int]]:
-    """The (sequences, tokens) shapes of the steps from from_iter on: the ramps' eighths, then full size."""
-    ramped = max(cfg.batch_warmup_iters, cfg.seq_warmup_iters)
-    shapes = [step_shape(cfg, it) for it in range(from_iter, max(ramped, from_iter) + 1)]
-    return list(dict.fromkeys(shapes))  # in order, each once
-
-
-def step_shape(cfg: TrainConfig, it: int) -> tuple[int, int]:
-    """(sequences per micro-step, tokens per sequence) at step it: full size, or on their ramps."""
-    return ramp(it, cfg.batch_size, cfg.batch_warmup_iters), ramp(it, cfg.model.block_size, cfg.seq_warmup_iters)
-
-
-def compile_static(model: GPT, cfg: TrainConfig) -> torch.nn.Module:
-    """torch.compile(model) with a static graph for each shape it meets.
-
-    By default Dynamo turns a dimension symbolic the second time it sees it change, so a run whose first
-    steps are smaller (the batch and sequence ramps, or an eval at another batch size) would train every
-    full-size step on a graph made for any size. The shapes are few (the ramps' eighths, the evals'), so each
-    gets its own graph, and the cache is sized to hold them all rather than fall back to eager mode.
-    """
-    return torch.compile(model, **compile_options(cfg))
-
-
-def compile_options(cfg: TrainConfig) -> dict:
-    """torch.compile's options for a run: static shapes, its backend; and a cache big enough for every shape."""
-    # the steps', the evals' (training's batch, the final whole-split score's too), and two to spare
-    needed = len(training_shapes(cfg)) + 3
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
-    return {"dynamic": False, "backend": cfg.compile_backend}
-
-
-def compile_ahead(run: Run):
-    """Compile the training step for every shape the run has left, before the first step: compiling takes
-    minutes on a GPU, and inside the first step it would count against max_time and its schedule.
-
-    One forward and backward per shape on a batch of zeros, in training mode under the run's autocast; the
-    random streams are put back and the gradients dropped, so the run goes on as if this had not happened.
-    """
-    devices = [run.device] if run.device.type in ("cuda", "mps") else []  # the GPU's own stream (dropout) too
-    with torch.random.fork_rng(devices=devices, device_type=run.device.type if devices else None):
-        for batch_size, seq_len in training_shapes(run.cfg, run.iter_num):
-            # inputs and targets apart, as batches have them: Dynamo's guards tell one tensor passed twice apart
-            x, y = torch.zeros(2, batch_size, seq_len, dtype=torch.long, device=run.device)
-            with run.ctx:
-                _, loss = run.ddp_model(x, y)
-            loss.backward()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-def prepare_data(cfg: TrainConfig):
-    """Make sure the dataset, and the HellaSwag examples when they are scored, are on this machine.
-
-    train.py calls it before any process group exists: every process of a machine takes the machine's lock in
-    turn, the first prepares or downloads, the others find the work done. Waiting for it inside the group
-    instead would sit in a collective whose timeout (NCCL's watchdog: 10 minutes) is far shorter than
-    preparing a real corpus. A machine of a multi-machine job cannot know when the others will be ready, so
-    there the dataset must be prepared first.
-    """
-    folder = Path(cfg.data_dir) / cfg.dataset
-    to_prepare = cfg.dataset in BUILTIN and not (folder / "meta.json").exists()
-    if machines() > 1 and to_prepare:
-        raise GlimpseError(f"dataset {cfg.dataset!r} is not prepared on this machine (no {folder / 'meta.json'}): "
-                           f"prepare it on every machine first (python data/prepare.py --dataset={cfg.dataset}), "
-                           "then start the job again")
-    if not (to_prepare or cfg.hellaswag_interval):
-        ensure_dataset(cfg.dataset, cfg.data_dir)  # there already, or an error that says how to make it
-        return
-    data_dir = Path(cfg.data_dir)
-    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
-    lock_path = data_dir / f".{cfg.dataset}.lock"
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
-            ensure_dataset(cfg.dataset, cfg.data_dir)
-            if cfg.hellaswag_interval:
-                hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
-    except OSError as e:
-        raise GlimpseError(f"could not prepare {cfg.dataset!r} in --data_dir {data_dir}: {e.strerror or e}") from None
-    finally:
-        if made and not (data_dir / cfg.dataset / "meta.json").exists():  # a mistyped --data_dir is not left behind
-            lock_path.unlink(missing_ok=True)
-            for folder in made:  # those left empty: a preparation that failed part-way keeps its finished shards
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-
-
-def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:
-    """The dataset, and the HellaSwag examples when they are scored (prepared first if need be)."""
-    prepare_data(cfg)  # under train.py already done, before the process group: here a quick check
-    data = TokenData(Path(cfg.data_dir) / cfg.dataset)
-    data.check_block_size(cfg.model.block_size)
-    examples = None
-    if cfg.hellaswag_interval:
-        examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
-        examples = hellaswag.first(examples, cfg.hellaswag_examples)
-    return data, examples
 
 
 def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):

@@ -25,9 +25,9 @@ from data.dataset import TokenData, gather_windows
 from data.prepare import Hub, PrepareConfig, ensure_dataset, prepare
 from data.sources import Documents
 from data.tokenize_parallel import pieces
+from data.training_data import prepare_data
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss
-from glimpse.run import prepare_data
 from model import GPT, GPTConfig
 from tests.conftest import REPO, make_corpus, python, tiny_config
 from tests.test_distributed import assert_two_processes_resume_exactly, torchrun
@@ -331,9 +331,9 @@ def test_train_py_keeps_the_finished_shards_of_a_preparation_that_failed_in_a_ne
     lines = [json.dumps({"text": make_corpus(20, seed=i)}) for i in range(40)]
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("\n".join([*lines, "not json"]) + "\n")
-    import glimpse.run
+    import data.training_data
 
-    monkeypatch.setattr(glimpse.run, "ensure_dataset", lambda name, data_dir: prepare(PrepareConfig(
+    monkeypatch.setattr(data.training_data, "ensure_dataset", lambda name, data_dir: prepare(PrepareConfig(
         dataset=name, data_dir=data_dir, input=str(corpus), tokenizer="gpt2", shard_tokens=500, workers=1)))
     data_dir = tmp_path / "new" / "data"
     with pytest.raises(GlimpseError, match="the finished shards stay in"):

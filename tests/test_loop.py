@@ -21,14 +21,16 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+from data.training_data import prepare_data
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
+from glimpse.compiling import training_shapes
 from glimpse.config import config_values, parse_config
 from glimpse.distributed import Distributed, process_group_options, run_device
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import scored_windows
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
-from glimpse.run import prepare_data, setup, training_shapes
+from glimpse.run import setup
 from glimpse.runtime import allow_tf32, resolve_dtype
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
