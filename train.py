@@ -150,11 +150,11 @@ def report_budget(run: Run):
     it was set to buy."""
     cfg, steps = run.cfg, run.iter_num
     run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps")
-    if cfg.budget_steps and steps < cfg.budget_steps / 2 and run.iter_num < cfg.max_iters:
-        run.say(f"warning: {steps:,} steps is far below the {cfg.budget_steps:,} this budget buys on the machine it "
-                "was set on (a busy or slower machine?), so expect a clearly worse model. For a result that does not "
-                f"depend on the machine, give steps instead: --max_time=0 --max_iters={cfg.budget_steps} "
-                f"--lr_decay_iters={cfg.budget_steps}")
+    expected = round(cfg.budget_steps_per_s * cfg.max_time)  # what the budget buys at the rate it was set for
+    if expected and steps < expected / 2 and run.iter_num < cfg.max_iters:
+        run.say(f"warning: {steps:,} steps is far below the {expected:,} this budget buys on the machine it was set "
+                "on (a busy or slower machine?), so expect a clearly worse model. For a result that does not depend "
+                f"on the machine, give steps instead: --max_time=0 --max_iters={expected} --lr_decay_iters={expected}")
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:

@@ -64,9 +64,10 @@ class TrainConfig:
         "training stops when it is spent, and the cosine decay follows the fraction used, so the run ends fully "
         "decayed; 0: no budget, max_iters and lr_decay_iters rule"
     )
-    budget_steps: int = option(
-        0, "under max_time: the steps the budget buys on the machine it was set on; a run that gets fewer than half "
-        "of them says so at its end, since a busy or slower machine gives a worse model in the same time (0: no check)"
+    budget_steps_per_s: float = option(
+        0.0, "under max_time: the steps per second of training the budget was set for, on the machine it was set on; "
+        "a run that gets fewer than half of the steps that rate gives in max_time says so at its end, since a busy "
+        "or slower machine gives a worse model in the same time (0: no check)"
     )
     eval_interval: int = option(250, "evaluate (and maybe checkpoint) every this many steps")
     eval_iters: int = option(200, "batches per split in each evaluation")
@@ -141,7 +142,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "attn_probe_tokens", "hellaswag_interval",
-                     "hellaswag_examples", "batch_warmup_iters", "seq_warmup_iters", "budget_steps"):
+                     "hellaswag_examples", "batch_warmup_iters", "seq_warmup_iters", "budget_steps_per_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.max_time < 0:
