@@ -31,6 +31,18 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def start_wandb(**settings):
+    """wandb.init(**settings), its refusals (no API key, no network, a bad project name) one line each."""
+    import wandb  # imported here: it is slow to import and most runs do not log to it
+
+    try:
+        return wandb.init(**settings)
+    except wandb.errors.Error as e:
+        raise GlimpseError(f"wandb could not start a run ({str(e).strip().splitlines()[0]}): log in with `wandb "
+                           "login`, or log offline with WANDB_MODE=offline (`wandb sync` uploads it later), or drop "
+                           "--wandb_log") from None
+
+
 class Tracker:
     def __init__(
         self,
@@ -56,24 +68,20 @@ class Tracker:
         self.path = metrics_path
         if not enabled:
             return
+        if wandb_log:  # first: a wandb that cannot start a run stops the run before metrics.jsonl is touched
+            self.run = start_wandb(project=wandb_project, name=wandb_run_name or None, config=config,
+                                   id=resume_run_id, resume="allow" if resume_run_id else None, job_type=job_type)
         if metrics_path is not None and not append:
             kept = []
             if keep_through_iter is not None and metrics_path.exists():
                 # a finished run's final record stops being final once the run goes on
                 kept = [json.dumps(r) for r in read_records(metrics_path)
                         if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
-            write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history whole
-        if wandb_log:
-            import wandb  # imported here: it is slow to import and most runs do not log to it
-
-            self.run = wandb.init(
-                project=wandb_project,
-                name=wandb_run_name or None,
-                config=config,
-                id=resume_run_id,
-                resume="allow" if resume_run_id else None,
-                job_type=job_type,
-            )
+            try:
+                write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history
+            except GlimpseError:
+                self.close()
+                raise
 
     @classmethod
     def for_checkpoint(cls, state: dict, job_type: str, wandb_log: bool = True) -> Tracker:
