@@ -31,21 +31,20 @@ sample times glimpse.generation.generate (KV cache, sliding window, in float32) 
 generating without the cache, the whole window through the network for every token, so that the
 cache's speedup comes from one run. On a GPU each timing waits for the device to finish.
 
---preset takes several presets, comma-separated: they are timed in turn, round after round, so a
-machine that speeds up or slows down during the run shifts them all alike, and the table gives each
-one's speed relative to the first. Compare ratios from one run; absolute figures drift between runs.
+--preset takes several presets, comma-separated: they are timed in turn (bench_presets.py), round after
+round, so a machine that speeds up or slows down during the run shifts them all alike, and the table
+gives each one's speed relative to the first. Compare ratios from one run; absolute figures drift
+between runs.
 A preset may carry overrides, as train.py's --key=value flags do:
     --preset=config/shakespeare_char_recipe.toml,config/shakespeare_char_recipe.toml:dtype=bfloat16
 """
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import sys
 import tempfile
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -53,30 +52,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from data.shards import write_dataset
-from data.tokenizer import CharTokenizer
-from eval import EvalConfig
+from bench_presets import bench_presets, preset_config, preset_model
 from glimpse import render, viewer
 from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
 from glimpse.config import option, parse_config
-from glimpse.distributed import Distributed
 from glimpse.errors import user_errors
 from glimpse.evaluation import windows
-from glimpse.generation import generate, sample_next
 from glimpse.mechanism import trace
-from glimpse.run import setup
-from glimpse.runtime import resolve_device, runtime
-from glimpse.timing import (
-    interleaved_medians,
-    median_seconds,
-    peak_resident_bytes,
-    profile_steps,
-    resident_bytes,
-)
+from glimpse.runtime import runtime
+from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
 from model import GPT, GPTConfig
-from train import TrainConfig, train_step
+
+EVAL_BATCH_SIZE = 8  # windows per forward of the intact scoring: eval.py's default --batch_size
 
 
 @dataclass
@@ -213,123 +202,18 @@ def bench_attention_dump(cfg: BenchConfig) -> dict:
 
 def bench_head_importance(cfg: BenchConfig) -> dict:
     """Every head removed alone (eval.py --head_importance) beside one intact scoring of the same windows."""
-    train_cfg, model = preset_model(cfg.presets[0], cfg)
+    train_cfg, model = preset_model(cfg.presets[0], cfg.vocab_size)
     device, _, ctx = runtime(train_cfg.device, train_cfg.dtype)
     model.to(device).eval()
     tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
     inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
     scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)
-    intact = lambda: mean_loss(model, inputs, targets, None, ctx, EvalConfig().batch_size)  # noqa: E731
+    intact = lambda: mean_loss(model, inputs, targets, None, ctx, EVAL_BATCH_SIZE)  # noqa: E731
     every_head = lambda: losses_per_head(model, inputs, targets, scored, None, ctx)  # noqa: E731
     seconds = interleaved_medians([intact, every_head], [device, device], cfg.repeats)
     c = model.config
     return {"model": asdict(c), "tokens_scored": inputs.numel(), "scorings": 1 + c.n_layer * c.n_head,
             "seconds": {"intact": seconds[0], "head_importance": seconds[1]}, "ratio": seconds[1] / seconds[0]}
-
-
-def preset_config(preset: str, **settings: str) -> TrainConfig:
-    """A preset as train.py reads it: PATH, or PATH:key=value:key=value with command-line overrides
-    (and settings after those)."""
-    path, *overrides = preset.split(":")
-    flags = [f"--{o}" for o in overrides] + [f"--{k}={v}" for k, v in settings.items()]
-    return parse_config(TrainConfig, [path, *flags], prog="train.py", description="")
-
-
-def preset_model(preset: str, cfg: BenchConfig) -> tuple[TrainConfig, GPT]:
-    train_cfg = preset_config(preset)
-    torch.manual_seed(0)
-    return train_cfg, GPT(train_cfg.model_config(cfg.vocab_size))
-
-
-def train_step_fn(preset: str, cfg: BenchConfig, tmp: Path, shards: int = 1):
-    """train.py's own train_step on the preset's Run, over a dataset of random tokens in tmp, in `shards` shards."""
-    name = f"bench{len(list(tmp.iterdir()))}"
-    rng = np.random.default_rng(0)
-    chars = "".join(chr(32 + i) for i in range(cfg.vocab_size))
-    ids = rng.integers(cfg.vocab_size, size=200_000)
-    train_cfg = preset_config(preset, out_dir=str(tmp / name), data_dir=str(tmp / "data"), dataset=name,
-                              wandb_log="false", init_from="scratch")
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # their progress lines would mix with ours
-        write_dataset(tmp / "data" / name, CharTokenizer(chars), ids, "random tokens", shards=shards)
-        run = setup(train_cfg, Distributed())
-    lr = train_cfg.learning_rate
-    full_size_from = max(train_cfg.batch_warmup_iters, train_cfg.seq_warmup_iters)
-
-    def step():
-        run.iter_num = full_size_from  # every timed step past the ramps, at the full size the tokens below count
-        train_step(run, lr)
-
-    tokens = train_cfg.batch_size * train_cfg.model.block_size * train_cfg.gradient_accumulation_steps
-    setup_info = {"device": str(run.device), "dtype": str(run.dtype).removeprefix("torch."),
-                  "optimizer": train_cfg.optimizer, "compile": train_cfg.compile, "batch_size": train_cfg.batch_size,
-                  "block_size": train_cfg.model.block_size, "shards": len(run.data.splits["train"]),
-                  "flops_per_step": tokens * run.model.flops_per_token(), "peak_flops": run.peak}
-    return run.model, setup_info, step, tokens
-
-
-def sample_fn(preset: str, cfg: BenchConfig, cache: bool = True):
-    train_cfg, model = preset_model(preset, cfg)
-    device = resolve_device(train_cfg.device)
-    model.to(device).eval()
-    prompt = torch.randint(cfg.vocab_size, (1, model.config.block_size), device=device)  # a full window from the start
-
-    def generate_cached():
-        for _ in generate(model, prompt, cfg.new_tokens, temperature=1.0, top_k=200,
-                                generator=torch.Generator(device=device).manual_seed(0)):
-            pass
-
-    @torch.inference_mode()
-    def generate_uncached():
-        # what generation costs without a cache: every token runs the last block_size tokens through the network
-        generator, tokens = torch.Generator(device=device).manual_seed(0), prompt
-        for _ in range(cfg.new_tokens):
-            logits = model(tokens[:, -model.config.block_size:])[0][:, -1]  # (1, vocab_size)
-            tokens = torch.cat((tokens, sample_next(logits, 1.0, 200, generator=generator)), dim=1)
-
-    setup = {"device": str(device), "dtype": "float32", "new_tokens": cfg.new_tokens, "kv_cache": cache}
-    return model, setup, generate_cached if cache else generate_uncached, cfg.new_tokens
-
-
-def bench_presets(cfg: BenchConfig) -> dict:
-    """train_step or sample for every preset of --preset, interleaved; speeds relative to the first."""
-    with ExitStack() as stack:
-        return _bench_presets(cfg, stack)
-
-
-def _bench_presets(cfg: BenchConfig, stack: ExitStack) -> dict:
-    if cfg.what == "train_step":
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        presets = [p for p in cfg.presets for _ in cfg.shard_counts]
-        built = [train_step_fn(p, cfg, tmp, shards) for p in cfg.presets for shards in cfg.shard_counts]
-    else:  # each preset with the cache and, with --uncached, then without it
-        caches = (True, False) if cfg.uncached else (True,)
-        presets = [p for p in cfg.presets for _ in caches]
-        built = [sample_fn(p, cfg, cache) for p in cfg.presets for cache in caches]
-    devices = [torch.device(setup["device"]) for _, setup, _, _ in built]
-    seconds = interleaved_medians([fn for _, _, fn, _ in built], devices, cfg.repeats)
-    runs = []
-    for i, (preset, (model, info, fn, tokens), s, device) in enumerate(zip(presets, built, seconds, devices)):
-        run = {"preset": preset, "model": asdict(model.config), **info, "seconds": s, "tokens_per_sec": tokens / s,
-               "vs_first": seconds[0] / s}
-        if cfg.what == "train_step":
-            run["mfu"] = info["flops_per_step"] / s / info["peak_flops"] if info["peak_flops"] else None
-            run["peak_mb"] = step_peak_mb(fn, device)
-            if cfg.profile:
-                run["profile"] = profile_steps(fn, device, cfg.profile_steps, Path(cfg.profile),
-                                               f"{i}_{Path(preset.split(':')[0]).stem}")
-        runs.append(run)
-    return {"runs": runs}
-
-
-def step_peak_mb(fn, device: torch.device) -> float | None:
-    """The GPU memory allocated at the peak of one more run of fn, in MB (what every preset's run holds resident
-    included); None off CUDA, where torch keeps no such count."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -419,7 +303,9 @@ def main(argv: list[str] | None = None):
         run = {"attention_dump": bench_attention_dump, "head_importance": bench_head_importance,
                "gpt2": lambda c: gpt2_beside_transformers(c.gpt2_n_layer, c.prompt_tokens, c.new_tokens, c.repeats),
                "prepare": lambda c: prepare_beside_tiktoken(c.corpus_mb, c.repeats, c.corpus_files)}.get(
-            cfg.what, bench_presets)
+            cfg.what, lambda c: bench_presets(c.what, c.presets, c.vocab_size, c.repeats, shard_counts=c.shard_counts,
+                                              new_tokens=c.new_tokens, uncached=c.uncached, profile_dir=c.profile,
+                                              profiled_steps=c.profile_steps))
         result = {"benchmark": cfg.what, "config": asdict(cfg), "environment": environment(cfg), **run(cfg)}
         if cfg.json:
             print(json.dumps(result, indent=1))

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from bench import BenchConfig, preset_config, train_step_fn
+from bench import BenchConfig
+from bench_presets import preset_config, train_step_fn
 from glimpse.comparisons import prepare_beside_tiktoken
 from glimpse.errors import GlimpseError
 from tests.conftest import python, run_script
@@ -138,7 +139,7 @@ def test_train_step_times_full_size_steps_when_the_preset_ramps_up(tmp_path):
     """The tokens and FLOPs bench.py counts per step are the full batch's: the steps it times must be too, not
     the batch and sequence ramps' smaller first steps."""
     preset = f"{RECIPE}:batch_warmup_iters=1000:seq_warmup_iters=1000"
-    model, info, step, tokens = train_step_fn(preset, BenchConfig(preset=preset), tmp_path)
+    model, info, step, tokens = train_step_fn(preset, BenchConfig().vocab_size, tmp_path)
     shapes = []
     model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
     for _ in range(3):
