@@ -22,7 +22,8 @@ from model import GPTConfig
 class TrainConfig:
     # I/O
     out_dir: str = option("out", "folder for ckpt.pt, best.pt, config.json and metrics.jsonl")
-    dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/{train,val}.bin")
+    dataset: str = option("shakespeare_char", "dataset name: reads DATA_DIR/NAME/ (meta.json and the token shards "
+                          "data/prepare.py writes); a built-in one is prepared on first use")
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
     init_from: str = option(
         "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt; gpt2, gpt2-medium, "
