@@ -59,13 +59,11 @@ from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
 from glimpse.config import option, parse_config
 from glimpse.errors import user_errors
-from glimpse.evaluation import windows
+from glimpse.evaluation import BATCH_SIZE, windows
 from glimpse.mechanism import trace
 from glimpse.runtime import runtime
 from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
 from model import GPT, GPTConfig
-
-EVAL_BATCH_SIZE = 8  # windows per forward of the intact scoring: eval.py's default --batch_size
 
 
 @dataclass
@@ -208,7 +206,7 @@ def bench_head_importance(cfg: BenchConfig) -> dict:
     tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
     inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
     scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)
-    intact = lambda: mean_loss(model, inputs, targets, None, ctx, EVAL_BATCH_SIZE)  # noqa: E731
+    intact = lambda: mean_loss(model, inputs, targets, None, ctx, BATCH_SIZE)  # noqa: E731
     every_head = lambda: losses_per_head(model, inputs, targets, scored, None, ctx)  # noqa: E731
     seconds = interleaved_medians([intact, every_head], [device, device], cfg.repeats)
     c = model.config

@@ -65,7 +65,7 @@ from glimpse.ablation import (
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.evaluation import MODES, length_loss, windows
+from glimpse.evaluation import BATCH_SIZE, MODES, length_loss, windows
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -87,7 +87,7 @@ class EvalConfig:
     lengths: str = option("1,2,4,8", "context lengths to test, as multiples of the training block_size")
     stride: int = option(0, "sliding mode: tokens scored per window (0: block_size // 2)")
     max_tokens: int = option(16384, "validation tokens scored per length and mode (the start of the split)")
-    batch_size: int = option(8, "windows per forward pass")
+    batch_size: int = option(BATCH_SIZE, "windows per forward pass")
     data_dir: str = option("", "dataset folder root (empty: the one the checkpoint was trained with)")
     dataset: str = option("", "dataset name (empty: the one the checkpoint was trained with)")
     device: Device = device_option()

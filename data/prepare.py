@@ -36,12 +36,13 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.shards import Progress, Router, publish, token_dtype, write_atomic  # noqa: E402
+from data.shards import Progress, Router, publish, token_dtype  # noqa: E402
 from data.sources import Documents, HubDocuments, input_files  # noqa: E402
 from data.tokenize_parallel import cutting, pieces, skipped, tokenized  # noqa: E402
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
 from glimpse.config import option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
+from glimpse.files import write_atomic  # noqa: E402
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

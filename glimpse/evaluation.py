@@ -23,6 +23,7 @@ from glimpse.errors import GlimpseError
 from glimpse.runtime import sum_dtype
 
 MODES = ("windows", "sliding")
+BATCH_SIZE = 8  # windows per forward pass when scoring windows: eval.py's --batch_size, bench.py's head removal
 
 
 def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np.ndarray:

@@ -12,10 +12,11 @@ import data.prepare as prepare_module
 import data.tokenize_parallel as tokenize_parallel
 import train
 from data.dataset import TokenData
-from data.prepare import PrepareConfig, prepare, write_atomic
+from data.prepare import PrepareConfig, prepare
 from data.tokenize_parallel import pieces
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, tokenizer_from_spec
 from glimpse.errors import GlimpseError
+from glimpse.files import write_atomic
 from tests import conftest
 from tests.conftest import R50K_CACHE_NAME, make_corpus, python
 from tests.test_reliability import run_main
