@@ -100,8 +100,8 @@ def test_rotary_attention_depends_on_distance_only():
 def test_rope_gives_the_same_weights_at_shifted_positions():
     attn = variant("scaled_dot", "rope").transformer.h[0].attn
     x = torch.randn(1, 6, 16)
-    _, at_zero = attn(x, rotary_table(torch.arange(6), attn.head_dim), need_weights=True)
-    _, at_fifty = attn(x, rotary_table(torch.arange(50, 56), attn.head_dim), need_weights=True)
+    _, at_zero = attn.context(x, rotary_table(torch.arange(6), attn.head_dim), need_weights=True)
+    _, at_fifty = attn.context(x, rotary_table(torch.arange(50, 56), attn.head_dim), need_weights=True)
     torch.testing.assert_close(at_zero, at_fifty, rtol=1e-4, atol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_alibi_weights_fall_off_with_distance():
     attn = variant("scaled_dot", "alibi").transformer.h[0].attn
     with torch.no_grad():
         attn.c_attn.weight.zero_()  # all scores 0: only ALiBi's bias is left
-    _, weights = attn(torch.randn(1, 8, 16), need_weights=True)
+    _, weights = attn.context(torch.randn(1, 8, 16), need_weights=True)
     last = weights[0, 0, -1]  # the last query of the steepest head
     assert (last[1:] > last[:-1]).all()  # nearer keys get more weight
 
