@@ -177,15 +177,17 @@ def test_workers_and_shard_size_change_no_token(tmp_path, monkeypatch):
     assert text == "\n~\n".join(d for i, d in enumerate(docs) if i % 10 == 0)
 
 
-def test_val_tokens_holds_out_the_first_documents(tmp_path):
+@pytest.mark.parametrize("beyond,held", [(1, 2), (0, 1)])  # val_tokens one past the first document, or exactly it
+def test_val_tokens_holds_out_the_first_documents(tmp_path, beyond, held):
     write_corpus(tmp_path / "corpus", documents(12))
     in_b = [json.loads(line)["text"] for line in (tmp_path / "corpus" / "b.jsonl").read_text("utf-8").splitlines()]
     folder = prepare(PrepareConfig(dataset="v", input=str(tmp_path / "corpus" / "*.jsonl"), data_dir=str(tmp_path),
-                                   val_tokens=len(in_b[0]) + 1))  # the glob: b.jsonl alone
+                                   val_tokens=len(in_b[0]) + beyond))  # the glob: b.jsonl alone
     chars = json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
     decode = lambda ids: "".join(chars[i] for i in ids)  # noqa: E731
-    assert decode(split(folder, "val")) == "\n\n".join(in_b[:2])  # whole documents until the count is reached
-    assert decode(split(folder, "train")) == "\n\n".join(in_b[2:])
+    # whole documents until the count is reached: a first document of exactly val_tokens is enough alone
+    assert decode(split(folder, "val")) == "\n\n".join(in_b[:held])
+    assert decode(split(folder, "train")) == "\n\n".join(in_b[held:])
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5, 0.3, 0.6, 0.67, 0.9])
@@ -410,6 +412,22 @@ def test_batches_cover_every_shard_and_never_cross_one(tmp_path):
         assert target[-1] == shards[shard][offset + 16]  # the last target is still in the shard
     hit = np.searchsorted(ends, starts.numpy(), side="right")
     assert set(hit.tolist()) == set(range(len(shards)))
+
+
+def test_every_window_of_every_shard_is_drawn_exactly_where_it_lies(tmp_path):
+    """The windows are counted from the shards' lengths (each shard's last window included) and a start on a
+    shard's first window maps to that shard, not the one before (a start there is drawn rarely at random)."""
+    data = TokenData(sharded_dataset(tmp_path) / "tiny")
+    shards = data.splits["train"]
+    assert data.window_counts("train", 16).tolist() == [len(s) - 16 for s in shards]
+    ends = np.cumsum([len(s) - 16 for s in shards])
+    firsts = torch.from_numpy(np.concatenate(([0], ends[:-1])))  # each shard's first window
+    lasts = torch.from_numpy(ends - 1)  # each shard's last window
+    for starts, where in ((firsts, 0), (lasts, -17)):
+        x, y = data.batch("train", starts, 16)
+        for row, target, shard in zip(x, y, shards):
+            window = shard[where:][:17] if where else shard[:17]
+            assert row.tolist() == window[:16].tolist() and target.tolist() == window[1:].tolist()
 
 
 def test_training_over_shards_with_ddp_resumes_exactly(tmp_path):
