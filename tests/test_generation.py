@@ -76,6 +76,13 @@ def test_top_k_and_top_p_sample_from_the_right_tokens_of_each_row():
     torch.testing.assert_close(observed, expected, rtol=0, atol=0.03)
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """Four equal tokens, top_p = 0.5: the first two hold exactly half, the smallest set that reaches p, so the
+    third is dropped (a nucleus that needs more than p would keep it)."""
+    draws = sample_next(torch.zeros(2000, 4), 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert len(set(draws.flatten().tolist())) == 2  # which two of the tied four is the sort's choice
+
+
 def test_temperature_reshapes_the_distribution():
     """Samples at temperature T follow softmax(logits / T): sharper below 1, flatter above.
 
