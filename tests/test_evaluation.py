@@ -98,3 +98,36 @@ def test_on_mps_the_sums_ask_for_no_float64(monkeypatch):
         ablation.head_means(model, x, 2, contextlib.nullcontext())
         hellaswag.evaluate(chars_model, examples, tokenizer, 8, "cpu", contextlib.nullcontext(), show_progress=False)
     assert torch.float32 in made.dtypes and torch.float64 not in made.dtypes
+
+
+def test_the_evals_estimate_scores_its_fixed_batches_without_dropout(data_dir, tmp_path):
+    """estimate_loss: each split's eval_iters batches, drawn once from seed + 1 and taken in turn, scored in eval
+    mode (no dropout: the same number every time), the model handed back in the mode it came in."""
+    from data.dataset import TokenData
+    from glimpse.distributed import Distributed
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(data_dir, tmp_path, dropout=0.5, eval_iters=3, batch_size=4, block_size=16)
+    data = TokenData(data_dir / "tiny")
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(data.vocab_size))
+    ctx = contextlib.nullcontext()
+    for mode in (True, False):
+        model.train(mode)
+        first = evaluation.estimate_loss(model, data, cfg, torch.device("cpu"), ctx, Distributed())
+        assert model.training is mode
+        assert evaluation.estimate_loss(model, data, cfg, torch.device("cpu"), ctx, Distributed()) == first
+    model.eval()
+    with torch.no_grad():
+        for split in ("train", "val"):
+            starts = data.random_starts(split, 12, 16, torch.Generator().manual_seed(cfg.seed + 1))
+            by_hand = [model(*data.batch(split, starts[i:i + 4], 16))[1] for i in (0, 4, 8)]
+            assert first[split] == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_evaluating_hands_the_model_back_in_its_mode(mode):
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, dropout=0.1)).train(mode)
+    with evaluation.evaluating(model):
+        assert not model.training and not any(m.training for m in model.modules())
+    assert model.training is mode and all(m.training is mode for m in model.modules())
