@@ -133,6 +133,20 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
     assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
 
 
+def test_a_resumed_budget_run_goes_on_from_the_time_it_had_spent(tmp_path, data_dir):
+    """The budget's clock, the last step's rate and the best loss so far come back with the checkpoint: a
+    resumed run that started its clock at 0 would get the whole max_time again, its rate back near the peak."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10**6, max_time=0.5, eval_interval=10**6,
+                      attn_log_interval=0, final_eval=False)
+    train(cfg)
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    resumed = setup(replace(cfg, max_time=1.0, init_from="resume"), Distributed())
+    resumed.tracker.close()
+    assert resumed.train_seconds == state["train_seconds"] >= 0.5
+    assert resumed.step_lr == state["step_lr"] and resumed.iter_num == state["iter_num"] > 0
+    assert resumed.best_val_loss == state["best_val_loss"] < math.inf
+
+
 def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):
     cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2)
     train(cfg)
