@@ -29,6 +29,19 @@ def test_shapes_and_initial_loss_is_near_uniform():
     assert loss is None
 
 
+def test_initial_weights_have_gpt2s_scales():
+    """Weights and embeddings at std 0.02, the projections into the residual stream at 0.02 / sqrt(2 n_layer)
+    (8 layers: 0.005), so that the stream's variance does not grow with depth; biases at 0."""
+    model = small_model(n_layer=8, n_embd=64, block_size=64)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1), name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.1), name
+        elif name.endswith("bias"):
+            assert not p.any(), name
+
+
 def test_parameter_names_follow_gpt2_and_head_is_tied():
     model = small_model(n_layer=1)
     names = set(model.state_dict())
