@@ -139,6 +139,14 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
     assert np.array(probe["induction"]).max() < 0.3  # attention spread over ~8-16 keys
     assert probe["first_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
     assert probe["second_copy_loss"] == pytest.approx(np.log(30), abs=0.3)
+    # by hand: position t predicts token t + 1; the first copy's predictions of r[1:] are positions 0..n-2, the
+    # second's n..2n-2 (position n-1 predicts the second copy's first token, which nothing before it gives away)
+    seq = probe_tokens(30, 8, 4, 0)  # (4, 16): the probe's own sequences, its default seed
+    with torch.no_grad():
+        logits, _ = model(seq)  # (4, 16, 30)
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), seq[:, 1:], reduction="none")
+    assert probe["first_copy_loss"] == pytest.approx(losses[:, :7].mean().item(), rel=1e-5)
+    assert probe["second_copy_loss"] == pytest.approx(losses[:, 8:].mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="n_tokens"):
         induction_probe(model, n_tokens=9)
 
