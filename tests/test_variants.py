@@ -85,6 +85,23 @@ def test_a_few_training_steps_lower_the_loss(score, pos):
     check_training_lowers_the_loss(variant(score, pos))
 
 
+def test_rotary_turns_each_channel_pair_by_position_times_its_frequency():
+    """RoFormer's angles, written out: pair i of a head of size d (channels i and i + d/2) turns by
+    p x 10000^(-2i/d) at position p (distance alone would hold for any frequencies)."""
+    d, p = 8, 5
+    cos, sin = rotary_table(torch.tensor([p]), d)  # (1, d/2) each
+    for i in range(d // 2):
+        angle = p * 10000.0 ** (-2 * i / d)
+        assert cos[0, i].item() == pytest.approx(math.cos(angle), abs=1e-6)
+        assert sin[0, i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        x = torch.zeros(1, 1, 1, d)
+        x[..., i] = 1.0  # the pair's first axis turns towards its second
+        turned = rotate(x, cos, sin)[0, 0, 0]
+        assert turned[i].item() == pytest.approx(math.cos(angle), abs=1e-6)
+        assert turned[i + d // 2].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert turned.abs().sum().item() == pytest.approx(abs(math.cos(angle)) + abs(math.sin(angle)), abs=1e-6)
+
+
 def test_rotary_attention_depends_on_distance_only():
     q, k = torch.randn(2, 1, 2, 6, 8)
     pos = torch.arange(6)
