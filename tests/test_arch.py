@@ -129,6 +129,23 @@ def test_relu2_is_relu_squared():
     torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
 
 
+def test_qk_norm_normalises_queries_and_keys_each_with_its_own_gain():
+    """The weights, by hand: each head's query and key RMS-normalised over its channels, times q_norm's and
+    k_norm's own gains (set apart here: at their initial 1s a swapped gain would not show), then scaled q.k."""
+    attn = flagged("qk_norm", pos="learned").transformer.h[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(1, 6, 16)  # (B, T, C)
+    _, weights = attn.context(x, need_weights=True)  # (1, nh, T, T)
+    q, k, _ = attn.c_attn(x).split(16, dim=2)
+    q, k = (t.view(1, 6, 2, 8).transpose(1, 2) for t in (q, k))  # (1, nh, T, hs)
+    rms = lambda t: t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()  # noqa: E731
+    scores = (rms(q) * attn.q_norm.weight) @ (rms(k) * attn.k_norm.weight).transpose(-1, -2) / math.sqrt(8)
+    expected = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    torch.testing.assert_close(weights, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     """Scaling the query and key rows of c_attn by 100 changes nothing once they are normalised."""
     def logits_after_scaling(model, factor):
