@@ -147,6 +147,12 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), seq[:, 1:], reduction="none")
     assert probe["first_copy_loss"] == pytest.approx(losses[:, :7].mean().item(), rel=1e-5)
     assert probe["second_copy_loss"] == pytest.approx(losses[:, 8:].mean().item(), rel=1e-5)
+    # each head's weight on the token just before, over every query but the first (which has none before it)
+    with torch.no_grad():
+        _, weights = model.forward_with_attention(seq)  # (L, 4, H, 16, 16)
+    t = torch.arange(1, 16)
+    by_hand = weights[:, :, :, t, t - 1].mean(dim=(1, 3))  # (L, H)
+    np.testing.assert_allclose(probe["prev_token_on_probe"], by_hand.numpy(), rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="n_tokens"):
         induction_probe(model, n_tokens=9)
 
