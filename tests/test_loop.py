@@ -133,6 +133,24 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
     assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
 
 
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(tmp_path, data_dir, grad_clip):
+    """With AdamW a clip's effect on the weights is subtle (its update is near blind to the gradient's scale), so
+    the gradients are read where the optimizer takes them: their norm at most grad_clip, and untouched at 0."""
+    run = setup(tiny_config(data_dir, tmp_path / "out", grad_clip=grad_clip, learning_rate=0.1), Distributed())
+    run.tracker.close()
+    norms = []
+    run.optimizer.register_step_pre_hook(lambda *_: norms.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters() if p.grad is not None]))))
+    for _ in range(3):
+        train_step(run, 0.1)
+    assert len(norms) == 3
+    if grad_clip:
+        assert all(n <= grad_clip * (1 + 1e-5) for n in norms), norms
+    else:
+        assert all(n > 0.05 for n in norms), norms  # the same model's gradients, far above the clip tested
+
+
 def test_a_resumed_budget_run_goes_on_from_the_time_it_had_spent(tmp_path, data_dir):
     """The budget's clock, the last step's rate and the best loss so far come back with the checkpoint: a
     resumed run that started its clock at 0 would get the whole max_time again, its rate back near the peak."""
