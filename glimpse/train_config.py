@@ -155,6 +155,12 @@ class TrainConfig:
         if self.min_lr > self.learning_rate:  # the cosine "decay" would then climb from the peak
             raise ValueError(f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}), so the "
                              f"schedule would rise after warmup: set --min_lr at or below the learning rate")
+        # a run that goes past its warmup would drop from the peak in one step (with a time budget the clock drives
+        # the decay, and lr_decay_iters is not read)
+        if not self.max_time and 0 < self.warmup_iters < self.max_iters and self.lr_decay_iters <= self.warmup_iters:
+            raise ValueError(f"lr_decay_iters ({self.lr_decay_iters}) is not after warmup_iters ({self.warmup_iters}), "
+                             f"so the rate would drop from its peak to min_lr in one step: set --lr_decay_iters "
+                             f"above --warmup_iters")
         if self.attn_log_interval is not None and self.attn_log_interval < 0:
             raise ValueError(f"attn_log_interval must be none, 0 (never) or positive, got {self.attn_log_interval}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

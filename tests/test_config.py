@@ -75,6 +75,8 @@ def test_types_are_parsed_by_field():
         (["--n_embd=100", "--n_head=3"], "divisible by n_head"),
         (["--batch_size=0"], "batch_size must be at least 1"),
         (["--learning_rate=1e-4", "--min_lr=3e-4"], "min_lr (0.0003) is above learning_rate (0.0001)"),
+        (["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters (50) is not after warmup_iters (100)"),
+        (["--warmup_iters=100", "--lr_decay_iters=100"], "lr_decay_iters (100) is not after warmup_iters (100)"),
         (["stray"], "should be a .toml file"),
         (["--n_layer=2", "c.toml"], "unexpected argument 'c.toml'"),
     ],
@@ -82,6 +84,14 @@ def test_types_are_parsed_by_field():
 def test_bad_flags_name_the_problem(argv, message):
     with pytest.raises(GlimpseError, match=re.escape(message)):
         parse(argv)
+
+
+def test_schedules_that_read_no_decay_step_are_accepted():
+    # a time budget decays by the clock, a run that ends within its warmup never decays, and a run without
+    # warmup may decay from its first step
+    assert parse(["--max_time=60", "--warmup_iters=100", "--lr_decay_iters=50"]).lr_decay_iters == 50
+    assert parse(["--max_iters=30", "--warmup_iters=40", "--lr_decay_iters=30"]).lr_decay_iters == 30
+    assert parse(["--warmup_iters=0", "--lr_decay_iters=0"]).lr_decay_iters == 0
 
 
 def test_bad_toml_files(tmp_path):
