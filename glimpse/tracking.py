@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from glimpse.checkpoint import write_text
@@ -29,6 +30,15 @@ def read_records(path: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("iter"), int):
             records.append(record)
     return records
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether a file's last line was cut short (a process killed as it wrote, a full disk): no newline ends it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def start_wandb(**settings):
@@ -66,6 +76,8 @@ class Tracker:
         self.enabled = enabled
         self.run = None
         self.path = metrics_path
+        # appending after a line cut short ends that line first, or the first record would join it (both then lost)
+        self.line_to_end = append and metrics_path is not None and ends_mid_line(metrics_path)
         if not enabled:
             return
         if wandb_log:  # first: a wandb that cannot start a run stops the run before metrics.jsonl is touched
@@ -101,7 +113,8 @@ class Tracker:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
             try:
                 with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(clean) + "\n")
+                    f.write("\n" * self.line_to_end + json.dumps(clean) + "\n")
+                self.line_to_end = False
             except OSError as e:
                 raise GlimpseError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.run is not None:

@@ -32,6 +32,7 @@ from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
 from glimpse.run import setup
 from glimpse.runtime import allow_tf32, resolve_dtype
+from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
 from tests.test_train import read_metrics
@@ -344,6 +345,23 @@ def test_a_resume_reads_past_a_metrics_line_cut_short(tmp_path, data_dir):
     train(replace(cfg, init_from="resume", max_iters=30))
     records = read_metrics(cfg.out_dir)
     assert records[:len(whole)] == whole and records[-1]["iter"] == 30
+
+
+def test_a_record_appended_after_a_line_cut_short_is_a_line_of_its_own(tmp_path):
+    """eval.py appends its scores to a finished run's metrics.jsonl: after a line cut short, the record must not
+    join it (the two would then be one broken line, and the score lost)."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iter": 10, "train_loss": 2.5}\n{"iter": 20, "train_lo')
+    tracker = Tracker(metrics, append=True)
+    tracker.log({"iter": 20, "hellaswag_acc": 0.5})
+    tracker.log({"iter": 20, "hellaswag_acc_norm": 0.25})
+    assert read_records(metrics) == [{"iter": 10, "train_loss": 2.5}, {"iter": 20, "hellaswag_acc": 0.5},
+                                     {"iter": 20, "hellaswag_acc_norm": 0.25}]
+    assert metrics.read_text().count("\n") == 4  # one newline ends the cut line, then one per record
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text('{"iter": 10}\n')
+    Tracker(whole, append=True).log({"iter": 20})
+    assert whole.read_text() == '{"iter": 10}\n{"iter": 20}\n'  # a whole file gets no blank line
 
 
 def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir):
