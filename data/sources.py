@@ -220,10 +220,13 @@ class HubDocuments:
     def __iter__(self) -> Iterator[tuple[str, int, bool]]:  # (text, characters, starts a document)
         try:
             import datasets
+            import pyarrow  # datasets' own dependency, whose errors a record it cannot parse raises
         except ImportError:
             raise GlimpseError("the built-in corpora stream through Hugging Face datasets: pip install datasets") \
                 from None
         self.bad_lines = 0
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a failure would repeat the error below
         try:
             stream = datasets.load_dataset(self.path, name=self.name, split="train", streaming=True,
                                            data_files=self.data_files)
@@ -242,3 +245,9 @@ class HubDocuments:
         except (ConnectionError, OSError) as e:
             raise GlimpseError(f"could not stream {self.path} ({str(e).splitlines()[0]}); offline, download its files "
                                "on a machine with a network and pass them with --input=PATH") from None
+        except pyarrow.ArrowException as e:  # records datasets' reader cannot parse (JSON with a lone surrogate)
+            raise GlimpseError(f"could not read {self.path}'s records ({str(e).splitlines()[0]}); download its files "
+                               "and pass them with --input=PATH, which names the bad lines (--skip_bad_lines skips "
+                               "them)") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)

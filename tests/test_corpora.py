@@ -387,6 +387,19 @@ def test_a_builtin_with_a_wrong_column_or_a_null_text_is_one_line(tmp_path, monk
     assert json.loads((tmp_path / "fineweb_edu" / "meta.json").read_text())["documents"] == 3
 
 
+def test_a_streamed_record_its_reader_cannot_parse_is_one_line_naming_the_local_route(tmp_path, monkeypatch, capsys):
+    """JSON may spell half a surrogate pair alone: datasets' reader refuses the file, where a local --input names
+    the line and can skip it."""
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text('{"text": "a first document"}\n{"text": "half a pair \\ud83d here"}\n', encoding="utf-8")
+    monkeypatch.setitem(prepare_module.BUILTIN, "fineweb_edu", ("char", Hub("json", None, str(corpus))))
+    line = run_main(prepare_module.main, ["--dataset=fineweb_edu", f"--data_dir={tmp_path}"], capsys)
+    assert line.startswith("error: could not read json's records (") and "pass them with --input=PATH" in line
+    assert not (tmp_path / "fineweb_edu" / "meta.json").exists()
+    line = run_main(prepare_module.main, ["--dataset=local", f"--input={corpus}", f"--data_dir={tmp_path}"], capsys)
+    assert "train.jsonl:2 has a lone surrogate \\ud83d" in line  # the route it names does name the line
+
+
 def sharded_dataset(tmp_path, shard_tokens=4000):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": make_corpus(40, seed=i)}) + "\n" for i in range(40)),
