@@ -65,7 +65,7 @@ def loop(run: Run) -> dict:
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
-    log = StepLog(run.device)
+    log = StepLog(run.device, unlogged_loss=run.unlogged_loss)
     first_step, t_saved = run.iter_num, time.time()
     step_budget = None  # the share of the budget the last step's rate was set from
     try:
@@ -102,7 +102,7 @@ def loop(run: Run) -> dict:
                 budget.agree(slowest, run.iter_num)
                 if saving or stopping:
                     with log.paused():
-                        save(run)
+                        checkpoint(run, log)
                     t_saved = time.time()
                 if stopping:
                     bar.close()
@@ -141,7 +141,7 @@ def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:
                 snapshot_attention(run)
             run.work_done_at = it  # before ckpt.pt is written: a run resumed from it goes straight to the next step
             if saving:
-                save(run)
+                checkpoint(run, log)
     run.work_done_at = it
     return saving
 
@@ -254,6 +254,13 @@ def snapshot_attention(run: Run):
         run.tracker.log_attention(folder, heads, step=run.iter_num)
 
     run.ddp.on_main(draw, f"drawing the attention snapshot of step {run.iter_num}")
+
+
+def checkpoint(run: Run, log: StepLog):
+    """ckpt.pt, carrying the loss of the steps taken since the last log step: a run stopped between log steps
+    then logs, once resumed, the mean over the same steps as a run never stopped."""
+    run.unlogged_loss = log.unlogged(run.ddp)
+    save(run)
 
 
 def save(run: Run, best: bool = False):

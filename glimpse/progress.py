@@ -19,6 +19,7 @@ from glimpse.runtime import synchronize
 from glimpse.train_config import TrainConfig
 
 if TYPE_CHECKING:
+    from glimpse.distributed import Distributed
     from glimpse.run import Run
 
 
@@ -42,10 +43,12 @@ def throughput(run: Run) -> dict:
 class StepLog:
     """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
 
-    def __init__(self, device: torch.device, clock=time.time):
+    def __init__(self, device: torch.device, clock=time.time, unlogged_loss: tuple[float, int] = (0.0, 0)):
+        """unlogged_loss: a resumed run's loss summed over the steps its checkpoint took since their last log step,
+        and how many they were, so that its first record averages the same steps as a run never stopped."""
         self.device, self.clock = device, clock
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.flops, self.since, self.away = 0, 0, 0, clock(), 0.0
+        self.loss_sum = torch.tensor(unlogged_loss[0], dtype=torch.float32, device=device)
+        self.steps, self.tokens, self.flops, self.since, self.away = unlogged_loss[1], 0, 0, clock(), 0.0
         self.started, self.away_in_all = self.since, 0.0  # for the steps' time over the whole loop
         self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
 
@@ -74,6 +77,11 @@ class StepLog:
         steps' queued GPU work counts as theirs (each pause waits for it first, and so does this)."""
         synchronize(self.device)
         return self.clock() - self.started - self.away_in_all
+
+    def unlogged(self, ddp: Distributed) -> tuple[float, int]:
+        """The loss summed over the steps since the last log step (its mean over the processes), and their count:
+        what a checkpoint carries to the resumed run. Every process calls it."""
+        return ddp.mean(self.loss_sum).item(), self.steps
 
     def write(self, run: Run, lr: float, budget_used: float | None) -> dict:
         """Log the mean loss and speed since the last log step; return what the progress bar shows."""

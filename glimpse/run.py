@@ -94,6 +94,7 @@ class Run:
     best_val_loss: float = float("inf")
     train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
     step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
+    unlogged_loss: tuple[float, int] = (0.0, 0)  # the loss summed over the steps since the last log step; their count
     tokens_per_sec: float = 0.0  # over the last log interval
     flops_per_sec: float = 0.0  # the model arithmetic of those tokens, at the sequence lengths they had
     last_eval: dict = field(default_factory=dict)
@@ -173,6 +174,7 @@ class Run:
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                 "work_done": self.work_done_at == self.iter_num,
                 "step_lr": self.step_lr, "tokens_per_sec": self.tokens_per_sec,  # what the step's eval reports
+                "unlogged_loss": list(self.unlogged_loss),
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
 
     def load_state_dict(self, state: dict):
@@ -202,6 +204,7 @@ class Run:
         # the rate and speed of the last step taken (older checkpoints: the rate the next step takes)
         self.step_lr = state.get("step_lr", get_lr(self.iter_num, self.cfg))
         self.tokens_per_sec = state.get("tokens_per_sec", 0.0)
+        self.unlogged_loss = tuple(state.get("unlogged_loss", (0.0, 0)))
         # checkpoints from before the flag were only written after their step's work
         self.work_done_at = self.iter_num if state.get("work_done", True) else -1
         self.batch_gen.set_state(state["rng"]["batches"].cpu())

@@ -107,6 +107,27 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
     assert evals == [0, 20, 40, 50]
 
 
+def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_path, data_dir):
+    """A signal at step 15 checkpoints half way through a log interval: the record at step 20 must still average
+    steps 11 to 20, as the straight run's does, not only the five steps taken after the resume."""
+    timing = {"tokens_per_sec", "mfu"}  # wall-clock figures
+
+    def records(out):
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
+
+    run = dict(max_iters=30, log_interval=10, eval_interval=30, attn_log_interval=0, final_eval=False, dropout=0.1)
+    train(tiny_config(data_dir, tmp_path / "straight", **run))
+    stopped = setup(tiny_config(data_dir, tmp_path / "stopped", **run), Distributed())
+    stop_during_step(stopped, 14)
+    with pytest.raises(SystemExit):
+        loop(stopped)
+    stopped.tracker.close()
+    assert load_checkpoint(checkpoint_path(tmp_path / "stopped"))["iter_num"] == 15
+    train(tiny_config(data_dir, tmp_path / "stopped", init_from="resume", **run))
+    assert [r["iter"] for r in records(tmp_path / "stopped")] == [0, 10, 20, 30, 30]
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
 def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):
     """tokens/s over steps only, however an eval falls between log steps; MFU from each step's own length."""
     now = [0.0]
