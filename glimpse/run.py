@@ -280,6 +280,12 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     if state is not None:
         run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
                 + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
+        saved = state["train_config"]
+        changed = [f"{key} {saved[key]} -> {getattr(cfg, key)}" for key in ("eval_iters", "batch_size", "seed")
+                   if saved.get(key, getattr(cfg, key)) != getattr(cfg, key)]
+        if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
+            run.say(f"note: {', '.join(changed)} since the checkpoint: the evals now score other batches than the "
+                    "best so far was scored on, so best.pt is replaced only by a loss below it on the new ones")
     return run
 
 

@@ -128,6 +128,24 @@ def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_pat
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
 
 
+def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
+    """The evals score batches drawn from eval_iters, batch_size and seed: a resume that changes one compares its
+    evals with a best loss scored on other batches, which the user should know."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10, eval_interval=10, attn_log_interval=0,
+                      final_eval=False)
+    train(cfg)
+    said = {}
+    for name, change in (("same", {}), ("fewer", {"eval_iters": 2}), ("seed", {"seed": 7})):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            train(replace(cfg, init_from="resume", max_iters=cfg.max_iters + 1, **change))
+        said[name] = out.getvalue()
+    assert "resumed from" in said["same"] and "note:" not in said["same"]
+    assert f"note: eval_iters {cfg.eval_iters} -> 2 since the checkpoint: the evals now score other batches" \
+        in said["fewer"]
+    assert f"note: seed {cfg.seed} -> 7 since the checkpoint" in said["seed"]
+
+
 def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):
     """tokens/s over steps only, however an eval falls between log steps; MFU from each step's own length."""
     now = [0.0]
