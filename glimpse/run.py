@@ -278,15 +278,24 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         keep_through_iter=state["iter_num"] if state else None,
     )
     if state is not None:
-        run.say(f"resumed from {checkpoint_path(out_dir)} at step {run.iter_num:,}"
-                + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
-        saved = state["train_config"]
-        changed = [f"{key} {saved[key]} -> {getattr(cfg, key)}" for key in ("eval_iters", "batch_size", "seed")
-                   if saved.get(key, getattr(cfg, key)) != getattr(cfg, key)]
-        if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
-            run.say(f"note: {', '.join(changed)} since the checkpoint: the evals now score other batches than the "
-                    "best so far was scored on, so best.pt is replaced only by a loss below it on the new ones")
+        say_resumed(run, state["train_config"])
     return run
+
+
+def say_resumed(run: Run, saved: dict):
+    """Where a resumed run goes on from, and what it does differently from the run it resumes (saved: that run's
+    train config)."""
+    run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
+            + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
+    if run.tracker.left_wandb_run:
+        old_id, logged_to = run.tracker.left_wandb_run
+        run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, past the checkpoint, and wandb drops a "
+                f"resumed run's steps below its last: this run goes on in a new wandb run, {run.tracker.run_id}")
+    changed = [f"{key} {saved[key]} -> {getattr(run.cfg, key)}" for key in ("eval_iters", "batch_size", "seed")
+               if saved.get(key, getattr(run.cfg, key)) != getattr(run.cfg, key)]
+    if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
+        run.say(f"note: {', '.join(changed)} since the checkpoint: the evals now score other batches than the "
+                "best so far was scored on, so best.pt is replaced only by a loss below it on the new ones")
 
 
 def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):

@@ -76,19 +76,24 @@ class Tracker:
         self.enabled = enabled
         self.run = None
         self.path = metrics_path
+        self.left_wandb_run: tuple[str, int] | None = None  # (id, last step): a wandb run a resume could not go on in
         # appending after a line cut short ends that line first, or the first record would join it (both then lost)
         self.line_to_end = append and metrics_path is not None and ends_mid_line(metrics_path)
         if not enabled:
             return
+        old = read_records(metrics_path) if keep_through_iter is not None and metrics_path and metrics_path.exists() \
+            else []
+        logged_to = max((r["iter"] for r in old), default=-1)
+        if wandb_log and resume_run_id and keep_through_iter is not None and logged_to > keep_through_iter:
+            # the old run logged past its checkpoint (killed between checkpoints) and wandb drops a resumed run's
+            # records at steps below its last, so the steps retraced go to a new wandb run instead of nowhere
+            self.left_wandb_run, resume_run_id = (resume_run_id, logged_to), None
         if wandb_log:  # first: a wandb that cannot start a run stops the run before metrics.jsonl is touched
             self.run = start_wandb(project=wandb_project, name=wandb_run_name or None, config=config,
                                    id=resume_run_id, resume="allow" if resume_run_id else None, job_type=job_type)
         if metrics_path is not None and not append:
-            kept = []
-            if keep_through_iter is not None and metrics_path.exists():
-                # a finished run's final record stops being final once the run goes on
-                kept = [json.dumps(r) for r in read_records(metrics_path)
-                        if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
+            # a finished run's final record stops being final once the run goes on
+            kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
             try:
                 write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history
             except GlimpseError:

@@ -1,5 +1,6 @@
 """wandb logging in offline mode: the run records the config and every scalar train.py logged."""
 
+from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from tests.conftest import python
 from tests.test_train import read_metrics
 from tests.wandb_records import logged_config, logged_history
@@ -48,6 +49,35 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, data_dir):
     assert third.returncode == 0 and fourth.returncode == 0, third.stderr + fourth.stderr
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 3 and len({run.name.split("-")[-1] for run in runs}) == 1
+
+
+def test_a_resume_behind_what_its_wandb_run_logged_goes_on_in_a_new_wandb_run(tmp_path, data_dir):
+    """A run killed between checkpoints has logged past its checkpoint; wandb drops a resumed run's records at
+    steps below its last, so the steps retraced would be lost there: they go to a new wandb run, which the
+    checkpoint then names (a later resume goes on in it)."""
+    import shutil
+
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    args = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=1",
+            "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_interval=10", "--eval_iters=2",
+            "--log_interval=5", "--wandb_log=true", "--attn_log_interval=0", "--final_eval=false"]
+    assert python("train.py", *args, "--max_iters=10", env=env).returncode == 0
+    shutil.copy(checkpoint_path(out), tmp_path / "step10.pt")
+    first_id = load_checkpoint(checkpoint_path(out))["wandb_run_id"]
+    assert python("train.py", *args, "--max_iters=20", "--init_from=resume", env=env).returncode == 0
+    shutil.copy(tmp_path / "step10.pt", checkpoint_path(out))  # as if killed after step 20 was logged, unsaved
+    behind = python("train.py", *args, "--max_iters=20", "--init_from=resume", env=env)
+    assert behind.returncode == 0, behind.stderr
+    new_id = load_checkpoint(checkpoint_path(out))["wandb_run_id"]
+    assert new_id != first_id
+    assert f"wandb: run {first_id} logged up to step 20, past the checkpoint" in behind.stdout
+    assert f"goes on in a new wandb run, {new_id}" in behind.stdout
+    (new_run,) = (tmp_path / "wandb").glob(f"offline-run-*-{new_id}")
+    assert [row["_step"] for row in logged_history(new_run)] == [15, 20]
+    onwards = python("train.py", *args, "--max_iters=30", "--init_from=resume", env=env)
+    assert onwards.returncode == 0 and "wandb: run" not in onwards.stdout, onwards.stderr
+    assert load_checkpoint(checkpoint_path(out))["wandb_run_id"] == new_id
 
 
 def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path, data_dir):
