@@ -278,15 +278,23 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         keep_through_iter=state["iter_num"] if state else None,
     )
     if state is not None:
-        say_resumed(run, state["train_config"])
+        resumed(run, state["train_config"])
     return run
 
 
-def say_resumed(run: Run, saved: dict):
-    """Where a resumed run goes on from, and what it does differently from the run it resumes (saved: that run's
-    train config)."""
+def resumed(run: Run, saved: dict):
+    """What resuming does beyond loading the checkpoint: the old run's attention snapshots after it go, as its
+    records after it did from metrics.jsonl; and the run says where it goes on from and what it does differently
+    from the run it resumes (saved: that run's train config)."""
     run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
             + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
+    snapshots = Path(run.cfg.out_dir) / "attention"
+    if run.ddp.is_main and snapshots.is_dir():
+        from glimpse.viewer import drop_snapshots_after  # matplotlib is imported only by runs that have snapshots
+
+        if dropped := drop_snapshots_after(snapshots, run.iter_num):
+            run.say(f"dropped the attention snapshots of steps {', '.join(map(str, dropped))}, taken after the "
+                    "checkpoint: the steps from it are retraced")
     if run.tracker.left_wandb_run:
         old_id, logged_to = run.tracker.left_wandb_run
         run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, past the checkpoint, and wandb drops a "

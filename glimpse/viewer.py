@@ -27,6 +27,7 @@ import functools
 import json
 import math
 import re
+import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -112,13 +113,29 @@ def write_snapshot_index(attention_dir: Path) -> Path:
     temporary name and renamed, since a browser may be reading it while training goes on.
     """
     attention_dir = Path(attention_dir)
-    snapshots = sorted((int(match.group(1)), path.name) for path in attention_dir.iterdir()
-                       if (match := re.fullmatch(r"iter_(\d+)", path.name)) and (path / "index.html").is_file())
+    snapshots = [(step, path.name) for step, path in snapshot_folders(attention_dir) if (path / "index.html").is_file()]
     data = {"steps": [step for step, _ in snapshots], "folders": [name for _, name in snapshots]}
     path = attention_dir / "index.html"
     page = SNAPSHOTS_TEMPLATE.read_text(encoding="utf-8").replace(DATA_PLACEHOLDER, script_json(data))
     write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
+
+
+def snapshot_folders(attention_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each of train.py's snapshots in attention_dir (its iter_<step>/ folders), by step."""
+    return sorted((int(match.group(1)), path) for path in Path(attention_dir).iterdir()
+                  if (match := re.fullmatch(r"iter_(\d+)", path.name)) and path.is_dir())
+
+
+def drop_snapshots_after(attention_dir: Path, step: int) -> list[int]:
+    """Remove the snapshots of steps after `step` (a resumed run's checkpoint: those belong to the steps it
+    retraces, which may not fall where they did) and rewrite the slider over the rest; return their steps."""
+    later = [(n, path) for n, path in snapshot_folders(attention_dir) if n > step]
+    for _, path in later:
+        shutil.rmtree(path)
+    if later:
+        write_snapshot_index(attention_dir)
+    return [n for n, _ in later]
 
 
 def packed_weights(attn: np.ndarray) -> dict:

@@ -128,6 +128,29 @@ def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_pat
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
 
 
+def test_a_resume_drops_the_snapshots_taken_after_its_checkpoint(tmp_path, data_dir):
+    """A run killed between checkpoints leaves snapshots of steps it retraces; a resumed run that takes them
+    elsewhere (another schedule, a time budget) must not leave the old ones in the slider beside its own."""
+    import shutil
+
+    from tests.test_viewer_mechanism import embedded_data_of
+
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=10, eval_interval=10, final_eval=False,
+                      attn_probe_tokens=8)
+    train(cfg)
+    shutil.copy(checkpoint_path(cfg.out_dir), tmp_path / "step10.pt")
+    train(replace(cfg, init_from="resume", max_iters=20))
+    attention = Path(cfg.out_dir) / "attention"
+    assert sorted(p.name for p in attention.glob("iter_*")) == ["iter_0", "iter_10", "iter_20"]
+    shutil.copy(tmp_path / "step10.pt", checkpoint_path(cfg.out_dir))  # as if killed after step 20, unsaved
+    out = io.StringIO()
+    with redirect_stdout(out):
+        train(replace(cfg, init_from="resume", max_iters=18, lr_decay_iters=18, attn_log_interval=15))
+    assert "dropped the attention snapshots of steps 20, taken after the checkpoint" in out.getvalue()
+    assert embedded_data_of(attention / "index.html", "glimpse-snapshots")["steps"] == [0, 10, 15, 18]
+    assert sorted(p.name for p in attention.glob("iter_*")) == ["iter_0", "iter_10", "iter_15", "iter_18"]
+
+
 def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
     """The evals score batches drawn from eval_iters, batch_size and seed: a resume that changes one compares its
     evals with a best loss scored on other batches, which the user should know."""
