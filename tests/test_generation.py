@@ -107,3 +107,19 @@ def test_a_tiny_temperature_samples_the_likeliest_token(temperature):
         assert token.view(100, 3).eq(torch.tensor([1, 2, 0])).all()
     with pytest.raises(RuntimeError, match="probability tensor contains"):  # a NaN is not turned into a draw
         sample_next(torch.tensor([[1.0, float("nan"), 3.0, 2.0]]), temperature)
+
+
+def test_a_prompt_longer_than_the_window_is_read_through_a_whole_window():
+    """The first step of a prompt past block_size reads its last block_size tokens, every one of them.
+
+    Catches a prefill that starts one token late: the first prediction would lose the prompt's oldest token in
+    view, yet stay a forward over its own (shorter) window, as every other test of the window checks."""
+    torch.manual_seed(0)
+    block_size = 8
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
+    prompt = torch.randint(0, 20, (2, 13))
+    first = next(generate(model, prompt, 1, temperature=0))
+    assert first.window_start == 13 - block_size
+    with torch.no_grad():
+        expected = model(prompt[:, -block_size:])[0][:, -1]  # (2, vocab_size)
+    torch.testing.assert_close(first.logits, expected, rtol=1e-5, atol=1e-5)
