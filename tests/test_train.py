@@ -77,6 +77,7 @@ def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
     assert out.getvalue().count("---------------") == 2
     again = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40), io.StringIO())
     assert again == samples  # the same seed gives the same text
+    assert samples[0] != samples[1]  # one random stream for all the samples, not the seed again for each one
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:\n")
     greedy = sample(SampleConfig(out_dir=cfg.out_dir, start=f"FILE:{prompt}", num_samples=1, max_new_tokens=200,
