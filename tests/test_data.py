@@ -1,5 +1,6 @@
 """Data preparation and loading: token files, meta.json, tokenizers, and what goes wrong."""
 
+import codecs
 import json
 import random
 import tempfile
@@ -246,3 +247,25 @@ def test_a_meta_json_that_prepare_did_not_write_is_one_line(tmp_path, corpus_fil
     line = run_main(train.main, [f"--data_dir={tmp_path}", "--dataset=odd", f"--out_dir={tmp_path / 'out'}",
                                  "--device=cpu"], capsys)
     assert "is not a dataset data/prepare.py prepared" in line and not (tmp_path / "out").exists()
+
+
+def test_gpt2_tokens_decoded_one_at_a_time_give_the_texts_bytes(gpt2_ranks):
+    """sample.py streams each new token's bytes through an incremental UTF-8 decoder: a token may hold part of a
+    character, so decode_bytes must give its bytes, not its text (which would be U+FFFD there)."""
+    tokenizer = GPT2Tokenizer()
+    text = "emoji 😀🎉 and 中文字符, déjà vu"
+    ids = tokenizer.encode(text).tolist()
+    pieces = [tokenizer.decode_bytes([i]) for i in ids]
+
+    def whole_characters(piece: bytes) -> bool:
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    assert not all(map(whole_characters, pieces))  # some tokens hold part of a character: the case that matters
+    assert b"".join(pieces) == text.encode("utf-8")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    assert "".join(decoder.decode(p) for p in pieces) + decoder.decode(b"", final=True) == text
+
