@@ -269,3 +269,22 @@ def test_gpt2_tokens_decoded_one_at_a_time_give_the_texts_bytes(gpt2_ranks):
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     assert "".join(decoder.decode(p) for p in pieces) + decoder.decode(b"", final=True) == text
 
+
+def test_a_split_of_exactly_block_size_tokens_is_refused_and_one_more_is_enough(tmp_path):
+    """A window is block_size + 1 tokens (its inputs and its targets shifted by one). Catches a check one token
+    short, which lets a split of block_size tokens through to a batch draw that has no window to draw from."""
+    folder = tmp_path / "short"
+    folder.mkdir()
+    np.arange(50, dtype=np.uint16).tofile(folder / "train_000000.bin")
+    np.arange(20, dtype=np.uint16).tofile(folder / "val_000000.bin")
+    (folder / "meta.json").write_text(json.dumps({
+        "tokenizer": {"kind": "char", "chars": "".join(map(chr, range(32, 132)))}, "vocab_size": 100,
+        "dtype": "uint16", "shards": {split: [{"file": f"{split}_000000.bin", "tokens": n}]
+                                      for split, n in (("train", 50), ("val", 20))}}))
+    data = TokenData(folder)
+    with pytest.raises(GlimpseError, match="the val split .* has 20 tokens, fewer than block_size \\+ 1 = 21"):
+        data.check_block_size(20)
+    data.check_block_size(19)
+    starts = data.random_starts("val", 4, 19, torch.Generator().manual_seed(0))
+    x, y = data.batch("val", starts, 19)
+    assert x.tolist() == [list(range(19))] * 4 and y.tolist() == [list(range(1, 20))] * 4  # the one window there is
