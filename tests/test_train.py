@@ -3,14 +3,22 @@
 import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from data.prepare import PrepareConfig, prepare
-from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from glimpse.checkpoint import (
+    check_resume,
+    checkpoint_path,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from glimpse.config import config_values
+from glimpse.errors import GlimpseError
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import gpu_peak_flops, peak_flops
 from sample import SampleConfig, sample
@@ -104,6 +112,20 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
         for a, b in zip(halves, straight):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-7), (a, b)
 
+
+
+def test_a_resume_may_change_dropout_and_read_a_checkpoint_older_than_a_model_key(trained):
+    """Dropout is a training setting, not part of the model's shape: a resume may change it. A checkpoint saved
+    before a model key existed was built with that key's default, which a resume at the default matches."""
+    cfg, _ = trained
+    path = checkpoint_path(cfg.out_dir)
+    state = load_checkpoint(path)
+    model_config = cfg.model_config(state["model_config"]["vocab_size"])
+    del state["model_config"]["smear"]  # as a checkpoint from before --smear holds it
+    for config in (model_config, replace(model_config, dropout=0.3)):
+        check_resume(state, config, "adamw", state["tokenizer"], Path(cfg.data_dir))
+    with pytest.raises(GlimpseError, match="smear=True contradicts the checkpoint's smear=False"):
+        check_resume(state, replace(model_config, smear=True), "adamw", state["tokenizer"], Path(cfg.data_dir))
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_float32_compiled_by_inductor_on_cuda_trains_as_the_eager_run(tmp_path, data_dir):
