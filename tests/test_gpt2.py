@@ -63,9 +63,12 @@ def hf_folder(tmp_path_factory):
 
 
 def original_layout(src: Path, dest: Path) -> Path:
-    """The folder as the original GPT-2 upload lays it out: no "transformer." prefix, the mask as a buffer."""
+    """The folder as the original GPT-2 upload lays it out: no "transformer." prefix, the mask as a buffer, and a
+    config.json from before tie_word_embeddings (GPT-2 ties its head, as transformers' default has it)."""
     dest.mkdir()
-    shutil.copy(src / "config.json", dest / "config.json")
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (dest / "config.json").write_text(json.dumps(config))
     state = {k.removeprefix("transformer."): v for k, v in load_file(src / "model.safetensors").items()}
     for layer in range(SHAPE["n_layer"]):
         state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(64, 64))[None, None]
@@ -84,6 +87,7 @@ def test_imported_logits_equal_transformers(hf_folder, tmp_path, layout):
         ours, theirs = model(ids)[0], hf(ids).logits
     assert ours.shape == theirs.shape == (2, 64, SHAPE["vocab_size"])
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, as GPT-2 is: one matrix that finetuning moves
 
 
 def test_untied_head_imports(tmp_path):
