@@ -229,9 +229,16 @@ def test_finetune_preset_trains_a_step(hf_folder, tmp_path, gpt2_ranks):
 
 
 def test_imported_model_trains_like_a_glimpse_one(hf_folder):
-    """Built on the meta device with its weights assigned: every parameter is real, trainable and tied."""
-    _, folder = hf_folder
-    model = load_pretrained(str(folder), block_size=16, dropout=0.1).train()
+    """Built on the meta device with its weights assigned: every parameter is real, trainable and tied; a shorter
+    block_size keeps GPT-2's first positions, and the dropout asked for acts in training."""
+    hf, folder = hf_folder
+    model = load_pretrained(str(folder), block_size=16, dropout=0.1)
+    ids = torch.arange(16)[None] * 13
+    with torch.no_grad():  # 16 tokens at positions 0..15: GPT-2's own logits
+        torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(ids)[0], model(ids)[0])  # two dropout masks
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 64)
     assert all(p.requires_grad and not p.is_meta for p in model.parameters())
     assert model.lm_head.weight is model.transformer.wte.weight
