@@ -289,6 +289,12 @@ def test_export_without_biases_and_untied(tmp_path):
     exported_logits_match(out, tmp_path / "hf", torch.arange(32)[None] % 40)
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     assert "lm_head.weight" in weights and not weights["transformer.h.0.attn.c_attn.bias"].any()
+    # and back into glimpse (sample.py --init_from=DIR), untied: a config.json that does not say so reads as tied
+    back, ours = load_pretrained(str(tmp_path / "hf")), load_trained(out, "auto", "cpu", "float32", "x")[0]
+    assert not back.config.tie_embeddings
+    ids = torch.arange(32)[None] % 40
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], ours(ids)[0], atol=1e-5, rtol=0)
 
 
 def test_export_gpt2_tokenizer_round_trips_unicode(tmp_path, gpt2_ranks):
