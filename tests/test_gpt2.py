@@ -276,6 +276,8 @@ def test_export_trained_char_model(trained, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(dest)
     assert tokenizer.encode(text) == ours.encode(text).tolist()
     assert tokenizer.decode(tokenizer.encode(text)) == text
+    spaced = "the moon . a sun .\n"  # a space before punctuation, which transformers' clean-up would drop
+    assert tokenizer.decode(tokenizer.encode(spaced)) == spaced
     generated = transformers.pipeline("text-generation", model=str(dest))("ROMEO:", max_new_tokens=10,
                                                                           do_sample=False)
     assert generated[0]["generated_text"].startswith("ROMEO:") and len(generated[0]["generated_text"]) == 16
