@@ -323,6 +323,18 @@ def test_export_to_a_path_that_names_the_current_folder(to, trained, tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no temporary folder left beside it
 
 
+def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, monkeypatch, capsys):
+    """--out_dir=run --to=run, typed from the folder above: the same folder, however each is spelled, so the
+    run's config.json stays the run's, --overwrite or not."""
+    cfg, _ = trained
+    run = shutil.copytree(cfg.out_dir, tmp_path / "run")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    for to in ("run", "./run/", str(run)):
+        line = run_main(export.main, ["--out_dir=run", f"--to={to}", "--overwrite"], capsys)
+        assert "is the run's own --out_dir" in line, line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
     no_config, no_weights, llama, truncated = (tmp_path / n for n in ("no_config", "no_weights", "llama", "cut"))
