@@ -77,6 +77,7 @@ def test_types_are_parsed_by_field():
         (["--learning_rate=1e-4", "--min_lr=3e-4"], "min_lr (0.0003) is above learning_rate (0.0001)"),
         (["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters (50) is not after warmup_iters (100)"),
         (["--warmup_iters=100", "--lr_decay_iters=100"], "lr_decay_iters (100) is not after warmup_iters (100)"),
+        (["--beta2=1"], "beta1 and beta2 must be in [0, 1), got 0.9 and 1.0"),  # up front, not in AdamW later
         (["stray"], "should be a .toml file"),
         (["--n_layer=2", "c.toml"], "unexpected argument 'c.toml'"),
     ],
