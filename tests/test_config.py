@@ -52,6 +52,11 @@ def test_bare_boolean_flag_means_true():
     assert parse(["--compile"]).compile is True
 
 
+def test_a_flag_may_spell_its_key_with_dashes():
+    assert parse(["--max-iters=7", "--n-layer=3", "--always-save-checkpoint=false"]) == parse(
+        ["--max_iters=7", "--n_layer=3", "--always_save_checkpoint=false"])
+
+
 def test_types_are_parsed_by_field():
     cfg = parse(["--learning_rate=3e-4", "--max_iters=7", "--dtype=float16", "--wandb_run_name=my run"])
     assert cfg.learning_rate == 3e-4 and isinstance(cfg.max_iters, int)
