@@ -506,6 +506,21 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     assert json.loads((tmp_path / "n" / "meta.json").read_text())["documents"] == 2
 
 
+@pytest.mark.parametrize("name", ["blank.jsonl", "blank.jsonl.gz"])
+def test_blank_lines_between_json_lines_are_no_documents_and_no_bad_lines(tmp_path, name):
+    """A .jsonl with empty or whitespace lines (between records, at the end) holds just its records; a bad line
+    after them is still named by its line in the file."""
+    body = '\n{"text": "first"}\n\n  \t\n{"text": "second"}\r\n\n'
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(tmp_path / name, "wt", encoding="utf-8", newline="") as f:
+        f.write(body)
+    docs = Documents([tmp_path / name])
+    assert [text for text, _, _ in docs] == ["first", "second"] and docs.bad_lines == 0
+    with opener(tmp_path / name, "at", encoding="utf-8", newline="") as f:
+        f.write("not json\n")
+    with pytest.raises(GlimpseError, match=f"{tmp_path / name}:7 is not JSON"):
+        list(Documents([tmp_path / name]))
+
 @pytest.mark.parametrize("name", ["gone.jsonl", "gone.jsonl.gz"])
 def test_a_file_gone_before_it_is_read_is_a_one_line_error(tmp_path, name):
     """A file listed, then removed (or unreadable) before prepare.py reaches it."""
