@@ -133,6 +133,8 @@ def test_tokenizers_glimpse_cannot_reproduce_are_one_line(char_folder, tmp_path,
     words = variant("words", lambda t: t["model"]["vocab"].update({"ROMEO": len(t["model"]["vocab"])}))
     unsorted = variant("unsorted", lambda t: t["model"].update(vocab={c: len(t["model"]["vocab"]) - 1 - i for c, i in
                                                                       t["model"]["vocab"].items()}))
+    # one character more than the model's vocabulary, in sorted order: a prompt holding it has no embedding
+    wider = variant("wider", lambda t: t["model"]["vocab"].update({"~": len(t["model"]["vocab"])}))
     malformed = tmp_path / "malformed"
     shutil.copytree(char_folder, malformed)
     (malformed / "tokenizer.json").write_text("{not json", encoding="utf-8")
@@ -143,6 +145,7 @@ def test_tokenizers_glimpse_cannot_reproduce_are_one_line(char_folder, tmp_path,
     for folder, expected in [(lowercase, "is a tokenizer glimpse cannot reproduce"),
                              (words, "is a tokenizer glimpse cannot reproduce"),
                              (unsorted, "is a tokenizer glimpse cannot reproduce"),
+                             (wider, f"has {vocab_size + 1} tokens, more than the {vocab_size} of the model beside it"),
                              (malformed, "is not a readable tokenizer file"),
                              (bare, f"has no tokenizer.json, and its {vocab_size}-token vocabulary is not GPT-2's")]:
         line = run_main(sample.main, [f"--init_from={folder}", "--max_new_tokens=1", "--dump_attention=false"], capsys)
