@@ -23,7 +23,7 @@ import data.sources as sources_module
 import data.tokenize_parallel as tokenize_parallel
 from data.dataset import TokenData, gather_windows
 from data.prepare import Hub, PrepareConfig, ensure_dataset, prepare
-from data.sources import Documents
+from data.sources import Documents, input_files
 from data.tokenize_parallel import pieces
 from data.training_data import prepare_data
 from glimpse.errors import GlimpseError
@@ -505,6 +505,17 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
     assert json.loads((tmp_path / "n" / "meta.json").read_text())["documents"] == 2
 
+
+def test_a_files_format_is_read_from_its_extension_in_any_case(tmp_path):
+    """BOOK.TXT and notes.JsonL.GZ are a .txt and a .jsonl.gz, named alone, found in a folder or by a glob."""
+    (tmp_path / "BOOK.TXT").write_text("a book", encoding="utf-8")
+    with gzip.open(tmp_path / "notes.JsonL.GZ", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "a note"}) + "\n")
+    (tmp_path / "readme.md").write_text("not a corpus file")
+    found = [tmp_path / "BOOK.TXT", tmp_path / "notes.JsonL.GZ"]
+    assert input_files(str(tmp_path)) == input_files(str(tmp_path / "*")) == found
+    assert input_files(str(found[0])) == found[:1]
+    assert [text for text, _, _ in Documents(found)] == ["a book", "a note"]
 
 @pytest.mark.parametrize("name", ["blank.jsonl", "blank.jsonl.gz"])
 def test_blank_lines_between_json_lines_are_no_documents_and_no_bad_lines(tmp_path, name):
