@@ -272,6 +272,7 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         (good + ["--top_k=0"], "top_k must be at least 1"),
         (good + ["--top_p=0"], "top_p must be in (0, 1]"),
         (good + ["--top_p=1.5"], "top_p must be in (0, 1]"),
+        (good + ["--head_importance"], "--head_importance shows in the attention dumps"),  # not a silent no-op
         (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt'}"], "is a file"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt' / 'a' / 'b'}"],
