@@ -5,15 +5,19 @@ session; each test reads what one part of it printed and checks it against the n
 on the checkpoint the notebook trained.
 """
 
+import copy
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
-from glimpse.notebook import load
+from glimpse.notebook import Model, load
+from model import GPT, GPTConfig
 from tests.conftest import REPO, python
 from tests.test_render import browser  # noqa: F401  (the Chromium fixture)
 
@@ -223,3 +227,85 @@ def test_a_hugging_face_folder_loads_and_runs_as_the_checkpoint_it_was_exported_
     for key in ("q", "k", "v", "scores", "weights", "head_out_norm", "logit"):
         assert np.allclose(getattr(a, key), getattr(b, key), atol=1e-5), key
     assert a.text_of(a.predicted) == b.text_of(b.predicted)
+
+
+CHARS = "abcdefghijklmnopqrstuvw"
+
+
+def random_model(**config) -> Model:
+    """A Model as load() returns one, over a char vocabulary, with random weights whose heads attend sharply."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=12, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=16, **config)).eval()
+    with torch.no_grad():  # every weight well off its initial value: scores of a few units, not hundredths
+        for p in gpt.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return Model(gpt, {"tokenizer": {"kind": "char", "chars": CHARS}, "model_config": asdict(gpt.config)}, "random")
+
+
+@pytest.mark.parametrize("variant", [{}, {"attn_score": "dot"}, {"pos_encoding": "alibi"}])
+def test_a_runs_step_is_the_lectures_computation_by_hand(variant):
+    """Every number run.step hands a learner, recomputed in numpy from the traced q, k, v and c_proj's weight."""
+    model = random_model(**variant)
+    run = model.run("kaqbwkaqbw")
+    layer, head, query = 1, 1, 6
+    step = run.step(layer, head, query)
+    q, keys, values = (a.astype(np.float64) for a in (run.q[layer, head, query], run.k[layer, head, : query + 1],
+                                                     run.v[layer, head, : query + 1]))
+    hs = q.size
+    scale = 1.0 if variant.get("attn_score") == "dot" else 1 / np.sqrt(hs)
+    assert step["scale"] == pytest.approx(scale) and step["masked"] == 10 - query - 1
+    assert step["tokens"] == list("kaqbwka")
+    np.testing.assert_allclose(step["q_times_k"], keys * q, rtol=1e-6)
+    np.testing.assert_allclose(step["dots"], keys @ q, rtol=1e-5, atol=1e-6)
+    penalty = np.zeros(query + 1)
+    if variant.get("pos_encoding") == "alibi":  # -slope x distance back, slope 2^(-8 (h + 1) / H)
+        penalty = -2.0 ** (-8 * (head + 1) / 2) * (query - np.arange(query + 1))
+        np.testing.assert_allclose(step["penalty"], penalty, atol=1e-5)
+    else:
+        assert step["penalty"] is None
+    scores = keys @ q * scale + penalty
+    np.testing.assert_allclose(step["scores"], scores, rtol=1e-5, atol=1e-5)
+    assert np.abs(scores).max() > 1  # sharp enough for a wrong scale to show
+    weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    np.testing.assert_allclose(step["weights"], weights, atol=1e-6)
+    np.testing.assert_allclose(step["weighted_values"], weights[:, None] * values, atol=1e-6)
+    np.testing.assert_allclose(step["context"], weights @ values, atol=1e-5)
+    w_o = model.gpt.transformer.h[layer].attn.c_proj.weight.detach().double().numpy()[:, head * hs:(head + 1) * hs]
+    moved = weights * np.linalg.norm(values @ w_o.T, axis=-1)  # ||weight_j v_j W_O,h||
+    np.testing.assert_allclose(step["moved_norm"], moved, rtol=1e-5)
+    assert step["top_moved_key"] == moved.argmax()
+
+
+def test_a_models_loss_is_the_next_token_cross_entropy_by_hand_with_heads_removed():
+    """model.loss reads the last block_size + 1 tokens and predicts each from those before it; ablate="1.0"
+    removes layer 1's head 0 (an independent way: a copy whose c_proj ignores that head's columns)."""
+    model = random_model()
+    ids = [CHARS.index(c) for c in "kaqbwkaqbwmnopkaqbw"]  # 19 tokens: past the 12 + 1 the loss reads
+
+    def by_hand(gpt: GPT) -> float:
+        window = ids[-13:]
+        with torch.no_grad():
+            logits = gpt(torch.tensor(window[:-1])[None])[0][0].double().numpy()  # (12, V)
+        log_probs = logits - logits.max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        return -log_probs[np.arange(12), window[1:]].mean()
+
+    assert model.loss(ids) == pytest.approx(by_hand(model.gpt), rel=1e-5)
+    without = copy.deepcopy(model.gpt)
+    with torch.no_grad():
+        without.transformer.h[1].attn.c_proj.weight[:, 0:8] = 0.0  # head 0 of layer 1, 8 channels a head
+    assert model.loss(ids, ablate="1.0") == pytest.approx(by_hand(without), rel=1e-5)
+    assert model.loss(ids, ablate="1.0") != pytest.approx(model.loss(ids), rel=1e-4)  # the head matters
+
+
+def test_a_long_runs_dump_keeps_the_window_and_the_prompt_left_in_it(tmp_path):
+    from glimpse.attention import load_dump
+
+    model = random_model()
+    text = "kaqbwkaqbwmnopkaqbw"  # 19 characters: the run keeps the last 12, 7 are cut
+    run = model.run(text)
+    assert run.cut == 7 and run.tokens == list(text[7:])
+    dump = load_dump(run.save(tmp_path / "d", prompt_len=10))
+    assert int(dump["cut"]) == 7 and dump["tokens"] == list(text[7:])
+    assert dump["prompt_len"] == 3  # the prompt's last 3 tokens are in the window
+    assert load_dump(run.save(tmp_path / "e"))["prompt_len"] == 12  # no prompt given: the whole window is the text
