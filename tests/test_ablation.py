@@ -19,6 +19,7 @@ import eval as eval_script
 import sample as sample_script
 from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
 from glimpse.attention import load_dump
+from glimpse.errors import GlimpseError
 from glimpse.generation import generate
 from glimpse.induction import induction_probe
 from model import GPT, GPTConfig
@@ -211,6 +212,16 @@ def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, 
 
 def test_parse_heads_keeps_the_order_given():
     assert parse_heads("2.3, 0.1") == [(2, 3), (0, 1)]
+
+
+def test_parse_heads_takes_the_last_layer_and_head_and_refuses_the_first_past_them():
+    """Heads count from 0: in a model of 2 layers of 3 heads, 1.2 is the last and 2.0 and 0.3 do not exist (passed
+    through, they failed later as an IndexError traceback)."""
+    assert parse_heads("1.2,0.0", n_layer=2, n_head=3) == [(1, 2), (0, 0)]
+    with pytest.raises(GlimpseError, match=r"names layer 2, but the model has 2 layers \(0 to 1\)"):
+        parse_heads("2.0", n_layer=2, n_head=3)
+    with pytest.raises(GlimpseError, match=r"names head 0.3, but each layer has 3 heads \(0 to 2\)"):
+        parse_heads("0.3", n_layer=2, n_head=3)
 
 
 def test_head_importance_goes_to_wandb_as_a_table_and_an_image(tmp_path, data_dir):
