@@ -64,6 +64,29 @@ def test_split_qkv_steps_queries_keys_and_values_as_torchs_muon_steps_three_matr
         assert torch.equal(p.detach(), muon_matrices(model)[name].detach()) != ("c_attn" in name), name
 
 
+def test_muons_momentum_and_iterations_are_the_configs():
+    """muon_momentum and muon_ns_steps reach Muon: three steps equal torch's Muon given the same settings, and
+    differ from its defaults (0.95, 5), which a Muon built without them would silently use."""
+    cfg = train_config(**SHAPE, muon_momentum=0.6, muon_ns_steps=2)
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(vocab_size=20))
+    start = {name: p.detach().clone() for name, p in muon_matrices(model).items()}
+    grads = [{name: torch.randn_like(p) for name, p in muon_matrices(model).items()} for _ in range(3)]
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    optimizer.muon.float32_ns = False  # torch's own precision, to compare bit for bit
+    take_steps(model, optimizer, cfg, grads)
+    for settings, same in ((dict(momentum=0.6, ns_steps=2), True), ({}, False)):
+        copies = {name: torch.nn.Parameter(w.clone()) for name, w in start.items()}
+        reference = torch.optim.Muon(list(copies.values()), lr=cfg.muon_lr / 3, weight_decay=cfg.muon_weight_decay,
+                                     **settings)
+        for step_grads in grads:
+            for name, p in copies.items():
+                p.grad = step_grads[name].clone()
+            reference.step()
+        for name, p in muon_matrices(model).items():
+            assert torch.equal(p.detach(), copies[name].detach()) == same, (settings, name)
+
+
 def test_muon_weight_decay_is_muons_own_and_weight_decay_adamws():
     """With zero gradients a step only decays: Muon's matrices by the step's Muon rate times muon_weight_decay,
     AdamW's by its rate times weight_decay, vectors not at all."""
