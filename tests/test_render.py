@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from PIL import Image
 
 from glimpse.attention import head_metrics
-from glimpse.render import GENERATED_COLOR, layer_figure, token_label, write_layer_images
+from glimpse.render import GENERATED_COLOR, layer_figure, token_label, write_importance_image, write_layer_images
 from glimpse.viewer import viewer_html, write_viewer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -101,6 +102,54 @@ def test_layer_images_for_long_sequences_wrap_heads_into_rows(tmp_path):
     height, width, _ = image.shape
     assert height > 0.5 * width  # 6 heads: two rows of three, not one strip of six
     assert width <= 3000 and image.std() > 20
+
+
+def test_a_long_layer_is_pooled_by_the_maximum_and_keeps_its_diagonal_on_the_sqrt_scale():
+    """Past one pixel per token the PNG pools blocks of cells: by their maximum, so that a head that looks only at
+    its own token still draws its diagonal at full strength (a mean would fade it to a fraction), and a block that
+    straddles the diagonal is drawn (it holds keys the queries see), not greyed as masked."""
+    T = 400
+    attn = np.eye(T)[None]  # (1, T, T): each token on itself alone
+    fig = layer_figure(attn, layer=0, labels=[str(i) for i in range(T)], prompt_len=T)
+    (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    (image,) = ax.images
+    shown = image.get_array()  # (n, n) masked: the pooled weights as drawn
+    n = shown.shape[0]
+    assert n < T and n == -(-T // (T // n))  # pooled into blocks
+    assert not shown.mask.diagonal().any() and (shown.data.diagonal() == 1.0).all()
+    below = np.tril(np.ones((n, n), dtype=bool), -1)
+    assert not shown.mask[below].any() and (shown.data[below] == 0).all()
+    assert shown.mask[~np.tril(np.ones((n, n), dtype=bool))].all()  # blocks wholly above the diagonal: masked
+
+
+def test_layer_images_colour_the_square_root_of_the_weight_and_mark_where_generation_began():
+    """The colour bar says √ scale: a weight of 0.25 takes viridis' colour at 0.5. The dashed divider runs between
+    the last prompt token and the first generated one, below the diagonal only."""
+    T, prompt_len = 8, 5
+    fig = layer_figure(synthetic_attention(1, 1, T)[0], layer=0, labels=list("abcdefgh"), prompt_len=prompt_len)
+    (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    (image,) = ax.images
+    viridis = colormaps["viridis"]
+    for weight in (0.0, 0.04, 0.25, 1.0):
+        np.testing.assert_allclose(image.to_rgba(np.array([[weight]]))[0, 0], viridis(np.sqrt(weight)), atol=1 / 255)
+    segments = [segment for lines in ax.collections for segment in lines.get_segments()]
+    edge = prompt_len - 0.5
+    assert sorted(map(lambda s: np.round(s, 6).tolist(), segments)) == sorted(
+        [[[edge, edge], [edge, T - 0.5]], [[-0.5, edge], [edge, edge]]])  # the vertical line, then the horizontal
+
+
+def test_the_head_importance_picture_is_white_at_0_red_for_a_cost_blue_for_a_help(tmp_path):
+    """A diverging scale centred on 0: a head whose removal changes nothing is white, not the blue of a head whose
+    removal helps (a scale from the smallest increase to the largest drew it so whenever no head helped)."""
+    path = write_importance_image(tmp_path / "importance.png", np.array([[0.0, 0.8], [0.4, 0.0]]), "loss increase")
+    pixels = read_png(path).astype(int).reshape(-1, 3)
+
+    def count(fraction: float) -> int:  # pixels in RdBu_r's colour at fraction of the way from -0.8 to +0.8
+        colour = np.rint(255 * np.array(colormaps["RdBu_r"](fraction)[:3]))
+        return int((np.abs(pixels - colour).max(axis=1) <= 2).sum())
+
+    assert count(0.5) > 5000 and count(1.0) > 2000 and count(0.75) > 2000  # two cells of 0, one of +0.8, one +0.4
+    assert count(0.0) < 500  # deep blue only at the foot of the colour bar: no head here helps
 
 
 def test_layer_images_of_a_single_token(tmp_path):
