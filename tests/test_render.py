@@ -364,6 +364,14 @@ def test_viewer_in_chromium(tmp_path, browser):
     assert "query" not in (token(20).get_attribute("class") or "")  # token 20 looks at 19, hardly at 12
     assert page.evaluate("document.getElementById('overlay').toDataURL()") != overlay_before
     assert "attends to" in page.inner_text("#info")
+    # "attended by": the later queries that weigh token 12 most, heaviest first; head 0 reads the token before, so
+    # query 13 leads, with its weight on 12 (the one-byte picture's, marked approximate)
+    attended = next(line for line in page.inner_text("#info").splitlines() if line.startswith("attended by"))
+    listed = [(int(j), float(w)) for j, w in re.findall(r"#(\d+) \S+ ≈([0-9.]+)", attended)]
+    assert len(listed) == 5 and listed[0][0] == 13 and all(j >= 12 for j, _ in listed)
+    assert [w for _, w in listed] == sorted((w for _, w in listed), reverse=True)
+    for j, w in listed:
+        assert abs(w - attn[0, 0, j, 12]) < 0.004 + 5e-4, (j, w)
 
     # hovering a heatmap cell names it and follows its query row
     box = page.locator("#overlay").bounding_box()
