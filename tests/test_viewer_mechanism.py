@@ -203,6 +203,16 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     assert "residual stream" in page.inner_text("#mode-caption")
     shown = page.evaluate(f"Array.from({{length: {T}}}, (_, k) => window.glimpseViewer.value(0, 1, 15, k, 'moved'))")
     np.testing.assert_allclose(shown, moved[15], rtol=5e-3, atol=1e-5)
+    # each cell in magma at its fraction of the most moved, on the scale chosen, as the colour bar says
+    fraction = moved / moved.max()
+    middling = np.argwhere(np.tril((fraction > 0.03) & (fraction < 0.3)))[:4]  # where √ and linear differ most
+    assert len(middling) == 4
+    magma = colormap_bytes("magma")
+    for scale, drawn in (("sqrt", np.sqrt(fraction)), ("linear", fraction)):
+        page.select_option("#scale", scale)
+        page.wait_for_function(f"document.body.dataset.painted === '0,1,{scale}'", timeout=10_000)
+        for q, k in middling:
+            assert np.abs(cell_rgb(page, q, k) - magma[int(np.rint(255 * drawn[q, k]))]).max() <= 3, (scale, q, k)
     assert page.evaluate("location.hash") == "#layer=0&head=1&mode=moved"
     assert errors == []
     page.close()
@@ -369,6 +379,16 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
     assert WORDS[predicted] in page.inner_text("#dla-predicted")
     cell = page.locator('#dla-grid td.cell[data-layer="1"][data-head="0"]')
     assert cell.inner_text() == on_page(mechanism.attribution["heads"][1, 0, i], 2)
+    # each head's cell on a diverging scale centred on 0 (white), spanning ± the largest share: red raises the
+    # logit, blue lowers it
+    heads = mechanism.attribution["heads"][:, :, i]  # (L, H)
+    assert heads.min() < 0 < heads.max()
+    span, diverging = np.abs(heads).max(), colormap_bytes("RdBu_r")
+    for (layer, head), x in np.ndenumerate(heads):
+        background = page.locator(f'#dla-grid td.cell[data-layer="{layer}"][data-head="{head}"]').evaluate(
+            "cell => getComputedStyle(cell).backgroundColor")
+        expected = diverging[int(np.clip(np.floor(127.5 + 127.5 * x / span + 0.5), 0, 255))]
+        assert np.abs(np.array(re.findall(r"\d+", background), dtype=int) - expected).max() <= 3, (layer, head, x)
     assert "selected" in page.locator('#dla-grid td.cell[data-layer="0"][data-head="1"]').get_attribute("class")
     cell.click()  # a cell selects its head; the panels follow
     page.wait_for_function(f"document.getElementById('steps').dataset.shown === '1,0,{i}'", timeout=10_000)
@@ -377,6 +397,9 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
 
     lens = page.evaluate("window.glimpseViewer.lens()")
     assert len(lens["rows"]) == L + 1
+    # row 0 reads the stream entering block 0, row l + 1 the stream leaving block l
+    labels = [page.locator(f'#lens tr[data-row="{r}"] td').first.inner_text() for r in range(L + 1)]
+    assert labels == ["embeddings (into block 0)"] + [f"after block {layer}" for layer in range(L)]
     for row, ids, probs in zip(lens["rows"], mechanism.lens_ids[:, i], mechanism.lens_probs[:, i]):
         assert [t["id"] for t in row["top"]] == ids.tolist()
         assert [t["text"] for t in row["top"]] == [WORDS[j] for j in ids]
