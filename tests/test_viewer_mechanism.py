@@ -193,6 +193,13 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
             r, g, b = cell_rgb(page, q, k, dx, dy)
             assert r == g == b and r < 215, (q, k, r)  # grey, darker than white or the weights' #eeeeee
     assert "masked" in page.inner_text("#mode-caption") and "−∞" in page.inner_text("#mode-caption")
+    # the readout under the mouse names the cell and its score: query row, key column
+    box = page.locator("#overlay").bounding_box()
+    for q, k in [(12, 7), (20, 3)]:
+        page.mouse.move(box["x"] + (k + 0.5) / T * box["width"], box["y"] + (q + 0.5) / T * box["height"])
+        text = page.inner_text("#readout")
+        assert f"query #{q} " in text and f"key #{k} " in text
+        assert float(re.search(r": score (\S+)$", text).group(1)) == pytest.approx(scores[q, k], rel=2e-3, abs=2e-3)
 
     page.select_option("#mode", "moved")
     wait_mode(page, 0, 1, "moved")
@@ -203,6 +210,9 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     assert "residual stream" in page.inner_text("#mode-caption")
     shown = page.evaluate(f"Array.from({{length: {T}}}, (_, k) => window.glimpseViewer.value(0, 1, 15, k, 'moved'))")
     np.testing.assert_allclose(shown, moved[15], rtol=5e-3, atol=1e-5)
+    page.mouse.move(box["x"] + 9.5 / T * box["width"], box["y"] + 15.5 / T * box["height"])  # query 15, key 9
+    assert float(re.search(r": moved (\S+)$", page.inner_text("#readout")).group(1)) == pytest.approx(
+        moved[15, 9], rel=5e-3, abs=1e-4)
     # each cell in magma at its fraction of the most moved, on the scale chosen, as the colour bar says
     fraction = moved / moved.max()
     middling = np.argwhere(np.tril((fraction > 0.03) & (fraction < 0.3)))[:4]  # where √ and linear differ most
