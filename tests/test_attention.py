@@ -114,8 +114,15 @@ def test_training_writes_attention_maps_and_logs_them_to_wandb(tmp_path, data_di
     assert len(list((media / "images" / "attention").glob("layer_1_*.png"))) == 3
     assert len(list((media / "html" / "attention").glob("viewer_*.html"))) == 3
     assert len(list((media / "table" / "attention").glob("heads_*.table.json"))) == 3
-    table = json.loads(next((media / "table" / "attention").glob("heads_*.table.json")).read_text())
-    assert table["columns"][:3] == ["layer", "head", "entropy"] and len(table["data"]) == 4
+    columns = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
+    tables = [json.loads(path.read_text()) for path in (media / "table" / "attention").glob("heads_*.table.json")]
+    assert all(table["columns"] == columns for table in tables)
+    # each table is one snapshot's heads.json, a row per head under its own layer and head
+    snapshots = [json.loads((out / "attention" / f"iter_{it}" / "heads.json").read_text()) for it in (0, 10, 20)]
+    expected = [[[layer["layer"], head["head"], *(head[c] for c in columns[2:])] for layer in heads["layers"]
+                 for head in layer["heads"]] for heads in snapshots]
+    np.testing.assert_allclose(sorted(table["data"] for table in tables), sorted(expected), rtol=1e-12)
+    assert [row[:2] for row in expected[0]] == [[0, 0], [0, 1], [1, 0], [1, 1]]
     types = {k: v for row in logged_history(run_dir) for k, v in row.items() if k.endswith("/_type")}
     assert types == {"attention/layer_0/_type": "image-file", "attention/layer_1/_type": "image-file",
                      "attention/viewer/_type": "html-file", "attention/heads/_type": "table-file"}
