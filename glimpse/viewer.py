@@ -188,14 +188,15 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     """A Mechanism as the viewer reads it: {"mechanism": {...}, "vocab": {id: label}} (see below).
 
     mechanism.layers[l] is base64 of zlib of layer l's numbers, in this order: q, k, v (H, T, hs) each,
-    the scores' lower triangle (H, T (T + 1) / 2) packed as the weights are, and value_out_norm (H, T).
-    With bits 16 they are float16, all high bytes and then all low bytes (the high bytes deflate well,
-    the low ones hardly, and mixed they deflate poorly); with bits 32, float32 as they are. The page
-    computes the rest itself, as the lecture does: q.k, the softmax, the context vector and what each
-    key moved (weight x value_out_norm). It takes the scores of a dot-product model from q.k too (scaled,
-    plus ALiBi's -slope x distance from alibi_slopes), not from the scores packed beside them, so that
-    the scaled q.k and the score it shows are one number rather than two roundings to float16 of it;
-    it shows the packed scores of additive attention, which has no q.k. mechanism.globals is base64 of
+    for additive attention only the scores' lower triangle (H, T (T + 1) / 2) packed as the weights are,
+    and value_out_norm (H, T). With bits 16 they are float16, all high bytes and then all low bytes (the
+    high bytes deflate well, the low ones hardly, and mixed they deflate poorly); with bits 32, float32
+    as they are. The page computes the rest itself, as the lecture does: q.k, the softmax, the context
+    vector and what each key moved (weight x value_out_norm). A dot-product model's scores it takes from
+    q.k (scaled, plus ALiBi's -slope x distance from alibi_slopes), so that the scaled q.k and the score it
+    shows are one number, and the page does not carry them: at T tokens they are T (T + 1) / 2 numbers a
+    head against q, k and v's 3 T hs, most of a long text's page. Additive attention has no q.k, so its
+    scores travel. mechanism.globals is base64 of
     zlib of float32 arrays, in the order and shapes of globals_layout: the prediction, its logit and
     attribution at each position, and the logit lens (ids as float32, exact below 2^24).
     """
@@ -204,7 +205,10 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     L, H, T = shape
     if tuple(mechanism.shape) != (L, H, T):
         raise ValueError(f"the mechanism is (n_layer, n_head, T) = {tuple(mechanism.shape)}, the attention {shape}")
-    rows, cols = np.tril_indices(T)
+    config = (meta or {}).get("model_config") or {}
+    attn_score = str(config.get("attn_score", "scaled_dot"))
+    # the scores' lower triangle, for additive attention only: the page computes a dot-product model's from q.k
+    rows, cols = np.tril_indices(T) if attn_score == "additive" else (np.empty(0, int), np.empty(0, int))
     per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer],
                   mechanism.scores[layer][:, rows, cols], mechanism.value_out_norm[layer]] for layer in range(L)]
     # float16 holds numbers up to 65504: a model whose queries or scores grow past that travels in float32
@@ -217,7 +221,6 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
                 *((f"dla_{name}", attribution[name]) for name in ATTRIBUTION_PARTS),
                 ("lens_ids", mechanism.lens_ids), ("lens_probs", mechanism.lens_probs)]
     packed_globals = np.concatenate([np.ravel(a).astype("<f4") for _, a in globals_]).tobytes()
-    config = (meta or {}).get("model_config") or {}
     pos_encoding = str(config.get("pos_encoding", "learned"))
     vocab = {}
     if token_text is not None:
@@ -225,7 +228,7 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
         vocab = {str(i): token_label(text, 16) for i, text in zip(ids, token_text(ids))}
     return {
         "mechanism": {
-            "attn_score": str(config.get("attn_score", "scaled_dot")),
+            "attn_score": attn_score,
             "pos_encoding": pos_encoding,
             # ALiBi's penalty is -slope x distance: the page adds it to the scaled q.k itself, exactly
             "alibi_slopes": alibi_slopes(H).tolist() if pos_encoding == "alibi" else None,

@@ -99,16 +99,21 @@ def test_viewer_embeds_the_mechanism_only_when_given(traced):
     assert set(data) == set(plain) | {"mechanism", "vocab"}
     packed = data["mechanism"]
     assert packed["bits"] == 16 and packed["head_dim"] == 8 and packed["attn_score"] == "scaled_dot"
-    # each layer inflates to float16 high bytes, then low bytes, of q, k, v, the scores' triangle, value_out_norm
+    # each layer inflates to float16 high bytes, then low bytes, of q, k, v, value_out_norm: a dot-product
+    # model's scores the page computes from q and k; additive attention's, which has none, travel after v
     rows, cols = np.tril_indices(T)
-    for layer, text in enumerate(packed["layers"]):
-        raw = np.frombuffer(inflate(text), dtype=np.uint8)
-        n = raw.size // 2
-        numbers = ((raw[:n].astype(np.uint16) << 8) | raw[n:]).view(np.float16).astype(np.float32)
-        parts = [mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], mechanism.scores[layer][:, rows, cols],
-                 mechanism.value_out_norm[layer]]
-        expected = np.concatenate([part.ravel() for part in parts])
-        np.testing.assert_allclose(numbers, expected, rtol=1e-3, atol=1e-4)
+    additive = viewer_html(mechanism.weights, mechanism.tokens, 6,
+                           {"model_config": {**meta["model_config"], "attn_score": "additive"}}, mechanism=mechanism)
+    for score_fn, page_data in (("scaled_dot", packed), ("additive", embedded_data(additive)["mechanism"])):
+        for layer, text in enumerate(page_data["layers"]):
+            raw = np.frombuffer(inflate(text), dtype=np.uint8)
+            n = raw.size // 2
+            numbers = ((raw[:n].astype(np.uint16) << 8) | raw[n:]).view(np.float16).astype(np.float32)
+            scores = [mechanism.scores[layer][:, rows, cols]] if score_fn == "additive" else []
+            parts = [mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], *scores,
+                     mechanism.value_out_norm[layer]]
+            expected = np.concatenate([part.ravel() for part in parts])
+            np.testing.assert_allclose(numbers, expected, rtol=1e-3, atol=1e-4)
     numbers = np.frombuffer(inflate(packed["globals"]), dtype="<f4")
     shapes = dict((name, tuple(shape)) for name, shape in packed["globals_layout"])
     assert shapes["dla_heads"] == (L, H, T) and shapes["lens_ids"] == (L + 1, T, 5)
@@ -120,11 +125,17 @@ def test_viewer_embeds_the_mechanism_only_when_given(traced):
 
 def test_a_mechanism_past_float16_travels_in_float32(traced):
     mechanism, meta, _ = traced
-    huge = dataclasses.replace(mechanism, scores=mechanism.scores * 1e6)  # past float16's 65504
+    huge = dataclasses.replace(mechanism, q=mechanism.q * 1e6)  # past float16's 65504
     data = embedded_data(viewer_html(huge.weights, huge.tokens, 6, meta, mechanism=huge))
     assert data["mechanism"]["bits"] == 32
-    T = huge.shape[2]
-    rows, cols = np.tril_indices(T)
+    numbers = np.frombuffer(inflate(data["mechanism"]["layers"][1]), dtype="<f4")
+    np.testing.assert_array_equal(numbers[:huge.q[1].size], huge.q[1].ravel())
+    # additive attention's scores travel too, and count
+    additive = {"model_config": {**meta["model_config"], "attn_score": "additive"}}
+    huge = dataclasses.replace(mechanism, scores=mechanism.scores * 1e6)
+    data = embedded_data(viewer_html(huge.weights, huge.tokens, 6, additive, mechanism=huge))
+    assert data["mechanism"]["bits"] == 32
+    rows, cols = np.tril_indices(huge.shape[2])
     numbers = np.frombuffer(inflate(data["mechanism"]["layers"][1]), dtype="<f4")
     start = 3 * huge.q[1].size
     scores = numbers[start:start + huge.shape[1] * rows.size]
