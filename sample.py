@@ -137,6 +137,10 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     heads = None  # the heads --ablate removes, for generation and the dumps alike
     if cfg.ablate:
         value = head_means(model, idx[:, -c.block_size:], 1, ctx) if cfg.ablation == "mean" else None
+        if value is not None and idx.size(1) == 1:  # the default prompt, a newline: a "mean" of one output
+            print("note: --ablation=mean puts in each removed head's mean output over the prompt, here one token "
+                  "(its output at that token alone): give a longer --start for a mean worth the name",
+                  file=sys.stderr)
         heads = Ablation.of(parse_heads(cfg.ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, value, device)
 
     dump_dir = Path(cfg.dump_dir or default_dump_dir(cfg))

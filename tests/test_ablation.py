@@ -210,6 +210,19 @@ def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, 
     assert '"loss_increase"' in page  # the viewer has the scores to draw on the thumbnails
 
 
+def test_a_mean_over_a_one_token_prompt_is_pointed_out(trained, tmp_path, capsys):
+    """The default prompt is one newline: a removed head's "mean" output over it is its output at that one token."""
+    cfg, _ = trained
+    settings = dict(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=2, ablate="1.0", ablation="mean",
+                    dump_attention=False)
+    sample(SampleConfig(**settings), io.StringIO())  # the default start
+    assert "note: --ablation=mean puts in each removed head's mean output over the prompt, here one token" \
+        in capsys.readouterr().err
+    sample(SampleConfig(**settings, start="ROMEO:"), io.StringIO())
+    sample(SampleConfig(**{**settings, "ablation": "zero"}), io.StringIO())
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_parse_heads_keeps_the_order_given():
     assert parse_heads("2.3, 0.1") == [(2, 3), (0, 1)]
 
