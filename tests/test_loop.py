@@ -36,7 +36,7 @@ from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
 from tests.test_train import read_metrics
-from train import TrainConfig, loop, save, train, train_step
+from train import TrainConfig, evaluate_and_keep_best, loop, save, train, train_step
 
 
 def digest(path: Path) -> str:
@@ -194,6 +194,54 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
         now[0] += 5.0
     now[0] += 0.5
     assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
+
+
+def test_each_log_step_measures_its_own_steps_and_every_micro_step_of_them(tmp_path, data_dir):
+    """tokens/s after a log step is that interval's alone (an earlier pause or earlier seconds would inflate or
+    deflate every later record), and a step's tokens are all its micro-steps'."""
+    now = [0.0]
+    log = StepLog(torch.device("cpu"), clock=lambda: now[0])
+    run = setup(tiny_config(data_dir, tmp_path / "out", gradient_accumulation_steps=2), Distributed())
+    run.tracker.close()
+    step_tokens = 2 * 16 * 32  # 2 micro-steps of 16 sequences of 32 tokens
+    log.loss_sum += 1.0
+    log.steps = 1
+    log.count(run, 0)
+    now[0] += 1.0
+    with log.paused():  # an eval in the first interval
+        now[0] += 10.0
+    log.write(run, 1e-3, None)
+    assert run.tokens_per_sec == pytest.approx(step_tokens / 1.0)
+    log.loss_sum += 2.0
+    log.steps = 2
+    log.count(run, 1)
+    log.count(run, 2)
+    now[0] += 4.0
+    log.write(run, 1e-3, None)
+    assert run.tokens_per_sec == pytest.approx(2 * step_tokens / 4.0)  # 2 steps in the 4 s since the log step
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "out")[-2:]] == [1.0, 1.0]
+
+
+def test_a_worse_eval_later_in_the_run_leaves_best_pt_alone(tmp_path, data_dir):
+    """best.pt keeps the lowest val loss of the run, never the untrained weights of step 0, and a later eval that
+    is worse (weights wiped here) replaces neither it nor the best loss a resume compares against."""
+    run = setup(tiny_config(data_dir, tmp_path / "out", attn_log_interval=0), Distributed())
+    run.tracker.close()
+    evaluate_and_keep_best(run)
+    assert not best_path(run.cfg.out_dir).exists() and run.best_val_loss == math.inf
+    for _ in range(20):
+        train_step(run, 3e-3)
+    evaluate_and_keep_best(run)
+    trained = run.last_eval["val_loss"]
+    assert load_checkpoint(best_path(run.cfg.out_dir))["iter_num"] == 20 and run.best_val_loss == trained
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.zero_()  # uniform predictions: the loss of knowing nothing
+    train_step(run, 0.0)  # step 21, the weights left as they are
+    evaluate_and_keep_best(run)
+    assert run.last_eval["iter"] == 21 and run.last_eval["val_loss"] > trained
+    best = load_checkpoint(best_path(run.cfg.out_dir))
+    assert best["iter_num"] == 20 and best["val_loss"] == trained and run.best_val_loss == trained
 
 
 @pytest.mark.parametrize("grad_clip", [0.05, 0.0])
