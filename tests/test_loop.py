@@ -31,7 +31,7 @@ from glimpse.evaluation import scored_windows
 from glimpse.optim import get_lr, ramp
 from glimpse.progress import StepLog, TimeBudget, throughput
 from glimpse.run import setup
-from glimpse.runtime import allow_tf32, resolve_dtype
+from glimpse.runtime import allow_tf32, autocast, resolve_dtype
 from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
 from tests.conftest import REPO, tiny_config
@@ -546,6 +546,7 @@ def test_auto_picks_float16_on_gpus_that_only_emulate_bfloat16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float32  # an MPS device is never asked
 
 
 def test_float32_on_cuda_allows_tf32_and_nothing_else_changes_it():
@@ -560,6 +561,14 @@ def test_float32_on_cuda_allows_tf32_and_nothing_else_changes_it():
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_autocast_runs_the_products_in_the_runs_16_bit_format_and_leaves_float32_alone():
+    """float16 trains through a grad scaler: without autocast it would scale float32 products and gain nothing."""
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        with autocast(torch.device("cpu"), dtype):
+            assert torch.nn.functional.linear(x, w).dtype == dtype
 
 
 def test_nccl_binds_each_process_to_its_gpu_from_the_start():

@@ -63,6 +63,14 @@ def test_mfu_only_against_a_known_peak(trained):
         assert gpu_peak_flops(unknown, torch.bfloat16) is None  # a slice, a variant, a GPU not in the table
 
 
+def test_float16_mfu_is_against_the_float16_tensor_cores():
+    """auto picks float16 on a V100 or T4: its MFU is against their float16 tensor cores, neither missing (as
+    bfloat16's would be) nor against float32's far lower figure."""
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", torch.float16) == 125e12
+    assert gpu_peak_flops("Tesla T4", torch.float16) == 65e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
+
+
 def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
     cfg, last = trained
     state = load_checkpoint(checkpoint_path(cfg.out_dir))  # torch.load(weights_only=True) inside
