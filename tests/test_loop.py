@@ -296,6 +296,11 @@ def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_pa
     assert f"the 0.5 s budget bought {steps:,} steps" in said["short"]
     assert "far below the 10,000,000 this budget buys" in said["short"] and "--max_iters=10000000" in said["short"]
     assert "budget bought" in said["as_set"] and "far below" not in said["as_set"]
+    # a run that max_iters ended is not short of its budget, however far below the budget's rate it stopped
+    with redirect_stdout(io.StringIO()) as out:
+        train(tiny_config(data_dir, tmp_path / "max_iters", max_iters=3, max_time=1000.0, budget_steps_per_s=1,
+                          eval_interval=10**6, attn_log_interval=0, final_eval=False))
+    assert "the 1000 s budget bought 3 steps" in out.getvalue() and "far below" not in out.getvalue()
 
 
 def test_ramp_grows_from_a_quarter_to_full_in_eighths():
@@ -615,6 +620,16 @@ def test_the_last_step_is_evaluated_and_drawn_off_the_schedule(tmp_path, data_di
     assert evals == [0, 10, 20, 25]
     assert sorted(int(p.name.removeprefix("iter_")) for p in (tmp_path / "attention").glob("iter_*")) == [0, 10, 20, 25]
     assert load_checkpoint(checkpoint_path(tmp_path), torch.device("cpu"))["iter_num"] == 25
+
+
+def test_attn_log_interval_0_draws_no_snapshot_and_a_number_sets_their_own_schedule(tmp_path, data_dir):
+    """0 means never (a snapshot costs a forward and the pictures, on rank 0 alone), not "at every eval"."""
+    for interval, drawn in ((0, []), (3, [0, 3, 4])):
+        out = tmp_path / str(interval)
+        train(tiny_config(data_dir, out, max_iters=4, eval_interval=2, lr_decay_iters=4, final_eval=False,
+                          attn_log_interval=interval))
+        assert sorted(int(p.name.removeprefix("iter_")) for p in (out / "attention").glob("iter_*")) == drawn
+        assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [0, 2, 4]  # the evals as scheduled
 
 
 def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_first_step(tmp_path, data_dir):
