@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint
+from glimpse.sharding import next_sharded_slot
 from tests.conftest import python
 from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly, error_lines, torchrun, torchrun_script
 from tests.test_train import read_metrics
@@ -178,3 +179,10 @@ def test_hellaswag_before_any_other_forward_leaves_a_sharded_model_trainable(tmp
         dist.destroy_process_group()
     """, nproc=1)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_sharded_save_never_writes_the_folder_the_current_ckpt_pt_names():
+    """Saves alternate between the two folders: a save into the one ckpt.pt names would, killed half way, leave
+    ckpt.pt naming a folder of half-written shards and no whole pair anywhere."""
+    assert next_sharded_slot(None) == "ckpt.dcp/a"  # the first save of a run
+    assert next_sharded_slot("ckpt.dcp/a") == "ckpt.dcp/b" and next_sharded_slot("ckpt.dcp/b") == "ckpt.dcp/a"
