@@ -47,7 +47,8 @@ def test_training_lowers_the_loss_and_writes_the_run_files(trained):
     assert json.loads((Path(cfg.out_dir) / "config.json").read_text()) == config_values(cfg)
     final = records[-1]  # the whole validation split, scored once at the end
     val_tokens = json.loads((Path(cfg.data_dir) / cfg.dataset / "meta.json").read_text())["val_tokens"]
-    assert final["iter"] == 150 and val_tokens - 2 * cfg.model.block_size < final["final_val_tokens"] < val_tokens
+    assert final["iter"] == 150 and final["final_val_tokens"] == val_tokens - 1  # every target of the split, once
+    assert final["final_val_bits_per_token"] == pytest.approx(final["final_val_loss"] / math.log(2))
     assert abs(final["final_val_loss"] - evals[-1]["val_loss"]) < 0.1  # the estimate was close
 
 
