@@ -19,6 +19,7 @@ import torch
 import sample
 import train
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
+from glimpse.runtime import StopRequest
 from tests.conftest import REPO, make_corpus, python, tiny_config
 from tests.test_train import read_metrics
 
@@ -122,6 +123,22 @@ def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
                      f"--max_iters={state['iter_num'] + 3}", "--eval_interval=100000", "--log_interval=1")
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(checkpoint_path(out))["iter_num"] == state["iter_num"] + 3
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
+    """The first SIGINT is remembered (the run checkpoints at the end of its step); a second one, for a user who
+    does not want to wait for the save, stops at once; afterwards Ctrl-C is Python's own again."""
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGINT  # the signal that asked for the checkpoint
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir):
