@@ -202,3 +202,22 @@ def test_eval_py_logs_its_table_and_plot_to_wandb(tmp_path, data_dir):
     by_name = {t.name.split("_0_")[0]: json.loads(t.read_text()) for t in tables}
     assert by_name["table"]["columns"][:3] == ["multiple", "length", "mode"] and len(by_name["table"]["data"]) == 4
     assert by_name["sliding_table"]["columns"] == ["multiple", "val_loss"]  # the line plot's points
+
+
+def test_additive_scores_are_v_tanh_of_the_query_part_plus_the_key_part():
+    """Bahdanau's score written out one (head, query, key) at a time: v_h . tanh(q W_q,h + k W_k,h). A score
+    without its tanh, or with W_q used for the keys, still runs every path the same way."""
+    attn = variant("additive", "none").transformer.h[0].attn
+    torch.manual_seed(1)
+    with torch.no_grad():
+        attn.score_v.normal_()  # larger than its 0.02 start, so that a missing tanh shows
+    q, k = torch.randn(2, 1, 2, 3, 8)  # (B, nh, T, hs) each
+    scores = attn.scores(q, k).detach()  # (1, nh, T, T)
+    for h in range(2):
+        w_q, w_k, v = (p[h].detach() for p in (attn.score_q, attn.score_k, attn.score_v))
+        for t in range(3):
+            for s in range(3):
+                expected = sum(v[e] * math.tanh(sum(q[0, h, t, d] * w_q[d, e] + k[0, h, s, d] * w_k[d, e]
+                                                    for d in range(8)))
+                               for e in range(8))
+                assert scores[0, h, t, s].item() == pytest.approx(float(expected), abs=1e-5)
