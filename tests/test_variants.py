@@ -221,3 +221,16 @@ def test_additive_scores_are_v_tanh_of_the_query_part_plus_the_key_part():
                                                     for d in range(8)))
                                for e in range(8))
                 assert scores[0, h, t, s].item() == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_plain_dot_scores_are_unscaled_on_both_paths():
+    """attn_score=dot is q . k itself: a dot model scaled by 1/sqrt(hs) on both paths would agree with itself."""
+    attn = variant("dot", "none").transformer.h[0].attn
+    q, k = torch.randn(2, 1, 2, 3, 8)
+    torch.testing.assert_close(attn.scores(q, k), torch.einsum("bhtd,bhsd->bhts", q, k))
+    x = torch.randn(1, 3, 16)
+    _, weights = attn.context(x, need_weights=True)
+    q, k, _ = attn.c_attn(x).split(16, dim=2)
+    q, k = (t.view(1, 3, 2, 8).transpose(1, 2) for t in (q, k))  # (1, nh, T, hs)
+    logits = (q @ k.transpose(-1, -2)).masked_fill(torch.triu(torch.ones(3, 3, dtype=torch.bool), 1), float("-inf"))
+    torch.testing.assert_close(weights, torch.softmax(logits, -1))
