@@ -234,3 +234,18 @@ def test_plain_dot_scores_are_unscaled_on_both_paths():
     q, k = (t.view(1, 3, 2, 8).transpose(1, 2) for t in (q, k))  # (1, nh, T, hs)
     logits = (q @ k.transpose(-1, -2)).masked_fill(torch.triu(torch.ones(3, 3, dtype=torch.bool), 1), float("-inf"))
     torch.testing.assert_close(weights, torch.softmax(logits, -1))
+
+
+@pytest.mark.parametrize("score", ATTN_SCORES)
+def test_dropout_acts_while_training_only_and_the_weights_are_the_softmaxs(score):
+    """In eval mode a model with dropout computes what the same weights without dropout do, on both paths; in
+    training mode its outputs change, yet the weights it hands back are still softmax rows summing to 1."""
+    dropping, plain = variant(score, "learned", dropout=0.5), variant(score, "learned")  # same seed: same weights
+    idx = torch.randint(0, 20, (2, 8))
+    torch.testing.assert_close(dropping(idx)[0], plain(idx)[0])
+    torch.testing.assert_close(dropping.forward_with_attention(idx), plain.forward_with_attention(idx))
+    dropping.train()
+    torch.manual_seed(2)
+    logits, weights = dropping.forward_with_attention(idx)
+    assert not torch.allclose(logits, plain(idx)[0])
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 2, 8))
