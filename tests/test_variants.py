@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glimpse.generation import generate
-from glimpse.positions import alibi_slopes, rotary_table, rotate
+from glimpse.positions import alibi_slopes, rotary_table, rotate, sinusoidal
 from glimpse.self_attention import attend, dot_scores
 from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig
 
@@ -249,3 +249,14 @@ def test_dropout_acts_while_training_only_and_the_weights_are_the_softmaxs(score
     logits, weights = dropping.forward_with_attention(idx)
     assert not torch.allclose(logits, plain(idx)[0])
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 2, 8))
+
+
+def test_sinusoids_are_sin_at_even_channels_and_cos_at_odd_ones():
+    """"Attention Is All You Need": PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i + 1) = cos(the same angle)."""
+    d = 6
+    table = sinusoidal(torch.arange(5), d)  # (5, d)
+    for p in range(5):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
