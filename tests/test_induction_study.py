@@ -4,6 +4,8 @@ training run in which two layers grow an induction head and one layer does not."
 import json
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from tests.test_reliability import run_main
 
@@ -60,6 +62,8 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
     assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=\u00b2"], capsys)
     assert "names a layer count more than once" in run_main(induction_study.main, ["--layers=1,2,1"], capsys)
+    with pytest.raises(ValueError, match="names a layer count more than once"):  # the same count, written twice
+        StudyConfig(layers="2,02")
     assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
     assert "two copies in the models' 64-character window" in run_main(induction_study.main, ["--max_len=40"], capsys)
     assert "max_len <= doc_len / 2" in run_main(induction_study.main, ["--max_len=20", "--doc_len=30"], capsys)
