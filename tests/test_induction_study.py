@@ -53,23 +53,27 @@ def test_a_short_study_trains_each_model_and_probes_it_at_each_length(tmp_path, 
 
 def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "study"
-    assert "must be divisible by n_head" in run_main(induction_study.main, [f"--out={out}", "--n_head=3"], capsys)
-    assert "pos_encoding must be one of" in run_main(induction_study.main, [f"--out={out}", "--pos_encoding=x"], capsys)
+
+    def refusal(*flags: str) -> str:  # into tmp_path: a setting let through would train a study there, not here
+        return run_main(induction_study.main, [f"--out={out}", *flags], capsys)
+
+    assert "must be divisible by n_head" in refusal("--n_head=3")
+    assert "pos_encoding must be one of" in refusal("--pos_encoding=x")
     assert not out.exists()
     (tmp_path / "a_file").write_text("keep me")
     assert "cannot make the study's folder" in run_main(induction_study.main, [f"--out={tmp_path / 'a_file'}"], capsys)
     assert (tmp_path / "a_file").read_text() == "keep me"
-    assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=0,x"], capsys)
-    assert "layers must be positive whole numbers" in run_main(induction_study.main, ["--layers=\u00b2"], capsys)
-    assert "names a layer count more than once" in run_main(induction_study.main, ["--layers=1,2,1"], capsys)
+    assert "layers must be positive whole numbers" in refusal("--layers=0,x")
+    assert "layers must be positive whole numbers" in refusal("--layers=\u00b2")
+    assert "names a layer count more than once" in refusal("--layers=1,2,1")
     with pytest.raises(ValueError, match="names a layer count more than once"):  # the same count, written twice
         StudyConfig(layers="2,02")
-    assert "min_len <= max_len" in run_main(induction_study.main, ["--min_len=9", "--max_len=5"], capsys)
-    assert "two copies in the models' 64-character window" in run_main(induction_study.main, ["--max_len=40"], capsys)
-    assert "max_len <= doc_len / 2" in run_main(induction_study.main, ["--max_len=20", "--doc_len=30"], capsys)
-    assert "chars must be at least 1000" in run_main(induction_study.main, ["--chars=10"], capsys)
-    assert "probe_tokens must be whole numbers from 2 to 32" in run_main(induction_study.main, ["--probe_tokens=8,40"],
-                                                                          capsys)
+    assert "min_len <= max_len" in refusal("--min_len=9", "--max_len=5")
+    assert "two copies in the models' 64-character window" in refusal("--max_len=40")
+    assert "max_len <= doc_len / 2" in refusal("--max_len=20", "--doc_len=30")
+    assert "chars must be at least 1000" in refusal("--chars=10")
+    assert "probe_tokens must be whole numbers from 2 to 32" in refusal("--probe_tokens=8,40")
+    assert not out.exists()
 
 
 def test_two_layers_learn_an_induction_head_and_one_layer_does_not(tmp_path):
