@@ -196,9 +196,9 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     q.k (scaled, plus ALiBi's -slope x distance from alibi_slopes), so that the scaled q.k and the score it
     shows are one number, and the page does not carry them: at T tokens they are T (T + 1) / 2 numbers a
     head against q, k and v's 3 T hs, most of a long text's page. Additive attention has no q.k, so its
-    scores travel. mechanism.globals is base64 of
-    zlib of float32 arrays, in the order and shapes of globals_layout: the prediction, its logit and
-    attribution at each position, and the logit lens (ids as float32, exact below 2^24).
+    scores travel. mechanism.globals is base64 of zlib of float32 arrays, in the order and shapes of
+    globals_layout: the prediction, its logit and attribution at each position, and the logit lens (ids
+    as float32, exact below 2^24).
     """
     from glimpse.positions import alibi_slopes  # torch, which a Mechanism needs anyway
 
@@ -207,10 +207,13 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
         raise ValueError(f"the mechanism is (n_layer, n_head, T) = {tuple(mechanism.shape)}, the attention {shape}")
     config = (meta or {}).get("model_config") or {}
     attn_score = str(config.get("attn_score", "scaled_dot"))
-    # the scores' lower triangle, for additive attention only: the page computes a dot-product model's from q.k
-    rows, cols = np.tril_indices(T) if attn_score == "additive" else (np.empty(0, int), np.empty(0, int))
-    per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer],
-                  mechanism.scores[layer][:, rows, cols], mechanism.value_out_norm[layer]] for layer in range(L)]
+    rows, cols = np.tril_indices(T)
+
+    def scores(layer: int) -> list[np.ndarray]:  # the page computes a dot-product model's scores from q.k
+        return [mechanism.scores[layer][:, rows, cols]] if attn_score == "additive" else []
+
+    per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], *scores(layer),
+                  mechanism.value_out_norm[layer]] for layer in range(L)]
     # float16 holds numbers up to 65504: a model whose queries or scores grow past that travels in float32
     fits = all(np.abs(a).max(initial=0.0) < 65000 for arrays in per_layer for a in arrays)
     layers = [deflated_base64(half_planes(arrays) if fits else
