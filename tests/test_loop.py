@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 from data.training_data import prepare_data
+from glimpse import runtime
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, save_checkpoint
 from glimpse.compiling import training_shapes
 from glimpse.config import config_values, parse_config
@@ -545,12 +546,16 @@ def test_every_shipped_preset_trains_a_step(tmp_path, data_dir, preset):
 
 
 def test_auto_picks_float16_on_gpus_that_only_emulate_bfloat16(monkeypatch):
-    """No GPU here: stand in for torch's answer on a V100 or T4 (bfloat16 by emulation only)."""
+    """No GPU here: stand in for torch's answer on a V100 or T4 (bfloat16 by emulation only), and for CPUs with
+    and without bfloat16 instructions (whichever this one is)."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_computes_bfloat16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(runtime, "cpu_computes_bfloat16", lambda: True)  # AVX-512 BF16 or AMX
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("mps")) == torch.float32  # an MPS device is never asked
 
 
