@@ -13,8 +13,9 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
 Built-in datasets (shakespeare_char, shakespeare; openwebtext and fineweb_edu, streamed for hours) are
 downloaded and prepared on first use (data/prepare.py; docs/corpora.md for a corpus of your own). The run
 writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON line per log and
-per eval), out_dir/ckpt.pt (where training stands: what --init_from=resume continues) and
-out_dir/best.pt (the weights with the lowest validation loss, which sample.py and eval.py read).
+per eval), out_dir/loss.png (those losses drawn, at every eval), out_dir/ckpt.pt (where training stands:
+what --init_from=resume continues) and out_dir/best.pt (the weights with the lowest validation loss,
+which sample.py and eval.py read).
 """
 
 # Reading order: train and loop -> the loop's steps: scheduled_work, train_step, evaluate, score_hellaswag,

@@ -1,5 +1,6 @@
 """
-Where a run's numbers and pictures go: out_dir/metrics.jsonl, and wandb when wandb_log is on.
+Where a run's numbers and pictures go: out_dir/metrics.jsonl, a picture of its loss curves beside it
+(loss.png, redrawn at every eval: wandb's charts for a run without wandb), and wandb when wandb_log is on.
 
 Only rank 0 tracks; other ranks get a Tracker that does nothing, so callers never check ranks.
 wandb honours its own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY).
@@ -10,12 +11,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from glimpse.checkpoint import write_text
 from glimpse.errors import GlimpseError
+from glimpse.files import write_atomic
 
 HEAD_COLUMNS = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
+# metrics.jsonl's losses as loss.png draws them: (key, label, matplotlib format, colour); train blue, val orange
+LOSS_CURVES = [("train_loss", "train, mean of the steps since the last log", "-", "#9ecae1"),
+               ("eval_train_loss", "train, the evals' batches", "o--", "#1f77b4"),
+               ("val_loss", "val, the evals' batches", "o-", "#ff7f0e"),
+               ("final_val_loss", "val, the whole split", "*", "#d62728")]
 
 
 def read_records(path: Path) -> list[dict]:
@@ -39,6 +49,30 @@ def ends_mid_line(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
+
+
+def loss_figure(records: list[dict], title: str):
+    """The losses of metrics.jsonl's records against their steps, one curve per key of LOSS_CURVES; a matplotlib
+    Figure. Records without a key, or with a loss that was not finite (written as null), leave no point."""
+    from matplotlib.figure import Figure  # imported here: a run draws only at its evals
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.add_subplot()
+    for key, label, style, colour in LOSS_CURVES:
+        points = [(r["iter"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, losses = zip(*points)
+            if key == "final_val_loss":
+                label = f"{label}: {losses[-1]:.4f}"
+            ax.plot(steps, losses, style, color=colour, label=label, markersize=12 if style == "*" else 4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"{title}: loss")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def start_wandb(**settings):
@@ -67,15 +101,18 @@ class Tracker:
         keep_through_iter: int | None = None,
         job_type: str = "train",
         append: bool = False,
+        draw_losses: bool = False,
     ):
         """metrics_path: where metrics.jsonl goes (None: nowhere, wandb only).
 
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
+        draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss.
         """
         self.enabled = enabled
         self.run = None
         self.path = metrics_path
+        self.draw_losses = draw_losses and metrics_path is not None
         self.left_wandb_run: tuple[str, int] | None = None  # (id, last step): a wandb run a resume could not go on in
         # appending after a line cut short ends that line first, or the first record would join it (both then lost)
         self.line_to_end = append and metrics_path is not None and ends_mid_line(metrics_path)
@@ -124,6 +161,15 @@ class Tracker:
                 raise GlimpseError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+        if self.draw_losses and ("val_loss" in record or "final_val_loss" in record):
+            picture = self.path.with_name("loss.png")
+            try:
+                write_atomic(picture, lambda tmp: loss_figure(read_records(self.path), self.path.parent.name).savefig(
+                    tmp, format="png"))
+            except OSError as e:  # a picture is not worth stopping a run for: said once, then not drawn again
+                tqdm.write(f"warning: could not draw {picture} ({e.strerror or e}); metrics.jsonl has the same "
+                           "numbers", file=sys.stderr)  # above the progress bar, not inside its line
+                self.draw_losses = False
 
     def log_attention(self, folder: Path, heads: dict, prefix: str = "attention", step: int | None = None):
         """Send a dump folder's heatmaps, viewer and head metrics to wandb, one key per layer.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from data.prepare import PrepareConfig, prepare
 from glimpse.checkpoint import (
@@ -21,6 +22,7 @@ from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import gpu_peak_flops, peak_flops
+from glimpse.tracking import loss_figure, read_records
 from sample import SampleConfig, sample
 from tests.conftest import python, tiny_config, train_config
 from train import TrainConfig, train
@@ -50,6 +52,43 @@ def test_training_lowers_the_loss_and_writes_the_run_files(trained):
     assert final["iter"] == 150 and final["final_val_tokens"] == val_tokens - 1  # every target of the split, once
     assert final["final_val_bits_per_token"] == pytest.approx(final["final_val_loss"] / math.log(2))
     assert abs(final["final_val_loss"] - evals[-1]["val_loss"]) < 0.1  # the estimate was close
+
+
+def test_a_run_draws_its_losses_beside_metrics_jsonl(trained):
+    """loss.png is redrawn at every eval and after the final score: at the end it is the picture of every record."""
+    cfg, _ = trained
+    out_dir = Path(cfg.out_dir)
+    picture = (out_dir / "loss.png").read_bytes()
+    drawn = io.BytesIO()
+    loss_figure(read_records(out_dir / "metrics.jsonl"), out_dir.name).savefig(drawn, format="png")
+    assert picture == drawn.getvalue()  # the final record included
+    assert Image.open(io.BytesIO(picture)).size == (840, 480)
+
+
+def test_the_loss_picture_draws_each_loss_at_its_steps():
+    records = [{"iter": 0, "val_loss": 4.0, "eval_train_loss": 4.1}, {"iter": 1, "train_loss": 3.9, "lr": 1e-3},
+               {"iter": 2, "train_loss": None}, {"iter": 2, "val_loss": 3.0, "eval_train_loss": 3.2},
+               {"iter": 2, "final_val_loss": 3.05, "final_val_tokens": 100}, {"iter": 3, "hellaswag_acc": 0.3}]
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for line in loss_figure(records, "run").axes[0].lines}
+    assert curves == {"train, mean of the steps since the last log": ([1], [3.9]),  # a loss logged as null: none
+                      "train, the evals' batches": ([0, 2], [4.1, 3.2]),
+                      "val, the evals' batches": ([0, 2], [4.0, 3.0]),
+                      "val, the whole split: 3.0500": ([2], [3.05])}
+    assert not loss_figure([{"iter": 0, "hellaswag_acc": 0.3}], "run").axes[0].lines
+
+
+def test_a_loss_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path, data_dir):
+    out = tmp_path / "out"
+    (out / "loss.png").mkdir(parents=True)  # a folder where the picture goes
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+                 "--max_iters=20", "--eval_interval=10", "--eval_iters=2")
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "loss.png" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: could not draw"), run.stderr  # once, not per eval
+    assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [0, 10, 20]
+    assert (out / "loss.png").is_dir() and not list(out.glob("loss.png.*"))  # no temporary file left behind
 
 
 def test_mfu_only_against_a_known_peak(trained):
