@@ -180,7 +180,7 @@ def score_heads(cfg: EvalConfig) -> dict:
         result["heads"] = [f"{layer}.{head}" for layer, head in removed]
         return result
     scored = torch.ones(c.block_size, dtype=torch.bool, device=device)
-    intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx)
+    intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx, show_progress=True)
     result.update(intact_loss=intact, losses=losses.tolist(), top=top_heads(losses, intact))
     write_importance(Path(cfg.out_dir), losses, intact, f"loss increase without each head ({cfg.ablation} ablation, "
                      f"{inputs.numel():,} val tokens)")

@@ -198,8 +198,8 @@ def text_importance(model, text_ids: list[int], ablation: str, ctx) -> dict | No
         return None  # one token predicts nothing
     inputs, targets = window[None, :-1], window[None, 1:]  # (1, T - 1) each
     value = head_means(model, inputs, 1, ctx) if ablation == "mean" else None
-    intact, losses = losses_per_head(model, inputs, targets, torch.ones(inputs.size(1), dtype=torch.bool,
-                                                                         device=inputs.device), value, ctx)
+    every = torch.ones(inputs.size(1), dtype=torch.bool, device=inputs.device)  # (T - 1,): every target scored
+    intact, losses = losses_per_head(model, inputs, targets, every, value, ctx, show_progress=True)
     return {"ablation": ablation, "tokens_scored": inputs.size(1), "intact_loss": intact, "loss": losses.tolist(),
             "loss_increase": (losses - intact).tolist()}
 

@@ -21,6 +21,7 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
@@ -136,7 +137,8 @@ def mean_loss(model, inputs: torch.Tensor, targets: torch.Tensor, heads, ctx, ba
 
 @torch.inference_mode()
 def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor,
-                    value: torch.Tensor | None, ctx, max_rows: int = 64) -> tuple[float, torch.Tensor]:
+                    value: torch.Tensor | None, ctx, max_rows: int = 64,
+                    show_progress: bool = False) -> tuple[float, torch.Tensor]:
     """Mean loss over the scored target positions, intact and with each head removed alone: (loss, (L, H)).
 
     inputs and targets are (N, T) windows, scored a (T,) bool mask of the positions that count. Removing
@@ -145,7 +147,8 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     layer l's heads start from them (forward_from), as copies of the windows stacked in one batch,
     a different head removed in each copy, up to max_rows rows per forward: on a CPU, fewer and larger
     forwards cost less than one after another. Under value_embeds or unet, later blocks read more than the
-    stream entering them, and each removal runs the whole network instead.
+    stream entering them, and each removal runs the whole network instead. show_progress: a progress bar on a
+    terminal, counting the windows scored without a head (N x L x H in all): minutes of work at GPT-2's size.
     """
     c = model.config
     n_scored = len(inputs) * int(scored.sum())
@@ -167,24 +170,29 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     max_rows = max(1, min(max_rows, LOGITS_BYTES // (inputs.size(1) * c.vocab_size * 4)))
     windows = max(1, max_rows // c.n_head)  # as many windows a forward as max_rows allows
     whole = bool(c.value_embeds or c.unet)  # later blocks read more than the stream: every forward runs whole
-    for w in range(0, len(inputs), windows):
-        x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
-        b = x.size(0)
-        per_forward = max(1, max_rows // b)  # heads removed in one forward, one copy of the windows each
-        with ctx:  # one autocast region for the window's forwards: the weights are cast once, not once each
-            logits, streams = residual_streams(model, x)  # (b, T, V), n_layer of (b, T, C)
-            intact += loss_sum(logits, y).sum()
-            for layer in range(c.n_layer):
-                x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input and what its heads say
-                for first in range(0, c.n_head, per_forward):
-                    chosen = heads[first:first + per_forward]  # (k,): the heads removed, one per copy
-                    k = len(chosen)
-                    ablation = Ablation(per_layer[layer][chosen].repeat_interleave(b, 0), value)  # (k b, L, H)
-                    if whole:  # (k b, T, V): row i b + j removes head chosen[i]
-                        logits = model(x.repeat(k, 1), heads=ablation)[0]
-                    else:
-                        logits = forward_from(model, layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1), ablation)
-                    without[layer, chosen] += loss_sum(logits, y.repeat(k, 1)).view(k, b).sum(dim=1)
+    bar = tqdm(total=len(inputs) * c.n_layer * c.n_head, desc="scoring without each head", unit="window",
+               leave=False, disable=None if show_progress else True)  # None: shown on a terminal only
+    with bar:
+        for w in range(0, len(inputs), windows):
+            x, y = inputs[w:w + windows], targets[w:w + windows]  # (b, T) each
+            b = x.size(0)
+            per_forward = max(1, max_rows // b)  # heads removed in one forward, one copy of the windows each
+            with ctx:  # one autocast region for the window's forwards: the weights are cast once, not once each
+                logits, streams = residual_streams(model, x)  # (b, T, V), n_layer of (b, T, C)
+                intact += loss_sum(logits, y).sum()
+                for layer in range(c.n_layer):
+                    x_in, y_in = streams[layer]  # (b, T, C), (b, nh, T, hs): the layer's input, what its heads say
+                    for first in range(0, c.n_head, per_forward):
+                        chosen = heads[first:first + per_forward]  # (k,): the heads removed, one per copy
+                        k = len(chosen)
+                        ablation = Ablation(per_layer[layer][chosen].repeat_interleave(b, 0), value)  # (k b, L, H)
+                        if whole:  # (k b, T, V): row i b + j removes head chosen[i]
+                            logits = model(x.repeat(k, 1), heads=ablation)[0]
+                        else:
+                            logits = forward_from(model, layer, x_in.repeat(k, 1, 1), y_in.repeat(k, 1, 1, 1),
+                                                  ablation)
+                        without[layer, chosen] += loss_sum(logits, y.repeat(k, 1)).view(k, b).sum(dim=1)
+                        bar.update(k * b)
     return intact.item() / n_scored, (without / n_scored).float().cpu()
 
 

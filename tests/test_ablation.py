@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 import eval as eval_script
 import sample as sample_script
+from glimpse import ablation
 from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
 from glimpse.attention import load_dump
 from glimpse.errors import GlimpseError
@@ -105,6 +108,26 @@ def test_mean_ablation_substitutes_the_mean_it_reports():
     assert torch.equal(model(idx, heads=collect)[0], model(idx)[0])  # collecting changes nothing
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("max_rows", [64, 3])  # every copy in one forward; copies split up
+def test_scoring_without_each_head_shows_its_progress_on_a_terminal(monkeypatch, max_rows):
+    """Minutes of work at GPT-2's size: a bar counting the windows scored without a head, 5 x 3 x 4 of them."""
+    model, x = small_model(), torch.randint(30, (5, 16))
+    monkeypatch.setattr(ablation, "tqdm", functools.partial(ablation.tqdm, mininterval=0, miniters=1))  # each update
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    losses_per_head(model, x, x, torch.ones(16, dtype=torch.bool), None, nullcontext(), max_rows=max_rows,
+                    show_progress=True)
+    shown = sys.stderr.getvalue()
+    assert "scoring without each head" in shown and "60/60" in shown and "61/60" not in shown
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    losses_per_head(model, x, x, torch.ones(16, dtype=torch.bool), None, nullcontext())  # off unless asked
+    assert sys.stderr.getvalue() == ""
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(value_embeds=1, unet=True, smear=True)])
 def test_each_head_removed_alone_in_batched_copies_equals_one_scoring_per_head(overrides):
     """With value_embeds or unet, later blocks read more than the stream entering them: whole forwards."""
@@ -175,6 +198,17 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
 
     with Image.open(f"{cfg.out_dir}/head_importance.png") as image:
         assert image.width > 100 and image.height > 100
+
+
+def test_eval_py_and_sample_py_show_the_scoring_of_every_head_on_a_terminal(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    eval_script.main([f"--out_dir={cfg.out_dir}", "--head_importance", "--max_tokens=256"])
+    assert sys.stderr.getvalue().count("scoring without each head") >= 1
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=8, head_importance=True,
+                        dump_dir=str(tmp_path / "ranked")), io.StringIO())
+    assert sys.stderr.getvalue().count("scoring without each head") >= 1
 
 
 @pytest.mark.parametrize("argv,says", [
