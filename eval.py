@@ -155,7 +155,7 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         length = multiple * block_size
         for mode in MODES:
             loss, scored = length_loss(model, data.tokens("val"), length, mode, min(stride, length), cfg.max_tokens,
-                                       cfg.batch_size, device, ctx)
+                                       cfg.batch_size, device, ctx, show_progress=True)
             rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
                          "bits_per_token": loss / math.log(2), "tokens_scored": scored,
                          "pos_encoding": encoding, "attn_score": model.config.attn_score})

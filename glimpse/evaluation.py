@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.dataset import gather_windows
 from glimpse.errors import GlimpseError
@@ -58,7 +59,7 @@ def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[t
 
 @torch.no_grad()  # not inference_mode: a compiled model would need a graph of its own for inference tensors
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
-                batch_size: int, device, ctx, *, ddp=None) -> tuple[float, int]:
+                batch_size: int, device, ctx, *, ddp=None, show_progress: bool = False) -> tuple[float, int]:
     """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
 
     Each batch goes through the model as the evals' batches do, inputs and targets of batch_size windows, the
@@ -66,11 +67,14 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     ignored, and the context-only targets of sliding windows are ignored, so that a compiled model scores the
     whole split on the graph its evals made (at the same batch size), with no shape of its own to compile.
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
-    sums are added up, so a split of any size costs each process its share only.
+    sums are added up, so a split of any size costs each process its share only. show_progress: a progress bar
+    over the windows on a terminal (at long lengths on a CPU, minutes).
     """
     starts, scored_from = scored_windows(len(tokens), length, mode, stride, max_tokens)
     mine = range(len(starts)) if ddp is None else ddp.share(range(len(starts)))  # in lockstep, padded with None
     sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
+    bar = tqdm(total=sum(w is not None for w in mine), desc=f"{mode}, {length:,} tokens", unit="window", leave=False,
+               disable=None if show_progress else True)  # None: shown on a terminal only
     for i in range(0, len(mine), batch_size):
         batch = [w for w in mine[i:i + batch_size] if w is not None]
         n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
@@ -87,6 +91,8 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
         if count:
             sums[0] += loss.to(sums.dtype) * count
             sums[1] += count
+        bar.update(n)
+    bar.close()
     if ddp is not None:
         sums = ddp.sum(sums)
     total, count = sums.tolist()

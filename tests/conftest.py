@@ -8,6 +8,7 @@ Tests make their own data; the only outside file they use is GPT-2's BPE ranks, 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -105,6 +106,13 @@ def session_members(sid: int) -> list[int]:
         except OSError:  # ended meanwhile
             pass
     return members
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where tqdm's bars with disable=None show."""
+
+    def isatty(self):
+        return True
 
 
 def python(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from glimpse.generation import generate
 from glimpse.induction import induction_probe
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
-from tests.conftest import python
+from tests.conftest import Terminal, python
 from tests.test_reliability import run_main
 
 CONFIGS = [dict(), dict(pos_encoding="rope", bias=False, norm="rmsnorm", qk_norm=True)]
@@ -106,11 +106,6 @@ def test_mean_ablation_substitutes_the_mean_it_reports():
     assert not torch.equal(y[:, 0], means[1, 0].expand_as(y[:, 0]))  # the others speak for themselves
     collect = HeadMeans(3, 4, 8)
     assert torch.equal(model(idx, heads=collect)[0], model(idx)[0])  # collecting changes nothing
-
-
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
 
 
 @pytest.mark.parametrize("max_rows", [64, 3])  # every copy in one forward; copies split up
@@ -200,11 +195,14 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
         assert image.width > 100 and image.height > 100
 
 
-def test_eval_py_and_sample_py_show_the_scoring_of_every_head_on_a_terminal(trained, tmp_path, monkeypatch):
+def test_eval_py_and_sample_py_show_their_long_scorings_on_a_terminal(trained, tmp_path, monkeypatch):
     cfg, _ = trained
     monkeypatch.setattr(sys, "stderr", Terminal())
     eval_script.main([f"--out_dir={cfg.out_dir}", "--head_importance", "--max_tokens=256"])
     assert sys.stderr.getvalue().count("scoring without each head") >= 1
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    eval_script.main([f"--out_dir={cfg.out_dir}", "--lengths=1", "--max_tokens=256"])
+    assert "windows, 32 tokens" in sys.stderr.getvalue() and "sliding, 32 tokens" in sys.stderr.getvalue()
     monkeypatch.setattr(sys, "stderr", Terminal())
     sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=8, head_importance=True,
                         dump_dir=str(tmp_path / "ranked")), io.StringIO())

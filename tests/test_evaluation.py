@@ -2,6 +2,8 @@
 evaluation, HellaSwag and head removal add up on the model's device, in a type MPS has."""
 
 import contextlib
+import functools
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +14,10 @@ from torch.utils._pytree import tree_flatten
 from data import hellaswag
 from data.tokenizer import CharTokenizer
 from glimpse import ablation, evaluation
-from glimpse.evaluation import length_loss
+from glimpse.evaluation import length_loss, scored_windows
 from glimpse.runtime import sum_dtype
 from model import GPT, GPTConfig
+from tests.conftest import Terminal
 from tests.test_hellaswag import fixed_logits_model
 
 
@@ -62,6 +65,23 @@ def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, 
                               contextlib.nullcontext())
     assert count == expected_count
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["windows", "sliding"])
+def test_the_windows_scored_show_their_progress_on_a_terminal(monkeypatch, mode):
+    """eval.py's long lengths are minutes of work on a CPU: a bar counts the windows, on a terminal only."""
+    model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 20, 200).astype(np.uint16)
+    windows = len(scored_windows(len(tokens), 12, mode, 4, 10_000)[0])  # 17 or 48: batches of 5 leave a remainder
+    monkeypatch.setattr(evaluation, "tqdm", functools.partial(evaluation.tqdm, mininterval=0, miniters=1))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with torch.no_grad():
+        length_loss(model, tokens, 12, mode, 4, 10_000, 5, "cpu", contextlib.nullcontext(), show_progress=True)
+    assert f"{mode}, 12 tokens" in sys.stderr.getvalue() and f" {windows}/{windows} " in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with torch.no_grad():
+        length_loss(model, tokens, 12, mode, 4, 10_000, 5, "cpu", contextlib.nullcontext())
+    assert sys.stderr.getvalue() == ""
 
 
 class DtypesMade(TorchDispatchMode):
