@@ -10,6 +10,7 @@ import functools
 import hashlib
 import io
 import json
+import shutil
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -197,14 +198,15 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
 
 def test_eval_py_and_sample_py_show_their_long_scorings_on_a_terminal(trained, tmp_path, monkeypatch):
     cfg, _ = trained
+    run = shutil.copytree(cfg.out_dir, tmp_path / "run")  # eval.py writes its results there: not into the shared run
     monkeypatch.setattr(sys, "stderr", Terminal())
-    eval_script.main([f"--out_dir={cfg.out_dir}", "--head_importance", "--max_tokens=256"])
+    eval_script.main([f"--out_dir={run}", "--head_importance", "--max_tokens=256"])
     assert sys.stderr.getvalue().count("scoring without each head") >= 1
     monkeypatch.setattr(sys, "stderr", Terminal())
-    eval_script.main([f"--out_dir={cfg.out_dir}", "--lengths=1", "--max_tokens=256"])
+    eval_script.main([f"--out_dir={run}", "--lengths=1", "--max_tokens=256"])
     assert "windows, 32 tokens" in sys.stderr.getvalue() and "sliding, 32 tokens" in sys.stderr.getvalue()
     monkeypatch.setattr(sys, "stderr", Terminal())
-    sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=8, head_importance=True,
+    sample(SampleConfig(out_dir=str(run), num_samples=1, max_new_tokens=8, head_importance=True,
                         dump_dir=str(tmp_path / "ranked")), io.StringIO())
     assert sys.stderr.getvalue().count("scoring without each head") >= 1
 
