@@ -107,7 +107,8 @@ class Tracker:
 
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
-        draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss.
+        draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss, and
+        at once on resume.
         """
         self.enabled = enabled
         self.run = None
@@ -136,6 +137,8 @@ class Tracker:
             except GlimpseError:
                 self.close()
                 raise
+            if keep_through_iter is not None:
+                self.draw()  # a resume's picture shows the history kept, not the steps it drops
 
     @classmethod
     def for_checkpoint(cls, state: dict, job_type: str, wandb_log: bool = True) -> Tracker:
@@ -161,15 +164,21 @@ class Tracker:
                 raise GlimpseError(f"could not write {self.path}: {e.strerror or e}") from None
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
-        if self.draw_losses and ("val_loss" in record or "final_val_loss" in record):
-            picture = self.path.with_name("loss.png")
-            try:
-                write_atomic(picture, lambda tmp: loss_figure(read_records(self.path), self.path.parent.name).savefig(
-                    tmp, format="png"))
-            except OSError as e:  # a picture is not worth stopping a run for: said once, then not drawn again
-                tqdm.write(f"warning: could not draw {picture} ({e.strerror or e}); metrics.jsonl has the same "
-                           "numbers", file=sys.stderr)  # above the progress bar, not inside its line
-                self.draw_losses = False
+        if "val_loss" in record or "final_val_loss" in record:
+            self.draw()
+
+    def draw(self):
+        """Redraw loss.png from metrics.jsonl, when draw_losses is on."""
+        if not self.draw_losses:
+            return
+        picture = self.path.with_name("loss.png")
+        try:
+            write_atomic(picture, lambda tmp: loss_figure(read_records(self.path), self.path.parent.name).savefig(
+                tmp, format="png"))
+        except OSError as e:  # a picture is not worth stopping a run for: said once, then not drawn again
+            tqdm.write(f"warning: could not draw {picture} ({e.strerror or e}); metrics.jsonl has the same numbers",
+                       file=sys.stderr)  # above the progress bar, not inside its line
+            self.draw_losses = False
 
     def log_attention(self, folder: Path, heads: dict, prefix: str = "attention", step: int | None = None):
         """Send a dump folder's heatmaps, viewer and head metrics to wandb, one key per layer.

@@ -22,7 +22,7 @@ from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import gpu_peak_flops, peak_flops
-from glimpse.tracking import loss_figure, read_records
+from glimpse.tracking import Tracker, loss_figure, read_records
 from sample import SampleConfig, sample
 from tests.conftest import python, tiny_config, train_config
 from train import TrainConfig, train
@@ -76,6 +76,20 @@ def test_the_loss_picture_draws_each_loss_at_its_steps():
                       "val, the evals' batches": ([0, 2], [4.0, 3.0]),
                       "val, the whole split: 3.0500": ([2], [3.05])}
     assert not loss_figure([{"iter": 0, "hellaswag_acc": 0.3}], "run").axes[0].lines
+
+
+def test_a_resume_redraws_the_losses_it_keeps(tmp_path):
+    """Resumed from step 10, the run drops what the old one logged after it: at once from the picture too."""
+    records = [{"iter": 0, "val_loss": 4.0, "eval_train_loss": 4.1}, {"iter": 10, "train_loss": 3.0},
+               {"iter": 10, "val_loss": 3.2, "eval_train_loss": 3.1}, {"iter": 20, "train_loss": 2.5},
+               {"iter": 20, "val_loss": 2.9, "eval_train_loss": 2.8}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "loss.png").write_bytes(b"the old run's picture, to step 20")
+    Tracker(metrics, keep_through_iter=10, draw_losses=True).close()
+    drawn = io.BytesIO()
+    loss_figure(records[:3], tmp_path.name).savefig(drawn, format="png")
+    assert (tmp_path / "loss.png").read_bytes() == drawn.getvalue()
 
 
 def test_a_loss_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path, data_dir):
