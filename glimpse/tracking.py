@@ -64,6 +64,7 @@ def loss_figure(records: list[dict], title: str):
             steps, losses = zip(*points)
             if key == "final_val_loss":
                 label = f"{label}: {losses[-1]:.4f}"
+            style = "o" if style == "-" and len(points) == 1 else style  # a line through one point draws nothing
             ax.plot(steps, losses, style, color=colour, label=label, markersize=12 if style == "*" else 4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
@@ -171,10 +172,9 @@ class Tracker:
         """Redraw loss.png from metrics.jsonl, when draw_losses is on."""
         if not self.draw_losses:
             return
-        picture = self.path.with_name("loss.png")
+        picture, title = self.path.with_name("loss.png"), self.path.resolve().parent.name  # "." has no name
         try:
-            write_atomic(picture, lambda tmp: loss_figure(read_records(self.path), self.path.parent.name).savefig(
-                tmp, format="png"))
+            write_atomic(picture, lambda tmp: loss_figure(read_records(self.path), title).savefig(tmp, format="png"))
         except OSError as e:  # a picture is not worth stopping a run for: said once, then not drawn again
             tqdm.write(f"warning: could not draw {picture} ({e.strerror or e}); metrics.jsonl has the same numbers",
                        file=sys.stderr)  # above the progress bar, not inside its line

@@ -76,6 +76,12 @@ def test_the_loss_picture_draws_each_loss_at_its_steps():
                       "val, the evals' batches": ([0, 2], [4.0, 3.0]),
                       "val, the whole split: 3.0500": ([2], [3.05])}
     assert not loss_figure([{"iter": 0, "hellaswag_acc": 0.3}], "run").axes[0].lines
+    styles = {line.get_label(): (line.get_linestyle(), line.get_marker())
+              for line in loss_figure(records, "run").axes[0].lines}
+    assert styles["train, mean of the steps since the last log"][1] == "o"  # one point: a line would draw nothing
+    records.append({"iter": 3, "train_loss": 2.9})
+    line = loss_figure(records, "run").axes[0].lines[0]
+    assert (line.get_linestyle(), line.get_marker()) == ("-", "None")  # a run of logs: a line, no markers
 
 
 def test_a_resume_redraws_the_losses_it_keeps(tmp_path):
