@@ -148,7 +148,7 @@ def losses_per_head(model, inputs: torch.Tensor, targets: torch.Tensor, scored: 
     a different head removed in each copy, up to max_rows rows per forward: on a CPU, fewer and larger
     forwards cost less than one after another. Under value_embeds or unet, later blocks read more than the
     stream entering them, and each removal runs the whole network instead. show_progress: a progress bar on a
-    terminal, counting the windows scored without a head (N x L x H in all): minutes of work at GPT-2's size.
+    terminal, counting the windows scored without a head (N x L x H in all; the cost: docs/ablation.md).
     """
     c = model.config
     n_scored = len(inputs) * int(scored.sum())

@@ -68,31 +68,31 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     whole split on the graph its evals made (at the same batch size), with no shape of its own to compile.
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only. show_progress: a progress bar
-    over the windows on a terminal (at long lengths on a CPU, minutes).
+    over the windows on a terminal (long lengths are long work on a CPU: docs/length.md).
     """
     starts, scored_from = scored_windows(len(tokens), length, mode, stride, max_tokens)
     mine = range(len(starts)) if ddp is None else ddp.share(range(len(starts)))  # in lockstep, padded with None
     sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
     bar = tqdm(total=sum(w is not None for w in mine), desc=f"{mode}, {length:,} tokens", unit="window", leave=False,
                disable=None if show_progress else True)  # None: shown on a terminal only
-    for i in range(0, len(mine), batch_size):
-        batch = [w for w in mine[i:i + batch_size] if w is not None]
-        n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
-        window = torch.from_numpy(gather_windows(tokens, starts[batch + [0] * (batch_size - n)], length + 1))
-        x = window[:, :-1].contiguous().to(device)  # (B, L)
-        # a copy of its own: for one window, contiguous() would give a view into x's memory, and -1 written there
-        y = window[:, 1:].clone(memory_format=torch.contiguous_format)  # (B, L)
-        first = torch.full((batch_size, 1), length)  # (B, 1): the filling's targets are all ignored
-        first[:n, 0] = torch.from_numpy(scored_from[batch])
-        y[torch.arange(length) < first] = -1  # context only (sliding windows, the last window), and the filling
-        count = length * n - int(first[:n].sum())
-        with ctx:
-            _, loss = model(x, y.to(device))  # the mean over the targets not ignored
-        if count:
-            sums[0] += loss.to(sums.dtype) * count
-            sums[1] += count
-        bar.update(n)
-    bar.close()
+    with bar:
+        for i in range(0, len(mine), batch_size):
+            batch = [w for w in mine[i:i + batch_size] if w is not None]
+            n = len(batch)  # windows scored; a process whose share ran out still joins the others' forward
+            window = torch.from_numpy(gather_windows(tokens, starts[batch + [0] * (batch_size - n)], length + 1))
+            x = window[:, :-1].contiguous().to(device)  # (B, L)
+            # a copy of its own: for one window, contiguous() would give a view into x's memory, and -1 written there
+            y = window[:, 1:].clone(memory_format=torch.contiguous_format)  # (B, L)
+            first = torch.full((batch_size, 1), length)  # (B, 1): the filling's targets are all ignored
+            first[:n, 0] = torch.from_numpy(scored_from[batch])
+            y[torch.arange(length) < first] = -1  # context only (sliding windows, the last window), and the filling
+            count = length * n - int(first[:n].sum())
+            with ctx:
+                _, loss = model(x, y.to(device))  # the mean over the targets not ignored
+            if count:
+                sums[0] += loss.to(sums.dtype) * count
+                sums[1] += count
+            bar.update(n)
     if ddp is not None:
         sums = ddp.sum(sums)
     total, count = sums.tolist()

@@ -98,6 +98,17 @@ def test_a_resume_redraws_the_losses_it_keeps(tmp_path):
     assert (tmp_path / "loss.png").read_bytes() == drawn.getvalue()
 
 
+def test_the_loss_picture_of_a_run_in_the_working_folder_is_titled_by_its_folder(tmp_path, monkeypatch):
+    """--out_dir=. gives metrics.jsonl a parent with no name: the title names the folder itself."""
+    monkeypatch.chdir(tmp_path)
+    record = {"iter": 0, "val_loss": 4.0, "eval_train_loss": 4.1}
+    tracker = Tracker(Path("metrics.jsonl"), draw_losses=True)
+    tracker.log(record)
+    drawn = io.BytesIO()
+    loss_figure([record], tmp_path.name).savefig(drawn, format="png")
+    assert (tmp_path / "loss.png").read_bytes() == drawn.getvalue()
+
+
 def test_a_loss_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp_path, data_dir):
     out = tmp_path / "out"
     (out / "loss.png").mkdir(parents=True)  # a folder where the picture goes
