@@ -295,7 +295,8 @@ def final_eval(run: Run) -> dict:
     eval_batch = run.cfg.batch_size if run.cfg.compile else max(run.cfg.batch_size, 4096 // block_size)
     with evaluating(run.model):
         loss, scored = length_loss(run.compiled, val, block_size, "windows", block_size, len(val), eval_batch,
-                                   run.device, run.ctx, ddp=run.eval_shares)
+                                   run.device, run.ctx, ddp=run.eval_shares, show_progress=run.ddp.is_main,
+                                   desc="final val loss")
     final = {"iter": run.iter_num, "final_val_loss": loss, "final_val_bits_per_token": loss / math.log(2),
              "final_val_tokens": scored}
     run.tracker.log(final)

@@ -59,7 +59,8 @@ def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[t
 
 @torch.no_grad()  # not inference_mode: a compiled model would need a graph of its own for inference tensors
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
-                batch_size: int, device, ctx, *, ddp=None, show_progress: bool = False) -> tuple[float, int]:
+                batch_size: int, device, ctx, *, ddp=None, show_progress: bool = False, desc: str = ""
+                ) -> tuple[float, int]:
     """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
 
     Each batch goes through the model as the evals' batches do, inputs and targets of batch_size windows, the
@@ -68,13 +69,14 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
     whole split on the graph its evals made (at the same batch size), with no shape of its own to compile.
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only. show_progress: a progress bar
-    over the windows on a terminal (long lengths are long work on a CPU: docs/length.md).
+    over the windows on a terminal (long lengths are long work on a CPU: docs/length.md), named desc or by the
+    windows' mode and length.
     """
     starts, scored_from = scored_windows(len(tokens), length, mode, stride, max_tokens)
     mine = range(len(starts)) if ddp is None else ddp.share(range(len(starts)))  # in lockstep, padded with None
     sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
-    bar = tqdm(total=sum(w is not None for w in mine), desc=f"{mode}, {length:,} tokens", unit="window", leave=False,
-               disable=None if show_progress else True)  # None: shown on a terminal only
+    bar = tqdm(total=sum(w is not None for w in mine), desc=desc or f"{mode}, {length:,} tokens", unit="window",
+               leave=False, disable=None if show_progress else True)  # None: shown on a terminal only
     with bar:
         for i in range(0, len(mine), batch_size):
             batch = [w for w in mine[i:i + batch_size] if w is not None]

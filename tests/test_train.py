@@ -1,8 +1,10 @@
 """Training end to end: the loss goes down, the run's files, checkpoints, resume, and sampling."""
 
+import functools
 import io
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data.dataset import TokenData
 from data.prepare import PrepareConfig, prepare
+from glimpse import evaluation
 from glimpse.checkpoint import (
     check_resume,
     checkpoint_path,
@@ -20,11 +24,12 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import config_values
 from glimpse.errors import GlimpseError
+from glimpse.evaluation import scored_windows
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
 from sample import SampleConfig, sample
-from tests.conftest import python, tiny_config, train_config
+from tests.conftest import Terminal, python, tiny_config, train_config
 from train import TrainConfig, train
 
 
@@ -120,6 +125,20 @@ def test_a_loss_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp
     assert len(warnings) == 1 and warnings[0].startswith("warning: could not draw"), run.stderr  # once, not per eval
     assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [0, 10, 20]
     assert (out / "loss.png").is_dir() and not list(out.glob("loss.png.*"))  # no temporary file left behind
+
+
+def test_the_final_score_shows_its_progress_on_a_terminal(tmp_path, data_dir, monkeypatch):
+    """The whole split is scored after the last step, minutes on a big corpus: a bar counts its windows on a
+    terminal, as the training bar counts the steps, and the score is the one the run logs."""
+    monkeypatch.setattr(evaluation, "tqdm", functools.partial(evaluation.tqdm, mininterval=0, miniters=1))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=2, eval_interval=2, eval_iters=1)
+    final = train(cfg)
+    val = TokenData(data_dir / "tiny").tokens("val")
+    windows = len(scored_windows(len(val), 32, "windows", 32, len(val))[0])
+    shown = sys.stderr.getvalue()
+    assert "final val loss:" in shown and f" {windows}/{windows} " in shown, shown[-2000:]
+    assert final["final_val_loss"] == read_metrics(cfg.out_dir)[-1]["final_val_loss"]
 
 
 def test_mfu_only_against_a_known_peak(trained):
