@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from glimpse.ablation import head_means, losses_per_head
+from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from model import GPT
 
@@ -40,9 +41,10 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     the model is left in the mode it came in.
     """
     config = model.config
-    n = n_tokens or config.block_size // 2
-    if not 2 <= n <= config.block_size // 2:
-        raise ValueError(f"the probe needs 2 <= n_tokens <= block_size // 2 = {config.block_size // 2}")
+    n = config.block_size // 2 if n_tokens is None else n_tokens
+    if not 2 <= n <= config.block_size // 2:  # both copies in one window
+        raise GlimpseError(f"the probe's n_tokens must be from 2 to {config.block_size // 2} (half the model's "
+                           f"block_size, so that both copies fit in one window); got {n}")
     device = next(model.parameters()).device
     seq = probe_tokens(config.vocab_size, n, batch, seed).to(device)  # (B, 2n)
     with evaluating(model):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,13 +85,24 @@ class Model:
         has no token for (the model would fail on it deep inside, or name it with an IndexError)."""
         if isinstance(text, str):
             return self.encode(text)
-        ids = [int(i) for i in text]
-        vocab = min(self.tokenizer.vocab_size, self.config.vocab_size)
+        ids = self.known_ids(text)
         if not ids:
-            raise GlimpseError(f"no token ids: give at least one, each from 0 to {vocab - 1}")
-        outside = next((i for i in ids if not 0 <= i < vocab), None)
+            raise GlimpseError(f"no token ids: give at least one, each from 0 to {self.vocab_size - 1}")
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids both the model and its tokenizer know."""
+        return min(self.tokenizer.vocab_size, self.config.vocab_size)
+
+    def known_ids(self, ids) -> list[int]:
+        """ids (any shape) as a flat list of ints; a GlimpseError for one with no token (a negative one would
+        silently count from the end)."""
+        ids = [int(i) for i in np.ravel(ids)]
+        outside = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if outside is not None:
-            raise GlimpseError(f"token id {outside} is outside this model's vocabulary: ids run from 0 to {vocab - 1}")
+            raise GlimpseError(f"token id {outside} is outside this model's vocabulary: ids run from 0 to "
+                               f"{self.vocab_size - 1}")
         return ids
 
     def run(self, text: str | list[int]) -> Run:
@@ -127,27 +139,34 @@ class Run(Mechanism):
 
     def text_of(self, ids) -> list[str]:
         """Each token id's own text."""
-        return self.model.tokenizer.token_strings([int(i) for i in np.ravel(ids)])
+        return self.model.tokenizer.token_strings(self.model.known_ids(ids))
 
     def step(self, layer: int, head: int, query: int) -> dict:
         """One query of one head through the lecture's steps, every number taken from the trace: its query
-        vector and the keys it may see, q . k per key, the scale, ALiBi's penalty or none, the scores the
-        softmax takes, the weights, the weighted values, the context vector, and the size of what the head
-        moved from each key (moved_norm; top_moved_key the largest)."""
+        vector and the keys it may see, q . k per key and the scale (None for additive scores, which take no dot
+        product), ALiBi's penalty or None, the scores the softmax takes, the weights, the weighted values, the
+        context vector, and the size of what the head moved from each key (moved_norm; top_moved_key the
+        largest)."""
         n_layer, n_head, T = self.shape
+        try:
+            layer, head, query = (operator.index(i) for i in (layer, head, query))
+        except TypeError:
+            raise GlimpseError(f"layer, head and query must be whole numbers; got {layer!r}, {head!r}, {query!r}"
+                               ) from None
         if not (0 <= layer < n_layer and 0 <= head < n_head and 0 <= query < T):
             raise GlimpseError(f"layer, head and query must be within {n_layer} layers, {n_head} heads and {T} "
                                f"tokens; got layer {layer}, head {head}, query {query}")
         c = self.model.config
         q, keys = self.q[layer, head, query], self.k[layer, head, : query + 1]  # (hs,), (query + 1, hs)
-        dots = keys @ q  # (query + 1,)
         scale = {"scaled_dot": 1 / math.sqrt(q.size), "dot": 1.0}.get(c.attn_score)  # additive: no dot product
+        dots = keys @ q if scale else None  # (query + 1,)
         scores = self.scores[layer, head, query, : query + 1]  # (query + 1,)
         weights = self.weights[layer, head, query, : query + 1]
         values = self.v[layer, head, : query + 1]  # (query + 1, hs)
         moved = weights * self.value_out_norm[layer, head, : query + 1]  # (query + 1,): head_out_norm's row
         return {
-            "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q, "dots": dots,
+            "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q if scale else None,
+            "dots": dots,
             "scale": scale, "penalty": scores - dots * scale if c.pos_encoding == "alibi" and scale else None,
             "scores": scores, "masked": T - query - 1, "weights": weights, "values": values,
             "weighted_values": weights[:, None] * values, "context": self.context[layer, head, query],

@@ -8,6 +8,7 @@ import torch
 
 from glimpse.attention import head_metrics, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from glimpse.errors import GlimpseError
 from glimpse.induction import induction_probe, induction_scores, induction_verdict, probe_tokens
 from tests.conftest import python
 from tests.wandb_records import logged_history
@@ -160,8 +161,9 @@ def test_induction_probe_on_an_untrained_model_finds_nothing():
     t = torch.arange(1, 16)
     by_hand = weights[:, :, :, t, t - 1].mean(dim=(1, 3))  # (L, H)
     np.testing.assert_allclose(probe["prev_token_on_probe"], by_hand.numpy(), rtol=1e-3, atol=1e-4)
-    with pytest.raises(ValueError, match="n_tokens"):
-        induction_probe(model, n_tokens=9)
+    for n in (9, 0, 1):  # past half the block, and none (which once meant the default)
+        with pytest.raises(GlimpseError, match=f"n_tokens must be from 2 to 8 .*; got {n}$"):
+            induction_probe(model, n_tokens=n)
 
 
 def test_induction_scores_on_known_heads():

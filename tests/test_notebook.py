@@ -5,6 +5,7 @@ session; each test reads what one part of it printed and checks it against the n
 on the checkpoint the notebook trained.
 """
 
+import base64
 import copy
 import re
 from dataclasses import asdict
@@ -73,6 +74,13 @@ def test_the_toy_example_prints_the_lecture_notes_numbers(executed):
     first, second = printed.strip().splitlines()
     assert "weights [0.4431 0.3224 0.2345]  context [0.5604 0.4396]" in first
     assert "weights [0.3296 0.4075 0.2629]  context [0.4611 0.5389]" in second
+
+
+def test_the_training_cell_shows_the_runs_loss_picture(executed):
+    _, out = executed
+    _, data = cell(executed, "final = train(")
+    picture = (out / "2-layer" / "loss.png").read_bytes()
+    assert base64.b64decode(data["image/png"]) == picture
 
 
 def test_the_model_trained_in_the_notebook_has_the_induction_head_it_takes_apart(executed):
@@ -212,6 +220,14 @@ def test_a_runs_step_checks_its_arguments(trained):
     run = load(cfg.out_dir).run("ROMEO:")
     with pytest.raises(GlimpseError, match="within 2 layers"):
         run.step(5, 0, 0)
+    with pytest.raises(GlimpseError, match="whole numbers; got 0, 1, 2.0"):
+        run.step(0, 1, 2.0)
+    assert run.step(np.int64(0), 1, 2)["tokens"] == list("ROM")  # numpy's integers are whole numbers too
+    vocab = run.model.tokenizer.vocab_size
+    with pytest.raises(GlimpseError, match=f"token id -1 .* 0 to {vocab - 1}"):
+        run.text_of([0, -1])  # not the last token's text
+    with pytest.raises(GlimpseError, match=f"token id {vocab} "):
+        run.text_of(np.array([[0], [vocab]]))
     assert Path(run.save(Path(cfg.out_dir) / "api-dump") / "attention.npz").is_file()
 
 
@@ -240,6 +256,16 @@ def random_model(**config) -> Model:
         for p in gpt.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return Model(gpt, {"tokenizer": {"kind": "char", "chars": CHARS}, "model_config": asdict(gpt.config)}, "random")
+
+
+def test_a_runs_step_under_additive_scores_shows_no_dot_product():
+    """Additive scores (v . tanh(W_q q + W_k k)) take no q . k: a step offers none rather than numbers that are
+    not the head's, and its scores are the traced ones."""
+    run = random_model(attn_score="additive").run("kaqbwkaqbw")
+    step = run.step(1, 0, 6)
+    assert step["dots"] is None and step["q_times_k"] is None and step["scale"] is None and step["penalty"] is None
+    np.testing.assert_array_equal(step["scores"], run.scores[1, 0, 6, :7])
+    np.testing.assert_allclose(step["context"], step["weights"] @ step["values"], atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", [{}, {"attn_score": "dot"}, {"pos_encoding": "alibi"}])
