@@ -181,8 +181,9 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     if cfg.probe == "induction":
         report_probe(model, sample_heads, dump_dir, cfg, out)
     tracker.close()
-    if cfg.dump_attention:
-        print(f"attention dumps: {dump_dir}/sample_*/index.html", file=sys.stderr)
+    if cfg.dump_attention:  # the folders of this run only: sample_<i> of an earlier run with more samples stay
+        last = f" to sample_{cfg.num_samples - 1}/index.html" if cfg.num_samples > 1 else ""
+        print(f"attention dumps: {dump_dir}/sample_0/index.html{last}", file=sys.stderr)
     return samples
 
 

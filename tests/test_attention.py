@@ -1,5 +1,6 @@
 """Attention dumps from sample.py and train.py: contents, honesty, head metrics, probes and wandb."""
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from glimpse.attention import head_metrics, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.induction import induction_probe, induction_scores, induction_verdict, probe_tokens
+from sample import SampleConfig, sample
 from tests.conftest import python
 from tests.wandb_records import logged_history
 
@@ -305,6 +307,41 @@ def test_the_npz_is_read_back_bit_for_bit_with_numpy_alone(tmp_path):
     assert (dump["attn"].view(np.uint16) == attn.view(np.uint16)).all() and dump["meta"] == {"k": 1}
     assert dump["prompt_len"] == 4 and list(dump["tokens"]) == [chr(97 + i) for i in range(T)]
     assert not list(tmp_path.glob("*.part"))  # the temporary npz was renamed into place
+
+
+def test_a_dump_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
+    """sample.py writes sample_<i> again on every run: pictures, layers and head importance of an earlier dump
+    that this one does not write must not stay to pass for this text's (wandb uploads the folder's PNGs)."""
+    from glimpse.attention import write_dump
+
+    def attention(n_layer: int, T: int) -> np.ndarray:
+        scores = np.where(np.tril(np.ones((T, T), dtype=bool)), 0.0, -np.inf)
+        return np.broadcast_to(torch.softmax(torch.tensor(scores), -1).numpy(), (n_layer, 2, T, T)).astype(np.float16)
+
+    importance = {"ablation": "zero", "intact_loss": 1.0, "loss_increase": [[0.1, 0.2]] * 3}
+    write_dump(tmp_path, attention(3, 6), list(range(6)), list("abcdef"), 2, {}, importance=importance)
+    assert {p.name for p in tmp_path.iterdir()} >= {"layer_2.png", "head_importance.json", "index.html"}
+    write_dump(tmp_path, attention(2, 4), list(range(4)), list("abcd"), 2, {}, pngs=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.npz", "heads.json", "index.html"]
+    write_dump(tmp_path, attention(2, 4), list(range(4)), list("abcd"), 2, {}, pictures=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.npz", "heads.json"]
+    write_dump(tmp_path / "user", attention(1, 4), list(range(4)), list("abcd"), 2, {})
+    (tmp_path / "user" / "notes.txt").write_text("mine")  # what is not a dump's own stays
+    write_dump(tmp_path / "user", attention(1, 4), list(range(4)), list("abcd"), 2, {}, pictures=False)
+    assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+
+
+def test_sample_names_the_dumps_it_wrote(trained, tmp_path, capsys):
+    """A run of fewer samples than the last leaves the last one's later sample_<i> folders: the line that points
+    to the dumps names this run's only."""
+    cfg, _ = trained
+    dumps = tmp_path / "dumps"
+    for n, named in ((2, f"{dumps}/sample_0/index.html to sample_1/index.html"), (1, f"{dumps}/sample_0/index.html")):
+        sample(SampleConfig(out_dir=cfg.out_dir, num_samples=n, max_new_tokens=5, dump_dir=str(dumps), pngs=False),
+               io.StringIO())
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attention dumps:")]
+        assert lines == [f"attention dumps: {named}"]
+        assert all((dumps / f"sample_{i}" / "index.html").is_file() for i in range(n))
 
 
 def test_token_text_with_nul_characters_round_trips_through_a_dump(tmp_path):
