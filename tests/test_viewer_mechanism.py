@@ -465,6 +465,7 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
     pin(page, 0, 0, 5)
     origin = page.inner_text("#steps-qk")
     assert "ln_1" in origin  # every model: the projections of the block's normalised input
+    assert "holds them as float16" in origin  # why its numbers may differ a little from the dump's float32 ones
     # in glimpse/self_attention.py's order (tests/test_mechanism.py's forward written out checks it): qk_norm, rope
     assert ("qk_norm" in origin) == variant.get("qk_norm", False)
     assert ("RoPE" in origin) == (variant.get("pos_encoding") == "rope")
