@@ -67,6 +67,11 @@ def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
     if which not in get_args(Which):  # the scripts' flags are checked already; a notebook's argument is not
         raise GlimpseError(f"checkpoint must be one of {', '.join(get_args(Which))}, got {which!r}")
+    folder = Path(out_dir)
+    if which == "auto" and not best_path(folder).exists() and not checkpoint_path(folder).exists():
+        why = "" if folder.is_dir() else " (a file, not a folder)" if folder.exists() else " (no such folder)"
+        raise GlimpseError(f"no {BEST_NAME} or {CHECKPOINT_NAME} in {folder}{why}: train one first "
+                           "(python train.py ...) or fix --out_dir")
     if which == "last" or (which == "auto" and not best_path(out_dir).exists()):
         return checkpoint_path(out_dir)
     if not best_path(out_dir).exists() and checkpoint_path(out_dir).exists():

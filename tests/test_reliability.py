@@ -281,7 +281,10 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     data = checkpoint_path(cfg.out_dir).read_bytes()
     checkpoint_path(truncated).write_bytes(data[: len(data) // 2])
     cases = [
-        ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
+        ([f"--out_dir={tmp_path / 'none'}"], f"no best.pt or ckpt.pt in {tmp_path / 'none'} (no such folder): train"),
+        ([f"--out_dir={truncated / 'ckpt.pt'}"], "ckpt.pt (a file, not a folder): train one first"),
+        ([f"--out_dir={tmp_path}"], f"no best.pt or ckpt.pt in {tmp_path}: train one first"),
+        ([f"--out_dir={truncated}", "--checkpoint=best"], f"no {truncated / 'best.pt'}: this run has no eval"),
         ([f"--out_dir={truncated}"], "corrupt or truncated"),
         (good + ["--start=ROMEO: Ω€"], "'Ω€'"),
         (good + ["--start=Ω\udcff"], "--start is not UTF-8 text (byte 2)"),  # how Python's argv holds b"\xce\xa9\xff"

@@ -277,7 +277,7 @@ def test_scripts_as_a_user_runs_them(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ROMEO:") == 2 and result.stdout.count("---------------") == 2
     missing = python("sample.py", f"--out_dir={tmp_path / 'none'}")
-    assert missing.returncode == 2 and missing.stderr.startswith("error: no checkpoint at")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no best.pt or ckpt.pt in")
     resume_missing = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny",
                             f"--out_dir={tmp_path / 'none'}", "--init_from=resume")
     assert resume_missing.returncode == 2 and "no checkpoint at" in resume_missing.stderr
