@@ -97,7 +97,7 @@ def induction_verdict(probe: dict) -> str:
     if not found:
         score, layer, head = heads[0]
         return (f"no induction head (none scores half of {ceiling:.3f} with its peak at +1); the highest, "
-                f"{layer}.{head}, scores {score:.3f}, peak {peaks[layer][head]:+d}; {losses}")
+                f"head {layer}.{head}, scores {score:.3f}, peak {peaks[layer][head]:+d}; {losses}")
     listed = ", ".join(f"{layer}.{head} ({score:.3f}" + (f", {without[layer][head]:.3f} without it)" if without
                                                          else ")") for score, layer, head in found)
     return f"induction head{'s' if len(found) > 1 else ''} {listed}; {losses}"

@@ -236,7 +236,7 @@ def test_the_induction_verdict_names_the_heads_that_read_the_induction_key():
     assert induction_verdict(probe).startswith("induction heads 0.1 (0.900, 3.500 without it), 1.0 (0.600, 2.000 "
                                                "without it); the second copy costs 0.300 nats, the first 3.400")
     probe["induction_ceiling"] = 2.0  # the same scores, now below half of it
-    assert induction_verdict(probe).startswith("no induction head") and "the highest, 0.1, scores 0.900" in \
+    assert induction_verdict(probe).startswith("no induction head") and "the highest, head 0.1, scores 0.900" in \
         induction_verdict(probe)
 
 
@@ -270,6 +270,7 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     legend = [line.split()[0] for line in table[5:10]]  # after the header and the 4 heads' rows
     assert legend == ["induction", "peak", "prev_token", "sink", "without"]
     assert table[5].endswith("a perfect induction head: 1.000") and "(zero ablation)" in table[9]
+    assert table[6].endswith("+1 induction, 0 the same token, +15 the query's previous token, +16 the query itself")
     probe = json.loads((tmp_path / "probe_induction.json").read_text())
     assert table[10] == f"verdict: {probe['verdict']}" and "induction head" in probe["verdict"]
     assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16 and probe["induction_ceiling"] == 1.0
