@@ -183,7 +183,10 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     tracker.close()
     if cfg.dump_attention:  # the folders of this run only: sample_<i> of an earlier run with more samples stay
         last = f" to sample_{cfg.num_samples - 1}/index.html" if cfg.num_samples > 1 else ""
-        print(f"attention dumps: {dump_dir}/sample_0/index.html{last}", file=sys.stderr)
+        block_size = model.config.block_size
+        cut = len(ids) + cfg.max_new_tokens > block_size  # the model attends over block_size tokens at most
+        window = f" (each text's last {block_size:,} tokens, the model's block_size)" if cut else ""
+        print(f"attention dumps: {dump_dir}/sample_0/index.html{last}{window}", file=sys.stderr)
     return samples
 
 
