@@ -66,7 +66,8 @@ HUB_VAL_TOKENS = 10_000_000  # the streamed built-ins' validation tokens then
 
 @dataclass
 class PrepareConfig:
-    dataset: str = option("shakespeare_char", "dataset name: its files go to DATA_DIR/NAME/")
+    dataset: str = option("", "dataset name: its files go to DATA_DIR/NAME/, replacing any there (empty: "
+                              "shakespeare_char, unless --input is given, which needs a name)")
     input: str = option("", "a file, folder or glob of .txt, .jsonl(.gz/.zst), .parquet (built-ins fetch theirs "
                             "if empty)")
     tokenizer: Literal["auto", "char", "gpt2"] = option(
@@ -86,7 +87,10 @@ class PrepareConfig:
                                          "lone surrogate (\\ud83d), and parquet rows whose text is null")
 
     def __post_init__(self):
-        if not self.dataset or "/" in self.dataset or self.dataset.startswith("."):
+        if not self.dataset and self.input:  # the default's name would replace tiny Shakespeare with this text
+            raise ValueError("--input needs --dataset=NAME, the folder under --data_dir its dataset goes to")
+        self.dataset = self.dataset or "shakespeare_char"
+        if "/" in self.dataset or self.dataset.startswith("."):
             raise ValueError(f"dataset must be a plain folder name, got {self.dataset!r}")
         if not self.input and self.dataset not in BUILTIN:
             raise ValueError(

@@ -492,6 +492,7 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
         *(([f"--input={tmp_path / f'{kind[:4]}.parquet'}"], f"column 'text' holds {kind}, not text (string)")
           for kind in not_text),
         ([f"--input={good}", "--shard_tokens=0"], "shard_tokens must be at least 1"),
+        ([f"--input={good}", "--dataset="], "--input needs --dataset=NAME"),  # not tiny Shakespeare's name
     ]:
         run = python("data/prepare.py", "--dataset=d", *args, f"--data_dir={tmp_path}")
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
