@@ -34,10 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glimpse.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
     Which,
     checkpoint_option,
     chosen_checkpoint,
     describe,
+    is_run_config,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -70,6 +73,9 @@ def check_destination(dest: Path, overwrite: bool, out_dir: Path):
         raise GlimpseError(f"--to {str(dest)!r} is the filesystem's root; give a folder")
     if dest.exists() and not dest.is_dir():
         raise GlimpseError(f"--to {str(dest)!r} is a file; give a folder")
+    if any((dest / name).exists() for name in (CHECKPOINT_NAME, BEST_NAME)) or is_run_config(dest / "config.json"):
+        raise GlimpseError(f"--to {str(dest)!r} holds a training run, whose config.json the export's would replace: "
+                           "give another folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise GlimpseError(f"--to {str(dest)!r} already holds files; give a new folder, or --overwrite to replace them")
 
@@ -104,11 +110,12 @@ def export(cfg: ExportConfig) -> Path:
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
         dest.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, dest / f.name)
+        written = sorted(f.name for f in tmp.iterdir())
+        for name in written:
+            os.replace(tmp / name, dest / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {dest}: {', '.join(sorted(f.name for f in dest.iterdir()))}", file=sys.stderr)
+    print(f"wrote {dest}: {', '.join(written)}", file=sys.stderr)  # not what else --overwrite left there
     return dest
 
 

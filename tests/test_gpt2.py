@@ -334,6 +334,17 @@ def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, 
         line = run_main(export.main, ["--out_dir=run", f"--to={to}", "--overwrite"], capsys)
         assert "is the run's own --out_dir" in line, line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    # another run's folder, with its checkpoints or (stopped before the first) its config.json alone: refused too
+    other = shutil.copytree(run, tmp_path / "other")
+    started = tmp_path / "started"
+    started.mkdir()
+    shutil.copy(run / "config.json", started)
+    kept = {p: p.read_bytes() for folder in (other, started) for p in folder.rglob("*") if p.is_file()}
+    for to in (other, started):
+        line = run_main(export.main, ["--out_dir=run", f"--to={to}", "--overwrite"], capsys)
+        assert line.endswith("holds a training run, whose config.json the export's would replace: give another "
+                             "folder"), line
+    assert {p: p.read_bytes() for folder in (other, started) for p in folder.rglob("*") if p.is_file()} == kept
 
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
@@ -379,3 +390,5 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
     assert {p: p.read_bytes() for p in Path(cfg.out_dir).rglob("*") if p.is_file()} == run_files
     export.main([f"--out_dir={cfg.out_dir}", f"--to={full}", "--overwrite"])
     assert (full / "notes.txt").read_text() == "mine" and (full / "model.safetensors").exists()
+    wrote = capsys.readouterr().err.splitlines()[-1]  # the files the export wrote, not what was there before
+    assert wrote.startswith(f"wrote {full}: config.json") and "model.safetensors" in wrote and "notes.txt" not in wrote
