@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -119,13 +120,25 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GlimpseError(f"{path} was refused by the safe loader: {first_line}") from None
+        reason = refusal_reason(str(e))
+        raise GlimpseError(f"{path} was refused by the safe loader" + (f" ({reason})" if reason else "")
+                           + ": it is not a glimpse checkpoint, or holds objects besides tensors and plain values; "
+                           "use another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise GlimpseError(f"{path} is not a glimpse checkpoint (no model or model_config)")
     return state
+
+
+def refusal_reason(message: str) -> str:
+    """What the safe loader found in a file, from torch's message, whose advice (weights_only=False, allowing more
+    globals) would run or trust what the file holds, and is left out; empty when it names nothing."""
+    for line in message.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not re.search(r"weights_only|Weights only|Please file|Alternatively|documentation", line):
+            return line.split(". ")[0].rstrip(".")
+    return ""
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> GPT:
