@@ -13,6 +13,7 @@ import itertools
 import json
 import multiprocessing
 import re
+import signal
 from collections import deque
 from functools import lru_cache
 
@@ -86,7 +87,9 @@ def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str
         for task in tasks:
             yield [info for _, info in task], encode_task(spec, dtype, [text for text, _ in task])
         return
-    with multiprocessing.get_context(start_method).Pool(workers) as pool:
+    # Ctrl-C reaches every process of the terminal's group: workers that died of it mid-task would leave the pool's
+    # shutdown waiting on them for ever, so they ignore it, and the main process stops them
+    with multiprocessing.get_context(start_method).Pool(workers, initializer=ignore_interrupts) as pool:
         window = deque()
         for task in tasks:
             texts = [text for text, _ in task]
@@ -97,6 +100,10 @@ def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str
         while window:
             infos, result = window.popleft()
             yield infos, np.split(*result.get())[:-1]
+
+
+def ignore_interrupts():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encode_task(spec: str, dtype: np.dtype, texts: list[str]) -> list[np.ndarray]:

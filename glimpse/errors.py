@@ -23,15 +23,22 @@ class UserExit(SystemExit):
 _caller_reports = ContextVar("caller_reports", default=False)
 
 
+INTERRUPTED = 130  # the shell's status for a command that Ctrl-C (SIGINT, 2) stopped: 128 + 2
+
+
 @contextmanager
-def user_errors():
-    """Turn a GlimpseError raised inside the block into 'error: ...' on stderr and exit code 2 (UserExit)."""
+def user_errors(interrupted: str = ""):
+    """Turn a GlimpseError raised inside the block into 'error: ...' on stderr and exit code 2 (UserExit), and
+    Ctrl-C into one line, 'interrupted' and what to do next (interrupted), and exit code 130."""
     try:
         yield
     except GlimpseError as e:
         if not _caller_reports.get():
             print(f"error: {e}", file=sys.stderr)
         raise UserExit(str(e)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 @contextmanager

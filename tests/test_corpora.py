@@ -256,6 +256,40 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
             assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
 
 
+def test_ctrl_c_stops_the_tokenizing_processes_and_the_run(tmp_path):
+    """Ctrl-C goes to every process of the terminal's group: a worker that died of it mid-task left the pool's
+    shutdown waiting for it for ever. Here the documents never end, so only the signal can stop the run."""
+    script = tmp_path / "endless.py"
+    script.write_text(
+        "import itertools, json, sys\nimport numpy as np\nfrom data.tokenize_parallel import tokenized\n"
+        "spec = json.dumps({'kind': 'char', 'chars': 'ab '})\n"
+        "items = ((('ab ' * 5000), i) for i in itertools.count())\n"
+        "for n, _ in enumerate(tokenized(items, spec, np.dtype(np.uint16), 2)):\n"
+        "    if n == 10:\n        print('tokenizing', flush=True)\n")
+    run = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert run.stdout.readline() == "tokenizing\n"  # the workers are busy
+        os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, stderr = run.communicate(timeout=120)  # a failure only: without the fix, it never ends
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert stderr.rstrip().endswith("KeyboardInterrupt") and "ForkPoolWorker" not in stderr, stderr[-3000:]
+
+
+def test_ctrl_c_during_prepare_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, corpus_file):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "make_dataset", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        prepare_module.main(["--dataset=d", f"--input={corpus_file}", f"--data_dir={tmp_path}"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted: the same command goes on from the shards already finished"
+
+
 @pytest.mark.parametrize("recut", [False, True])
 def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path, small_blocks, monkeypatch, capsys,
                                                                          recut):
