@@ -110,8 +110,11 @@ class EvalConfig:
                              "--task=hellaswag")
         if self.hellaswag_examples < 0:
             raise ValueError(f"hellaswag_examples must be 0 (all) or more, got {self.hellaswag_examples}")
-        if self.stride < 0 or self.max_tokens < 1 or self.batch_size < 1:
-            raise ValueError("stride must be 0 or more; max_tokens and batch_size at least 1")
+        if self.stride < 0:
+            raise ValueError(f"stride must be 0 or more, got {self.stride}")
+        for name in ("max_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     def multiples(self) -> list[int]:
         try:

@@ -99,8 +99,10 @@ class PrepareConfig:
             )
         if self.shard_tokens < 1:
             raise ValueError(f"shard_tokens must be at least 1, got {self.shard_tokens}")
-        if self.val_tokens < 0 or not 0 <= self.val_fraction < 1:
-            raise ValueError("val_tokens must be >= 0 and val_fraction at least 0 (0: the default) and below 1")
+        if self.val_tokens < 0:
+            raise ValueError(f"val_tokens must be 0 (use --val_fraction) or more, got {self.val_tokens}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be at least 0 (0: the default) and below 1, got {self.val_fraction:g}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 

@@ -34,9 +34,10 @@ def device_option():
 def dtype_option():
     """The --dtype field every script shares."""
     return option("auto", "auto: bfloat16 on CUDA GPUs that compute it natively (Ampere and later) and on CPUs with "
-                          "AVX-512 BF16 or AMX, float16 with a grad scaler on older GPUs (V100, T4), float32 elsewhere "
-                          "(a CPU without them runs bfloat16 many times slower than float32). float32 on CUDA lets "
-                          "matrix products use TF32 tensor cores (10-bit mantissa products, float32 sums)")
+                          "AVX-512 BF16 or AMX, float16 on older GPUs (V100, T4; training adds a grad scaler), "
+                          "float32 elsewhere (a CPU without them runs bfloat16 many times slower than float32). "
+                          "float32 on CUDA lets matrix products use TF32 tensor cores (10-bit mantissa products, "
+                          "float32 sums)")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

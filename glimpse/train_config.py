@@ -150,8 +150,11 @@ class TrainConfig:
             raise ValueError(f"max_time must not be negative, got {self.max_time}")
         if self.checkpoint_interval_s < 0:
             raise ValueError(f"checkpoint_interval_s must not be negative, got {self.checkpoint_interval_s}")
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate must be positive; min_lr, grad_clip and weight_decay non-negative")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate:g}")
+        for name in ("min_lr", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name):g}")
         if self.min_lr > self.learning_rate:  # the cosine "decay" would then climb from the peak
             raise ValueError(f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}), so the "
                              f"schedule would rise after warmup: set --min_lr at or below the learning rate")

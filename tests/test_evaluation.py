@@ -151,3 +151,16 @@ def test_evaluating_hands_the_model_back_in_its_mode(mode):
     with evaluation.evaluating(model):
         assert not model.training and not any(m.training for m in model.modules())
     assert model.training is mode and all(m.training is mode for m in model.modules())
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
+    (dict(batch_size=0), "batch_size must be at least 1, got 0"),
+    (dict(stride=-1), "stride must be 0 or more, got -1"),
+])
+def test_eval_settings_out_of_range_name_their_key_and_value(setting, message):
+    from eval import EvalConfig
+
+    with pytest.raises(ValueError) as error:
+        EvalConfig(**setting)
+    assert str(error.value) == message

@@ -207,6 +207,8 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--batch_size=0"], "batch_size must be at least 1"),
         (common + ["--n_embd=30", "--n_head=4"], "divisible by n_head"),
         (common + ["--dropout=1.5"], "dropout must be in [0, 1)"),
+        (common + ["--learning_rate=-1"], "learning_rate must be positive, got -1"),  # one key and its value, named
+        (common + ["--grad_clip=-0.5"], "grad_clip must not be negative, got -0.5"),
         (common + ["--device=cuda"] if not torch.cuda.is_available() else common + ["--dtype=x"], "cuda"
          if not torch.cuda.is_available() else "dtype must be one of"),
     ]
