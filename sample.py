@@ -118,6 +118,8 @@ def read_prompt(start: str) -> str:
                                "prompt in UTF-8, e.g. converted with iconv, or from a UTF-8 file with "
                                "--start=FILE:path") from None
         return start
+    if not start[len("FILE:"):]:  # Path("") is the current folder, which would be named as a folder
+        raise GlimpseError("--start=FILE: names no file: give its path, --start=FILE:prompt.txt")
     return read_utf8(Path(start[len("FILE:"):]), "prompt file")
 
 

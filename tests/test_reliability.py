@@ -304,6 +304,7 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         (good + ["--top_p=1.5"], "top_p must be in (0, 1]"),
         (good + ["--head_importance"], "--head_importance shows in the attention dumps"),  # not a silent no-op
         (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
+        (good + ["--start=FILE:"], "--start=FILE: names no file: give its path"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt'}"], "is a file"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt' / 'a' / 'b'}"],
          f"cannot be made: {str(truncated / 'ckpt.pt')!r} is a file"),  # it failed after the first sample
