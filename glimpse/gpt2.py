@@ -21,7 +21,7 @@ glimpse/hf_tokenizer.py.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -189,6 +189,18 @@ def check_finetune_tokenizer(source: str, folder: Path, data_spec: dict, dataset
     raise GlimpseError(f"--init_from={source} reads {len(chars)} characters, and dataset {dataset}'s vocabulary "
                        f"{shown}, so its ids would stand for other characters: prepare the dataset from text of "
                        "exactly the model's characters")
+
+
+FINETUNE_KEYS = ("block_size", "dropout")  # the model keys a finetuning run sets; the rest are the pretrained model's
+
+
+def finetune_ignores(config: GPTConfig, asked: GPTConfig, defaults: GPTConfig) -> list[str]:
+    """The model keys set for a finetuning run (asked differs from the defaults) that it does not train, as
+    key=value: it takes the pretrained model's shape (config). A key set to its default cannot be told from one
+    left alone, and is not named."""
+    keys = [f.name for f in fields(GPTConfig) if f.name not in (*FINETUNE_KEYS, "vocab_size")]
+    return [f"{k}={getattr(asked, k)}" for k in keys if getattr(asked, k) not in (getattr(defaults, k),
+                                                                                   getattr(config, k))]
 
 
 def unexportable(config: GPTConfig) -> list[str]:

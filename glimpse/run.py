@@ -39,7 +39,7 @@ from glimpse.compiling import compile_ahead, compile_options, compile_static, ra
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError
-from glimpse.gpt2 import check_finetune_tokenizer, load_pretrained, pretrained_folder
+from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
@@ -237,6 +237,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
         check_resumable(state, checkpoint_path(out_dir))
+    asked = cfg.model  # the model keys as set: a finetuning run replaces them with the pretrained model's
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
     if cfg.compile:  # Dynamo's limit is the process's, not torch.compile's: raised here, before anything compiles
@@ -267,6 +268,10 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
+    ignored = finetune_ignores(model.config, asked, TrainConfig().model) if pretrained else []
+    if ignored:
+        run.say(f"note: finetuning trains {pretrained}'s shape, so {', '.join(ignored)} did not apply (of the model "
+                f"keys, only {' and '.join(FINETUNE_KEYS)} do)")
     if cfg.compile:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
     # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole
