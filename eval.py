@@ -13,7 +13,8 @@ Two ways to cut the validation split into contexts of L = multiple x block_size 
 
 It prints a table and writes OUT_DIR/length_eval.csv and OUT_DIR/length_eval.png (loss against
 length); with --wandb_log it logs a wandb.Table and line plot to the run that trained the checkpoint.
-Models with learned positions have no position past block_size, so only --lengths=1 works for them.
+Models with learned positions have no position past block_size, so only --lengths=1 works for them (and is
+their default).
 
 Which heads does the model need? Remove some and score it without them, on the same block_size
 windows as the intact model (glimpse/ablation.py says what removing a head means):
@@ -84,7 +85,8 @@ class EvalConfig:
     hellaswag_file: str = option("", "hellaswag: a local hellaswag_val.jsonl (empty: download it to "
                                      "DATA_DIR/hellaswag/ once)")
     hellaswag_examples: int = option(0, "hellaswag: score the first this many examples (0: all 10,042)")
-    lengths: str = option("1,2,4,8", "context lengths to test, as multiples of the training block_size")
+    lengths: str = option("", "context lengths to test, as multiples of the training block_size (empty: 1,2,4,8, "
+                              "or 1 for a model with learned positions, which end at block_size)")
     stride: int = option(0, "sliding mode: tokens scored per window (0: block_size // 2)")
     max_tokens: int = option(16384, "validation tokens scored per length and mode (the start of the split)")
     batch_size: int = option(BATCH_SIZE, "windows per forward pass")
@@ -116,7 +118,10 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
-    def multiples(self) -> list[int]:
+    def multiples(self, learned: bool = False) -> list[int]:
+        """The --lengths asked for; by default 1, 2, 4, 8, or 1 alone for learned positions (learned)."""
+        if not self.lengths.strip():
+            return [1] if learned else [1, 2, 4, 8]
         try:
             values = [int(v) for v in self.lengths.split(",") if v.strip()]
         except ValueError:
@@ -143,7 +148,10 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     model, state, data, ctx = load(cfg)
     device = next(model.parameters()).device
     block_size, encoding = model.config.block_size, model.config.pos_encoding
-    multiples = cfg.multiples()
+    multiples = cfg.multiples(learned=encoding == "learned")
+    if encoding == "learned" and not cfg.lengths.strip():
+        print(f"note: this model learned its positions up to block_size = {block_size} only: scoring that length "
+              "alone", file=sys.stderr)
     if encoding == "learned" and max(multiples) > 1:
         raise GlimpseError(
             f"this model learned one embedding per position up to block_size = {block_size}, so it has none for "
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None):
             return
         rows = evaluate(cfg)
         print(f"{'length':>8} {'x block':>8} {'windows':>9} {'sliding':>9}   (val loss, nats per token)")
-        for multiple in cfg.multiples():
+        for multiple in dict.fromkeys(r["multiple"] for r in rows):  # the lengths scored, in their order
             pair = {r["mode"]: r for r in rows if r["multiple"] == multiple}
             print(f"{pair['windows']['length']:8d} {multiple:8d} {pair['windows']['val_loss']:9.4f} "
                   f"{pair['sliding']['val_loss']:9.4f}")

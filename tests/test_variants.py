@@ -184,6 +184,9 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     refused = python("eval.py", f"--out_dir={learned}", "--lengths=1,2")
     assert refused.returncode == 2 and "has none for longer contexts" in refused.stderr
     assert python("eval.py", f"--out_dir={learned}", "--lengths=1", "--max_tokens=64").returncode == 0
+    default = python("eval.py", f"--out_dir={learned}", "--max_tokens=64")  # the default lengths: block_size only
+    assert default.returncode == 0 and "scoring that length alone" in default.stderr, default.stderr
+    assert [line.split(",")[0] for line in (learned / "length_eval.csv").read_text().splitlines()[1:]] == ["1", "1"]
 
 
 def test_eval_py_logs_its_table_and_plot_to_wandb(tmp_path, data_dir):
