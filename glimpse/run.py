@@ -293,6 +293,10 @@ def resumed(run: Run, saved: dict):
     from the run it resumes (saved: that run's train config)."""
     run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
             + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
+    if steps := run.tracker.dropped_steps:
+        run.say(f"dropped metrics.jsonl's records of step{'s' if len(steps) > 1 else ''} {steps[0]:,}"
+                + (f" to {steps[-1]:,}" if len(steps) > 1 else "") + ", logged after the checkpoint: the steps from "
+                "it are retraced")
     snapshots = Path(run.cfg.out_dir) / "attention"
     if run.ddp.is_main and snapshots.is_dir():
         from glimpse.viewer import drop_snapshots_after  # matplotlib is imported only by runs that have snapshots

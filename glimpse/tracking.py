@@ -116,6 +116,7 @@ class Tracker:
         self.path = metrics_path
         self.draw_losses = draw_losses and metrics_path is not None
         self.left_wandb_run: tuple[str, int] | None = None  # (id, last step): a wandb run a resume could not go on in
+        self.dropped_steps: list[int] = []
         # appending after a line cut short ends that line first, or the first record would join it (both then lost)
         self.line_to_end = append and metrics_path is not None and ends_mid_line(metrics_path)
         if not enabled:
@@ -123,6 +124,8 @@ class Tracker:
         old = read_records(metrics_path) if keep_through_iter is not None and metrics_path and metrics_path.exists() \
             else []
         logged_to = max((r["iter"] for r in old), default=-1)
+        # the steps the old run logged after the checkpoint, whose records go: the resumed run retraces them
+        self.dropped_steps = sorted({r["iter"] for r in old if r["iter"] > keep_through_iter}) if old else []
         if wandb_log and resume_run_id and keep_through_iter is not None and logged_to > keep_through_iter:
             # the old run logged past its checkpoint (killed between checkpoints) and wandb drops a resumed run's
             # records at steps below its last, so the steps retraced go to a new wandb run instead of nowhere

@@ -148,6 +148,8 @@ def test_a_resume_drops_the_snapshots_taken_after_its_checkpoint(tmp_path, data_
     with redirect_stdout(out):
         train(replace(cfg, init_from="resume", max_iters=18, lr_decay_iters=18, attn_log_interval=15))
     assert "dropped the attention snapshots of steps 20, taken after the checkpoint" in out.getvalue()
+    # tiny_config logs every 10 steps: 20's train log and eval went from metrics.jsonl, and the run says so
+    assert "dropped metrics.jsonl's records of step 20, logged after the checkpoint" in out.getvalue()
     assert embedded_data_of(attention / "index.html", "glimpse-snapshots")["steps"] == [0, 10, 15, 18]
     assert sorted(p.name for p in attention.glob("iter_*")) == ["iter_0", "iter_10", "iter_15", "iter_18"]
 
