@@ -269,6 +269,11 @@ def test_an_unknown_mode_in_the_address_falls_back_to_weights_with_a_note_in_chr
     page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
     wait_mode(page, 0, 1, "scores")
     assert page.inner_text("#note") == "" and not page.locator("#note").is_visible()
+    page.goto(path.as_uri() + "#layer=7&head=1&mode=scores")  # a layer the model does not have: the last, said
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+    wait_mode(page, 1, 1, "scores")
+    assert page.inner_text("#note").startswith("This dump has no layer 7 (its layers are 0 to 1): showing layer 1, "
+                                               "head 1.")
     page.close()
 
 
