@@ -272,8 +272,16 @@ def test_an_unknown_mode_in_the_address_falls_back_to_weights_with_a_note_in_chr
     page.goto(path.as_uri() + "#layer=7&head=1&mode=scores")  # a layer the model does not have: the last, said
     page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
     wait_mode(page, 1, 1, "scores")
-    assert page.inner_text("#note").startswith("This dump has no layer 7 (its layers are 0 to 1): showing layer 1, "
-                                               "head 1.")
+    assert page.inner_text("#note") == "This dump has no layer 7 (its layers are 0 to 1): showing layer 1, head 1."
+    page.select_option("#head", "0")  # another choice: the note named the head shown before it, and goes
+    wait_mode(page, 1, 0, "scores")
+    assert page.inner_text("#note") == ""
+    page.goto(path.as_uri() + "#layer=3&head=9&mode=rollout")  # every part of the address wrong: all said at once
+    page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+    wait_mode(page, 1, 1, "weights")
+    note = page.inner_text("#note")
+    assert note.startswith("This dump has no layer 3 (its layers are 0 to 1) and no head 9 (its heads are 0 to 1): "
+                           "showing layer 1, head 1. Unknown viewer mode \"rollout\"")
     page.close()
 
 
