@@ -136,7 +136,8 @@ def write_dump(folder: Path, attn: np.ndarray, token_ids, tokens: list[str], pro
     folder.mkdir(parents=True, exist_ok=True)
     # a dump over an earlier one in the same folder (sample_<i> again): the earlier one's files that this one does
     # not write would pass for this text's, in the folder and on wandb
-    for stale in (*folder.glob("layer_*.png"), folder / "head_importance.json", folder / "index.html"):
+    layers = [p for p in folder.glob("layer_*.png") if p.stem.removeprefix("layer_").isdigit()]  # the dump's own
+    for stale in (*layers, folder / "head_importance.json", folder / "index.html"):
         stale.unlink(missing_ok=True)
     with ThreadPoolExecutor(1) as pool:  # deflating the npz on the second core while the rest is computed
         npz = pool.submit(write_npz, folder / "attention.npz", attn, token_ids=np.asarray(token_ids, dtype=np.int32),

@@ -85,7 +85,11 @@ class Model:
         has no token for (the model would fail on it deep inside, or name it with an IndexError)."""
         if isinstance(text, str):
             return self.encode(text)
-        ids = self.known_ids(text)
+        ids = np.asarray(text if isinstance(text, np.ndarray) else list(text))
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise GlimpseError(f"token ids must be one sequence of whole numbers (a text's ids, not a batch); got "
+                               f"{ids.dtype} of shape {ids.shape}")
+        ids = self.known_ids(ids)
         if not ids:
             raise GlimpseError(f"no token ids: give at least one, each from 0 to {self.vocab_size - 1}")
         return ids
@@ -174,7 +178,8 @@ class Run(Mechanism):
         }
 
     def save(self, folder: str | Path, prompt_len: int | None = None, pngs: bool = False) -> Path:
-        """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder."""
+        """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder, in place
+        of a dump there before (its layer_<l>.png and head_importance.json go too)."""
         folder = Path(folder)
         write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len),
                    self.meta(), pngs=pngs, mechanism=self, cut=self.cut, token_text=self.text_of)

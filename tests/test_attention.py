@@ -327,9 +327,10 @@ def test_a_dump_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
     write_dump(tmp_path, attention(2, 4), list(range(4)), list("abcd"), 2, {}, pictures=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.npz", "heads.json"]
     write_dump(tmp_path / "user", attention(1, 4), list(range(4)), list("abcd"), 2, {})
-    (tmp_path / "user" / "notes.txt").write_text("mine")  # what is not a dump's own stays
+    for name in ("notes.txt", "layer_norm.png"):  # what is not a dump's own stays
+        (tmp_path / "user" / name).write_text("mine")
     write_dump(tmp_path / "user", attention(1, 4), list(range(4)), list("abcd"), 2, {}, pictures=False)
-    assert (tmp_path / "user" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "user" / "notes.txt").read_text() == "mine" == (tmp_path / "user" / "layer_norm.png").read_text()
 
 
 def test_sample_names_the_dumps_it_wrote(trained, tmp_path, capsys):

@@ -205,6 +205,10 @@ def test_a_run_of_ids_outside_the_vocabulary_or_of_none_is_one_clear_error(train
             message = str(error.value)
             assert "\n" not in message and f"0 to {vocab - 1}" in message
     assert model.run([0, vocab - 1]).shape[2] == 2  # the ends of the range are fine
+    assert model.run(iter([0, 1, 2])).shape[2] == 3 and model.run(np.arange(3)).shape[2] == 3  # any one sequence
+    for ids in ([[0, 1], [2, 3]], [1.7, 2.0]):  # a batch is not one text; 1.7 is no token id
+        with pytest.raises(GlimpseError, match="token ids must be one sequence of whole numbers"):
+            model.run(ids)
 
 
 def test_a_viewer_page_reads_as_what_it_is_not_as_the_whole_page(trained):
