@@ -74,8 +74,8 @@ def check_destination(dest: Path, overwrite: bool, out_dir: Path):
     if dest.exists() and not dest.is_dir():
         raise GlimpseError(f"--to {str(dest)!r} is a file; give a folder")
     if any((dest / name).exists() for name in (CHECKPOINT_NAME, BEST_NAME)) or is_run_config(dest / "config.json"):
-        raise GlimpseError(f"--to {str(dest)!r} holds a training run, whose config.json the export's would replace: "
-                           "give another folder")
+        raise GlimpseError(f"--to {str(dest)!r} holds a training run (its checkpoints or its config.json, which the "
+                           "export's would replace): give another folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise GlimpseError(f"--to {str(dest)!r} already holds files; give a new folder, or --overwrite to replace them")
 

@@ -244,11 +244,12 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
             shown = f"{prev:10.3f}  {sink:5.3f}" if on_text else "         -      -"
             out.write(f"{layer:5d} {head:4d}  {score:9.3f}  {peak:+4d}  {shown}  {without:7.3f}\n")
     samples = "the samples' text" if text_heads else "the samples' text (-: no dumps to read it from)"
+    n = probe["n_tokens"]  # at 2 tokens the previous token's offset is +1, induction's
+    previous = f"+{n - 1} the query's previous token, " if n > 2 else ""
     out.write(f"  induction   weight on what followed the query token's earlier occurrences; a perfect induction "
               f"head: {ceiling:.3f}\n"
               "  peak        offset weighed most from the query token's place in the first copy: +1 induction, "
-              f"0 the same token, +{probe['n_tokens'] - 1} the query's previous token, +{probe['n_tokens']} the query "
-              "itself\n"
+              f"0 the same token, {previous}+{n} the query itself\n"
               f"  prev_token  weight on the token just before, on {samples}\n"
               f"  sink        weight on the first token, on {samples}\n"
               f"  without     the second copy's loss with that head removed ({cfg.ablation} ablation); intact "

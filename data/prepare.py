@@ -249,7 +249,7 @@ def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None):
-    with user_errors(interrupted="the same command goes on from the shards already finished"):
+    with user_errors(interrupted="the same command goes on from any shards already finished"):
         cfg = parse_config(
             PrepareConfig, sys.argv[1:] if argv is None else argv,
             prog="data/prepare.py", description=__doc__, allow_file=False,

@@ -64,14 +64,19 @@ def checkpoint_option():
                           "(ckpt.pt, where training stopped), auto: best.pt when there is one, else ckpt.pt")
 
 
+def folder_missing(folder: Path) -> str:
+    """Why a run's folder holds no checkpoint when it is not a folder at all: ' (no such folder)', ' (a file, not a
+    folder)', or nothing."""
+    return "" if folder.is_dir() else " (a file, not a folder)" if folder.exists() else " (no such folder)"
+
+
 def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
     if which not in get_args(Which):  # the scripts' flags are checked already; a notebook's argument is not
         raise GlimpseError(f"checkpoint must be one of {', '.join(get_args(Which))}, got {which!r}")
     folder = Path(out_dir)
     if which == "auto" and not best_path(folder).exists() and not checkpoint_path(folder).exists():
-        why = "" if folder.is_dir() else " (a file, not a folder)" if folder.exists() else " (no such folder)"
-        raise GlimpseError(f"no {BEST_NAME} or {CHECKPOINT_NAME} in {folder}{why}: train one first "
+        raise GlimpseError(f"no {BEST_NAME} or {CHECKPOINT_NAME} in {folder}{folder_missing(folder)}: train one first "
                            "(python train.py ...) or fix --out_dir")
     if which == "last" or (which == "auto" and not best_path(out_dir).exists()):
         return checkpoint_path(out_dir)
@@ -114,9 +119,8 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
     optimizer state, for sampling) is never read from disk.
     """
     if not path.exists():
-        raise GlimpseError(
-            f"no checkpoint at {path}; train one first (python train.py ...) or fix --out_dir"
-        )
+        raise GlimpseError(f"no checkpoint at {path}{folder_missing(path.parent)}; train one first (python train.py "
+                           "...) or fix --out_dir")
     try:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

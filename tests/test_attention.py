@@ -333,6 +333,18 @@ def test_a_dump_over_an_earlier_one_leaves_none_of_its_files(tmp_path):
     assert (tmp_path / "user" / "notes.txt").read_text() == "mine" == (tmp_path / "user" / "layer_norm.png").read_text()
 
 
+def test_the_probe_legend_at_two_tokens_names_each_offset_once(tmp_path):
+    """At block_size 4 the probe repeats 2 tokens, and the query's previous token is at +1, induction's offset."""
+    from model import GPT, GPTConfig
+    from sample import report_probe
+
+    model = GPT(GPTConfig(block_size=4, vocab_size=10, n_layer=1, n_head=2, n_embd=8)).eval()
+    out = io.StringIO()
+    report_probe(model, [], tmp_path, SampleConfig(probe="induction"), out)
+    legend = next(line for line in out.getvalue().splitlines() if line.startswith("  peak"))
+    assert legend.endswith(": +1 induction, 0 the same token, +2 the query itself")
+
+
 def test_sample_names_the_dumps_it_wrote(trained, tmp_path, capsys):
     """A run of fewer samples than the last leaves the last one's later sample_<i> folders: the line that points
     to the dumps names this run's only."""

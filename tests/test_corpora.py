@@ -276,7 +276,7 @@ def test_ctrl_c_stops_the_tokenizing_processes_and_the_run(tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
-    assert stderr.rstrip().endswith("KeyboardInterrupt") and "ForkPoolWorker" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().endswith("KeyboardInterrupt") and "PoolWorker" not in stderr, stderr[-3000:]
 
 
 def test_ctrl_c_during_prepare_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, corpus_file):
@@ -287,7 +287,7 @@ def test_ctrl_c_during_prepare_is_one_line_that_says_how_to_go_on(tmp_path, monk
     with pytest.raises(SystemExit) as stop:
         prepare_module.main(["--dataset=d", f"--input={corpus_file}", f"--data_dir={tmp_path}"])
     assert stop.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted: the same command goes on from the shards already finished"
+    assert capsys.readouterr().err.strip() == "interrupted: the same command goes on from any shards already finished"
 
 
 @pytest.mark.parametrize("recut", [False, True])

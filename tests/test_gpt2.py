@@ -341,15 +341,17 @@ def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, 
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     # another run's folder, with its checkpoints or (stopped before the first) its config.json alone: refused too
     other = shutil.copytree(run, tmp_path / "other")
-    started = tmp_path / "started"
-    started.mkdir()
-    shutil.copy(run / "config.json", started)
-    kept = {p: p.read_bytes() for folder in (other, started) for p in folder.rglob("*") if p.is_file()}
-    for to in (other, started):
+    started, weights = tmp_path / "started", tmp_path / "weights"  # a run's config.json alone; its ckpt.pt alone
+    for folder, name in ((started, "config.json"), (weights, "ckpt.pt")):
+        folder.mkdir()
+        shutil.copy(run / name, folder)
+    folders = (other, started, weights)
+    kept = {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+    for to in folders:
         line = run_main(export.main, ["--out_dir=run", f"--to={to}", "--overwrite"], capsys)
-        assert line.endswith("holds a training run, whose config.json the export's would replace: give another "
-                             "folder"), line
-    assert {p: p.read_bytes() for folder in (other, started) for p in folder.rglob("*") if p.is_file()} == kept
+        assert line.endswith("holds a training run (its checkpoints or its config.json, which the export's would "
+                             "replace): give another folder"), line
+    assert {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()} == kept
 
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder

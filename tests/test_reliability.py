@@ -294,6 +294,7 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         ([f"--out_dir={tmp_path / 'none'}"], f"no best.pt or ckpt.pt in {tmp_path / 'none'} (no such folder): train"),
         ([f"--out_dir={truncated / 'ckpt.pt'}"], "ckpt.pt (a file, not a folder): train one first"),
         ([f"--out_dir={tmp_path}"], f"no best.pt or ckpt.pt in {tmp_path}: train one first"),
+        ([f"--out_dir={tmp_path / 'none'}", "--checkpoint=last"], "ckpt.pt (no such folder); train one first"),
         ([f"--out_dir={truncated}", "--checkpoint=best"], f"no {truncated / 'best.pt'}: this run has no eval"),
         ([f"--out_dir={truncated}"], "corrupt or truncated"),
         (good + ["--start=ROMEO: Ω€"], "'Ω€'"),
