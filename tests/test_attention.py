@@ -357,6 +357,10 @@ def test_sample_names_the_dumps_it_wrote(trained, tmp_path, capsys):
         assert lines == [f"attention dumps: {named}"]
         assert all((dumps / f"sample_{i}" / "index.html").is_file() for i in range(n))
     # a text longer than the model attends over is dumped as its last block_size tokens: the line says so
+    sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", max_new_tokens=26, num_samples=1, dump_dir=str(dumps),
+                        pngs=False), io.StringIO())  # 6 + 26 = 32 tokens, block_size: all of it dumped
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attention dumps:")]
+    assert lines == [f"attention dumps: {dumps}/sample_0/index.html"]
     sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", max_new_tokens=27, num_samples=1, dump_dir=str(dumps),
                         pngs=False), io.StringIO())  # 6 + 27 = 33 tokens, one past block_size
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attention dumps:")]

@@ -527,6 +527,7 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
           for kind in not_text),
         ([f"--input={good}", "--shard_tokens=0"], "shard_tokens must be at least 1"),
         ([f"--input={good}", "--dataset="], "--input needs --dataset=NAME"),  # not tiny Shakespeare's name
+        ([f"--input={good}", "--val_tokens=-5"], "val_tokens must be 0 (use --val_fraction) or more, got -5"),
         ([f"--input={good}", "--val_fraction=1.5"], "val_fraction must be at least 0 (0: the default) and below 1, "
                                                      "got 1.5"),
     ]:
