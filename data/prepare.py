@@ -158,6 +158,8 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
         tokenizer = GPT2Tokenizer()
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
     settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": cutting(), **asdict(cfg)}
+    if isinstance(files, Documents):  # a file added to or gone from a folder or glob is another corpus
+        settings["files"] = [str(p) for p in files.files]
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     # nor does skipping bad lines before the first one: a run stopped by a bad line can go on with --skip_bad_lines
     settings.pop("skip_bad_lines")

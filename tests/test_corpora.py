@@ -256,6 +256,38 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
             assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
 
 
+def test_a_run_stopped_then_given_a_folder_with_another_file_starts_afresh(tmp_path, small_blocks, monkeypatch,
+                                                                           capsys):
+    """The finished shards hold the corpus as it was read: a file added to the folder (sorting first, here) makes
+    the rerun another corpus, whose dataset must be its own, not the old shards followed by the new text."""
+    (tmp_path / "corpus").mkdir()
+    for name, paragraphs in (("b.txt", 10), ("c.txt", 600)):
+        (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
+    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    add, calls = shards_module.Router.add, []
+
+    def add_then_stop(router, ids, starts_doc):
+        calls.append(starts_doc)
+        if len(calls) == 40:
+            raise KeyboardInterrupt  # inside c.txt, after shards finished
+        add(router, ids, starts_doc)
+
+    monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(dataset="cut", **settings))
+    assert (tmp_path / "cut" / f".preparing-{os.uname().nodename}" / "progress.json").exists()
+    monkeypatch.setattr(shards_module.Router, "add", add)
+    (tmp_path / "corpus" / "a.txt").write_text(long_text(40), encoding="utf-8")
+    capsys.readouterr()
+    cut = prepare(PrepareConfig(dataset="cut", **settings))
+    assert "resuming: " not in capsys.readouterr().err
+    whole = prepare(PrepareConfig(dataset="whole", **settings))
+    meta = json.loads((cut / "meta.json").read_text())
+    assert meta == json.loads((whole / "meta.json").read_text())
+    for shard in (shard for shards in meta["shards"].values() for shard in shards):
+        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+
+
 def test_ctrl_c_stops_the_tokenizing_processes_and_the_run(tmp_path):
     """Ctrl-C goes to every process of the terminal's group: a worker that died of it mid-task left the pool's
     shutdown waiting for it for ever. Here the documents never end, so only the signal can stop the run."""
