@@ -171,12 +171,13 @@ def fix_hint(problem: str, what: str) -> str:
 
 def txt_parts(path: Path) -> Iterator[tuple[str, int, bool]]:
     """A .txt file, one document, as blocks of TXT_BLOCK characters (the first one starts the document);
-    newlines are translated as a whole read would (\\r\\n to \\n)."""
+    newlines are translated as a whole read would (\\r\\n and \\r to \\n), and a byte-order mark that
+    starts the file (some Windows editors write one) is not text, so it is dropped rather than made a token."""
     read = 0
     with reading(path, "input file"):
         raw = open(path, "rb")
     with raw, reading(path, "input file", lambda error: raw.tell() - len(error.object)):
-        text = io.TextIOWrapper(raw, encoding="utf-8")
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig")
         first = True
         while (block := text.read(TXT_BLOCK)) or first:
             position = raw.tell()

@@ -256,6 +256,17 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
             assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
 
 
+def test_a_txt_file_is_read_as_text_with_its_line_ends_translated_and_no_byte_order_mark(tmp_path):
+    """A file saved on Windows: the mark at its start is no character of the text (a char model would learn it
+    as a token), and its line ends are those every reader of text gets, as for a .txt read whole."""
+    (tmp_path / "windows.txt").write_bytes("\ufeffROMEO:\r\nBut soft!\rWhat light?\r\n".encode("utf-8"))
+    folder = prepare(PrepareConfig(dataset="w", input=str(tmp_path / "windows.txt"), data_dir=str(tmp_path)))
+    data = TokenData(folder)
+    ids = np.concatenate([data.tokens(split)[:] for split in ("train", "val")]).astype(np.int64)  # val: the end
+    assert data.tokenizer().decode(ids) == "ROMEO:\nBut soft!\nWhat light?\n"
+    assert "\ufeff" not in json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
+
+
 def test_a_run_stopped_then_given_a_folder_with_another_file_starts_afresh(tmp_path, small_blocks, monkeypatch,
                                                                            capsys):
     """The finished shards hold the corpus as it was read: a file added to the folder (sorting first, here) makes
