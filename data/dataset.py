@@ -65,10 +65,13 @@ class TokenData:
         for split, shards in self.splits.items():
             longest = max(len(s) for s in shards)
             if longest < block_size + 1:
-                where = "" if len(shards) == 1 else " in its longest shard"
+                # a window never crosses shards: short shards want bigger ones, a short val split more of the text
+                where, fix = ((" in its longest shard", "prepare it again with a larger --shard_tokens")
+                              if len(shards) > 1 else ("", "prepare it again with a larger --val_tokens or "
+                                                       "--val_fraction" if split == "val" else "give it more text"))
                 raise GlimpseError(
                     f"the {split} split of {self.folder} has {longest} tokens{where}, fewer than "
-                    f"block_size + 1 = {block_size + 1}; use a smaller --block_size or more text"
+                    f"block_size + 1 = {block_size + 1}; use a smaller --block_size, or {fix}"
                 )
 
     def tokens(self, split: str) -> SplitTokens:

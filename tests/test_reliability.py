@@ -283,6 +283,16 @@ def test_dataset_errors(tmp_path, corpus_file, capsys):
     message = run_main(train.main, [f"--data_dir={tmp_path / 'd'}", "--dataset=short", f"--out_dir={tmp_path / 'o'}",
                                     *TINY[1:]], capsys)
     assert "the val split" in message and "fewer than block_size + 1 = 17" in message
+    assert message.endswith("use a smaller --block_size, or prepare it again with a larger --val_tokens or "
+                            "--val_fraction")
+    # shards shorter than a window: more text would not help, bigger shards do
+    prepare_main(["--dataset=shards", f"--input={tmp_path / 'short.txt'}", f"--data_dir={tmp_path / 'd'}",
+                  "--shard_tokens=10"])
+    capsys.readouterr()
+    message = run_main(train.main, [f"--data_dir={tmp_path / 'd'}", "--dataset=shards", f"--out_dir={tmp_path / 'o'}",
+                                    *TINY[1:]], capsys)
+    assert "the train split" in message and "in its longest shard" in message
+    assert message.endswith("use a smaller --block_size, or prepare it again with a larger --shard_tokens")
 
 
 def test_sampling_input_errors(tmp_path, trained, capsys):
