@@ -77,7 +77,8 @@ class PrepareConfig:
     text_column: str = option("text", "the JSON field or parquet column that holds each document's text")
     separator: str = option("\n\n", "char-level: the text put between documents (GPT-2 BPE puts <|endoftext|>)")
     shard_tokens: int = option(100_000_000, "tokens per shard file")
-    val_tokens: int = option(0, "validation: whole documents up to this many tokens (0: --val_fraction of them)")
+    val_tokens: int = option(0, "validation: the first whole documents, until they hold at least this many tokens "
+                                "(0: --val_fraction of them)")
     val_fraction: float = option(0.0, "validation: this fraction of the documents, spread evenly, when "
                                       "--val_tokens is 0 (0: a tenth; the streamed built-ins, whose tenth would be "
                                       "a billion tokens, hold out their first 10M tokens instead)")

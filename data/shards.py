@@ -145,8 +145,9 @@ class Router:
             self.emit(split, ids, i == 0)
 
     def assign(self, doc: int) -> str:
-        """Where document number doc goes: the first ones up to val_tokens, or else a val_fraction of them spread
-        evenly, the first n documents holding ceil(n * val_fraction) for validation (doc 0, 10, 20, ... at 0.1)."""
+        """Where document number doc goes: the first ones until they hold val_tokens (the last may go past), or
+        else a val_fraction of them spread evenly, the first n documents holding ceil(n * val_fraction) for
+        validation (doc 0, 10, 20, ... at 0.1)."""
         if self.val_tokens:
             return "val" if self.writers["val"].count < self.val_tokens else "train"
         return "val" if math.ceil((doc + 1) * self.val_share) > math.ceil(doc * self.val_share) else "train"
