@@ -168,11 +168,15 @@ class Router:
             self.release("train", 0, n - n_val)
             self.release("val", n - n_val, n)
             self.held.drop()
+        documents = f"{self.docs:,} document{'s' if self.docs != 1 else ''}"
+        if not any(writer.count for writer in self.writers.values()):  # no split to move text to: there is none
+            raise GlimpseError(f"{source} holds no text ({documents}, all empty): point --input at the corpus, or "
+                               "--text_column at the field that holds it")
         for split, writer in self.writers.items():
             writer.flush()
             if not writer.count:
                 cause = "--val_tokens" if self.val_tokens else "--val_fraction"  # the one that decided the split
-                raise GlimpseError(f"{source} gives no {split} tokens ({self.docs:,} documents): "
+                raise GlimpseError(f"{source} gives no {split} tokens ({documents}): "
                                    + (f"lower {cause}" if split == "train" else f"raise {cause}"))
 
 

@@ -218,6 +218,11 @@ def test_a_val_fraction_that_leaves_no_training_documents_says_so(tmp_path):
     with pytest.raises(GlimpseError, match=r"gives no train tokens \(30 documents\): lower --val_fraction$"):
         prepare(PrepareConfig(dataset="f", input=str(tmp_path / "docs.jsonl"), data_dir=str(tmp_path),
                               val_fraction=0.99))
+    # documents that are all empty: no fraction would help, the corpus holds nothing
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(GlimpseError, match=r"empty.jsonl holds no text \(2 documents, all empty\): point --input"):
+        prepare(PrepareConfig(dataset="e", input=str(tmp_path / "empty.jsonl"), data_dir=str(tmp_path)))
+    assert not (tmp_path / "e").exists()  # the folder it made is gone with it
 
 
 def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
