@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import re
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -225,9 +226,14 @@ class HubDocuments:
         except ImportError:
             raise GlimpseError("the built-in corpora stream through Hugging Face datasets: pip install datasets") \
                 from None
+        from huggingface_hub.utils import logging as hub_logging  # datasets' own dependency
+
         self.bad_lines = 0
-        verbosity = datasets.logging.get_verbosity()
+        verbosity, hub_verbosity = datasets.logging.get_verbosity(), hub_logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a failure would repeat the error below
+        hub_logging.set_verbosity(hub_logging.CRITICAL)  # as would the Hub client's line per retry when offline
+        print(f"streaming {self.path} from the Hugging Face Hub (offline, it fails after some retries: pass its "
+              "files with --input=PATH)", file=sys.stderr)
         try:
             stream = datasets.load_dataset(self.path, name=self.name, split="train", streaming=True,
                                            data_files=self.data_files)
@@ -252,3 +258,4 @@ class HubDocuments:
                                "them)") from None
         finally:
             datasets.logging.set_verbosity(verbosity)
+            hub_logging.set_verbosity(hub_verbosity)

@@ -304,6 +304,19 @@ def test_a_run_stopped_then_given_a_folder_with_another_file_starts_afresh(tmp_p
         assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
 
 
+def test_a_streamed_built_in_that_cannot_be_reached_is_one_line_after_one_notice(tmp_path, gpt2_ranks):
+    """Offline, the Hub client retries for some seconds and logs each retry: the user gets the line that says what
+    is happening first, then the one error, and nothing of the client's. (A Hub address no server listens on
+    stands in for a machine without a network.)"""
+    run = python("data/prepare.py", "--dataset=fineweb_edu", f"--data_dir={tmp_path}",
+                 env={"HF_ENDPOINT": "http://127.0.0.1:9", "TIKTOKEN_CACHE_DIR": str(gpt2_ranks)})
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("streaming HuggingFaceFW/fineweb-edu from the Hugging Face Hub")
+    assert lines[1].startswith("error: could not stream HuggingFaceFW/fineweb-edu") and "--input=PATH" in lines[1]
+    assert not (tmp_path / "fineweb_edu").exists()
+
+
 def test_ctrl_c_stops_the_tokenizing_processes_and_the_run(tmp_path):
     """Ctrl-C goes to every process of the terminal's group: a worker that died of it mid-task left the pool's
     shutdown waiting for it for ever. Here the documents never end, so only the signal can stop the run."""
