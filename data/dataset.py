@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.prepare import prepare_command
 from data.tokenizer import tokenizer_from_spec
 from glimpse.errors import GlimpseError
 
@@ -26,11 +27,11 @@ class TokenData:
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise GlimpseError(
-                f"{meta_path} not found: prepare the dataset with python data/prepare.py --dataset={folder.name}"
-            ) from None
+            raise GlimpseError(f"{meta_path} not found: prepare the dataset with {prepare_command(folder)}, or point "
+                               "--data_dir at the folder that holds it") from None
         except json.JSONDecodeError as e:
-            raise GlimpseError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again") from None
+            raise GlimpseError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again with "
+                               f"{prepare_command(folder)}") from None
         self.folder = folder
         try:  # a meta.json that data/prepare.py did not write (another tool's, or edited) lacks what it says
             self.tokenizer_spec = self.meta["tokenizer"]
@@ -42,7 +43,7 @@ class TokenData:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             missing = f"no {e}" if isinstance(e, KeyError) else f"a bad value ({e})"
             raise GlimpseError(f"{folder} is not a dataset data/prepare.py prepared: its meta.json has {missing}; "
-                               f"prepare it with python data/prepare.py --dataset={folder.name}") from None
+                               f"prepare it with {prepare_command(folder)}") from None
         self.splits = {}  # split -> [memmap per shard]
         for split in ("train", "val"):
             self.splits[split] = []
@@ -53,7 +54,7 @@ class TokenData:
                     raise GlimpseError(
                         f"{path} does not match {meta_path} (expected {tokens} {dtype.name} tokens; "
                         "deleted or changed since): prepare the dataset again with "
-                        f"python data/prepare.py --dataset={folder.name}"
+                        f"{prepare_command(folder, self.meta.get('source', ''))}"  # the input, if still there
                     )
                 self.splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
 

@@ -170,6 +170,15 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
     return out
 
 
+def prepare_command(folder: Path, source: str = "") -> str:
+    """The command that makes the dataset in folder: its --data_dir unless the default, and --input=source when
+    source is given (PATH, or the input a meta.json names, if it is still there)."""
+    command = f"python data/prepare.py --dataset={folder.name}"
+    if folder.parent != Path("data"):
+        command += f" --data_dir={folder.parent}"
+    return command + (f" --input={source}" if source == "PATH" or source and Path(source).exists() else "")
+
+
 def ensure_dataset(name: str, data_dir: str) -> Path:
     """The dataset's folder, preparing a built-in dataset first if it is not there yet.
 
@@ -182,10 +191,8 @@ def ensure_dataset(name: str, data_dir: str) -> Path:
     if name in BUILTIN:
         print(f"preparing dataset {name!r} in {folder} ...", file=sys.stderr)
         return prepare(PrepareConfig(dataset=name, data_dir=data_dir), start_method="spawn")
-    raise GlimpseError(
-        f"dataset {name!r} not found (no {folder / 'meta.json'}); make it with "
-        f"python data/prepare.py --dataset={name} --input=PATH"
-    )
+    raise GlimpseError(f"dataset {name!r} not found (no {folder / 'meta.json'}); make it with "
+                       f"{prepare_command(folder, 'PATH')}")
 
 
 def download(url: str, dest: Path, offline_hint: str):

@@ -676,7 +676,14 @@ def test_a_shard_deleted_or_changed_after_preparation_is_named(tmp_path):
     with pytest.raises(GlimpseError, match=f"{second.name} does not match .*deleted or changed"):
         TokenData(folder)
     second.unlink()
-    with pytest.raises(GlimpseError, match=f"{second.name} does not match"):
+    with pytest.raises(GlimpseError, match=f"{second.name} does not match") as error:
+        TokenData(folder)
+    # the command that makes it again, as it was made: the folder it is in and the input it came from
+    assert str(error.value).endswith(f"python data/prepare.py --dataset=tiny --data_dir={tmp_path / 'data'} "
+                                     f"--input={tmp_path / 'docs.jsonl'}")
+    (folder / "meta.json").unlink()
+    with pytest.raises(GlimpseError, match=r"meta.json not found: prepare the dataset with python data/prepare.py "
+                                           r"--dataset=tiny --data_dir=.*, or point --data_dir at the folder"):
         TokenData(folder)
 
 

@@ -242,7 +242,8 @@ def test_a_meta_json_that_prepare_did_not_write_is_one_line(tmp_path, corpus_fil
                          ({**meta, "shards": {"train": []}}, "has no 'val'"), (["a", "list"], "has a bad value")]:
         (folder / "meta.json").write_text(json.dumps(broken))
         with pytest.raises(GlimpseError, match=f"{folder} is not a dataset data/prepare.py prepared: its meta.json "
-                                               f"{said}.*; prepare it with python data/prepare.py --dataset=odd$"):
+                                               f"{said}.*; prepare it with python data/prepare.py --dataset=odd "
+                                               f"--data_dir={tmp_path}$"):  # the folder it is in, too
             TokenData(folder)
     line = run_main(train.main, [f"--data_dir={tmp_path}", "--dataset=odd", f"--out_dir={tmp_path / 'out'}",
                                  "--device=cpu"], capsys)
