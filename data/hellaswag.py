@@ -47,7 +47,11 @@ def read_examples(path: Path) -> list[Example]:
             continue
         try:
             record = json.loads(line)
-            example = Example(record["ctx"], list(record["endings"]), int(record["label"]))
+            texts = [record["ctx"], *record["endings"]]
+            if not isinstance(record["endings"], list) or not all(isinstance(t, str) for t in texts) \
+                    or not isinstance(record["label"], int | str) or isinstance(record["label"], bool):
+                raise TypeError  # a null ending, endings as one string, a label of 1.7: not the official file's
+            example = Example(record["ctx"], record["endings"], int(record["label"]))
         except (ValueError, KeyError, TypeError):
             raise GlimpseError(f"{path}:{number} is not a HellaSwag example (JSON with ctx, endings and label); "
                                "pass the official hellaswag_val.jsonl") from None

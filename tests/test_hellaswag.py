@@ -148,6 +148,9 @@ def test_pretrained_gpt2_folders_are_scored_into_a_folder_of_their_own(tmp_path,
 @pytest.mark.parametrize("line,says", [
     ("not json", "val.jsonl:2 is not a HellaSwag example"),
     (json.dumps({"ctx": "a", "endings": ["a", "b"], "label": 0}), "val.jsonl:2 has 2 endings"),
+    (json.dumps({"ctx": "a", "endings": ["a", None, "c", "d"], "label": 0}), "val.jsonl:2 is not a HellaSwag"),
+    (json.dumps({"ctx": "a", "endings": "abcd", "label": 0}), "val.jsonl:2 is not a HellaSwag"),  # not four letters
+    (json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1.7}), "val.jsonl:2 is not a HellaSwag"),
 ])
 def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says):
     good = json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1})
