@@ -34,7 +34,7 @@ from eval import EvalConfig, evaluate  # noqa: E402
 from glimpse.attention import attention_weights, write_dump  # noqa: E402
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint  # noqa: E402
 from glimpse.config import build, option, parse_config, read_toml  # noqa: E402
-from glimpse.errors import user_errors  # noqa: E402
+from glimpse.errors import GlimpseError, user_errors  # noqa: E402
 from model import POS_ENCODINGS  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
 
@@ -57,21 +57,36 @@ class StudyConfig:
             raise ValueError(f"unknown encodings {', '.join(sorted(unknown))}: choose from {', '.join(POS_ENCODINGS)}")
         if len(set(self.encodings.split(","))) < len(self.encodings.split(",")):
             raise ValueError(f"encodings names an encoding more than once: {self.encodings!r}")
-        if self.seeds < 1 or self.max_iters < 1 or self.max_tokens < 1:
-            raise ValueError("seeds, max_iters and max_tokens must be at least 1")
+        for name in ("seeds", "max_iters", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         EvalConfig(lengths=self.lengths)  # the same check of the lengths as eval.py
 
 
 def run(cfg: StudyConfig) -> list[dict]:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GlimpseError(f"cannot make the study's folder --out={out} ({e.strerror}): give a folder you can "
+                           "write") from None
     preset = read_toml(TrainConfig, str(REPO / "config" / "shakespeare_char_recipe.toml"))
+    # the longest length must fit the validation split: found out now, not after every model has trained
+    val_tokens, longest = len(TokenData(ensure_dataset("shakespeare_char", cfg.data_dir)).tokens("val")), \
+        max(EvalConfig(lengths=cfg.lengths).multiples()) * preset["block_size"]
+    if longest + 1 > val_tokens:
+        raise GlimpseError(f"--lengths reach {longest:,} tokens, more than the validation split's {val_tokens:,}: "
+                           "give smaller --lengths")
     rows = []
     for encoding in cfg.encodings.split(","):
         for seed in range(1337, 1337 + cfg.seeds):
             run_dir = out / f"{encoding}-seed{seed}"
             ckpt = checkpoint_path(run_dir)
-            done = ckpt.exists() and load_checkpoint(ckpt)["iter_num"] >= cfg.max_iters
+            trained = load_checkpoint(ckpt)["iter_num"] if ckpt.exists() else 0
+            if trained > cfg.max_iters:  # reused, it would stand in the tables for a model of fewer steps
+                raise GlimpseError(f"{run_dir} holds a model trained for {trained:,} steps, more than --max_iters="
+                                   f"{cfg.max_iters:,}: pick another --out, or the --max_iters it was trained with")
+            done = trained == cfg.max_iters
             if not done:  # a re-run of a stopped study resumes its unfinished runs
                 train(build(TrainConfig, {**preset, "out_dir": str(run_dir), "data_dir": cfg.data_dir,
                                           "pos_encoding": encoding, "seed": seed, "max_iters": cfg.max_iters,
@@ -86,7 +101,7 @@ def run(cfg: StudyConfig) -> list[dict]:
         dump_lengths(out, encoding, cfg)
     write_tables(out, rows)
     plot(out, rows)
-    plot_dumps(out)
+    plot_dumps(out, cfg.encodings.split(","))
     return rows
 
 
@@ -159,7 +174,7 @@ def plot(out: Path, rows: list[dict]):
     fig.savefig(out / "length_study.png")
 
 
-def plot_dumps(out: Path):
+def plot_dumps(out: Path, encodings: list[str]):
     """length_study_attention.png: the last layer's attention, averaged over heads, at 1x and 4x length.
 
     One row per encoding that can run longer; the same text in both columns, the 1x one being its
@@ -170,7 +185,8 @@ def plot_dumps(out: Path):
 
     from glimpse.attention import load_dump
 
-    encodings = [e for e in POS_ENCODINGS if (out / "dumps" / f"{e}-4x").exists()]
+    # this study's encodings only: an earlier study in the same --out left dumps of others
+    encodings = [e for e in POS_ENCODINGS if e in encodings and (out / "dumps" / f"{e}-4x").exists()]
     if not encodings:  # learned positions alone: nothing runs past its training length
         return
     fig = Figure(figsize=(7, 3.2 * len(encodings)), dpi=110)

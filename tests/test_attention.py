@@ -395,8 +395,29 @@ def test_a_length_study_of_learned_positions_alone_draws_no_longer_attention(tmp
     from scripts.length_study import plot_dumps
 
     (tmp_path / "dumps" / "learned-1x").mkdir(parents=True)
-    plot_dumps(tmp_path)
+    plot_dumps(tmp_path, ["learned"])
     assert not (tmp_path / "length_study_attention.png").exists()
+
+
+def test_the_length_studys_attention_picture_shows_this_studys_encodings_only(tmp_path):
+    """A study run again in the same --out with other encodings: the earlier one's dumps stay on disk, and must
+    not come back as rows of this study's picture (one row of 1x and 4x per encoding)."""
+    from PIL import Image
+
+    from glimpse.attention import write_dump
+    from scripts.length_study import plot_dumps
+
+    for encoding in ("rope", "alibi"):
+        for k in (1, 4):
+            T = 4 * k
+            attn = np.broadcast_to(np.tril(np.ones((T, T))) / np.arange(1, T + 1)[:, None], (1, 1, T, T))
+            write_dump(tmp_path / "dumps" / f"{encoding}-{k}x", attn.astype(np.float16), list(range(T)),
+                       [str(i) for i in range(T)], T, {}, pictures=False)
+    heights = {}
+    for encodings in (["rope"], ["rope", "alibi"]):
+        plot_dumps(tmp_path, encodings)
+        heights[len(encodings)] = Image.open(tmp_path / "length_study_attention.png").size[1]
+    assert heights[2] == pytest.approx(2 * heights[1], rel=0.02)  # 3.2 inches a row
 
 
 def test_the_length_studys_tables_name_each_way_of_windowing_once(tmp_path, capsys):

@@ -414,6 +414,26 @@ def worker_rank(pid: int, out_dir: Path) -> str | None:
     return None
 
 
+def test_length_study_refuses_what_it_could_not_finish_before_it_trains(tmp_path, data_dir, capsys):
+    """An --out it cannot make, lengths past the validation split, or a model of the same name trained for more
+    steps than asked: each is one line, before any model trains."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import length_study
+
+    (tmp_path / "file").write_text("")
+    shutil.copytree(data_dir / "tiny", tmp_path / "data" / "shakespeare_char")  # a small stand-in, prepared
+    common = [f"--data_dir={tmp_path / 'data'}", "--encodings=rope", "--seeds=1", "--max_iters=2"]
+    line = run_main(length_study.main, [*common, f"--out={tmp_path / 'file' / 'study'}"], capsys)
+    assert line.startswith(f"error: cannot make the study's folder --out={tmp_path / 'file' / 'study'}")
+    line = run_main(length_study.main, [*common, f"--out={tmp_path / 'long'}", "--lengths=1,100000"], capsys)
+    assert "--lengths reach 6,400,000 tokens, more than the validation split's" in line
+    assert not (tmp_path / "long" / "rope-seed1337").exists()  # nothing trained
+    run = tmp_path / "trained" / "rope-seed1337"
+    train.train(tiny_config(data_dir, run, max_iters=3, eval_interval=3, attn_log_interval=0))
+    line = run_main(length_study.main, [*common, f"--out={tmp_path / 'trained'}"], capsys)
+    assert "holds a model trained for 3 steps, more than --max_iters=2" in line
+
+
 def test_length_study_checks_its_settings(capsys):
     sys.path.insert(0, str(REPO / "scripts"))
     import length_study
@@ -421,3 +441,4 @@ def test_length_study_checks_its_settings(capsys):
     assert "unknown encodings bogus" in run_main(length_study.main, ["--encodings=rope,bogus"], capsys)
     assert "names an encoding more than once" in run_main(length_study.main, ["--encodings=rope,alibi,rope"], capsys)
     assert "lengths must be whole numbers" in run_main(length_study.main, ["--lengths=1,x"], capsys)
+    assert run_main(length_study.main, ["--seeds=0"], capsys).endswith("seeds must be at least 1, got 0")
