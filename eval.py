@@ -110,6 +110,7 @@ class EvalConfig:
         if self.task == "hellaswag" and (self.ablate or self.head_importance):
             raise ValueError("--ablate and --head_importance score the validation split: use them without "
                              "--task=hellaswag")
+        self.check_used()
         if self.hellaswag_examples < 0:
             raise ValueError(f"hellaswag_examples must be 0 (all) or more, got {self.hellaswag_examples}")
         if self.stride < 0:
@@ -117,6 +118,22 @@ class EvalConfig:
         for name in ("max_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def check_used(self):
+        """A setting the chosen work does not read would be dropped without a word: it is an error instead."""
+        heads = bool(self.ablate or self.head_importance)
+        if self.ablation != "zero" and not heads:
+            raise ValueError("--ablation picks how --ablate and --head_importance remove heads: give one of them, "
+                             "or drop --ablation")
+        if (self.lengths or self.stride) and (heads or self.task == "hellaswag"):
+            doing = "--task=hellaswag" if self.task == "hellaswag" else "--ablate and --head_importance"
+            raise ValueError(f"--lengths and --stride are the length task's, which {doing} does not run: drop them")
+        if (self.hellaswag_file or self.hellaswag_examples) and self.task != "hellaswag":
+            raise ValueError("--hellaswag_file and --hellaswag_examples are read by --task=hellaswag only: add it, "
+                             "or drop them")
+        if self.wandb_log and self.ablate:
+            raise ValueError("--wandb_log logs the length table, head importance and HellaSwag; --ablate's two "
+                             "losses are printed only: drop --wandb_log")
 
     def multiples(self, learned: bool = False) -> list[int]:
         """The --lengths asked for; by default 1, 2, 4, 8, or 1 alone for learned positions (learned)."""

@@ -186,6 +186,8 @@ class TrainConfig:
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
 
+        if self.hellaswag_file and not self.hellaswag_interval:  # it would be read by nothing
+            raise ValueError("--hellaswag_file is read when --hellaswag_interval is set: give both, or drop it")
         if self.fsdp and self.optimizer != "adamw":
             raise ValueError("fsdp=true supports optimizer=adamw only (Muon orthogonalises whole matrices, which "
                              "fsdp splits across processes): use --optimizer=adamw, or --fsdp=false")

@@ -157,8 +157,19 @@ def test_evaluating_hands_the_model_back_in_its_mode(mode):
     (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
     (dict(batch_size=0), "batch_size must be at least 1, got 0"),
     (dict(stride=-1), "stride must be 0 or more, got -1"),
+    # settings the chosen work would not read: each said, not dropped
+    (dict(ablation="mean"), "--ablation picks how --ablate and --head_importance remove heads: give one of them, "
+                            "or drop --ablation"),
+    (dict(ablate="0.0", lengths="2"), "--lengths and --stride are the length task's, which --ablate and "
+                                      "--head_importance does not run: drop them"),
+    (dict(task="hellaswag", stride=8), "--lengths and --stride are the length task's, which --task=hellaswag does "
+                                       "not run: drop them"),
+    (dict(hellaswag_examples=5), "--hellaswag_file and --hellaswag_examples are read by --task=hellaswag only: add "
+                                 "it, or drop them"),
+    (dict(ablate="0.0", wandb_log=True), "--wandb_log logs the length table, head importance and HellaSwag; "
+                                         "--ablate's two losses are printed only: drop --wandb_log"),
 ])
-def test_eval_settings_out_of_range_name_their_key_and_value(setting, message):
+def test_eval_settings_out_of_range_or_unused_are_one_clear_error(setting, message):
     from eval import EvalConfig
 
     with pytest.raises(ValueError) as error:

@@ -210,6 +210,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--learning_rate=-1"], "learning_rate must be positive, got -1"),  # one key and its value, named
         (common + ["--grad_clip=-0.5"], "grad_clip must not be negative, got -0.5"),
         (common + ["--min_lr=-1e-4"], "min_lr must not be negative, got -0.0001"),
+        (common + ["--hellaswag_file=val.jsonl"], "--hellaswag_file is read when --hellaswag_interval is set"),
         (common + ["--weight_decay=-0.1"], "weight_decay must not be negative, got -0.1"),
         (common + ["--device=cuda"] if not torch.cuda.is_available() else common + ["--dtype=x"], "cuda"
          if not torch.cuda.is_available() else "dtype must be one of"),
