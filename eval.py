@@ -234,7 +234,7 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
     Tracker(out_dir / "metrics.jsonl", append=True).log(record)
     if cfg.wandb_log:
         tracker = Tracker.for_checkpoint(state, "eval")
-        tracker.run.log({f"hellaswag/{k.removeprefix('hellaswag_')}": v for k, v in result.items()})
+        tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
         tracker.close()
     return {**record, "metrics": str(out_dir / "metrics.jsonl")}
 
