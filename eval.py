@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None):
             r = score_hellaswag(cfg)
             skipped = f" ({r['hellaswag_skipped']:,} skipped: text its tokenizer cannot read)" if r[
                 "hellaswag_skipped"] else ""
+            n = r["hellaswag_examples"]
             print(f"hellaswag: acc {r['hellaswag_acc']:.4f}, acc_norm {r['hellaswag_acc_norm']:.4f} over "
-                  f"{r['hellaswag_examples']:,} examples{skipped}")
+                  f"{n:,} example{'s' if n != 1 else ''}{skipped}")
             print(f"appended to {r['metrics']}", file=sys.stderr)
             return
         if cfg.ablate or cfg.head_importance:

@@ -130,10 +130,20 @@ def evaluate(model, examples: list[Example], tokenizer, block_size: int, device,
         counts = ddp.sum(counts)
     correct, correct_norm, scored, skipped = counts.tolist()
     if not scored:
-        raise GlimpseError(f"the model's tokenizer could read none of the {len(examples):,} HellaSwag examples; "
-                           "score a model with GPT-2's BPE tokens")
+        raise unreadable(examples)
     return {"hellaswag_acc": correct / scored, "hellaswag_acc_norm": correct_norm / scored,
             "hellaswag_examples": int(scored), "hellaswag_skipped": int(skipped)}
+
+
+def unreadable(examples: list[Example]) -> GlimpseError:
+    return GlimpseError(f"the model's tokenizer could read none of the HellaSwag examples ({len(examples):,}); score "
+                        "a model with GPT-2's BPE tokens")
+
+
+def check_readable(examples: list[Example], tokenizer):
+    """Before a run trains, that the tokenizer reads at least one example: else every score would fail later."""
+    if all(rows(example, tokenizer, 1) is None for example in examples):
+        raise unreadable(examples)
 
 
 def first(examples: list[Example], limit: int) -> list[Example]:

@@ -64,4 +64,5 @@ def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | No
     if cfg.hellaswag_interval:
         examples = hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir))
         examples = hellaswag.first(examples, cfg.hellaswag_examples)
+        hellaswag.check_readable(examples, data.tokenizer())
     return data, examples

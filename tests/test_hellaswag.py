@@ -74,6 +74,19 @@ def test_a_long_context_loses_its_start_and_unreadable_examples_are_skipped():
                  show_progress=False)
 
 
+def test_a_training_run_whose_model_reads_no_hellaswag_example_stops_before_it_starts(tmp_path, data_dir):
+    """Every score would fail, the first after step 0's eval: the run is refused before it writes anything."""
+    file = write_examples(tmp_path / "val.jsonl", [{"ctx": "ΩΩ", "endings": ["Ω", "ΩΩ", "Ω Ω", "ΩΩΩ"], "label": 0}])
+    out = tmp_path / "out"
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=32", "--max_iters=4",
+                 "--hellaswag_interval=2", f"--hellaswag_file={file}")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
+        "error: the model's tokenizer could read none of the HellaSwag examples (1); score a model with GPT-2's BPE "
+        "tokens")
+    assert not out.exists()
+
+
 def own_text_examples(n: int, seed: int = 0) -> list[dict]:
     """Contexts and endings cut from lines of the generated play the tiny model trains on; the three wrong
     endings are the real one's characters shuffled."""
