@@ -102,8 +102,11 @@ class BenchConfig:
     json: bool = option(False, "print JSON instead of a table")
 
     def __post_init__(self):
-        if self.tokens < 1 or self.repeats < 1 or self.threads < 0 or self.new_tokens < 1 or self.profile_steps < 1:
-            raise ValueError("tokens, new_tokens, repeats and profile_steps must be at least 1, threads 0 or more")
+        for name in ("tokens", "new_tokens", "repeats", "profile_steps", "gpt2_n_layer", "prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
         if self.profile and self.what != "train_step":
             raise ValueError("--profile profiles training steps: use it with --what=train_step")
         if self.profile:  # refused now rather than after the timing, when the profiles are written
@@ -118,8 +121,6 @@ class BenchConfig:
         if missing:
             raise ValueError(f"no preset file {missing[0]}: give paths such as config/shakespeare_char_cpu.toml")
         _ = self.shard_counts  # a malformed list fails here, before anything is built
-        if self.gpt2_n_layer < 1 or self.prompt_tokens < 1:
-            raise ValueError("gpt2_n_layer and prompt_tokens must be at least 1")
         if self.what == "gpt2" and self.prompt_tokens + self.new_tokens > 1024:  # both models' learned positions
             raise ValueError(f"--what=gpt2 generates within GPT-2's 1,024 positions: prompt_tokens + new_tokens is "
                              f"{self.prompt_tokens + self.new_tokens}; lower either")

@@ -147,7 +147,7 @@ class EvalConfig:
             ) from None
         if not values or min(values) < 1:
             raise ValueError(f"lengths must be positive multiples of block_size, e.g. 1,2,4,8; got {self.lengths!r}")
-        return values
+        return list(dict.fromkeys(values))  # each length once, in the order given
 
 
 def load(cfg: EvalConfig):

@@ -31,7 +31,8 @@ def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np
     """Where windows of length + 1 tokens (inputs and their targets) start, step apart, at most max_windows."""
     last_start = n_tokens - length - 1
     if last_start < 0:
-        raise GlimpseError(f"the validation split has {n_tokens} tokens, too few for a context of {length}")
+        raise GlimpseError(f"the validation split has {n_tokens:,} tokens, too few for a context of {length:,}: "
+                           "score shorter contexts (eval.py's --lengths)")
     return np.arange(min(last_start // step + 1, max_windows)) * step
 
 

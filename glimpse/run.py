@@ -265,7 +265,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
         run.step_lr = get_lr(0, cfg)  # step 0's eval reports the rate its first step will take
-    run.say(f"{model.num_params() / 1e6:.2f}M parameters | {device} {str(dtype).removeprefix('torch.')} | "
+    params = model.num_params()  # a model of a few thousand would read 0.00M
+    run.say((f"{params / 1e6:.2f}M" if params >= 10_000 else f"{params:,}") + " parameters | "
+            f"{device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))
     ignored = finetune_ignores(model.config, asked, TrainConfig().model) if pretrained else []

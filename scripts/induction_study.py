@@ -75,6 +75,8 @@ class StudyConfig:
             raise ValueError(f"need 2 <= min_len <= max_len <= 32 (two copies in the models' 64-character window) "
                              f"and max_len <= doc_len / 2, got min_len={self.min_len}, max_len={self.max_len}, "
                              f"doc_len={self.doc_len}")
+        if self.max_iters < 1:  # each model's one eval is at its last step
+            raise ValueError(f"max_iters must be at least 1, got {self.max_iters}")
         if self.chars < 1000:
             raise ValueError(f"chars must be at least 1000, got {self.chars}")
         if not 2 <= self.vocab <= len(ALPHABET):

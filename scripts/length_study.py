@@ -53,6 +53,8 @@ class StudyConfig:
 
     def __post_init__(self):
         unknown = set(self.encodings.split(",")) - set(POS_ENCODINGS)
+        if not self.encodings.strip():
+            raise ValueError(f"encodings must name at least one of {', '.join(POS_ENCODINGS)}")
         if unknown:
             raise ValueError(f"unknown encodings {', '.join(sorted(unknown))}: choose from {', '.join(POS_ENCODINGS)}")
         if len(set(self.encodings.split(","))) < len(self.encodings.split(",")):

@@ -128,8 +128,10 @@ def test_train_step_is_timed_on_one_file_beside_shards():
     assert empty.returncode == 2 and "corpus_mb must be at least 1" in empty.stderr
     no_layers = python("bench.py", "--what=gpt2", "--gpt2_n_layer=0")
     assert no_layers.returncode == 2
-    assert no_layers.stderr.strip() == "error: gpt2_n_layer and prompt_tokens must be at least 1"
+    assert no_layers.stderr.strip() == "error: gpt2_n_layer must be at least 1, got 0"
     for flags, says in [(["--what=gpt2", "--prompt_tokens=600"], "prompt_tokens + new_tokens is 1100"),
+                        (["--repeats=0"], "error: repeats must be at least 1, got 0"),  # the one setting, named
+                        (["--threads=-1"], "error: threads must be 0 (torch's default) or more, got -1"),
                         (["--what=sample", "--vocab_size=0"], "vocab_size must be at least 1")]:
         refused = python("bench.py", *flags)
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and says in refused.stderr

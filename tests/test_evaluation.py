@@ -175,3 +175,9 @@ def test_eval_settings_out_of_range_or_unused_are_one_clear_error(setting, messa
     with pytest.raises(ValueError) as error:
         EvalConfig(**setting)
     assert str(error.value) == message
+
+
+def test_eval_scores_each_length_once_in_the_order_given():
+    from eval import EvalConfig
+
+    assert EvalConfig(lengths="4,1,4,2").multiples() == [4, 1, 2]  # 4 twice wrote its rows twice to the CSV

@@ -59,6 +59,7 @@ def test_study_settings_are_checked_before_anything_is_written(tmp_path, capsys)
 
     assert "must be divisible by n_head" in refusal("--n_head=3")
     assert "pos_encoding must be one of" in refusal("--pos_encoding=x")
+    assert refusal("--max_iters=0").endswith("max_iters must be at least 1, got 0")  # not eval_interval, derived
     assert not out.exists()
     (tmp_path / "a_file").write_text("keep me")
     assert "cannot make the study's folder" in run_main(induction_study.main, [f"--out={tmp_path / 'a_file'}"], capsys)

@@ -443,3 +443,4 @@ def test_length_study_checks_its_settings(capsys):
     assert "names an encoding more than once" in run_main(length_study.main, ["--encodings=rope,alibi,rope"], capsys)
     assert "lengths must be whole numbers" in run_main(length_study.main, ["--lengths=1,x"], capsys)
     assert run_main(length_study.main, ["--seeds=0"], capsys).endswith("seeds must be at least 1, got 0")
+    assert "encodings must name at least one of learned" in run_main(length_study.main, ["--encodings="], capsys)

@@ -4,6 +4,7 @@ import functools
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -121,6 +122,7 @@ def test_a_loss_picture_that_cannot_be_written_is_a_warning_not_a_failed_run(tmp
                  "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
                  "--max_iters=20", "--eval_interval=10", "--eval_iters=2")
     assert run.returncode == 0, run.stderr
+    assert re.search(r"^\d,\d{3} parameters \| cpu", run.stdout, re.M), run.stdout  # a few thousand, not 0.00M
     warnings = [line for line in run.stderr.splitlines() if "loss.png" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: could not draw"), run.stderr  # once, not per eval
     assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [0, 10, 20]

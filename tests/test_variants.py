@@ -175,6 +175,9 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     assert all(0 < float(r["val_loss"]) < 10 and int(r["tokens_scored"]) >= 256 for r in rows)
     assert (out / "length_eval.png").read_bytes()[:4] == b"\x89PNG"
 
+    too_long = python("eval.py", f"--out_dir={out}", "--lengths=100000")
+    assert too_long.returncode == 2 and "too few for a context of 1,600,000: score shorter contexts (eval.py's " \
+        "--lengths)" in too_long.stderr
     no_context = python("eval.py", f"--out_dir={out}", "--lengths=1,2", "--stride=16")
     assert no_context.returncode == 2 and "--stride=16 leaves sliding windows of 16 tokens no context" in \
         no_context.stderr
