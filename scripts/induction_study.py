@@ -182,27 +182,30 @@ def circuit(heads: list[dict]) -> dict:
             for role, h in roles.items()}
 
 
+LABEL = 42  # the widest row label, "  second copy without previous-token head", and its column
+
+
 def report(rows: list[dict]) -> str:
     """One table per model: a column per probe length, a row per head plus the two losses."""
     lines = []
     for row in rows:
         probes = row["probes"]
-        lines.append(f"{str(row['n_layer']) + ' layer(s), probe length':<34}" + "".join(
+        lines.append(f"{str(row['n_layer']) + ' layer(s), probe length':<{LABEL}}" + "".join(
             f"{p['n_tokens']:>14d}" for p in probes))
-        lines.append(f"{'  loss, first / second copy':<34}" + "".join(
+        lines.append(f"{'  loss, first / second copy':<{LABEL}}" + "".join(
             f"{p['first_copy_loss']:>7.2f} /{p['second_copy_loss']:>5.2f}" for p in probes))
-        lines.append(f"{'  a perfect induction head scores':<34}" + "".join(
+        lines.append(f"{'  a perfect induction head scores':<{LABEL}}" + "".join(
             f"{p['induction_ceiling']:>14.2f}" for p in probes))
         for i, head in enumerate(probes[0]["heads"]):
             cells = "".join(f"{p['heads'][i]['induction']:>8.2f} ({p['heads'][i]['peak_offset']:+3d})" for p in probes)
             label = f"  layer {head['layer']} head {head['head']} induction (peak)"
-            lines.append(f"{label:<34}" + cells)
+            lines.append(f"{label:<{LABEL}}" + cells)
         for role, label in (("induction", "induction head"), ("prev_token", "previous-token head"),
                             ("idle", "idle head")):
             if role in probes[0].get("circuit", {}):
                 cells = "".join(f"{p['circuit'][role]['second_copy_loss_without']:>8.2f} "
                                 f"({p['circuit'][role]['head']})" for p in probes)
-                lines.append(f"{'  second copy without ' + label:<34}" + cells)
+                lines.append(f"{'  second copy without ' + label:<{LABEL}}" + cells)
     return "\n".join(lines)
 
 

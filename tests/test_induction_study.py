@@ -105,3 +105,16 @@ def test_with_two_heads_a_layer_an_idle_head_can_go(tmp_path):
         circuit = probe["circuit"]
         assert circuit["prev_token"]["second_copy_loss_without"] > 0.8 * probe["first_copy_loss"], probe
         assert circuit["idle"]["second_copy_loss_without"] < probe["second_copy_loss"] + 0.3, probe
+
+
+def test_the_study_table_keeps_every_row_in_its_columns():
+    """The longest label, the second copy without the previous-token head, pushed its row's numbers right."""
+    from scripts.induction_study import report
+
+    heads = [{"layer": 0, "head": 0, "induction": 0.11, "peak_offset": 1}]
+    circuit = {"induction": {"second_copy_loss_without": 4.28, "head": "1.0"},
+               "prev_token": {"second_copy_loss_without": 4.12, "head": "0.0"}}
+    probe = {"n_tokens": 8, "first_copy_loss": 4.27, "second_copy_loss": 3.5, "induction_ceiling": 1.0,
+             "heads": heads, "circuit": circuit}
+    lines = report([{"n_layer": 2, "probes": [probe, probe]}]).splitlines()
+    assert len(lines) == 6 and len({len(line) for line in lines}) == 1, "\n".join(lines)
