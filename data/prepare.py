@@ -100,6 +100,11 @@ class PrepareConfig:
             )
         if self.shard_tokens < 1:
             raise ValueError(f"shard_tokens must be at least 1, got {self.shard_tokens}")
+        if self.val_tokens and self.val_fraction:
+            raise ValueError("give one of --val_tokens and --val_fraction: the first is used when both are")
+        if self.separator != "\n\n" and self.tokenizer == "gpt2":
+            raise ValueError("--separator joins documents char-level; GPT-2 BPE joins them with <|endoftext|>: "
+                             "drop --separator")
         if self.val_tokens < 0:
             raise ValueError(f"val_tokens must be 0 (use --val_fraction) or more, got {self.val_tokens}")
         if not 0 <= self.val_fraction < 1:

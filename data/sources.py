@@ -42,8 +42,9 @@ def file_format(path: Path) -> str | None:
 def input_files(spec: str) -> list[Path]:
     """The files an --input names: a file, a folder or a glob, in sorted order."""
     path = Path(spec)
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
+    if path.is_dir():  # not hidden files or folders: editors' and notebooks' copies (.ipynb_checkpoints/)
+        found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         where = f"folder {spec!r}"
     elif path.is_file():
         if not file_format(path):

@@ -261,6 +261,15 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
             assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
 
 
+def test_a_folder_is_read_without_its_hidden_files_and_folders(tmp_path):
+    """A notebook's .ipynb_checkpoints/ copy, an editor's .swp-like .txt: not the corpus, which they would repeat."""
+    corpus = tmp_path / "corpus"
+    for name in ("a.txt", "sub/b.jsonl", ".hidden.txt", ".ipynb_checkpoints/a-checkpoint.txt", "sub/.old/c.txt"):
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / name).write_text("x\n")
+    assert input_files(str(corpus)) == [corpus / "a.txt", corpus / "sub" / "b.jsonl"]
+
+
 def test_a_txt_file_is_read_as_text_with_its_line_ends_translated_and_no_byte_order_mark(tmp_path):
     """A file saved on Windows: the mark at its start is no character of the text (a char model would learn it
     as a token), and its line ends are those every reader of text gets, as for a .txt read whole."""
@@ -589,6 +598,9 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
         ([f"--input={good}", "--shard_tokens=0"], "shard_tokens must be at least 1"),
         ([f"--input={good}", "--dataset="], "--input needs --dataset=NAME"),  # not tiny Shakespeare's name
         ([f"--input={good}", "--val_tokens=-5"], "val_tokens must be 0 (use --val_fraction) or more, got -5"),
+        ([f"--input={good}", "--val_tokens=5", "--val_fraction=0.2"], "give one of --val_tokens and --val_fraction"),
+        ([f"--input={good}", "--tokenizer=gpt2", "--separator=~"], "GPT-2 BPE joins them with <|endoftext|>: drop "
+                                                                   "--separator"),
         ([f"--input={good}", "--val_fraction=1.5"], "val_fraction must be at least 0 (0: the default) and below 1, "
                                                      "got 1.5"),
     ]:
