@@ -53,7 +53,7 @@ def input_files(spec: str) -> list[Path]:
     else:
         found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() and file_format(Path(p)))
         if not found and not glob.has_magic(spec):
-            raise GlimpseError(f"input file {spec!r} not found")
+            raise GlimpseError(f"--input {spec!r} not found: no such file or folder")
         where = f"glob {spec!r}"
     if not found:
         raise GlimpseError(f"{where} holds no {', '.join(FORMATS)} files: point --input at the corpus")

@@ -207,7 +207,7 @@ def test_prepare_cli_and_its_errors(tmp_path, corpus_file):
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli" / "meta.json").exists()
     bad = python("data/prepare.py", "--dataset=cli2", f"--input={tmp_path}/missing.txt", f"--data_dir={tmp_path}")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: input file") and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --input ") and "Traceback" not in bad.stderr
 
 
 def test_batches_are_shifted_windows(data_dir):
