@@ -147,8 +147,8 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
         if not cfg.input:
             source = str(out / "input.txt")
             if not (out / "input.txt").exists():
-                download(BUILTIN[cfg.dataset][1], out / "input.txt", "offline, pass a local copy: python "
-                         f"data/prepare.py --dataset={cfg.dataset} --input=PATH/TO/input.txt")
+                download(BUILTIN[cfg.dataset][1], out / "input.txt", "offline, pass a local copy: "
+                         f"{prepare_command(out)} --input=PATH/TO/input.txt")  # with its --data_dir
         files = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
         docs, total = files.__iter__, files.total_bytes
     if not cfg.val_tokens and not cfg.val_fraction:  # neither chosen

@@ -159,8 +159,10 @@ def test_a_data_dir_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
 def test_offline_download_says_to_pass_a_local_file(tmp_path, monkeypatch):
     # port 9 (discard) on loopback refuses the connection: a real failed download, no network needed
     monkeypatch.setitem(prepare_module.BUILTIN, "shakespeare_char", ("char", "http://127.0.0.1:9/input.txt"))
-    with pytest.raises(GlimpseError, match=r"could not download .* --input=PATH"):
+    with pytest.raises(GlimpseError, match=r"could not download .* --input=PATH") as error:
         prepare(PrepareConfig(dataset="shakespeare_char", data_dir=str(tmp_path)))
+    assert str(error.value).endswith(f"python data/prepare.py --dataset=shakespeare_char --data_dir={tmp_path} "
+                                     "--input=PATH/TO/input.txt")  # the folder it was asked to prepare in, too
     assert not (tmp_path / "shakespeare_char" / "meta.json").exists()
 
 
