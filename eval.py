@@ -11,6 +11,9 @@ Two ways to cut the validation split into contexts of L = multiple x block_size 
   sliding   windows of L tokens moved by --stride tokens, only the last stride tokens of each one
             scored: every scored token sees at least L - stride tokens before it.
 
+In each mode every length scores the same --max_tokens tokens (sliding windows: from the first token the
+longest length has its full context for), so that the losses differ by the context alone.
+
 It prints a table and writes OUT_DIR/length_eval.csv and OUT_DIR/length_eval.png (loss against
 length); with --wandb_log it logs a wandb.Table and line plot to the run that trained the checkpoint.
 Models with learned positions have no position past block_size, so only --lengths=1 works for them (and is
@@ -66,7 +69,7 @@ from glimpse.ablation import (
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.evaluation import BATCH_SIZE, MODES, length_loss, windows
+from glimpse.evaluation import BATCH_SIZE, MODES, first_target, length_loss, scored_windows, windows
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -88,7 +91,8 @@ class EvalConfig:
     lengths: str = option("", "context lengths to test, as multiples of the training block_size (empty: 1,2,4,8, "
                               "or 1 for a model with learned positions, which end at block_size)")
     stride: int = option(0, "sliding mode: tokens scored per window (0: block_size // 2)")
-    max_tokens: int = option(16384, "validation tokens scored per length and mode (the start of the split)")
+    max_tokens: int = option(16384, "validation tokens scored per length and mode, the same ones at each length "
+                                    "(near the split's start)")
     batch_size: int = option(BATCH_SIZE, "windows per forward pass")
     data_dir: str = option("", "dataset folder root (empty: the one the checkpoint was trained with)")
     dataset: str = option("", "dataset name (empty: the one the checkpoint was trained with)")
@@ -178,12 +182,15 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     if cfg.stride >= min(multiples) * block_size:  # no context left: sliding windows would be the non-overlapping ones
         raise GlimpseError(f"--stride={stride} leaves sliding windows of {min(multiples) * block_size} tokens no "
                            "context, so they would score what non-overlapping windows do: give a smaller stride")
+    val, lengths = data.tokens("val"), [multiple * block_size for multiple in multiples]
+    first = {mode: first_target(lengths, mode, stride) for mode in MODES}  # the same text scored at every length
+    for mode in MODES:  # before scoring anything: a split too short for the longest length stops at once
+        scored_windows(len(val), max(lengths), mode, min(stride, max(lengths)), cfg.max_tokens, first[mode])
     rows = []
-    for multiple in multiples:
-        length = multiple * block_size
+    for multiple, length in zip(multiples, lengths):
         for mode in MODES:
-            loss, scored = length_loss(model, data.tokens("val"), length, mode, min(stride, length), cfg.max_tokens,
-                                       cfg.batch_size, device, ctx, show_progress=True)
+            loss, scored = length_loss(model, val, length, mode, min(stride, length), cfg.max_tokens,
+                                       cfg.batch_size, device, ctx, first=first[mode], show_progress=True)
             rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
                          "bits_per_token": loss / math.log(2), "tokens_scored": scored,
                          "pos_encoding": encoding, "attn_score": model.config.attn_score})

@@ -7,7 +7,9 @@ the whole split in windows of a given length (eval.py, and train.py's final scor
               token sees at least length - stride tokens of context
 
 Over a whole split, the tokens after the last window that fits (fewer than a window's worth) are scored too,
-by one more window that ends where the split does, scoring only them.
+by one more window that ends where the split does, scoring only them. Scoring several lengths, eval.py starts
+each at the first token the longest one can score with its full context and scores the same number at each, so
+that every length scores the same text.
 """
 
 from __future__ import annotations
@@ -36,19 +38,38 @@ def window_starts(n_tokens: int, length: int, step: int, max_windows: int) -> np
     return np.arange(min(last_start // step + 1, max_windows)) * step
 
 
-def scored_windows(n_tokens: int, length: int, mode: str, stride: int, max_tokens: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, scored_from), (W,) each: the windows mode makes over n_tokens tokens, and where each one's scored
-    targets begin (the ones before are context); about max_tokens scored in all."""
-    step, first = (length, 0) if mode == "windows" else (stride, length - stride)
-    max_windows = math.ceil(max_tokens / (length - first))
-    starts = window_starts(n_tokens, length, step, max_windows)
-    scored_from = np.full(len(starts), first, dtype=np.int64)
-    left = n_tokens - 1 - (int(starts[-1]) + length)  # targets after the last window's
-    if left > 0 and (n_tokens - length - 1) // step + 1 <= max_windows:  # the whole split: score them too
-        starts = np.append(starts, n_tokens - length - 1)
-        scored_from = np.append(scored_from, length - left)
-    return starts, scored_from
+def context(length: int, mode: str, stride: int) -> int:
+    """The context every target a window of this length scores has at least: none in non-overlapping windows,
+    length - stride in sliding ones."""
+    return 0 if mode == "windows" else length - stride
+
+
+def first_target(lengths: list[int], mode: str, stride: int) -> int:
+    """The first target (tokens[i]) that windows of every one of lengths can score with its full context: scoring
+    from there, each length scores the same text, so that their losses differ by the context alone."""
+    return max(context(length, mode, min(stride, length)) for length in lengths) + 1
+
+
+def scored_windows(n_tokens: int, length: int, mode: str, stride: int, max_tokens: int, first: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, scored_from, scored_to), (W,) each: the windows of mode that score the targets tokens[first:first +
+    max_tokens] (to the split's end), and which of each window's targets they are, positions scored_from to
+    scored_to - 1 (the ones before are context). first: by default the first one this length can score.
+
+    Windows take the targets in turns of `step` (stride, or the whole window), each with its context before it; a
+    turn that would run past the split's end is scored by a window that ends with the split."""
+    step = length if mode == "windows" else stride  # targets per window
+    ahead = context(length, mode, stride)
+    first = ahead + 1 if first is None else first
+    if first <= ahead:
+        raise ValueError(f"a window of {length} tokens scores no target before tokens[{ahead + 1}], not {first}")
+    if n_tokens - 1 - max(length, first) < 0:  # no window fits, or no target is left after the context
+        raise GlimpseError(f"the validation split has {n_tokens:,} tokens, too few for a context of "
+                           f"{max(length, first - 1):,}: score shorter contexts (eval.py's --lengths)")
+    turn = np.arange(first, min(n_tokens, first + max_tokens), step)  # (W,) each window's first target
+    end = np.minimum(turn + step, first + max_tokens)  # (W,) one past its last
+    starts = np.minimum(turn - ahead - 1, n_tokens - 1 - length)  # (W,) the last target is tokens[start + length]
+    return starts, turn - starts - 1, np.minimum(end, n_tokens) - starts - 1
 
 
 def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,20 +81,21 @@ def windows(tokens: np.ndarray, length: int, max_tokens: int, device) -> tuple[t
 
 @torch.no_grad()  # not inference_mode: a compiled model would need a graph of its own for inference tensors
 def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, max_tokens: int,
-                batch_size: int, device, ctx, *, ddp=None, show_progress: bool = False, desc: str = ""
-                ) -> tuple[float, int]:
-    """Mean loss (nats per token) over up to max_tokens scored tokens, and how many were scored.
+                batch_size: int, device, ctx, *, first: int | None = None, ddp=None, show_progress: bool = False,
+                desc: str = "") -> tuple[float, int]:
+    """Mean loss (nats per token) over up to max_tokens targets from tokens[first] (scored_windows), and how many
+    were scored.
 
     Each batch goes through the model as the evals' batches do, inputs and targets of batch_size windows, the
     model scoring the targets it is given: the last batch is filled up with windows whose targets are all
-    ignored, and the context-only targets of sliding windows are ignored, so that a compiled model scores the
+    ignored, and the targets a window does not score are ignored, so that a compiled model scores the
     whole split on the graph its evals made (at the same batch size), with no shape of its own to compile.
     Under DDP (ddp, a distributed.Distributed) each process scores every world_size-th window and the
     sums are added up, so a split of any size costs each process its share only. show_progress: a progress bar
     over the windows on a terminal (long lengths are long work on a CPU: docs/length.md), named desc or by the
     windows' mode and length.
     """
-    starts, scored_from = scored_windows(len(tokens), length, mode, stride, max_tokens)
+    starts, scored_from, scored_to = scored_windows(len(tokens), length, mode, stride, max_tokens, first)
     mine = range(len(starts)) if ddp is None else ddp.share(range(len(starts)))  # in lockstep, padded with None
     sums = torch.zeros(2, dtype=sum_dtype(device), device=device)  # (summed loss, tokens scored)
     bar = tqdm(total=sum(w is not None for w in mine), desc=desc or f"{mode}, {length:,} tokens", unit="window",
@@ -86,10 +108,11 @@ def length_loss(model, tokens: np.ndarray, length: int, mode: str, stride: int, 
             x = window[:, :-1].contiguous().to(device)  # (B, L)
             # a copy of its own: for one window, contiguous() would give a view into x's memory, and -1 written there
             y = window[:, 1:].clone(memory_format=torch.contiguous_format)  # (B, L)
-            first = torch.full((batch_size, 1), length)  # (B, 1): the filling's targets are all ignored
-            first[:n, 0] = torch.from_numpy(scored_from[batch])
-            y[torch.arange(length) < first] = -1  # context only (sliding windows, the last window), and the filling
-            count = length * n - int(first[:n].sum())
+            lo, hi = torch.zeros(batch_size, 1, dtype=torch.int64), torch.zeros(batch_size, 1, dtype=torch.int64)
+            lo[:n, 0], hi[:n, 0] = torch.from_numpy(scored_from[batch]), torch.from_numpy(scored_to[batch])  # (B, 1)
+            position = torch.arange(length)  # (L,)
+            y[(position < lo) | (position >= hi)] = -1  # context, targets past max_tokens, and the filling (lo = hi)
+            count = int((hi - lo).sum())
             with ctx:
                 _, loss = model(x, y.to(device))  # the mean over the targets not ignored
             if count:

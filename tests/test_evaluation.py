@@ -21,48 +21,45 @@ from tests.conftest import Terminal
 from tests.test_hellaswag import fixed_logits_model
 
 
-def loss_by_hand(model, tokens: np.ndarray, length: int, step: int, scored: int, max_tokens: int):
-    """Windows of `length` tokens starting every `step` tokens, scoring each window's last `scored` predictions
-    until max_tokens are scored, and when every window fitted, the targets after the last one in a window that
-    ends with the tokens: the mean of -log softmax(logits)[next token], and how many were scored."""
-    losses, last_target = [], 0
-
-    def score(start: int, positions: range):
+def loss_by_hand(model, tokens: np.ndarray, length: int, step: int, max_tokens: int, first: int | None = None):
+    """The targets tokens[first:first + max_tokens] (to the split's end), taken `step` at a time from first, each
+    turn scored by the window of `length` tokens that ends with it, or when that would run past the split, by
+    the window that ends with the split: the mean of -log softmax(logits)[target], and how many were scored.
+    By default first is the first target that has length - step tokens before it."""
+    first = length - step + 1 if first is None else first
+    losses = []
+    for target in range(first, min(len(tokens), first + max_tokens)):
+        turn_ends = first + ((target - first) // step + 1) * step - 1  # the last target of this target's turn
+        start = min(turn_ends - length, len(tokens) - 1 - length)  # the window holds tokens[start:start + length + 1]
+        assert target - start - 1 >= length - step  # it sees at least length - step tokens before it
         window = torch.from_numpy(tokens[start:start + length + 1].astype(np.int64))
         log_probs = model(window[None, :-1])[0][0].log_softmax(dim=-1)  # (length, V)
-        losses.extend(-log_probs[pos, window[pos + 1]].item() for pos in positions)
-
-    for start in range(0, len(tokens) - length, step):  # the window's last target is tokens[start + length]
-        if len(losses) >= max_tokens:
-            break
-        score(start, range(length - scored, length))
-        last_target = start + length
-    else:
-        left = len(tokens) - 1 - last_target
-        score(len(tokens) - length - 1, range(length - left, length))
+        losses.append(-log_probs[target - start - 1, tokens[target]].item())
     return sum(losses) / len(losses), len(losses)
 
 
-@pytest.mark.parametrize("mode, stride, max_tokens, batch_size, n_tokens", [
-    ("windows", 12, 100, 3, 100), ("sliding", 4, 100, 3, 100), ("sliding", 7, 100, 3, 100),
-    ("sliding", 4, 30, 3, 100), ("sliding", 4, 100, 1, 100), ("windows", 12, 100, 1, 100),
-    ("windows", 12, 100, 3, 97), ("windows", 12, 30, 3, 100)])
-def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, batch_size, n_tokens):
+@pytest.mark.parametrize("mode, stride, max_tokens, batch_size, n_tokens, first", [
+    ("windows", 12, 100, 3, 100, None), ("sliding", 4, 100, 3, 100, None), ("sliding", 7, 100, 3, 100, None),
+    ("sliding", 4, 30, 3, 100, None), ("sliding", 4, 100, 1, 100, None), ("windows", 12, 100, 1, 100, None),
+    ("windows", 12, 100, 3, 97, None), ("windows", 12, 30, 3, 100, None), ("sliding", 4, 30, 3, 100, 21),
+    ("sliding", 5, 100, 3, 100, 30), ("windows", 12, 50, 2, 100, 7)])
+def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, batch_size, n_tokens, first):
     """windows scores every token of non-overlapping windows; sliding moves by stride and scores only the
-    last stride tokens of each window; over the whole split, the tokens after the last window are scored too
-    (100 tokens leave 3 after twelve-token windows, 97 none). Catches sliding mode scoring whole windows (which
-    counts the same tokens several times, most of them with little context), the split's last tokens left out
-    or scored twice, and the filling of a last batch (every case has a window count that batches of 3 do not
-    divide) being scored."""
+    last stride tokens of each one; over the whole split, the tokens after the last window are scored too
+    (100 tokens leave 3 after twelve-token windows, 97 none); max_tokens is the count scored, not rounded up to
+    whole windows (30 is not a multiple of 4 or 12); scoring can begin later (first), as eval.py's lengths
+    do to score the same text. Catches sliding mode scoring whole windows (which counts the same tokens several
+    times, most of them with little context), the split's last tokens left out or scored twice, and the
+    filling of a last batch (most cases have a window count that their batch size does not divide) being scored."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 20, n_tokens).astype(np.uint16)
     length = 12
-    step, scored = (length, length) if mode == "windows" else (stride, stride)
+    step = length if mode == "windows" else stride
     with torch.no_grad():
-        expected, expected_count = loss_by_hand(model, tokens, length, step, scored, max_tokens)
+        expected, expected_count = loss_by_hand(model, tokens, length, step, max_tokens, first)
     loss, count = length_loss(model, tokens, length, mode, stride, max_tokens, batch_size, "cpu",
-                              contextlib.nullcontext())
+                              contextlib.nullcontext(), first=first)
     assert count == expected_count
     assert loss == pytest.approx(expected, rel=1e-5)
 

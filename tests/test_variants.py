@@ -192,6 +192,34 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     assert [line.split(",")[0] for line in (learned / "length_eval.csv").read_text().splitlines()[1:]] == ["1", "1"]
 
 
+def test_eval_py_scores_the_same_text_at_every_length(tmp_path, data_dir):
+    """With its blocks' outputs zeroed, a model predicts each token from the token before it alone, so the
+    context cannot change its loss: each length's loss is then that of the text it scored, and every length,
+    in each mode, scores the same tokens. (Sliding windows that all began at token 0 scored text further on at
+    longer lengths, and max_tokens rounded up to whole windows scored more of it.)"""
+    import csv
+
+    from glimpse.checkpoint import best_path, load_checkpoint, save_checkpoint
+    from tests.conftest import python, tiny_config
+    from train import train
+
+    out = tmp_path / "rope"
+    train(tiny_config(data_dir, out, pos_encoding="rope", block_size=16, max_iters=10, eval_interval=10,
+                      attn_log_interval=0))
+    state = load_checkpoint(best_path(out))  # what eval.py reads
+    for name, weight in state["model"].items():
+        if ".c_proj." in name:  # what attention and the MLP add to the residual stream
+            weight.zero_()
+    save_checkpoint(best_path(out), state)
+    run = python("eval.py", f"--out_dir={out}", "--lengths=1,2,4", "--max_tokens=100", "--stride=6", "--dtype=float32")
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader(open(out / "length_eval.csv")))
+    for mode in ("windows", "sliding"):
+        scored = [(float(r["val_loss"]), int(r["tokens_scored"])) for r in rows if r["mode"] == mode]
+        assert len(scored) == 3 and all(count == 100 for _, count in scored)
+        assert [loss for loss, _ in scored] == pytest.approx([scored[0][0]] * 3, rel=1e-6)
+
+
 def test_eval_py_logs_its_table_and_plot_to_wandb(tmp_path, data_dir):
     from tests.conftest import python, tiny_config
     from train import train
