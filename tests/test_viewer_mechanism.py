@@ -601,6 +601,7 @@ def test_the_snapshot_slider_keeps_the_head_across_steps_in_chromium(tmp_path, b
     viewer.locator("#head").select_option("2")
     page.wait_for_function("location.hash === '#step=1000&layer=1&head=2&mode=weights'", timeout=10_000)
 
+    history = page.evaluate("history.length")
     page.locator("#slider").focus()
     for key, step in [("Home", 0), ("ArrowRight", 50)]:  # other snapshots, with the same head
         page.keyboard.press(key)
@@ -609,6 +610,16 @@ def test_the_snapshot_slider_keeps_the_head_across_steps_in_chromium(tmp_path, b
         frame = page.frame(url=lambda url, step=step: f"iter_{step}/index.html" in url)
         frame.wait_for_function("document.body.dataset.painted === '1,2,sqrt'", timeout=10_000)
         assert frame.evaluate("window.glimpseViewer.state().head") == 2
+    # no step is an entry of the tab's history: Back would change the frame's step under the slider's
+    assert page.evaluate("history.length") == history
+
+    page.evaluate("location.hash = '#step=100&layer=0&head=1&mode=weights'")  # an address typed by hand
+    page.wait_for_function(frame_ready.format(100), timeout=10_000)
+    assert page.inner_text("#step") == "step 100" and page.evaluate("document.getElementById('slider').value") == "2"
+    frame = page.frame(url=lambda url: "iter_100/index.html" in url)
+    frame.wait_for_function("document.body.dataset.painted === '0,1,sqrt'", timeout=10_000)
+    viewer.locator("#layer").select_option("1")
+    viewer.locator("#head").select_option("2")
 
     page.click("#play")  # plays on to the last step, then stops
     page.wait_for_function(frame_ready.format(1000), timeout=30_000)
