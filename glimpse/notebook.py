@@ -36,6 +36,7 @@ from glimpse.evaluation import evaluating
 from glimpse.gpt2 import PRETRAINED
 from glimpse.induction import induction_probe
 from glimpse.mechanism import Mechanism, trace
+from glimpse.positions import alibi_slopes
 from model import GPT
 
 
@@ -148,7 +149,8 @@ class Run(Mechanism):
     def step(self, layer: int, head: int, query: int) -> dict:
         """One query of one head through the lecture's steps, every number taken from the trace: its query
         vector and the keys it may see, q . k per key and the scale (None for additive scores, which take no dot
-        product), ALiBi's penalty or None, the scores the softmax takes, the weights, the weighted values, the
+        product), ALiBi's penalty or None (in additive scores too: the head's network gave scores - penalty),
+        the scores the softmax takes, the weights, the weighted values, the
         context vector, and the size of what the head moved from each key (moved_norm; top_moved_key the
         largest)."""
         n_layer, n_head, T = self.shape
@@ -168,10 +170,14 @@ class Run(Mechanism):
         weights = self.weights[layer, head, query, : query + 1]
         values = self.v[layer, head, : query + 1]  # (query + 1, hs)
         moved = weights * self.value_out_norm[layer, head, : query + 1]  # (query + 1,): head_out_norm's row
+        penalty = None  # ALiBi's -slope x distance back, in float32 as the model adds it
+        if c.pos_encoding == "alibi":
+            distance = np.arange(query, -1, -1, dtype=np.float32)  # (query + 1,)
+            penalty = np.float32(0) - alibi_slopes(n_head)[head].numpy().astype(np.float32) * distance  # not -0
         return {
             "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q if scale else None,
             "dots": dots,
-            "scale": scale, "penalty": scores - dots * scale if c.pos_encoding == "alibi" and scale else None,
+            "scale": scale, "penalty": penalty,
             "scores": scores, "masked": T - query - 1, "weights": weights, "values": values,
             "weighted_values": weights[:, None] * values, "context": self.context[layer, head, query],
             "moved_norm": moved, "top_moved_key": int(moved.argmax()),

@@ -262,12 +262,18 @@ def random_model(**config) -> Model:
     return Model(gpt, {"tokenizer": {"kind": "char", "chars": CHARS}, "model_config": asdict(gpt.config)}, "random")
 
 
-def test_a_runs_step_under_additive_scores_shows_no_dot_product():
+@pytest.mark.parametrize("pos_encoding", ["learned", "alibi"])
+def test_a_runs_step_under_additive_scores_shows_no_dot_product(pos_encoding):
     """Additive scores (v . tanh(W_q q + W_k k)) take no q . k: a step offers none rather than numbers that are
-    not the head's, and its scores are the traced ones."""
-    run = random_model(attn_score="additive").run("kaqbwkaqbw")
+    not the head's, and its scores are the traced ones. ALiBi's penalty is in them as in any score, and the step
+    gives it: without it the distance's share of the scores would read as the network's."""
+    run = random_model(attn_score="additive", pos_encoding=pos_encoding).run("kaqbwkaqbw")
     step = run.step(1, 0, 6)
-    assert step["dots"] is None and step["q_times_k"] is None and step["scale"] is None and step["penalty"] is None
+    assert step["dots"] is None and step["q_times_k"] is None and step["scale"] is None
+    if pos_encoding == "alibi":  # head 0 of 2: slope 2^-4, the steepest
+        np.testing.assert_array_equal(step["penalty"], -np.arange(6, -1, -1) / 16)
+    else:
+        assert step["penalty"] is None
     np.testing.assert_array_equal(step["scores"], run.scores[1, 0, 6, :7])
     np.testing.assert_allclose(step["context"], step["weights"] @ step["values"], atol=1e-5)
 

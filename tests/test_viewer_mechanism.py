@@ -529,7 +529,8 @@ def test_a_number_shown_in_two_places_reads_the_same_in_both_in_chromium(tmp_pat
     page.close()
 
 
-@pytest.mark.parametrize("variant", [{"attn_score": "dot"}, {"attn_score": "additive"}, {"pos_encoding": "alibi"}])
+@pytest.mark.parametrize("variant", [{"attn_score": "dot"}, {"attn_score": "additive"}, {"pos_encoding": "alibi"},
+                                     {"attn_score": "additive", "pos_encoding": "alibi"}])
 def test_the_steps_follow_the_models_own_scoring_in_chromium(tmp_path, browser, variant):  # noqa: F811
     traced = traced_model(n_tokens=20, block_size=20, seed=2, **variant)
     mechanism = traced[0]
@@ -545,14 +546,18 @@ def test_the_steps_follow_the_models_own_scoring_in_chromium(tmp_path, browser, 
     if variant.get("attn_score") == "dot":  # not scaled: the score is q.k itself
         assert steps["scale"] == 1 and "not scaled" in recipe
         np.testing.assert_allclose([key["scaled"] for key in keys], dots[: i + 1], rtol=5e-3, atol=5e-3)
-    elif variant.get("attn_score") == "additive":  # no dot product to show: the scores alone
+    if variant.get("attn_score") == "additive":  # no dot product to show: the scores alone
         assert all(key["qk"] is None for key in steps["keys"]) and "own small network" in recipe
         assert "q·k" not in page.inner_text("#steps-table tr >> nth=0")
-    else:  # ALiBi: a penalty of -slope x distance beside the scaled q.k
+    if variant.get("pos_encoding") == "alibi":  # a penalty of -slope x distance, beside the scaled q.k or the network's
         slope = float(alibi_slopes(2)[head])
         expected = [-slope * (i - key["j"]) for key in keys]
         np.testing.assert_allclose([key["penalty"] for key in keys], expected, atol=5e-3)
-        assert "ALiBi" in recipe
+        assert "ALiBi" in recipe and "ALiBi" in page.inner_text("#steps-table tr >> nth=0")
+        if variant.get("attn_score") == "additive":  # what the network gave is the score less the penalty
+            np.testing.assert_allclose([key["network"] for key in keys],
+                                       mechanism.scores[layer, head, i, : i + 1] - expected, rtol=2e-3, atol=2e-3)
+            assert "v·tanh" in page.inner_text("#steps-table tr >> nth=0")
     assert errors == []
     page.close()
 
