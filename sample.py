@@ -213,7 +213,8 @@ def text_importance(model, text_ids: list[int], ablation: str, ctx) -> dict | No
 def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
     """What a dump was made from: the model, the checkpoint, the sampling settings and any heads removed."""
     settings = {k: getattr(cfg, k) for k in ("start", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p")}
-    removed = {"ablated_heads": cfg.ablate.split(","), "ablation": cfg.ablation} if cfg.ablate else {}
+    removed = {"ablated_heads": [f"{layer}.{head}" for layer, head in parse_heads(cfg.ablate)],
+               "ablation": cfg.ablation} if cfg.ablate else {}
     return {"model_config": state["model_config"], "iter": state.get("iter_num"), "val_loss": state.get("val_loss"),
             "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"], **removed}
 

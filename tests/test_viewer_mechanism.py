@@ -578,6 +578,29 @@ def test_the_window_says_what_was_cut_in_chromium(tmp_path, browser, traced):  #
     page2.close()
 
 
+def test_heads_removed_while_sampling_are_marked_in_chromium(tmp_path, browser):  # noqa: F811
+    """A removed head still computed weights, which the page draws as any head's: it says which heads the rest
+    of the model never heard from, on the page, their thumbnails and the selected head's table."""
+    meta = {"ablated_heads": ["1.0", "0.1"], "ablation": "mean"}
+    write_dump(tmp_path / "removed", synthetic_attention(2, 2, 8), list(range(8)), list("abcdefgh"), 3, meta,
+               pngs=False)
+    page, errors, _ = open_viewer(browser, tmp_path / "removed" / "index.html")
+    text = page.inner_text("#removed")
+    assert "heads 1.0, 0.1 removed" in text and "replaced by its mean output" in text
+    removed = page.eval_on_selector_all(".thumb.removed", "bs => bs.map(b => b.dataset.layer + '.' + b.dataset.head)")
+    assert sorted(removed) == ["0.1", "1.0"]
+    page.evaluate("window.glimpseViewer.select(1, 0)")
+    assert "removed" in page.inner_text("#metrics tr >> nth=0")
+    page.evaluate("window.glimpseViewer.select(1, 1)")
+    assert "removed" not in page.inner_text("#metrics tr >> nth=0")
+    intact, errors2, _ = open_viewer(browser, write_viewer(tmp_path / "intact.html", synthetic_attention(2, 2, 8),
+                                                           list("abcdefgh"), 3, {}))
+    assert not intact.locator("#removed").is_visible() and intact.locator(".thumb.removed").count() == 0
+    assert errors == [] and errors2 == []
+    page.close()
+    intact.close()
+
+
 # --- the training snapshots' slider -------------------------------------------------------------------
 
 
