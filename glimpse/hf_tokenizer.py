@@ -25,26 +25,24 @@ GPT2_PROBE = "ROMEO: Café naïve — déjà vu 😀🎉 中文字符\n\n   runs
 
 
 def folder_tokenizer(folder: Path, vocab_size: int) -> dict:
-    """The spec of glimpse's tokenizer that encodes as folder/tokenizer.json does, or a GlimpseError.
+    """The spec of glimpse's tokenizer that encodes as the folder's own does, or a GlimpseError.
 
-    A folder without one holds weights alone, as glimpse/gpt2.py's download_hint fetches GPT-2's: GPT-2's BPE
-    when the vocabulary has room for it.
+    The folder's tokenizer is its tokenizer.json, or else transformers' GPT-2 tokenizer files (vocab.json and
+    merges.txt, as older uploads hold them). A folder with neither holds weights alone, as glimpse/gpt2.py's
+    download_hint fetches GPT-2's: GPT-2's BPE when the vocabulary has room for it.
     """
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        if vocab_size >= GPT2_VOCAB_SIZE:
-            return dict(GPT2_SPEC)
+    if path.is_file():
+        theirs = read_tokenizer_json(path)
+    elif (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
+        path = folder / "vocab.json"  # what the errors below name
+        theirs = read_vocab_and_merges(folder)
+    elif vocab_size >= GPT2_VOCAB_SIZE:
+        return dict(GPT2_SPEC)
+    else:
         raise GlimpseError(f"{folder} has no tokenizer.json, and its {vocab_size:,}-token vocabulary is not GPT-2's "
                            f"{GPT2_VOCAB_SIZE:,}: put the tokenizer.json it was trained with beside its weights "
                            "(export.py writes one)")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise GlimpseError(f"reading {path} needs the tokenizers library: pip install tokenizers") from None
-    try:
-        theirs = Tokenizer.from_str(path.read_text(encoding="utf-8"))
-    except Exception as e:  # tokenizers reports a malformed file as a bare Exception
-        raise GlimpseError(f"{path} is not a readable tokenizer file ({str(e).splitlines()[0][:200]})") from None
     vocab = theirs.get_vocab(with_added_tokens=True)  # {token: id}
     spec = None
     if len(vocab) == GPT2_VOCAB_SIZE and vocab.get("<|endoftext|>") == GPT2_VOCAB_SIZE - 1 and vocab == gpt2_vocab():
@@ -59,6 +57,37 @@ def folder_tokenizer(folder: Path, vocab_size: int) -> dict:
     if tokenizer_from_spec(spec).vocab_size > vocab_size:
         raise GlimpseError(f"{path} has {len(vocab):,} tokens, more than the {vocab_size:,} of the model beside it")
     return spec
+
+
+def read_tokenizer_json(path: Path):
+    """A tokenizer.json as a tokenizers.Tokenizer, or a GlimpseError."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise GlimpseError(f"reading {path} needs the tokenizers library: pip install tokenizers") from None
+    try:
+        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # tokenizers reports a malformed file as a bare Exception
+        raise GlimpseError(f"{path} is not a readable tokenizer file ({str(e).splitlines()[0][:200]})") from None
+
+
+def read_vocab_and_merges(folder: Path):
+    """The tokenizer transformers makes of a folder's vocab.json and merges.txt (and its tokenizer_config.json,
+    which may add a prefix space), as a tokenizers.Tokenizer, or a GlimpseError."""
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        raise GlimpseError(f"{folder} has no tokenizer.json and no {missing[0]} beside its other tokenizer file: "
+                           "put the tokenizer files it was trained with beside its weights")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise GlimpseError(f"reading {folder}'s vocab.json and merges.txt needs transformers: pip install "
+                           "transformers (or put a tokenizer.json beside them)") from None
+    try:
+        return AutoTokenizer.from_pretrained(folder).backend_tokenizer
+    except Exception as e:  # transformers raises many kinds for files it cannot read
+        raise GlimpseError(f"{folder}'s vocab.json and merges.txt are not a readable tokenizer "
+                           f"({type(e).__name__})") from None
 
 
 def gpt2_vocab() -> dict[str, int]:

@@ -177,6 +177,32 @@ def test_transformers_own_gpt2_tokenizer_reads_as_gpt2(tmp_path, gpt2_ranks):
                 folder_tokenizer(folder, 50257)
 
 
+def test_vocab_json_and_merges_txt_without_a_tokenizer_json_are_read_for_what_they_are(tmp_path, gpt2_ranks):
+    """A folder whose tokenizer is vocab.json and merges.txt alone (older uploads, GPT-2 models of other
+    languages) is read through transformers: GPT-2's own files are GPT-2's BPE; the same tokens with other ids, or
+    one file without the other, are refused, not sampled as GPT-2's BPE because the vocabulary has its size."""
+    exported = export_run(glimpse_checkpoint(tmp_path / "run", GPTConfig(block_size=16, n_layer=1, n_head=2,
+                                                                         n_embd=16), GPT2_SPEC), tmp_path / "hf")
+    bpe = json.loads((exported / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab = {**bpe["vocab"], "<|endoftext|>": 50256}
+    merges = "#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]) + "\n"
+    tokens = sorted(vocab, key=vocab.get)
+    shuffled = dict(zip(tokens, [*reversed(range(50256)), 50256]))  # the same tokens, other ids
+    for name, ids in (("gpt2", vocab), ("other", shuffled), ("no_merges", vocab)):
+        folder = tmp_path / name
+        shutil.copytree(exported, folder)
+        for made in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / made).unlink(missing_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(ids), encoding="utf-8")
+        if name != "no_merges":
+            (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    assert folder_tokenizer(tmp_path / "gpt2", 50257) == GPT2_SPEC
+    with pytest.raises(GlimpseError, match="vocab.json is a tokenizer glimpse cannot reproduce"):
+        folder_tokenizer(tmp_path / "other", 50257)
+    with pytest.raises(GlimpseError, match="no tokenizer.json and no merges.txt"):
+        folder_tokenizer(tmp_path / "no_merges", 50257)
+
+
 def test_literal_end_of_text_is_ordinary_text_in_both_tokenizers(tmp_path, gpt2_ranks):
     out = glimpse_checkpoint(tmp_path / "run", GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), GPT2_SPEC)
     theirs = transformers.AutoTokenizer.from_pretrained(export_run(out, tmp_path / "hf"))
