@@ -163,7 +163,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         out.write(prompt)
         with ctx:
             for step in generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                 generator, heads):
+                                 generator, heads, tokenizer.vocab_size):
                 generated.append(step.token[0, 0].item())
                 text = decoder.decode(tokenizer.decode_bytes(generated[-1:]))
                 pieces.append(text)

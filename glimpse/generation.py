@@ -87,7 +87,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.inference_mode()  # like no_grad, and cheaper per op: generation is overhead-bound on a CPU
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None, heads=None) -> Iterator[Step]:
+             top_p: float | None = None, generator: torch.Generator | None = None, heads=None,
+             vocab_size: int | None = None) -> Iterator[Step]:
     """Yield max_new_tokens Steps of model (a GPT), each one sampled token (B, 1) continuing idx (B, T).
 
     The KV cache covers one context window. When it is full, the window slides: the cache is
@@ -96,6 +97,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     cannot simply be dropped. Every Step's logits therefore equal a full forward over exactly
     tokens[:, window_start:] as they stood when it was sampled; the context seen oscillates
     between half a window and a full one. heads: a HeadEdit (glimpse/self_attention.py) applied at every step.
+    vocab_size: the tokenizer's; the ids past it of a vocabulary padded for speed (GPT-2's 50,257 to 50,304) are
+    never sampled, as no tokenizer could write them out.
     """
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # tokens kept when the window slides
@@ -114,6 +117,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         else:  # the usual step: only the newest token goes through the network
             logits = model(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
         logits = logits.float()  # (B, vocab_size)
+        if vocab_size is not None and vocab_size < logits.size(-1):  # a padded vocabulary: its padding is no token
+            logits = torch.cat((logits[:, :vocab_size], logits.new_full((logits.size(0), logits.size(-1) - vocab_size),
+                                                                        float("-inf"))), dim=1)
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         yield Step(token, logits, window_start)
         tokens = torch.cat((tokens, token), dim=1)

@@ -123,3 +123,23 @@ def test_a_prompt_longer_than_the_window_is_read_through_a_whole_window():
     with torch.no_grad():
         expected = model(prompt[:, -block_size:])[0][:, -1]  # (2, vocab_size)
     torch.testing.assert_close(first.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=3),
+                                      dict(temperature=2.0, top_p=0.9)])
+def test_a_vocabulary_padded_past_the_tokenizers_never_samples_its_padding(settings):
+    """A model whose vocabulary is padded past its tokenizer's (GPT-2's 50,257 to 50,304) has logits for ids no
+    tokenizer can write out: made the likeliest by far here, they are still never sampled."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False)).eval()
+    with torch.no_grad():  # logits v for token v whatever the model reads: the padding's (15 to 19) the highest
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = torch.arange(20, dtype=torch.float32)
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        padded = [step.token for step in generate(model, prompt, 12, **settings)]
+        kept = [step.token for step in generate(model, prompt, 12, **settings, vocab_size=15)]
+    assert (torch.cat(padded) >= 15).float().mean() > 0.5  # what the padding would take without vocab_size
+    assert (torch.cat(kept) < 15).all()

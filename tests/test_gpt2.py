@@ -145,6 +145,22 @@ def test_greedy_generation_equals_transformers_generate(hf_folder, tmp_path, gpt
     assert (tmp_path / "dumps" / "sample_0" / "attention.npz").exists()
 
 
+def test_a_vocabulary_padded_past_gpt2s_samples_gpt2s_tokens_only(tmp_path, gpt2_ranks):
+    """A folder whose vocabulary is padded past GPT-2's 50,257 (to 50,304, for speed) is GPT-2's BPE: its padding's
+    logits, however high, are never sampled (no tokenizer could write them out)."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPE, "vocab_size": 50304})).eval()
+    with torch.no_grad():  # every logit 0 but the padding's, 20: whatever the text, the padding is the likeliest
+        for p in hf.parameters():
+            p.zero_()
+        hf.transformer.ln_f.bias[0] = 1.0
+        hf.transformer.wte.weight[50257:, 0] = 20.0  # tied: the head's rows too
+    hf.save_pretrained(tmp_path / "padded")
+    cfg = build(sample.SampleConfig, dict(init_from=str(tmp_path / "padded"), start="ROMEO:", num_samples=1,
+                                          max_new_tokens=4, temperature=0.0, dump_attention=False))
+    (text,) = sample.sample(cfg, out=io.StringIO())
+    assert text == "ROMEO:!!!!"  # the likeliest of GPT-2's tokens: all at 0, the first, "!"
+
+
 def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_ranks):
     """--init_from=gpt2 reads huggingface_hub's cache under HF_HOME; offline and uncached it says what to do."""
     _, folder = hf_folder
