@@ -21,6 +21,7 @@ glimpse/hf_tokenizer.py.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def read_config(folder: Path) -> GPTConfig:
 
 
 def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """model.safetensors as a state dict of glimpse's GPT (its names, nn.Linear's layout), on the CPU."""
+    """model.safetensors as a state dict of glimpse's GPT (its names, nn.Linear's layout), on the CPU. A file
+    without a head is tied, config.tie_embeddings set to say so."""
     from safetensors import SafetensorError, safe_open
 
     path = folder / "model.safetensors"
@@ -131,7 +133,13 @@ def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
                     state[ours] = tensor.t() if ours.endswith(CONV1D) else tensor
     except (SafetensorError, OSError) as e:
         raise GlimpseError(f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0]})") from None
-    if config.tie_embeddings or "lm_head.weight" not in state:
+    if not config.tie_embeddings and "lm_head.weight" not in state:
+        # two parameters on one matrix would each get their own optimizer state, and export could not save them
+        print(f"note: {path} holds no lm_head.weight though {folder / 'config.json'} unties the head "
+              "(tie_word_embeddings: false): the head is tied to the token embeddings, as GPT-2's is (transformers "
+              "would start it at random)", file=sys.stderr)
+        config.tie_embeddings = True
+    if config.tie_embeddings:
         state["lm_head.weight"] = state.get("transformer.wte.weight")  # tied: one matrix under both names
     missing = sorted(k for k in expected if state.get(k) is None)
     wrong = [k for k in expected if k not in missing and state[k].shape != expected[k]]

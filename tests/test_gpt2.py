@@ -101,6 +101,21 @@ def test_untied_head_imports(tmp_path):
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_an_untied_config_whose_file_has_no_head_loads_tied_and_says_so(tmp_path, capsys):
+    """config.json unties the head but model.safetensors holds none: the head is the embeddings' one matrix, as
+    GPT-2's, and the model says it is tied (two parameters on one matrix got two optimizer states, and export
+    could not save them)."""
+    hf = reference(tie=False, seed=3)
+    hf.save_pretrained(tmp_path / "untied")
+    weights = load_file(tmp_path / "untied" / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "untied" / "model.safetensors", metadata={"format": "pt"})
+    model = load_pretrained(str(tmp_path / "untied"))
+    assert model.config.tie_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    assert len(list(model.parameters())) == len({p.data_ptr() for p in model.parameters()})
+    assert "holds no lm_head.weight though" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_folder_saved_in_half_precision_loads_in_float32(tmp_path, dtype):
     """Weights saved in 16 bits are read as float32, as glimpse's training (a float16 gradient cannot be unscaled)
