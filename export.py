@@ -47,7 +47,7 @@ from glimpse.checkpoint import (
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.gpt2 import hf_config, hf_weights, unexportable
-from glimpse.hf_tokenizer import hf_tokenizer
+from glimpse.hf_tokenizer import hf_tokenizer, save_tokenizer
 from model import GPTConfig
 
 
@@ -108,7 +108,7 @@ def export(cfg: ExportConfig) -> Path:
         generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],
                       "max_length": hf["n_positions"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         dest.mkdir(parents=True, exist_ok=True)
         written = sorted(f.name for f in tmp.iterdir())
         for name in written:

@@ -11,6 +11,7 @@ glimpse would read differently is refused rather than sampled from with the wron
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from data.tokenizer import GPT2_ENCODING, GPT2Tokenizer, tokenizer_from_spec
@@ -150,3 +151,13 @@ def hf_tokenizer(spec: dict, block_size: int):
     # clean_up_tokenization_spaces would drop the space before punctuation on decoding: text must come back whole
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
                                    clean_up_tokenization_spaces=False, **special)
+
+
+def save_tokenizer(tokenizer, folder: Path):
+    """tokenizer.save_pretrained(folder), its class named as every transformers since 4 reads it: transformers 5
+    names its fast tokenizers' class TokenizersBackend, which transformers 4's AutoTokenizer does not know."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
