@@ -117,6 +117,18 @@ def test_trace_keeps_the_window_transformer_lens_runs(reference):
     close(reference.folded_logits, reference.logits, "folded logits")
 
 
+def test_transformer_lens_reads_a_char_export_from_text_without_a_bos_token(reference):
+    """A char export's vocabulary has no BOS token, and TransformerLens would put one past it (an IndexError):
+    with prepend_bos=False, as docs/gpt2.md says, it encodes text with the exported tokenizer to glimpse's ids
+    and gives glimpse's logits."""
+    text = TEXT[CUT:CUT + reference.config.block_size]
+    assert reference.raw.to_tokens(text, prepend_bos=False)[0].tolist() == reference.ids[CUT:]
+    with torch.no_grad():
+        logits = reference.raw(text, prepend_bos=False)[0]  # (T, V)
+    close(reference.mechanism.logit, logits.gather(1, torch.from_numpy(reference.mechanism.predicted)[:, None])[:, 0],
+          "logit from text")
+
+
 def test_queries_keys_and_values_are_transformer_lens_hooks(reference):
     m, cache = reference.mechanism, reference.raw_cache
     hs = SHAPE["n_embd"] // SHAPE["n_head"]
