@@ -19,9 +19,10 @@ that slides past its learned positions, as glimpse's generate has: there the pro
 fit in block_size together. It reads OUT_DIR/best.pt when there is one, else ckpt.pt (--checkpoint
 chooses).
 
-Only GPT-2's architecture exports: learned positions, LayerNorm, GELU and scaled dot-product scores,
-with or without biases (a model without them exports zeros, which add nothing) and with a tied or
-untied head. Writing the tokenizer needs transformers (pip install transformers).
+Only GPT-2's architecture exports: learned positions, LayerNorm, GELU and scaled dot-product scores, and
+none of qk_norm, logit_softcap, value_embeds, unet or smear, with or without biases (a model without them
+exports zeros, which add nothing) and with a tied or untied head. Writing the tokenizer needs transformers
+(pip install transformers).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
-from glimpse.gpt2 import hf_config, hf_weights, unexportable
+from glimpse.gpt2 import gpt2_settings, hf_config, hf_weights, unexportable
 from glimpse.hf_tokenizer import hf_tokenizer, save_tokenizer
 from model import GPTConfig
 
@@ -91,8 +92,7 @@ def export(cfg: ExportConfig) -> Path:
     config = GPTConfig(**state["model_config"])
     if unexportable(config):
         raise GlimpseError(f"{path} has {', '.join(unexportable(config))}, which GPT-2 has no equivalent of: only "
-                           "pos_encoding=learned, norm=layernorm, activation=gelu, attn_score=scaled_dot and "
-                           "qk_norm=false export")
+                           f"models with {gpt2_settings()} export")
     print(f"exporting {describe(path, state)}", file=sys.stderr)
     tokenizer = hf_tokenizer(state["tokenizer"], config.block_size)  # before anything is written: it may fail
     model = model_from_checkpoint(state)

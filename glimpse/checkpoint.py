@@ -86,6 +86,11 @@ def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     return best_path(out_dir)
 
 
+def parameter_count(n: int) -> str:
+    """A parameter count as the scripts print it: 0.80M, 124.44M; a model of a few thousand would read 0.00M."""
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+
+
 def describe(path: Path, state: dict) -> str:
     """One line on what a loaded checkpoint is, for the scripts to print."""
     val = state.get("val_loss")
@@ -161,7 +166,7 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     device, dtype, _ = runtime(device_name, dtype_name)
     if init_from:
         model = load_pretrained(init_from, device)
-        print(f"{doing} {init_from} ({model.num_params(non_embedding=False) / 1e6:.0f}M parameters)",
+        print(f"{doing} {init_from} ({parameter_count(model.num_params(non_embedding=False))} parameters)",
               file=sys.stderr)
         return model, pretrained_state(init_from, model), device, dtype
     path = chosen_checkpoint(out_dir, which)
@@ -239,8 +244,11 @@ def check_resumable(state: dict, path: Path):
 def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
     """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != tokenizer_spec:
-        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}; "
-                           "resume with the dataset it was trained on")
+        saved = state["train_config"]
+        trained_on = f" ({Path(saved['data_dir']) / saved['dataset']})" if "dataset" in saved and "data_dir" in saved \
+            else ""
+        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}; resume with the dataset it "
+                           f"was trained on{trained_on}: {SAME_SETTINGS}")
     saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
     if saved_optimizer != optimizer:
         raise GlimpseError(f"optimizer={optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "

@@ -76,6 +76,14 @@ def pretrained_folder(source: str) -> Path:
                            "Hugging Face GPT-2 config.json and model.safetensors")
     for name in FILES:
         if not (folder / name).is_file():
+            if any(folder.glob("*.pt")):  # ckpt.pt, best.pt: a training run's out_dir
+                raise GlimpseError(f"{folder} holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: read "
+                                   "it with --out_dir (train.py: --out_dir with --init_from=resume)")
+            pickled = next(folder.glob("*.bin"), None)
+            if name == "model.safetensors" and pickled:
+                raise GlimpseError(f"{folder} holds {pickled.name} but no model.safetensors, the only weights file "
+                                   "glimpse reads (it runs no pickled code): save it as safetensors with transformers, "
+                                   "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR)")
             raise GlimpseError(f"{folder} has no {name}: a Hugging Face GPT-2 folder holds {' and '.join(FILES)} "
                                f"({download_hint('gpt2')})")
     return folder
@@ -211,9 +219,19 @@ def finetune_ignores(config: GPTConfig, asked: GPTConfig, defaults: GPTConfig) -
                                                                                    getattr(config, k))]
 
 
+def setting(key: str, value) -> str:
+    """key=value as a flag sets it (qk_norm=false)."""
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
 def unexportable(config: GPTConfig) -> list[str]:
     """The settings of config that GPT-2 has no equivalent of, as key=value; empty when it exports."""
-    return [f"{k}={getattr(config, k)}" for k, v in GPT2_SWITCHES.items() if getattr(config, k) != v]
+    return [setting(k, getattr(config, k)) for k, v in GPT2_SWITCHES.items() if getattr(config, k) != v]
+
+
+def gpt2_settings() -> str:
+    """What a model must have to export, as a flag sets each."""
+    return ", ".join(setting(k, v) for k, v in GPT2_SWITCHES.items())
 
 
 def hf_config(config: GPTConfig, eos_token_id: int | None) -> dict:

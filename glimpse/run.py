@@ -30,6 +30,7 @@ from glimpse.checkpoint import (
     check_resume,
     checkpoint_path,
     load_checkpoint,
+    parameter_count,
     rank_rng_state,
     restore_rank_rng,
     saved_rank_states,
@@ -265,8 +266,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # each process its own dropout masks
         run.step_lr = get_lr(0, cfg)  # step 0's eval reports the rate its first step will take
-    params = model.num_params()  # a model of a few thousand would read 0.00M
-    run.say((f"{params / 1e6:.2f}M" if params >= 10_000 else f"{params:,}") + " parameters | "
+    run.say(f"{parameter_count(model.num_params())} parameters | "
             f"{device} {str(dtype).removeprefix('torch.')} | "
             f"{ddp.world_size} process(es) | {run.tokens_per_iter:,} tokens per step"
             + (f" | MFU against a peak of {run.peak / 1e12:g} TFLOP/s per device" if run.peak else ""))

@@ -189,7 +189,7 @@ def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_
             "--dump_attention=false"]
     done = python(*args, env=env)
     assert done.returncode == 0, done.stderr
-    assert "sampling from gpt2 (3M parameters)" in done.stderr
+    assert "sampling from gpt2 (3.32M parameters)" in done.stderr
     missing = python(*args, env={**env, "HF_HOME": str(tmp_path / "empty")})
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     (line,) = missing.stderr.strip().splitlines()
@@ -388,17 +388,22 @@ def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, 
 
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
-    no_config, no_weights, llama, truncated = (tmp_path / n for n in ("no_config", "no_weights", "llama", "cut"))
-    for f in (no_config, no_weights, llama, truncated):
+    no_config, no_weights, llama, truncated, pickled = (tmp_path / n for n in ("no_config", "no_weights", "llama",
+                                                                                "cut", "pickled"))
+    for f in (no_config, no_weights, llama, truncated, pickled):
         shutil.copytree(folder, f)
     (no_config / "config.json").unlink()
     (no_weights / "model.safetensors").unlink()
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # what older uploads hold: not read
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     for source, expected in [(no_config, "has no config.json"), (no_weights, "has no model.safetensors"),
                              (llama, "describes a 'llama' model, not GPT-2"), (truncated, "is truncated"),
-                             ("gpt3", "is neither a pretrained model (gpt2, gpt2-medium")]:
+                             ("gpt3", "is neither a pretrained model (gpt2, gpt2-medium"),
+                             (pickled, "holds pytorch_model.bin but no model.safetensors, the only weights file"),
+                             (trained[0].out_dir, "holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: "
+                                                  "read it with --out_dir")]:
         assert expected in run_main(sample.main, [f"--init_from={source}", "--max_new_tokens=1"], capsys), source
     # finetuning GPT-2 on a char-level dataset
     out = tmp_path / "ft"
@@ -411,7 +416,9 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
                     norm="rmsnorm", qk_norm=True)
     odd_run = glimpse_checkpoint(tmp_path / "odd", odd, {"kind": "char", "chars": "abcdefghij"})
     line = run_main(export.main, [f"--out_dir={odd_run}", f"--to={tmp_path / 'never'}"], capsys)
-    assert "pos_encoding=rope, norm=rmsnorm, qk_norm=True, which GPT-2 has no equivalent of" in line
+    assert "pos_encoding=rope, norm=rmsnorm, qk_norm=true, which GPT-2 has no equivalent of: only models with " \
+        "pos_encoding=learned, norm=layernorm, activation=gelu, attn_score=scaled_dot, qk_norm=false, " \
+        "logit_softcap=0.0, value_embeds=0, unet=false, smear=false export" in line
     assert not (tmp_path / "never").exists()
     # --to a folder that holds files: refused, and the files stay as they were
     full = tmp_path / "full"
