@@ -413,11 +413,12 @@ def test_viewer_shows_each_heads_loss_increase_on_its_thumbnail_in_chromium(tmp_
     page, errors, _ = open_viewer(browser, path)
     costs = lambda layer: page.eval_on_selector_all(  # noqa: E731
         f'#overview .thumb[data-layer="{layer}"] .cost', "nodes => nodes.map(n => n.textContent)")
-    assert costs(0) == ["Δloss +0.500", "Δloss -0.020", "Δloss +0.000"]  # one row of thumbnails per layer
+    assert costs(0) == ["Δloss +0.500", "Δloss −0.020", "Δloss 0.000"]  # one row of thumbnails per layer
     assert costs(1) == ["Δloss +0.125", "Δloss +0.250", "Δloss +1.500"]
     colours = page.eval_on_selector_all('#overview .thumb[data-layer="0"] .cost',
                                         "nodes => nodes.map(n => getComputedStyle(n).color)")
-    assert colours == ["rgb(178, 24, 43)", "rgb(33, 102, 172)", "rgb(178, 24, 43)"]  # red, blue where removal helps
+    # red, blue where removal helps, grey where it changes nothing at three decimals
+    assert colours == ["rgb(178, 24, 43)", "rgb(33, 102, 172)", "rgb(102, 102, 102)"]
     page.click('#overview .thumb[data-layer="1"][data-head="2"]')
     assert (state(page)["layer"], state(page)["head"]) == (1, 2)
     assert page.eval_on_selector_all("#overview .thumb.selected", "nodes => nodes.map(n => n.title)") == [

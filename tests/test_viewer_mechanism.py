@@ -75,9 +75,9 @@ def write_mechanism_viewer(folder, traced, prompt_len: int = 6, name: str = "ind
 
 def on_page(x: float, digits: int = 3) -> str:
     """A number as the panels write it: JavaScript's toFixed (a tie rounds away from 0, where Python's format
-    rounds to even), with a true minus sign."""
-    fixed = Decimal(float(x) + 0.0).quantize(  # + 0.0: -0.0 reads 0.000, as toFixed writes it
-        Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    rounds to even), with a true minus sign, and none for a number that rounds to zero."""
+    fixed = Decimal(float(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    fixed = abs(fixed) if fixed == 0 else fixed  # a number that rounds to zero has no sign on the page
     return f"{fixed:.{digits}f}".replace("-", "−")
 
 
@@ -493,7 +493,9 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
 
 
 def signed_on_page(x: float) -> str:
-    return ("+" if x >= 0 else "") + on_page(x)
+    """A signed number as the page writes it: + before a positive one, none before a zero."""
+    text = on_page(x)
+    return ("+" if float(text.replace("−", "-")) > 0 else "") + text
 
 
 @pytest.mark.parametrize("variant", [{}, {"pos_encoding": "alibi"}])
@@ -576,6 +578,58 @@ def test_the_window_says_what_was_cut_in_chromium(tmp_path, browser, traced):  #
     assert errors == [] and errors2 == []
     page.close()
     page2.close()
+
+
+def test_the_keyboard_pins_tokens_and_the_controls_say_what_they_act_on_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    """[ and ] pin the token before or after the pinned one (the first or last when none is), so the panels
+    open without a mouse; the pinned row clicked again lets go, as its token does; s leaves the scale alone in
+    scores mode, which has none; the scale says what its root is of, and the thumbnails that they stay weights."""
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    T = state(page)["T"]
+    for key, want in [("]", 0), ("]", 1), ("[", 0), ("[", 0), ("Escape", None), ("[", T - 1), ("]", T - 1)]:
+        page.keyboard.press(key)
+        assert (state(page)["hover"], state(page)["pinned"]) == (want, want is not None), key
+    page.wait_for_function(f"document.getElementById('steps').dataset.shown === '0,0,{T - 1}'", timeout=10_000)
+    page.keyboard.press("Escape")
+    box = page.locator("#overlay").bounding_box()
+    row = (3 + 0.5) / T * box["height"] + box["y"]
+    page.mouse.click(box["x"] + 2, row)
+    assert state(page)["pinned"] and state(page)["hover"] == 3
+    page.mouse.click(box["x"] + 2, row)
+    assert not state(page)["pinned"]
+    assert page.inner_text("#thumbs-note") == "" and page.inner_text("#scale") .startswith("√ weight")
+    page.evaluate("window.glimpseViewer.setMode('scores')")
+    page.keyboard.press("s")
+    assert state(page)["scale"] == "sqrt" and "weights" in page.inner_text("#thumbs-note")
+    page.evaluate("window.glimpseViewer.setMode('moved')")
+    page.keyboard.press("s")
+    assert state(page)["scale"] == "linear" and page.locator("#scale option").first.inner_text() == "√ moved"
+    assert errors == []
+    page.close()
+
+
+def test_an_address_that_names_no_head_says_so_in_chromium(tmp_path, browser):  # noqa: F811
+    path = write_viewer(tmp_path / "v.html", synthetic_attention(2, 2, 8), list("abcdefgh"), 3, {})
+    page, errors, _ = open_viewer(browser, path)
+    page.goto(path.as_uri() + "#layer=-1&head=x")
+    page.wait_for_function("document.body.dataset.ready", timeout=10_000)
+    assert "layer=-1 and head=x is not a layer or head number" in page.inner_text("#note")
+    page.evaluate("window.glimpseViewer.select(1, 1)")  # a choice made clears it
+    assert page.inner_text("#note") == ""
+    assert errors == []
+    page.close()
+
+
+def test_a_loss_change_that_rounds_to_zero_reads_as_neither_cost_nor_gain_in_chromium(tmp_path, browser):  # noqa: F811
+    importance = {"loss_increase": [[-0.0001, 0.2], [-0.3, 0.0004]]}
+    path = write_viewer(tmp_path / "v.html", synthetic_attention(2, 2, 8), list("abcdefgh"), 3, {},
+                        importance=importance)
+    page, errors, _ = open_viewer(browser, path)
+    costs = page.eval_on_selector_all(".thumb .cost", "cs => cs.map(c => [c.textContent, c.className])")
+    assert costs == [["Δloss 0.000", "cost none"], ["Δloss +0.200", "cost"], ["Δloss −0.300", "cost helps"],
+                     ["Δloss 0.000", "cost none"]]
+    assert errors == []
+    page.close()
 
 
 def test_heads_removed_while_sampling_are_marked_in_chromium(tmp_path, browser):  # noqa: F811
