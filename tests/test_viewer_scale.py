@@ -126,7 +126,8 @@ def test_the_picker_has_a_thumbnail_per_head_pooled_by_the_maximum(browser, dump
     titles = page.eval_on_selector_all("#overview .thumb", "nodes => nodes.map(n => n.title)")
     assert titles == [f"layer {layer} · head {head}" for layer in range(LAYERS) for head in range(HEADS)]
     costs = page.eval_on_selector_all('#overview .thumb[data-layer="3"] .cost', "ns => ns.map(n => n.textContent)")
-    assert costs == [f"Δloss +{(3 * HEADS + head) / 100:.3f}" for head in range(HEADS)]
+    assert costs == [f"+{(3 * HEADS + head) / 100:.3f}" for head in range(HEADS)]  # named once, above them all
+    assert "its entropy (nats) and Δloss without it" in page.inner_text("#picker-names")
     n = T // 4
     lower = np.tri(n, dtype=bool)
     for layer, head in [(0, 0), (2, 7), (5, 3)]:
@@ -201,6 +202,27 @@ def test_a_small_dump_keeps_its_picker_above_the_heatmap(browser, tmp_path):  # 
     assert np.array_equal(heatmap_cells(page, cells=16)[lower], expected_pixels(attn[0, 0])[lower])
     assert errors == []
     page.close()
+
+
+def test_many_heads_put_the_picker_beside_the_text_and_a_phone_sees_the_whole_page(browser, dump, tmp_path):  # noqa: F811
+    """Past three layers the picker goes to the text's column, below the text, so that the heatmap and the text
+    stay side by side; on a phone's width nothing runs past the window: the heatmap and the thumbnails shrink."""
+    path, _ = dump
+    page, errors, _ = open_viewer(browser, path)
+    overview, heatmap, tokens = (page.locator(s).bounding_box() for s in ("#overview", "#heatmap", "#tokens"))
+    assert overview["x"] > heatmap["x"] + heatmap["width"] and overview["y"] > tokens["y"] + tokens["height"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1500
+    page.close()
+    small = write_viewer(tmp_path / "small.html", synthetic_attention(2, 4, 64), sample_tokens(64), 6, {})
+    for shown in (path, small):
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.on("pageerror", lambda error: errors.append(str(error)))
+        phone.goto(shown.as_uri())
+        phone.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
+        assert phone.evaluate("document.documentElement.scrollWidth") == 390, shown.name
+        assert phone.locator("#colorbar").bounding_box()["x"] + 72 <= 390
+        phone.close()
+    assert errors == []
 
 
 def measure(browser_too: bool, repeats: int = 3):
