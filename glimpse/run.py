@@ -276,14 +276,19 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
                 f"keys, only {' and '.join(FINETUNE_KEYS)} do)")
     if cfg.compile:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
-    # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole
-    if ddp.is_main:
-        write_text(out_dir / "config.json", json.dumps(config_values(cfg), indent=1) + "\n")
+    # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
+    # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
     run.tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
         keep_through_iter=state["iter_num"] if state else None, draw_losses=True,
     )
+    if ddp.is_main:
+        try:
+            write_text(out_dir / "config.json", json.dumps(config_values(cfg), indent=1) + "\n")
+        except GlimpseError:
+            run.tracker.close()
+            raise
     if state is not None:
         resumed(run, state["train_config"])
     return run

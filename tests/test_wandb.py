@@ -82,18 +82,22 @@ def test_a_resume_behind_what_its_wandb_run_logged_goes_on_in_a_new_wandb_run(tm
 
 def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path, data_dir):
     """Online logging on a machine that never ran `wandb login`: one line saying what to do, before metrics.jsonl
-    is touched (a resume keeps the history past its checkpoint)."""
+    or config.json is touched (a resume keeps the history past its checkpoint, and the settings it was started
+    with); a fresh run leaves no config.json to pass for a run's."""
     out = tmp_path / "out"
     args = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=1",
             "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_interval=5", "--eval_iters=2",
             "--log_interval=5"]
     first = python("train.py", *args, "--max_iters=10", "--always_save_checkpoint=false")
     assert first.returncode == 0, first.stderr
-    history = (out / "metrics.jsonl").read_bytes()
+    history, settings = (out / "metrics.jsonl").read_bytes(), (out / "config.json").read_bytes()
     no_login = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path),
                 "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_SILENT": "true", "NETRC": str(tmp_path / "netrc")}
     resumed = python("train.py", *args, "--max_iters=20", "--init_from=resume", "--wandb_log=true", env=no_login)
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
     (line,) = resumed.stderr.strip().splitlines()
     assert line.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in line, line
-    assert (out / "metrics.jsonl").read_bytes() == history
+    assert (out / "metrics.jsonl").read_bytes() == history and (out / "config.json").read_bytes() == settings
+    fresh = python("train.py", *[a.replace(str(out), str(tmp_path / "fresh")) for a in args], "--max_iters=10",
+                   "--wandb_log=true", env=no_login)
+    assert fresh.returncode == 2 and not (tmp_path / "fresh" / "config.json").exists(), fresh.stderr
