@@ -145,9 +145,15 @@ def test_every_quantity_equals_a_forward_written_out_from_the_weights(arch):
     assert (got.predicted == logits.argmax(-1)).all()
     assert (got.predicted == want["logits"].argmax(-1)).all()
     close(got.logit, want["logits"][np.arange(12), got.predicted])
-    # the logit lens: each layer's stream through ln_f and the head, then the softmax's top token
+    # the logit lens: each layer's stream through ln_f and the head (and its cap), then the softmax's top five
+    cap = model.config.logit_softcap
     for row, lens in enumerate(want["lens"]):
-        assert (got.lens_ids[row, :, 0] == lens.argmax(-1)).all()
+        lens = cap * np.tanh(lens / cap) if cap else lens
+        probs = np.exp(lens - lens.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)  # (T, V)
+        top = np.argsort(-probs, axis=-1)[:, :5]  # (T, 5)
+        assert (got.lens_ids[row] == top).all()
+        close(got.lens_probs[row], np.take_along_axis(probs, top, axis=-1))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
