@@ -80,7 +80,7 @@ class BenchConfig:
     pngs: bool = option(True, "attention_dump: also time the layer PNGs (seconds per layer at 1,024 tokens)")
     mechanism: bool = option(True, "attention_dump: also time and size the dump sample.py --mechanism writes (q, k, v, "
                                    "scores, what each head moved, logit attribution, logit lens)")
-    new_tokens: int = option(500, "sample: tokens generated per timed run")
+    new_tokens: int = option(500, "sample and gpt2: tokens generated per timed run")
     uncached: bool = option(False, "sample: also time each preset without the KV cache (the whole window through "
                                    "the network for every token), interleaved, for the cache's speedup in one run")
     prompt_tokens: int = option(64, "gpt2: tokens of the prompt the models generate after")
