@@ -17,6 +17,12 @@ from glimpse.errors import GlimpseError
 GPT2_ENCODING = "r50k_base"  # tiktoken's file of GPT-2's merge ranks; same ids as its "gpt2" encoding
 
 
+def no_token(i: int) -> str:
+    """What a dump names an id the tokenizer has no token for: a model's vocabulary padded past its tokenizer's
+    (GPT-2's 50,257 to 50,304) has logits for them, and the logit lens or a prediction can land there."""
+    return f"⟨no-token-{i}⟩"  # no spaces: a dump shows a token's spaces as ␣
+
+
 class CharTokenizer:
     """Each character is a token; ids follow the sorted order of the vocabulary's characters."""
 
@@ -56,8 +62,8 @@ class CharTokenizer:
         return self.decode(ids).encode("utf-8")
 
     def token_strings(self, ids) -> list[str]:
-        """The text of each token on its own (for attention dumps)."""
-        return [self.chars[i] for i in ids]
+        """The text of each token on its own (for attention dumps; no_token's name past the vocabulary)."""
+        return [self.chars[i] if 0 <= i < self.vocab_size else no_token(i) for i in ids]
 
 
 class GPT2Tokenizer:
@@ -94,8 +100,10 @@ class GPT2Tokenizer:
         return self.enc.decode_bytes(list(ids))
 
     def token_strings(self, ids) -> list[str]:
-        """The text of each token on its own; bytes that are part of a UTF-8 character show as \\xNN."""
-        return [self.enc.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace") for i in ids]
+        """The text of each token on its own; bytes that are part of a UTF-8 character show as \\xNN (no_token's
+        name past the vocabulary)."""
+        return [self.enc.decode_single_token_bytes(i).decode("utf-8", errors="backslashreplace")
+                if 0 <= i < self.vocab_size else no_token(i) for i in ids]
 
 
 Tokenizer = CharTokenizer | GPT2Tokenizer

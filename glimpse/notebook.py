@@ -187,8 +187,8 @@ class Run(Mechanism):
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder, in place
         of a dump there before (its layer_<l>.png and head_importance.json go too)."""
         folder = Path(folder)
-        write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len),
-                   self.meta(), pngs=pngs, mechanism=self, cut=self.cut, token_text=self.text_of)
+        write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len), self.meta(),
+                   pngs=pngs, mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
         return folder
 
     def show(self, height: int = 760) -> Inline:
@@ -196,7 +196,7 @@ class Run(Mechanism):
         from glimpse.viewer import viewer_html  # matplotlib, which it imports, only once a picture is wanted
 
         page = viewer_html(self.weights, self.tokens, self.prompt_len(None), self.meta(), head_metrics(self.weights),
-                           mechanism=self, cut=self.cut, token_text=self.text_of)
+                           mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
         return Inline(page, height)
 
     def prompt_len(self, prompt_len: int | None) -> int:

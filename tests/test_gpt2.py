@@ -36,6 +36,7 @@ from glimpse.gpt2 import load_pretrained  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tests.conftest import REPO, make_corpus, python, tiny_config  # noqa: E402
 from tests.test_reliability import run_main  # noqa: E402
+from tests.test_render import embedded_data  # noqa: E402
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
 UNICODE = "Café naïve — déjà vu 😀🎉 中文字符\n\n   runs   of  spaces\t tab\r\nit 's here , isn't it ? end "
@@ -171,9 +172,15 @@ def test_a_vocabulary_padded_past_gpt2s_samples_gpt2s_tokens_only(tmp_path, gpt2
         hf.transformer.wte.weight[50257:, 0] = 20.0  # tied: the head's rows too
     hf.save_pretrained(tmp_path / "padded")
     cfg = build(sample.SampleConfig, dict(init_from=str(tmp_path / "padded"), start="ROMEO:", num_samples=1,
-                                          max_new_tokens=4, temperature=0.0, dump_attention=False))
+                                          max_new_tokens=4, temperature=0.0, mechanism=True, pngs=False,
+                                          dump_dir=str(tmp_path / "dumps")))
     (text,) = sample.sample(cfg, out=io.StringIO())
     assert text == "ROMEO:!!!!"  # the likeliest of GPT-2's tokens: all at 0, the first, "!"
+    # the model itself predicts the padding, and the dump's panels name it for what it is
+    dump = load_dump(tmp_path / "dumps" / "sample_0")
+    assert (dump["predicted"] >= 50257).all()
+    page = embedded_data((tmp_path / "dumps" / "sample_0" / "index.html").read_text(encoding="utf-8"))
+    assert page["vocab"]["50257"] == "⟨no-token-50257⟩"
 
 
 def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_ranks):
