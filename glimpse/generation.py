@@ -98,7 +98,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     tokens[:, window_start:] as they stood when it was sampled; the context seen oscillates
     between half a window and a full one. heads: a HeadEdit (glimpse/self_attention.py) applied at every step.
     vocab_size: the tokenizer's; the ids past it of a vocabulary padded for speed (GPT-2's 50,257 to 50,304) are
-    never sampled, as no tokenizer could write them out.
+    never sampled, as no tokenizer could write them out: their logits in the Steps are -inf.
     """
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # tokens kept when the window slides

@@ -613,7 +613,7 @@ def test_an_address_that_names_no_head_says_so_in_chromium(tmp_path, browser):  
     page, errors, _ = open_viewer(browser, path)
     page.goto(path.as_uri() + "#layer=-1&head=x")
     page.wait_for_function("document.body.dataset.ready", timeout=10_000)
-    assert "layer=-1 and head=x is not a layer or head number" in page.inner_text("#note")
+    assert "layer=-1 and head=x are not a layer or head number" in page.inner_text("#note")
     page.evaluate("window.glimpseViewer.select(1, 1)")  # a choice made clears it
     assert page.inner_text("#note") == ""
     assert errors == []

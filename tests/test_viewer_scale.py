@@ -205,8 +205,9 @@ def test_a_small_dump_keeps_its_picker_above_the_heatmap(browser, tmp_path):  # 
 
 
 def test_many_heads_put_the_picker_beside_the_text_and_a_phone_sees_the_whole_page(browser, dump, tmp_path):  # noqa: F811
-    """Past three layers the picker goes to the text's column, below the text, so that the heatmap and the text
-    stay side by side; on a phone's width nothing runs past the window: the heatmap and the thumbnails shrink."""
+    """Past three layers (or six heads) the picker goes to the text's column, below the text, so that the heatmap
+    and the text stay side by side; on a phone's width nothing runs past the window: the heatmap and the
+    thumbnails shrink, and a picker still wider than the window scrolls by itself (12 heads)."""
     path, _ = dump
     page, errors, _ = open_viewer(browser, path)
     overview, heatmap, tokens = (page.locator(s).bounding_box() for s in ("#overview", "#heatmap", "#tokens"))
@@ -214,7 +215,8 @@ def test_many_heads_put_the_picker_beside_the_text_and_a_phone_sees_the_whole_pa
     assert page.evaluate("document.documentElement.scrollWidth") <= 1500
     page.close()
     small = write_viewer(tmp_path / "small.html", synthetic_attention(2, 4, 64), sample_tokens(64), 6, {})
-    for shown in (path, small):
+    wide = write_viewer(tmp_path / "wide.html", synthetic_attention(3, 12, 32), sample_tokens(32), 6, {})
+    for shown in (path, small, wide):
         phone = browser.new_page(viewport={"width": 390, "height": 844})
         phone.on("pageerror", lambda error: errors.append(str(error)))
         phone.goto(shown.as_uri())
