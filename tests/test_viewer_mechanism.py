@@ -504,9 +504,10 @@ def test_a_number_shown_in_two_places_reads_the_same_in_both_in_chromium(tmp_pat
     page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
     layer, head, scaled = 1, 0, "÷√8"
     page.evaluate("window.glimpseViewer.showAllKeys(true)")  # every key's row
-    box = page.locator("#overlay").bounding_box()
     for query in (25, 39):
         pin(page, layer, head, query)
+        page.locator("#overlay").scroll_into_view_if_needed()  # its last rows can lie below the window
+        box = page.locator("#overlay").bounding_box()
         rows = {row["key"]: row["cells"] for row in steps_table(page) if row["key"] is not None and not row["masked"]}
         assert sorted(rows) == list(range(query + 1))
         for j, cells in rows.items():
