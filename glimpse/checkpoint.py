@@ -91,6 +91,14 @@ def parameter_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
 
 
+def refuse_run_folder(source: str):
+    """--init_from takes a Hugging Face GPT-2 (a Hub name or a folder); a glimpse run's out_dir is read otherwise."""
+    folder = Path(source)  # a run named like a Hub model (gpt2) leaves the name the Hub's, as is_hub_name says
+    if not is_hub_name(source) and ((folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file()):
+        raise GlimpseError(f"{folder} holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: read it "
+                           "with --out_dir (train.py: --out_dir with --init_from=resume)")
+
+
 def describe(path: Path, state: dict) -> str:
     """One line on what a loaded checkpoint is, for the scripts to print."""
     val = state.get("val_loss")
@@ -165,6 +173,7 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     """
     device, dtype, _ = runtime(device_name, dtype_name)
     if init_from:
+        refuse_run_folder(init_from)
         model = load_pretrained(init_from, device)
         print(f"{doing} {init_from} ({parameter_count(model.num_params(non_embedding=False))} parameters)",
               file=sys.stderr)

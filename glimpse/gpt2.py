@@ -76,10 +76,7 @@ def pretrained_folder(source: str) -> Path:
                            "Hugging Face GPT-2 config.json and model.safetensors")
     for name in FILES:
         if not (folder / name).is_file():
-            if any(folder.glob("*.pt")):  # ckpt.pt, best.pt: a training run's out_dir
-                raise GlimpseError(f"{folder} holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: read "
-                                   "it with --out_dir (train.py: --out_dir with --init_from=resume)")
-            pickled = next(folder.glob("*.bin"), None)
+            pickled = next(folder.glob("pytorch_model*.bin"), None)  # the weights of older uploads, and shards
             if name == "model.safetensors" and pickled:
                 raise GlimpseError(f"{folder} holds {pickled.name} but no model.safetensors, the only weights file "
                                    "glimpse reads (it runs no pickled code): save it as safetensors with transformers, "

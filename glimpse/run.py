@@ -32,6 +32,7 @@ from glimpse.checkpoint import (
     load_checkpoint,
     parameter_count,
     rank_rng_state,
+    refuse_run_folder,
     restore_rank_rng,
     saved_rank_states,
     write_text,
@@ -229,6 +230,8 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir, cfg.init_from)  # before GPT-2's weights are fetched (gigabytes) for a run that cannot go on
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
+    if pretrained:
+        refuse_run_folder(pretrained)
     folder = pretrained_folder(pretrained) if pretrained else None  # a bad name fails before any data is prepared
 
     data, examples = setup_data(cfg, ddp)

@@ -402,6 +402,10 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
     (no_config / "config.json").unlink()
     (no_weights / "model.safetensors").unlink()
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # what older uploads hold: not read
+    trainer = tmp_path / "trainer"  # a transformers Trainer's checkpoint folder: *.pt and *.bin of its own
+    shutil.copytree(pickled, trainer)
+    for name in ("optimizer.pt", "scheduler.pt", "training_args.bin"):
+        (trainer / name).write_bytes(b"")
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -410,8 +414,11 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
                              ("gpt3", "is neither a pretrained model (gpt2, gpt2-medium"),
                              (pickled, "holds pytorch_model.bin but no model.safetensors, the only weights file"),
                              (trained[0].out_dir, "holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: "
-                                                  "read it with --out_dir")]:
+                                                  "read it with --out_dir"),
+                             (trainer, "holds pytorch_model.bin but no model.safetensors")]:
         assert expected in run_main(sample.main, [f"--init_from={source}", "--max_new_tokens=1"], capsys), source
+    assert "holds a glimpse run's checkpoints" in run_main(  # finetuning from a run's folder: --out_dir's resume
+        train.main, [f"--init_from={trained[0].out_dir}", f"--out_dir={tmp_path / 'never'}"], capsys)
     # finetuning GPT-2 on a char-level dataset
     out = tmp_path / "ft"
     line = run_main(train.main, [f"--init_from={folder}", "--dataset=tiny", f"--data_dir={data_dir}",
