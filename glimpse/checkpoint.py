@@ -254,10 +254,11 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
     """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != tokenizer_spec:
         saved = state["train_config"]
-        trained_on = f" ({Path(saved['data_dir']) / saved['dataset']})" if "dataset" in saved and "data_dir" in saved \
-            else ""
-        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}; resume with the dataset it "
-                           f"was trained on{trained_on}: {SAME_SETTINGS}")
+        trained_on = ""  # where the run's data was, where its checkpoint says
+        if "dataset" in saved and "data_dir" in saved:
+            trained_on = f", {Path(saved['data_dir']) / saved['dataset']}"
+        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}, not the one it was trained "
+                           f"on{trained_on}: {SAME_SETTINGS}")
     saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
     if saved_optimizer != optimizer:
         raise GlimpseError(f"optimizer={optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "

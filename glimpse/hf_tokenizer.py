@@ -3,9 +3,10 @@ Tokenizer files in and out: a Hugging Face tokenizer.json read as the spec of on
 (a folder to sample from or finetune, glimpse/gpt2.py), and glimpse's tokenizers built as Hugging Face fast
 tokenizers (export.py).
 
-A folder's tokenizer.json says which of glimpse's tokenizers it reads: GPT-2's BPE, or a char-level
-vocabulary as export.py writes it. glimpse takes one only after the folder's own tokenizer (through the
-tokenizers library) has encoded a sample text to the ids glimpse's gives, so a folder whose tokenizer
+A folder's tokenizer.json (or, without one, transformers' GPT-2 tokenizer files vocab.json and merges.txt)
+says which of glimpse's tokenizers it reads: GPT-2's BPE, or a char-level vocabulary as export.py writes it.
+glimpse takes one only after the folder's own tokenizer (through the tokenizers library, or transformers for
+vocab.json and merges.txt) has encoded a sample text to the ids glimpse's gives, so a folder whose tokenizer
 glimpse would read differently is refused rather than sampled from with the wrong ids.
 """
 
@@ -87,8 +88,8 @@ def read_vocab_and_merges(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder).backend_tokenizer
     except Exception as e:  # transformers raises many kinds for files it cannot read
-        raise GlimpseError(f"{folder}'s vocab.json and merges.txt are not a readable tokenizer "
-                           f"({type(e).__name__})") from None
+        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise GlimpseError(f"{folder}'s vocab.json and merges.txt are not a readable tokenizer ({cause})") from None
 
 
 def gpt2_vocab() -> dict[str, int]:

@@ -35,6 +35,7 @@ from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from glimpse.gpt2 import PRETRAINED
 from glimpse.induction import induction_probe
+from glimpse.masks import Masks
 from glimpse.mechanism import Mechanism, trace
 from glimpse.positions import alibi_slopes
 from model import GPT
@@ -170,10 +171,10 @@ class Run(Mechanism):
         weights = self.weights[layer, head, query, : query + 1]
         values = self.v[layer, head, : query + 1]  # (query + 1, hs)
         moved = weights * self.value_out_norm[layer, head, : query + 1]  # (query + 1,): head_out_norm's row
-        penalty = None  # ALiBi's -slope x distance back, in float32 as the model adds it
+        penalty = None  # ALiBi's -slope x distance back, as the model's own masks add it (+ 0: not -0 at distance 0)
         if c.pos_encoding == "alibi":
-            distance = np.arange(query, -1, -1, dtype=np.float32)  # (query + 1,)
-            penalty = np.float32(0) - alibi_slopes(n_head)[head].numpy().astype(np.float32) * distance  # not -0
+            masks = Masks.build(query + 1, 0, "cpu", True, alibi_slopes(n_head))
+            penalty = masks.penalty[head, query].numpy() + np.float32(0)  # (query + 1,)
         return {
             "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q if scale else None,
             "dots": dots,

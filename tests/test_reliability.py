@@ -223,8 +223,8 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
 
     (tmp_path / "upper.txt").write_text(corpus_file.read_text().upper())
     prepare(PrepareConfig(dataset="tiny", input=str(tmp_path / "upper.txt"), data_dir=str(other)))
-    assert f"tokenizer does not match dataset {other / 'tiny'}; resume with the dataset it was trained on " \
-        f"({Path(data_dir) / 'tiny'}): resume with the preset" in run_main(
+    assert f"tokenizer does not match dataset {other / 'tiny'}, not the one it was trained on, " \
+        f"{Path(data_dir) / 'tiny'}: resume with the preset" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={out}", *TINY, "--init_from=resume"], capsys)
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == files  # nothing was overwritten
 
