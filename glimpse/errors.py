@@ -28,17 +28,27 @@ INTERRUPTED = 130  # the shell's status for a command that Ctrl-C (SIGINT, 2) st
 
 @contextmanager
 def user_errors(interrupted: str = ""):
-    """Turn a GlimpseError raised inside the block into 'error: ...' on stderr and exit code 2 (UserExit), and
-    Ctrl-C into one line, 'interrupted' and what to do next (interrupted), and exit code 130."""
+    """Turn a GlimpseError (or an OSError) raised inside the block into 'error: ...' on stderr and exit code 2
+    (UserExit), and Ctrl-C into one line, 'interrupted' and what to do next (interrupted), and exit code 130."""
     try:
         yield
-    except GlimpseError as e:
+    except (GlimpseError, OSError) as e:
+        # an OSError is the machine's answer about a path no check foresaw (a full disk, a read-only mount, a name
+        # too long, a symlink loop): the user's to fix too, so one line naming the path, not a traceback
+        message = str(e) if isinstance(e, GlimpseError) else os_error_message(e)
         if not _caller_reports.get():
-            print(f"error: {e}", file=sys.stderr)
-        raise UserExit(str(e)) from None
+            print(f"error: {message}", file=sys.stderr)
+        raise UserExit(message) from None
     except KeyboardInterrupt:
         print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
+
+
+def os_error_message(e: OSError) -> str:
+    """'could not use PATH: what the system said', for an OSError (its path, when it names one)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    paths = " and ".join(repr(str(p)) for p in (e.filename, e.filename2) if p is not None)
+    return f"could not use {paths}: {reason}" if paths else f"{reason} ({type(e).__name__})"
 
 
 @contextmanager

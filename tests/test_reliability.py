@@ -229,6 +229,25 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == files  # nothing was overwritten
 
 
+def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data_dir, trained, capsys):
+    """Paths no check foresaw, which the operating system refuses (a name past 255 bytes, a file where a folder
+    must go, a folder under a file): one line that names the path and says why, exit 2, no traceback."""
+    import export
+
+    cfg, _ = trained
+    long_name = tmp_path / ("x" * 300)
+    line = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={long_name}", *TINY], capsys)
+    assert line == f"error: could not use {str(long_name)!r}: File name too long"
+    (tmp_path / "dumps").mkdir()
+    (tmp_path / "dumps" / "sample_0").write_text("a file where the first dump's folder goes")
+    line = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", "--num_samples=1",
+                                  f"--dump_dir={tmp_path / 'dumps'}"], capsys)
+    assert line.startswith(f"error: could not use {str(tmp_path / 'dumps' / 'sample_0')!r}")
+    (tmp_path / "afile").write_text("")
+    line = run_main(export.main, [f"--out_dir={cfg.out_dir}", f"--to={tmp_path / 'afile' / 'hf'}"], capsys)
+    assert line.startswith("error: could not use ") and "Not a directory" in line
+
+
 def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir, capsys):
     """A run that could not continue, or would overwrite what is not its own, stops in one line before it writes
     anything: the folder it was pointed at (a finished run's metrics.jsonl included) is left as it was."""
