@@ -85,7 +85,10 @@ def export(cfg: ExportConfig) -> Path:
     """Write the checkpoint as a Hugging Face GPT-2 folder at cfg.to; return that folder."""
     from safetensors.torch import save_file
 
-    dest = Path(cfg.to).resolve()  # "." and "sub/.." name the folder itself: its temporary sibling needs its name
+    try:
+        dest = Path(cfg.to).resolve()  # "." and "sub/.." name the folder itself: its temporary sibling needs its name
+    except RuntimeError as e:  # Python before 3.13 says a symlink loop this way
+        raise GlimpseError(f"--to={cfg.to}: {e}") from None
     check_destination(dest, cfg.overwrite, Path(cfg.out_dir))
     path = chosen_checkpoint(cfg.out_dir, cfg.checkpoint)
     state = load_checkpoint(path, "cpu", mmap=True)
@@ -111,6 +114,10 @@ def export(cfg: ExportConfig) -> Path:
         save_tokenizer(tokenizer, tmp)
         dest.mkdir(parents=True, exist_ok=True)
         written = sorted(f.name for f in tmp.iterdir())
+        # a folder where a file goes would stop the replacing half-way, old files and new side by side
+        if folders := [name for name in written if (dest / name).is_dir()]:
+            raise GlimpseError(f"{dest / folders[0]} is a folder, where the export writes a file: remove it or give "
+                               "another --to")
         for name in written:
             os.replace(tmp / name, dest / name)
     finally:

@@ -368,6 +368,23 @@ def test_export_to_a_path_that_names_the_current_folder(to, trained, tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no temporary folder left beside it
 
 
+def test_an_overwrite_that_cannot_finish_replaces_nothing(trained, tmp_path, capsys):
+    """--overwrite onto a folder where a file the export writes is a folder: refused before any file is replaced
+    (it stopped half-way, the old config.json and weights already replaced, with a traceback)."""
+    cfg, _ = trained
+    dest = tmp_path / "hf"
+    export.main([f"--out_dir={cfg.out_dir}", f"--to={dest}"])
+    (dest / "tokenizer.json").unlink()
+    (dest / "tokenizer.json").mkdir()
+    (dest / "config.json").write_text("{}")  # an older export's, say: it must stay as it is
+    before = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
+    line = run_main(export.main, [f"--out_dir={cfg.out_dir}", f"--to={dest}", "--overwrite"], capsys)
+    assert line == f"error: {dest / 'tokenizer.json'} is a folder, where the export writes a file: remove it or give " \
+                   "another --to"
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()} == before
+    assert not (tmp_path / ".hf.export-tmp").exists()
+
+
 def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, monkeypatch, capsys):
     """--out_dir=run --to=run, typed from the folder above: the same folder, however each is spelled, so the
     run's config.json stays the run's, --overwrite or not."""
