@@ -25,6 +25,7 @@ renamed over the old one, so a crash mid-write leaves the previous checkpoint wh
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -113,6 +114,10 @@ def save_checkpoint(path: Path, state: dict):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+    except RuntimeError as e:  # torch's zip writer meets a short write (a full disk) as "unexpected pos ..."
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC, f"the write stopped short, is the disk full? ({str(e).splitlines()[0]})",
+                      str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written file is no use to anyone; the old checkpoint is untouched
         raise

@@ -248,6 +248,31 @@ def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data
     assert line.startswith("error: could not use ") and "Not a directory" in line
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 KB tmpfs, mounted for the test (root only): a disk that fills up as a checkpoint is written."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_checkpoint_that_fills_the_disk_is_an_os_error_and_keeps_the_old_one(small_disk):
+    """torch's writer meets a short write as a RuntimeError ('unexpected pos'), which slipped past train.py's
+    handler as a traceback: it is an OSError (ENOSPC) now, the half-written file gone and the old one whole."""
+    from glimpse.checkpoint import save_checkpoint
+
+    (small_disk / "best.pt").write_bytes(b"the previous checkpoint")
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(small_disk / "best.pt", {"w": torch.randn(100, 1000)})  # 400 KB
+    assert raised.value.errno == 28 and "is the disk full?" in str(raised.value)
+    assert [p.name for p in small_disk.iterdir()] == ["best.pt"]
+    assert (small_disk / "best.pt").read_bytes() == b"the previous checkpoint"
+
+
 def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir, capsys):
     """A run that could not continue, or would overwrite what is not its own, stops in one line before it writes
     anything: the folder it was pointed at (a finished run's metrics.jsonl included) is left as it was."""
