@@ -174,9 +174,10 @@ def parse_value(cls, key: str, raw: str) -> Any:
             value = base(raw)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value):  # nan and inf parse as floats but mean no setting
-            kind = "an integer" if base is int else "a finite number"
-            raise GlimpseError(f"--{key} takes {kind}, got {raw!r}")
+        if value is None or not (math.isfinite(value) if base is float else -2**63 <= value < 2**63):
+            # nan and inf parse as floats but mean no setting; an integer past 64 bits fits no counter or seed
+            kind = "an integer (of at most 64 bits)" if base is int else "a finite number"
+            raise GlimpseError(f"--{key} takes {kind}, got {raw[:40]!r}" + ("..." if len(raw) > 40 else ""))
         return value
     return check_value(cls, key, raw, where="")
 
@@ -192,6 +193,11 @@ def check_value(cls, key: str, value: Any, where: str) -> Any:
         if value not in choices:
             raise GlimpseError(f"{key}{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        # TOML's integers are 64 bits, but a reader may take more: none fits a counter, a seed or a float setting
+        digits = str(value)
+        raise GlimpseError(f"{key}{where} must be an integer of at most 64 bits, got {digits[:40]}"
+                           + ("..." if len(digits) > 40 else ""))
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is float and isinstance(value, float) and not math.isfinite(value):  # TOML writes nan and inf too

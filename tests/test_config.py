@@ -69,7 +69,9 @@ def test_types_are_parsed_by_field():
     "argv,message",
     [
         (["--n_layr=3"], "unknown config key 'n_layr'; did you mean n_layer?"),
-        (["--max_iters=ten"], "--max_iters takes an integer, got 'ten'"),
+        (["--max_iters=ten"], "--max_iters takes an integer (of at most 64 bits), got 'ten'"),
+        (["--seed=18446744073709551616"], "--seed takes an integer (of at most 64 bits), got '18446744073709551616'"),
+        ([f"--batch_size={'9' * 400}"], f"--batch_size takes an integer (of at most 64 bits), got '{'9' * 40}'..."),
         (["--learning_rate=fast"], "--learning_rate takes a finite number"),
         (["--learning_rate=nan"], "--learning_rate takes a finite number, got 'nan'"),
         (["--max_time=inf"], "--max_time takes a finite number, got 'inf'"),
@@ -119,6 +121,10 @@ def test_bad_toml_files(tmp_path):
     not_finite.write_text("min_lr = nan\n")
     with pytest.raises(GlimpseError, match="min_lr in .*nan.toml must be a finite number, got nan"):
         parse([str(not_finite)])
+    huge = tmp_path / "huge.toml"  # past TOML's 64 bits, which Python's reader still takes
+    huge.write_text("seed = 99999999999999999999999999\nmin_lr = 99999999999999999999999999\n")
+    with pytest.raises(GlimpseError, match="seed in .*huge.toml must be an integer of at most 64 bits, got 9{26}$"):
+        parse([str(huge)])
     folder = tmp_path / "folder.toml"
     folder.mkdir()
     with pytest.raises(GlimpseError, match="folder.toml' cannot be read"):
