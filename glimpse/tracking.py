@@ -82,6 +82,11 @@ def start_wandb(**settings):
 
     try:
         return wandb.init(**settings)
+    except ValueError as e:  # its settings' own check: "1 validation error for Settings / mode / Input should be ..."
+        lines = [line.strip() for line in str(e).splitlines()]
+        setting, why = (lines[1], lines[2].split(" [")[0]) if len(lines) > 2 else ("a setting", lines[0])
+        raise GlimpseError(f"wandb refused its {setting} setting ({why}): fix WANDB_{setting.upper()} in the "
+                           "environment (or the --wandb_ flag that sets it), or drop --wandb_log") from None
     except wandb.errors.Error as e:
         raise GlimpseError(f"wandb could not start a run ({str(e).strip().splitlines()[0]}): log in with `wandb "
                            "login`, or log offline with WANDB_MODE=offline (`wandb sync` uploads it later), or drop "

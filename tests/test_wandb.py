@@ -98,6 +98,13 @@ def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path
     (line,) = resumed.stderr.strip().splitlines()
     assert line.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in line, line
     assert (out / "metrics.jsonl").read_bytes() == history and (out / "config.json").read_bytes() == settings
+    bogus = python("train.py", *args, "--max_iters=20", "--init_from=resume", "--wandb_log=true",
+                   env={**no_login, "WANDB_MODE": "bogus"})  # wandb's settings refuse it before any login
+    (line,) = bogus.stderr.strip().splitlines()  # the modes wandb lists are its own, from version to version
+    assert bogus.returncode == 2 and line.startswith("error: wandb refused its mode setting (") and \
+        "'offline'" in line and line.endswith("fix WANDB_MODE in the environment (or the --wandb_ flag that sets it), "
+                                              "or drop --wandb_log"), line
+    assert (out / "metrics.jsonl").read_bytes() == history and (out / "config.json").read_bytes() == settings
     fresh = python("train.py", *[a.replace(str(out), str(tmp_path / "fresh")) for a in args], "--max_iters=10",
                    "--wandb_log=true", env=no_login)
     assert fresh.returncode == 2 and not (tmp_path / "fresh" / "config.json").exists(), fresh.stderr
