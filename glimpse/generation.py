@@ -79,6 +79,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
         # drop a token when the tokens before it already reach top_p; the likeliest always stays
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False  # also where top_p is 0 to float32 (1e-300), when 0 >= top_p held for it
         drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)  # (B, V)

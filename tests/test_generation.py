@@ -143,3 +143,11 @@ def test_a_vocabulary_padded_past_the_tokenizers_never_samples_its_padding(setti
         kept = [step.token for step in generate(model, prompt, 12, **settings, vocab_size=15)]
     assert (torch.cat(padded) >= 15).float().mean() > 0.5  # what the padding would take without vocab_size
     assert (torch.cat(kept) < 15).all()
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token():
+    """top_p = 1e-300 passes the check 0 < top_p, but is 0 to float32: the likeliest token, which top-p always
+    keeps, was dropped with the rest and sampling failed on a row of zeros."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
+    for _ in range(5):
+        assert sample_next(logits, 1.0, top_p=1e-300).tolist() == [[1], [0]]
