@@ -193,7 +193,7 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
 def check_out_dir(out_dir: Path, init_from: str):
     """Refuse an out_dir a run cannot use, before anything is read, fetched or written: a file; a run to resume
     without the training state; a run's checkpoints a new run would overwrite; the pretrained folder being read;
-    another program's config.json."""
+    another program's config.json, metrics.jsonl or loss.png."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
     ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
@@ -217,6 +217,13 @@ def check_out_dir(out_dir: Path, init_from: str):
     if config.exists() and not is_run_config(config):
         raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
                            "--out_dir")
+    # without a run's config.json, the files a run writes beside it are another program's (or another glimpse's:
+    # eval.py's records of a pretrained model)
+    theirs = [] if is_run_config(config) else [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.png")
+                                                if p.is_file() and p.stat().st_size]
+    if theirs:
+        raise GlimpseError(f"{theirs[0]} is not a glimpse training run's (no run config.json beside it), and a run "
+                           "would overwrite it: name another --out_dir")
 
 
 def is_run_config(path: Path) -> bool:

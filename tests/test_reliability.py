@@ -294,6 +294,10 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text('{"model_type": "bert"}')
+    records = tmp_path / "records"  # another program's metrics and picture, with no config.json
+    records.mkdir()
+    (records / "metrics.jsonl").write_text('{"iter": 3, "loss": 1.0}\n')
+    (records / "loss.png").write_bytes(b"not ours")
     (tmp_path / "a_file").write_text("notes")
     capsys.readouterr()
     files = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
@@ -306,6 +310,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         # before GPT-2's weights are fetched (gigabytes): a finetune run again instead of resumed
         ([f"--out_dir={out}", "--init_from=gpt2"], "ckpt.pt exists: continue it with --init_from=resume"),
         ([f"--out_dir={foreign}"], "is not a glimpse run's config.json"),
+        ([f"--out_dir={records}"], "metrics.jsonl is not a glimpse training run's (no run config.json beside it)"),
         ([f"--out_dir={tmp_path / 'a_file'}"], "is a file, not a folder"),
         (["--out_dir= "], "out_dir must name a folder"),
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
