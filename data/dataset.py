@@ -29,8 +29,9 @@ class TokenData:
         except FileNotFoundError:
             raise GlimpseError(f"{meta_path} not found: prepare the dataset with {prepare_command(folder)}, or point "
                                "--data_dir at the folder that holds it") from None
-        except json.JSONDecodeError as e:
-            raise GlimpseError(f"{meta_path} is not valid JSON ({e}); prepare the dataset again with "
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # bytes that are not even UTF-8 text: no JSON either
+            why = e if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise GlimpseError(f"{meta_path} is not valid JSON ({why}); prepare the dataset again with "
                                f"{prepare_command(folder)}") from None
         self.folder = folder
         try:  # a meta.json that data/prepare.py did not write (another tool's, or edited) lacks what it says

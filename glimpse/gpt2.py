@@ -93,6 +93,8 @@ def read_config(folder: Path) -> GPTConfig:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GlimpseError(f"{path} is not a readable JSON config ({type(e).__name__})") from None
+    if not isinstance(hf, dict):
+        raise GlimpseError(f"{path} is JSON but not a config (an object of settings): it holds a {type(hf).__name__}")
     kind = hf.get("model_type")
     if kind != "gpt2":
         raise GlimpseError(f"{path} describes a {kind!r} model, not GPT-2 (model_type 'gpt2'): glimpse loads the "

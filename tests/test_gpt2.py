@@ -412,10 +412,11 @@ def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, 
 
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
-    no_config, no_weights, llama, truncated, pickled = (tmp_path / n for n in ("no_config", "no_weights", "llama",
-                                                                                "cut", "pickled"))
-    for f in (no_config, no_weights, llama, truncated, pickled):
+    no_config, no_weights, llama, truncated, pickled, listed = (
+        tmp_path / n for n in ("no_config", "no_weights", "llama", "cut", "pickled", "listed"))
+    for f in (no_config, no_weights, llama, truncated, pickled, listed):
         shutil.copytree(folder, f)
+    (listed / "config.json").write_text("[1]")  # JSON, but no settings
     (no_config / "config.json").unlink()
     (no_weights / "model.safetensors").unlink()
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # what older uploads hold: not read
@@ -432,7 +433,8 @@ def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir,
                              (pickled, "holds pytorch_model.bin but no model.safetensors, the only weights file"),
                              (trained[0].out_dir, "holds a glimpse run's checkpoints, not a Hugging Face GPT-2 folder: "
                                                   "read it with --out_dir"),
-                             (trainer, "holds pytorch_model.bin but no model.safetensors")]:
+                             (trainer, "holds pytorch_model.bin but no model.safetensors"),
+                             (listed, "is JSON but not a config (an object of settings): it holds a list")]:
         assert expected in run_main(sample.main, [f"--init_from={source}", "--max_new_tokens=1"], capsys), source
     assert "holds a glimpse run's checkpoints" in run_main(  # finetuning from a run's folder: --out_dir's resume
         train.main, [f"--init_from={trained[0].out_dir}", f"--out_dir={tmp_path / 'never'}"], capsys)

@@ -344,6 +344,13 @@ def test_dataset_errors(tmp_path, corpus_file, capsys):
                                     *TINY[1:]], capsys)
     assert "the train split" in message and "in its longest shard" in message
     assert message.endswith("use a smaller --block_size, or prepare it again with a larger --shard_tokens")
+    # a meta.json that is not JSON, or not even text
+    for name, content in (("broken", b'{"vocab_size": '), ("binary", bytes(range(256)))):
+        (tmp_path / "d" / name).mkdir()
+        (tmp_path / "d" / name / "meta.json").write_bytes(content)
+        message = run_main(train.main, [f"--data_dir={tmp_path / 'd'}", f"--dataset={name}",
+                                        f"--out_dir={tmp_path / 'o'}", *TINY[1:]], capsys)
+        assert f"{tmp_path / 'd' / name / 'meta.json'} is not valid JSON (" in message, message
 
 
 def test_sampling_input_errors(tmp_path, trained, capsys):
