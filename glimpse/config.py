@@ -140,7 +140,7 @@ def read_toml(cls, path: str) -> dict[str, Any]:
     if p.suffix != ".toml":
         raise GlimpseError(f"config file {path!r} should be a .toml file (settings go as --key=value)")
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM, as some Windows editors save one, is no TOML
     except FileNotFoundError:
         files = _toml_files_near(p)
         near = _nearest(p.name, files)

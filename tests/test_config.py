@@ -121,6 +121,9 @@ def test_bad_toml_files(tmp_path):
     not_finite.write_text("min_lr = nan\n")
     with pytest.raises(GlimpseError, match="min_lr in .*nan.toml must be a finite number, got nan"):
         parse([str(not_finite)])
+    bom = tmp_path / "bom.toml"  # as some Windows editors save a file: the mark is not TOML, the settings are
+    bom.write_bytes("\ufeffn_layer = 2\n".encode("utf-8"))
+    assert parse([str(bom)]).model.n_layer == 2
     huge = tmp_path / "huge.toml"  # past TOML's 64 bits, which Python's reader still takes
     huge.write_text("seed = 99999999999999999999999999\nmin_lr = 99999999999999999999999999\n")
     with pytest.raises(GlimpseError, match="seed in .*huge.toml must be an integer of at most 64 bits, got 9{26}$"):
