@@ -114,8 +114,11 @@ def save_checkpoint(path: Path, state: dict):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    except RuntimeError as e:  # torch's zip writer meets a short write (a full disk) as "unexpected pos ..."
+    except RuntimeError as e:
         tmp.unlink(missing_ok=True)
+        if "unexpected pos" not in str(e):  # a state that cannot be saved: a bug's error, not the disk's
+            raise
+        # torch's zip writer meets a short write (a full disk) as "[enforce fail at inline_container.cc] unexpected pos"
         raise OSError(errno.ENOSPC, f"the write stopped short, is the disk full? ({str(e).splitlines()[0]})",
                       str(path)) from None
     except BaseException:
