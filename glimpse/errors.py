@@ -32,6 +32,8 @@ def user_errors(interrupted: str = ""):
     (UserExit), and Ctrl-C into one line, 'interrupted' and what to do next (interrupted), and exit code 130."""
     try:
         yield
+    except BrokenPipeError:  # a reader that closed the pipe (`| head`): the script stops as Unix tools do
+        raise
     except (GlimpseError, OSError) as e:
         # an OSError is the machine's answer about a path no check foresaw (a full disk, a read-only mount, a name
         # too long, a symlink loop): the user's to fix too, so one line naming the path, not a traceback
