@@ -88,9 +88,11 @@ def start_wandb(**settings):
         raise GlimpseError(f"wandb refused its {setting} setting ({why}): fix WANDB_{setting.upper()} in the "
                            "environment (or the --wandb_ flag that sets it), or drop --wandb_log") from None
     except wandb.errors.Error as e:
-        raise GlimpseError(f"wandb could not start a run ({str(e).strip().splitlines()[0]}): log in with `wandb "
-                           "login`, or log offline with WANDB_MODE=offline (`wandb sync` uploads it later), or drop "
-                           "--wandb_log") from None
+        why = str(e).strip().splitlines()[0]
+        if why.startswith("Invalid project name"):  # a name, which no login or offline mode would mend
+            raise GlimpseError(f"wandb could not start a run ({why}): give --wandb_project another name") from None
+        raise GlimpseError(f"wandb could not start a run ({why}): log in with `wandb login`, or log offline with "
+                           "WANDB_MODE=offline (`wandb sync` uploads it later), or drop --wandb_log") from None
 
 
 class Tracker:

@@ -98,6 +98,11 @@ def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path
     (line,) = resumed.stderr.strip().splitlines()
     assert line.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in line, line
     assert (out / "metrics.jsonl").read_bytes() == history and (out / "config.json").read_bytes() == settings
+    named = python("train.py", *args, "--max_iters=20", "--init_from=resume", "--wandb_log=true",
+                   "--wandb_project=a/b c", env={**no_login, "WANDB_MODE": "offline"})  # offline: no login to blame
+    (line,) = named.stderr.strip().splitlines()
+    assert named.returncode == 2 and line.startswith("error: wandb could not start a run (Invalid project name") \
+        and line.endswith("give --wandb_project another name"), line
     bogus = python("train.py", *args, "--max_iters=20", "--init_from=resume", "--wandb_log=true",
                    env={**no_login, "WANDB_MODE": "bogus"})  # wandb's settings refuse it before any login
     (line,) = bogus.stderr.strip().splitlines()  # the modes wandb lists are its own, from version to version
