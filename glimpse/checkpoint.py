@@ -167,8 +167,15 @@ def refusal_reason(message: str) -> str:
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> GPT:
-    """The model a checkpoint describes, holding its weights (built without a random initialisation)."""
-    return GPT.with_weights(GPTConfig(**state["model_config"]), state["model"]).to(device)
+    """The model a checkpoint describes, holding its weights (built without a random initialisation); a
+    GlimpseError for one this glimpse cannot build (another program's, or one edited by hand)."""
+    try:
+        model = GPT.with_weights(GPTConfig(**state["model_config"]), state["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[:2])[:200]
+        raise GlimpseError(f"the checkpoint holds a model this glimpse cannot build ({why}): it is not one a glimpse "
+                           "run wrote, or was edited; use another checkpoint") from None
+    return model.to(device)
 
 
 def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name: str, doing: str,
