@@ -224,12 +224,13 @@ def check_out_dir(out_dir: Path, init_from: str):
         raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
                            "config.json a run would overwrite: train into another folder")
     config = out_dir / "config.json"
-    if config.exists() and not is_run_config(config):
+    ours = is_run_config(config)
+    if config.exists() and not ours:
         raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
                            "--out_dir")
     # without a run's config.json, the files a run writes beside it are another program's (or another glimpse's:
     # eval.py's records of a pretrained model)
-    theirs = [] if is_run_config(config) else [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.png")
+    theirs = [] if ours else [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.png")
                                                 if p.is_file() and p.stat().st_size]
     if theirs:
         raise GlimpseError(f"{theirs[0]} is not a glimpse training run's (no run config.json beside it), and a run "

@@ -32,6 +32,7 @@ else:  # pragma: no cover - Python 3.10
 from glimpse.errors import GlimpseError
 
 PRESETS = Path(__file__).resolve().parents[1] / "config"  # the repository's preset files
+INT64 = range(-2**63, 2**63)  # the integers a setting may hold: TOML's, and what a counter, a seed or torch takes
 
 
 def option(default: Any, help: str):
@@ -174,7 +175,7 @@ def parse_value(cls, key: str, raw: str) -> Any:
             value = base(raw)
         except ValueError:
             value = None
-        if value is None or not (math.isfinite(value) if base is float else -2**63 <= value < 2**63):
+        if value is None or not (math.isfinite(value) if base is float else value in INT64):
             # nan and inf parse as floats but mean no setting; an integer past 64 bits fits no counter or seed
             kind = "an integer (of at most 64 bits)" if base is int else "a finite number"
             raise GlimpseError(f"--{key} takes {kind}, got {raw[:40]!r}" + ("..." if len(raw) > 40 else ""))
@@ -193,7 +194,7 @@ def check_value(cls, key: str, value: Any, where: str) -> Any:
         if value not in choices:
             raise GlimpseError(f"{key}{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+    if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
         # TOML's integers are 64 bits, but a reader may take more: none fits a counter, a seed or a float setting
         digits = str(value)
         raise GlimpseError(f"{key}{where} must be an integer of at most 64 bits, got {digits[:40]}"

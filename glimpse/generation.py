@@ -118,9 +118,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         else:  # the usual step: only the newest token goes through the network
             logits = model(tokens[:, -1:], cache=cache, heads=heads)[0][:, -1]
         logits = logits.float()  # (B, vocab_size)
-        if vocab_size is not None and vocab_size < logits.size(-1):  # a padded vocabulary: its padding is no token
-            logits = torch.cat((logits[:, :vocab_size], logits.new_full((logits.size(0), logits.size(-1) - vocab_size),
-                                                                        float("-inf"))), dim=1)
+        if vocab_size is not None:  # a padded vocabulary: its padding is no token (this step's own logits)
+            logits[:, vocab_size:] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
         yield Step(token, logits, window_start)
         tokens = torch.cat((tokens, token), dim=1)

@@ -1,7 +1,7 @@
 """
 Train short, test long: one model per position encoding, evaluated at 1x to 8x its training length.
 
-    python scripts/length_study.py                       # 5 encodings x 2 seeds: 20 minutes on 2 shared cores
+    python scripts/length_study.py                       # 5 encodings x 2 seeds (docs/length.md: how long)
     python scripts/length_study.py --max_iters=300 --seeds=1   # a quick look
 
 Each model has the recipe preset's shape and settings (config/shakespeare_char_recipe.toml: 4 layers,
