@@ -44,13 +44,14 @@ from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
-from glimpse.run import Run, setup
+from glimpse.run import Run, check_start, setup
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
+    check_start(cfg)  # a run that cannot start says so before any data is prepared or downloaded
     prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
     ddp = init_distributed(cfg.device)  # under torchrun the group lives until the process exits (see there)
     run = setup(cfg, ddp)

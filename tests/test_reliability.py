@@ -318,6 +318,15 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
     ]
     for argv, expected in cases:
         assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv
+    # what needs no checkpoint read is refused before any data is prepared: shakespeare_char, which is not in this
+    # data_dir, is neither downloaded nor looked for
+    unprepared = tmp_path / "unprepared"
+    early = cases[:2] + cases[4:9] + [([f"--out_dir={tmp_path / 'new'}", f"--init_from={out}"],
+                                       "holds a glimpse run's checkpoints")]
+    for argv, expected in early:
+        assert expected in run_main(train.main, [f"--data_dir={unprepared}", *TINY, "--dataset=shakespeare_char",
+                                                 *argv], capsys), argv
+    assert not unprepared.exists() and not (tmp_path / "new").exists()
     assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing written, nothing lost
 
 
