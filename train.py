@@ -37,21 +37,21 @@ import torch
 from data import hellaswag
 from data.training_data import prepare_data
 from glimpse.attention import dump_text
-from glimpse.checkpoint import best_path, checkpoint_path, save_checkpoint
+from glimpse.checkpoint import best_path, check_start, checkpoint_path, save_checkpoint
 from glimpse.config import parse_config
 from glimpse.distributed import exit_when_done_under_torchrun, init_distributed
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar
-from glimpse.run import Run, check_start, setup
+from glimpse.run import Run, setup
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
-    check_start(cfg)  # a run that cannot start says so before any data is prepared or downloaded
+    check_start(Path(cfg.out_dir), cfg.init_from)  # what stops a run is said before data is prepared or downloaded
     prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
     ddp = init_distributed(cfg.device)  # under torchrun the group lives until the process exits (see there)
     run = setup(cfg, ddp)

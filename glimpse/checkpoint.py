@@ -40,7 +40,7 @@ import torch
 from glimpse.config import option
 from glimpse.errors import GlimpseError
 from glimpse.files import write_atomic
-from glimpse.gpt2 import is_hub_name, load_pretrained, pretrained_state
+from glimpse.gpt2 import is_hub_name, load_pretrained, pretrained_folder, pretrained_state
 from glimpse.runtime import runtime
 from model import GPT, GPTConfig
 
@@ -198,6 +198,17 @@ def load_trained(out_dir: str | Path, which: Which, device_name: str, dtype_name
     state = load_checkpoint(path, "cpu", mmap=True)
     print(f"{doing} {describe(path, state)}", file=sys.stderr)
     return model_from_checkpoint(state, device).eval(), state, device, dtype
+
+
+def check_start(out_dir: Path, init_from: str):
+    """What stops a training run that costs nothing to find: an out_dir it may not use (check_out_dir), an
+    --init_from that is a run's folder or a folder without GPT-2's files. train.py asks before it prepares data."""
+    check_out_dir(out_dir, init_from)
+    if init_from in ("scratch", "resume"):
+        return
+    refuse_run_folder(init_from)
+    if not is_hub_name(init_from):
+        pretrained_folder(init_from)  # a local folder's files; a Hub name's weights are fetched by setup
 
 
 def check_out_dir(out_dir: Path, init_from: str):

@@ -25,14 +25,13 @@ from data.dataset import TokenData
 from data.training_data import setup_data
 from glimpse.checkpoint import (
     best_path,
-    check_out_dir,
     check_resumable,
     check_resume,
+    check_start,
     checkpoint_path,
     load_checkpoint,
     parameter_count,
     rank_rng_state,
-    refuse_run_folder,
     restore_rank_rng,
     saved_rank_states,
     write_text,
@@ -41,14 +40,7 @@ from glimpse.compiling import compile_ahead, compile_options, compile_static, ra
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError
-from glimpse.gpt2 import (
-    FINETUNE_KEYS,
-    check_finetune_tokenizer,
-    finetune_ignores,
-    is_hub_name,
-    load_pretrained,
-    pretrained_folder,
-)
+from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
@@ -225,17 +217,6 @@ class Run:
             torch.manual_seed(self.cfg.seed + self.ddp.rank + self.iter_num * self.ddp.world_size)
 
 
-def check_start(cfg: TrainConfig):
-    """What makes a run unable to start that costs nothing to find: an out_dir it may not use, an --init_from that
-    is a run's folder or a folder without GPT-2's files. train.py asks before preparing (or downloading) data."""
-    check_out_dir(Path(cfg.out_dir), cfg.init_from)
-    if cfg.init_from in ("scratch", "resume"):
-        return
-    refuse_run_folder(cfg.init_from)
-    if not is_hub_name(cfg.init_from):
-        pretrained_folder(cfg.init_from)  # a local folder's files: fetching a Hub name's weights waits for setup
-
-
 def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     """Everything a run needs before its first step: device, data, model, optimizer, tracker, and the
     checkpoint's state when resuming."""
@@ -246,7 +227,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
     out_dir = Path(cfg.out_dir)
-    check_start(cfg)  # before GPT-2's weights are fetched (gigabytes) for a run that cannot go on
+    check_start(out_dir, cfg.init_from)  # before GPT-2's weights are fetched (gigabytes) for a run that cannot go on
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None
 
