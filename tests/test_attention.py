@@ -272,7 +272,7 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     assert table[5].endswith("a perfect induction head: 1.000") and "(zero ablation)" in table[9]
     assert table[6].endswith("+1 induction, 0 the same token, +15 the query's previous token, +16 the query itself")
     probe = json.loads((tmp_path / "probe_induction.json").read_text())
-    assert table[10] == f"verdict: {probe['verdict']}" and "induction head" in probe["verdict"]
+    assert table[10] == f"verdict: {probe['verdict']}" and probe["verdict"] == induction_verdict(probe)  # its numbers'
     assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16 and probe["induction_ceiling"] == 1.0
     assert "prev_token" not in probe and len(probe["prev_token_on_probe"]) == 2  # over [r, r], per layer
     assert {"prev_token_on_samples", "first_token_on_samples"} <= set(probe["heads"][0])
