@@ -59,8 +59,9 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
     return train_config(**settings)
 
 
-def run_script(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a command from the repository root as a user would, capturing its output.
+def run_script(*args: str, env: dict | None = None, timeout: int = 300,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command from the repository root (or cwd) as a user would, capturing its output.
 
     The command runs in a session of its own, which a timeout (or Ctrl-C) stops whole: SIGTERM to every
     process in it, then SIGKILL to those left a minute later. Killing the command alone (subprocess.run's
@@ -69,7 +70,7 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 300) -> subpr
     torchrun stops on SIGTERM).
     """
     full_env = {**os.environ, **(env or {})}
-    with subprocess.Popen(list(args), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    with subprocess.Popen(list(args), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -119,6 +120,24 @@ def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return run_script(sys.executable, *args, **kwargs)
 
 
+# what a developer's shell may hold that would change what a test sees: a wandb run id every new run would take,
+# a torchrun launch that every training run (and subprocess) would join, a Hugging Face cache elsewhere
+OUTSIDE_SETTINGS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                    "MASTER_PORT", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+                    "HF_DATASETS_OFFLINE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_environment(tmp_path_factory):
+    """Tests (and the scripts they start) see none of OUTSIDE_SETTINGS nor any WANDB_ setting, and a Hugging Face
+    home of their own, which `datasets` writes its cache and locks into; tests that need a setting set it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [*OUTSIDE_SETTINGS, *(n for n in os.environ if n.startswith(("WANDB_", "TORCHELASTIC_")))]:
+            patch.delenv(name, raising=False)
+        patch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "play.txt"
@@ -136,9 +155,21 @@ def data_dir(tmp_path_factory, corpus_file) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir) -> tuple[TrainConfig, dict]:
-    """A tiny model trained once for the whole session: (its config, its last evaluation)."""
+    """A tiny model trained once for the whole session: (its config, its last evaluation). Tests that write
+    into a run (dumps, studies) copy it first: at the session's end its folder must hold what training made."""
     cfg = tiny_config(data_dir, tmp_path_factory.mktemp("out"))
-    return cfg, train(cfg)
+    last = train(cfg)
+    made = files_in(cfg.out_dir)
+    yield cfg, last
+    now = files_in(cfg.out_dir)
+    changed = sorted({name for name, _ in now ^ made})
+    assert not changed, f"a test changed the session's trained run, which other tests read: {changed}"
+
+
+def files_in(folder: str | Path) -> set[tuple[str, str]]:
+    """(path under folder, sha256) of every file under folder."""
+    return {(str(p.relative_to(folder)), hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in Path(folder).rglob("*") if p.is_file()}
 
 
 def tiktoken_cache() -> Path | None:

@@ -176,13 +176,14 @@ def digest_tree(folder) -> dict:
 
 def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
     cfg, _ = trained
-    run = python("eval.py", f"--out_dir={cfg.out_dir}", "--ablate=1.0", "--max_tokens=2048")
+    out = shutil.copytree(cfg.out_dir, tmp_path / "run")  # a copy: eval.py writes into the run
+    run = python("eval.py", f"--out_dir={out}", "--ablate=1.0", "--max_tokens=2048")
     assert run.returncode == 0, run.stderr
     assert "intact model" in run.stdout and "without 1.0" in run.stdout
-    ranked = python("eval.py", f"--out_dir={cfg.out_dir}", "--head_importance", "--ablation=mean",
+    ranked = python("eval.py", f"--out_dir={out}", "--head_importance", "--ablation=mean",
                     "--max_tokens=2048")
     assert ranked.returncode == 0, ranked.stderr
-    with open(f"{cfg.out_dir}/head_importance.csv") as f:
+    with open(f"{out}/head_importance.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["layer"]), int(r["head"])) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for r in rows:
@@ -192,7 +193,7 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
     assert f"{int(top['layer']):5d} {int(top['head']):4d}" in ranked.stdout.split("increase")[1].splitlines()[1]
     from PIL import Image
 
-    with Image.open(f"{cfg.out_dir}/head_importance.png") as image:
+    with Image.open(f"{out}/head_importance.png") as image:
         assert image.width > 100 and image.height > 100
 
 

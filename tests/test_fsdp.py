@@ -80,7 +80,7 @@ def test_sample_and_export_read_a_sharded_run(runs, tmp_path):
     pytest.importorskip("transformers")
     for which in ("best", "last"):
         sampled = python("sample.py", f"--out_dir={runs['fsdp']}", f"--checkpoint={which}", "--start=ROMEO:",
-                         "--max_new_tokens=5", "--num_samples=1", "--device=cpu")
+                         "--max_new_tokens=5", "--num_samples=1", "--device=cpu", f"--dump_dir={tmp_path / which}")
         assert sampled.returncode == 0 and "ROMEO:" in sampled.stdout, sampled.stderr
     exported = python("export.py", f"--out_dir={runs['fsdp']}", f"--to={tmp_path / 'hf'}")
     assert exported.returncode == 0, exported.stderr

@@ -192,12 +192,12 @@ def test_named_model_comes_from_the_hub_cache_offline(hf_folder, tmp_path, gpt2_
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "TIKTOKEN_CACHE_DIR": str(gpt2_ranks)}
-    args = ["sample.py", "--init_from=gpt2", "--start=Hello", "--num_samples=1", "--max_new_tokens=5",
+    args = [str(REPO / "sample.py"), "--init_from=gpt2", "--start=Hello", "--num_samples=1", "--max_new_tokens=5",
             "--dump_attention=false"]
-    done = python(*args, env=env)
+    done = python(*args, env=env, cwd=tmp_path)  # not the checkout's: a ./gpt2 folder there would be read instead
     assert done.returncode == 0, done.stderr
     assert "sampling from gpt2 (3.32M parameters)" in done.stderr
-    missing = python(*args, env={**env, "HF_HOME": str(tmp_path / "empty")})
+    missing = python(*args, env={**env, "HF_HOME": str(tmp_path / "empty")}, cwd=tmp_path)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     (line,) = missing.stderr.strip().splitlines()
     assert "not in the Hugging Face cache" in line and "hf download openai-community/gpt2" in line

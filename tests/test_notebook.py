@@ -219,7 +219,7 @@ def test_a_viewer_page_reads_as_what_it_is_not_as_the_whole_page(trained):
     assert len(text) < 200 and "<!doctype" not in text and f"{len(page.html):,}" in text and ".save(" in text
 
 
-def test_a_runs_step_checks_its_arguments(trained):
+def test_a_runs_step_checks_its_arguments(trained, tmp_path):
     cfg, _ = trained
     run = load(cfg.out_dir).run("ROMEO:")
     with pytest.raises(GlimpseError, match="within 2 layers"):
@@ -232,7 +232,7 @@ def test_a_runs_step_checks_its_arguments(trained):
         run.text_of([0, -1])  # not the last token's text
     with pytest.raises(GlimpseError, match=f"token id {vocab} "):
         run.text_of(np.array([[0], [vocab]]))
-    assert Path(run.save(Path(cfg.out_dir) / "api-dump") / "attention.npz").is_file()
+    assert Path(run.save(tmp_path / "api-dump") / "attention.npz").is_file()
 
 
 def test_a_hugging_face_folder_loads_and_runs_as_the_checkpoint_it_was_exported_from(tmp_path, trained):

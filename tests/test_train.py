@@ -180,16 +180,19 @@ def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
 def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
     cfg, _ = trained
     out = io.StringIO()
-    samples = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40), out)
+    dumps = str(tmp_path / "dumps")  # not into the session's run, which other tests read
+    samples = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40,
+                                  dump_dir=dumps), out)
     assert len(samples) == 2 and all(s.startswith("ROMEO:") and len(s) == 46 for s in samples)
     assert out.getvalue().count("---------------") == 2
-    again = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40), io.StringIO())
+    again = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40,
+                                dump_dir=dumps), io.StringIO())
     assert again == samples  # the same seed gives the same text
     assert samples[0] != samples[1]  # one random stream for all the samples, not the seed again for each one
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:\n")
     greedy = sample(SampleConfig(out_dir=cfg.out_dir, start=f"FILE:{prompt}", num_samples=1, max_new_tokens=200,
-                                 temperature=0), io.StringIO())
+                                 temperature=0, dump_dir=dumps), io.StringIO())
     assert greedy[0].startswith("JULIET:\n") and len(greedy[0]) == 208  # past block_size (32): window slides
 
 
