@@ -34,8 +34,14 @@ def executed(tmp_path_factory):
     nbclient = pytest.importorskip("nbclient")
     out = tmp_path_factory.mktemp("walkthrough")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    # the kernel inherits this process's environment: the model and its data go to a temporary folder
+    # the kernel is this Python's (a user's own "python3" kernel may run another interpreter, without glimpse's
+    # packages), and inherits this process's environment: the model and its data go to a temporary folder
+    from ipykernel.kernelspec import install
+
+    kernels = tmp_path_factory.mktemp("kernels")
+    install(kernel_name="python3", prefix=str(kernels))
     with pytest.MonkeyPatch.context() as env:
+        env.setenv("JUPYTER_PATH", str(kernels / "share" / "jupyter"))  # searched before the user's own kernels
         env.setenv("GLIMPSE_WALKTHROUGH_OUT", str(out))
         nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
                                 resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
