@@ -21,7 +21,16 @@ import torch
 import eval as eval_script
 import sample as sample_script
 from glimpse import ablation
-from glimpse.ablation import Ablation, HeadMeans, head_means, losses_per_head, mean_loss, parse_heads
+from glimpse.ablation import (
+    Ablation,
+    HeadMeans,
+    forward_from,
+    head_means,
+    losses_per_head,
+    mean_loss,
+    parse_heads,
+    residual_streams,
+)
 from glimpse.attention import load_dump
 from glimpse.errors import GlimpseError
 from glimpse.generation import generate
@@ -122,6 +131,21 @@ def test_scoring_without_each_head_shows_its_progress_on_a_terminal(monkeypatch,
     monkeypatch.setattr(sys, "stderr", Terminal())
     losses_per_head(model, x, x, torch.ones(16, dtype=torch.bool), None, nullcontext())  # off unless asked
     assert sys.stderr.getvalue() == ""
+
+
+@pytest.mark.parametrize("overrides", CONFIGS)
+def test_going_on_from_a_layers_recorded_stream_is_the_whole_forward(overrides):
+    """forward_from, which head removal scores through, runs the later blocks as the model does: with the
+    model's own positions (RoPE's rotation, which at random weights moves the loss too little to notice)."""
+    model = small_model(**overrides)
+    idx = torch.randint(30, (2, 16))
+    with torch.no_grad():
+        logits, streams = residual_streams(model, idx)
+        for layer, (x, y) in enumerate(streams):
+            torch.testing.assert_close(forward_from(model, layer, x, y), logits, rtol=0, atol=1e-6)
+        removed = without_columns(model, [(1, 2)])(idx)[0]
+        torch.testing.assert_close(forward_from(model, 1, *streams[1], Ablation.of([(1, 2)], 3, 4)), removed,
+                                   rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(value_embeds=1, unet=True, smear=True)])
