@@ -376,6 +376,18 @@ def test_an_out_dir_from_before_best_pt_still_samples(trained, tmp_path):
     assert len(text[0]) == 1 + 5
 
 
+def test_a_resume_keeps_the_best_loss_its_checkpoint_holds_without_best_pt(tmp_path, data_dir):
+    """best.pt's own loss is read when it is there; without it (deleted, unreadable) the best so far is still
+    ckpt.pt's, so the resumed run's first eval does not take a worse model for the best."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=20, eval_interval=10, attn_log_interval=0)
+    train(cfg)
+    saved = load_checkpoint(checkpoint_path(cfg.out_dir))["best_val_loss"]
+    best_path(cfg.out_dir).unlink()
+    resumed = setup(replace(cfg, max_iters=30, init_from="resume"), Distributed())
+    resumed.tracker.close()
+    assert math.isfinite(saved) and resumed.best_val_loss == saved
+
+
 def test_float16_resume_continues_exactly(tmp_path, data_dir):
     """float16 trains through a GradScaler, whose state must survive a resume (float32: test_train.py)."""
     run = dict(eval_interval=20, dropout=0.1, dtype="float16", attn_log_interval=0, learning_rate=1e-2)
