@@ -12,26 +12,33 @@ from model import GPT, GPTConfig
 @pytest.mark.parametrize("block_size", [8, 9])
 @pytest.mark.parametrize("prompt_len", [1, 12])
 def test_a_slid_window_keeps_at_least_half_a_window_of_context(block_size, prompt_len):
-    """After a slide, each step's logits come from half a window or more, never from more than one.
+    """After a slide, each step's logits come from half a window or more, never from more than one; the window
+    slides only when it is full, and keeps its recent half.
 
     Catches a window that slides by refilling from too few tokens (one, say): generation would then go on
-    predicting from almost no context every block_size steps."""
+    predicting from almost no context every block_size steps; and one that keeps too many (all but one): each
+    slide runs the kept tokens through the model again, so it would do that every other token, as slow as no
+    KV cache at all."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=20, n_layer=2, n_head=2, n_embd=16)).eval()
     tokens = torch.randint(0, 20, (2, prompt_len))
     gen = torch.Generator().manual_seed(0)
-    first_start, slid, checked = None, False, 0
+    first_start, slid, checked, slides, last = None, False, 0, 0, None
     for step in generate(model, tokens, 5 * block_size, generator=gen):
         context = tokens.size(1) - step.window_start  # tokens the logits were computed from
         if first_start is None:
             first_start = step.window_start
+        elif step.window_start != last[0]:  # a slide: from a full window to its recent half
+            assert last[1] == block_size and context == block_size // 2, (last, context)
+            slides += 1
         slid = slid or step.window_start != first_start
         assert 1 <= context <= block_size
         if slid:
             assert context >= block_size // 2, (step.window_start, tokens.size(1))
             checked += 1
+        last = step.window_start, context
         tokens = torch.cat([tokens, step.token], 1)
-    assert checked > 2 * block_size  # the window slid several times, and each slide was checked
+    assert checked > 2 * block_size and slides >= 4  # the window slid several times, and each slide was checked
 
 
 def softmax(values: list[float]) -> list[float]:
