@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,9 @@ from data.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 from glimpse.attention import dump_text, load_dump  # noqa: E402
 from glimpse.checkpoint import load_trained, save_checkpoint  # noqa: E402
 from glimpse.config import build, parse_config  # noqa: E402
+from glimpse.errors import GlimpseError  # noqa: E402
 from glimpse.generation import generate  # noqa: E402
-from glimpse.gpt2 import load_pretrained  # noqa: E402
+from glimpse.gpt2 import load_pretrained, read_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tests.conftest import REPO, make_corpus, python, tiny_config  # noqa: E402
 from tests.test_reliability import run_main  # noqa: E402
@@ -100,6 +102,26 @@ def test_untied_head_imports(tmp_path):
     ids = torch.arange(40)[None] * 7
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[0], hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("setting,value", [
+    ("layer_norm_epsilon", 1e-6), ("n_inner", 100), ("activation_function", "relu"), ("scale_attn_weights", False),
+    ("scale_attn_by_inverse_layer_idx", True), ("add_cross_attention", True)])
+def test_a_gpt2_config_glimpse_would_compute_otherwise_is_refused(tmp_path, setting, value):
+    """GPT-2 checkpoints may set what glimpse's GPT does not compute: loaded, they would give other logits."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2,
+                                                      setting: value}))
+    with pytest.raises(GlimpseError, match=re.escape(f"sets {setting}={value!r}, which glimpse's GPT-2 does not")):
+        read_config(tmp_path)
+
+
+def test_a_config_that_does_not_say_is_tied_as_gpt2s_own_are(tmp_path):
+    """The original GPT-2 configs have no tie_word_embeddings: transformers' default, tied, is what they mean."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2}))
+    assert read_config(tmp_path).tie_embeddings is True
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2,
+                                                      "tie_word_embeddings": False}))
+    assert read_config(tmp_path).tie_embeddings is False
 
 
 def test_an_untied_config_whose_file_has_no_head_loads_tied_and_says_so(tmp_path, capsys):
