@@ -64,6 +64,10 @@ def test_a_long_context_loses_its_start_and_unreadable_examples_are_skipped():
     assert tokens[1].tolist() == tokenizer.encode("cdabcd bb").tolist()  # the context's last tokens, then " bb"
     assert mask[1].sum() == 3 and mask[0].sum() == 2
     assert rows(Example("xyz", ["a", "b", "c", "d"], 0), tokenizer, 8) is None  # x, y, z: not in the vocabulary
+    # an ending longer than the window: its last tokens are scored, after the one context token left before them
+    tokens, mask = rows(Example("ab", ["abcdabcd", "a", "b", "c"], 0), tokenizer, block_size=4)
+    assert tokens[0].tolist() == tokenizer.encode("babcd").tolist()
+    assert mask[0].tolist() == [False, True, True, True, True]
     model = fixed_logits_model(tokenizer.chars)
     result = evaluate(model, [Example("xyz", ["a"] * 4, 0), Example("ab", ["a", "b", "c", "d"], 3)], tokenizer, 8,
                       "cpu", torch.autocast("cpu", enabled=False), show_progress=False)
@@ -164,6 +168,8 @@ def test_pretrained_gpt2_folders_are_scored_into_a_folder_of_their_own(tmp_path,
     (json.dumps({"ctx": "a", "endings": ["a", None, "c", "d"], "label": 0}), "val.jsonl:2 is not a HellaSwag"),
     (json.dumps({"ctx": "a", "endings": "abcd", "label": 0}), "val.jsonl:2 is not a HellaSwag"),  # not four letters
     (json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1.7}), "val.jsonl:2 is not a HellaSwag"),
+    (json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 4}), "val.jsonl:2 has 4 endings and label 4"),
+    (json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": -1}), "val.jsonl:2 has 4 endings and label -1"),
 ])
 def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says):
     good = json.dumps({"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1})
