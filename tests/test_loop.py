@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -492,6 +493,16 @@ def test_a_record_appended_after_a_line_cut_short_is_a_line_of_its_own(tmp_path)
     whole.write_text('{"iter": 10}\n')
     Tracker(whole, append=True).log({"iter": 20})
     assert whole.read_text() == '{"iter": 10}\n{"iter": 20}\n'  # a whole file gets no blank line
+
+
+def test_a_record_of_a_run_that_blew_up_is_json_every_reader_reads(tmp_path):
+    """A loss gone NaN or infinite is written null: NaN and Infinity are not JSON (a browser's JSON.parse, jq and
+    wandb's importers refuse the line), though Python's json reads them."""
+    metrics = tmp_path / "metrics.jsonl"
+    Tracker(metrics).log({"iter": 1, "train_loss": float("nan"), "lr": float("inf"), "val_loss": 2.5})
+    constants = []  # what Python reads only as an extension of JSON: NaN, Infinity, -Infinity
+    record = json.loads(metrics.read_text(), parse_constant=constants.append)
+    assert constants == [] and record == {"iter": 1, "train_loss": None, "lr": None, "val_loss": 2.5}
 
 
 def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir):
