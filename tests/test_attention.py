@@ -86,7 +86,9 @@ def test_head_metrics_on_known_patterns():
         attn[0, 2, q, : q + 1] = 1.0 / (q + 1)  # uniform over the past
     prev, sink, uniform = head_metrics(attn)["layers"][0]["heads"]
     assert prev["prev_token"] == 1.0 and prev["mean_distance"] == 1.0 and prev["entropy"] == 0.0
+    assert prev["self"] == 0.0  # the query's own key, which a previous-token head leaves alone
     assert sink["first_token"] == 1.0 and sink["mean_distance"] == pytest.approx(np.mean(range(1, T)))
+    assert sink["self"] == 0.0 and sink["prev_token"] == pytest.approx(1 / (T - 1))  # only query 1's is the first
     assert uniform["entropy"] == pytest.approx(np.mean([np.log(q + 1) for q in range(1, T)]))
     assert uniform["self"] == pytest.approx(np.mean([1 / (q + 1) for q in range(1, T)]))
 
