@@ -233,6 +233,12 @@ def test_viewer_thumbnails_keep_a_thin_diagonal_when_pooled():
     assert np.array_equal(thumbnails, 255 * np.eye(n, dtype=np.uint8))  # max-pooled: the diagonal at full strength
 
 
+def test_viewer_embeds_how_many_earlier_tokens_the_window_left_out():
+    attn = synthetic_attention(n_layer=1, n_head=1, T=8)
+    assert embedded_data(viewer_html(attn, sample_tokens(8), 2, {}, cut=6))["cut"] == 6
+    assert embedded_data(viewer_html(attn, sample_tokens(8), 2, {}))["cut"] == 0
+
+
 def test_viewer_quantises_float16_and_float32_alike():
     attn = synthetic_attention(n_layer=2, n_head=2, T=40, seed=3).astype(np.float32)
     tokens = sample_tokens(40)
