@@ -117,6 +117,10 @@ def test_bad_toml_files(tmp_path):
     wrong_type.write_text('n_layer = "six"\n')
     with pytest.raises(GlimpseError, match="n_layer in .*wrong.toml must be integer"):
         parse([str(wrong_type)])
+    boolean = tmp_path / "bool.toml"  # Python's True is an int: n_layer = true would be one layer
+    boolean.write_text("n_layer = true\n")
+    with pytest.raises(GlimpseError, match="n_layer in .*bool.toml must be integer"):
+        parse([str(boolean)])
     not_finite = tmp_path / "nan.toml"
     not_finite.write_text("min_lr = nan\n")
     with pytest.raises(GlimpseError, match="min_lr in .*nan.toml must be a finite number, got nan"):
