@@ -6,7 +6,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from glimpse.evaluation import scored_windows
 from glimpse.optim import configure_optimizer, get_lr
 from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
+from model import GPTConfig
 from sample import SampleConfig, sample
 from tests.conftest import Terminal, python, tiny_config, train_config
 from train import TrainConfig, train
@@ -188,6 +189,9 @@ def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
     again = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40,
                                 dump_dir=dumps), io.StringIO())
     assert again == samples  # the same seed gives the same text
+    other = sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", num_samples=2, max_new_tokens=40, seed=7,
+                                dump_dir=dumps), io.StringIO())
+    assert other != samples  # and --seed another
     assert samples[0] != samples[1]  # one random stream for all the samples, not the seed again for each one
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("JULIET:\n")
@@ -229,6 +233,22 @@ def test_a_resume_may_change_dropout_and_read_a_checkpoint_older_than_a_model_ke
         check_resume(state, config, "adamw", state["tokenizer"], Path(cfg.data_dir))
     with pytest.raises(GlimpseError, match="smear=True contradicts the checkpoint's smear=False"):
         check_resume(state, replace(model_config, smear=True), "adamw", state["tokenizer"], Path(cfg.data_dir))
+
+
+def test_a_resume_refuses_a_checkpoint_that_differs_in_any_model_key_but_dropout(trained):
+    """Most keys leave the weights' shapes as they are (n_head, the score, the norm, positions without a table):
+    a resume that let one through would go on training another model on these weights, without a word."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    model_config = cfg.model_config(state["model_config"]["vocab_size"])
+    for f in fields(GPTConfig):
+        other = {**state, "model_config": {**state["model_config"], f.name: "another"}}
+        if f.name == "dropout":
+            check_resume(other, model_config, "adamw", state["tokenizer"], Path(cfg.data_dir))
+            continue
+        with pytest.raises(GlimpseError, match=re.escape(f"{f.name}={getattr(model_config, f.name)} contradicts the "
+                                                         f"checkpoint's {f.name}=another")):
+            check_resume(other, model_config, "adamw", state["tokenizer"], Path(cfg.data_dir))
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_float32_compiled_by_inductor_on_cuda_trains_as_the_eager_run(tmp_path, data_dir):
