@@ -37,7 +37,7 @@ from glimpse.generation import generate
 from glimpse.induction import induction_probe
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
-from tests.conftest import Terminal, python
+from tests.conftest import Terminal, python, tiny_config
 from tests.test_reliability import run_main
 
 CONFIGS = [dict(), dict(pos_encoding="rope", bias=False, norm="rmsnorm", qk_norm=True)]
@@ -251,6 +251,29 @@ def test_bad_ablations_are_one_line_errors_that_write_nothing(trained, capsys, a
     assert says in run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", *argv], capsys)
     assert says in run_main(sample_script.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", *argv], capsys)
     assert digest_tree(Path(cfg.out_dir)) == before
+
+
+def test_ablate_counts_the_layers_and_heads_of_a_model_with_more_heads_than_layers(tmp_path, data_dir, capsys):
+    """One layer of four heads: 0.3 is a head of it, 1.0 and 0.4 are not, in eval.py, sample.py and the notebook
+    API alike (a model with as many layers as heads cannot tell the two counts apart)."""
+    from glimpse.notebook import load
+    from train import train
+
+    cfg = tiny_config(data_dir, tmp_path / "wide", n_layer=1, n_head=4, n_embd=16, max_iters=2, eval_interval=2,
+                      eval_iters=1, attn_log_interval=0)
+    train(cfg)
+    capsys.readouterr()
+    eval_script.main([f"--out_dir={cfg.out_dir}", "--ablate=0.3", "--max_tokens=256"])
+    assert "without 0.3" in capsys.readouterr().out
+    sample(SampleConfig(out_dir=cfg.out_dir, ablate="0.3", num_samples=1, max_new_tokens=3,
+                        dump_dir=str(tmp_path / "dumps")), io.StringIO())
+    assert load(cfg.out_dir).loss("ROMEO: the night", ablate="0.3") > 0
+    for ablate, says in (("1.0", "the model has 1 layers"), ("0.4", "each layer has 4 heads")):
+        assert says in run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", f"--ablate={ablate}"], capsys)
+        assert says in run_main(sample_script.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2",
+                                                     f"--ablate={ablate}"], capsys)
+        with pytest.raises(GlimpseError, match=says):
+            load(cfg.out_dir).loss("ROMEO: the night", ablate=ablate)
 
 
 def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, tmp_path):
