@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from glimpse.attention import head_metrics, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.induction import induction_probe, induction_scores, induction_verdict, probe_tokens
-from sample import SampleConfig, sample
+from sample import SampleConfig, default_dump_dir, sample
 from tests.conftest import python
 from tests.wandb_records import logged_history
 
@@ -60,6 +61,13 @@ def test_sample_dumps_the_attention_of_a_prompt(trained, tmp_path):
     state = load_checkpoint(checkpoint_path(cfg.out_dir))
     expected = layer0_weights_by_hand(state["model"], dump["token_ids"], n_head=2)
     np.testing.assert_allclose(attn[0], expected, atol=2e-3)
+
+
+def test_a_pretrained_models_dumps_go_to_a_folder_named_after_it_not_into_a_run():
+    """out/attention may be a run's own (its snapshots beside it): sample.py --init_from=gpt2 writes elsewhere."""
+    assert default_dump_dir(SampleConfig(init_from="gpt2")) == Path("attention-gpt2")
+    assert default_dump_dir(SampleConfig(init_from="models/hf-char")) == Path("attention-hf-char")
+    assert default_dump_dir(SampleConfig(out_dir="out-x")) == Path("out-x") / "attention"
 
 
 def test_sample_dump_keeps_the_last_window_and_can_be_turned_off(trained, tmp_path):
