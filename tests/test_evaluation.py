@@ -178,3 +178,6 @@ def test_eval_scores_each_length_once_in_the_order_given():
     from eval import EvalConfig
 
     assert EvalConfig(lengths="4,1,4,2").multiples() == [4, 1, 2]  # 4 twice wrote its rows twice to the CSV
+    for zero in ("0", "1,0", "-1"):  # no context at all, or less than none
+        with pytest.raises(ValueError, match="lengths must be positive multiples of block_size"):
+            EvalConfig(lengths=zero).multiples()

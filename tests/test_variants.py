@@ -173,6 +173,11 @@ def test_eval_py_writes_the_table_csv_and_plot(tmp_path, data_dir):
     rows = list(csv.DictReader(open(out / "length_eval.csv")))
     assert [(r["multiple"], r["mode"]) for r in rows] == [(m, mode) for m in "124" for mode in ("windows", "sliding")]
     assert all(0 < float(r["val_loss"]) < 10 and int(r["tokens_scored"]) >= 256 for r in rows)
+    header, *printed = run.stdout.splitlines()
+    assert header.split()[3:5] == ["windows", "sliding"]  # after "length" and "x block"
+    for line, (windows, sliding) in zip(printed, zip(rows[::2], rows[1::2])):  # each loss under its own heading
+        assert [float(v) for v in line.split()[2:4]] == [round(float(windows["val_loss"]), 4),
+                                                         round(float(sliding["val_loss"]), 4)]
     assert (out / "length_eval.png").read_bytes()[:4] == b"\x89PNG"
 
     too_long = python("eval.py", f"--out_dir={out}", "--lengths=100000")
