@@ -375,7 +375,10 @@ def test_export_gpt2_tokenizer_round_trips_unicode(tmp_path, gpt2_ranks):
     assert tokenizer.encode(UNICODE) == ids[0].tolist()
     assert tokenizer.decode(tokenizer.encode(UNICODE)) == UNICODE
     assert tokenizer.eos_token_id == 50256
+    assert tokenizer.model_max_length == 64  # truncation=True cuts a text to the model's n_positions
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")  # what generate() stops at
+    assert (generation.eos_token_id, generation.bos_token_id, generation.max_length) == (50256, 50256, 64)
 
 
 @pytest.mark.parametrize("to", [".", "sub/.."])
