@@ -394,6 +394,51 @@ def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path
         assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
 
 
+def test_a_finished_shard_damaged_before_the_rerun_is_not_published(tmp_path, small_blocks, monkeypatch, capsys):
+    """A finished shard in the staging folder that is no longer as long as progress.json says (a disk that lost
+    its end): the rerun starts afresh rather than publish a dataset whose meta.json miscounts its tokens."""
+    (tmp_path / "corpus").mkdir()
+    for name, paragraphs in (("a.txt", 10), ("b.txt", 600)):
+        (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
+    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    whole = prepare(PrepareConfig(dataset="whole", **settings))
+    add, calls = shards_module.Router.add, []
+
+    def add_then_stop(router, ids, starts_doc):
+        calls.append(starts_doc)
+        if len(calls) == 40:
+            raise KeyboardInterrupt  # inside b.txt, after shards finished
+        add(router, ids, starts_doc)
+
+    monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareConfig(dataset="cut", **settings))
+    monkeypatch.setattr(shards_module.Router, "add", add)
+    first = tmp_path / "cut" / f".preparing-{os.uname().nodename}" / "train_000000.bin"
+    first.write_bytes(first.read_bytes()[:-2])  # one token short
+    capsys.readouterr()
+    cut = prepare(PrepareConfig(dataset="cut", **settings))
+    assert "resuming: " not in capsys.readouterr().err
+    meta = json.loads((cut / "meta.json").read_text())
+    assert meta == json.loads((whole / "meta.json").read_text())
+    for shard in (shard for shards in meta["shards"].values() for shard in shards):
+        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+
+
+def test_a_dataset_prepared_again_from_a_shorter_corpus_keeps_no_shard_of_the_old_one(tmp_path):
+    """The old dataset's shards past the new one's count would otherwise stay beside it, taking disk space and
+    passing for part of it to anyone listing the folder."""
+    (tmp_path / "long.txt").write_text(make_corpus(400), encoding="utf-8")
+    (tmp_path / "short.txt").write_text(make_corpus(40), encoding="utf-8")
+    folder = prepare(PrepareConfig(dataset="d", input=str(tmp_path / "long.txt"), data_dir=str(tmp_path),
+                                   shard_tokens=500))
+    before = len(list(folder.glob("*.bin")))
+    prepare(PrepareConfig(dataset="d", input=str(tmp_path / "short.txt"), data_dir=str(tmp_path), shard_tokens=500))
+    meta = json.loads((folder / "meta.json").read_text())
+    listed = sorted(shard["file"] for shards in meta["shards"].values() for shard in shards)
+    assert sorted(p.name for p in folder.glob("*.bin")) == listed and len(listed) < before
+
+
 def test_bad_input_deep_in_a_corpus_keeps_the_finished_shards_for_the_fixed_rerun(tmp_path, small_blocks,
                                                                                      gpt2_ranks, capsys):
     """Shards finished before a bad line are work a rerun can keep: they stay, and the one error line says where;
@@ -616,6 +661,18 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
                       f"--data_dir={tmp_path}")
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
     assert json.loads((tmp_path / "n" / "meta.json").read_text())["documents"] == 2
+
+
+def test_text_column_picks_the_text_of_a_local_json_lines_file_too(tmp_path):
+    """--text_column is not only the streamed built-ins': a local file's records are read by that field."""
+    lines = [{"text": "zzzz", "content": f"doc {i} body"} for i in range(10)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    folder = prepare(PrepareConfig(dataset="tc", input=str(tmp_path / "c.jsonl"), data_dir=str(tmp_path),
+                                   text_column="content"))
+    data = TokenData(folder)
+    tokenizer = data.tokenizer()
+    assert "z" not in tokenizer.chars
+    assert tokenizer.decode(data.tokens("val")[:].astype(np.int64)) == "doc 0 body"  # the first document, held out
 
 
 def test_a_files_format_is_read_from_its_extension_in_any_case(tmp_path):
