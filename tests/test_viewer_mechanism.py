@@ -25,7 +25,7 @@ import torch
 from glimpse.attention import head_metrics, write_dump
 from glimpse.mechanism import trace
 from glimpse.positions import alibi_slopes
-from glimpse.render import colormap_bytes
+from glimpse.render import COLORMAP, colormap_bytes
 from glimpse.viewer import viewer_html, write_snapshot_index, write_viewer
 from model import GPT, GPTConfig
 from tests.test_render import (  # noqa: F401
@@ -178,6 +178,29 @@ def cell_rgb(page, q: int, k: int, dx: float = 0.5, dy: float = 0.5) -> np.ndarr
         }""", [int(q), int(k), float(dx), float(dy)]))
 
 
+def colorbar_columns(page, *xs: int) -> np.ndarray:
+    """(len(xs), height, 3): the colour bar canvas's pixel columns at xs, top to bottom."""
+    return np.array(page.evaluate(
+        """(xs) => {
+            const bar = document.getElementById("colorbar");
+            return xs.map((x) => {
+                const data = bar.getContext("2d").getImageData(x, 0, 1, bar.height).data;
+                return Array.from({ length: bar.height }, (_, y) => Array.from(data.slice(4 * y, 4 * y + 3)));
+            });
+        }""", list(xs)))
+
+
+def check_colorbar(page, lut: np.ndarray, places: list[float]):
+    """The bar runs from lut's top colour (the highest value) down to its first, and its ticks' marks sit at
+    places, each a tick's height on the bar from 0 (the bottom) to 1 (the top)."""
+    bar, marks = colorbar_columns(page, 5, 15)  # inside the bar; where the ticks' marks are drawn
+    pad, span = 6, bar.shape[0] - 12  # the page's margins above and below the bar
+    assert np.abs(bar[pad] - lut[255]).max() <= 3 and np.abs(bar[pad + span - 1] - lut[0]).max() <= 3
+    ticks = [y for y in range(len(marks)) if (marks[y] == 0x44).all()]
+    expected = sorted({round(pad + (1 - place) * (span - 1)) for place in places})
+    assert len(ticks) == len(expected) and all(abs(y - e) <= 1 for y, e in zip(ticks, expected)), (ticks, expected)
+
+
 def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, browser, traced):  # noqa: F811
     mechanism, _, _ = traced
     T = mechanism.shape[2]
@@ -187,6 +210,7 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     weights_picture = page.evaluate("document.getElementById('heatmap').toDataURL()")
     assert "sums to 1" in page.inner_text("#mode-caption") and "probabilit" in page.inner_text("#mode-caption")
     assert page.evaluate("window.glimpseViewer.mode().range") == [0, 1]
+    check_colorbar(page, colormap_bytes(COLORMAP), [math.sqrt(w) for w in (0, 0.01, 0.05, 0.1, 0.25, 0.5, 1)])
 
     page.select_option("#mode", "scores")
     wait_mode(page, 0, 1, "scores")
@@ -196,6 +220,7 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     low, high = page.evaluate("window.glimpseViewer.mode().range")
     assert low == pytest.approx(-span, rel=2e-3) and high == pytest.approx(span, rel=2e-3)  # centred on 0
     diverging = colormap_bytes("RdBu_r")
+    check_colorbar(page, diverging, [0, 0.25, 0.5, 0.75, 1])  # -span to span, 0 in the middle
     for q, k in [(5, 0), (12, 7), (T - 1, T - 1), (20, 3)]:
         expected = diverging[int(np.clip(np.rint(127.5 + 127.5 * scores[q, k] / span), 0, 255))]
         assert np.abs(cell_rgb(page, q, k) - expected).max() <= 3, (q, k)
@@ -335,6 +360,9 @@ def test_the_steps_panel_shows_the_mechanisms_numbers_in_chromium(tmp_path, brow
     assert "−∞" in page.locator(f'#steps-table tr[data-key="{i + 1}"]').inner_text()
     assert f"moved most from key #{top}" in page.inner_text("#steps-moved")
     assert on_page(steps["context"][0]) in page.inner_text("#steps-context")
+    shown = page.inner_text("#steps")
+    assert f"× 1/√{hs} = × {1 / math.sqrt(hs):.4f}" in shown  # the recipe's factor, as the table divides by it
+    assert f"… {T - 2 - i} more keys after the query" in shown  # the masked keys past the one listed
     page.check("#steps-all")  # every key, the masked ones greyed
     page.wait_for_function(f"window.glimpseViewer.steps().listed.length === {T}", timeout=10_000)
     assert page.locator("#steps-table tr.masked").count() == T - 1 - i
