@@ -233,12 +233,18 @@ def test_a_runs_step_checks_its_arguments(trained, tmp_path):
     with pytest.raises(GlimpseError, match="whole numbers; got 0, 1, 2.0"):
         run.step(0, 1, 2.0)
     assert run.step(np.int64(0), 1, 2)["tokens"] == list("ROM")  # numpy's integers are whole numbers too
+    for query in (-1, 6):  # "ROMEO:" has tokens 0 to 5
+        with pytest.raises(GlimpseError, match=f"within 2 layers, 2 heads and 6 tokens; got layer 0, head 0, "
+                                               f"query {query}"):
+            run.step(0, 0, query)
     vocab = run.model.tokenizer.vocab_size
     with pytest.raises(GlimpseError, match=f"token id -1 .* 0 to {vocab - 1}"):
         run.text_of([0, -1])  # not the last token's text
     with pytest.raises(GlimpseError, match=f"token id {vocab} "):
         run.text_of(np.array([[0], [vocab]]))
     assert Path(run.save(tmp_path / "api-dump") / "attention.npz").is_file()
+    assert not list((tmp_path / "api-dump").glob("*.png"))  # pictures only when asked: they cost seconds
+    assert (run.save(tmp_path / "with-pictures", pngs=True) / "layer_0.png").is_file()
 
 
 def test_a_hugging_face_folder_loads_and_runs_as_the_checkpoint_it_was_exported_from(tmp_path, trained):
@@ -316,6 +322,9 @@ def test_a_runs_step_is_the_lectures_computation_by_hand(variant):
     moved = weights * np.linalg.norm(values @ w_o.T, axis=-1)  # ||weight_j v_j W_O,h||
     np.testing.assert_allclose(step["moved_norm"], moved, rtol=1e-5)
     assert step["top_moved_key"] == moved.argmax()
+    steps = [run.step(*at) for at in np.ndindex(*run.q.shape[:2], 10)]  # every layer, head and query
+    apart = [s for s in steps if s["moved_norm"].argmax() != s["weights"].argmax()]  # the heaviest key moved less
+    assert apart and all(s["top_moved_key"] == s["moved_norm"].argmax() for s in apart)
 
 
 def test_a_models_loss_is_the_next_token_cross_entropy_by_hand_with_heads_removed():
