@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import zlib
@@ -231,6 +232,31 @@ def test_viewer_thumbnails_keep_a_thin_diagonal_when_pooled():
     assert block == 5 and n <= 48
     thumbnails = np.frombuffer(base64.b64decode(data["thumbnails"]), dtype=np.uint8).reshape(n, n)
     assert np.array_equal(thumbnails, 255 * np.eye(n, dtype=np.uint8))  # max-pooled: the diagonal at full strength
+
+
+def test_attended_by_counts_every_later_query_the_last_one_too_in_chromium(tmp_path, browser):
+    """Each token weighs itself and the first token half each, but the last one weighs token 5 alone: hovering
+    token 5, the last token is the query that weighs it most. The highlights are as strong as the colour scale
+    draws their weights: √w under the √ scale."""
+    T = 12
+    attn = np.zeros((1, 1, T, T), dtype=np.float32)
+    attn[0, 0, 0, 0] = 1.0
+    for q in range(1, T - 1):
+        attn[0, 0, q, [0, q]] = 0.5
+    attn[0, 0, T - 1, 5] = 1.0
+    page, errors, _ = open_viewer(browser, write_viewer(tmp_path / "viewer.html", attn, sample_tokens(T), 0, {}))
+    page.hover('#tokens .tok[data-i="5"]')
+    attended = next(line for line in page.inner_text("#info").splitlines() if line.startswith("attended by"))
+    assert re.findall(r"#(\d+) ", attended) == [str(T - 1), "5"], attended
+    highlighted = page.evaluate("""() => Array.from(document.querySelectorAll("#tokens .tok.key, #tokens .tok.query"),
+        (span) => [+span.dataset.i, +span.dataset.w, getComputedStyle(span).backgroundColor])""")
+    assert [i for i, _, _ in highlighted] == [0, T - 1]
+    assert [w for _, w, _ in highlighted] == pytest.approx([0.5, 1.0], abs=4e-3)  # the page's one-byte weights
+    for _, w, colour in highlighted:
+        alpha = float(re.fullmatch(r"rgba\(\d+, \d+, \d+, ([0-9.]+)\)", colour).group(1))
+        assert alpha == pytest.approx(0.85 * math.sqrt(w), abs=2e-3), (w, colour)
+    assert errors == []
+    page.close()
 
 
 def test_viewer_embeds_how_many_earlier_tokens_the_window_left_out():
