@@ -12,6 +12,7 @@ import sys
 import tracemalloc
 from contextlib import nullcontext
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,13 +253,10 @@ def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
     again = python(*args, "--dataset=cut", f"--data_dir={tmp_path}")
     assert again.returncode == 0, again.stderr
     assert "resuming: " in again.stderr and "resuming: 0 " not in again.stderr
-    meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
-    assert meta == json.loads((tmp_path / "whole" / "meta.json").read_text())
-    decode = lambda ids: "".join(meta["tokenizer"]["chars"][i] for i in ids)  # noqa: E731
-    assert decode(split(tmp_path / "whole", "train")) == "\n\n".join(d for i, d in enumerate(docs) if i % 10)
-    for name in ("train", "val"):
-        for shard in meta["shards"][name]:
-            assert (tmp_path / "cut" / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
+    assert_same_dataset(tmp_path / "cut", tmp_path / "whole")
+    chars = json.loads((tmp_path / "whole" / "meta.json").read_text())["tokenizer"]["chars"]
+    assert "".join(chars[i] for i in split(tmp_path / "whole", "train")) == "\n\n".join(
+        d for i, d in enumerate(docs) if i % 10)
 
 
 def test_a_folder_is_read_without_its_hidden_files_and_folders(tmp_path):
@@ -281,36 +279,53 @@ def test_a_txt_file_is_read_as_text_with_its_line_ends_translated_and_no_byte_or
     assert "\ufeff" not in json.loads((folder / "meta.json").read_text())["tokenizer"]["chars"]
 
 
-def test_a_run_stopped_then_given_a_folder_with_another_file_starts_afresh(tmp_path, small_blocks, monkeypatch,
-                                                                           capsys):
-    """The finished shards hold the corpus as it was read: a file added to the folder (sorting first, here) makes
-    the rerun another corpus, whose dataset must be its own, not the old shards followed by the new text."""
+def two_files(tmp_path, names: tuple[str, str] = ("a.txt", "b.txt")) -> dict:
+    """A corpus folder of a short file and a long one (10 and 600 paragraphs), and prepare's settings for it:
+    shards of 500 tokens, so that many finish, and one worker."""
     (tmp_path / "corpus").mkdir()
-    for name, paragraphs in (("b.txt", 10), ("c.txt", 600)):
+    for name, paragraphs in zip(names, (10, 600)):
         (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
-    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    return dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+
+
+def stop_preparing(monkeypatch, dataset: str, settings: dict, at: int = 40) -> list[bool]:
+    """Prepare dataset until its at-th piece, stopped there as Ctrl-C stops it (inside the long file, after shards
+    finished); the next run goes through. Returns each piece's starts_doc."""
     add, calls = shards_module.Router.add, []
 
     def add_then_stop(router, ids, starts_doc):
         calls.append(starts_doc)
-        if len(calls) == 40:
-            raise KeyboardInterrupt  # inside c.txt, after shards finished
+        if len(calls) == at:
+            raise KeyboardInterrupt
         add(router, ids, starts_doc)
 
     monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(dataset="cut", **settings))
-    assert (tmp_path / "cut" / f".preparing-{os.uname().nodename}" / "progress.json").exists()
+        prepare(PrepareConfig(dataset=dataset, **settings))
     monkeypatch.setattr(shards_module.Router, "add", add)
+    return calls
+
+
+def assert_same_dataset(folder: Path, other: Path):
+    """The same meta.json, and every shard it lists the same bytes."""
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta == json.loads((other / "meta.json").read_text())
+    for shard in (shard for shards in meta["shards"].values() for shard in shards):
+        assert (folder / shard["file"]).read_bytes() == (other / shard["file"]).read_bytes()
+
+
+def test_a_run_stopped_then_given_a_folder_with_another_file_starts_afresh(tmp_path, small_blocks, monkeypatch,
+                                                                           capsys):
+    """The finished shards hold the corpus as it was read: a file added to the folder (sorting first, here) makes
+    the rerun another corpus, whose dataset must be its own, not the old shards followed by the new text."""
+    settings = two_files(tmp_path, ("b.txt", "c.txt"))
+    stop_preparing(monkeypatch, "cut", settings)
+    assert (tmp_path / "cut" / f".preparing-{os.uname().nodename}" / "progress.json").exists()
     (tmp_path / "corpus" / "a.txt").write_text(long_text(40), encoding="utf-8")
     capsys.readouterr()
     cut = prepare(PrepareConfig(dataset="cut", **settings))
     assert "resuming: " not in capsys.readouterr().err
-    whole = prepare(PrepareConfig(dataset="whole", **settings))
-    meta = json.loads((cut / "meta.json").read_text())
-    assert meta == json.loads((whole / "meta.json").read_text())
-    for shard in (shard for shards in meta["shards"].values() for shard in shards):
-        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert_same_dataset(cut, prepare(PrepareConfig(dataset="whole", **settings)))
 
 
 def test_a_streamed_built_in_that_cannot_be_reached_is_one_line_after_one_notice(tmp_path, gpt2_ranks):
@@ -365,64 +380,30 @@ def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path
                                                                          recut):
     """A shard can end inside a long document, cut in pieces: the rerun must know where the rest of it goes.
     A rerun that cuts documents otherwise (another version) counts other pieces: it starts afresh."""
-    (tmp_path / "corpus").mkdir()
-    for name, paragraphs in (("a.txt", 10), ("b.txt", 600)):
-        (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
-    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    settings = two_files(tmp_path)
     whole = prepare(PrepareConfig(dataset="whole", **settings))
-    add, calls = shards_module.Router.add, []
-
-    def add_then_stop(router, ids, starts_doc):
-        calls.append(starts_doc)
-        if len(calls) == 40:
-            raise KeyboardInterrupt  # a piece well inside b.txt, after shards finished inside it
-        add(router, ids, starts_doc)
-
-    monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(dataset="cut", **settings))
+    calls = stop_preparing(monkeypatch, "cut", settings)
     assert calls.count(True) == 2  # both documents started: the stop is inside the second
-    monkeypatch.setattr(shards_module.Router, "add", add)
     if recut:
         monkeypatch.setattr(tokenize_parallel, "CHUNK_CHARS", 500)
     capsys.readouterr()
     cut = prepare(PrepareConfig(dataset="cut", **settings))
     assert ("resuming: " in capsys.readouterr().err) != recut
-    meta = json.loads((cut / "meta.json").read_text())
-    assert meta == json.loads((whole / "meta.json").read_text())
-    for shard in (shard for shards in meta["shards"].values() for shard in shards):
-        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert_same_dataset(cut, whole)
 
 
 def test_a_finished_shard_damaged_before_the_rerun_is_not_published(tmp_path, small_blocks, monkeypatch, capsys):
     """A finished shard in the staging folder that is no longer as long as progress.json says (a disk that lost
     its end): the rerun starts afresh rather than publish a dataset whose meta.json miscounts its tokens."""
-    (tmp_path / "corpus").mkdir()
-    for name, paragraphs in (("a.txt", 10), ("b.txt", 600)):
-        (tmp_path / "corpus" / name).write_text(long_text(paragraphs), encoding="utf-8")
-    settings = dict(input=str(tmp_path / "corpus"), data_dir=str(tmp_path), shard_tokens=500, workers=1)
+    settings = two_files(tmp_path)
     whole = prepare(PrepareConfig(dataset="whole", **settings))
-    add, calls = shards_module.Router.add, []
-
-    def add_then_stop(router, ids, starts_doc):
-        calls.append(starts_doc)
-        if len(calls) == 40:
-            raise KeyboardInterrupt  # inside b.txt, after shards finished
-        add(router, ids, starts_doc)
-
-    monkeypatch.setattr(shards_module.Router, "add", add_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(PrepareConfig(dataset="cut", **settings))
-    monkeypatch.setattr(shards_module.Router, "add", add)
+    stop_preparing(monkeypatch, "cut", settings)
     first = tmp_path / "cut" / f".preparing-{os.uname().nodename}" / "train_000000.bin"
     first.write_bytes(first.read_bytes()[:-2])  # one token short
     capsys.readouterr()
     cut = prepare(PrepareConfig(dataset="cut", **settings))
     assert "resuming: " not in capsys.readouterr().err
-    meta = json.loads((cut / "meta.json").read_text())
-    assert meta == json.loads((whole / "meta.json").read_text())
-    for shard in (shard for shards in meta["shards"].values() for shard in shards):
-        assert (cut / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert_same_dataset(cut, whole)
 
 
 def test_a_dataset_prepared_again_from_a_shorter_corpus_keeps_no_shard_of_the_old_one(tmp_path):
@@ -460,10 +441,8 @@ def test_bad_input_deep_in_a_corpus_keeps_the_finished_shards_for_the_fixed_reru
     fixed = prepare(PrepareConfig(dataset="d", **settings))
     assert "resuming: " in capsys.readouterr().err and not staging.exists()
     whole = prepare(PrepareConfig(dataset="whole", **settings))
-    meta = json.loads((fixed / "meta.json").read_text())
-    assert meta == json.loads((whole / "meta.json").read_text()) and meta["documents"] == 41
-    for shard in (shard for shards in meta["shards"].values() for shard in shards):
-        assert (fixed / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert_same_dataset(fixed, whole)
+    assert json.loads((fixed / "meta.json").read_text())["documents"] == 41
     # the other way out the error offers, --skip_bad_lines, goes on from the finished shards too
     corpus.write_text("\n".join([*lines, "not json"]) + "\n")
     with pytest.raises(GlimpseError, match="the finished shards stay in"):
