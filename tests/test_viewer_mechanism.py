@@ -390,6 +390,22 @@ def page_number(text: str) -> float:
     return float(text.replace("−", "-").replace("≈", ""))
 
 
+def test_a_small_amount_moved_reads_to_three_significant_digits_in_chromium(tmp_path, browser, traced):  # noqa: F811
+    """What a head moves can be tiny (a big model, a faint head): under 0.01 the panel writes three significant
+    digits (0.00412), never fewer (0.004) nor a zero."""
+    mechanism, meta, token_text = traced
+    layer, head, i = 1, 0, 17
+    shrink = 0.008 / mechanism.head_out_norm[layer, head, i].max()  # the most moved: 0.008, the rest less
+    small = dataclasses.replace(mechanism, value_out_norm=mechanism.value_out_norm * shrink)
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, (small, meta, token_text)))
+    pin(page, layer, head, i)
+    moved = [row["cells"]["moved"] for row in steps_table(page) if row["key"] is not None and not row["masked"]]
+    assert sum(0.001 <= page_number(text) < 0.01 for text in moved) >= 2
+    assert all(re.fullmatch(r"0\.0*[1-9]\d\d", text) for text in moved), moved
+    assert errors == []
+    page.close()
+
+
 @pytest.mark.parametrize("query", [25, 39])  # keys before the first masked one skipped; the last query, none masked
 def test_every_skipped_key_of_a_long_row_is_summed_up_in_chromium(tmp_path, browser, query):  # noqa: F811
     traced = traced_model(n_tokens=40, block_size=40, seed=0)
