@@ -27,7 +27,6 @@ from glimpse.checkpoint import (
     best_path,
     check_resumable,
     check_resume,
-    check_start,
     checkpoint_path,
     load_checkpoint,
     parameter_count,
@@ -226,10 +225,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
-    out_dir = Path(cfg.out_dir)
-    check_start(out_dir, cfg.init_from)  # before GPT-2's weights are fetched (gigabytes) for a run that cannot go on
+    out_dir = Path(cfg.out_dir)  # which train.py checked first (check_start), before any data or weights came
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
-    folder = pretrained_folder(pretrained) if pretrained else None
+    folder = pretrained_folder(pretrained) if pretrained else None  # a Hub name's weights are fetched here
 
     data, examples = setup_data(cfg, ddp)
     if cfg.fsdp:
