@@ -139,6 +139,9 @@ class TrainConfig:
     def __post_init__(self):
         if not self.out_dir.strip():  # an empty one would write the run's files into the current folder
             raise ValueError("out_dir must name a folder, got an empty one")
+        if not self.init_from.strip():  # an empty one would read the current folder as a Hugging Face model
+            raise ValueError("init_from must be scratch, resume, gpt2 (or gpt2-medium, -large, -xl) or a folder, got "
+                             "an empty one")
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -212,6 +212,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--min_lr=-1e-4"], "min_lr must not be negative, got -0.0001"),
         (common + ["--hellaswag_file=val.jsonl"], "--hellaswag_file is read when --hellaswag_interval is set"),
         (common + ["--weight_decay=-0.1"], "weight_decay must not be negative, got -0.1"),
+        (common + ["--init_from= "], "init_from must be scratch, resume, gpt2 (or gpt2-medium, -large, -xl) or a"),
         (common + ["--init_from=resume", "--device=cuda"] if not torch.cuda.is_available()
          else common + ["--dtype=x"], "cuda" if not torch.cuda.is_available() else "dtype must be one of"),
     ]
