@@ -7,13 +7,11 @@ from __future__ import annotations
 import copy
 import csv
 import functools
-import hashlib
 import io
 import json
 import shutil
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +35,7 @@ from glimpse.generation import generate
 from glimpse.induction import induction_probe
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
-from tests.conftest import Terminal, python, tiny_config
+from tests.conftest import Terminal, files_in, python, tiny_config
 from tests.test_reliability import run_main
 
 CONFIGS = [dict(), dict(pos_encoding="rope", bias=False, norm="rmsnorm", qk_norm=True)]
@@ -194,10 +192,6 @@ def test_the_probe_scores_a_model_in_training_mode_without_dropout_and_leaves_it
     assert second == induction_probe(model, n_tokens=6, batch=3, ablation="mean")
 
 
-def digest_tree(folder) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
     cfg, _ = trained
     out = shutil.copytree(cfg.out_dir, tmp_path / "run")  # a copy: eval.py writes into the run
@@ -247,10 +241,10 @@ def test_eval_py_and_sample_py_show_their_long_scorings_on_a_terminal(trained, t
 ])
 def test_bad_ablations_are_one_line_errors_that_write_nothing(trained, capsys, argv, says):
     cfg, _ = trained
-    before = digest_tree(Path(cfg.out_dir))
+    before = files_in(cfg.out_dir)
     assert says in run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", *argv], capsys)
     assert says in run_main(sample_script.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", *argv], capsys)
-    assert digest_tree(Path(cfg.out_dir)) == before
+    assert files_in(cfg.out_dir) == before
 
 
 def test_ablate_counts_the_layers_and_heads_of_a_model_with_more_heads_than_layers(tmp_path, data_dir, capsys):

@@ -21,7 +21,7 @@ import train
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.runtime import StopRequest
-from tests.conftest import REPO, make_corpus, python, tiny_config
+from tests.conftest import REPO, files_in, make_corpus, python, tiny_config
 from tests.test_train import read_metrics
 
 TINY = ["--dataset=tiny", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
@@ -195,7 +195,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     out = tmp_path / "out"
     train.train(tiny_config(data_dir, out, max_iters=10, eval_interval=10, attn_log_interval=0, n_layer=1,
                             n_head=2, n_embd=16, block_size=16, batch_size=4))  # the shape TINY asks for
-    files = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    files = files_in(out)
     common = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY]
     cases = [
         (common + ["--max_iters=20"], "exists: continue it with --init_from=resume"),
@@ -227,7 +227,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     assert f"tokenizer does not match dataset {other / 'tiny'}, not the one it was trained on, " \
         f"{Path(data_dir) / 'tiny'}: resume with the preset" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={out}", *TINY, "--init_from=resume"], capsys)
-    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == files  # nothing was overwritten
+    assert files_in(out) == files  # nothing was overwritten
 
 
 def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data_dir, trained, capsys):
@@ -301,7 +301,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
     (records / "loss.png").write_bytes(b"not ours")
     (tmp_path / "a_file").write_text("notes")
     capsys.readouterr()
-    files = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    files = files_in(tmp_path)
     cases = [
         ([f"--out_dir={only_best}"], "from a run that stopped before saving ckpt.pt"),
         ([f"--out_dir={only_best}", "--init_from=resume"], "has best.pt but no ckpt.pt"),
@@ -328,7 +328,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         assert expected in run_main(train.main, [f"--data_dir={unprepared}", *TINY, "--dataset=shakespeare_char",
                                                  *argv], capsys), argv
     assert not unprepared.exists() and not (tmp_path / "new").exists()
-    assert {p: digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files  # nothing written, nothing lost
+    assert files_in(tmp_path) == files  # nothing written, nothing lost
 
 
 def test_dataset_errors(tmp_path, corpus_file, capsys):
