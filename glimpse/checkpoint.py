@@ -143,7 +143,12 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
         raise GlimpseError(f"no checkpoint at {path}{folder_missing(path.parent)}; train one first (python train.py "
                            "...) or fix --out_dir")
     try:
-        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        try:
+            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        except RuntimeError as e:  # torch's format before 1.6 (no zip) loads whole, not memory-mapped
+            if not (mmap and "_use_new_zipfile_serialization" in str(e)):
+                raise
+            state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = refusal_reason(str(e))
         raise GlimpseError(f"{path} was refused by the safe loader" + (f" ({reason})" if reason else "")
@@ -151,8 +156,15 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
                            "use another checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise GlimpseError(f"{path} is not a glimpse checkpoint (no model or model_config)")
+    if not isinstance(state, dict):
+        raise GlimpseError(f"{path} is not a glimpse checkpoint (it holds a {type(state).__name__}, not a dict); "
+                           "use another checkpoint")
+    missing = [key for key in ("model", "model_config", "tokenizer") if key not in state]
+    if missing:
+        raise GlimpseError(f"{path} is not a glimpse checkpoint (no {' or '.join(missing)}); use another checkpoint")
+    if not isinstance(state["tokenizer"], dict):
+        raise GlimpseError(f"{path} names no tokenizer glimpse knows ({str(state['tokenizer'])[:80]!r}); "
+                           "use another checkpoint")
     return state
 
 

@@ -89,7 +89,8 @@ def test_checkpoint_round_trip_restores_the_logits(flag, tmp_path):
     with torch.no_grad():  # move every parameter off its initial value (gains off 1, projections off 0)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.config)})
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.config),
+                                         "tokenizer": {"kind": "gpt2"}})
     again = model_from_checkpoint(load_checkpoint(tmp_path / "ckpt.pt")).eval()
     assert again.config == model.config
     idx = torch.randint(0, 20, (2, 8))

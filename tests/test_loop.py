@@ -333,10 +333,11 @@ def test_a_write_that_fails_half_way_leaves_the_old_checkpoint_whole(tmp_path):
             raise RuntimeError("cannot pickle this")
 
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}, "tokenizer": {}})
     before = digest(path)
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        save_checkpoint(path, {"model": {"w": torch.zeros(100_000)}, "model_config": {}, "broken": Unpicklable()})
+        save_checkpoint(path, {"model": {"w": torch.zeros(100_000)}, "model_config": {}, "tokenizer": {},
+                               "broken": Unpicklable()})
     assert digest(path) == before and torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no half-written temporary file is left
 

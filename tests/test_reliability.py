@@ -372,7 +372,8 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     checkpoint_path(truncated).write_bytes(data[: len(data) // 2])
     edited = {}  # checkpoints with glimpse's keys, edited by hand: a model this glimpse cannot build
     for name, edit in (("key", lambda s: s["model_config"].update(bogus=1)),
-                       ("shape", lambda s: s["model_config"].update(n_layer=s["model_config"]["n_layer"] + 1))):
+                       ("shape", lambda s: s["model_config"].update(n_layer=s["model_config"]["n_layer"] + 1)),
+                       ("untokenized", lambda s: s.pop("tokenizer")), ("named", lambda s: s.update(tokenizer="char"))):
         state = load_checkpoint(checkpoint_path(cfg.out_dir))
         edit(state)
         edited[name] = tmp_path / f"edited_{name}"
@@ -383,6 +384,8 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
                                                                "got an unexpected keyword argument 'bogus')"),
         ([f"--out_dir={edited['shape']}", "--max_new_tokens=2"], "model this glimpse cannot build (Error(s) in "
                                                                  "loading state_dict for GPT: Missing key(s)"),
+        ([f"--out_dir={edited['untokenized']}"], "ckpt.pt is not a glimpse checkpoint (no tokenizer); use another"),
+        ([f"--out_dir={edited['named']}"], "ckpt.pt names no tokenizer glimpse knows ('char'); use another checkpoint"),
         ([f"--out_dir={tmp_path / 'none'}"], f"no best.pt or ckpt.pt in {tmp_path / 'none'} (no such folder): train"),
         ([f"--out_dir={truncated / 'ckpt.pt'}"], "ckpt.pt (a file, not a folder): train one first"),
         ([f"--out_dir={tmp_path}"], f"no best.pt or ckpt.pt in {tmp_path}: train one first"),

@@ -176,6 +176,9 @@ def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
     again = model_from_checkpoint(load_checkpoint(tmp_path / "copy.pt")).eval()
     assert torch.equal(again(idx)[0], logits)
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed into place
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch's format before 1.6
+    legacy = model_from_checkpoint(load_checkpoint(tmp_path / "legacy.pt", mmap=True)).eval()  # as sample.py maps it
+    assert torch.equal(legacy(idx)[0], logits)
 
 
 def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
