@@ -50,6 +50,9 @@ def input_files(spec: str) -> list[Path]:
         if not file_format(path):
             raise GlimpseError(f"input {spec!r} is none of {', '.join(FORMATS)}: rename it or convert it")
         return [path]
+    elif path.exists():  # a device or a pipe (/dev/null, <(zcat ...)): preparing sizes its input, may read it twice
+        raise GlimpseError(f"--input {spec!r} is not a file or folder: save the corpus to a file and point --input "
+                           "at it")
     else:
         found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() and file_format(Path(p)))
         if not found and not glob.has_magic(spec):

@@ -614,6 +614,7 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     for args, message in [
         ([f"--input={tmp_path / 'empty'}"], "holds no .txt, .jsonl"),
         ([f"--input={tmp_path / 'gone'}/"], f"--input '{tmp_path / 'gone'}/' not found: no such file or folder"),
+        (["--input=/dev/null"], "--input '/dev/null' is not a file or folder: save the corpus to a file"),
         ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON"),
         ([f"--input={tmp_path / 'cols.parquet'}"], "has no column 'text' (it has content)"),
         ([f"--input={tmp_path / 'null.parquet'}"], "null.parquet's row 2 has null in its text column 'text'"),
