@@ -58,7 +58,7 @@ from glimpse.ablation import losses_per_head, mean_loss
 from glimpse.attention import attention_weights, head_metrics, write_dump
 from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoken
 from glimpse.config import option, parse_config
-from glimpse.errors import user_errors
+from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import BATCH_SIZE, windows
 from glimpse.mechanism import trace
 from glimpse.runtime import runtime
@@ -204,6 +204,9 @@ def bench_head_importance(cfg: BenchConfig) -> dict:
     train_cfg, model = preset_model(cfg.presets[0], cfg.vocab_size)
     device, _, ctx = runtime(train_cfg.device, train_cfg.dtype)
     model.to(device).eval()
+    if cfg.val_tokens < model.config.block_size:  # windows' own message names eval.py's remedy
+        raise GlimpseError(f"--val_tokens={cfg.val_tokens} is fewer than one window of the preset's block_size "
+                           f"({model.config.block_size}): give at least that many")
     tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
     inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
     scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)

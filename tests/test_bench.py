@@ -69,6 +69,10 @@ def test_head_importance_is_timed_beside_one_intact_scoring():
     result = bench_json("--what=head_importance", "--val_tokens=2000")
     assert result["scorings"] == 1 + 3 * 4 and result["tokens_scored"] == 15 * 128  # the CPU preset's model
     assert result["ratio"] == pytest.approx(result["seconds"]["head_importance"] / result["seconds"]["intact"])
+    assert bench_json("--what=head_importance", "--val_tokens=128", "--repeats=1")["tokens_scored"] == 128  # one window
+    short = python("bench.py", "--what=head_importance", "--val_tokens=127")
+    assert short.returncode == 2 and short.stderr.strip().count("\n") == 0
+    assert "--val_tokens=127 is fewer than one window of the preset's block_size (128)" in short.stderr
 
 
 def test_gpt2_is_compared_with_transformers_in_one_run():
