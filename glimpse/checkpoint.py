@@ -68,7 +68,8 @@ def checkpoint_option():
 def folder_missing(folder: Path) -> str:
     """Why a run's folder holds no checkpoint when it is not a folder at all: ' (no such folder)', ' (a file, not a
     folder)', or nothing."""
-    return "" if folder.is_dir() else " (a file, not a folder)" if folder.exists() else " (no such folder)"
+    return ("" if folder.is_dir() else " (a file, not a folder)" if folder.exists()
+            else " (a link to nothing)" if folder.is_symlink() else " (no such folder)")
 
 
 def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
@@ -229,6 +230,9 @@ def check_out_dir(out_dir: Path, init_from: str):
     another program's config.json, metrics.jsonl or loss.png."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
+    if out_dir.is_symlink() and not out_dir.exists():  # a loop, or a link to what was deleted: mkdir says "exists"
+        raise GlimpseError(f"--out_dir {out_dir} is a link to nothing ({os.readlink(out_dir)}): remove it or name "
+                           "another")
     ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
     if init_from == "resume":
         if best.exists() and not ckpt.exists():

@@ -239,6 +239,12 @@ def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data
     long_name = tmp_path / ("x" * 300)
     line = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={long_name}", *TINY], capsys)
     assert line == f"error: could not use {str(long_name)!r}: File name too long"
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")  # mkdir took a link to nothing for a folder that exists
+    line = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={loop}", *TINY], capsys)
+    assert line == f"error: --out_dir {loop} is a link to nothing (loop): remove it or name another"
+    line = run_main(sample.main, [f"--out_dir={loop}"], capsys)
+    assert line.startswith(f"error: no best.pt or ckpt.pt in {loop} (a link to nothing): train one first")
     (tmp_path / "dumps").mkdir()
     (tmp_path / "dumps" / "sample_0").write_text("a file where the first dump's folder goes")
     line = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", "--num_samples=1",
