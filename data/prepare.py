@@ -19,6 +19,7 @@ shards: after a crash the same command keeps them and writes the rest, the same 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -240,21 +241,40 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
             bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
                                 f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
     except GlimpseError as e:  # bad input, met part-way through the corpus
-        bar.close()
-        if not (staging / "progress.json").exists():  # no finished shard a rerun could keep
-            shutil.rmtree(staging, ignore_errors=True)
+        raise stopped(staging, router, bar, str(e), "the input is fixed") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
             raise
-        raise GlimpseError(f"{e} (the finished shards stay in {staging}: the same command, once the input is "
-                           "fixed, goes on from them)") from None
+        raise stopped(staging, router, bar, disk_full(out), "there is room") from None
     bar.close()
     try:
         router.finish(settings["source"])
     except GlimpseError:  # the whole corpus was read: the same command would end the same way
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    except OSError as e:  # the last shards, or a corpus held whole as its first document
+        if e.errno != errno.ENOSPC:
+            raise
+        raise stopped(staging, router, bar, disk_full(out), "there is room") from None
     meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size, "dtype": progress.dtype.name,
             "source": settings["source"], "documents": router.docs}
     publish(out, staging, progress.writers, meta)
+
+
+def stopped(staging: Path, router: Router, bar: tqdm, why: str, rerun_when: str) -> GlimpseError:
+    """The error that ends a preparation part-way, its files closed. Its staging folder goes when it holds no
+    finished shard a rerun could keep (giving a full disk its room back); else it stays, and the error says so."""
+    bar.close()
+    router.close()
+    if not (staging / "progress.json").exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        return GlimpseError(why)
+    return GlimpseError(f"{why} (the finished shards stay in {staging}: the same command, once {rerun_when}, goes "
+                        "on from them)")
+
+
+def disk_full(out: Path) -> str:
+    return f"the disk holding {out} is full: free some space, or prepare into another --data_dir"
 
 
 def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:

@@ -11,6 +11,7 @@ an older dataset's and writes meta.json last, so an older dataset stays whole un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -157,6 +158,15 @@ class Router:
         if starts_doc and writer.count:
             writer.append(self.separator)
         writer.append(ids)
+
+    def close(self):
+        """Close the open files of a preparation stopped part-way (a rerun cuts them back to its saved progress);
+        on a full disk the tokens still in their buffers are lost with them."""
+        files = [writer.file for writer in self.writers.values()] + [self.held.file if self.held else None]
+        for file in files:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
 
     def finish(self, source: str):
         if self.held is not None:  # one document: validation is its last tokens

@@ -280,6 +280,31 @@ def test_a_checkpoint_that_fills_the_disk_is_an_os_error_and_keeps_the_old_one(s
     assert (small_disk / "best.pt").read_bytes() == b"the previous checkpoint"
 
 
+def test_a_preparation_that_fills_the_disk_says_so_keeps_the_dataset_and_gives_the_room_back(small_disk, tmp_path,
+                                                                                              capsys):
+    from data.prepare import main as prepare_main
+
+    (tmp_path / "small.txt").write_text(make_corpus(300))  # about 14 kB: it fits
+    prepare_main(["--dataset=play", f"--input={tmp_path / 'small.txt'}", f"--data_dir={small_disk}"])
+    dataset = files_in(small_disk / "play")
+    rng = random.Random(0)
+    (tmp_path / "big.txt").write_text("".join(rng.choice("abcdefgh \n") for _ in range(400_000)))  # one document
+    line = run_main(prepare_main, ["--dataset=play", f"--input={tmp_path / 'big.txt'}", f"--data_dir={small_disk}"],
+                    capsys)
+    assert line == f"error: the disk holding {small_disk / 'play'} is full: free some space, or prepare into " \
+                   "another --data_dir"
+    assert files_in(small_disk / "play") == dataset  # the old dataset whole, and no staging folder taking the room
+    docs = "".join(json.dumps({"text": "".join(rng.choice("abcdefgh ") for _ in range(500))}) + "\n"
+                   for _ in range(800))  # 400 kB in documents: shards are finished before the disk is full
+    (tmp_path / "docs.jsonl").write_text(docs)
+    line = run_main(prepare_main, ["--dataset=docs", f"--input={tmp_path / 'docs.jsonl'}", f"--data_dir={small_disk}",
+                                   "--shard_tokens=20000"], capsys)
+    staging = next((small_disk / "docs").glob(".preparing-*"))
+    assert line.endswith(f"is full: free some space, or prepare into another --data_dir (the finished shards stay in "
+                         f"{staging}: the same command, once there is room, goes on from them)")
+    assert (staging / "progress.json").exists() and (staging / "train_000000.bin").stat().st_size == 2 * 20000  # uint16
+
+
 def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir, capsys):
     """A run that could not continue, or would overwrite what is not its own, stops in one line before it writes
     anything: the folder it was pointed at (a finished run's metrics.jsonl included) is left as it was."""
