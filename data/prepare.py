@@ -85,8 +85,8 @@ class PrepareConfig:
                                       "a billion tokens, hold out their first 10M tokens instead)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
     skip_bad_lines: bool = option(False, "count and skip .jsonl lines (and records of a streamed built-in) that are "
-                                         "not JSON, lack the text field, or whose text is not a string or holds a "
-                                         "lone surrogate (\\ud83d), and parquet rows whose text is null")
+                                         "not UTF-8 or not JSON, lack the text field, or whose text is not a string "
+                                         "or holds a lone surrogate (\\ud83d), and parquet rows whose text is null")
 
     def __post_init__(self):
         if not self.dataset and self.input:  # the default's name would replace tiny Shakespeare with this text

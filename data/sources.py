@@ -100,14 +100,14 @@ class Documents:
                         continue
                     try:
                         record = json.loads(line)  # bytes: no decoding of the whole line first
-                    except UnicodeDecodeError:
-                        raise GlimpseError(f"{path}:{number} is not UTF-8 text; convert it, e.g. with iconv") from None
-                    except json.JSONDecodeError as e:
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
                         if self.skip_bad_lines:
                             self.bad_lines += 1
                             continue
-                        raise GlimpseError(f"{path}:{number} is not JSON ({e.msg}); fix the line, or pass "
-                                           "--skip_bad_lines to count and skip such lines") from None
+                        problem = ("is not UTF-8 text; convert the file (e.g. with iconv)"
+                                   if isinstance(e, UnicodeDecodeError) else f"is not JSON ({e.msg}); fix the line")
+                        raise GlimpseError(f"{path}:{number} {problem}, or pass --skip_bad_lines to count and skip "
+                                           "such lines") from None
                     if problem := not_text(record, self.text_column):
                         if self.skip_bad_lines:
                             self.bad_lines += 1

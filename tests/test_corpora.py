@@ -601,6 +601,8 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
     (tmp_path / "empty" / "readme.md").write_text("no corpus here")
     bad_line = tmp_path / "bad.jsonl"
     bad_line.write_text('{"text": "fine"}\n{"text": "fine too"}\nnot json\n{"text": "after"}\n')
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "fine"}\n{"text": "café"}\n{"text": "after"}\n'.encode("latin-1"))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -615,7 +617,8 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
         ([f"--input={tmp_path / 'empty'}"], "holds no .txt, .jsonl"),
         ([f"--input={tmp_path / 'gone'}/"], f"--input '{tmp_path / 'gone'}/' not found: no such file or folder"),
         (["--input=/dev/null"], "--input '/dev/null' is not a file or folder: save the corpus to a file"),
-        ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON"),
+        ([f"--input={bad_line}"], f"{bad_line}:3 is not JSON (Expecting value); fix the line, or pass --skip_bad"),
+        ([f"--input={latin1}"], f"{latin1}:2 is not UTF-8 text; convert the file (e.g. with iconv), or pass --skip"),
         ([f"--input={tmp_path / 'cols.parquet'}"], "has no column 'text' (it has content)"),
         ([f"--input={tmp_path / 'null.parquet'}"], "null.parquet's row 2 has null in its text column 'text'"),
         ([f"--input={tmp_path / 'cut.jsonl.gz'}"], "is truncated or not gzip"),
@@ -641,6 +644,10 @@ def test_bad_corpora_are_one_line_errors_and_keep_the_dataset(tmp_path):
                       f"--data_dir={tmp_path}")
     assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
     assert json.loads((tmp_path / "n" / "meta.json").read_text())["documents"] == 2
+    skipping = python("data/prepare.py", "--dataset=l", f"--input={latin1}", "--skip_bad_lines=true",
+                      f"--data_dir={tmp_path}")
+    assert skipping.returncode == 0 and "skipped 1 bad line" in skipping.stderr, skipping.stderr
+    assert json.loads((tmp_path / "l" / "meta.json").read_text())["documents"] == 2
 
 
 def test_text_column_picks_the_text_of_a_local_json_lines_file_too(tmp_path):
