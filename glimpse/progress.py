@@ -6,6 +6,7 @@ max_time, the progress bar, MFU, and the error that stops a run whose numbers bl
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -103,13 +104,27 @@ class StepLog:
 
 def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
     """The training bar: in steps, or under a time budget in its seconds, so that the time left it shows is the
-    budget's rather than max_iters' (a preset's budget ends long before its max_iters)."""
+    budget's rather than max_iters' (a preset's budget ends long before its max_iters).
+
+    Drawn on a terminal only: into a log file or a pipe its redraws pile up, and show_progress prints a line per
+    log step there instead."""
+    hidden = not (show and sys.stderr.isatty())
     if cfg.max_time:
-        return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=not show,
+        return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=hidden,
                     dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of steps "
                                                    "[{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=not show,
+    return tqdm(total=cfg.max_iters, initial=run.iter_num, desc="train", unit="step", disable=hidden,
                 dynamic_ncols=True)
+
+
+def show_progress(bar: tqdm, run: Run, shown: dict):
+    """A log step's numbers (StepLog.write's): on the bar, or where none is drawn, one line from the main process."""
+    if not bar.disable:
+        bar.set_postfix(({"step": run.iter_num} if run.cfg.max_time else {}) | shown)  # the bar counts seconds
+    else:
+        budget = f", {run.train_seconds:.0f}/{run.cfg.max_time:g} s of steps" if run.cfg.max_time else ""
+        mfu = f", {shown['mfu']} MFU" if "mfu" in shown else ""
+        run.say(f"step {run.iter_num}: loss {shown['loss']}, {shown['tok_s']} tokens/s{mfu}{budget}")
 
 
 class TimeBudget:

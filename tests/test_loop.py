@@ -511,12 +511,33 @@ def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir
     shows is max_iters' (an hour for a run of a minute)."""
     shown = {}
     for name, budget in (("budget", {"max_time": 1.0, "max_iters": 10**6}), ("steps", {"max_iters": 20})):
-        with redirect_stderr(io.StringIO()) as err:
+        with redirect_stderr(Terminal()) as err:
             train(tiny_config(data_dir, tmp_path / name, eval_interval=10**6, attn_log_interval=0, log_interval=1,
                               final_eval=False, **budget))
         shown[name] = [line for line in err.getvalue().split("\r") if line.startswith("train:")][-1]  # its last state
     assert "100%" in shown["budget"] and "1/1 s of steps" in shown["budget"] and "step=" in shown["budget"]
     assert "100%" in shown["steps"] and "20/20" in shown["steps"] and "s of steps" not in shown["steps"]
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: where the training bar is drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_where_stderr_is_no_terminal_each_log_step_is_a_line_and_no_bar_is_drawn(tmp_path, data_dir):
+    """Into a log file or a pipe the bar's redraws would pile up: a line per log step is printed instead."""
+    for name, budget in (("steps", {"max_iters": 20}), ("budget", {"max_time": 1.0, "max_iters": 10**6})):
+        with redirect_stderr(io.StringIO()) as err, redirect_stdout(io.StringIO()) as out:
+            train(tiny_config(data_dir, tmp_path / name, eval_interval=10**6, attn_log_interval=0, log_interval=5,
+                              final_eval=False, **budget))
+        assert "train:" not in err.getvalue() and "\r" not in err.getvalue() + out.getvalue()
+        lines = [line for line in out.getvalue().splitlines() if re.match(r"step \d+: loss ", line)]
+        logged = read_metrics(tmp_path / name)
+        assert [line.split(":")[0] for line in lines] == [f"step {r['iter']}" for r in logged if "train_loss" in r]
+        assert all(re.fullmatch(r"step \d+: loss \d\.\d{4}, [\d,]+ tokens/s" + (r", \d+/1 s of steps" if name ==
+                                "budget" else ""), line) for line in lines), lines
 
 
 def test_between_agreements_the_budget_runs_on_at_the_agreed_pace():
