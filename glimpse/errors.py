@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -42,7 +43,8 @@ def user_errors(interrupted: str = ""):
             print(f"error: {message}", file=sys.stderr)
         raise UserExit(message) from None
     except KeyboardInterrupt:
-        print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun Ctrl-C reaches every process: one line a machine
+            print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
 
 
