@@ -41,7 +41,6 @@ from glimpse.checkpoint import (
     checkpoint_option,
     chosen_checkpoint,
     describe,
-    is_run_config,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -49,6 +48,7 @@ from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.gpt2 import gpt2_settings, hf_config, hf_weights, unexportable
 from glimpse.hf_tokenizer import hf_tokenizer, save_tokenizer
+from glimpse.run_folder import is_run_config
 from model import GPTConfig
 
 

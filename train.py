@@ -37,7 +37,7 @@ import torch
 from data import hellaswag
 from data.training_data import prepare_data
 from glimpse.attention import dump_text
-from glimpse.checkpoint import best_path, check_start, checkpoint_path, save_checkpoint
+from glimpse.checkpoint import best_path, checkpoint_path, save_checkpoint
 from glimpse.config import parse_config
 from glimpse.distributed import exit_when_done_under_torchrun, init_distributed
 from glimpse.errors import GlimpseError, user_errors
@@ -45,6 +45,7 @@ from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, show_progress
 from glimpse.run import Run, setup
+from glimpse.run_folder import check_start
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 

@@ -2,7 +2,8 @@
 
 config      typed dataclass configs from defaults, TOML files and --key=value flags
 errors      the one-line error a user sees instead of a traceback
-checkpoint  saving and loading ckpt.pt and best.pt, rebuilding a model, what a resume must match
+checkpoint  saving and loading ckpt.pt and best.pt, rebuilding a model, the random streams a resume restores
+run_folder  which out_dir a run may start in, and what a resume must match
 optim       AdamW, Muon beside AdamW, and the learning-rate schedule
 runtime     device, dtype, autocast, the GPU's peak, and stopping on signals
 distributed torchrun's processes: rank and world size, collectives, the process group, one error for all

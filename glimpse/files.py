@@ -1,12 +1,14 @@
 """Writing a file whole or not at all: whoever reads it (another process checking an out_dir, a browser
 open on a snapshot index, another node preparing the same dataset) sees the old file or the new one,
-never half of one."""
+never half of one. write_text adds the folder, and turns the system's refusal into one line."""
 
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
+
+from glimpse.errors import GlimpseError
 
 
 def write_atomic(dest: Path, write):
@@ -23,3 +25,14 @@ def write_atomic(dest: Path, write):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str):
+    """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
+    read half of it, and a failure halfway leaves the old file whole); a failure (a full disk, no permission) is a
+    one-line error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise GlimpseError(f"could not write {path}: {e.strerror or e}") from None

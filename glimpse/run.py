@@ -25,22 +25,21 @@ from data.dataset import TokenData
 from data.training_data import setup_data
 from glimpse.checkpoint import (
     best_path,
-    check_resumable,
-    check_resume,
     checkpoint_path,
     load_checkpoint,
     parameter_count,
     rank_rng_state,
     restore_rank_rng,
     saved_rank_states,
-    write_text,
 )
 from glimpse.compiling import compile_ahead, compile_options, compile_static, raise_recompile_limit, step_shape
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError
+from glimpse.files import write_text
 from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr
+from glimpse.run_folder import check_resumable, check_resume
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
     check_fsdp,

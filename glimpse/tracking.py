@@ -16,9 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from glimpse.checkpoint import write_text
 from glimpse.errors import GlimpseError
-from glimpse.files import write_atomic
+from glimpse.files import write_atomic, write_text
 
 HEAD_COLUMNS = ["layer", "head", "entropy", "prev_token", "first_token", "self", "mean_distance"]
 # metrics.jsonl's losses as loss.png draws them: (key, label, matplotlib format, colour); train blue, val orange

@@ -17,7 +17,6 @@ from data.dataset import TokenData
 from data.prepare import PrepareConfig, prepare
 from glimpse import evaluation
 from glimpse.checkpoint import (
-    check_resume,
     checkpoint_path,
     load_checkpoint,
     model_from_checkpoint,
@@ -27,6 +26,7 @@ from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import scored_windows
 from glimpse.optim import configure_optimizer, get_lr
+from glimpse.run_folder import check_resume
 from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
 from model import GPTConfig

@@ -1,0 +1,115 @@
+"""
+Which folders a training run may start in, and which checkpoints it may resume: what stops a run is found
+before it prepares data, downloads weights or writes anything (check_start, check_out_dir), and a resume
+continues only the run it was given (check_resumable, check_resume). The files themselves are
+glimpse/checkpoint.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+from glimpse.checkpoint import best_path, checkpoint_path, refuse_run_folder
+from glimpse.errors import GlimpseError
+from glimpse.gpt2 import is_hub_name, pretrained_folder
+from model import GPTConfig
+
+
+def check_start(out_dir: Path, init_from: str):
+    """What stops a training run that costs nothing to find: an out_dir it may not use (check_out_dir), an
+    --init_from that is a run's folder or a folder without GPT-2's files. train.py asks before it prepares data."""
+    check_out_dir(out_dir, init_from)
+    if init_from in ("scratch", "resume"):
+        return
+    refuse_run_folder(init_from)
+    if not is_hub_name(init_from):
+        pretrained_folder(init_from)  # a local folder's files; a Hub name's weights are fetched by setup
+
+
+def check_out_dir(out_dir: Path, init_from: str):
+    """Refuse an out_dir a run cannot use, before anything is read, fetched or written: a file; a run to resume
+    without the training state; a run's checkpoints a new run would overwrite; the pretrained folder being read;
+    another program's config.json, metrics.jsonl or loss.png."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
+    if out_dir.is_symlink() and not out_dir.exists():  # a loop, or a link to what was deleted: mkdir says "exists"
+        raise GlimpseError(f"--out_dir {out_dir} is a link to nothing ({os.readlink(out_dir)}): remove it or name "
+                           "another")
+    ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
+    if init_from == "resume":
+        if best.exists() and not ckpt.exists():
+            raise GlimpseError(f"{out_dir} has best.pt but no ckpt.pt: its run stopped before saving its training "
+                               "state, and best.pt holds only weights (for sample.py and eval.py), so it cannot be "
+                               "resumed; start a new run in another --out_dir")
+        return
+    if ckpt.exists():
+        raise GlimpseError(f"{ckpt} exists: continue it with --init_from=resume, or start fresh in another --out_dir "
+                           "(or delete that one)")
+    if best.exists():
+        raise GlimpseError(f"{best} exists, from a run that stopped before saving ckpt.pt (so it cannot be resumed): "
+                           "start fresh in another --out_dir, or delete that one")
+    local = init_from != "scratch" and not is_hub_name(init_from)  # a Hugging Face folder to finetune
+    if local and out_dir.resolve() == Path(init_from).resolve():
+        raise GlimpseError(f"--out_dir {out_dir} is the folder --init_from reads the pretrained model from, whose "
+                           "config.json a run would overwrite: train into another folder")
+    config = out_dir / "config.json"
+    ours = is_run_config(config)
+    if config.exists() and not ours:
+        raise GlimpseError(f"{config} is not a glimpse run's config.json, and a run would overwrite it: name another "
+                           "--out_dir")
+    # without a run's config.json, the files a run writes beside it are another program's (or another glimpse's:
+    # eval.py's records of a pretrained model)
+    theirs = [] if ours else [p for p in (out_dir / "metrics.jsonl", out_dir / "loss.png")
+                                                if p.is_file() and p.stat().st_size]
+    if theirs:
+        raise GlimpseError(f"{theirs[0]} is not a glimpse training run's (no run config.json beside it), and a run "
+                           "would overwrite it: name another --out_dir")
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether path is the config.json a run writes (a run that stopped before its first checkpoint leaves one)."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
+
+
+# a setting that contradicts the checkpoint may come from a flag, a preset or a default the run was not started with
+SAME_SETTINGS = ("resume with the preset and flags the run was started with (its out_dir/config.json lists every "
+                 "setting), or start a new out_dir")
+
+
+def check_resumable(state: dict, path: Path):
+    """A checkpoint to resume holds the training state, not only weights (a best.pt copied over ckpt.pt)."""
+    missing = [key for key in ("iter_num", "best_val_loss", "rng", "train_config") if key not in state]
+    if "optimizer" not in state and "sharded" not in state:
+        missing.append("optimizer")
+    if missing:
+        raise GlimpseError(f"{path} holds weights without the training state a resume needs (no "
+                           f"{', '.join(missing)}): it is a best.pt or an export, not a ckpt.pt; start a new run in "
+                           "another --out_dir")
+
+
+def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
+    """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
+    if state["tokenizer"] != tokenizer_spec:
+        saved = state["train_config"]
+        trained_on = ""  # where the run's data was, where its checkpoint says
+        if "dataset" in saved and "data_dir" in saved:
+            trained_on = f", {Path(saved['data_dir']) / saved['dataset']}"
+        raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}, not the one it was trained "
+                           f"on{trained_on}: {SAME_SETTINGS}")
+    saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW
+    if saved_optimizer != optimizer:
+        raise GlimpseError(f"optimizer={optimizer} contradicts the checkpoint's optimizer={saved_optimizer}, "
+                           f"whose state it could not continue; {SAME_SETTINGS}")
+    saved = state["model_config"]
+    for f in fields(GPTConfig):
+        was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
+        if f.name != "dropout" and was != getattr(model_config, f.name):
+            raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
+                               f"{f.name}={was}; {SAME_SETTINGS}")
