@@ -370,6 +370,113 @@ def test_the_steps_panel_shows_the_mechanisms_numbers_in_chromium(tmp_path, brow
     page.close()
 
 
+DRAWN_ROWS = """() => {
+    const rgb = (e) => (getComputedStyle(e).backgroundColor.match(/\\d+/g) || []).slice(0, 3).map(Number);
+    const strip = (box) => ({ title: box.title, colours: Array.from(box.children, rgb),
+                             cell: box.children.length ? box.children[0].getBoundingClientRect().width : 0,
+                             opacity: +getComputedStyle(box.closest('tr') ? box : box).opacity });
+    const rows = Array.from(document.querySelectorAll('#steps-table tr'));
+    const head = Array.from(rows[0].children, (th) => th.textContent);
+    return {
+        q: strip(document.querySelector('#steps .recipe .strip')),
+        context: strip(document.querySelector('#steps-context .strip')),
+        rows: rows.filter((tr) => tr.dataset.key !== undefined).map((tr) => ({
+            key: +tr.dataset.key, masked: tr.classList.contains('masked'),
+            cells: Object.fromEntries(Array.from(tr.children, (td, n) => [head[n], {
+                text: td.textContent, colour: getComputedStyle(td).color.match(/\\d+/g).slice(0, 3).map(Number),
+                strips: Array.from(td.querySelectorAll('.strip'), strip),
+                bars: Array.from(td.querySelectorAll('.bar i'), (i) => ({ left: parseFloat(i.style.left),
+                    width: parseFloat(i.style.width), colour: rgb(i) })),
+            }])),
+        })),
+    };
+}"""
+
+
+def lut_index(colour, lut: np.ndarray) -> int:
+    """Which entry of a colour map a colour on the page is (the nearest)."""
+    return int(np.abs(lut.astype(int) - np.asarray(colour, dtype=int)).sum(axis=1).argmin())
+
+
+def check_strip(shown: dict, values, span: float, lut: np.ndarray, name: str):
+    """A strip on the page: a cell per number, coloured on the diverging scale of ±span, the numbers on hover."""
+    values = np.asarray(values, dtype=np.float64)
+    expected = np.clip(np.rint(127.5 + 127.5 * values / span), 0, 255)
+    got = [lut_index(c, lut) for c in shown["colours"]]
+    assert len(got) == len(values) and np.abs(np.array(got) - expected).max() <= 1, (name, got, expected.tolist())
+    title, numbers = shown["title"].split(": ")
+    assert title == name
+    np.testing.assert_allclose([page_number(x) for x in numbers.split(" ")], values, atol=0.0051)  # 2 decimals
+
+
+@pytest.mark.parametrize("where", ["a key holds the largest number", "the query holds the largest number"])
+def test_the_steps_panel_draws_the_numbers_as_strips_and_bars_in_chromium(tmp_path, browser, traced, where):  # noqa: F811
+    """Every strip and bar of the steps panel against the numbers it draws: q and each listed k_j on one scale
+    (the largest of them), q⊙k_j on the products' own, weight·v_j and c_i on theirs; the q·k bars from the middle
+    (red above 0, blue below, the largest filling its half), the weight bars from the left. The masked key's row
+    is faded, with no weight·v_j (nothing moved)."""
+    mechanism, _, _ = traced
+    L, H, T = mechanism.shape
+    half = lambda a: np.asarray(a, dtype=np.float16).astype(np.float64)  # noqa: E731  (the page's copy)
+    if where.startswith("a key"):
+        layer, head, i = 0, 0, 17  # its q·k of both signs
+    else:  # the first query of a head whose q outgrows the keys up to the masked one listed
+        layer, head, i = next((la, h, i) for la in range(L) for h in range(H) for i in range(T - 1)
+                              if np.abs(mechanism.q[la, h, i]).max() > 1.2 * np.abs(mechanism.k[la, h, : i + 2]).max())
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
+    pin(page, layer, head, i)
+    q = half(mechanism.q[layer, head, i])
+    k, v = half(mechanism.k[layer, head]), half(mechanism.v[layer, head])  # (T, hs)
+    assert (np.abs(q).max() > np.abs(k[: i + 2]).max()) == where.startswith("the query")  # each scale decided by it
+    signs = set()
+    for every_key in (False, True):  # the listed keys, then all of them: the scales follow what is on screen
+        if every_key:
+            page.check("#steps-all")
+            page.wait_for_function(f"window.glimpseViewer.steps().listed.length === {T}", timeout=10_000)
+        steps, drawn = page.evaluate("window.glimpseViewer.steps()"), page.evaluate(DRAWN_ROWS)
+        signs |= check_drawn_steps(steps, drawn, q, k, v, i)
+    assert signs == {True, False}  # q·k bars drawn in both directions
+    assert errors == []
+    page.close()
+
+
+def check_drawn_steps(steps: dict, drawn: dict, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: int) -> set[bool]:
+    """The steps panel's strips and bars (DRAWN_ROWS) against the numbers they draw; the signs of the q·k drawn."""
+    lut = colormap_bytes("RdBu_r")
+    keys, rows = steps["keys"], drawn["rows"]
+    listed = [row["key"] for row in rows]
+    assert listed == steps["listed"] and i + 1 in listed  # the first masked key is always listed
+    weight = np.array([keys[j]["weight"] for j in listed])
+    qk_span = max(np.abs(q).max(), np.abs(k[listed]).max())
+    products = k[listed] * q  # (listed, hs)
+    weighted = v[listed] * weight[:, None]
+    v_span = max(np.abs(weighted).max(), np.abs(steps["context"]).max())
+    dot_span = max(abs(keys[j]["qk"]) for j in listed)
+    check_strip(drawn["q"], q, qk_span, lut, f"q_{i}")
+    check_strip(drawn["context"], steps["context"], v_span, lut, f"c_{i}")
+    assert drawn["q"]["cell"] == min(4, 96 // q.shape[0])
+    for n, (row, j) in enumerate(zip(rows, listed)):
+        cells = row["cells"]
+        check_strip(cells["k_j"]["strips"][0], k[j], qk_span, lut, f"k_{j}")
+        check_strip(cells["q⊙k_j"]["strips"][0], products[n], np.abs(products).max(), lut, f"q⊙k_{j}")
+        qk = keys[j]["qk"]
+        (qk_bar,), (weight_bar,) = cells["q·k"]["bars"], cells["weight"]["bars"]
+        width = min(1.0, abs(qk) / dot_span) * 30
+        assert qk_bar["width"] == pytest.approx(width, abs=0.01) and qk_bar["colour"] == (
+            [192, 57, 43] if qk >= 0 else [33, 102, 172]), (j, qk_bar)
+        assert qk_bar["left"] == pytest.approx(30 if qk >= 0 else 30 - width, abs=0.01)
+        assert (weight_bar["left"], weight_bar["width"]) == (0, pytest.approx(60 * keys[j]["weight"], abs=0.01))
+        assert row["masked"] == (j > i)
+        if row["masked"]:
+            assert cells["weight·v_j"]["strips"] == [] and cells["moved"]["text"] == "0"
+            assert cells["k_j"]["strips"][0]["opacity"] < 1 and min(cells["key"]["colour"]) > 150  # faded, grey
+        else:
+            check_strip(cells["weight·v_j"]["strips"][0], weighted[n], v_span, lut, f"weight·v_{j}")
+            assert cells["k_j"]["strips"][0]["opacity"] == 1 and max(cells["key"]["colour"]) < 100
+    assert max(bar["width"] for row in rows for bar in row["cells"]["q·k"]["bars"]) == pytest.approx(30)
+    return {keys[j]["qk"] >= 0 for j in listed}
+
+
 def steps_table(page) -> list[dict]:
     """#steps-table's rows as shown: {"key": j or None, "cells": {column: text}, "text": the row's text}."""
     return page.evaluate("""() => {
