@@ -538,6 +538,9 @@ def test_every_skipped_key_of_a_long_row_is_summed_up_in_chromium(tmp_path, brow
         elif span := re.search(r"keys? #(\d+)(?:–#(\d+))?:", row["text"]):
             named += list(range(int(span.group(1)), int(span.group(2) or span.group(1)) + 1))
     assert named == list(range(query + 1))
+    for text in summaries:  # one key left out is named alone: "key #7: weight", never "keys #7–#7"
+        span = re.search(r"keys? #(\d+)(?:–#(\d+))?:", text)
+        assert text.startswith("… key #") == (span.group(2) is None) and span.group(1) != span.group(2), text
     if query + 1 < mechanism.shape[2]:  # the first masked key still follows them
         assert rows[-2]["key"] == query + 1 and rows[-2]["masked"]
     assert errors == []
@@ -738,14 +741,31 @@ def test_the_keyboard_pins_tokens_and_the_controls_say_what_they_act_on_in_chrom
     scores mode, which has none; the scale says what its root is of, and the thumbnails that they stay weights."""
     page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced))
     T = state(page)["T"]
-    for key, want in [("]", 0), ("]", 1), ("[", 0), ("[", 0), ("Escape", None), ("[", T - 1), ("]", T - 1)]:
+    page.hover('#tokens .tok[data-i="10"]')  # a token under the mouse is not pinned: ] starts from the first
+    assert (state(page)["hover"], state(page)["pinned"]) == (10, False)
+    for key, want in [("]", 0), ("]", 1), ("]", 2), ("[", 1), ("[", 0), ("[", 0), ("Escape", None), ("[", T - 1),
+                      ("]", T - 1)]:
         page.keyboard.press(key)
         assert (state(page)["hover"], state(page)["pinned"]) == (want, want is not None), key
-    page.wait_for_function(f"document.getElementById('steps').dataset.shown === '0,0,{T - 1}'", timeout=10_000)
+        if want is not None:  # the panels follow the pin
+            page.wait_for_function(f"document.getElementById('steps').dataset.shown === '0,0,{want}'", timeout=10_000)
+    L, H = state(page)["n_layer"], state(page)["n_head"]
+    for key, want in [("ArrowUp", (L - 1, 0)), ("ArrowDown", (0, 0)), ("ArrowLeft", (0, H - 1)),
+                      ("ArrowRight", (0, 0))]:
+        page.keyboard.press(key)  # around in both directions
+        assert (state(page)["layer"], state(page)["head"]) == want, key
+    page.focus("#steps-all")  # a focused checkbox keeps the keys to itself
+    for key in ("]", "ArrowRight", "Escape"):
+        page.keyboard.press(key)
+        assert (state(page)["hover"], state(page)["pinned"], state(page)["head"]) == (T - 1, True, 0), key
+    page.locator("#steps-all").blur()
     page.keyboard.press("Escape")
+    page.evaluate("window.scrollTo(0, 0)")  # focusing the checkbox scrolled it into view
     box = page.locator("#overlay").bounding_box()
     row = (3 + 0.5) / T * box["height"] + box["y"]
     page.mouse.click(box["x"] + 2, row)
+    assert state(page)["pinned"] and state(page)["hover"] == 3
+    page.mouse.move(box["x"] + 2, (5 + 0.5) / T * box["height"] + box["y"])  # over another row: the pin holds
     assert state(page)["pinned"] and state(page)["hover"] == 3
     page.mouse.click(box["x"] + 2, row)
     assert not state(page)["pinned"]
