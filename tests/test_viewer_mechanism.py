@@ -577,6 +577,18 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
             "cell => getComputedStyle(cell).backgroundColor")
         expected = diverging[int(np.clip(np.floor(127.5 + 127.5 * x / span + 0.5), 0, 255))]
         assert np.abs(np.array(re.findall(r"\d+", background), dtype=int) - expected).max() <= 3, (layer, head, x)
+    assert page.inner_text("#dla-predicted").endswith(f"(the text goes on with {mechanism.tokens[i + 1]})")
+    # white numbers on the darkest cells, red or blue: the first query whose heads include a strongly negative one
+    dark = next(q for q in range(T) if (mechanism.attribution["heads"][:, :, q] < -0.6 * np.abs(
+        mechanism.attribution["heads"][:, :, q]).max()).any())
+    for q in (dark, i):
+        pin(page, 0, 1, q)
+        heads_q = mechanism.attribution["heads"][:, :, q]
+        for (layer, head), x in np.ndenumerate(heads_q):
+            ink = page.locator(f'#dla-grid td.cell[data-layer="{layer}"][data-head="{head}"]').evaluate(
+                "cell => getComputedStyle(cell).color")
+            white = abs(x) > 0.6 * np.abs(heads_q).max()
+            assert ink == ("rgb(255, 255, 255)" if white else "rgb(34, 34, 34)"), (q, layer, head, x)
     assert "selected" in page.locator('#dla-grid td.cell[data-layer="0"][data-head="1"]').get_attribute("class")
     cell.click()  # a cell selects its head; the panels follow
     page.wait_for_function(f"document.getElementById('steps').dataset.shown === '1,0,{i}'", timeout=10_000)
@@ -595,6 +607,15 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
     last = page.locator(f'#lens tr[data-row="{L}"]')
     assert WORDS[mechanism.lens_ids[L, i, 0]] in last.inner_text()
     assert f"{100 * mechanism.lens_probs[L, i, 0]:.1f}%" in last.inner_text()
+    for r in range(L + 1):  # the runners-up in whole percents; the last block's row, the model's own, in bold
+        row = page.locator(f'#lens tr[data-row="{r}"]')
+        runners_up = zip(mechanism.lens_ids[r, i, 1:], mechanism.lens_probs[r, i, 1:])
+        expected = " · ".join(f"{WORDS[j]} {on_page(100 * p, 0)}%" for j, p in runners_up)
+        assert row.locator("td.also").inner_text() == expected
+        weight = row.locator("td").first.evaluate("td => getComputedStyle(td).fontWeight")
+        assert (weight == "600") == (r == L), (r, weight)
+    pin(page, 1, 0, T - 1)  # the last token: no text goes on after it
+    assert "the text goes on" not in page.inner_text("#dla-predicted")
     assert errors == []
     page.close()
 
