@@ -366,6 +366,9 @@ def test_viewer_in_chromium(tmp_path, browser):
     assert state(page)["layer"] == 1 and heatmap_pixels(page) not in (first, second)
     page.click('#overview .thumb[data-layer="1"][data-head="2"]')
     assert state(page)["head"] == 2
+    current = page.evaluate("""() => [...document.querySelectorAll('#overview .current')].map(
+        (e) => [e.classList.contains('layer-axis') ? 'layer' : 'head', e.dataset.layer ?? e.dataset.head])""")
+    assert sorted(current) == [["head", "2"], ["layer", "1"]]  # the picker's labels in bold: its layer, its head
     page.evaluate("document.activeElement.blur()")  # arrows on a focused select belong to the select
     page.keyboard.press("ArrowLeft")
     assert (state(page)["layer"], state(page)["head"]) == (1, 1)
@@ -394,6 +397,18 @@ def test_viewer_in_chromium(tmp_path, browser):
     assert "key" in token(11).get_attribute("class") and float(token(11).get_attribute("data-w")) > 0.5
     assert "query" in token(13).get_attribute("class") and float(token(13).get_attribute("data-w")) > 0.5
     assert "query" not in (token(20).get_attribute("class") or "")  # token 20 looks at 19, hardly at 12
+    for i, kind in ((11, "--key"), (13, "--query")):  # the colours the legend gives each kind
+        colour = token(i).evaluate("span => getComputedStyle(span).backgroundColor")
+        legend = page.evaluate(f"getComputedStyle(document.documentElement).getPropertyValue('{kind}')")
+        assert re.findall(r"\d+", colour)[:3] == re.findall(r"\d+", legend)[:3], (i, colour, legend)
+    # the row outline runs along token 12's keys, 0 to 12, and stops at the diagonal
+    edge = page.evaluate("""([i, T]) => {
+        const c = document.getElementById('overlay'), cell = c.width / T, ctx = c.getContext('2d');
+        return Array.from({length: T}, (_, k) => Array.from(
+            ctx.getImageData(Math.floor((k + 0.5) * cell), Math.floor(i * cell), 1, 1).data))}""", [12, T])
+    assert all(np.abs(np.subtract(edge[k][:3], [230, 115, 0])).max() <= 2 and edge[k][3] > 100 for k in range(12)), \
+        edge[:12]
+    assert all(edge[k][3] == 0 for k in range(14, T)), edge[14:]
     assert page.evaluate("document.getElementById('overlay').toDataURL()") != overlay_before
     assert "attends to" in page.inner_text("#info")
     # "attended by": the later queries that weigh token 12 most, heaviest first; head 0 reads the token before, so

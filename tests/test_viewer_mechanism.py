@@ -224,6 +224,9 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     for q, k in [(5, 0), (12, 7), (T - 1, T - 1), (20, 3)]:
         expected = diverging[int(np.clip(np.rint(127.5 + 127.5 * scores[q, k] / span), 0, 255))]
         assert np.abs(cell_rgb(page, q, k) - expected).max() <= 3, (q, k)
+    for q in (0, 9, T - 1):  # a token's own key is seen: none of its cell hatched, its upper corner neither
+        expected = diverging[int(np.clip(np.rint(127.5 + 127.5 * scores[q, q] / span), 0, 255))]
+        assert np.abs(cell_rgb(page, q, q, 0.85, 0.15) - expected).max() <= 3, q
     for q, k in [(0, 1), (3, 20), (10, 11), (T - 2, T - 1)]:  # masked: hatched grey, whatever the score scale
         for dx, dy in [(0.2, 0.2), (0.5, 0.5), (0.8, 0.3)]:
             r, g, b = cell_rgb(page, q, k, dx, dy)
@@ -236,6 +239,7 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
         text = page.inner_text("#readout")
         assert f"query #{q} " in text and f"key #{k} " in text
         assert float(re.search(r": score (\S+)$", text).group(1)) == pytest.approx(scores[q, k], rel=2e-3, abs=2e-3)
+        assert re.search(r": score -?\d+\.\d{4}$", text), text  # four decimals, as the weights read
 
     page.select_option("#mode", "moved")
     wait_mode(page, 0, 1, "moved")
