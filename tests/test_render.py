@@ -449,6 +449,14 @@ def test_viewer_with_hostile_tokens_and_a_long_text_in_chromium(tmp_path, browse
         assert page.locator(f'#tokens .tok[data-i="{i}"]').text_content() == text
     assert page.evaluate("document.getElementById('heatmap').width") == 2 * T  # two canvas pixels per token
     assert page.locator("#tokens .tok.gen").count() == T - 100
+    page.keyboard.press("[")  # the last token pinned from the keyboard: its box scrolls it into view
+    assert (state(page)["hover"], state(page)["pinned"]) == (T - 1, True)
+    seen = page.evaluate(f"""() => {{
+        const box = document.getElementById('tokens').getBoundingClientRect();
+        const span = document.querySelector('#tokens .tok[data-i="{T - 1}"]').getBoundingClientRect();
+        return [document.getElementById('tokens').scrollTop, span.top >= box.top && span.bottom <= box.bottom];
+    }}""")
+    assert seen[0] > 0 and seen[1], seen
     assert errors == []
     page.close()
 
