@@ -45,7 +45,7 @@ def sharp_model(n_tokens: int = 30, block_size: int = 24, seed: int = 0, **confi
     torch.manual_seed(seed)
     model_config = GPTConfig(block_size=block_size, vocab_size=len(WORDS), n_layer=2, n_head=2, n_embd=16, **config)
     model = GPT(model_config)
-    with torch.no_grad():  # sharp heads: scores of a few units, not the hundredths of a fresh model
+    with torch.no_grad():  # sharp heads: scores of tenths, not the hundredths of a fresh model
         for block in model.transformer.h:
             block.attn.c_attn.weight[: 2 * model_config.n_embd] *= 6.0
         for name, parameter in model.named_parameters():  # biases that count in the logit's attribution
@@ -264,6 +264,25 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
         for q, k in middling:
             assert np.abs(cell_rgb(page, q, k) - magma[int(np.rint(255 * drawn[q, k]))]).max() <= 3, (scale, q, k)
     assert page.evaluate("location.hash") == "#layer=0&head=1&mode=moved"
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("grown", [1, 10, 40])  # scores of tenths, of units, of tens
+def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromium(tmp_path, browser, traced, grown):  # noqa: F811
+    mechanism, meta, token_text = traced
+    larger = dataclasses.replace(mechanism, q=mechanism.q * grown)  # q·k, and so every score, grown times
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, (larger, meta, token_text)))
+    page.evaluate("window.glimpseViewer.select(0, 1)")
+    page.evaluate("window.glimpseViewer.setMode('scores')")
+    wait_mode(page, 0, 1, "scores")
+    shown = page.evaluate("window.glimpseViewer.mode()")
+    span = shown["range"][1]
+    assert span == pytest.approx(grown * 0.807, rel=0.01)  # the head's largest |score|
+    np.testing.assert_allclose([page_number(t) for t in shown["ticks"]], [-span, -span / 2, 0, span / 2, span],
+                               atol=0.051 if span >= 10 else 0.0051 if span >= 1 else 0.00051)
+    decimals = {len(t.split(".")[1]) if "." in t else 0 for t in shown["ticks"] if t != "0"}
+    assert decimals == ({1} if span >= 10 else {2} if span >= 1 else {3}), shown["ticks"]
     assert errors == []
     page.close()
 
