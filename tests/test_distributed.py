@@ -1,6 +1,9 @@
 """DDP through torchrun with gloo on CPU: two processes train exactly as one does."""
 
+import os
 import re
+import socket
+import subprocess
 import sys
 import textwrap
 
@@ -21,14 +24,18 @@ def torchrun(nproc: int, *args: str, env: dict | None = None):
                       "train.py", *args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def test_two_processes_match_one(tmp_path, data_dir):
-    """Same global batch (4 micro-steps of 4): rank r takes micro-steps r, r + 2; gradients averaged."""
-    one = python("train.py", *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'one'}")
+@pytest.mark.parametrize("log_interval", [1, 4])  # every 4 steps: the checkpoint at step 6 falls between two logs
+def test_two_processes_match_one(tmp_path, data_dir, log_interval):
+    """Same global batch (4 micro-steps of 4): rank r takes micro-steps r, r + 2; gradients averaged. A checkpoint
+    between log steps averages the loss so far over the processes for the resumed run: the loss logged next must
+    still be the mean of its steps."""
+    settings = [*SETTINGS, f"--log_interval={log_interval}", f"--data_dir={data_dir}"]
+    one = python("train.py", *settings, f"--out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'two'}")
+    two = torchrun(2, *settings, f"--out_dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr
     single, double = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["iter"] for r in single] == [r["iter"] for r in double] and len(single) == 12 + 3 + 1
+    assert [r["iter"] for r in single] == [r["iter"] for r in double] and len(single) == 12 // log_interval + 3 + 1
     for a, b in zip(single, double):
         for key in ("train_loss", "val_loss", "eval_train_loss", "final_val_loss"):
             if key in a:
@@ -55,6 +62,68 @@ def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: 
     assert rest.returncode == 0, rest.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
+
+
+def test_two_processes_share_one_time_budget(tmp_path, data_dir):
+    """Under --max_time the processes agree at each log step on the slowest clock, and so on the learning rate and
+    the step to stop at: were each to follow its own, one would stop while the other waits for it in a collective."""
+    run = torchrun(2, *SETTINGS, "--max_iters=1000000", "--max_time=1.5", "--log_interval=2", "--eval_interval=1000000",
+                   f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    assert len(re.findall(r"the 1.5 s budget bought [\d,]+ steps", run.stdout)) == 1, run.stdout
+    steps = [r for r in read_metrics(tmp_path) if "train_loss" in r]
+    assert steps[-1]["budget_used"] > steps[0]["budget_used"] and steps[-1]["lr"] < steps[len(steps) // 2]["lr"]
+
+
+def test_a_failure_of_rank_0_alone_reaches_every_process(tmp_path):
+    """on_main runs work on rank 0 and tells the others whether it failed: each raises, and none is left waiting in
+    its next collective for a rank 0 that stopped."""
+    run = torchrun_script(tmp_path, """
+        dist.init_process_group("gloo")
+        from glimpse.distributed import Distributed
+        ddp = Distributed(rank, rank, 2)
+        assert ddp.on_main(lambda: 42, "counting") == (42 if rank == 0 else None)
+        def broken():
+            raise ValueError("a full disk")
+        say = lambda text: os.write(1, f"rank {rank}: {text}\\n".encode())  # one write: the ranks' lines never mix
+        try:
+            ddp.on_main(broken, "writing the snapshot")
+        except Exception as e:
+            say(f"{type(e).__name__}: {e}")
+        dist.barrier()
+        say("past the barrier")
+    """)
+    assert run.returncode == 0, run.stderr
+    assert sorted(line for line in run.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: ValueError: a full disk", "rank 0: past the barrier",
+        "rank 1: GlimpseError: rank 0 failed while writing the snapshot; its error says why",
+        "rank 1: past the barrier"]
+
+
+def test_on_two_machines_each_process_knows_its_rank_in_the_job(tmp_path):
+    """Two torchrun launchers joined as two machines of one process each: both are local rank 0, one of them the
+    job's rank 0, the one that writes."""
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from glimpse.distributed import exit_when_done_under_torchrun, init_distributed, machines
+        with exit_when_done_under_torchrun():
+            ddp = init_distributed("cpu")
+            print("ranks", ddp.rank, ddp.local_rank, ddp.world_size, ddp.is_main, machines(), flush=True)
+    """))
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=glimpse-test", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines_ = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [machine.communicate(timeout=240) for machine in machines_]
+    assert [machine.returncode for machine in machines_] == [0, 0], outputs
+    shown = sorted(line for out, _ in outputs for line in out.splitlines() if line.startswith("ranks "))
+    assert shown == ["ranks 0 0 2 True 2", "ranks 1 0 2 False 2"], outputs
 
 
 def test_accumulation_must_divide_among_processes(tmp_path, data_dir):

@@ -3,6 +3,7 @@ its checkpoints resume exactly and on another process count, and what reads a tr
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -148,6 +149,38 @@ def test_a_checkpoint_written_without_fsdp_is_refused(runs, tmp_path, data_dir):
     run = torchrun(2, *FSDP, "--init_from=resume", "--max_iters=13", f"--data_dir={data_dir}", f"--out_dir={out}")
     assert error_lines(run) == [f"error: {out / 'ckpt.pt'} was written without fsdp: resume it with --fsdp=false, "
                                 "or start a new out_dir"], run.stderr
+
+
+def test_a_sharded_checkpoint_whose_folder_is_incomplete_is_refused_in_one_line(runs, tmp_path, data_dir):
+    out = tmp_path / "copy"
+    shutil.copytree(runs["fsdp"], out)
+    slot = out / load_checkpoint(out / "ckpt.pt")["sharded"]  # the folder ckpt.pt goes with
+    (slot / ".metadata").unlink()  # a copy cut short
+    run = torchrun(2, *FSDP, "--init_from=resume", "--max_iters=13", f"--data_dir={data_dir}", f"--out_dir={out}")
+    assert error_lines(run) == [f"error: {slot} is missing or incomplete: the checkpoint's weights and optimizer "
+                                "state are there; restore that folder, or start a new out_dir"], run.stderr
+
+
+def test_each_block_is_sharded_on_its_own_and_float16_is_refused(tmp_path):
+    """One FSDP unit per block, then the root: a block's whole weights are gathered for it alone, never the whole
+    model's at once."""
+    run = torchrun_script(tmp_path, """
+        import torch
+        from torch.distributed.fsdp import FSDPModule
+        from glimpse.sharding import check_fsdp, shard
+        from model import GPT, GPTConfig
+        dist.init_process_group("gloo")
+        model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=10))
+        shard(model, model.transformer.h)
+        units = [name or "root" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+        os.write(1, f"rank {rank}: {units}\\n".encode())
+        check_fsdp(torch.bfloat16)
+        check_fsdp(torch.float16)
+    """)
+    units = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert units == [f"rank {r}: ['root', 'transformer.h.0', 'transformer.h.1', 'transformer.h.2']" for r in (0, 1)]
+    assert error_lines(run) == ["error: fsdp=true does not support float16 (its loss scaler would skip steps on some "
+                                "processes only): use --dtype=float32"], run.stderr
 
 
 def test_hellaswag_before_any_other_forward_leaves_a_sharded_model_trainable(tmp_path):
