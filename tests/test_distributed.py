@@ -134,6 +134,7 @@ def test_accumulation_must_divide_among_processes(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("ending, status", [("raise SystemExit(0)", 0), ("raise SystemExit(3)", 3),
+                                            ("raise SystemExit", 0), ("sys.exit('stopped: a message')", 1),
                                             ("raise RuntimeError('broken')", 1)])
 def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, status):
     """DDP keeps its gloo group's worker threads alive to the end. Were Python's teardown to run, one still
@@ -159,6 +160,8 @@ def test_each_process_ends_with_its_status_and_no_teardown(tmp_path, ending, sta
         assert f"exitcode  : {status}" in run.stderr
     if "RuntimeError" in ending:
         assert "RuntimeError: broken" in run.stderr  # the process's traceback
+    if "message" in ending:  # Python's own way: the message on stderr, status 1
+        assert run.stderr.startswith("stopped: a message\n")  # before torchrun's own report of the failure
 
 
 def torchrun_script(tmp_path, body: str, nproc: int = 2):
