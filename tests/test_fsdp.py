@@ -107,6 +107,19 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_di
     assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
 
 
+def test_a_slot_written_again_by_fewer_processes_holds_their_shards_alone(tmp_path, data_dir):
+    """Two processes save at step 6 into one slot; one process resumed saves at 12 into the other and at 18 into the
+    first again, which is emptied first: no shard of the two-process save is left beside the new one."""
+    settings = [*FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--eval_iters=1", "--final_eval=false"]
+    assert torchrun(2, *settings, "--max_iters=6").returncode == 0
+    first = load_checkpoint(tmp_path / "ckpt.pt")["sharded"]
+    assert sorted(p.name for p in (tmp_path / first).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    rest = torchrun(1, *settings, "--init_from=resume", "--max_iters=18")
+    assert rest.returncode == 0, rest.stderr
+    assert load_checkpoint(tmp_path / "ckpt.pt")["sharded"] == first
+    assert sorted(p.name for p in (tmp_path / first).iterdir()) == [".metadata", "__0_0.distcp"]
+
+
 def test_blocks_compiled_under_fsdp_train_as_the_eager_run_does(runs, tmp_path, data_dir):
     """--compile=true under fsdp compiles each block in place before sharding it (aot_eager: the same graphs,
     compiled in seconds): the same losses as the uncompiled sharded run, and the weights under their own names."""
