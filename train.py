@@ -43,7 +43,7 @@ from glimpse.distributed import exit_when_done_under_torchrun, init_distributed
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
-from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, show_progress
+from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, report_step
 from glimpse.run import Run, setup
 from glimpse.run_folder import check_start
 from glimpse.runtime import StopRequest, synchronize, to_device
@@ -77,7 +77,7 @@ def loop(run: Run) -> dict:
             lr = get_lr(run.iter_num, cfg, budget_used)
             last_step = run.iter_num >= cfg.max_iters or (budget_used is not None and budget_used >= 1.0)
             if last_step and log.steps:  # a budget that ends between log steps: its last steps' loss is logged too
-                show_progress(bar, run, log.write(run, run.step_lr, step_budget))
+                report_step(bar, run, log.write(run, run.step_lr, step_budget))
             if run.iter_num != run.work_done_at and scheduled_work(run, last_step, log):
                 t_saved = time.time()
             if last_step:
@@ -94,7 +94,7 @@ def loop(run: Run) -> dict:
             bar.update(min(budget.spent, bar.total) - bar.n if cfg.max_time else 1)
             log_step = run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters
             if log_step:
-                show_progress(bar, run, log.write(run, lr, budget_used))
+                report_step(bar, run, log.write(run, lr, budget_used))
 
             # the processes must take the same decisions at the same step: under DDP they agree at log steps
             # only, in one small collective, rather than paying for one every step

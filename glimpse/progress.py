@@ -6,7 +6,6 @@ max_time, the progress bar, MFU, and the error that stops a run whose numbers bl
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -106,9 +105,9 @@ def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
     """The training bar: in steps, or under a time budget in its seconds, so that the time left it shows is the
     budget's rather than max_iters' (a preset's budget ends long before its max_iters).
 
-    Drawn on a terminal only: into a log file or a pipe its redraws pile up, and show_progress prints a line per
-    log step there instead."""
-    hidden = not (show and sys.stderr.isatty())
+    Drawn on a terminal only (tqdm's disable=None): into a log file or a pipe its redraws pile up, and report_step
+    prints a line per log step there instead."""
+    hidden = None if show else True
     if cfg.max_time:
         return tqdm(total=cfg.max_time, initial=min(run.train_seconds, cfg.max_time), desc="train", disable=hidden,
                     dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of steps "
@@ -117,12 +116,14 @@ def progress_bar(cfg: TrainConfig, run: Run, show: bool) -> tqdm:
                 dynamic_ncols=True)
 
 
-def show_progress(bar: tqdm, run: Run, shown: dict):
-    """A log step's numbers (StepLog.write's): on the bar, or where none is drawn, one line from the main process."""
+def report_step(bar: tqdm, run: Run, shown: dict):
+    """A log step's numbers (StepLog.write's): on the bar, or where none is drawn, one line from the main process,
+    beside the evals' lines."""
     if not bar.disable:
         bar.set_postfix(({"step": run.iter_num} if run.cfg.max_time else {}) | shown)  # the bar counts seconds
     else:
-        budget = f", {run.train_seconds:.0f}/{run.cfg.max_time:g} s of steps" if run.cfg.max_time else ""
+        spent = min(run.train_seconds, run.cfg.max_time)
+        budget = f", {spent:.1f}/{run.cfg.max_time:g} s of steps" if run.cfg.max_time else ""
         mfu = f", {shown['mfu']} MFU" if "mfu" in shown else ""
         run.say(f"step {run.iter_num}: loss {shown['loss']}, {shown['tok_s']} tokens/s{mfu}{budget}")
 

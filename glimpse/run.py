@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -152,8 +153,10 @@ class Run:
         return step_shape(self.cfg, it)
 
     def say(self, text: str):
+        """A line on stdout from the main process, above the bar, flushed: a log file or pipe gets it at once."""
         if self.ddp.is_main:
             tqdm.write(text)
+            sys.stdout.flush()
 
     def weights_dict(self) -> dict:
         """What best.pt holds: the weights and what sampling and evaluation need to use them."""

@@ -92,6 +92,24 @@ def test_kill_9_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_path
     assert iters == sorted(set(iters)) and iters[-1] == last + 20  # resumed runs continue the log, never repeat it
 
 
+def test_a_run_printing_into_a_pipe_sends_each_line_as_it_is_printed(tmp_path, data_dir):
+    """Into a file or a pipe Python buffers stdout by blocks: a log (`> log 2>&1`, `| tee`) would get a run's lines
+    long after they were printed, or at its end. Each line comes as it is printed: this one long before the end."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", *TINY,
+                           "--max_iters=20000", "--log_interval=1000", "--eval_interval=100000"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            first = next((line for line in proc.stdout if line.startswith("step ") and ": loss " in line), "")
+            proc.send_signal(signal.SIGTERM)  # the run stops at its next step, saving its checkpoint
+            err = proc.stderr.read()
+        finally:
+            proc.kill()
+    assert first.startswith("step 1000: loss "), err
+    assert proc.returncode == 143, err  # still running when the line came, not printing it at its end
+    assert load_checkpoint(checkpoint_path(tmp_path))["iter_num"] < 20000
+
+
 @pytest.mark.parametrize("always", [True, False])
 def test_always_save_checkpoint_decides_whether_evals_write_ckpt_pt(tmp_path, data_dir, always):
     """Killed between evals: ckpt.pt is there from the last eval, or (always_save_checkpoint=false) not at all;
