@@ -225,40 +225,43 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
                     progress.docs, progress.split)
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {cfg.dataset}", disable=None)
-    start = time.perf_counter()
     items = skipped(pieces(docs()), progress.items, bar)
-    saved_shards = progress.shards_kept()
     try:
-        for infos, encoded in tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers, start_method):
-            for (starts_doc, size), ids in zip(infos, encoded):
-                router.add(ids, starts_doc)
-                progress.items += 1
-                bar.update(size)
-                if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
-                    progress.save(router.docs, router.split)
-                    saved_shards = progress.shards_kept()
-            tokens = sum(w.count for w in progress.writers.values())
-            bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
-                                f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
-    except GlimpseError as e:  # bad input, met part-way through the corpus
-        raise stopped(staging, router, bar, str(e), "the input is fixed") from None
+        try:
+            tokenize_into(router, progress, bar, tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers,
+                                                           start_method))
+        except GlimpseError as e:  # bad input, met part-way through the corpus
+            raise stopped(staging, router, bar, str(e), "the input is fixed") from None
+        bar.close()
+        try:
+            router.finish(settings["source"])  # the last shards, or a corpus of one document held whole until now
+        except GlimpseError:  # the whole corpus was read: the same command would end the same way
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     except OSError as e:
-        if e.errno != errno.ENOSPC:
+        why = out_of_room(e, out)
+        if why is None:
             raise
-        raise stopped(staging, router, bar, disk_full(out), "there is room") from None
-    bar.close()
-    try:
-        router.finish(settings["source"])
-    except GlimpseError:  # the whole corpus was read: the same command would end the same way
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    except OSError as e:  # the last shards, or a corpus held whole as its first document
-        if e.errno != errno.ENOSPC:
-            raise
-        raise stopped(staging, router, bar, disk_full(out), "there is room") from None
+        raise stopped(staging, router, bar, why, "there is room") from None
     meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size, "dtype": progress.dtype.name,
             "source": settings["source"], "documents": router.docs}
     publish(out, staging, progress.writers, meta)
+
+
+def tokenize_into(router: Router, progress: Progress, bar: tqdm, batches):
+    """Route every tokenized piece to its split's shards, saving progress each time a shard is finished."""
+    start, saved_shards = time.perf_counter(), progress.shards_kept()
+    for infos, encoded in batches:
+        for (starts_doc, size), ids in zip(infos, encoded):
+            router.add(ids, starts_doc)
+            progress.items += 1
+            bar.update(size)
+            if progress.shards_kept() > saved_shards:  # a shard is finished: a rerun starts after this piece
+                progress.save(router.docs, router.split)
+                saved_shards = progress.shards_kept()
+        tokens = sum(w.count for w in progress.writers.values())
+        bar.set_postfix_str(f"{router.docs:,} docs, {tokens:,} tokens, "
+                            f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
 
 
 def stopped(staging: Path, router: Router, bar: tqdm, why: str, rerun_when: str) -> GlimpseError:
@@ -273,8 +276,14 @@ def stopped(staging: Path, router: Router, bar: tqdm, why: str, rerun_when: str)
                         "on from them)")
 
 
-def disk_full(out: Path) -> str:
-    return f"the disk holding {out} is full: free some space, or prepare into another --data_dir"
+def out_of_room(e: OSError, out: Path) -> str | None:
+    """What to say of an OSError that is the dataset's disk out of room (full, or the user's quota spent); None
+    for another (a full /dev/shm refusing the workers' locks is ENOSPC too, with room left where out is)."""
+    if e.errno == errno.EDQUOT:
+        return f"the disk quota where {out} is written is used up: free some space, or prepare into another --data_dir"
+    if e.errno == errno.ENOSPC and shutil.disk_usage(out).free < 2**20:  # a write fails with ENOSPC when none is left
+        return f"the disk holding {out} is full: free some space, or prepare into another --data_dir"
+    return None
 
 
 def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
