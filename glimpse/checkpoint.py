@@ -10,7 +10,7 @@ A run's out_dir holds two checkpoints, because resuming and sampling want differ
     best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
               is a third of the size. Written when an eval improves on the best.
 
-Which folders a run may start in, and which checkpoints it may resume, are glimpse/run_folder.py's checks.
+Which out_dir a run may start in, and which checkpoints it may resume, are glimpse/run_folder.py's checks.
 
 Under fsdp=true ckpt.pt holds the full weights but not the optimizer state, which is saved sharded beside
 it (glimpse/sharding.py).
@@ -62,7 +62,7 @@ def checkpoint_option():
 
 def folder_missing(folder: Path) -> str:
     """Why a run's folder holds no checkpoint when it is not a folder at all: ' (no such folder)', ' (a file, not a
-    folder)', or nothing."""
+    folder)', ' (a link to nothing)', or nothing."""
     return ("" if folder.is_dir() else " (a file, not a folder)" if folder.exists()
             else " (a link to nothing)" if folder.is_symlink() else " (no such folder)")
 

@@ -43,7 +43,9 @@ def user_errors(interrupted: str = ""):
             print(f"error: {message}", file=sys.stderr)
         raise UserExit(message) from None
     except KeyboardInterrupt:
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun Ctrl-C reaches every process: one line a machine
+        # Ctrl-C reaches every process torchrun started on the machine: the first of them says it (read from the
+        # environment here: glimpse/distributed.py, which owns it, imports this module)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
 

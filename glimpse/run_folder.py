@@ -30,14 +30,16 @@ def check_start(out_dir: Path, init_from: str):
 
 
 def check_out_dir(out_dir: Path, init_from: str):
-    """Refuse an out_dir a run cannot use, before anything is read, fetched or written: a file; a run to resume
-    without the training state; a run's checkpoints a new run would overwrite; the pretrained folder being read;
-    another program's config.json, metrics.jsonl or loss.png."""
+    """Refuse an out_dir a run cannot use, before anything is read, fetched or written: a file; a link to nothing
+    (or a folder under one); a run to resume without the training state; a run's checkpoints a new run would
+    overwrite; the pretrained folder being read; another program's config.json, metrics.jsonl or loss.png."""
     if out_dir.exists() and not out_dir.is_dir():
         raise GlimpseError(f"--out_dir {out_dir} is a file, not a folder: name another")
-    if out_dir.is_symlink() and not out_dir.exists():  # a loop, or a link to what was deleted: mkdir says "exists"
-        raise GlimpseError(f"--out_dir {out_dir} is a link to nothing ({os.readlink(out_dir)}): remove it or name "
-                           "another")
+    # a loop, or a link to what was deleted, the folder or one it is under: mkdir would say "File exists"
+    if dangling := next((p for p in (out_dir, *out_dir.parents) if p.is_symlink() and not p.exists()), None):
+        where = "" if dangling == out_dir else f" is under {dangling}, which"
+        raise GlimpseError(f"--out_dir {out_dir}{where} is a link to nothing ({os.readlink(dangling)}): remove it or "
+                           "name another")
     ckpt, best = checkpoint_path(out_dir), best_path(out_dir)
     if init_from == "resume":
         if best.exists() and not ckpt.exists():

@@ -1,11 +1,10 @@
 """DDP through torchrun with gloo on CPU: two processes train exactly as one does."""
 
-import os
 import re
 import socket
-import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -68,7 +67,7 @@ def test_two_processes_share_one_time_budget(tmp_path, data_dir):
     """Under --max_time the processes agree at each log step on the slowest clock, and so on the learning rate and
     the step to stop at: were each to follow its own, one would stop while the other waits for it in a collective."""
     run = torchrun(2, *SETTINGS, "--max_iters=1000000", "--max_time=1.5", "--log_interval=2", "--eval_interval=1000000",
-                   f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+                   "--warmup_iters=0", f"--data_dir={data_dir}", f"--out_dir={tmp_path}")  # lr decays from the start
     assert run.returncode == 0, run.stderr
     assert len(re.findall(r"the 1.5 s budget bought [\d,]+ steps", run.stdout)) == 1, run.stdout
     steps = [r for r in read_metrics(tmp_path) if "train_loss" in r]
@@ -117,13 +116,22 @@ def test_on_two_machines_each_process_knows_its_rank_in_the_job(tmp_path):
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=glimpse-test", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    machines_ = [subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
-    outputs = [machine.communicate(timeout=240) for machine in machines_]
-    assert [machine.returncode for machine in machines_] == [0, 0], outputs
-    shown = sorted(line for out, _ in outputs for line in out.splitlines() if line.startswith("ranks "))
-    assert shown == ["ranks 0 0 2 True 2", "ranks 1 0 2 False 2"], outputs
+    with ThreadPoolExecutor(2) as pool:  # both at once, each stopped whole by run_script should it hang
+        runs = list(pool.map(lambda _: run_script(*launch, env={"OMP_NUM_THREADS": "1"}, timeout=240), range(2)))
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    shown = sorted(line for run in runs for line in run.stdout.splitlines() if line.startswith("ranks "))
+    assert shown == ["ranks 0 0 2 True 2", "ranks 1 0 2 False 2"], [run.stdout for run in runs]
+
+
+def test_ctrl_c_under_torchrun_says_interrupted_once_a_machine(monkeypatch, capsys):
+    """Ctrl-C reaches every process torchrun started on the machine: the first of them (LOCAL_RANK 0) says it."""
+    from glimpse.errors import user_errors
+
+    for local_rank, said in (("0", "\ninterrupted: the same command goes on\n"), ("1", "")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as stop, user_errors(interrupted="the same command goes on"):
+            raise KeyboardInterrupt
+        assert stop.value.code == 130 and capsys.readouterr().err == said, local_rank
 
 
 def test_accumulation_must_divide_among_processes(tmp_path, data_dir):

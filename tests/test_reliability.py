@@ -261,6 +261,9 @@ def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data
     loop.symlink_to("loop")  # mkdir took a link to nothing for a folder that exists
     line = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={loop}", *TINY], capsys)
     assert line == f"error: --out_dir {loop} is a link to nothing (loop): remove it or name another"
+    line = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={loop / 'run'}", *TINY], capsys)
+    assert line == f"error: --out_dir {loop / 'run'} is under {loop}, which is a link to nothing (loop): remove " \
+                   "it or name another"
     line = run_main(sample.main, [f"--out_dir={loop}"], capsys)
     assert line.startswith(f"error: no best.pt or ckpt.pt in {loop} (a link to nothing): train one first")
     (tmp_path / "dumps").mkdir()

@@ -268,8 +268,9 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     page.close()
 
 
-@pytest.mark.parametrize("grown", [1, 10, 40])  # scores of tenths, of units, of tens
-def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromium(tmp_path, browser, traced, grown):  # noqa: F811
+@pytest.mark.parametrize("grown", [1, 10, 40])  # the head's scores in tenths, in units, in tens
+def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromium(  # noqa: F811
+        tmp_path, browser, traced, grown):  # noqa: F811
     mechanism, meta, token_text = traced
     larger = dataclasses.replace(mechanism, q=mechanism.q * grown)  # q·k, and so every score, grown times
     page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, (larger, meta, token_text)))
@@ -278,11 +279,14 @@ def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromi
     wait_mode(page, 0, 1, "scores")
     shown = page.evaluate("window.glimpseViewer.mode()")
     span = shown["range"][1]
-    assert span == pytest.approx(grown * 0.807, rel=0.01)  # the head's largest |score|
+    T = mechanism.shape[2]
+    assert span == pytest.approx(grown * np.abs(mechanism.scores[0, 1][np.tril_indices(T)]).max(), rel=0.01)
+    assert (span < 1, 1 <= span < 10, span >= 10)[[1, 10, 40].index(grown)]  # each way of labelling met
+    digits = 1 if span >= 10 else 2 if span >= 1 else 3
     np.testing.assert_allclose([page_number(t) for t in shown["ticks"]], [-span, -span / 2, 0, span / 2, span],
-                               atol=0.051 if span >= 10 else 0.0051 if span >= 1 else 0.00051)
-    decimals = {len(t.split(".")[1]) if "." in t else 0 for t in shown["ticks"] if t != "0"}
-    assert decimals == ({1} if span >= 10 else {2} if span >= 1 else {3}), shown["ticks"]
+                               atol=0.51 * 10**-digits)
+    decimals = [len(t.split(".")[1]) if "." in t else 0 for t in shown["ticks"] if t != "0"]
+    assert (set(decimals) == {digits}) if span >= 1 else max(decimals) <= 3, shown["ticks"]  # under 1: no 0s after
     assert errors == []
     page.close()
 
@@ -395,9 +399,10 @@ def test_the_steps_panel_shows_the_mechanisms_numbers_in_chromium(tmp_path, brow
 
 DRAWN_ROWS = """() => {
     const rgb = (e) => (getComputedStyle(e).backgroundColor.match(/\\d+/g) || []).slice(0, 3).map(Number);
+    const seen = (e) => (e ? +getComputedStyle(e).opacity * seen(e.parentElement) : 1);  // faded by any ancestor
     const strip = (box) => ({ title: box.title, colours: Array.from(box.children, rgb),
                              cell: box.children.length ? box.children[0].getBoundingClientRect().width : 0,
-                             opacity: +getComputedStyle(box.closest('tr') ? box : box).opacity });
+                             opacity: seen(box) });
     const rows = Array.from(document.querySelectorAll('#steps-table tr'));
     const head = Array.from(rows[0].children, (th) => th.textContent);
     return {
