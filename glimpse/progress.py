@@ -122,10 +122,20 @@ def report_step(bar: tqdm, run: Run, shown: dict):
     if not bar.disable:
         bar.set_postfix(({"step": run.iter_num} if run.cfg.max_time else {}) | shown)  # the bar counts seconds
     else:
-        spent = min(run.train_seconds, run.cfg.max_time)
-        budget = f", {spent:.1f}/{run.cfg.max_time:g} s of steps" if run.cfg.max_time else ""
-        mfu = f", {shown['mfu']} MFU" if "mfu" in shown else ""
-        run.say(f"step {run.iter_num}: loss {shown['loss']}, {shown['tok_s']} tokens/s{mfu}{budget}")
+        cfg, mfu = run.cfg, f", {shown['mfu']} MFU" if "mfu" in shown else ""
+        if cfg.max_time:
+            left = f", {min(run.train_seconds, cfg.max_time):.1f}/{cfg.max_time:g} s of steps"
+        else:  # the steps to go at the run's mean seconds per step so far, as the bar's estimate does
+            steps_left = cfg.max_iters - run.iter_num
+            left = f", about {duration(steps_left * run.train_seconds / run.iter_num)} of steps left" \
+                if steps_left > 0 and run.train_seconds > 0 else ""
+        run.say(f"step {run.iter_num}: loss {shown['loss']}, {shown['tok_s']} tokens/s{mfu}{left}")
+
+
+def duration(seconds: float) -> str:
+    """A time to go, as rounded as an estimate is: 45 s, 12 min, 2.5 h."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 class TimeBudget:

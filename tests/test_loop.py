@@ -519,6 +519,13 @@ def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir
     assert "100%" in shown["steps"] and "20/20" in shown["steps"] and "s of steps" not in shown["steps"]
 
 
+def test_the_time_to_go_is_rounded_as_an_estimate_is():
+    from glimpse.progress import duration
+
+    assert [duration(s) for s in (0.4, 45, 89.6, 90, 720, 5399, 5400, 9000)] == [
+        "0 s", "45 s", "90 s", "2 min", "12 min", "90 min", "1.5 h", "2.5 h"]
+
+
 class Terminal(io.StringIO):
     """stderr as a terminal: where the training bar is drawn."""
 
@@ -536,8 +543,10 @@ def test_where_stderr_is_no_terminal_each_log_step_is_a_line_and_no_bar_is_drawn
         lines = [line for line in out.getvalue().splitlines() if re.match(r"step \d+: loss ", line)]
         logged = read_metrics(tmp_path / name)
         assert [line.split(":")[0] for line in lines] == [f"step {r['iter']}" for r in logged if "train_loss" in r]
-        assert all(re.fullmatch(r"step \d+: loss \d\.\d{4}, [\d,]+ tokens/s" + (r", [01]\.\d/1 s of steps" if name ==
-                                "budget" else ""), line) for line in lines), lines
+        left = r", [01]\.\d/1 s of steps" if name == "budget" else r"(, about [\d.]+ (s|min|h) of steps left)?"
+        assert all(re.fullmatch(r"step \d+: loss \d\.\d{4}, [\d,]+ tokens/s" + left, line) for line in lines), lines
+        if name == "steps":  # the time to go at the run's pace, but for the last step
+            assert [" left" in line for line in lines] == [True] * (len(lines) - 1) + [False]
 
 
 def test_between_agreements_the_budget_runs_on_at_the_agreed_pace():

@@ -66,7 +66,8 @@ def test_the_training_cell_prints_a_line_per_log_step_and_no_bar(executed):
     """A notebook's output is no terminal: train.py draws no bar there (its redraws would fill the saved notebook)
     but prints a line at each log step, 100 steps apart in the study's settings."""
     printed, _ = cell(executed, "final = train(")
-    steps = [int(n) for n in re.findall(r"^step (\d+): loss \d\.\d{4}, [\d,]+ tokens/s$", printed, re.MULTILINE)]
+    steps = [int(n) for n in re.findall(r"^step (\d+): loss \d\.\d{4}, [\d,]+ tokens/s(?:, about [\d.]+ (?:s|min|h) "
+                                        r"of steps left)?$", printed, re.MULTILINE)]
     assert steps == list(range(100, 1501, 100)), printed
     assert "train:" not in printed and "\r" not in printed
 
