@@ -159,7 +159,7 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
         chars, n_docs = set(), 0
         for text, _, starts_doc in tqdm(docs(), desc="reading the characters", unit="part", disable=None):
             chars.update(text)
-            n_docs += starts_doc
+            n_docs += starts_doc and bool(text)  # an empty document is none (data/shards.py's Router)
         tokenizer = CharTokenizer("".join(chars | (set(cfg.separator) if n_docs > 1 else set())))
     else:
         tokenizer = GPT2Tokenizer()

@@ -114,7 +114,9 @@ class Held:
 class Router:
     """Sends each document, whole, to val or train, with the separator between documents of a split.
 
-    The first document waits for the second, on disk: a corpus of one document is split by its tokens instead.
+    A document starts at its first token: an empty one (a blank row of a table) is no document, neither
+    counted nor separated. The first document waits for the second, on disk: a corpus of one document is split by
+    its tokens instead.
     """
 
     def __init__(self, writers: dict[str, ShardWriter], separator: np.ndarray, val_tokens: int, val_fraction: float,
@@ -126,9 +128,17 @@ class Router:
         val = writers["val"]
         self.held = Held(val.folder / "first_document.bin", val.dtype) if docs == 0 else None
         self.split = split  # where the document being added goes
+        self.opening = False  # a document has begun and no token of it has come yet
+        self.empty = 0  # documents without a token, for the message of a corpus that holds none
 
     def add(self, ids: np.ndarray, starts_doc: bool):
         if starts_doc:
+            self.empty += self.opening
+            self.opening = True
+        if not len(ids):
+            return
+        if self.opening:
+            self.opening, starts_doc = False, True
             if self.docs == 1 and self.held is not None:
                 self.release("val", 0, self.held.count)  # the first document is validation's
                 self.held.drop()
@@ -169,19 +179,20 @@ class Router:
                     file.close()
 
     def finish(self, source: str):
+        self.empty += self.opening
+        if self.held is not None and not self.held.count:  # not one token in the whole corpus
+            self.held.drop()
+            many = self.empty > 1  # documents, so perhaps a table whose text is in another field
+            raise GlimpseError(f"{source} holds no text" + (f" ({self.empty:,} documents, all empty)" if many else "")
+                               + ": point --input at the corpus"
+                               + (", or --text_column at the field that holds it" if many else ""))
         if self.held is not None:  # one document: validation is its last tokens
             n = self.held.count
-            if not n:
-                self.held.drop()
-                raise GlimpseError(f"{source} holds no text: point --input at the corpus")
             n_val = min(self.val_tokens or n - int(n * (1 - self.val_fraction)), n)
             self.release("train", 0, n - n_val)
             self.release("val", n - n_val, n)
             self.held.drop()
         documents = f"{self.docs:,} document{'s' if self.docs != 1 else ''}"
-        if not any(writer.count for writer in self.writers.values()):  # no split to move text to: there is none
-            raise GlimpseError(f"{source} holds no text ({documents}, all empty): point --input at the corpus, or "
-                               "--text_column at the field that holds it")
         for split, writer in self.writers.items():
             writer.flush()
             if not writer.count:

@@ -208,6 +208,30 @@ def test_val_fraction_holds_out_that_fraction_of_the_documents_spread_evenly(fra
         assert val == docs[::int(1 / fraction)]
 
 
+def test_blank_rows_are_no_documents(tmp_path):
+    """A table of lines with a blank row between them (as wikitext's are) splits its lines, one separator apart:
+    blank rows neither take validation's turn (every tenth row here is blank) nor add separators."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"line {i}" for i in range(30)]
+    rows = [""] + [row for doc in docs for row in (doc, "")]  # blank first, between, and last
+    pq.write_table(pa.table({"text": rows}), tmp_path / "lines.parquet")
+    folder = prepare(PrepareConfig(dataset="lines", input=str(tmp_path / "lines.parquet"), data_dir=str(tmp_path),
+                                   val_fraction=0.1))
+    meta = json.loads((folder / "meta.json").read_text())
+    chars = meta["tokenizer"]["chars"]
+    val, train = ("".join(chars[i] for i in split(folder, name)) for name in ("val", "train"))
+    assert val == "\n\n".join(docs[::10]) and meta["documents"] == 30
+    assert train == "\n\n".join(d for i, d in enumerate(docs) if i % 10)
+    # one document among blank rows is a corpus of one document: split by its tokens, no separator in its vocabulary
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "abcdefghij" * 3, ""]))
+    one = prepare(PrepareConfig(dataset="one", input=str(tmp_path / "one.jsonl"), data_dir=str(tmp_path)))
+    chars = json.loads((one / "meta.json").read_text())["tokenizer"]["chars"]
+    assert "".join(chars[i] for i in np.concatenate([split(one, "train"), split(one, "val")])) == "abcdefghij" * 3
+    assert "\n" not in chars
+
+
 def test_the_val_fraction_is_exact_over_many_documents():
     router = shards_module.Router({"train": None, "val": None}, np.array([]), 0, 0.67, docs=1)  # nothing held
     val = [doc for doc in range(3000) if router.assign(doc) == "val"]
