@@ -29,6 +29,7 @@ DIVERGING_COLORMAP = "RdBu_r"  # scores, logit attributions, head removal: blue 
 MOVED_COLORMAP = "magma"  # what a head moved: sequential like the weights, but not to be mistaken for them
 MASKED_COLOR = "#eeeeee"  # above the diagonal: keys a query cannot see, unlike a weight of 0
 GENERATED_COLOR = "#c0392b"  # axis labels of generated tokens; prompt tokens stay black
+AXES_NOTE = "query ↓ · key →"  # rows are queries, as in QK^T
 MAX_LABELLED_TOKENS = 64  # past this, token text on the axes would overlap: positions only
 VISIBLE_CHARS = {"\n": "⏎", "\t": "⇥", " ": "␣"}
 
@@ -156,6 +157,8 @@ def layer_figure(layer_attn: np.ndarray, layer: int, labels: list[str], prompt_l
             ax.hlines(edge, -0.5, edge, colors="white", linewidths=0.8, linestyles="--")
         if labelled:
             label_axes(ax, labels, prompt_len, font)
+            # the tokens fill the margins an axis title would take: the masked corner says which way is which
+            ax.text(0.98, 0.98, AXES_NOTE, transform=ax.transAxes, ha="right", va="top", fontsize=font, color="#444")
         else:
             ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))

@@ -19,10 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from glimpse.attention import head_metrics
-from glimpse.render import GENERATED_COLOR, layer_figure, token_label, write_importance_image, write_layer_images
+from glimpse.render import (
+    AXES_NOTE,
+    GENERATED_COLOR,
+    layer_figure,
+    token_label,
+    write_importance_image,
+    write_layer_images,
+)
 from glimpse.viewer import viewer_html, write_viewer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +96,19 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
     assert len(heads) == 2
     for ax in heads:
         columns = [t for t in ax.texts if t.get_rotation() == 90]  # below the heatmap, one per key
-        rows = [t for t in ax.texts if t.get_rotation() == 0]  # left of it, one per query
+        rows = [t for t in ax.texts if t.get_rotation() == 0 and t.get_text() != AXES_NOTE]  # left, one per query
+        (note,) = [t for t in ax.texts if t.get_text() == AXES_NOTE]  # which way is which, in the masked corner
+        assert "query ↓" in AXES_NOTE and "key →" in AXES_NOTE
+        box = note.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+        corners = ax.transData.inverted().transform(box.corners())  # (key, query) of each corner of the note
+        assert all(key > query + 0.5 for key, query in corners)  # on masked cells only, covering no weight
+    for T in (2, 64):  # the fewest tokens and the most that get labels: the note still covers masked cells only
+        fig = layer_figure(synthetic_attention(1, 1, T)[0], layer=0, labels=["x"] * T, prompt_len=T)
+        (ax,) = [ax for ax in fig.axes if ax.get_title()]
+        (note,) = [t for t in ax.texts if t.get_text() == AXES_NOTE]
+        box = note.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+        corners = ax.transData.inverted().transform(box.corners())
+        assert all(key > query + 0.5 for key, query in corners), T
         for texts in (columns, rows):
             assert [t.get_text() for t in texts] == labels
             assert [t.get_color() == GENERATED_COLOR for t in texts] == [False] * 4 + [True] * 2
