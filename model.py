@@ -9,7 +9,7 @@ Beside it in glimpse/: the causal mask (masks.py), the position encodings that a
 with the KV cache (generation.py).
 
 The variants of the lecture notes are config switches, GPT-2 by default:
-  attn_score    scaled_dot (QK^T / sqrt(d)), dot (QK^T), additive (Bahdanau: v^T tanh(W_q q + W_k k))
+  attn_score    scaled_dot (QK^T / sqrt(d)), dot (QK^T), additive (Bahdanau: w^T tanh(A q + B k))
   pos_encoding  learned (a table up to block_size), sinusoidal (fixed, added to the embeddings),
                 rope (rotates queries and keys), alibi (a per-head penalty on distance), none
 and so are the architecture choices of later GPTs: norm (layernorm or rmsnorm), activation (gelu or
@@ -59,8 +59,9 @@ class GPTConfig:
     dropout: float = option(0.0, "dropout probability while training")
     bias: bool = option(True, "biases in Linear and LayerNorm layers, as GPT-2 has them")
     attn_score: AttnScore = option(
-        "scaled_dot", "how queries score keys: softmax(QK^T/sqrt(d)), unscaled QK^T (both on the fused fast "
-        "path), or Bahdanau's v^T tanh(W_q q + W_k k) (explicit path only: slow, memory grows as T^2 x head size)"
+        "scaled_dot", "how queries score keys: softmax(QK^T/sqrt(d_k)), d_k the head's size, unscaled QK^T (both on "
+        "the fused fast path), or Bahdanau's w^T tanh(A q + B k), A, B, w each head's own (explicit path only: slow, "
+        "memory grows as T^2 x head size)"
     )
     pos_encoding: PosEncoding = option(
         "learned", "where position information comes from: GPT-2's learned table (stops at block_size), fixed "

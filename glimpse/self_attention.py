@@ -89,7 +89,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = make_dropout(config.dropout)
-        if self.score_kind == "additive":  # Bahdanau: v^T tanh(W_q q + W_k k), with its own W_q, W_k, v per head
+        # Bahdanau: w^T tanh(A q + B k), with its own A, B, w (score_q, score_k, score_v) per head
+        if self.score_kind == "additive":
             hs = self.head_dim
             self.score_q = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))
             self.score_k = nn.Parameter(torch.randn(self.n_head, hs, hs) / math.sqrt(hs))

@@ -236,6 +236,8 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
             # ALiBi's penalty is -slope x distance: the page adds it to the scaled q.k itself, exactly
             "alibi_slopes": alibi_slopes(H).tolist() if pos_encoding == "alibi" else None,
             "qk_norm": bool(config.get("qk_norm", False)),  # q and k as traced are after it: the page says so
+            "smear": bool(config.get("smear", False)),  # the embeddings' share of a logit holds the smear's too
+            "tie_embeddings": bool(config.get("tie_embeddings", True)),  # the lens's first row reads the token back
             # the logit the attribution splits is the one before this cap: the page shows both
             "logit_softcap": float(config.get("logit_softcap") or 0.0),
             "head_dim": int(mechanism.q.shape[-1]),

@@ -208,7 +208,13 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     page.select_option("#head", "1")
     wait_mode(page, 0, 1, "weights")
     weights_picture = page.evaluate("document.getElementById('heatmap').toDataURL()")
-    assert "sums to 1" in page.inner_text("#mode-caption") and "probabilit" in page.inner_text("#mode-caption")
+    caption = page.inner_text("#mode-caption")
+    assert "sums to 1" in caption and "probabilit" in caption
+    # the caption says how the colours are drawn, and what the dashed lines at the prompt's end are
+    assert "Coloured by √weight" in caption and "where the prompt ends" in caption
+    page.select_option("#scale", "linear")
+    page.wait_for_function("document.getElementById('mode-caption').innerText.includes('Coloured linearly')")
+    page.select_option("#scale", "sqrt")
     assert page.evaluate("window.glimpseViewer.mode().range") == [0, 1]
     check_colorbar(page, colormap_bytes(COLORMAP), [math.sqrt(w) for w in (0, 0.01, 0.05, 0.1, 0.25, 0.5, 1)])
 
@@ -231,7 +237,8 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
         for dx, dy in [(0.2, 0.2), (0.5, 0.5), (0.8, 0.3)]:
             r, g, b = cell_rgb(page, q, k, dx, dy)
             assert r == g == b and r < 215, (q, k, r)  # grey, darker than white or the weights' #eeeeee
-    assert "masked" in page.inner_text("#mode-caption") and "−∞" in page.inner_text("#mode-caption")
+    caption = page.inner_text("#mode-caption")
+    assert "masked" in caption and "−∞" in caption and "Only differences within a row matter" in caption
     # the readout under the mouse names the cell and its score: query row, key column
     box = page.locator("#overlay").bounding_box()
     for q, k in [(12, 7), (20, 3)]:
@@ -247,7 +254,7 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     assert page.evaluate("window.glimpseViewer.mode().range")[1] == pytest.approx(moved.max(), rel=5e-3)
     q, k = np.unravel_index(moved.argmax(), moved.shape)
     assert np.abs(cell_rgb(page, q, k) - colormap_bytes("magma")[255]).max() <= 3  # the most moved: the top colour
-    assert "residual stream" in page.inner_text("#mode-caption")
+    assert "residual stream" in page.inner_text("#mode-caption") and "cancel" in page.inner_text("#mode-caption")
     shown = page.evaluate(f"Array.from({{length: {T}}}, (_, k) => window.glimpseViewer.value(0, 1, 15, k, 'moved'))")
     np.testing.assert_allclose(shown, moved[15], rtol=5e-3, atol=1e-5)
     page.mouse.move(box["x"] + 9.5 / T * box["width"], box["y"] + 15.5 / T * box["height"])  # query 15, key 9
@@ -575,6 +582,32 @@ def test_every_skipped_key_of_a_long_row_is_summed_up_in_chromium(tmp_path, brow
     page.close()
 
 
+@pytest.mark.parametrize("variant,embeddings", [
+    ({}, "token and position embeddings"),
+    ({"pos_encoding": "rope"}, "token embeddings"),
+    ({"pos_encoding": "alibi", "smear": True}, "token embeddings (with the smear's share of the previous token's)"),
+    ({"tie_embeddings": False}, "token and position embeddings")])
+def test_the_attribution_and_lens_say_what_their_parts_hold_in_chromium(tmp_path, browser, variant,  # noqa: F811
+                                                                       embeddings):
+    traced = traced_model(n_tokens=12, block_size=12, seed=1, **variant)
+    mechanism = traced[0]
+    # a prompt as long as the text: no generated tokens, so no dashed line for the caption to explain
+    page, errors, _ = open_viewer(browser, write_mechanism_viewer(tmp_path, traced, prompt_len=12))
+    assert "dashed" not in page.inner_text("#mode-caption")
+    pin(page, 1, 0, 7)
+    parts = page.evaluate("window.glimpseViewer.attribution()")["parts"]
+    assert parts[0]["name"] == embeddings
+    assert parts[0]["value"] == pytest.approx(mechanism.attribution["embed"][7], rel=1e-5, abs=1e-6)
+    box = page.inner_text("#attribution")
+    assert "What each head adds straight to the prediction at query #7" in box
+    assert "Direct shares only" in box and "--head_importance" in box
+    # the lens's first row reads the token back through a tied head, and the page says so only then
+    assert ("the first row mostly names the token itself" in page.inner_text("#lens")) == variant.get(
+        "tie_embeddings", True)
+    assert errors == []
+    page.close()
+
+
 def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium(tmp_path, browser, traced):  # noqa: F811
     mechanism, _, _ = traced
     L, H, T = mechanism.shape
@@ -587,7 +620,7 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
     assert shown["logit"] == pytest.approx(mechanism.logit[i], rel=1e-5)
     np.testing.assert_allclose(shown["heads"], mechanism.attribution["heads"][:, :, i], rtol=1e-5, atol=1e-6)
     parts = {part["name"]: part["value"] for part in shown["parts"]}
-    assert parts["token (and position) embeddings"] == pytest.approx(mechanism.attribution["embed"][i], rel=1e-5)
+    assert parts["token and position embeddings"] == pytest.approx(mechanism.attribution["embed"][i], rel=1e-5)
     for layer in range(L):
         assert parts[f"layer {layer}: MLP"] == pytest.approx(mechanism.attribution["mlp"][layer, i], rel=1e-5, abs=1e-6)
     assert shown["sum"] == pytest.approx(mechanism.logit[i], rel=1e-4, abs=1e-4)  # the parts add up to the logit
@@ -763,7 +796,7 @@ def test_the_steps_follow_the_models_own_scoring_in_chromium(tmp_path, browser, 
         if variant.get("attn_score") == "additive":  # what the network gave is the score less the penalty
             np.testing.assert_allclose([key["network"] for key in keys],
                                        mechanism.scores[layer, head, i, : i + 1] - expected, rtol=2e-3, atol=2e-3)
-            assert "v·tanh" in page.inner_text("#steps-table tr >> nth=0")
+            assert "w·tanh" in page.inner_text("#steps-table tr >> nth=0")
     assert errors == []
     page.close()
 
