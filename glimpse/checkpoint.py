@@ -98,8 +98,10 @@ def refuse_run_folder(source: str):
 
 def describe(path: Path, state: dict) -> str:
     """One line on what a loaded checkpoint is, for the scripts to print."""
-    val = state.get("val_loss")
-    return f"{path} (step {state.get('iter_num')}" + (f", val loss {val:.4f})" if val is not None else ")")
+    val, step, at = state.get("val_loss"), state.get("iter_num"), state.get("val_loss_step")
+    if val is None:
+        return f"{path} (step {step})"
+    return f"{path} (step {step}, val loss {val:.4f}" + (f" at step {at})" if at not in (None, step) else ")")
 
 
 def save_checkpoint(path: Path, state: dict):

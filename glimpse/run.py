@@ -163,6 +163,7 @@ class Run:
         return {"model": self.model_weights(), "model_config": asdict(self.model.config),
                 "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
                 "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
+                "val_loss_step": self.last_eval.get("iter"),  # a checkpoint saved between evals holds an earlier one
                 "wandb_run_id": self.tracker.run_id or self.wandb_run_id, "pretrained": self.pretrained}
 
     def state_dict(self) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 import sample
 import train
-from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
+from glimpse.checkpoint import best_path, checkpoint_path, describe, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.runtime import StopRequest
 from tests.conftest import REPO, files_in, make_corpus, python, tiny_config
@@ -138,10 +138,15 @@ def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
     assert proc.returncode == code, stderr
     state = load_checkpoint(checkpoint_path(out))
     assert state["iter_num"] >= 4
+    # its val loss is step 0's, the last eval's, and the line the scripts print on loading it says so
+    assert state["val_loss_step"] == 0
+    assert describe(out, state) == f"{out} (step {state['iter_num']}, val loss {state['val_loss']:.4f} at step 0)"
     resumed = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume",
                      f"--max_iters={state['iter_num'] + 3}", "--eval_interval=100000", "--log_interval=1")
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint(checkpoint_path(out))["iter_num"] == state["iter_num"] + 3
+    final = load_checkpoint(checkpoint_path(out))
+    assert final["iter_num"] == state["iter_num"] + 3
+    assert describe(out, final) == f"{out} (step {final['iter_num']}, val loss {final['val_loss']:.4f})"  # its own
 
 
 def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
