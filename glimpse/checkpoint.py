@@ -151,19 +151,27 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
         reason = refusal_reason(str(e))
         raise GlimpseError(f"{path} was refused by the safe loader" + (f" ({reason})" if reason else "")
                            + ": it is not a glimpse checkpoint, or holds objects besides tensors and plain values; "
-                           "use another checkpoint") from None
+                           f"{instead(path)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); use another checkpoint") from None
+        raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); {instead(path)}") from None
     if not isinstance(state, dict):
         raise GlimpseError(f"{path} is not a glimpse checkpoint (it holds a {type(state).__name__}, not a dict); "
-                           "use another checkpoint")
+                           f"{instead(path)}")
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in state]
     if missing:
-        raise GlimpseError(f"{path} is not a glimpse checkpoint (no {' or '.join(missing)}); use another checkpoint")
+        raise GlimpseError(f"{path} is not a glimpse checkpoint (no {' or '.join(missing)}); {instead(path)}")
     if not isinstance(state["tokenizer"], dict):
         raise GlimpseError(f"{path} names no tokenizer glimpse knows ({str(state['tokenizer'])[:80]!r}); "
-                           "use another checkpoint")
+                           f"{instead(path)}")
     return state
+
+
+def instead(path: Path) -> str:
+    """What to read instead of a checkpoint that cannot be read: the run's ckpt.pt for its best.pt, which the
+    scripts read first."""
+    if path.name == BEST_NAME and checkpoint_path(path.parent).exists():
+        return f"read {CHECKPOINT_NAME} instead with --checkpoint=last"
+    return "use another checkpoint"
 
 
 def refusal_reason(message: str) -> str:

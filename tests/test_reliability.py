@@ -429,6 +429,10 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     truncated.mkdir()
     data = checkpoint_path(cfg.out_dir).read_bytes()
     checkpoint_path(truncated).write_bytes(data[: len(data) // 2])
+    best_cut = tmp_path / "best_cut"  # best.pt cut short beside a whole ckpt.pt: the error says how to read that one
+    best_cut.mkdir()
+    checkpoint_path(best_cut).write_bytes(data)
+    best_path(best_cut).write_bytes(data[: len(data) // 2])
     edited = {}  # checkpoints with glimpse's keys, edited by hand: a model this glimpse cannot build
     for name, edit in (("key", lambda s: s["model_config"].update(bogus=1)),
                        ("shape", lambda s: s["model_config"].update(n_layer=s["model_config"]["n_layer"] + 1)),
@@ -450,7 +454,9 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         ([f"--out_dir={tmp_path}"], f"no best.pt or ckpt.pt in {tmp_path}: train one first"),
         ([f"--out_dir={tmp_path / 'none'}", "--checkpoint=last"], "ckpt.pt (no such folder); train one first"),
         ([f"--out_dir={truncated}", "--checkpoint=best"], f"no {truncated / 'best.pt'}: this run has no eval"),
-        ([f"--out_dir={truncated}"], "corrupt or truncated"),
+        ([f"--out_dir={truncated}"], "ckpt.pt is corrupt or truncated (RuntimeError); use another checkpoint"),
+        ([f"--out_dir={best_cut}"], "best.pt is corrupt or truncated (RuntimeError); read ckpt.pt instead with "
+                                    "--checkpoint=last"),
         (good + ["--start=ROMEO: Ω€"], "'Ω€'"),
         (good + ["--start=Ω\udcff"], "--start is not UTF-8 text (byte 2)"),  # how Python's argv holds b"\xce\xa9\xff"
         (good + ["--temperature=-1"], "temperature must be 0 (greedy) or more"),
