@@ -7,6 +7,7 @@ glimpse/checkpoint.py's.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import fields
@@ -21,6 +22,12 @@ from model import GPTConfig
 def check_start(out_dir: Path, init_from: str):
     """What stops a training run that costs nothing to find: an out_dir it may not use (check_out_dir), an
     --init_from that is a run's folder or a folder without GPT-2's files. train.py asks before it prepares data."""
+    starts = ("scratch", "resume")
+    if init_from not in starts and not is_hub_name(init_from) and not Path(init_from).exists():
+        near = difflib.get_close_matches(init_from, starts, n=1)  # a typo would read as a missing folder
+        if near:
+            raise GlimpseError(f"--init_from={init_from} is neither {' nor '.join(starts)} nor a folder: did you mean "
+                               f"--init_from={near[0]}?")
     check_out_dir(out_dir, init_from)
     if init_from in ("scratch", "resume"):
         return

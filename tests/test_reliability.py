@@ -373,6 +373,9 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         ([f"--out_dir={records}"], "metrics.jsonl is not a glimpse training run's (no run config.json beside it)"),
         ([f"--out_dir={tmp_path / 'a_file'}"], "is a file, not a folder"),
         (["--out_dir= "], "out_dir must name a folder"),
+        # a typo of resume is no missing folder, and is named before the out_dir's checkpoint is
+        ([f"--out_dir={out}", "--init_from=resum"], "--init_from=resum is neither scratch nor resume nor a folder: did "
+                                                    "you mean --init_from=resume?"),
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
          "resume with the preset and flags the run was started with"),
     ]
@@ -381,7 +384,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
     # what needs no checkpoint read is refused before any data is prepared: shakespeare_char, which is not in this
     # data_dir, is neither downloaded nor looked for
     unprepared = tmp_path / "unprepared"
-    early = cases[:2] + cases[4:9] + [([f"--out_dir={tmp_path / 'new'}", f"--init_from={out}"],
+    early = cases[:2] + cases[4:9] + cases[10:11] + [([f"--out_dir={tmp_path / 'new'}", f"--init_from={out}"],
                                        "holds a glimpse run's checkpoints")]
     for argv, expected in early:
         assert expected in run_main(train.main, [f"--data_dir={unprepared}", *TINY, "--dataset=shakespeare_char",
