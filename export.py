@@ -46,6 +46,7 @@ from glimpse.checkpoint import (
 )
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
+from glimpse.files import as_created
 from glimpse.gpt2 import gpt2_settings, hf_config, hf_weights, unexportable
 from glimpse.hf_tokenizer import hf_tokenizer, save_tokenizer
 from glimpse.run_folder import is_run_config
@@ -106,6 +107,7 @@ def export(cfg: ExportConfig) -> Path:
     tmp.mkdir(parents=True)
     try:
         save_file(hf_weights(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        as_created(tmp / "model.safetensors")
         hf = hf_config(config, tokenizer.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         generation = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"],

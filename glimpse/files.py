@@ -27,6 +27,14 @@ def write_atomic(dest: Path, write):
         raise
 
 
+def as_created(path: Path):
+    """Give path the permissions a file this process creates gets (its umask applied): safetensors writes its files
+    readable by their owner alone, which another user loading an export could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def write_text(path: Path, text: str):
     """Write text to path, making its folder first, through a new file (other processes checking the out_dir never
     read half of it, and a failure halfway leaves the old file whole); a failure (a full disk, no permission) is a

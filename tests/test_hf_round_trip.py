@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -77,6 +79,11 @@ def test_char_model_round_trips_through_hugging_face(trained, char_folder):
     # the tokenizer glimpse read from the folder is the checkpoint's own
     _, state, *_ = load_trained("", "auto", "cpu", "float32", "x", init_from=str(char_folder))
     assert state["tokenizer"] == load_trained(cfg.out_dir, "auto", "cpu", "float32", "x")[1]["tokenizer"]
+    # every file of the export as readable as any file the user writes: the weights too (safetensors writes 0600)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in char_folder.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
 
 
 def test_gpt2_model_round_trips_through_hugging_face(tmp_path, gpt2_ranks):
