@@ -39,13 +39,13 @@ from data.training_data import prepare_data
 from glimpse.attention import dump_text
 from glimpse.checkpoint import best_path, checkpoint_path, save_checkpoint
 from glimpse.config import parse_config
-from glimpse.distributed import exit_when_done_under_torchrun, init_distributed
+from glimpse.distributed import exit_when_done_under_torchrun, first_process, init_distributed
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, report_step
 from glimpse.run import Run, setup
-from glimpse.run_folder import check_start
+from glimpse.run_folder import check_start, training_in
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
@@ -53,13 +53,14 @@ from glimpse.train_config import TrainConfig
 def train(cfg: TrainConfig) -> dict:
     """Run training as cfg says; return the last evaluation ({'iter', 'train_loss', 'val_loss', ...})."""
     check_start(Path(cfg.out_dir), cfg.init_from)  # what stops a run is said before data is prepared or downloaded
-    prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
-    ddp = init_distributed(cfg.device)  # under torchrun the group lives until the process exits (see there)
-    run = setup(cfg, ddp)
-    try:
-        return loop(run)
-    finally:
-        run.tracker.close()
+    with training_in(Path(cfg.out_dir), main=first_process()):  # no second run in the folder while this one runs
+        prepare_data(cfg)  # before any process group: a long preparation must not sit inside a collective's timeout
+        ddp = init_distributed(cfg.device)  # under torchrun the group lives until the process exits (see there)
+        run = setup(cfg, ddp)
+        try:
+            return loop(run)
+        finally:
+            run.tracker.close()
 
 
 def loop(run: Run) -> dict:

@@ -121,6 +121,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ
 
 
+def first_process() -> bool:
+    """True in the process that writes the run's files: rank 0 under torchrun, the only one outside it. Known before
+    the process group is made."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def machines() -> int:
     """How many machines the torchrun job spans (1 outside torchrun): its processes over this machine's."""
     if not launched_by_torchrun():

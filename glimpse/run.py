@@ -40,7 +40,7 @@ from glimpse.errors import GlimpseError
 from glimpse.files import write_text
 from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr
-from glimpse.run_folder import check_resumable, check_resume
+from glimpse.run_folder import check_resumable, check_resume, check_steps_left
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
     check_fsdp,
@@ -239,6 +239,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
         check_resumable(state, checkpoint_path(out_dir))
+        check_steps_left(state, cfg.max_iters)
     asked = cfg.model  # the model keys as set: a finetuning run replaces them with the pretrained model's
     cfg, model, pretrained = build_model(cfg, data, state, pretrained, folder)
     model = model.to(device)
@@ -318,6 +319,12 @@ def resumed(run: Run, saved: dict):
                 f"resumed run's steps below its last: this run goes on in a new wandb run, {run.tracker.run_id}")
     changed = [f"{key} {saved[key]} -> {getattr(run.cfg, key)}" for key in ("eval_iters", "batch_size", "seed")
                if saved.get(key, getattr(run.cfg, key)) != getattr(run.cfg, key)]
+    was = Path(saved.get("data_dir", run.cfg.data_dir)) / saved.get("dataset", run.cfg.dataset)
+    now = Path(run.cfg.data_dir) / run.cfg.dataset
+    if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
+        run.say(f"note: dataset {was} -> {now} since the checkpoint: the run goes on training on another corpus"
+                + (", and best.pt is replaced only by a loss on its validation split below the best so far on the "
+                   "other's" if math.isfinite(run.best_val_loss) else ""))
     if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
         run.say(f"note: {', '.join(changed)} since the checkpoint: the evals now score other batches than the "
                 "best so far was scored on, so best.pt is replaced only by a loss below it on the new ones")

@@ -1,17 +1,23 @@
 """
 Which folders a training run may start in, and which checkpoints it may resume: what stops a run is found
 before it prepares data, downloads weights or writes anything (check_start, check_out_dir), and a resume
-continues only the run it was given (check_resumable, check_resume). The files themselves are
-glimpse/checkpoint.py's.
+continues only the run it was given (check_resumable, check_resume), and one training run at a time holds the
+folder (training_in). The files themselves are glimpse/checkpoint.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
 from dataclasses import fields
 from pathlib import Path
+
+try:  # POSIX's file locks; on Windows a folder is not locked
+    import fcntl
+except ImportError:
+    fcntl = None
 
 from glimpse.checkpoint import best_path, checkpoint_path, refuse_run_folder
 from glimpse.errors import GlimpseError
@@ -34,6 +40,37 @@ def check_start(out_dir: Path, init_from: str):
     refuse_run_folder(init_from)
     if not is_hub_name(init_from):
         pretrained_folder(init_from)  # a local folder's files; a Hub name's weights are fetched by setup
+
+
+@contextlib.contextmanager
+def training_in(out_dir: Path, main: bool = True):
+    """The run folder for this training run alone while it runs (main: the process that writes its files): a second
+    train.py there, a resume started while the first still runs or the same --out_dir given twice, is refused before
+    it writes anything, rather than interleaving records and checkpoints with the first. The lock is the OS's on the
+    folder itself (flock), which ends with the process however it ends: nothing is left behind to remove. A folder
+    made for a run that fails before writing into it is removed again."""
+    made = main and not out_dir.exists()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY) if main and fcntl else None
+    held = fd is None  # the folder is this run's: a folder made here is its to remove
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise GlimpseError(f"another train.py is training in {out_dir}: wait for it to end (or stop it), or "
+                                   "give this run another --out_dir") from None
+            except OSError:  # a filesystem without locks (some network ones): the run goes on unguarded
+                pass
+            held = True
+        yield
+    finally:
+        if made and held:
+            with contextlib.suppress(OSError):  # only while it is empty: a run that wrote its files keeps them
+                out_dir.rmdir()
+        if fd is not None:
+            os.close(fd)
 
 
 def check_out_dir(out_dir: Path, init_from: str):
@@ -103,6 +140,17 @@ def check_resumable(state: dict, path: Path):
                            "another --out_dir")
 
 
+def check_steps_left(state: dict, max_iters: int):
+    """A resume has steps to take, or its step's evals to finish: else a mistyped --max_iters (80 for 800) would end
+    the run at once and record the typo in its config.json."""
+    step = state["iter_num"]
+    if step > max_iters or (step == max_iters and state.get("work_done", True)):
+        started = state["train_config"].get("max_iters")
+        raise GlimpseError(f"the checkpoint is at step {step:,}, so --max_iters={max_iters:,} leaves nothing to train: "
+                           "raise --max_iters to go on" + (f" (the run was started with {started:,})"
+                                                           if isinstance(started, int) else ""))
+
+
 def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
     """A checkpoint resumes only with the same model shape, tokenizer and optimizer."""
     if state["tokenizer"] != tokenizer_spec:
@@ -110,6 +158,10 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
         trained_on = ""  # where the run's data was, where its checkpoint says
         if "dataset" in saved and "data_dir" in saved:
             trained_on = f", {Path(saved['data_dir']) / saved['dataset']}"
+        if trained_on == f", {dataset}":  # the same folder, prepared again since
+            raise GlimpseError(f"dataset {dataset} was prepared again since the checkpoint was written, with another "
+                               f"tokenizer than its ({state['tokenizer'].get('kind')}): prepare it as the run had it "
+                               "to resume, or start a new out_dir")
         raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}, not the one it was trained "
                            f"on{trained_on}: {SAME_SETTINGS}")
     saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW

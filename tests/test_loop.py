@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -162,15 +163,23 @@ def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
                       final_eval=False)
     train(cfg)
     said = {}
-    for name, change in (("same", {}), ("fewer", {"eval_iters": 2}), ("seed", {"seed": 7})):
+    other = tmp_path / "other"  # the same corpus in another folder: the same tokenizer, so a resume may take it
+    shutil.copytree(Path(data_dir) / "tiny", other / "tiny")
+    changes = (("same", {"data_dir": os.path.relpath(data_dir)}),  # the same folder, named another way
+               ("fewer", {"eval_iters": 2}), ("seed", {"seed": 7}), ("data", {"data_dir": str(other)}))
+    for name, change in changes:  # each from the run as it stopped
+        shutil.copytree(cfg.out_dir, tmp_path / name)
         out = io.StringIO()
         with redirect_stdout(out):
-            train(replace(cfg, init_from="resume", max_iters=cfg.max_iters + 1, **change))
+            train(replace(cfg, out_dir=str(tmp_path / name), init_from="resume", max_iters=cfg.max_iters + 1,
+                          **change))
         said[name] = out.getvalue()
     assert "resumed from" in said["same"] and "note:" not in said["same"]
     assert f"note: eval_iters {cfg.eval_iters} -> 2 since the checkpoint: the evals now score other batches" \
         in said["fewer"]
     assert f"note: seed {cfg.seed} -> 7 since the checkpoint" in said["seed"]
+    assert f"note: dataset {Path(data_dir) / 'tiny'} -> {other / 'tiny'} since the checkpoint: the run goes on " \
+        "training on another corpus, and best.pt is replaced only by a loss on its validation split" in said["data"]
 
 
 def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):

@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,9 @@ def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
+    # what the signal does is said (on stderr, at once: see the next test)
+    assert f"{sig.name}: stopping with a checkpoint once the step or eval under way ends; Ctrl-C again to quit at " \
+        "once without one" in stderr.splitlines()
     state = load_checkpoint(checkpoint_path(out))
     assert state["iter_num"] >= 4
     # its val loss is step 0's, the last eval's, and the line the scripts print on loading it says so
@@ -147,6 +152,37 @@ def test_signals_checkpoint_and_exit_cleanly(tmp_path, data_dir, sig, code):
     final = load_checkpoint(checkpoint_path(out))
     assert final["iter_num"] == state["iter_num"] + 3
     assert describe(out, final) == f"{out} (step {final['iter_num']}, val loss {final['val_loss']:.4f})"  # its own
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process pid has a handler of its own for sig (Linux's /proc: Python handles SIGTERM only once told)."""
+    caught = re.search(r"^SigCgt:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE).group(1)
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal handlers from /proc")
+def test_a_signal_during_a_long_eval_is_answered_at_once(tmp_path, data_dir):
+    """Step 0's eval of 10^6 batches (minutes): Ctrl-C is answered while it runs, saying that the run stops once the
+    eval ends and how to quit now; the second Ctrl-C quits."""
+    out = tmp_path / "out"
+    proc = start_training(data_dir, out, "--max_iters=10", "--eval_iters=1000000")
+    try:
+        wait_for(lambda: catches(proc.pid, signal.SIGTERM), "the run's signal handlers")  # set as the loop starts
+        err = []  # stderr's lines as they come, read beside the test
+        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: any(line.strip() for line in err), "a line on stderr")
+        assert [line for line in err if line.strip()][0] == (
+            "SIGINT: stopping with a checkpoint once the step or eval under way ends; Ctrl-C again to quit at once "
+            "without one\n")
+        assert proc.poll() is None and not logged(out)  # the eval goes on: no record of it yet
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        wait_for(lambda: any("interrupted" in line for line in err), "interrupted")
+        assert proc.returncode == 130
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
@@ -228,6 +264,11 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--init_from=resume", "--n_embd=32"], "n_embd=32 contradicts"),
         (common + ["--init_from=resume", "--block_size=100000"], "fewer than block_size + 1"),
         (common + ["--init_from=resume", "--dataset=nothing"], "dataset 'nothing' not found"),
+        # a resume with nothing left to train (a typo of max_iters) ends at once, its config.json left as it was
+        (common + ["--init_from=resume", "--max_iters=5"], "the checkpoint is at step 10, so --max_iters=5 leaves "
+                                                            "nothing to train: raise --max_iters to go on (the run was "
+                                                            "started with 10)"),
+        (common + ["--init_from=resume", "--max_iters=10"], "--max_iters=10 leaves nothing to train"),
         (common + ["--block_size=0"], "block_size must be a positive integer, got 0"),
         (common + ["--batch_size=0"], "batch_size must be at least 1"),
         (common + ["--n_embd=30", "--n_head=4"], "divisible by n_head"),
@@ -253,6 +294,43 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         f"{Path(data_dir) / 'tiny'}: resume with the preset" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={out}", *TINY, "--init_from=resume"], capsys)
     assert files_in(out) == files  # nothing was overwritten
+    # the run's own dataset, prepared again since from another corpus: said so, not that its flags differ
+    again = tmp_path / "again"
+    train.train(tiny_config(other, again, max_iters=2, eval_interval=2, attn_log_interval=0, n_layer=1, n_head=2,
+                            n_embd=16, block_size=16, batch_size=4))
+    prepare(PrepareConfig(dataset="tiny", input=str(corpus_file), data_dir=str(other)))
+    assert f"dataset {other / 'tiny'} was prepared again since the checkpoint was written, with another tokenizer " \
+        "than its (char): prepare it as the run had it to resume" in run_main(
+        train.main, [f"--data_dir={other}", f"--out_dir={again}", *TINY, "--init_from=resume"], capsys)
+
+
+def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_nothing(tmp_path, data_dir, capsys):
+    """A resume started while the run still trains (or the same --out_dir given twice) would interleave records and
+    checkpoints with it, and drop its newest records as if stale: it is refused before it writes anything, and the
+    folder is free again once the first run ends, however it ends."""
+    # the same --out_dir given twice (no checkpoint yet), and a resume of a run whose checkpoint is written
+    for name, every, second in (("twice", 1000000, []), ("out", 5, ["--init_from=resume"])):
+        out = tmp_path / name
+        first = start_training(data_dir, out, "--max_iters=1000000", f"--eval_interval={every}", "--log_interval=1")
+        try:
+            wait_for_step(out, 6)  # past the eval of step 5 and its checkpoint, where there is one
+            error = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, *second], capsys)
+            assert error == (f"error: another train.py is training in {out}: wait for it to end (or stop it), or give "
+                             "this run another --out_dir"), name
+            assert first.poll() is None  # the first run goes on
+        finally:
+            first.kill()  # however it ends, the lock goes with the process
+            first.wait()
+        steps = [r["iter"] for r in logged(out) if "train_loss" in r]
+        assert steps == sorted(set(steps)) and len(steps) >= 6  # one run's records, none dropped or repeated
+    resumed = python("train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume",
+                     f"--max_iters={load_checkpoint(checkpoint_path(out))['iter_num'] + 2}", "--eval_interval=100000")
+    assert resumed.returncode == 0, resumed.stderr
+    # a run that fails before it writes anything takes back the folder it made
+    fresh = tmp_path / "fresh"
+    assert "dataset 'nothing' not found" in run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={fresh}",
+                                                                  *TINY, "--dataset=nothing"], capsys)
+    assert not fresh.exists()
 
 
 def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data_dir, trained, capsys):
