@@ -123,7 +123,21 @@ def test_the_heads_shares_and_the_rest_sum_to_the_logit_and_the_lens_ends_at_the
     assert total == pytest.approx(logit, abs=2e-3)
     predicted = re.search(r"predicted after position 11 : '(.)'", printed).group(1)
     assert predicted == "b"
-    assert re.search(r"after layer 1: '(.)'", printed).group(1) == predicted
+    assert re.search(r"after block 1: '(.)'", printed).group(1) == predicted
+
+
+def test_the_guesses_sit_under_what_they_guessed_and_the_repeats_are_guessed(executed):
+    _, out = executed
+    printed, _ = cell(executed, "guesses = ")
+    lines = printed.splitlines()
+    text_line, guessed_line, right_line = (next(line for line in lines if line.startswith(start))
+                                           for start in ("the text:", "the model guessed:", "right after"))
+    guesses = guessed_line[text_line.index(TEXT) + 1:]  # guess i under character i + 1
+    run = load(out / "2-layer").run(TEXT)
+    assert guesses == "".join(run.text_of(run.predicted[:-1]))
+    # the text says the model guesses every character once the first copy and one more have gone by
+    assert all(guesses[i - 1] == TEXT[i] for i in range(9, len(TEXT)))
+    assert right_line == f"right after the first copy and its next character: {len(TEXT) - 9} of {len(TEXT) - 9}"
 
 
 def test_removing_either_half_of_the_circuit_costs_the_repeats(executed):
@@ -132,6 +146,13 @@ def test_removing_either_half_of_the_circuit_costs_the_repeats(executed):
         r"intact ([\d.]+), without the induction head \d\.\d ([\d.]+), without the previous-token head \d\.\d "
         r"([\d.]+)", printed).groups())
     assert without_induction > intact + 0.2 and without_prev > intact + 0.2
+    # the notebook's text: the previous-token head adds little straight to the prediction, and is needed all the same
+    _, out = executed
+    model = load(out / "2-layer")
+    prev = int(np.array(model.induction()["prev_token_on_probe"])[0].argmax())
+    assert f"the previous-token head 0.{prev} " in printed
+    shares = model.run(TEXT).attribution["heads"][:, :, QUERY]  # (layer, head)
+    assert abs(shares[0, prev]) < 0.25 * shares[1].max()
 
 
 def test_the_viewer_shows_in_the_notebooks_output_cell_offline(executed, browser, tmp_path):  # noqa: F811
