@@ -70,6 +70,7 @@ from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import BATCH_SIZE, MODES, first_target, length_loss, scored_windows, windows
+from glimpse.files import check_writable
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
 from glimpse.tracking import Tracker
 
@@ -233,9 +234,7 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
                                cfg.hellaswag_examples)
     result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]), model.config.block_size,
                                 device, autocast(device, dtype))
-    out_dir = Path(cfg.out_dir)
-    if cfg.init_from and cfg.out_dir == DEFAULT_OUT:  # no run folder of its own: one named after the model
-        out_dir = Path(f"eval-{Path(cfg.init_from).name}")
+    out_dir = results_folder(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"iter": state["iter_num"] or 0, **result}
     Tracker(out_dir / "metrics.jsonl", append=True).log(record)
@@ -244,6 +243,13 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
         tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
         tracker.close()
     return {**record, "metrics": str(out_dir / "metrics.jsonl")}
+
+
+def results_folder(cfg: EvalConfig) -> Path:
+    """Where eval.py writes: the run's out_dir, or for a pretrained model without one, a folder named after it."""
+    if cfg.task == "hellaswag" and cfg.init_from and cfg.out_dir == DEFAULT_OUT:
+        return Path(f"eval-{Path(cfg.init_from).name}")
+    return Path(cfg.out_dir)
 
 
 def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: str):
@@ -326,6 +332,8 @@ def main(argv: list[str] | None = None):
     with user_errors():
         cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="eval.py",
                            description=__doc__, allow_file=False)
+        if cfg.task == "hellaswag" or cfg.head_importance or not cfg.ablate:  # what writes results: found writable
+            check_writable(results_folder(cfg), "the results' folder")  # before the scoring, not after it
         if cfg.task == "hellaswag":
             r = score_hellaswag(cfg)
             skipped = f" ({r['hellaswag_skipped']:,} skipped: text its tokenizer cannot read)" if r[

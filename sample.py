@@ -45,6 +45,7 @@ from glimpse.attention import dump_text, dump_window
 from glimpse.checkpoint import Which, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, read_utf8, user_errors
+from glimpse.files import check_writable
 from glimpse.generation import generate
 from glimpse.induction import induction_probe
 from glimpse.runtime import Device, Dtype, autocast, device_option, dtype_option
@@ -146,11 +147,8 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         heads = Ablation.of(parse_heads(cfg.ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, value, device)
 
     dump_dir = Path(cfg.dump_dir or default_dump_dir(cfg))
-    # the nearest part of the path that exists must be a folder, or the dumps fail after the first sample
-    existing = next((p for p in (dump_dir, *dump_dir.parents) if p.exists()), dump_dir)
-    if (cfg.dump_attention or cfg.probe != "none") and existing.exists() and not existing.is_dir():
-        what = "is a file" if existing == dump_dir else f"cannot be made: {str(existing)!r} is a file"
-        raise GlimpseError(f"--dump_dir {str(dump_dir)!r} {what}; give a folder for the attention dumps")
+    if cfg.dump_attention or cfg.probe != "none":  # found now, not after the samples were generated
+        check_writable(dump_dir, "--dump_dir")
     if cfg.probe == "induction" and model.config.block_size < 4:
         raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
                            "is too short for it")

@@ -27,6 +27,21 @@ def write_atomic(dest: Path, write):
         raise
 
 
+def check_writable(folder: Path, what: str):
+    """A GlimpseError, before any work is done, for a folder that could not be written into: the nearest part of
+    its path that exists is a file, or a folder this process may not write in (its permissions, a read-only disk)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        how = "is a file" if existing == folder else f"cannot be made: {str(existing)!r} is a file"
+        raise GlimpseError(f"{what} {str(folder)!r} {how}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only filesystem refuses root too
+        how = "" if existing == folder else f" (in {str(existing)!r})"
+        raise GlimpseError(f"{what} {str(folder)!r} cannot be written{how}: it is read-only to this user; give "
+                           "another")
+
+
 def as_created(path: Path):
     """Give path the permissions a file this process creates gets (its umask applied): safetensors writes its files
     readable by their owner alone, which another user loading an export could not read."""

@@ -373,6 +373,44 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(folder)], check=True)
 
 
+@pytest.fixture
+def read_only_run(tmp_path, trained):
+    """The session's trained run on a tmpfs mounted read-only (root only), as a run on another user's disk is."""
+    cfg, _ = trained
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        for name in ("ckpt.pt", "best.pt", "config.json", "metrics.jsonl"):
+            shutil.copy(Path(cfg.out_dir) / name, folder / name)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:  # lazily: the checkpoints read there are memory-mapped by models this process may still hold
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_read_only_folder_is_refused_before_the_work_not_after_it(read_only_run, capsys):
+    """sample.py generated every sample, eval.py scored every window, before finding they could not write."""
+    import eval as eval_script
+
+    for main, argv, place in [(sample.main, ["--max_new_tokens=2"], f"--dump_dir '{read_only_run / 'attention'}' "
+                                                                     f"cannot be written (in '{read_only_run}')"),
+                              (eval_script.main, ["--lengths=1"], f"the results' folder '{read_only_run}' cannot be "
+                                                                   "written")]:
+        error = run_main(main, [f"--out_dir={read_only_run}", "--device=cpu", *argv], capsys)
+        assert error == f"error: {place}: it is read-only to this user; give another", error
+    # the samples were not generated first: nothing on stdout before the error
+    with pytest.raises(SystemExit):
+        sample.main([f"--out_dir={read_only_run}", "--device=cpu", "--max_new_tokens=2"])
+    assert capsys.readouterr().out == ""
+    # what writes nothing still runs there: sampling without dumps, the loss without a head
+    assert sample.main([f"--out_dir={read_only_run}", "--device=cpu", "--max_new_tokens=2",
+                        "--dump_attention=false"]) is None
+    assert eval_script.main([f"--out_dir={read_only_run}", "--device=cpu", "--ablate=0.0"]) is None
+
+
 def test_a_checkpoint_that_fills_the_disk_is_an_os_error_and_keeps_the_old_one(small_disk):
     """torch's writer meets a short write as a RuntimeError ('unexpected pos'), which slipped past train.py's
     handler as a traceback: it is an OSError (ENOSPC) now, the half-written file gone and the old one whole."""
