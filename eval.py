@@ -161,6 +161,9 @@ def load(cfg: EvalConfig):
     train_cfg = state["train_config"]
     data = TokenData(Path(cfg.data_dir or train_cfg["data_dir"]) / (cfg.dataset or train_cfg["dataset"]))
     if data.tokenizer_spec != state["tokenizer"]:
+        if not (cfg.data_dir or cfg.dataset):  # the run's own folder: prepared again since the run trained on it
+            raise GlimpseError(f"dataset {data.folder}, which the run trained on, uses another tokenizer than the "
+                               "checkpoint now: it was prepared again since; prepare it as the run had it")
         raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
     return model, state, data, autocast(device, dtype)
 

@@ -302,6 +302,11 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     assert f"dataset {other / 'tiny'} was prepared again since the checkpoint was written, with another tokenizer " \
         "than its (char): prepare it as the run had it to resume" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={again}", *TINY, "--init_from=resume"], capsys)
+    import eval as eval_script  # its length eval reads the run's own dataset: named as prepared again too
+
+    assert f"dataset {other / 'tiny'}, which the run trained on, uses another tokenizer than the checkpoint now: it " \
+        "was prepared again since; prepare it as the run had it" in run_main(eval_script.main, [
+            f"--out_dir={again}", "--device=cpu", "--lengths=1"], capsys)
 
 
 def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_nothing(tmp_path, data_dir, capsys):
