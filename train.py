@@ -81,7 +81,9 @@ def loop(run: Run) -> dict:
                 report_step(bar, run, log.write(run, run.step_lr, step_budget))
             if run.iter_num != run.work_done_at and scheduled_work(run, last_step, log):
                 t_saved = time.time()
-            if last_step:
+            if last_step:  # a signal during the last step's work stops the run as it would earlier: no final eval
+                if ddp.max([stop.signum is not None])[0]:
+                    stop_now(run, stop, bar, log)
                 break
 
             t_step, step_budget = time.perf_counter(), budget_used
@@ -103,16 +105,12 @@ def loop(run: Run) -> dict:
                 interval_due = bool(cfg.checkpoint_interval_s) and time.time() - t_saved >= cfg.checkpoint_interval_s
                 stopping, saving, slowest = ddp.max([stop.signum is not None, interval_due, budget.spent])
                 budget.agree(slowest, run.iter_num)
-                if saving or stopping:
+                if stopping:
+                    stop_now(run, stop, bar, log)
+                if saving:
                     with log.paused():
                         checkpoint(run, log)
                     t_saved = time.time()
-                if stopping:
-                    bar.close()
-                    signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops as SIGTERM
-                    run.say(f"stopped by {signal.Signals(signum).name} at step {run.iter_num}; checkpoint saved: "
-                            "continue with --init_from=resume")
-                    raise SystemExit(128 + signum)
     finally:
         stop.restore()
         bar.close()  # before any error message, so that the message is the last line
@@ -123,6 +121,17 @@ def loop(run: Run) -> dict:
     if cfg.final_eval:
         run.last_eval = {**run.last_eval, **final_eval(run)}
     return run.last_eval
+
+
+def stop_now(run: Run, stop: StopRequest, bar, log: StepLog):
+    """Save the checkpoint and end as the signal asked: exit code 130 for SIGINT, 143 for SIGTERM."""
+    with log.paused():
+        checkpoint(run, log)
+    bar.close()
+    signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops as SIGTERM
+    run.say(f"stopped by {signal.Signals(signum).name} at step {run.iter_num}; checkpoint saved: continue with "
+            "--init_from=resume")
+    raise SystemExit(128 + signum)
 
 
 def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:

@@ -8,6 +8,7 @@ same on CPU, CUDA and Apple's MPS.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -205,8 +206,9 @@ class StopRequest:
         # said at once: the step or eval under way may take minutes. Once per machine under torchrun, which sends
         # the signal to every process; written straight to the file descriptor, which a handler may do at any moment
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping with a checkpoint once the step or eval under way "
-                        "ends; Ctrl-C again to quit at once without one\n".encode())
+            with contextlib.suppress(OSError):  # stderr gone (a `| tee` the Ctrl-C ended too) must not lose the save
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping with a checkpoint once the step or eval under "
+                            "way ends; Ctrl-C again to quit at once without one\n".encode())
 
     def restore(self):
         for sig, handler in self.previous.items():
