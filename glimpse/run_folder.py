@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fcntl
 import json
 import os
 from dataclasses import fields
 from pathlib import Path
 
-try:  # POSIX's file locks; on Windows a folder is not locked
-    import fcntl
-except ImportError:
-    fcntl = None
-
 from glimpse.checkpoint import best_path, checkpoint_path, refuse_run_folder
 from glimpse.errors import GlimpseError
+from glimpse.files import missing_folders, remove_empty
 from glimpse.gpt2 import is_hub_name, pretrained_folder
 from model import GPTConfig
 
@@ -49,10 +46,10 @@ def training_in(out_dir: Path, main: bool = True):
     it writes anything, rather than interleaving records and checkpoints with the first. The lock is the OS's on the
     folder itself (flock), which ends with the process however it ends: nothing is left behind to remove. A folder
     made for a run that fails before writing into it is removed again."""
-    made = main and not out_dir.exists()
+    made = missing_folders(out_dir) if main else []
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY) if main and fcntl else None
+    fd = os.open(out_dir, os.O_RDONLY) if main else None
     held = fd is None  # the folder is this run's: a folder made here is its to remove
     try:
         if fd is not None:
@@ -66,9 +63,8 @@ def training_in(out_dir: Path, main: bool = True):
             held = True
         yield
     finally:
-        if made and held:
-            with contextlib.suppress(OSError):  # only while it is empty: a run that wrote its files keeps them
-                out_dir.rmdir()
+        if held:  # only those left empty: a run that wrote its files keeps them
+            remove_empty(made)
         if fd is not None:
             os.close(fd)
 
@@ -141,14 +137,14 @@ def check_resumable(state: dict, path: Path):
 
 
 def check_steps_left(state: dict, max_iters: int):
-    """A resume has steps to take, or its step's evals to finish: else a mistyped --max_iters (80 for 800) would end
-    the run at once and record the typo in its config.json."""
+    """A resume does not end before the step it starts from: a mistyped --max_iters (80 for 800) would end the run at
+    once and record the typo in its config.json. One at that step goes on to what the run has left to do there (its
+    evals, the final one)."""
     step = state["iter_num"]
-    if step > max_iters or (step == max_iters and state.get("work_done", True)):
-        started = state["train_config"].get("max_iters")
-        raise GlimpseError(f"the checkpoint is at step {step:,}, so --max_iters={max_iters:,} leaves nothing to train: "
-                           "raise --max_iters to go on" + (f" (the run was started with {started:,})"
-                                                           if isinstance(started, int) else ""))
+    if step > max_iters:
+        wrote = state["train_config"].get("max_iters")
+        raise GlimpseError(f"the checkpoint is at step {step:,}, past --max_iters={max_iters:,}: raise --max_iters to "
+                           "go on" + (f" (the run that wrote it had {wrote:,})" if isinstance(wrote, int) else ""))
 
 
 def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer_spec: dict, dataset: Path):
@@ -158,10 +154,11 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
         trained_on = ""  # where the run's data was, where its checkpoint says
         if "dataset" in saved and "data_dir" in saved:
             trained_on = f", {Path(saved['data_dir']) / saved['dataset']}"
-        if trained_on == f", {dataset}":  # the same folder, prepared again since
-            raise GlimpseError(f"dataset {dataset} was prepared again since the checkpoint was written, with another "
-                               f"tokenizer than its ({state['tokenizer'].get('kind')}): prepare it as the run had it "
-                               "to resume, or start a new out_dir")
+        if trained_on and (Path(saved["data_dir"]) / saved["dataset"]).resolve() == Path(dataset).resolve():
+            raise GlimpseError(f"dataset {dataset} was prepared again since the checkpoint was written (or is another "
+                               f"folder of that name), with another tokenizer than its "
+                               f"({state['tokenizer'].get('kind')}): prepare it as the run had it to resume, or start "
+                               "a new out_dir")
         raise GlimpseError(f"the checkpoint's tokenizer does not match dataset {dataset}, not the one it was trained "
                            f"on{trained_on}: {SAME_SETTINGS}")
     saved_optimizer = state["train_config"].get("optimizer", "adamw")  # older checkpoints: AdamW

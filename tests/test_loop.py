@@ -156,6 +156,17 @@ def test_a_resume_drops_the_snapshots_taken_after_its_checkpoint(tmp_path, data_
     assert sorted(p.name for p in attention.glob("iter_*")) == ["iter_0", "iter_10", "iter_15", "iter_18"]
 
 
+def test_a_resume_at_the_last_step_does_what_the_run_left_undone_there(tmp_path, data_dir):
+    """A run stopped in its final eval (here: made without one) resumes at max_iters to do it, not refused as a
+    resume with nothing to train."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2, attn_log_interval=0, final_eval=False)
+    train(cfg)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        last = train(replace(cfg, init_from="resume", final_eval=True))
+    assert "0 steps in" in out.getvalue() and "final_val_loss" in last and last["iter"] == 4
+
+
 def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
     """The evals score batches drawn from eval_iters, batch_size and seed: a resume that changes one compares its
     evals with a best loss scored on other batches, which the user should know."""
