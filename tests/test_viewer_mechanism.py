@@ -585,6 +585,7 @@ def test_every_skipped_key_of_a_long_row_is_summed_up_in_chromium(tmp_path, brow
 @pytest.mark.parametrize("variant,embeddings", [
     ({}, "token and position embeddings"),
     ({"pos_encoding": "rope"}, "token embeddings"),
+    ({"pos_encoding": "sinusoidal"}, "token and position embeddings"),  # added to the token's, as learned ones are
     ({"pos_encoding": "alibi", "smear": True}, "token embeddings (with the smear's share of the previous token's)"),
     ({"tie_embeddings": False}, "token and position embeddings")])
 def test_the_attribution_and_lens_say_what_their_parts_hold_in_chromium(tmp_path, browser, variant,  # noqa: F811
