@@ -162,8 +162,9 @@ def load(cfg: EvalConfig):
     data = TokenData(Path(cfg.data_dir or train_cfg["data_dir"]) / (cfg.dataset or train_cfg["dataset"]))
     if data.tokenizer_spec != state["tokenizer"]:
         if not (cfg.data_dir or cfg.dataset):  # the run's own folder: prepared again since the run trained on it
-            raise GlimpseError(f"dataset {data.folder}, which the run trained on, uses another tokenizer than the "
-                               "checkpoint now: it was prepared again since; prepare it as the run had it")
+            raise GlimpseError(f"dataset {data.folder}, where the run trained, uses another tokenizer than the "
+                               "checkpoint now: it was prepared again since (or is another folder of that name); "
+                               "prepare it as the run had it")
         raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
     return model, state, data, autocast(device, dtype)
 
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None):
         cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="eval.py",
                            description=__doc__, allow_file=False)
         if cfg.task == "hellaswag" or cfg.head_importance or not cfg.ablate:  # what writes results: found writable
-            check_writable(results_folder(cfg), "the results' folder")  # before the scoring, not after it
+            check_writable(results_folder(cfg), "the results' folder",  # found before the scoring, not after it
+                           "copy the run to a folder you can write (--ablate alone writes nothing)")
         if cfg.task == "hellaswag":
             r = score_hellaswag(cfg)
             skipped = f" ({r['hellaswag_skipped']:,} skipped: text its tokenizer cannot read)" if r[

@@ -148,7 +148,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
 
     dump_dir = Path(cfg.dump_dir or default_dump_dir(cfg))
     if cfg.dump_attention or cfg.probe != "none":  # found now, not after the samples were generated
-        check_writable(dump_dir, "--dump_dir")
+        check_writable(dump_dir, "--dump_dir", "give --dump_dir a folder you can write, or --dump_attention=false")
     if cfg.probe == "induction" and model.config.block_size < 4:
         raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
                            "is too short for it")

@@ -43,7 +43,7 @@ from data.tokenize_parallel import cutting, pieces, skipped, tokenized  # noqa: 
 from data.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer  # noqa: E402
 from glimpse.config import option, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError, user_errors  # noqa: E402
-from glimpse.files import write_atomic  # noqa: E402
+from glimpse.files import missing_folders, nearest_existing, remove_empty, write_atomic  # noqa: E402
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -121,17 +121,15 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
     that fails on bad input removes the folders it made (data_dir, NAME/) when nothing was written in them.
     """
     out = Path(cfg.data_dir) / cfg.dataset
-    existing = next(p for p in (out, *out.parents) if p.exists())  # "." at worst
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise GlimpseError(f"{str(existing)!r} is a file: " + ("move it, or choose another --dataset" if existing == out
                            else "--data_dir must be a folder, or a path where one can be made"))
-    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    made = missing_folders(out)
     try:
         return make_dataset(cfg, out, start_method)
     except GlimpseError:
-        for folder in made:
-            if folder.exists() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_empty(made)
         raise
 
 
@@ -164,7 +162,8 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
     else:
         tokenizer = GPT2Tokenizer()
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
-    settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": cutting(), **asdict(cfg)}
+    settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": cutting(), **asdict(cfg),
+                "empty_documents": "none"}  # counted as documents before: a staging folder from then starts afresh
     if isinstance(files, Documents):  # a file added to or gone from a folder or glob is another corpus
         settings["files"] = [str(p) for p in files.files]
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written

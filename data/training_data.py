@@ -14,6 +14,7 @@ from data.dataset import TokenData
 from data.prepare import BUILTIN, ensure_dataset
 from glimpse.distributed import Distributed, machines
 from glimpse.errors import GlimpseError
+from glimpse.files import missing_folders, remove_empty
 from glimpse.train_config import TrainConfig
 
 
@@ -36,7 +37,7 @@ def prepare_data(cfg: TrainConfig):
         ensure_dataset(cfg.dataset, cfg.data_dir)  # there already, or an error that says how to make it
         return
     data_dir = Path(cfg.data_dir)
-    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # deepest first
+    made = missing_folders(data_dir)
     lock_path = data_dir / f".{cfg.dataset}.lock"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,9 +51,7 @@ def prepare_data(cfg: TrainConfig):
     finally:
         if made and not (data_dir / cfg.dataset / "meta.json").exists():  # a mistyped --data_dir is not left behind
             lock_path.unlink(missing_ok=True)
-            for folder in made:  # those left empty: a preparation that failed part-way keeps its finished shards
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+            remove_empty(made)  # those left empty: a preparation that failed part-way keeps its finished shards
 
 
 def setup_data(cfg: TrainConfig, ddp: Distributed) -> tuple[TokenData, list | None]:

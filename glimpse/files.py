@@ -4,6 +4,7 @@ never half of one. write_text adds the folder, and turns the system's refusal in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -27,19 +28,35 @@ def write_atomic(dest: Path, write):
         raise
 
 
-def check_writable(folder: Path, what: str):
+def nearest_existing(path: Path) -> Path:
+    """path, or the nearest of its parents that exists ("." at worst for a relative path)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """The folders making path would make (path included), deepest first."""
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty(folders: list[Path]):
+    """Remove those of folders (deepest first) left empty: what a start that failed made and wrote nothing in."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # gone, or written in since by another process: left as it is
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def check_writable(folder: Path, what: str, instead: str):
     """A GlimpseError, before any work is done, for a folder that could not be written into: the nearest part of
-    its path that exists is a file, or a folder this process may not write in (its permissions, a read-only disk)."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None:
-        return
+    its path that exists is a file, or a folder this process may not write in (its permissions, a read-only disk).
+    instead: what the user can do about it."""
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         how = "is a file" if existing == folder else f"cannot be made: {str(existing)!r} is a file"
-        raise GlimpseError(f"{what} {str(folder)!r} {how}; give a folder")
+        raise GlimpseError(f"{what} {str(folder)!r} {how}; {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):  # a read-only filesystem refuses root too
         how = "" if existing == folder else f" (in {str(existing)!r})"
-        raise GlimpseError(f"{what} {str(folder)!r} cannot be written{how}: it is read-only to this user; give "
-                           "another")
+        raise GlimpseError(f"{what} {str(folder)!r} cannot be written{how}: it is read-only to this user; {instead}")
 
 
 def as_created(path: Path):

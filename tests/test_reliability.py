@@ -171,10 +171,9 @@ def test_a_signal_during_a_long_eval_is_answered_at_once(tmp_path, data_dir):
         err = []  # stderr's lines as they come, read beside the test
         threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
         proc.send_signal(signal.SIGINT)
-        wait_for(lambda: any(line.strip() for line in err), "a line on stderr")
-        assert [line for line in err if line.strip()][0] == (
-            "SIGINT: stopping with a checkpoint once the step or eval under way ends; Ctrl-C again to quit at once "
-            "without one\n")
+        wait_for(lambda: any(line.startswith("SIGINT: ") for line in err), "the signal's line on stderr")
+        assert ("SIGINT: stopping with a checkpoint once the step or eval under way ends; Ctrl-C again to quit at once "
+                "without one\n") in err
         assert proc.poll() is None and not logged(out)  # the eval goes on: no record of it yet
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -183,6 +182,27 @@ def test_a_signal_during_a_long_eval_is_answered_at_once(tmp_path, data_dir):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal handlers from /proc")
+def test_a_signal_in_the_last_steps_eval_stops_before_the_final_eval_with_stderr_gone(tmp_path, data_dir):
+    """The last step's eval under way (max_iters=0: step 0 is the last) when Ctrl-C comes: the run stops as the
+    message says, with a checkpoint and exit 130, not after the final eval with 0. And stderr closed by then (a
+    `| tee` the same Ctrl-C ended) does not turn the message into an error that loses the checkpoint."""
+    out = tmp_path / "out"
+    proc = start_training(data_dir, out, "--max_iters=0", "--eval_iters=3000")
+    try:
+        wait_for(lambda: catches(proc.pid, signal.SIGTERM), "the run's signal handlers")
+        proc.stderr.close()
+        proc.send_signal(signal.SIGINT)
+        said = proc.stdout.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, said
+    assert "stopped by SIGINT at step 0; checkpoint saved" in said and "final val loss" not in said
+    assert load_checkpoint(checkpoint_path(out))["iter_num"] == 0
 
 
 def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
@@ -264,11 +284,9 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
         (common + ["--init_from=resume", "--n_embd=32"], "n_embd=32 contradicts"),
         (common + ["--init_from=resume", "--block_size=100000"], "fewer than block_size + 1"),
         (common + ["--init_from=resume", "--dataset=nothing"], "dataset 'nothing' not found"),
-        # a resume with nothing left to train (a typo of max_iters) ends at once, its config.json left as it was
-        (common + ["--init_from=resume", "--max_iters=5"], "the checkpoint is at step 10, so --max_iters=5 leaves "
-                                                            "nothing to train: raise --max_iters to go on (the run was "
-                                                            "started with 10)"),
-        (common + ["--init_from=resume", "--max_iters=10"], "--max_iters=10 leaves nothing to train"),
+        # a resume that would end before its checkpoint (a typo of max_iters) stops, its config.json left as it was
+        (common + ["--init_from=resume", "--max_iters=5"], "the checkpoint is at step 10, past --max_iters=5: raise "
+                                                            "--max_iters to go on (the run that wrote it had 10)"),
         (common + ["--block_size=0"], "block_size must be a positive integer, got 0"),
         (common + ["--batch_size=0"], "batch_size must be at least 1"),
         (common + ["--n_embd=30", "--n_head=4"], "divisible by n_head"),
@@ -299,13 +317,13 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     train.train(tiny_config(other, again, max_iters=2, eval_interval=2, attn_log_interval=0, n_layer=1, n_head=2,
                             n_embd=16, block_size=16, batch_size=4))
     prepare(PrepareConfig(dataset="tiny", input=str(corpus_file), data_dir=str(other)))
-    assert f"dataset {other / 'tiny'} was prepared again since the checkpoint was written, with another tokenizer " \
-        "than its (char): prepare it as the run had it to resume" in run_main(
+    assert f"dataset {other / 'tiny'} was prepared again since the checkpoint was written (or is another folder of " \
+        "that name), with another tokenizer than its (char): prepare it as the run had it to resume" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={again}", *TINY, "--init_from=resume"], capsys)
     import eval as eval_script  # its length eval reads the run's own dataset: named as prepared again too
 
-    assert f"dataset {other / 'tiny'}, which the run trained on, uses another tokenizer than the checkpoint now: it " \
-        "was prepared again since; prepare it as the run had it" in run_main(eval_script.main, [
+    assert f"dataset {other / 'tiny'}, where the run trained, uses another tokenizer than the checkpoint now: it " \
+        "was prepared again since (or is another folder of that name)" in run_main(eval_script.main, [
             f"--out_dir={again}", "--device=cpu", "--lengths=1"], capsys)
 
 
@@ -332,10 +350,10 @@ def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_no
                      f"--max_iters={load_checkpoint(checkpoint_path(out))['iter_num'] + 2}", "--eval_interval=100000")
     assert resumed.returncode == 0, resumed.stderr
     # a run that fails before it writes anything takes back the folder it made
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "fresh" / "run"  # both folders made for it
     assert "dataset 'nothing' not found" in run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={fresh}",
                                                                   *TINY, "--dataset=nothing"], capsys)
-    assert not fresh.exists()
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_paths_the_system_refuses_are_one_line_errors_naming_them(tmp_path, data_dir, trained, capsys):
@@ -400,12 +418,13 @@ def test_a_read_only_folder_is_refused_before_the_work_not_after_it(read_only_ru
     """sample.py generated every sample, eval.py scored every window, before finding they could not write."""
     import eval as eval_script
 
-    for main, argv, place in [(sample.main, ["--max_new_tokens=2"], f"--dump_dir '{read_only_run / 'attention'}' "
-                                                                     f"cannot be written (in '{read_only_run}')"),
-                              (eval_script.main, ["--lengths=1"], f"the results' folder '{read_only_run}' cannot be "
-                                                                   "written")]:
+    for main, argv, place, instead in [
+            (sample.main, ["--max_new_tokens=2"], f"--dump_dir '{read_only_run / 'attention'}' cannot be written (in "
+             f"'{read_only_run}')", "give --dump_dir a folder you can write, or --dump_attention=false"),
+            (eval_script.main, ["--lengths=1"], f"the results' folder '{read_only_run}' cannot be written",
+             "copy the run to a folder you can write (--ablate alone writes nothing)")]:
         error = run_main(main, [f"--out_dir={read_only_run}", "--device=cpu", *argv], capsys)
-        assert error == f"error: {place}: it is read-only to this user; give another", error
+        assert error == f"error: {place}: it is read-only to this user; {instead}", error
     # the samples were not generated first: nothing on stdout before the error
     with pytest.raises(SystemExit):
         sample.main([f"--out_dir={read_only_run}", "--device=cpu", "--max_new_tokens=2"])
