@@ -173,7 +173,10 @@ def layer_figure(layer_attn: np.ndarray, layer: int, labels: list[str], prompt_l
     colorbar.ax.tick_params(labelsize=8)
     colorbar.set_label("attention weight (√ scale)", fontsize=8)
     pooling = f" · {block}×{block} blocks shown by their max" if block > 1 else ""
-    fig.suptitle(f"layer {layer} · {T} tokens: {prompt_len} prompt, {T - prompt_len} generated{pooling}",
+    # what the dashed lines and the red labels mark, where the picture shows them
+    marks = (" (dashed lines: the prompt's end" + ("; generated tokens in red)" if labelled else ")")
+             if 0 < prompt_len < T else "")
+    fig.suptitle(f"layer {layer} · {T} tokens: {prompt_len} prompt, {T - prompt_len} generated{marks}{pooling}",
                  fontsize=11, y=1 - 0.12 / height, va="top")
     return fig
 

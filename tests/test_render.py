@@ -94,6 +94,8 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
     fig = layer_figure(attn[0], layer=0, labels=labels, prompt_len=4)
     heads = [ax for ax in fig.axes if ax.get_title()]
     assert len(heads) == 2
+    # the title says what the dashed lines and the red labels mark
+    assert fig._suptitle.get_text().endswith("(dashed lines: the prompt's end; generated tokens in red)")
     for ax in heads:
         columns = [t for t in ax.texts if t.get_rotation() == 90]  # below the heatmap, one per key
         rows = [t for t in ax.texts if t.get_rotation() == 0 and t.get_text() != AXES_NOTE]  # left, one per query
@@ -104,6 +106,7 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
         assert all(key > query + 0.5 for key, query in corners)  # on masked cells only, covering no weight
     for T in (2, 64):  # the fewest tokens and the most that get labels: the note still covers masked cells only
         fig = layer_figure(synthetic_attention(1, 1, T)[0], layer=0, labels=["x"] * T, prompt_len=T)
+        assert "dashed" not in fig._suptitle.get_text()  # no generated tokens: no line to explain
         (ax,) = [ax for ax in fig.axes if ax.get_title()]
         (note,) = [t for t in ax.texts if t.get_text() == AXES_NOTE]
         box = note.get_window_extent(FigureCanvasAgg(fig).get_renderer())
@@ -133,6 +136,9 @@ def test_a_long_layer_is_pooled_by_the_maximum_and_keeps_its_diagonal_on_the_sqr
     attn = np.eye(T)[None]  # (1, T, T): each token on itself alone
     fig = layer_figure(attn, layer=0, labels=[str(i) for i in range(T)], prompt_len=T)
     (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    unlabelled = layer_figure(attn, layer=0, labels=[str(i) for i in range(T)], prompt_len=100)
+    assert unlabelled._suptitle.get_text().startswith("layer 0 · 400 tokens: 100 prompt, 300 generated (dashed lines: "
+                                                      "the prompt's end) ·")  # no labels to colour red
     (image,) = ax.images
     shown = image.get_array()  # (n, n) masked: the pooled weights as drawn
     n = shown.shape[0]
