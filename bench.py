@@ -60,6 +60,7 @@ from glimpse.comparisons import gpt2_beside_transformers, prepare_beside_tiktoke
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import BATCH_SIZE, windows
+from glimpse.files import nearest_existing
 from glimpse.mechanism import trace
 from glimpse.runtime import runtime
 from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
@@ -111,7 +112,7 @@ class BenchConfig:
             raise ValueError("--profile profiles training steps: use it with --what=train_step")
         if self.profile:  # refused now rather than after the timing, when the profiles are written
             folder = Path(self.profile)
-            existing = next(p for p in (folder, *folder.parents) if p.exists())
+            existing = nearest_existing(folder)
             if not existing.is_dir():
                 where = "" if existing == folder else f" is inside {existing}, which"
                 raise ValueError(f"--profile={self.profile}{where} is a file: give a folder to write the profiles to")
