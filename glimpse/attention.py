@@ -45,7 +45,7 @@ import torch
 
 from glimpse.evaluation import evaluating
 from glimpse.files import write_atomic
-from glimpse.mechanism import Mechanism, mechanism_arrays, trace
+from glimpse.mechanism import Mechanism, mechanism_arrays, packed, trace, unpacked
 from model import GPT
 
 
@@ -102,11 +102,9 @@ def write_npz(path: Path, attn: np.ndarray, **arrays):
     np.savez_compressed deflates at level 6, which took seconds per layer at GPT-2's size; zipfile at
     level 1 writes the same .npy entries a few times faster, and np.load reads them all the same.
     """
-    rows, cols = np.tril_indices(attn.shape[-1])  # row-major: (0,0), (1,0), (1,1), (2,0), ...
-
     def entries():  # one layer's triangle in memory at a time
         for layer in range(attn.shape[0]):
-            bits = attn[layer][:, rows, cols].astype(np.float16).view(np.uint16)  # (H, T(T+1)/2)
+            bits = packed(attn[layer]).astype(np.float16).view(np.uint16)  # (H, T(T+1)/2)
             yield f"layer_{layer}_high", (bits >> 8).astype(np.uint8)
             yield f"layer_{layer}_low", (bits & 0xFF).astype(np.uint8)
         yield from arrays.items()
@@ -217,8 +215,4 @@ def layer_of(z, layer: int) -> np.ndarray:
         tril = bits.view(np.float16)
     else:
         tril = z[f"layer_{layer}"]
-    T = len(z["token_ids"])
-    full = np.zeros((tril.shape[0], T, T), dtype=np.float16)
-    rows, cols = np.tril_indices(T)
-    full[:, rows, cols] = tril
-    return full
+    return unpacked(tril, len(z["token_ids"]), 0.0, np.float16)

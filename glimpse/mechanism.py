@@ -215,16 +215,29 @@ def logit_lens(model: GPT, streams: list[torch.Tensor], top: int = LENS_TOP) -> 
     return torch.stack(ids), torch.stack(probs)
 
 
+def packed(a: np.ndarray) -> np.ndarray:
+    """The lower triangles of a stack of (T, T) matrices, row by row, as attention.npz keeps them:
+    (..., T, T) -> (..., T (T + 1) / 2); row q starts at q (q + 1) / 2."""
+    rows, cols = np.tril_indices(a.shape[-1])  # row-major: (0,0), (1,0), (1,1), (2,0), ...
+    return a[..., rows, cols]
+
+
+def unpacked(tril: np.ndarray, T: int, above: float, dtype=np.float32) -> np.ndarray:
+    """packed's inverse: (..., T (T + 1) / 2) -> (..., T, T), with above in every cell above the diagonal."""
+    full = np.full((*tril.shape[:-1], T, T), above, dtype=dtype)
+    rows, cols = np.tril_indices(T)
+    full[..., rows, cols] = tril
+    return full
+
+
 def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
     """The entries a Mechanism adds to a dump's attention.npz (glimpse/attention.py's docstring lists them): per
     layer, the triangles packed as the weights are."""
-    L, _, T = mechanism.shape
-    rows, cols = np.tril_indices(T)
     arrays = {}
-    for layer in range(L):
+    for layer in range(mechanism.shape[0]):
         arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
-                       f"v_{layer}": mechanism.v[layer], f"scores_{layer}": mechanism.scores[layer][:, rows, cols],
-                       f"head_out_norm_{layer}": mechanism.moved(layer)[:, rows, cols]})
+                       f"v_{layer}": mechanism.v[layer], f"scores_{layer}": packed(mechanism.scores[layer]),
+                       f"head_out_norm_{layer}": packed(mechanism.moved(layer))})
     arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
                    **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
                    "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
@@ -240,13 +253,9 @@ def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
         if "scores_0" not in z.files:
             raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
         T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
-        rows, cols = np.tril_indices(T)
         out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
         for name, above in (("scores", -np.inf), ("head_out_norm", 0.0)):
-            full = np.full((L, z[f"{name}_0"].shape[0], T, T), above, dtype=np.float32)
-            for layer in range(L):
-                full[layer][:, rows, cols] = z[f"{name}_{layer}"]
-            out[name] = full
+            out[name] = unpacked(np.stack([z[f"{name}_{layer}"] for layer in range(L)]), T, above)
         for name in ("predicted", "logit", "lens_ids", "lens_probs"):
             out[name] = z[name]
         out.update({f"attribution_{name[4:]}": z[name] for name in z.files if name.startswith("dla_")})

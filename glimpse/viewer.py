@@ -200,17 +200,17 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     globals_layout: the prediction, its logit and attribution at each position, and the logit lens (ids
     as float32, exact below 2^24).
     """
-    from glimpse.positions import alibi_slopes  # torch, which a Mechanism needs anyway
+    from glimpse.mechanism import packed  # torch, which a Mechanism needs anyway
+    from glimpse.positions import alibi_slopes
 
     L, H, T = shape
     if tuple(mechanism.shape) != (L, H, T):
         raise ValueError(f"the mechanism is (n_layer, n_head, T) = {tuple(mechanism.shape)}, the attention {shape}")
     config = (meta or {}).get("model_config") or {}
     attn_score = str(config.get("attn_score", "scaled_dot"))
-    rows, cols = np.tril_indices(T)
 
     def scores(layer: int) -> list[np.ndarray]:  # the page computes a dot-product model's scores from q.k
-        return [mechanism.scores[layer][:, rows, cols]] if attn_score == "additive" else []
+        return [packed(mechanism.scores[layer])] if attn_score == "additive" else []
 
     per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], *scores(layer),
                   mechanism.value_out_norm[layer]] for layer in range(L)]
