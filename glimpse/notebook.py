@@ -7,7 +7,7 @@ see it in the viewer inline in a notebook.
     run = model.run("ROMEO:\\nBut soft, what light")
     run.show()                                 # the viewer, in the output cell
 
-A Run is a Mechanism (glimpse/mechanism.py: weights, scores, q, k, v, context, head_out_norm, the logit
+A Trace is a Mechanism (glimpse/mechanism.py: weights, scores, q, k, v, context, head_out_norm, the logit
 attribution and the logit lens, as numpy arrays) that knows its model's tokenizer: run.step(layer, head,
 query) takes one query through the lecture's computation, run.show() draws the same viewer that
 sample.py writes, run.save(folder) writes the same dump. model.induction() and model.loss(text,
@@ -111,11 +111,11 @@ class Model:
                                f"{self.vocab_size - 1}")
         return ids
 
-    def run(self, text: str | list[int]) -> Run:
+    def run(self, text: str | list[int]) -> Trace:
         """What every head computed on text (or token ids): its last block_size tokens, traced."""
         ids = self.token_ids(text)
         mechanism = trace(self.gpt, ids, self.tokenizer.token_strings(ids))
-        return Run(**vars(mechanism), model=self)
+        return Trace(**vars(mechanism), model=self)
 
     def induction(self, n_tokens: int | None = None, seed: int = 0, ablation: str | None = "zero") -> dict:
         """The induction probe sample.py --probe=induction runs (glimpse/induction.py)."""
@@ -138,7 +138,7 @@ class Model:
 
 
 @dataclass
-class Run(Mechanism):
+class Trace(Mechanism):
     """A Mechanism (see glimpse/mechanism.py) with the model it came from."""
 
     model: Model | None = field(default=None, repr=False)
