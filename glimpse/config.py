@@ -225,7 +225,8 @@ def config_help(cls, prog: str, description: str, allow_file: bool = True) -> st
         choices = f" [{_type_name(key.type)}]" if typing.get_origin(typ) is Literal else ""
         head = heads[name]
         pad = "\n" + " " * (width + 2) if len(head) >= width else " " * (width - len(head))
-        text = textwrap.wrap(key.field.metadata.get("help", "") + choices, width=max(40, 110 - width))
+        text = textwrap.wrap(key.field.metadata.get("help", "") + choices, width=max(40, 110 - width),
+                             break_on_hyphens=False)  # flags and choices such as max-autotune whole
         lines.append(f"  {head}{pad}" + ("\n" + " " * (width + 2)).join(text))
     return "\n".join(lines)
 
