@@ -40,8 +40,9 @@ def compile_static(model: GPT, cfg: TrainConfig) -> torch.nn.Module:
 
 
 def compile_options(cfg: TrainConfig) -> dict:
-    """torch.compile's options for a run: static shapes, its backend."""
-    return {"dynamic": False, "backend": cfg.compile_backend}
+    """torch.compile's options for a run: static shapes, its backend, inductor's mode."""
+    mode = {"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}  # the other backends take none
+    return {"dynamic": False, "backend": cfg.compile_backend, **mode}
 
 
 def raise_recompile_limit(cfg: TrainConfig):

@@ -39,6 +39,12 @@ class TrainConfig:
         "inductor", "torch.compile's backend: inductor generates fused kernels; aot_eager traces the same graphs but "
         "runs them op by op, which compiles in seconds (to tell a compiler problem from a model one)"
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
+        "default", "inductor's mode: default; reduce-overhead also records each step's kernels as a CUDA graph and "
+        "replays it, saving the kernel launches a small model's step waits on (GPUs only; one micro-step per process "
+        "and no fsdp, see docs/performance.md); max-autotune also tries kernel variants for the fastest (minutes more "
+        "to compile), with CUDA graphs; max-autotune-no-cudagraphs without them"
+    )
     fsdp: bool = option(
         False, "shard weights, gradients and AdamW state across torchrun's processes (PyTorch's FSDP2, one unit per "
         "block) instead of DDP's full replica in each: for models whose replica and optimizer state do not fit one "
@@ -185,6 +191,13 @@ class TrainConfig:
             if self.compile_backend not in backends:
                 raise ValueError(f"compile_backend must be one of torch.compile's backends, e.g. inductor or "
                                  f"aot_eager; got {self.compile_backend!r}")
+            if self.compile_mode != "default" and self.compile_backend != "inductor":
+                raise ValueError(f"compile_mode is inductor's ({self.compile_backend} takes no mode): use "
+                                 f"--compile_backend=inductor, or --compile_mode=default")
+            if self.cuda_graphs and self.fsdp:
+                raise ValueError(f"compile_mode={self.compile_mode} records CUDA graphs, which need every tensor at a "
+                                 f"fixed address, while fsdp gathers and frees the weights every step: use "
+                                 f"--compile_mode=default or max-autotune-no-cudagraphs")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
@@ -197,6 +210,11 @@ class TrainConfig:
         if self.fsdp and self.dtype == "float16":
             raise ValueError("fsdp=true does not support dtype=float16 (its loss scaler would skip steps on some "
                              "processes only): use --dtype=bfloat16 or float32")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether a compiled run records its steps as CUDA graphs (on a GPU; the CPU runs them as compiled)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The network to build: the model keys, and the dataset's vocabulary."""

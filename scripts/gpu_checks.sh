@@ -10,7 +10,7 @@
 #   3. the GPT-2 (124M) preset's training step, compiled and eager: bench.py's table (tokens/s, MFU,
 #      step ms, peak memory) and where the time goes (torch.profiler)
 #   4. FSDP against DDP on every GPU, eager and compiled: the same losses, tokens/s, and an exact resume
-#   5. the speedrun's neighbours (no dropout; nanoGPT's batch), to tune it
+#   5. the speedrun's neighbours (CUDA graphs; no dropout; nanoGPT's batch), to tune it
 #   6. the tests that need a GPU
 # OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/logs.tar.gz the logs and
 # profiles. Needs PyTorch with CUDA, numpy, tiktoken, tqdm and pytest; the char-level Shakespeare dataset is
@@ -109,6 +109,8 @@ compare("fsdp compiled vs ddp", ddp, losses("fsdp_compiled"))
 compare("fsdp resumed at step 100 vs straight, after step 100", fsdp, losses("fsdp_resumed"), after=100)
 EOF
 
+run speedrun_cuda_graphs 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_cuda_graphs" \
+    --compile_mode=reduce-overhead
 run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_no_dropout" --dropout=0.0
 run speedrun_batch64 75 $py train.py $speedrun --out_dir="$out/runs/speedrun_batch64" --batch_size=64 \
     --max_iters=800 --lr_decay_iters=800

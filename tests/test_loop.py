@@ -744,3 +744,33 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="compile_backend must be one of torch.compile's backends"):
         replace(cfg, compile_backend="inductr")
+
+
+def test_compile_mode_reaches_inductor_and_cuda_graphs_are_refused_where_they_would_be_wrong(tmp_path, data_dir):
+    """--compile_mode=reduce-overhead asks inductor for CUDA graphs: on the CPU it says it skipped them (a counter
+    that only a run asking for them bumps) and the step runs as compiled. Where CUDA graphs would go wrong, the run
+    is refused before it starts: fsdp's weights move every step, another backend takes no mode, and PyTorch mixes up
+    the gradients of micro-steps recorded as graphs (pytorch/pytorch#169545)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config(data_dir, tmp_path / "out", n_layer=1, compile=True, compile_mode="reduce-overhead",
+                      max_iters=2, attn_log_interval=0)
+    torch._dynamo.reset()
+    counters.clear()
+    run = setup(cfg, Distributed())
+    assert counters["inductor"]["cudagraph_skips"] >= 1  # inductor was asked, and the CPU has none to record
+    before = [p.detach().clone() for p in run.model.parameters()]
+    loss = train_step(run, 1e-3)
+    run.tracker.close()
+    assert math.isfinite(loss.item()) and any(not torch.equal(a, p) for a, p in zip(before, run.model.parameters()))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="fsdp gathers and frees the weights"):
+        replace(cfg, fsdp=True, optimizer="adamw")
+    with pytest.raises(ValueError, match=r"compile_mode is inductor's \(aot_eager takes no mode\)"):
+        replace(cfg, compile_backend="aot_eager")
+    with pytest.raises(GlimpseError, match="2 per process here"):
+        setup(replace(cfg, gradient_accumulation_steps=2, out_dir=str(tmp_path / "accumulated")), Distributed())
+    assert not (tmp_path / "accumulated").exists()
+    replace(cfg, fsdp=True, optimizer="adamw", compile_mode="max-autotune-no-cudagraphs")  # no graphs: allowed
+    setup(replace(cfg, compile=False, gradient_accumulation_steps=2, out_dir=str(tmp_path / "eager")),
+          Distributed()).tracker.close()  # the mode is read by compiled runs only
