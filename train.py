@@ -69,7 +69,7 @@ def loop(run: Run) -> dict:
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
-    log = StepLog(run.device, unlogged_loss=run.unlogged_loss)
+    log = StepLog(run.device, unlogged_loss=run.unlogged_loss, seconds_before=run.train_seconds)
     first_step, t_saved = run.iter_num, time.time()
     step_budget = None  # the share of the budget the last step's rate was set from
     try:

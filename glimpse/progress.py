@@ -43,10 +43,12 @@ def throughput(run: Run) -> dict:
 class StepLog:
     """The training loss and speed between log steps, summed on the device so that steps need no host sync."""
 
-    def __init__(self, device: torch.device, clock=time.time, unlogged_loss: tuple[float, int] = (0.0, 0)):
+    def __init__(self, device: torch.device, clock=time.time, unlogged_loss: tuple[float, int] = (0.0, 0),
+                 seconds_before: float = 0.0):
         """unlogged_loss: a resumed run's loss summed over the steps its checkpoint took since their last log step,
-        and how many they were, so that its first record averages the same steps as a run never stopped."""
-        self.device, self.clock = device, clock
+        and how many they were, so that its first record averages the same steps as a run never stopped;
+        seconds_before, the seconds of training its checkpoint had taken, which each record's train_seconds adds."""
+        self.device, self.clock, self.seconds_before = device, clock, seconds_before
         self.loss_sum = torch.tensor(unlogged_loss[0], dtype=torch.float32, device=device)
         self.steps, self.tokens, self.flops, self.since, self.away = unlogged_loss[1], 0, 0, clock(), 0.0
         self.started, self.away_in_all = self.since, 0.0  # for the steps' time over the whole loop
@@ -89,7 +91,7 @@ class StepLog:
         seconds = self.clock() - self.since - self.away
         run.tokens_per_sec, run.flops_per_sec = self.tokens / seconds, self.flops / seconds
         record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
-                  **throughput(run)}
+                  **throughput(run), "train_seconds": self.seconds_before + self.steps_seconds()}  # the x of a speedrun
         if budget_used is not None:
             record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
         run.tracker.log(record)

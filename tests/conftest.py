@@ -26,6 +26,8 @@ from glimpse.config import build
 from train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
+# metrics.jsonl's wall-clock figures: two runs of the same steps differ in these alone (mfu only with a known peak)
+CLOCKED = {"tokens_per_sec", "mfu", "train_seconds"}
 GPT2_RANKS = REPO.parent / "shared" / "data" / "gpt2.tiktoken"
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # where tiktoken gets them
 R50K_CACHE_NAME = hashlib.sha1(R50K_URL.encode()).hexdigest()  # tiktoken's cache names a file by its URL's hash

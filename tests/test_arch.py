@@ -17,7 +17,7 @@ from glimpse.layers import ReLUSquared
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary_table, rotate
 from model import GPT, GPTConfig
-from tests.conftest import tiny_config, train_config
+from tests.conftest import CLOCKED, tiny_config, train_config
 from tests.test_reliability import run_main
 from tests.test_train import read_metrics
 from tests.test_variants import check_cached_generation, check_paths_agree, check_training_lowers_the_loss, variant
@@ -365,7 +365,7 @@ def test_muon_trains_checkpoints_both_states_and_resumes_exactly(tmp_path, data_
     last = train(cfg)
     train(tiny_config(data_dir, tmp_path / "halves", **{**settings, "max_iters": 40}))
     train(tiny_config(data_dir, tmp_path / "halves", **settings, init_from="resume"))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
     evals = [r for r in read_metrics(cfg.out_dir) if "val_loss" in r]
     assert last["val_loss"] < 0.8 * evals[0]["val_loss"]

@@ -37,7 +37,7 @@ from glimpse.run import setup
 from glimpse.runtime import allow_tf32, autocast, resolve_dtype
 from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
-from tests.conftest import REPO, tiny_config
+from tests.conftest import CLOCKED, REPO, tiny_config
 from tests.test_train import read_metrics
 from train import TrainConfig, evaluate_and_keep_best, loop, save, train, train_step
 
@@ -113,10 +113,9 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
 def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_path, data_dir):
     """A signal at step 15 checkpoints half way through a log interval: the record at step 20 must still average
     steps 11 to 20, as the straight run's does, not only the five steps taken after the resume."""
-    timing = {"tokens_per_sec", "mfu"}  # wall-clock figures
 
     def records(out):
-        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)]
+        return [{k: v for k, v in r.items() if k not in CLOCKED} for r in read_metrics(out)]
 
     run = dict(max_iters=30, log_interval=10, eval_interval=30, attn_log_interval=0, final_eval=False, dropout=0.1)
     train(tiny_config(data_dir, tmp_path / "straight", **run))
@@ -214,10 +213,15 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
     assert throughput(run)["mfu"] == pytest.approx(flops / 2.0 / 1e9)
     record = read_metrics(tmp_path / "out")[-1]
     assert record["mfu"] == pytest.approx(flops / 2.0 / 1e9) and record["tokens_per_sec"] == run.tokens_per_sec
+    assert record["train_seconds"] == pytest.approx(2.0)  # the steps' seconds so far, what a speedrun is timed by
     with log.paused():  # a pause after a log step is left out of the loop's step time too
         now[0] += 5.0
     now[0] += 0.5
     assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
+    resumed = StepLog(torch.device("cpu"), clock=lambda: now[0], seconds_before=100.0)  # a checkpoint's 100 s
+    now[0] += 3.0
+    resumed.steps, resumed.tokens = 1, 1
+    assert resumed.write(run, 1e-3, None) and read_metrics(tmp_path / "out")[-1]["train_seconds"] == 103.0
 
 
 def test_each_log_step_measures_its_own_steps_and_every_micro_step_of_them(tmp_path, data_dir):
@@ -303,10 +307,14 @@ def test_a_resumed_budget_run_goes_on_from_the_time_it_had_spent(tmp_path, data_
 def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):
     cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2)
     train(cfg)
+    before = load_checkpoint(checkpoint_path(cfg.out_dir))["train_seconds"]
     train(replace(cfg, init_from="resume", max_iters=7))
     said = capsys.readouterr()
     times = re.findall(r"^(\d+) steps in (\d+\.\d) s of training", said.out + said.err, re.MULTILINE)
     assert [steps for steps, _ in times] == ["4", "3"]  # the resumed run's own steps (seconds: see the test above)
+    # metrics.jsonl's clock goes on from the checkpoint's: a speedrun's curve is drawn against it
+    seconds = {r["iter"]: r["train_seconds"] for r in read_metrics(cfg.out_dir) if "train_seconds" in r}
+    assert list(seconds) == [4, 7] and seconds[7] >= before > 0
 
 
 def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_path, data_dir):
@@ -423,7 +431,7 @@ def test_float16_resume_continues_exactly(tmp_path, data_dir):
     resumed.tracker.close()
     assert saved["_growth_tracker"] == 40 and resumed.scaler.state_dict() == saved
     train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 
 

@@ -31,7 +31,7 @@ from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
 from model import GPTConfig
 from sample import SampleConfig, sample
-from tests.conftest import Terminal, python, tiny_config, train_config
+from tests.conftest import CLOCKED, Terminal, python, tiny_config, train_config
 from train import TrainConfig, train
 
 
@@ -212,8 +212,7 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
     train(tiny_config(data_dir, tmp_path / "straight", max_iters=60, **run))
     train(tiny_config(data_dir, tmp_path / "halves", max_iters=40, **run))
     train(tiny_config(data_dir, tmp_path / "halves", max_iters=60, init_from="resume", **run))
-    timing = {"tokens_per_sec", "mfu"}  # wall-clock figures (mfu only where the device has a known peak)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     halves, straight = strip(read_metrics(tmp_path / "halves")), strip(read_metrics(tmp_path / "straight"))
     if device == "cpu":
         assert halves == straight
