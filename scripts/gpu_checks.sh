@@ -12,9 +12,10 @@
 #   4. FSDP against DDP on every GPU, eager and compiled: the same losses, tokens/s, and an exact resume
 #   5. the speedrun's neighbours (CUDA graphs; no dropout; nanoGPT's batch), to tune it
 #   6. the tests that need a GPU
-# OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/logs.tar.gz the logs and
-# profiles. Needs PyTorch with CUDA, numpy, tiktoken, tqdm and pytest; the char-level Shakespeare dataset is
-# prepared on first use (a download) unless data/shakespeare_char/ is there.
+# OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/speedrun_vs_recipe.png the two
+# curves against seconds of training (scripts/compare_runs.py); OUT_FOLDER/logs.tar.gz the logs and profiles.
+# Needs PyTorch with CUDA, numpy, tiktoken, tqdm, matplotlib and pytest; the char-level Shakespeare dataset is
+# prepared first (a download) unless data/shakespeare_char/ is there, and without it nothing else runs.
 set -u
 out=$(realpath -m "${1:-gpu-checks}")
 budget=${2:-540}
@@ -46,7 +47,7 @@ run() {
         return 1
     fi
     local start=$SECONDS
-    timeout "$left" "$@" >"$out/logs/$name.log" 2>&1
+    timeout -k 20 "$left" "$@" >"$out/logs/$name.log" 2>&1  # SIGTERM (a run saves and stops), then SIGKILL
     local rc=$?
     say "$name: exit $rc, $((SECONDS - start)) s wall | $(grep -aE 'steps in|final val loss' "$out/logs/$name.log" |
         sed -E 's/ \(evals.*//; s/ on the whole.*//' | tr '\n' ' ')"
@@ -56,6 +57,11 @@ run() {
 say "$(date -u +%FT%TZ) | $(nvidia-smi -L 2>/dev/null | head -1) | $gpus GPU(s) | $($py -c \
     'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")')"
 [ -f data/shakespeare_char/meta.json ] || $py data/prepare.py --dataset=shakespeare_char >"$out/logs/prepare.log" 2>&1
+if ! [ -f data/shakespeare_char/meta.json ]; then  # offline: every run would try the download again, and fail
+    say "no dataset: data/shakespeare_char could not be prepared ($(tail -1 "$out/logs/prepare.log")); bring it" \
+        "along (python data/prepare.py --dataset=shakespeare_char --input=<tinyshakespeare.txt>)"
+    exit 2
+fi
 
 speedrun=config/shakespeare_char_gpu_speedrun.toml
 for i in 1 2 3; do
@@ -67,6 +73,8 @@ done
 say "speedrun_1: graphs compiled after the first: $(grep -ac 'Recompiling function' "$out/logs/speedrun_1.log") (the evals' is one)"
 run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/runs/recipe" --max_iters=2000 \
     --attn_log_interval=0
+$py scripts/compare_runs.py --runs="$out/runs/speedrun_3,$out/runs/recipe" --target=1.4697 \
+    --out="$out/speedrun_vs_recipe.png" >>"$summary" 2>&1  # the curves side by side, and when each got there
 
 # compiled, then eager in a process of its own: the eager step holds more activations, and should it not fit the
 # GPU, the compiled figures are already taken
@@ -87,7 +95,7 @@ run fsdp_200 60 "${every_gpu[@]}" --fsdp=true --out_dir="$out/runs/fsdp"
 run fsdp_compiled_200 90 "${every_gpu[@]}" --fsdp=true --compile=true --out_dir="$out/runs/fsdp_compiled"
 run fsdp_100 60 "${every_gpu[@]}" --fsdp=true --max_iters=100 --out_dir="$out/runs/fsdp_resumed" &&
     run fsdp_resume_200 60 "${every_gpu[@]}" --fsdp=true --init_from=resume --out_dir="$out/runs/fsdp_resumed"
-$py - "$out/runs" >>"$summary" 2>&1 <<'EOF'
+$py - "$out/runs" "$gpus" >>"$summary" 2>&1 <<'EOF'
 import json, sys
 from pathlib import Path
 def losses(name):
@@ -95,7 +103,7 @@ def losses(name):
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["iter"]: r["train_loss"] for r in records if "train_loss" in r}
+    return {r["iter"]: r["train_loss"] for r in records if r.get("train_loss") is not None}  # null: not finite
 def compare(what, a, b, after=0):
     shared = [i for i in a.keys() & b.keys() if i > after] if a and b else []
     if shared:  # flash attention's backward is not deterministic on a GPU: differences within rounding are expected
@@ -104,8 +112,9 @@ def compare(what, a, b, after=0):
     else:
         print(f"{what}: nothing to compare (a run missing or cut short)")
 ddp, fsdp = losses("ddp"), losses("fsdp")
-compare("fsdp vs ddp", ddp, fsdp)
-compare("fsdp compiled vs ddp", ddp, losses("fsdp_compiled"))
+plain = "ddp" if int(sys.argv[2]) > 1 else "one process unsharded"  # torchrun with one process wraps no DDP
+compare(f"fsdp vs {plain}", ddp, fsdp)
+compare(f"fsdp compiled vs {plain}", ddp, losses("fsdp_compiled"))
 compare("fsdp resumed at step 100 vs straight, after step 100", fsdp, losses("fsdp_resumed"), after=100)
 EOF
 
