@@ -255,7 +255,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     compiled = compile_static(model, cfg) if cfg.compile and not cfg.fsdp else model
     ddp_model = compiled
     if cfg.fsdp:  # compiled block by block, if at all: FSDP's hooks between the blocks run eagerly
-        shard(model, model.transformer.h, compile_options(cfg) if cfg.compile else None)
+        shard(model, model.transformer.h, device, compile_options(cfg) if cfg.compile else None)
     elif ddp.enabled:
         ddp_model = DDP(compiled, device_ids=[ddp.local_rank] if device.type == "cuda" else None)
     run = Run(cfg, ddp, device, dtype, ctx, data, model, compiled, ddp_model,

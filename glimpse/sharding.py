@@ -43,7 +43,8 @@ def check_fsdp(dtype: torch.dtype):
                            "only): use --dtype=float32")
 
 
-def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: dict | None = None):
+def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, device: torch.device,
+          compile_options: dict | None = None):
     """FSDP2 in place: each block one unit, whose weights are gathered for its forward and backward and freed
     after, then the root for what is left (embeddings, final norm, head), so that no more than one block's
     whole weights are held at a time besides the root's.
@@ -54,14 +55,19 @@ def shard(model: torch.nn.Module, blocks: torch.nn.ModuleList, compile_options: 
     The sharded model's first forward must not run under torch.inference_mode: FSDP2 would keep the weights it
     gathers there as inference tensors, which every training step after refuses to update. train.py's evals,
     HellaSwag and attention snapshots run under no_grad, so whichever comes first (a resumed run may start with
-    any of them) is fine."""
+    any of them) is fine.
+
+    The shards live on device, the run's: left to itself FSDP2 would put them on the machine's accelerator, a
+    GPU's or a Mac's, even in a run given --device=cpu."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # every process, one dimension
     for block in blocks:
         if compile_options is not None:
             block.compile(**compile_options)
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def local_parameters(model: torch.nn.Module) -> list[torch.Tensor]:

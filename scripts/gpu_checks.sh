@@ -11,7 +11,7 @@
 #      step ms, peak memory) and where the time goes (torch.profiler)
 #   4. FSDP against DDP on every GPU, eager and compiled: the same losses, tokens/s, and an exact resume
 #   5. the speedrun's neighbours (CUDA graphs; no dropout; nanoGPT's batch), to tune it
-#   6. the tests that need a GPU
+#   6. the tests that need a GPU, and the CPU's FSDP tests with a GPU in the machine (FSDP's own default)
 # OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/speedrun_vs_recipe.png the two
 # curves against seconds of training (scripts/compare_runs.py); OUT_FOLDER/logs.tar.gz the logs and profiles.
 # Needs PyTorch with CUDA, numpy, tiktoken, tqdm, matplotlib and pytest; the char-level Shakespeare dataset is
@@ -124,6 +124,7 @@ run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_
 run speedrun_batch64 75 $py train.py $speedrun --out_dir="$out/runs/speedrun_batch64" --batch_size=64 \
     --max_iters=800 --lr_decay_iters=800
 run gpu_tests 90 $py -m pytest -q -x tests/test_train.py tests/test_arch.py -k cuda
+run fsdp_tests 120 $py -m pytest -q -x tests/test_fsdp.py
 
 rm -rf "$out/runs"/*/ckpt.* "$out/runs"/*/best.pt  # the weights are not needed; the metrics are
 tar -czf "$out/logs.tar.gz" -C "$out" logs runs 2>/dev/null

@@ -184,9 +184,11 @@ def test_each_block_is_sharded_on_its_own_and_float16_is_refused(tmp_path):
         from model import GPT, GPTConfig
         dist.init_process_group("gloo")
         model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=10))
-        shard(model, model.transformer.h)
+        shard(model, model.transformer.h, torch.device("cpu"))
         units = [name or "root" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
         os.write(1, f"rank {rank}: {units}\\n".encode())
+        # the run's device, not the machine's accelerator (on a machine with a GPU, FSDP's own choice)
+        assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
         check_fsdp(torch.bfloat16)
         check_fsdp(torch.float16)
     """)
@@ -209,7 +211,7 @@ def test_hellaswag_before_any_other_forward_leaves_a_sharded_model_trainable(tmp
         dist.init_process_group("gloo")
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=16, vocab_size=27, n_layer=2, n_head=2, n_embd=16))
-        shard(model, model.transformer.h)
+        shard(model, model.transformer.h, torch.device("cpu"))
         tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
         examples = [Example("the cat sat on", [" the mat", " a dog", " the sky", " it"], 0)] * 2
         scored = evaluate(model, examples, tokenizer, 16, torch.device("cpu"), contextlib.nullcontext(),
