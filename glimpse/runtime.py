@@ -74,10 +74,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def computes_bfloat16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 natively rather than by emulating it: CUDA GPUs from Ampere on, CPUs
-    with bfloat16 instructions; MPS is taken at its word."""
+    with bfloat16 instructions. Not MPS: bfloat16 there needs macOS 14 or later, and which Apple GPUs compute it
+    natively PyTorch does not say, so Muon orthogonalises in float32 on a Mac (and dtype=auto is float32 there)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return cpu_computes_bfloat16() if device.type == "cpu" else True
+    return device.type == "cpu" and cpu_computes_bfloat16()
 
 
 @functools.cache

@@ -137,6 +137,9 @@ def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True, native=native: including_emulation or native)
         assert configure_optimizer(model, cfg, torch.device("cuda")).muon.float32_ns == (not native)
+    # on a Mac too: bfloat16 needs macOS 14 there, and is emulated on some Apple GPUs (configure_optimizer builds
+    # the optimizer without touching the device)
+    assert configure_optimizer(model, cfg, torch.device("mps")).muon.float32_ns
     optimizer.muon.float32_ns = True
     g = torch.randn(48, 16)
     ours = newton_schulz_float32(g, (3.4445, -4.775, 2.0315), 5, 1e-7)
