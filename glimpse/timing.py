@@ -28,8 +28,9 @@ def median_seconds(fn, repeats: int) -> float:
 
 def interleaved_medians(fns: list, devices: list[torch.device], repeats: int) -> list[float]:
     """Median seconds of each fn, timing them in turn, round after round, after one warm-up each."""
-    for fn in fns:
+    for fn, device in zip(fns, devices):
         fn()  # warm-up: first-call allocations and lazy imports are not what a user waits for each time
+        synchronize(device)  # and its queued GPU work is not the first timed run's
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, device, ts in zip(fns, devices, times):
