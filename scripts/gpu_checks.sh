@@ -8,7 +8,8 @@
 #      the third with evals every 50 steps for its loss curve
 #   2. nanoGPT's recipe (config/shakespeare_char.toml), its first 2,000 steps, for the curve beside it
 #   3. the GPT-2 (124M) preset's training step, compiled and eager: bench.py's table (tokens/s, MFU,
-#      step ms, peak memory) and where the time goes (torch.profiler)
+#      step ms, peak memory) and where the time goes (torch.profiler); compiled again with the vocabulary
+#      padded to 50,304
 #   4. FSDP against DDP on every GPU, eager and compiled: the same losses, tokens/s, and an exact resume
 #   5. the speedrun's neighbours (CUDA graphs; no dropout; nanoGPT's batch), to tune it
 #   6. the tests that need a GPU, and the CPU's FSDP tests with a GPU in the machine (FSDP's own default)
@@ -85,6 +86,10 @@ for mode in compiled eager; do
         --profile="$out/logs/profile_124m_$mode" --preset="$gpt2$flag" &&  # the table and where the time went
         sed -n '/^train_step |/,$p' "$out/logs/bench_124m_$mode.log" | grep -v USDT >>"$summary"
 done
+# the same step with the vocabulary padded to a multiple of 64 (50,304), as nanoGPT and llm.c train GPT-2: what an
+# evenly tiled head and cross-entropy would buy, before glimpse offers it
+run bench_124m_vocab50304 120 $py bench.py --what=train_step --vocab_size=50304 --repeats=3 --preset="$gpt2" &&
+    sed -n '/^train_step |/,$p' "$out/logs/bench_124m_vocab50304.log" | grep -v USDT >>"$summary"
 
 # nanoGPT's GPU preset for 200 steps on every GPU, one micro-step each, under DDP and FSDP
 every_gpu=($py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py config/shakespeare_char.toml
