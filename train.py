@@ -69,7 +69,7 @@ def loop(run: Run) -> dict:
     budget = TimeBudget(cfg.max_time, run.train_seconds, run.iter_num)
     stop = StopRequest()  # SIGINT / SIGTERM: finish the step, checkpoint, exit 130 / 143
     bar = progress_bar(cfg, run, show=ddp.is_main)
-    log = StepLog(run.device, unlogged_loss=run.unlogged_loss, seconds_before=run.train_seconds)
+    log = StepLog(run.device, unlogged_loss=run.unlogged_loss, seconds_before=run.steps_seconds)
     first_step, t_saved = run.iter_num, time.time()
     step_budget = None  # the share of the budget the last step's rate was set from
     try:
@@ -269,9 +269,11 @@ def snapshot_attention(run: Run):
 
 
 def checkpoint(run: Run, log: StepLog):
-    """ckpt.pt, carrying the loss of the steps taken since the last log step: a run stopped between log steps
-    then logs, once resumed, the mean over the same steps as a run never stopped."""
+    """ckpt.pt, carrying the loss of the steps taken since the last log step (a run stopped between log steps
+    then logs, once resumed, the mean over the same steps as a run never stopped) and the clock of metrics.jsonl's
+    train_seconds (which a resumed run's records go on from)."""
     run.unlogged_loss = log.unlogged(run.ddp)
+    run.steps_seconds = log.seconds_before + log.steps_seconds()
     save(run)
 
 

@@ -52,6 +52,7 @@ class StepLog:
         self.loss_sum = torch.tensor(unlogged_loss[0], dtype=torch.float32, device=device)
         self.steps, self.tokens, self.flops, self.since, self.away = unlogged_loss[1], 0, 0, clock(), 0.0
         self.started, self.away_in_all = self.since, 0.0  # for the steps' time over the whole loop
+        self.pause_started: float | None = None  # the clock when the pause under way began
         self.flops_per_token = {}  # seq_len -> the model's FLOPs per token: counted once, not at every step
 
     def count(self, run: Run, it: int):
@@ -67,18 +68,22 @@ class StepLog:
     def paused(self):
         """Leave the block's time (an eval, a snapshot, a checkpoint) out of the speed of the steps around it."""
         synchronize(self.device)  # the steps queued before the pause are the steps' time, not the pause's
-        start = self.clock()
+        start = self.pause_started = self.clock()
         try:
             yield
         finally:
             self.away += self.clock() - start
             self.away_in_all += self.clock() - start
+            self.pause_started = None
 
     def steps_seconds(self) -> float:
-        """The seconds the loop has spent in training steps since it started: its wall time, less the pauses. The
-        steps' queued GPU work counts as theirs (each pause waits for it first, and so does this)."""
+        """The seconds the loop has spent in training steps since it started: its wall time, less the pauses (the
+        one under way too, for a checkpoint written in it). The steps' queued GPU work counts as theirs (each pause
+        waits for it first, and so does this)."""
         synchronize(self.device)
-        return self.clock() - self.started - self.away_in_all
+        now = self.clock()
+        pausing = now - self.pause_started if self.pause_started is not None else 0.0
+        return now - self.started - self.away_in_all - pausing
 
     def unlogged(self, ddp: Distributed) -> tuple[float, int]:
         """The loss summed over the steps since the last log step (its mean over the processes), and their count:

@@ -93,6 +93,7 @@ class Run:
     iter_num: int = 0
     best_val_loss: float = float("inf")
     train_seconds: float = 0.0  # time spent in training steps: the clock that max_time budgets
+    steps_seconds: float = 0.0  # at the last checkpoint, the loop's wall time less its pauses: metrics' train_seconds
     step_lr: float = 0.0  # the learning rate of the last step taken, as the evals report it
     unlogged_loss: tuple[float, int] = (0.0, 0)  # the loss summed over the steps since the last log step; their count
     tokens_per_sec: float = 0.0  # over the last log interval
@@ -175,6 +176,7 @@ class Run:
         training = {"sharded": self.sharded_at} if self.cfg.fsdp else {"optimizer": self.optimizer.state_dict()}
         return {**self.weights_dict(), **training, "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
+                "steps_seconds": self.steps_seconds,
                 "work_done": self.work_done_at == self.iter_num,
                 "step_lr": self.step_lr, "tokens_per_sec": self.tokens_per_sec,  # what the step's eval reports
                 "unlogged_loss": list(self.unlogged_loss),
@@ -203,6 +205,7 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.steps_seconds = state.get("steps_seconds", self.train_seconds)  # older checkpoints: the budget's clock
         self.wandb_run_id = state.get("wandb_run_id")
         # the rate and speed of the last step taken (older checkpoints: the rate the next step takes)
         self.step_lr = state.get("step_lr", get_lr(self.iter_num, self.cfg))

@@ -216,6 +216,7 @@ def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_leng
     assert record["train_seconds"] == pytest.approx(2.0)  # the steps' seconds so far, what a speedrun is timed by
     with log.paused():  # a pause after a log step is left out of the loop's step time too
         now[0] += 5.0
+        assert log.steps_seconds() == pytest.approx(2.0)  # a checkpoint written in a pause: that pause left out
     now[0] += 0.5
     assert log.steps_seconds() == pytest.approx(2.5)  # 1 + 1 + 0.5 s of steps; 15 s of pauses left out
     resumed = StepLog(torch.device("cpu"), clock=lambda: now[0], seconds_before=100.0)  # a checkpoint's 100 s
@@ -307,14 +308,18 @@ def test_a_resumed_budget_run_goes_on_from_the_time_it_had_spent(tmp_path, data_
 def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):
     cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2)
     train(cfg)
-    before = load_checkpoint(checkpoint_path(cfg.out_dir))["train_seconds"]
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    logged = [r["train_seconds"] for r in read_metrics(cfg.out_dir) if "train_seconds" in r][-1]  # step 4's log
+    # the checkpoint holds metrics.jsonl's clock (wall time less pauses), not the budget's (the steps' calls alone,
+    # always less), and a resume goes on from it: set far ahead here, the resumed records must follow it
+    assert state["steps_seconds"] >= logged > state["train_seconds"] > 0
+    save_checkpoint(checkpoint_path(cfg.out_dir), {**state, "steps_seconds": 1000.0})
     train(replace(cfg, init_from="resume", max_iters=7))
     said = capsys.readouterr()
     times = re.findall(r"^(\d+) steps in (\d+\.\d) s of training", said.out + said.err, re.MULTILINE)
     assert [steps for steps, _ in times] == ["4", "3"]  # the resumed run's own steps (seconds: see the test above)
-    # metrics.jsonl's clock goes on from the checkpoint's: a speedrun's curve is drawn against it
     seconds = {r["iter"]: r["train_seconds"] for r in read_metrics(cfg.out_dir) if "train_seconds" in r}
-    assert list(seconds) == [4, 7] and seconds[7] >= before > 0
+    assert list(seconds) == [4, 7] and 1000.0 < seconds[7] < 1000.0 + float(times[1][1]) + 1.0
 
 
 def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_path, data_dir):
