@@ -41,9 +41,9 @@ class TrainConfig:
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = option(
         "default", "inductor's mode: default; reduce-overhead also records each step's kernels as a CUDA graph and "
-        "replays it, saving the kernel launches a small model's step waits on (GPUs only; one micro-step per process "
-        "and no fsdp, see docs/performance.md); max-autotune also tries kernel variants for the fastest (minutes more "
-        "to compile), with CUDA graphs; max-autotune-no-cudagraphs without them"
+        "replays it, saving the kernel launches a small model's step waits on (recorded on GPUs only; one process of "
+        "one micro-step, no fsdp: see docs/performance.md); max-autotune also tries kernel variants for the fastest "
+        "(minutes more to compile), with CUDA graphs; max-autotune-no-cudagraphs without them"
     )
     fsdp: bool = option(
         False, "shard weights, gradients and AdamW state across torchrun's processes (PyTorch's FSDP2, one unit per "
@@ -195,9 +195,9 @@ class TrainConfig:
                 raise ValueError(f"compile_mode is inductor's ({self.compile_backend} takes no mode): use "
                                  f"--compile_backend=inductor, or --compile_mode=default")
             if self.cuda_graphs and self.fsdp:
-                raise ValueError(f"compile_mode={self.compile_mode} records CUDA graphs, which need every tensor at a "
-                                 f"fixed address, while fsdp gathers and frees the weights every step: use "
-                                 f"--compile_mode=default or max-autotune-no-cudagraphs")
+                raise ValueError(f"{self.graphs_by} records CUDA graphs, which need every tensor at a fixed address, "
+                                 f"while fsdp gathers and frees the weights every step: use --compile_mode=default or "
+                                 f"max-autotune-no-cudagraphs, with --compile_backend=inductor")
         if self.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
             raise ValueError(f"optimizer=muon needs torch.optim.Muon, which PyTorch 2.9 and newer have; this is "
                              f"PyTorch {torch.__version__}: upgrade it, or use optimizer=adamw")
@@ -213,8 +213,16 @@ class TrainConfig:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether a compiled run records its steps as CUDA graphs (on a GPU; the CPU runs them as compiled)."""
-        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
+        """Whether a compiled run records its steps as CUDA graphs (on a GPU; the CPU runs them as compiled): in
+        inductor's modes that do, or through the cudagraphs backend (the same CUDA graph trees, without inductor)."""
+        return self.compile and (self.compile_mode in ("reduce-overhead", "max-autotune")
+                                 or self.compile_backend == "cudagraphs")
+
+    @property
+    def graphs_by(self) -> str:
+        """The setting that records CUDA graphs, as the errors name it."""
+        by_backend = self.compile_backend == "cudagraphs"
+        return "compile_backend=cudagraphs" if by_backend else f"compile_mode={self.compile_mode}"
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The network to build: the model keys, and the dataset's vocabulary."""

@@ -123,8 +123,10 @@ compare(f"fsdp compiled vs {plain}", ddp, losses("fsdp_compiled"))
 compare("fsdp resumed at step 100 vs straight, after step 100", fsdp, losses("fsdp_resumed"), after=100)
 EOF
 
-run speedrun_cuda_graphs 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_cuda_graphs" \
-    --compile_mode=reduce-overhead
+run speedrun_cuda_graphs 60 env TORCH_LOGS=cudagraphs,perf_hints $py train.py $speedrun \
+    --out_dir="$out/runs/speedrun_cuda_graphs" --compile_mode=reduce-overhead
+say "speedrun_cuda_graphs: $(grep -ac 'skipping cudagraphs' "$out/logs/speedrun_cuda_graphs.log") graphs left" \
+    "unrecorded (the log says why)"
 run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_no_dropout" --dropout=0.0
 run speedrun_batch64 75 $py train.py $speedrun --out_dir="$out/runs/speedrun_batch64" --batch_size=64 \
     --max_iters=800 --lr_decay_iters=800

@@ -760,10 +760,11 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
 
 
 def test_compile_mode_reaches_inductor_and_cuda_graphs_are_refused_where_they_would_be_wrong(tmp_path, data_dir):
-    """--compile_mode=reduce-overhead asks inductor for CUDA graphs: on the CPU it says it skipped them (a counter
+    """--compile_mode=reduce-overhead asks inductor for CUDA graphs: on the CPU it counts them skipped (a counter
     that only a run asking for them bumps) and the step runs as compiled. Where CUDA graphs would go wrong, the run
-    is refused before it starts: fsdp's weights move every step, another backend takes no mode, and PyTorch mixes up
-    the gradients of micro-steps recorded as graphs (pytorch/pytorch#169545)."""
+    is refused before it starts, on any device: fsdp's weights move every step, PyTorch mixes up the gradients of
+    micro-steps recorded as graphs (pytorch/pytorch#169545), and DDP is reported to break them (#113809); another
+    backend takes no mode."""
     from torch._dynamo.utils import counters
 
     cfg = tiny_config(data_dir, tmp_path / "out", n_layer=1, compile=True, compile_mode="reduce-overhead",
@@ -781,9 +782,13 @@ def test_compile_mode_reaches_inductor_and_cuda_graphs_are_refused_where_they_wo
         replace(cfg, fsdp=True, optimizer="adamw")
     with pytest.raises(ValueError, match=r"compile_mode is inductor's \(aot_eager takes no mode\)"):
         replace(cfg, compile_backend="aot_eager")
-    with pytest.raises(GlimpseError, match="2 per process here"):
+    with pytest.raises(GlimpseError, match=r"across micro-steps \(2 here\)"):
         setup(replace(cfg, gradient_accumulation_steps=2, out_dir=str(tmp_path / "accumulated")), Distributed())
     assert not (tmp_path / "accumulated").exists()
+    with pytest.raises(GlimpseError, match="which PyTorch's DDP is reported to break with"):  # one micro-step each
+        setup(replace(cfg, gradient_accumulation_steps=2), Distributed(world_size=2))
+    with pytest.raises(ValueError, match="compile_backend=cudagraphs records CUDA graphs"):  # the same graphs
+        replace(cfg, compile_mode="default", compile_backend="cudagraphs", fsdp=True, optimizer="adamw")
     replace(cfg, fsdp=True, optimizer="adamw", compile_mode="max-autotune-no-cudagraphs")  # no graphs: allowed
     setup(replace(cfg, compile=False, gradient_accumulation_steps=2, out_dir=str(tmp_path / "eager")),
           Distributed()).tracker.close()  # the mode is read by compiled runs only
