@@ -15,6 +15,7 @@ steps of different lengths, so seconds, not steps, are what the picture compares
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ class CompareConfig:
             raise ValueError("--runs names no run: give the out_dirs to compare, e.g. --runs=out-a,out-b")
         if self.target < 0:
             raise ValueError(f"target must be a loss (positive), or 0 for none; got {self.target:g}")
+        if Path(self.out).suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, e.g. --out=runs.png; got {self.out!r}")
 
 
 @dataclass
@@ -53,28 +56,32 @@ class Curve:
     final: tuple[float, float] | None  # (seconds, whole-split val loss) at the run's end, if it scored one
 
 
-def curve(folder: Path) -> Curve:
-    """A run's Curve, read from folder/metrics.jsonl."""
+def curve(folder: Path, name: str | None = None) -> Curve:
+    """A run's Curve, read from folder/metrics.jsonl; name: what the report and the legend call it (the folder's
+    name by default)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise GlimpseError(f"{folder} has no metrics.jsonl: --runs takes the out_dirs of train.py's runs")
     records = read_records(path)
-    clock = {r["iter"]: r["train_seconds"] for r in records if isinstance(r.get("train_seconds"), (int, float))}
-    evals = [(r["iter"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+
+    def values(key: str) -> list[tuple[int, float]]:  # a loss that was not finite (null, NaN) leaves no point
+        return [(r["iter"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+    clock, evals, final = dict(values("train_seconds")), values("val_loss"), values("final_val_loss")
     if not evals:
         raise GlimpseError(f"{path} holds no eval (val_loss) yet: compare runs once they have evaluated")
     if not clock and any(step > 0 for step, _ in evals):
-        raise GlimpseError(f"{path} has no train_seconds: it was written before train.py recorded them; train the "
-                           f"run again to compare it by seconds")
+        raise GlimpseError(f"{path} has no train_seconds: it was written before train.py recorded them, or the run "
+                           f"stopped before its first log step; train it again to compare it by seconds")
     steps = [step for step, _ in evals]
-    final = [(r["iter"], r["final_val_loss"]) for r in records if isinstance(r.get("final_val_loss"), (int, float))]
-    return Curve(folder.resolve().name or str(folder), steps, seconds_at(steps, clock), [v for _, v in evals],
-                 (seconds_at([final[-1][0]], clock)[0], final[-1][1]) if final else None)
+    return Curve(name or folder.resolve().name or str(folder), steps, seconds_at(steps, clock),
+                 [v for _, v in evals], (seconds_at([final[-1][0]], clock)[0], final[-1][1]) if final else None)
 
 
 def seconds_at(steps: list[int], clock: dict[int, float]) -> list[float]:
-    """The training seconds at each step, read off the line through the log records' (step, train_seconds); a step
-    past the last log record gets that record's seconds. The line starts at (0, 0) for a run that was not resumed."""
+    """The training seconds at each step, read off the line through the log records' (step, train_seconds) from
+    (0, 0) (a resumed run's metrics.jsonl keeps the records before its resume); a step past the last log record
+    gets that record's seconds."""
     known = sorted(clock.items())
     if not known or known[0][0] > 0:
         known.insert(0, (0, 0.0))
@@ -92,7 +99,8 @@ def report(curves: list[Curve], target: float) -> list[str]:
     lines = []
     for c in curves:
         best = min(c.val_loss)
-        line = f"{c.name}: {len(c.val_loss)} evals over {c.seconds[-1]:.1f} s, best val {best:.4f}"
+        evals = f"{len(c.val_loss)} eval{'s' if len(c.val_loss) > 1 else ''}"
+        line = f"{c.name}: {evals} over {c.seconds[-1]:.1f} s, best val {best:.4f}"
         if c.final:
             line += f", whole split {c.final[1]:.4f} at {c.final[0]:.1f} s"
         if target:
@@ -116,7 +124,8 @@ def figure(curves: list[Curve], target: float):
     if target:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
     lows = [v for c in curves for v in c.val_loss[1:]] or [v for c in curves for v in c.val_loss]
-    ax.set_ylim(min(lows + [target or min(lows)]) - 0.05, max(lows) + 0.1)  # step 0's untrained loss off the top
+    lows += [c.final[1] for c in curves if c.final] + ([target] if target else [])
+    ax.set_ylim(min(lows) - 0.05, max(lows) + 0.1)  # step 0's untrained loss off the top
     ax.set_xlabel("seconds of training (evals, snapshots and checkpoints left out)")
     ax.set_ylabel("val loss (nats per token)")
     ax.set_title("validation loss against training time")
@@ -130,7 +139,12 @@ def compare(cfg: CompareConfig) -> list[str]:
     """Read the runs, draw cfg.out, return the report's lines."""
     out = Path(cfg.out)
     check_writable(out.parent, "--out's folder", "give --out a path you can write")
-    curves = [curve(Path(name.strip())) for name in cfg.runs.split(",") if name.strip()]
+    if out.is_dir():
+        raise GlimpseError(f"--out {str(out)!r} is a folder: give a .png file's path")
+    folders = [Path(name.strip()) for name in cfg.runs.split(",") if name.strip()]
+    names = [f.resolve().name or str(f) for f in folders]
+    clash = len(set(names)) < len(names)  # two out_dirs of one name (a/out, b/out): called as given instead
+    curves = [curve(f, str(f) if clash else None) for f in folders]
     fig = figure(curves, cfg.target)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

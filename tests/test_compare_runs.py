@@ -60,9 +60,9 @@ def test_runs_are_compared_by_seconds_of_training_and_when_they_reached_the_targ
     assert drawn["fast, whole split: 1.3500"] == ([4.0], [1.35]) and drawn["target 1.45"][1] == [1.45, 1.45]
 
 
-def test_a_resumed_runs_clock_and_a_step_past_the_last_log(tmp_path):
-    """A run whose records start past step 0 is not drawn from (0, 0); a step past its last log record keeps that
-    record's seconds rather than run on."""
+def test_the_clock_between_log_steps_and_past_the_last(tmp_path):
+    """Between log records, and from (0, 0) to the first, the seconds are read off a line; a step past the last log
+    record keeps that record's seconds rather than run on."""
     assert compare_runs.seconds_at([10, 20, 25], {10: 3.0, 20: 5.0}) == [3.0, 5.0, 5.0]
     assert compare_runs.seconds_at([0, 5], {10: 3.0}) == [0.0, 1.5]
 
@@ -73,6 +73,7 @@ def test_bad_runs_and_outputs_are_refused_in_one_line(tmp_path):
                                        {"iter": 10, "val_loss": 2.0}])  # written before train_seconds
     unevaluated = write_run(tmp_path / "unevaluated", [{"iter": 10, "train_loss": 2.0, "train_seconds": 1.0}])
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder.png").mkdir()
     for args, said in (
         ([f"--runs={tmp_path / 'nothing'}"], "has no metrics.jsonl: --runs takes the out_dirs of train.py's runs"),
         ([f"--runs={old}"], "has no train_seconds: it was written before train.py recorded them"),
@@ -80,9 +81,26 @@ def test_bad_runs_and_outputs_are_refused_in_one_line(tmp_path):
         (["--runs= ,"], "--runs names no run"),
         ([f"--runs={fast}", "--target=-1"], "target must be a loss"),
         ([f"--runs={fast}", f"--out={tmp_path / 'a_file' / 'runs.png'}"], "is a file; give --out a path you can write"),
+        ([f"--runs={fast}", "--out="], "--out must name a .png file"),
+        ([f"--runs={fast}", "--out=."], "--out must name a .png file"),
+        ([f"--runs={fast}", f"--out={tmp_path / 'runs.svg'}"], "--out must name a .png file"),
+        ([f"--runs={fast}", f"--out={fast.parent}/"], "--out must name a .png file"),
+        ([f"--runs={fast}", f"--out={tmp_path / 'folder.png'}"], "is a folder: give a .png file's path"),
     ):
         out = [] if any(a.startswith("--out=") for a in args) else [f"--out={tmp_path / 'runs.png'}"]
         result = python("scripts/compare_runs.py", *args, *out)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert said in result.stderr and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
     assert not (tmp_path / "runs.png").exists()
+
+
+def test_losses_that_are_not_finite_leave_no_point_and_runs_of_one_name_are_told_apart(tmp_path, capsys):
+    """A blown-up eval (NaN, which json reads) is not drawn; two out_dirs both called out are named by their paths."""
+    a = write_run(tmp_path / "a" / "out", [{"iter": 0, "val_loss": 4.0}, {"iter": 10, "train_seconds": 1.0},
+                                           {"iter": 10, "val_loss": float("nan")}, {"iter": 20, "train_seconds": 2.0},
+                                           {"iter": 20, "val_loss": 2.0}])
+    b = write_run(tmp_path / "b" / "out", [{"iter": 0, "val_loss": 4.0}])
+    assert compare_runs.curve(a).val_loss == [4.0, 2.0]
+    compare_runs.main([f"--runs={a},{b}", f"--out={tmp_path / 'runs.png'}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"{a}: 2 evals over 2.0 s, best val 2.0000", f"{b}: 1 eval over 0.0 s, best val 4.0000"]
