@@ -16,7 +16,8 @@
 # OUT_FOLDER/summary.txt gets one line per step and the figures; OUT_FOLDER/speedrun_vs_recipe.png the two
 # curves against seconds of training (scripts/compare_runs.py); OUT_FOLDER/logs.tar.gz the logs and profiles.
 # Needs PyTorch with CUDA, numpy, tiktoken, tqdm, matplotlib and pytest; the char-level Shakespeare dataset is
-# prepared first (a download) unless data/shakespeare_char/ is there, and without it nothing else runs.
+# prepared first (a download) unless DATA_DIR/shakespeare_char/ is there (DATA_DIR: data/ unless set), and
+# without it nothing else runs. PYTHON names the interpreter (python3 unless set).
 set -u
 out=$(realpath -m "${1:-gpu-checks}")
 budget=${2:-540}
@@ -24,6 +25,7 @@ if ! [[ $budget =~ ^[0-9]+$ ]]; then
     echo "error: SECONDS must be a whole number of seconds, got '$budget'" >&2
     exit 2
 fi
+data=$(realpath -m "${DATA_DIR:-data}")  # before the cd: a relative DATA_DIR is the caller's
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -57,9 +59,10 @@ run() {
 
 say "$(date -u +%FT%TZ) | $(nvidia-smi -L 2>/dev/null | head -1) | $gpus GPU(s) | $($py -c \
     'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")')"
-[ -f data/shakespeare_char/meta.json ] || $py data/prepare.py --dataset=shakespeare_char >"$out/logs/prepare.log" 2>&1
-if ! [ -f data/shakespeare_char/meta.json ]; then  # offline: every run would try the download again, and fail
-    say "no dataset: data/shakespeare_char could not be prepared ($(tail -1 "$out/logs/prepare.log")); bring it" \
+[ -f "$data/shakespeare_char/meta.json" ] ||
+    $py data/prepare.py --dataset=shakespeare_char --data_dir="$data" >"$out/logs/prepare.log" 2>&1
+if ! [ -f "$data/shakespeare_char/meta.json" ]; then  # offline: every run would try the download again, and fail
+    say "no dataset: $data/shakespeare_char could not be prepared ($(tail -1 "$out/logs/prepare.log")); bring it" \
         "along (python data/prepare.py --dataset=shakespeare_char --input=<tinyshakespeare.txt>)"
     exit 2
 fi
@@ -69,11 +72,12 @@ for i in 1 2 3; do
     curve=() logs=()
     [ "$i" = 1 ] && logs=(env TORCH_LOGS=recompiles)  # each graph compiled after the first, and why
     [ "$i" = 3 ] && curve=(--eval_interval=50 --eval_iters=20)
-    run "speedrun_$i" 60 "${logs[@]}" $py train.py $speedrun --out_dir="$out/runs/speedrun_$i" "${curve[@]}"
+    run "speedrun_$i" 60 "${logs[@]}" $py train.py $speedrun --data_dir="$data" --out_dir="$out/runs/speedrun_$i" \
+        "${curve[@]}"
 done
 say "speedrun_1: graphs compiled after the first: $(grep -ac 'Recompiling function' "$out/logs/speedrun_1.log") (the evals' is one)"
-run recipe_2000 90 $py train.py config/shakespeare_char.toml --out_dir="$out/runs/recipe" --max_iters=2000 \
-    --attn_log_interval=0
+run recipe_2000 90 $py train.py config/shakespeare_char.toml --data_dir="$data" --out_dir="$out/runs/recipe" \
+    --max_iters=2000 --attn_log_interval=0
 $py scripts/compare_runs.py --runs="$out/runs/speedrun_3,$out/runs/recipe" --target=1.4697 \
     --out="$out/speedrun_vs_recipe.png" >>"$summary" 2>&1  # the curves side by side, and when each got there
 
@@ -93,8 +97,8 @@ run bench_124m_vocab50304 120 $py bench.py --what=train_step --vocab_size=50304 
 
 # nanoGPT's GPU preset for 200 steps on every GPU, one micro-step each, under DDP and FSDP
 every_gpu=($py -m torch.distributed.run --standalone --nproc_per_node="$gpus" train.py config/shakespeare_char.toml
-           --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0 --log_interval=10
-           --gradient_accumulation_steps="$gpus")
+           --data_dir="$data" --max_iters=200 --eval_interval=100 --eval_iters=20 --attn_log_interval=0
+           --log_interval=10 --gradient_accumulation_steps="$gpus")
 run ddp_200 60 "${every_gpu[@]}" --out_dir="$out/runs/ddp"
 run fsdp_200 60 "${every_gpu[@]}" --fsdp=true --out_dir="$out/runs/fsdp"
 run fsdp_compiled_200 90 "${every_gpu[@]}" --fsdp=true --compile=true --out_dir="$out/runs/fsdp_compiled"
@@ -123,12 +127,14 @@ compare(f"fsdp compiled vs {plain}", ddp, losses("fsdp_compiled"))
 compare("fsdp resumed at step 100 vs straight, after step 100", fsdp, losses("fsdp_resumed"), after=100)
 EOF
 
-run speedrun_cuda_graphs 60 env TORCH_LOGS=cudagraphs,perf_hints $py train.py $speedrun \
+run speedrun_cuda_graphs 60 env TORCH_LOGS=cudagraphs,perf_hints $py train.py $speedrun --data_dir="$data" \
     --out_dir="$out/runs/speedrun_cuda_graphs" --compile_mode=reduce-overhead
 say "speedrun_cuda_graphs: $(grep -ac 'skipping cudagraphs' "$out/logs/speedrun_cuda_graphs.log") graphs left" \
     "unrecorded (the log says why)"
-run speedrun_no_dropout 60 $py train.py $speedrun --out_dir="$out/runs/speedrun_no_dropout" --dropout=0.0
-run speedrun_batch64 75 $py train.py $speedrun --out_dir="$out/runs/speedrun_batch64" --batch_size=64 \
+run speedrun_no_dropout 60 $py train.py $speedrun --data_dir="$data" --out_dir="$out/runs/speedrun_no_dropout" \
+    --dropout=0.0
+run speedrun_batch64 75 $py train.py $speedrun --data_dir="$data" --out_dir="$out/runs/speedrun_batch64" \
+    --batch_size=64 \
     --max_iters=800 --lr_decay_iters=800
 run gpu_tests 90 $py -m pytest -q -x tests/test_train.py tests/test_arch.py -k cuda
 run fsdp_tests 120 $py -m pytest -q -x tests/test_fsdp.py
