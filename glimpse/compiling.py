@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from glimpse.errors import GlimpseError
 from glimpse.optim import ramp
 from glimpse.train_config import TrainConfig
 from model import GPT
@@ -43,6 +44,19 @@ def compile_options(cfg: TrainConfig) -> dict:
     """torch.compile's options for a run: static shapes, its backend, inductor's mode."""
     mode = {"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}  # the other backends take none
     return {"dynamic": False, "backend": cfg.compile_backend, **mode}
+
+
+def check_cuda_graphs(cfg: TrainConfig, world_size: int):
+    """Refuse the CUDA graphs (--compile_mode=reduce-overhead or max-autotune, --compile_backend=cudagraphs) of a
+    run they would go wrong in, on any device: PyTorch's CUDA graph trees break under DDP and mix up the gradients
+    of micro-steps (its open issues below). fsdp is refused with the settings (TrainConfig)."""
+    if cfg.cuda_graphs and world_size > 1:  # pytorch/pytorch#113809 and #140395
+        raise GlimpseError(f"{cfg.graphs_by} records CUDA graphs, which PyTorch's DDP is reported to break with: "
+                           f"train in one process, or use --compile_mode=default")
+    if cfg.cuda_graphs and cfg.gradient_accumulation_steps > 1:  # pytorch/pytorch#169545
+        raise GlimpseError(f"{cfg.graphs_by} records CUDA graphs, which PyTorch does not keep apart across micro-steps "
+                           f"({cfg.gradient_accumulation_steps} here): their gradients can be overwritten. Use "
+                           f"--gradient_accumulation_steps=1 with a bigger --batch_size, or --compile_mode=default")
 
 
 def raise_recompile_limit(cfg: TrainConfig):

@@ -33,7 +33,14 @@ from glimpse.checkpoint import (
     restore_rank_rng,
     saved_rank_states,
 )
-from glimpse.compiling import compile_ahead, compile_options, compile_static, raise_recompile_limit, step_shape
+from glimpse.compiling import (
+    check_cuda_graphs,
+    compile_ahead,
+    compile_options,
+    compile_static,
+    raise_recompile_limit,
+    step_shape,
+)
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError
@@ -231,13 +238,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple of "
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
-    if cfg.cuda_graphs and ddp.world_size > 1:  # pytorch/pytorch#113809 and #140395, open
-        raise GlimpseError(f"{cfg.graphs_by} records CUDA graphs, which PyTorch's DDP is reported to break with: "
-                           f"train in one process, or use --compile_mode=default")
-    if cfg.cuda_graphs and cfg.gradient_accumulation_steps > 1:  # pytorch/pytorch#169545, open
-        raise GlimpseError(f"{cfg.graphs_by} records CUDA graphs, which PyTorch does not keep apart across micro-steps "
-                           f"({cfg.gradient_accumulation_steps} here): their gradients can be overwritten. Use "
-                           f"--gradient_accumulation_steps=1 with a bigger --batch_size, or --compile_mode=default")
+    check_cuda_graphs(cfg, ddp.world_size)
     out_dir = Path(cfg.out_dir)  # which train.py checked first (check_start), before any data or weights came
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a Hub name's weights are fetched here
