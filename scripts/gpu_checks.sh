@@ -63,7 +63,7 @@ say "$(date -u +%FT%TZ) | $(nvidia-smi -L 2>/dev/null | head -1) | $gpus GPU(s) 
     $py data/prepare.py --dataset=shakespeare_char --data_dir="$data" >"$out/logs/prepare.log" 2>&1
 if ! [ -f "$data/shakespeare_char/meta.json" ]; then  # offline: every run would try the download again, and fail
     say "no dataset: $data/shakespeare_char could not be prepared ($(tail -1 "$out/logs/prepare.log")); bring it" \
-        "along (python data/prepare.py --dataset=shakespeare_char --input=<tinyshakespeare.txt>)"
+        "along (python data/prepare.py --dataset=shakespeare_char --data_dir=$data --input=<tinyshakespeare.txt>)"
     exit 2
 fi
 
