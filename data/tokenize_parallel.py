@@ -89,8 +89,9 @@ def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str
         return
     # Ctrl-C reaches every process of the terminal's group: workers that died of it mid-task would leave the pool's
     # shutdown waiting on them for ever, so they ignore it, and the main process stops them
-    with multiprocessing.get_context(start_method).Pool(workers, initializer=ignore_interrupts) as pool:
-        window = deque()
+    pool = multiprocessing.get_context(start_method).Pool(workers, initializer=ignore_interrupts)
+    window = deque()
+    try:
         for task in tasks:
             texts = [text for text, _ in task]
             window.append(([info for _, info in task], pool.apply_async(encode_joined, (spec, dtype, texts))))
@@ -100,6 +101,14 @@ def tokenized(items, spec: str, dtype: np.dtype, workers: int, start_method: str
         while window:
             infos, result = window.popleft()
             yield infos, np.split(*result.get())[:-1]
+    except BaseException:  # Ctrl-C, or the reader stopped early: the tasks in flight (a few) finish first
+        # Pool.terminate stops reading results at once, and a worker writing one larger than the pipe holds then
+        # never lets go of the results' lock, which terminate itself waits for: close and join end it cleanly
+        pool.close()
+        pool.join()
+        raise
+    finally:
+        pool.terminate()
 
 
 def ignore_interrupts():

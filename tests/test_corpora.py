@@ -367,25 +367,29 @@ def test_a_streamed_built_in_that_cannot_be_reached_is_one_line_after_one_notice
 
 def test_ctrl_c_stops_the_tokenizing_processes_and_the_run(tmp_path):
     """Ctrl-C goes to every process of the terminal's group: a worker that died of it mid-task left the pool's
-    shutdown waiting for it for ever. Here the documents never end, so only the signal can stop the run."""
+    shutdown waiting for it for ever, and Pool.terminate could wait for ever on a worker writing a result larger
+    than the pipe holds (its results are tens of kB) once it had stopped reading them. Here the documents never
+    end, so only the signal can stop the run; it comes at a dozen moments, after the 10th to the 21st result."""
     script = tmp_path / "endless.py"
     script.write_text(
         "import itertools, json, sys\nimport numpy as np\nfrom data.tokenize_parallel import tokenized\n"
         "spec = json.dumps({'kind': 'char', 'chars': 'ab '})\n"
         "items = ((('ab ' * 5000), i) for i in itertools.count())\n"
         "for n, _ in enumerate(tokenized(items, spec, np.dtype(np.uint16), 2)):\n"
-        "    if n == 10:\n        print('tokenizing', flush=True)\n")
-    run = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert run.stdout.readline() == "tokenizing\n"  # the workers are busy
-        os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
-        _, stderr = run.communicate(timeout=120)  # a failure only: without the fix, it never ends
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-    assert stderr.rstrip().endswith("KeyboardInterrupt") and "PoolWorker" not in stderr, stderr[-3000:]
+        "    print(n, flush=True)\n")
+    for after in range(10, 22):
+        run = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            while (line := run.stdout.readline()) != f"{after}\n":  # the workers are busy
+                assert line, f"the run ended before its result {after}"
+            os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+            _, stderr = run.communicate(timeout=120)  # a failure only: without the fix, it never ends
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        assert stderr.rstrip().endswith("KeyboardInterrupt") and "PoolWorker" not in stderr, (after, stderr[-3000:])
 
 
 def test_ctrl_c_during_prepare_is_one_line_that_says_how_to_go_on(tmp_path, monkeypatch, capsys, corpus_file):
