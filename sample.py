@@ -260,7 +260,7 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
 
 def main(argv: list[str] | None = None):
     try:
-        with user_errors():
+        with user_errors(out_of_memory="ask for a shorter --max_new_tokens, or sample on --device=cpu"):
             cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv,
                                prog="sample.py", description=__doc__, allow_file=False)
             sample(cfg)

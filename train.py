@@ -318,8 +318,13 @@ def final_eval(run: Run) -> dict:
     return final
 
 
+# what asks a training run for less memory (a one-line error names it when the device is full)
+TOO_BIG = ("ask for less: a smaller --batch_size (more --gradient_accumulation_steps keep the tokens per step), "
+           "--block_size or model (--n_layer, --n_embd)")
+
+
 def main(argv: list[str] | None = None):
-    with exit_when_done_under_torchrun(), user_errors():
+    with exit_when_done_under_torchrun(), user_errors(out_of_memory=TOO_BIG):
         cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,
                            prog="train.py", description=__doc__)
         train(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,17 +29,22 @@ INTERRUPTED = 130  # the shell's status for a command that Ctrl-C (SIGINT, 2) st
 
 
 @contextmanager
-def user_errors(interrupted: str = ""):
-    """Turn a GlimpseError (or an OSError) raised inside the block into 'error: ...' on stderr and exit code 2
-    (UserExit), and Ctrl-C into one line, 'interrupted' and what to do next (interrupted), and exit code 130."""
+def user_errors(interrupted: str = "", out_of_memory: str = ""):
+    """Turn a GlimpseError (or an OSError, or running out of memory) raised inside the block into 'error: ...' on
+    stderr and exit code 2 (UserExit), and Ctrl-C into one line, 'interrupted' and what to do next (interrupted),
+    and exit code 130. out_of_memory says which settings ask for less memory."""
     try:
         yield
     except BrokenPipeError:  # a reader that closed the pipe (`| head`): the script stops as Unix tools do
         raise
-    except (GlimpseError, OSError) as e:
+    except (GlimpseError, OSError, MemoryError, RuntimeError) as e:
         # an OSError is the machine's answer about a path no check foresaw (a full disk, a read-only mount, a name
-        # too long, a symlink loop): the user's to fix too, so one line naming the path, not a traceback
-        message = str(e) if isinstance(e, GlimpseError) else os_error_message(e)
+        # too long, a symlink loop): the user's to fix too, so one line naming the path, not a traceback; so is
+        # memory that settings asked for and the machine does not have
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
+            raise
+        message = (str(e) if isinstance(e, GlimpseError) else os_error_message(e) if isinstance(e, OSError)
+                   else out_of_memory_message(e, out_of_memory))
         if not _caller_reports.get():
             print(f"error: {message}", file=sys.stderr)
         raise UserExit(message) from None
@@ -48,6 +54,23 @@ def user_errors(interrupted: str = ""):
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print("\ninterrupted" + (f": {interrupted}" if interrupted else ""), file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
+
+
+def is_out_of_memory(e: RuntimeError) -> bool:
+    """Whether torch could not allocate: torch.OutOfMemoryError on a GPU (read by name: this module does not import
+    torch), the CPU allocator's RuntimeError, MPS's."""
+    return type(e).__name__ == "OutOfMemoryError" or any(
+        words in str(e) for words in ("DefaultCPUAllocator", "can't allocate memory", "MPS backend out of memory"))
+
+
+def out_of_memory_message(e: MemoryError | RuntimeError, advice: str) -> str:
+    """'out of memory: what torch said (its first sentences: the size asked for, the device's); advice'."""
+    said = (str(e).strip().splitlines() or [""])[0]
+    said = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", said)  # the CPU allocator's source line
+    said = " ".join(re.split(r"(?<=\.) (?=[A-Z])", said)[:3])  # CUDA's goes on about fragmentation and settings
+    said = re.sub(r"allocate (\d+) bytes", lambda m: f"allocate {int(m[1]) / 2**30:,.1f} GiB", said)  # the CPU's
+    said = said.rstrip(".")
+    return f"out of memory{': ' + said if said else ''}; {advice or 'ask for a smaller batch, model or length'}"
 
 
 def os_error_message(e: OSError) -> str:

@@ -327,6 +327,50 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
             f"--out_dir={again}", "--device=cpu", "--lengths=1"], capsys)
 
 
+def overcommits() -> bool:
+    """Whether Linux grants any allocation (vm.overcommit_memory 1): a model too big for the machine would then be
+    killed when it touches the memory, not refused when it asks for it."""
+    setting = Path("/proc/sys/vm/overcommit_memory")
+    return setting.is_file() and setting.read_text().strip() == "1"
+
+
+@pytest.mark.skipif(overcommits(), reason="this machine grants every allocation (vm.overcommit_memory=1)")
+def test_asking_for_more_memory_than_the_machine_has_is_one_line_that_says_what_to_lower(tmp_path, data_dir, trained,
+                                                                                         capsys):
+    out = tmp_path / "out"  # a model of 2.8 TB in float32: its first layer's weights alone are more than any RAM
+    error = run_main(train.main, [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--n_embd=480000"], capsys)
+    # torch's own words, without the C++ source line before them
+    assert error.startswith("error: out of memory: DefaultCPUAllocator: can't allocate memory"), error
+    assert re.search(r"allocate [\d,.]+ GiB", error) and "--batch_size" in error and "--n_embd" in error, error
+    assert not out.exists()  # refused before the run made its folder
+    import eval as eval_script
+
+    cfg, _ = trained  # the Python list of a batch's windows cannot be made
+    error = run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", "--lengths=1", "--batch_size=100000000000"],
+                     capsys)
+    assert error == ("error: out of memory; ask for a smaller --batch_size (windows per forward pass) or shorter "
+                     "--lengths"), error
+
+
+def test_a_gpus_out_of_memory_is_one_line_with_torchs_size_and_free_memory_and_other_errors_are_left_alone(capsys):
+    from glimpse.errors import UserExit, user_errors
+
+    said = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.25 "
+            "GiB is free. Including non-PyTorch memory, this process has 77.93 GiB memory in use. Of the allocated "
+            "memory 76.1 GiB is allocated by PyTorch. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.\nSee documentation for Memory "
+            "Management")
+    with pytest.raises(UserExit) as stop, user_errors(out_of_memory="lower --batch_size"):
+        raise torch.OutOfMemoryError(said)
+    assert stop.value.code == 2
+    assert stop.value.message == ("out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                  "capacity of 79.19 GiB of which 1.25 GiB is free; lower --batch_size")
+    assert capsys.readouterr().err == f"error: {stop.value.message}\n"
+    with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"), user_errors():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # a bug's error keeps its traceback
+    assert capsys.readouterr().err == ""
+
+
 def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_nothing(tmp_path, data_dir, capsys):
     """A resume started while the run still trains (or the same --out_dir given twice) would interleave records and
     checkpoints with it, and drop its newest records as if stale: it is refused before it writes anything, and the
