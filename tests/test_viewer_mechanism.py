@@ -659,6 +659,7 @@ def test_the_attribution_and_lens_panels_show_the_mechanisms_numbers_in_chromium
 
     lens = page.evaluate("window.glimpseViewer.lens()")
     assert len(lens["rows"]) == L + 1
+    assert "the likeliest next token and its probability, then the next four's" in page.inner_text("#lens")
     # row 0 reads the stream entering block 0, row l + 1 the stream leaving block l
     labels = [page.locator(f'#lens tr[data-row="{r}"] td').first.inner_text() for r in range(L + 1)]
     assert labels == ["embeddings (into block 0)"] + [f"after block {layer}" for layer in range(L)]
