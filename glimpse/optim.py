@@ -39,6 +39,7 @@ class OptimizerSettings(Protocol):
     min_lr: float
     warmup_iters: int
     lr_decay_iters: int
+    max_iters: int
     weight_decay: float
     beta1: float
     beta2: float
@@ -53,12 +54,14 @@ def get_lr(it: int, cfg: OptimizerSettings, budget_used: float | None = None) ->
     """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat.
 
     With a time budget, budget_used (0 -> 1, the fraction of max_time spent) drives the decay instead,
-    so that the run reaches min_lr exactly when its time is up, however fast the machine.
+    so that the run reaches min_lr exactly when its time is up, however fast the machine; or the steps taken
+    towards max_iters, when they are further along: the run decays fully whichever of the two ends it.
     """
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if budget_used is not None:
-        progress = min(budget_used, 1.0)
+        steps = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+        progress = min(max(budget_used, steps), 1.0)
     elif it >= cfg.lr_decay_iters:
         return cfg.min_lr
     else:

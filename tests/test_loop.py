@@ -337,7 +337,7 @@ def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_pa
     with redirect_stdout(io.StringIO()) as out:
         train(tiny_config(data_dir, tmp_path / "max_iters", max_iters=3, max_time=1000.0, budget_steps_per_s=1,
                           eval_interval=10**6, attn_log_interval=0, final_eval=False))
-    assert "the 1000 s budget bought 3 steps" in out.getvalue() and "far below" not in out.getvalue()
+    assert "max_iters=3 ended the run with" in out.getvalue() and "far below" not in out.getvalue()
 
 
 def test_ramp_grows_from_a_quarter_to_full_in_eighths():
@@ -458,6 +458,27 @@ def test_the_time_budget_sets_each_steps_rate_and_stops_the_run_when_spent(tmp_p
     budget = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10)
     assert get_lr(5, budget, 0.0) == pytest.approx(6 / 11)  # warmup still counts steps
     assert get_lr(500, budget, 0.5) == pytest.approx(0.55) and get_lr(500, budget, 1.0) == pytest.approx(0.1)
+
+
+def test_steps_that_run_out_before_the_budget_decay_the_rate_fully_and_the_run_says_which_ended_it(tmp_path,
+                                                                                                     data_dir, capsys):
+    """max_iters under a budget the run never spends (the CPU preset's 72 s with --max_iters=30): the rate follows
+    the steps towards max_iters, not the small share of the budget spent, and ends decayed as a budgeted run does."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=30, max_time=10_000.0, eval_interval=10**6,
+                      log_interval=1, attn_log_interval=0, warmup_iters=5, learning_rate=1e-2, min_lr=1e-3)
+    train(cfg)
+    steps = [r for r in read_metrics(cfg.out_dir) if "train_loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 31)) and steps[-1]["budget_used"] < 0.01
+    for r in steps[5:]:  # after warmup: the cosine over steps 5 to 30, as the step fraction has it
+        progress = (r["iter"] - 1 - 5) / 25
+        assert r["lr"] == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi * progress)) * 9e-3)
+    assert steps[-1]["lr"] < 1.1e-3  # the last step's rate is near min_lr, where the budget's share left it at 1e-2
+    spent = load_checkpoint(checkpoint_path(cfg.out_dir))["train_seconds"]
+    out = capsys.readouterr().out
+    assert f"max_iters=30 ended the run with {spent:.1f} s of the 10000 s budget spent" in out
+    assert "budget bought" not in out
+    # a budget spent in fewer steps than max_iters allows still rules the rate: its share is further along
+    assert get_lr(100, TrainConfig(learning_rate=1.0, min_lr=0.1, max_iters=10**6), 0.5) == pytest.approx(0.55)
 
 
 def test_a_budget_that_ends_between_log_steps_logs_the_loss_of_its_last_steps(tmp_path, data_dir):
