@@ -164,7 +164,8 @@ def report_budget(run: Run):
     cfg, steps = run.cfg, run.iter_num
     if steps >= cfg.max_iters and run.train_seconds < cfg.max_time:  # the steps ran out first
         run.say(f"max_iters={cfg.max_iters:,} ended the run with {run.train_seconds:.1f} s of the {cfg.max_time:g} s "
-                "budget spent (the learning rate decayed with the steps)")
+                "budget spent" + (" (the learning rate decayed with the steps)" if cfg.max_iters > cfg.warmup_iters
+                                  else ", still warming up"))
         return
     run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps")
     expected = round(cfg.budget_steps_per_s * cfg.max_time)  # what the budget buys at the rate it was set for

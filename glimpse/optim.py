@@ -13,9 +13,10 @@ Two optimizers, chosen by optimizer=:
          queries, keys and values as three matrices (Muon, below).
 
 The schedule (get_lr) is a pure function of the step: linear warmup, cosine decay to min_lr, then
-flat; under a time budget the decay follows the fraction of the budget spent. set_lr applies it to
-every group, Muon's scaled from its own peak, so both optimizers warm up and decay together. ramp
-grows a step's batch or sequence length over the first steps, in eighths.
+flat; under a time budget the decay follows the fraction of the budget spent (or of max_iters taken,
+when further along). set_lr applies it to every group, Muon's scaled from its own peak, so both
+optimizers warm up and decay together. ramp grows a step's batch or sequence length over the first
+steps, in eighths.
 """
 
 from __future__ import annotations

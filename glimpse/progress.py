@@ -98,7 +98,7 @@ class StepLog:
         record = {"iter": run.iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_sec": run.tokens_per_sec,
                   **throughput(run), "train_seconds": self.seconds_before + self.steps_seconds()}  # the x of a speedrun
         if budget_used is not None:
-            record["budget_used"] = budget_used  # the fraction of max_time this step's lr was set from
+            record["budget_used"] = budget_used  # the fraction of max_time spent before this step
         run.tracker.log(record)
         if not math.isfinite(train_loss):
             raise blown_up(f"the training loss became {train_loss}", run)

@@ -68,8 +68,9 @@ class TrainConfig:
     max_iters: int = option(5000, "optimizer steps in total")
     max_time: float = option(
         0.0, "a time budget in seconds of training steps (evals, checkpoints and attention maps are off this clock): "
-        "training stops when it is spent, and the cosine decay follows the fraction used (or the steps' towards "
-        "max_iters, when further along), so the run ends fully decayed; 0: no budget, max_iters and lr_decay_iters rule"
+        "training stops when it is spent, and the cosine decay follows the fraction used (or the fraction of "
+        "max_iters taken, if further along), so the run ends fully decayed; 0: no budget, max_iters and lr_decay_iters "
+        "rule"
     )
     budget_steps_per_s: float = option(
         0.0, "under max_time: the steps per second of training the budget was set for, on the machine it was set on; "

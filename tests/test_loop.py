@@ -338,6 +338,7 @@ def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_pa
         train(tiny_config(data_dir, tmp_path / "max_iters", max_iters=3, max_time=1000.0, budget_steps_per_s=1,
                           eval_interval=10**6, attn_log_interval=0, final_eval=False))
     assert "max_iters=3 ended the run with" in out.getvalue() and "far below" not in out.getvalue()
+    assert "budget spent, still warming up" in out.getvalue()  # its 3 steps are all warmup (10): no decay to speak of
 
 
 def test_ramp_grows_from_a_quarter_to_full_in_eighths():
