@@ -298,7 +298,8 @@ def profile_lines(r: dict, folder: str) -> str:
 
 
 def main(argv: list[str] | None = None):
-    with user_errors(out_of_memory="ask for less: a smaller batch or model in --preset (PATH:batch_size=8)"):
+    with user_errors(out_of_memory="ask for less: a smaller batch or model in --preset (PATH:batch_size=8), "
+                                   "fewer --tokens or --new_tokens"):
         cfg = parse_config(BenchConfig, sys.argv[1:] if argv is None else argv, prog="bench.py",
                            description=__doc__, allow_file=False)
         if cfg.threads:

@@ -333,8 +333,8 @@ def log_to_wandb(state: dict, rows: list[dict]):
 
 
 def main(argv: list[str] | None = None):
-    with user_errors(out_of_memory="ask for a smaller --batch_size (windows per forward pass) or shorter "
-                                   "--lengths"):
+    with user_errors(out_of_memory="ask for less: a smaller --batch_size (windows per forward pass) or shorter "
+                                   "--lengths, or --device=cpu when on a GPU"):
         cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="eval.py",
                            description=__doc__, allow_file=False)
         if cfg.task == "hellaswag" or cfg.head_importance or not cfg.ablate:  # what writes results: found writable

@@ -260,7 +260,8 @@ def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfi
 
 def main(argv: list[str] | None = None):
     try:
-        with user_errors(out_of_memory="ask for a shorter --max_new_tokens, or sample on --device=cpu"):
+        with user_errors(out_of_memory="ask for less: --mechanism=false (its dump holds every head's q, k and v), "
+                                       "a shorter --start, or --device=cpu when on a GPU"):
             cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv,
                                prog="sample.py", description=__doc__, allow_file=False)
             sample(cfg)

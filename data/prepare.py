@@ -292,7 +292,8 @@ def separator_ids(tokenizer: Tokenizer, separator: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None):
-    with user_errors(interrupted="the same command goes on from any shards already finished"):
+    with user_errors(interrupted="the same command goes on from any shards already finished",
+                     out_of_memory="ask for less: fewer --workers (each tokenizes its documents in memory)"):
         cfg = parse_config(
             PrepareConfig, sys.argv[1:] if argv is None else argv,
             prog="data/prepare.py", description=__doc__, allow_file=False,

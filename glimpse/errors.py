@@ -66,11 +66,19 @@ def is_out_of_memory(e: RuntimeError) -> bool:
 def out_of_memory_message(e: MemoryError | RuntimeError, advice: str) -> str:
     """'out of memory: what torch said (its first sentences: the size asked for, the device's); advice'."""
     said = (str(e).strip().splitlines() or [""])[0]
-    said = re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", said)  # the CPU allocator's source line
-    said = " ".join(re.split(r"(?<=\.) (?=[A-Z])", said)[:3])  # CUDA's goes on about fragmentation and settings
-    said = re.sub(r"allocate (\d+) bytes", lambda m: f"allocate {int(m[1]) / 2**30:,.1f} GiB", said)  # the CPU's
+    said = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", said)  # the CPU allocator's source line
+    # torch goes on about fragmentation and settings that lift the device's limit (MPS's "may cause system
+    # failure"): the size asked for and the device's memory are kept, its advice left out
+    sentences = re.split(r"(?<=\.) (?=[A-Z])", said)
+    said = " ".join(s for s in sentences[:3] if not s.startswith(("Use ", "If ", "See ", "Including ", "Process ")))
+    said = re.sub(r"allocate (\d+) bytes", lambda m: f"allocate {size(int(m[1]))}", said)  # the CPU's, in bytes
     said = said.rstrip(".")
-    return f"out of memory{': ' + said if said else ''}; {advice or 'ask for a smaller batch, model or length'}"
+    return f"out of memory{': ' + said if said else ''}; {advice or 'the machine has too little memory for this'}"
+
+
+def size(n_bytes: int) -> str:
+    """'2.5 GiB', '300.0 MiB': a size as people read it."""
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def os_error_message(e: OSError) -> str:

@@ -43,7 +43,7 @@ from glimpse.compiling import (
 )
 from glimpse.config import config_values
 from glimpse.distributed import Distributed, run_device
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, is_out_of_memory
 from glimpse.files import write_text
 from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
 from glimpse.optim import configure_optimizer, get_lr
@@ -202,9 +202,9 @@ class Run:
             try:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
-            except torch.OutOfMemoryError:  # a RuntimeError too, but the run is fine: the device is full
-                raise
             except (RuntimeError, ValueError, KeyError) as e:  # a damaged or hand-edited ckpt.pt
+                if isinstance(e, RuntimeError) and is_out_of_memory(e):  # the run is fine: the device is full
+                    raise
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} does not fit the run it would resume "
                                    f"({why}); start a new run in another --out_dir") from None

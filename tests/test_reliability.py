@@ -348,8 +348,8 @@ def test_asking_for_more_memory_than_the_machine_has_is_one_line_that_says_what_
     cfg, _ = trained  # the Python list of a batch's windows cannot be made
     error = run_main(eval_script.main, [f"--out_dir={cfg.out_dir}", "--lengths=1", "--batch_size=100000000000"],
                      capsys)
-    assert error == ("error: out of memory; ask for a smaller --batch_size (windows per forward pass) or shorter "
-                     "--lengths"), error
+    assert error == ("error: out of memory; ask for less: a smaller --batch_size (windows per forward pass) or "
+                     "shorter --lengths, or --device=cpu when on a GPU"), error
 
 
 def test_a_gpus_out_of_memory_is_one_line_with_torchs_size_and_free_memory_and_other_errors_are_left_alone(capsys):
@@ -369,6 +369,36 @@ def test_a_gpus_out_of_memory_is_one_line_with_torchs_size_and_free_memory_and_o
     with pytest.raises(RuntimeError, match="^mat1 and mat2 shapes cannot be multiplied$"), user_errors():
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # a bug's error keeps its traceback
     assert capsys.readouterr().err == ""
+    # MPS's and Windows' wordings: the sizes kept, torch's advice to lift the device's limit left out
+    from glimpse.errors import out_of_memory_message
+
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: "
+                       "18.13 GB). Tried to allocate 2.00 GB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 "
+                       "to disable upper limit for memory allocations (may cause system failure).")
+    assert out_of_memory_message(mps, "less") == (
+        "out of memory: MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: "
+        "18.13 GB). Tried to allocate 2.00 GB on private pool; less")
+    windows = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 314572800 bytes.")
+    assert out_of_memory_message(windows, "less") == ("out of memory: DefaultCPUAllocator: not enough memory: you "
+                                                      "tried to allocate 300.0 MiB; less")
+    assert out_of_memory_message(MemoryError(), "") == "out of memory; the machine has too little memory for this"
+
+
+def test_a_checkpoint_too_big_for_the_device_is_out_of_memory_not_corrupt(trained, monkeypatch, capsys):
+    """torch.load onto a full GPU raises torch.OutOfMemoryError (a RuntimeError): the loads that call every
+    RuntimeError a damaged file let it through, to the out-of-memory line. (No GPU here: torch.load raises it.)"""
+    cfg, _ = trained
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 3.25 MiB is free. Including non-PyTorch memory, this process "
+                                     "has 79.18 GiB memory in use.")
+
+    monkeypatch.setattr(torch, "load", full)
+    error = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2"], capsys)
+    assert error.startswith("error: out of memory: CUDA out of memory. Tried to allocate 20.00 MiB.") and \
+        "corrupt" not in error and "--mechanism=false" in error, error
 
 
 def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_nothing(tmp_path, data_dir, capsys):
