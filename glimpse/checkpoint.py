@@ -153,7 +153,7 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
                            + ": it is not a glimpse checkpoint, or holds objects besides tensors and plain values; "
                            f"{instead(path)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, RuntimeError) and is_out_of_memory(e):  # a whole file, too big for the device to hold
+        if is_out_of_memory(e):  # a whole file, too big for the device to hold
             raise
         raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); {instead(path)}") from None
     if not isinstance(state, dict):
@@ -192,7 +192,7 @@ def model_from_checkpoint(state: dict, device="cpu") -> GPT:
     try:
         model = GPT.with_weights(GPTConfig(**state["model_config"]), state["model"])
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
-        if isinstance(e, RuntimeError) and is_out_of_memory(e):
+        if is_out_of_memory(e):
             raise
         why = " ".join(line.strip() for line in str(e).splitlines()[:2])[:200]
         raise GlimpseError(f"the checkpoint holds a model this glimpse cannot build ({why}): it is not one a glimpse "

@@ -41,7 +41,7 @@ def user_errors(interrupted: str = "", out_of_memory: str = ""):
         # an OSError is the machine's answer about a path no check foresaw (a full disk, a read-only mount, a name
         # too long, a symlink loop): the user's to fix too, so one line naming the path, not a traceback; so is
         # memory that settings asked for and the machine does not have
-        if isinstance(e, RuntimeError) and not is_out_of_memory(e):
+        if isinstance(e, RuntimeError) and not is_out_of_memory(e):  # a bug's error keeps its traceback
             raise
         message = (str(e) if isinstance(e, GlimpseError) else os_error_message(e) if isinstance(e, OSError)
                    else out_of_memory_message(e, out_of_memory))
@@ -56,11 +56,12 @@ def user_errors(interrupted: str = "", out_of_memory: str = ""):
         raise SystemExit(INTERRUPTED) from None
 
 
-def is_out_of_memory(e: RuntimeError) -> bool:
-    """Whether torch could not allocate: torch.OutOfMemoryError on a GPU (read by name: this module does not import
-    torch), the CPU allocator's RuntimeError, MPS's."""
-    return type(e).__name__ == "OutOfMemoryError" or any(
-        words in str(e) for words in ("DefaultCPUAllocator", "can't allocate memory", "MPS backend out of memory"))
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether e says torch could not allocate: torch.OutOfMemoryError on a GPU (read by name: this module does not
+    import torch), the CPU allocator's RuntimeError, MPS's. Code that takes a RuntimeError for a damaged file asks
+    this first, and lets such an error through to user_errors."""
+    return isinstance(e, RuntimeError) and (type(e).__name__ == "OutOfMemoryError" or any(
+        words in str(e) for words in ("DefaultCPUAllocator", "can't allocate memory", "MPS backend out of memory")))
 
 
 def out_of_memory_message(e: MemoryError | RuntimeError, advice: str) -> str:

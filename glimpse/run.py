@@ -203,7 +203,7 @@ class Run:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:  # a damaged or hand-edited ckpt.pt
-                if isinstance(e, RuntimeError) and is_out_of_memory(e):  # the run is fine: the device is full
+                if is_out_of_memory(e):  # the run is fine: the device is full
                     raise
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} does not fit the run it would resume "
