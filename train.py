@@ -7,6 +7,7 @@ Train a GPT on a prepared dataset, on one CPU/GPU or many through torchrun.
         --batch_size=6 --gradient_accumulation_steps=2     # the same 12 sequences per step, in 2 processes
     torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.toml --init_from=gpt2-xl \
         --fsdp=true     # weights, gradients and AdamW state sharded across the 8 (docs/training.md)
+    python train.py --init_from=resume --out_dir=out-shakespeare-char-cpu   # go on, with the run's own settings
     python train.py config/finetune_shakespeare.toml   # finetune pretrained GPT-2 (--init_from=gpt2)
     python train.py --help              # every key, its default and meaning
 
@@ -45,7 +46,7 @@ from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, report_step
 from glimpse.run import Run, setup
-from glimpse.run_folder import check_start, training_in
+from glimpse.run_folder import check_start, run_settings, training_in
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
@@ -331,7 +332,7 @@ TOO_BIG = ("ask for less: a smaller --batch_size (more --gradient_accumulation_s
 def main(argv: list[str] | None = None):
     with exit_when_done_under_torchrun(), user_errors(out_of_memory=TOO_BIG):
         cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,
-                           prog="train.py", description=__doc__)
+                           prog="train.py", description=__doc__, recorded=run_settings)
         train(cfg)
 
 

@@ -1,5 +1,6 @@
 """
 Typed configs from three layers: dataclass defaults < a TOML file < --key=value flags.
+A script may put recorded settings in place of the defaults (train.py: a resume's, from the run's config.json).
 
 Each script declares one dataclass whose fields carry their own help (`option(default, help)`);
 `parse_config` reads argv into it, parsing every value by its field's type, so that a wrong key or
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import shlex
@@ -21,6 +23,7 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -85,9 +88,11 @@ def config_values(cfg) -> dict[str, Any]:
     return values
 
 
-def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True):
+def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True,
+                 recorded: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
 
+    recorded, when given, maps the values argv sets to settings that stand in for the defaults beneath them.
     Prints help and exits 0 on -h/--help. Raises GlimpseError on anything it cannot use.
     """
     if "-h" in argv or "--help" in argv:
@@ -115,6 +120,8 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
                 raise GlimpseError(f"--{key} needs a value: write --{key}=VALUE")
             raw = "true"  # a bare boolean flag switches it on
         values[key] = parse_value(cls, key, raw)
+    if recorded is not None:
+        values = {**recorded(values), **values}
     return build(cls, values)
 
 
@@ -155,6 +162,21 @@ def read_toml(cls, path: str) -> dict[str, Any]:
         _key(cls, key, where=f" in {path}")
         data[key] = check_value(cls, key, value, where=f" in {path}")
     return data
+
+
+def read_recorded(cls, path: Path, given=()) -> dict[str, Any]:
+    """The settings a config.json holds that config_values wrote, checked as a TOML file's are, but for the keys
+    given (set otherwise). Keys cls no longer has (a record of an older version) are left out: they set nothing."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GlimpseError(f"{path} cannot be read as the settings it records: {e}") from None
+    table = config_keys(cls)
+    try:
+        return {key: check_value(cls, key, value, where=f" in {path}") for key, value in data.items()
+                if key in table and key not in given}
+    except GlimpseError as e:
+        raise GlimpseError(f"{e}: correct the record, or give the setting as a flag") from None
 
 
 def parse_value(cls, key: str, raw: str) -> Any:

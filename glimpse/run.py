@@ -245,7 +245,7 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
 
     data, examples = setup_data(cfg, ddp)
     if cfg.fsdp:
-        check_fsdp(dtype)
+        check_fsdp(dtype, resuming=cfg.init_from == "resume")
     state = None
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
@@ -313,6 +313,11 @@ def resumed(run: Run, saved: dict):
     from the run it resumes (saved: that run's train config)."""
     run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
             + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
+    cfg = run.cfg
+    if run.iter_num >= cfg.max_iters or (cfg.max_time and run.train_seconds >= cfg.max_time):
+        ended = f"max_iters={cfg.max_iters}" if run.iter_num >= cfg.max_iters else f"max_time={cfg.max_time:g} s spent"
+        run.say(f"note: the run had ended there ({ended}), so no step is left to train: raise --max_iters (or "
+                "--max_time) to train on")
     if steps := run.tracker.dropped_steps:
         run.say(f"dropped metrics.jsonl's records of step{'s' if len(steps) > 1 else ''} {steps[0]:,}"
                 + (f" to {steps[-1]:,}" if len(steps) > 1 else "") + ", logged after the checkpoint: the steps from "
@@ -328,8 +333,11 @@ def resumed(run: Run, saved: dict):
         old_id, logged_to = run.tracker.left_wandb_run
         run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, past the checkpoint, and wandb drops a "
                 f"resumed run's steps below its last: this run goes on in a new wandb run, {run.tracker.run_id}")
-    changed = [f"{key} {saved[key]} -> {getattr(run.cfg, key)}" for key in ("eval_iters", "batch_size", "seed")
-               if saved.get(key, getattr(run.cfg, key)) != getattr(run.cfg, key)]
+    now = config_values(run.cfg)  # the dataset's move has a note of its own; the folders are the run's to name
+    if moved := [f"{key} {json.dumps(saved[key])} -> {json.dumps(now[key])}" for key in now if key in saved
+                 and saved[key] != now[key] and key not in ("init_from", "out_dir", "data_dir", "dataset")]:
+        run.say(f"changed since the checkpoint: {', '.join(moved)}")
+    changed = [key for key in ("eval_iters", "batch_size", "seed") if key in saved and saved[key] != now[key]]
     was = Path(saved.get("data_dir", run.cfg.data_dir)) / saved.get("dataset", run.cfg.dataset)
     now = Path(run.cfg.data_dir) / run.cfg.dataset
     if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
@@ -337,8 +345,8 @@ def resumed(run: Run, saved: dict):
                 + (", and best.pt is replaced only by a loss on its validation split below the best so far on the "
                    "other's" if math.isfinite(run.best_val_loss) else ""))
     if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
-        run.say(f"note: {', '.join(changed)} since the checkpoint: the evals now score other batches than the "
-                "best so far was scored on, so best.pt is replaced only by a loss below it on the new ones")
+        run.say(f"note: with {' and '.join(changed)} changed, the evals now score other batches than the best so far "
+                "was scored on, so best.pt is replaced only by a loss below it on the new ones")
 
 
 def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):

@@ -14,11 +14,14 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from glimpse.checkpoint import best_path, checkpoint_path, refuse_run_folder
+from glimpse.config import config_keys, read_recorded
 from glimpse.errors import GlimpseError
 from glimpse.files import missing_folders, remove_empty
 from glimpse.gpt2 import is_hub_name, pretrained_folder
+from glimpse.train_config import TrainConfig
 from model import GPTConfig
 
 
@@ -120,9 +123,22 @@ def is_run_config(path: Path) -> bool:
     return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
 
 
-# a setting that contradicts the checkpoint may come from a flag, a preset or a default the run was not started with
-SAME_SETTINGS = ("resume with the preset and flags the run was started with (its out_dir/config.json lists every "
-                 "setting), or start a new out_dir")
+def run_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """What a resume takes in place of the defaults: the settings the run in its out_dir was started with, as that
+    run's config.json records them (values: those the preset and flags set, which still win). Nothing for any other
+    start, nor for a folder without a run's config.json (check_start says what stops it)."""
+    if values.get("init_from") != "resume":
+        return {}
+    record = Path(values.get("out_dir", config_keys(TrainConfig)["out_dir"].default)) / "config.json"
+    if not is_run_config(record):
+        return {}
+    # the out_dir is the folder it was read from, wherever the run was when it wrote it
+    return read_recorded(TrainConfig, record, given={*values, "out_dir"})
+
+
+# a setting that contradicts the checkpoint comes from a preset or flag given to the resume (or an edited config.json)
+SAME_SETTINGS = ("a resume takes the run's own settings from its out_dir/config.json: leave out the preset or flag "
+                 "that changes this one, or start a new out_dir")
 
 
 def check_resumable(state: dict, path: Path):

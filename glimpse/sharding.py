@@ -33,11 +33,13 @@ from glimpse.errors import GlimpseError
 SHARDED_SLOTS = ("ckpt.dcp/a", "ckpt.dcp/b")  # relative to out_dir: ckpt.pt names the one it goes with
 
 
-def check_fsdp(dtype: torch.dtype):
-    """fsdp=true needs torchrun's process group, and a number format without a loss scaler."""
+def check_fsdp(dtype: torch.dtype, resuming: bool = False):
+    """fsdp=true needs torchrun's process group, and a number format without a loss scaler. A resume takes it from
+    the run's settings, and may go on without it."""
     if not dist.is_initialized():
         raise GlimpseError("fsdp=true shards the model across torchrun's processes: launch train.py with torchrun "
-                           "(torchrun --standalone --nproc_per_node=N train.py ...; N=1 works too)")
+                           "(torchrun --standalone --nproc_per_node=N train.py ...; N=1 works too)"
+                           + ("; or go on unsharded in this process with --fsdp=false" if resuming else ""))
     if dtype == torch.float16:  # dtype=auto on a GPU without bfloat16
         raise GlimpseError("fsdp=true does not support float16 (its loss scaler would skip steps on some processes "
                            "only): use --dtype=float32")

@@ -375,7 +375,7 @@ def test_muon_trains_checkpoints_both_states_and_resumes_exactly(tmp_path, data_
     assert optimizer["muon"]["param_groups"][0]["lr"] == pytest.approx(cfg.muon_lr * fraction)
     assert optimizer["adamw"]["param_groups"][0]["lr"] == get_lr(59, cfg)
     argv = [f"--data_dir={data_dir}", f"--out_dir={cfg.out_dir}", "--dataset=tiny", "--device=cpu", "--n_layer=2",
-            "--n_head=2", "--n_embd=32", "--block_size=32", "--init_from=resume", "--max_iters=70"]
+            "--n_head=2", "--n_embd=32", "--block_size=32", "--init_from=resume", "--max_iters=70", "--optimizer=adamw"]
     assert "optimizer=adamw contradicts the checkpoint's optimizer=muon" in run_main(train_script.main, argv, capsys)
 
 

@@ -101,8 +101,11 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_di
     assert half.returncode == 0, half.stderr
     if how == "fsdp_one_process":
         rest = torchrun(1, *FSDP, *settings, "--init_from=resume")
-    else:
-        rest = python("train.py", *SETTINGS, *settings, "--init_from=resume")
+    else:  # the run's own settings say fsdp=true, which plain Python cannot run: the resume says how to go on
+        refused = python("train.py", *SETTINGS, *settings, "--init_from=resume")
+        assert refused.returncode == 2 and refused.stderr.strip().endswith(
+            "N=1 works too); or go on unsharded in this process with --fsdp=false"), refused.stderr
+        rest = python("train.py", *SETTINGS, *settings, "--init_from=resume", "--fsdp=false")
     assert rest.returncode == 0, rest.stderr
     assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
 

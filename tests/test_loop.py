@@ -185,9 +185,10 @@ def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
                           **change))
         said[name] = out.getvalue()
     assert "resumed from" in said["same"] and "note:" not in said["same"]
-    assert f"note: eval_iters {cfg.eval_iters} -> 2 since the checkpoint: the evals now score other batches" \
-        in said["fewer"]
-    assert f"note: seed {cfg.seed} -> 7 since the checkpoint" in said["seed"]
+    assert "changed since the checkpoint: max_iters 10 -> 11\n" in said["same"]  # the folder named another way is not
+    assert f"changed since the checkpoint: max_iters 10 -> 11, eval_iters {cfg.eval_iters} -> 2\n" in said["fewer"]
+    assert "note: with eval_iters changed, the evals now score other batches" in said["fewer"]
+    assert "note: with seed changed, the evals now score other batches" in said["seed"]
     assert f"note: dataset {Path(data_dir) / 'tiny'} -> {other / 'tiny'} since the checkpoint: the run goes on " \
         "training on another corpus, and best.pt is replaced only by a loss on its validation split" in said["data"]
 
@@ -303,6 +304,9 @@ def test_a_resumed_budget_run_goes_on_from_the_time_it_had_spent(tmp_path, data_
     assert resumed.train_seconds == state["train_seconds"] >= 0.5
     assert resumed.step_lr == state["step_lr"] and resumed.iter_num == state["iter_num"] > 0
     assert resumed.best_val_loss == state["best_val_loss"] < math.inf
+    with redirect_stdout(io.StringIO()) as said:  # the budget spent, a resume has no step left to take
+        setup(replace(cfg, init_from="resume"), Distributed()).tracker.close()
+    assert "note: the run had ended there (max_time=0.5 s spent), so no step is left to train" in said.getvalue()
 
 
 def test_a_run_says_how_many_steps_it_took_in_how_long(tmp_path, data_dir, capsys):

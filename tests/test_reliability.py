@@ -309,7 +309,7 @@ def test_training_input_errors_are_one_line_and_overwrite_nothing(tmp_path, data
     (tmp_path / "upper.txt").write_text(corpus_file.read_text().upper())
     prepare(PrepareConfig(dataset="tiny", input=str(tmp_path / "upper.txt"), data_dir=str(other)))
     assert f"tokenizer does not match dataset {other / 'tiny'}, not the one it was trained on, " \
-        f"{Path(data_dir) / 'tiny'}: resume with the preset" in run_main(
+        f"{Path(data_dir) / 'tiny'}: a resume takes the run's own settings" in run_main(
         train.main, [f"--data_dir={other}", f"--out_dir={out}", *TINY, "--init_from=resume"], capsys)
     assert files_in(out) == files  # nothing was overwritten
     # the run's own dataset, prepared again since from another corpus: said so, not that its flags differ
@@ -591,7 +591,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         ([f"--out_dir={out}", "--init_from=resum"], "--init_from=resum is neither scratch nor resume nor a folder: did "
                                                     "you mean --init_from=resume?"),
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
-         "resume with the preset and flags the run was started with"),
+         "a resume takes the run's own settings from its out_dir/config.json"),
     ]
     for argv, expected in cases:
         assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv
