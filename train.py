@@ -26,6 +26,7 @@ which sample.py and eval.py read).
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import sys
 import time
@@ -131,7 +132,7 @@ def stop_now(run: Run, stop: StopRequest, bar, log: StepLog):
     bar.close()
     signum = stop.signum or signal.SIGTERM  # a process that got no signal itself stops as SIGTERM
     run.say(f"stopped by {signal.Signals(signum).name} at step {run.iter_num}; checkpoint saved: continue with "
-            "--init_from=resume")
+            f"--init_from=resume --out_dir={shlex.quote(run.cfg.out_dir)}")
     raise SystemExit(128 + signum)
 
 

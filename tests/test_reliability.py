@@ -201,7 +201,8 @@ def test_a_signal_in_the_last_steps_eval_stops_before_the_final_eval_with_stderr
         proc.kill()
         proc.wait()
     assert proc.returncode == 130, said
-    assert "stopped by SIGINT at step 0; checkpoint saved" in said and "final val loss" not in said
+    assert f"stopped by SIGINT at step 0; checkpoint saved: continue with --init_from=resume --out_dir={out}\n" \
+        in said and "final val loss" not in said
     assert load_checkpoint(checkpoint_path(out))["iter_num"] == 0
 
 
