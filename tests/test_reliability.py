@@ -23,6 +23,7 @@ import train
 from glimpse.checkpoint import best_path, checkpoint_path, describe, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.runtime import StopRequest
+from model import GPT
 from tests.conftest import REPO, files_in, make_corpus, python, tiny_config
 from tests.test_train import read_metrics
 
@@ -386,7 +387,8 @@ def test_a_gpus_out_of_memory_is_one_line_with_torchs_size_and_free_memory_and_o
     assert out_of_memory_message(MemoryError(), "") == "out of memory; the machine has too little memory for this"
 
 
-def test_a_checkpoint_too_big_for_the_device_is_out_of_memory_not_corrupt(trained, monkeypatch, capsys):
+def test_a_checkpoint_too_big_for_the_device_is_out_of_memory_not_corrupt(trained, tmp_path, monkeypatch,
+                                                                          capsys):
     """torch.load onto a full GPU raises torch.OutOfMemoryError (a RuntimeError): the loads that call every
     RuntimeError a damaged file let it through, to the out-of-memory line. (No GPU here: torch.load raises it.)"""
     cfg, _ = trained
@@ -396,10 +398,25 @@ def test_a_checkpoint_too_big_for_the_device_is_out_of_memory_not_corrupt(traine
                                      "79.19 GiB of which 3.25 MiB is free. Including non-PyTorch memory, this process "
                                      "has 79.18 GiB memory in use.")
 
-    monkeypatch.setattr(torch, "load", full)
-    error = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2"], capsys)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "load", full)
+        error = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2"], capsys)
     assert error.startswith("error: out of memory: CUDA out of memory. Tried to allocate 20.00 MiB.") and \
         "corrupt" not in error and "--mechanism=false" in error, error
+    # read whole, the weights may still not fit where the model is built, or where a resume puts them
+    with monkeypatch.context() as patched:
+        patched.setattr(GPT, "with_weights", full)
+        error = run_main(sample.main, [f"--out_dir={cfg.out_dir}", "--max_new_tokens=2"], capsys)
+    assert error.startswith("error: out of memory: CUDA out of memory.") and "cannot build" not in error, error
+    out = tmp_path / "out"
+    shutil.copytree(cfg.out_dir, out)
+    files = files_in(out)
+    for where in (torch.nn.Module, torch.optim.Optimizer):
+        with monkeypatch.context() as patched:
+            patched.setattr(where, "load_state_dict", full)
+            error = run_main(train.main, ["--init_from=resume", f"--out_dir={out}", "--max_iters=200"], capsys)
+        assert error.startswith("error: out of memory: CUDA out of memory.") and "does not fit" not in error, error
+        assert "--batch_size" in error and files_in(out) == files
 
 
 def test_a_second_run_in_a_folder_a_run_is_training_in_is_refused_and_changes_nothing(tmp_path, data_dir, capsys):
