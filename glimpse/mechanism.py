@@ -50,6 +50,9 @@ class Mechanism:
     scores    (L, H, T, T)  the scores the softmax takes, scaled as the model scales them (ALiBi's penalty
                             added); -inf above the diagonal, where the causal mask puts it
     q, k      (L, H, T, hs) the queries and keys exactly as the scores use them (after qk_norm and rope)
+    q_projected, k_projected (L, H, T, hs) the same before both: W_q x and W_k x (plus their biases), x the
+                            block's normalised input; equal to q and k in a model with neither
+    q_normed, k_normed (L, H, T, hs) after qk_norm, before rope; None in a model without qk_norm
     v         (L, H, T, hs) the values (value embeddings added, under value_embeds)
     context   (L, H, T, hs) each head's context vector per query: weights @ v
     value_out_norm (L, H, T) ||v_j W_O,h||, the size of what head h would move from key j at weight 1
@@ -78,6 +81,10 @@ class Mechanism:
     lens_ids: np.ndarray
     lens_probs: np.ndarray
     head_outputs: np.ndarray = field(repr=False)  # (L, H, T, C): what each head writes into the stream
+    q_projected: np.ndarray = field(repr=False)
+    k_projected: np.ndarray = field(repr=False)
+    q_normed: np.ndarray | None = field(repr=False)
+    k_normed: np.ndarray | None = field(repr=False)
     cut: int = 0
 
     @property
@@ -99,10 +106,12 @@ class Recorder:
     """The Tap trace() hands the model: keeps one text's tensors per layer, as float32 on the CPU."""
 
     def __init__(self):
-        self.attention_steps, self.blocks = [], []
+        self.attention_steps, self.blocks, self.projections = [], [], []
 
-    def attention(self, layer, q, k, v, scores, weights):
+    def attention(self, layer, q, k, v, scores, weights, projected, normed):
         self.attention_steps.append([t[0].float().cpu() for t in (q, k, v, scores, weights)])
+        self.projections.append([t[0].float().cpu() if t is not None else None
+                                 for t in (*projected, *(normed or (None, None)))])
 
     def block(self, layer, x, y, out):
         self.blocks.append([t[0].float().cpu() for t in (x, y, out)])
@@ -128,6 +137,10 @@ def trace(model: GPT, ids, tokens: list[str] | None = None) -> Mechanism:
         lens_ids, lens_probs = logit_lens(model, [recorder.blocks[0][0]] + [b[2] for b in recorder.blocks])
     steps = recorder.attention_steps
     q, k, v, scores, weights = (torch.stack([s[i] for s in steps]) for i in range(5))  # (L, H, T, .) each
+    # (L, H, T, hs) each: c_attn's q and k, then qk_norm's (None without it)
+    q_projected, k_projected, q_normed, k_normed = (
+        torch.stack([p[i] for p in recorder.projections]).numpy() if recorder.projections[0][i] is not None
+        else None for i in range(4))
     T = idx.size(1)
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))  # (L, H, T, T)
     context = torch.stack([b[1] for b in recorder.blocks])  # (L, H, T, hs)
@@ -144,7 +157,8 @@ def trace(model: GPT, ids, tokens: list[str] | None = None) -> Mechanism:
         predicted=predicted.numpy(), logit=raw_logits.gather(1, predicted[:, None])[:, 0].numpy(),
         attribution={name: part.numpy() for name, part in attribution.items()},
         lens_ids=lens_ids.numpy(), lens_probs=lens_probs.numpy(), head_outputs=head_outputs.numpy(),
-        cut=len(ids) - len(window),
+        cut=len(ids) - len(window), q_projected=q_projected, k_projected=k_projected, q_normed=q_normed,
+        k_normed=k_normed,
     )
 
 

@@ -149,11 +149,12 @@ class Trace(Mechanism):
 
     def step(self, layer: int, head: int, query: int) -> dict:
         """One query of one head through the lecture's steps, every number taken from the trace: its query
-        vector and the keys it may see, q . k per key and the scale (None for additive scores, which take no dot
-        product), ALiBi's penalty or None (in additive scores too: the head's network gave scores - penalty),
-        the scores the softmax takes, the weights, the weighted values, the
-        context vector, and the size of what the head moved from each key (moved_norm; top_moved_key the
-        largest)."""
+        vector and the keys it may see, as the scores take them and, before that, as W_q x and W_k x made them
+        (projected) and as qk_norm left them (normed; None without qk_norm; rope rotates them after); q . k per
+        key and the scale (None for additive scores, which take no dot product), ALiBi's penalty or None (in
+        additive scores too: the head's network gave scores - penalty), the scores the softmax takes, the
+        weights, the weighted values, the context vector, and the size of what the head moved from each key
+        (moved_norm; top_moved_key the largest)."""
         n_layer, n_head, T = self.shape
         try:
             layer, head, query = (operator.index(i) for i in (layer, head, query))
@@ -175,7 +176,12 @@ class Trace(Mechanism):
         if c.pos_encoding == "alibi":
             masks = Masks.build(query + 1, 0, "cpu", True, alibi_slopes(n_head))
             penalty = masks.penalty[head, query].numpy() + np.float32(0)  # (query + 1,)
+        normed = self.q_normed is not None
         return {
+            "query_projected": self.q_projected[layer, head, query],
+            "keys_projected": self.k_projected[layer, head, : query + 1],
+            "query_normed": self.q_normed[layer, head, query] if normed else None,
+            "keys_normed": self.k_normed[layer, head, : query + 1] if normed else None,
             "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q if scale else None,
             "dots": dots,
             "scale": scale, "penalty": penalty,

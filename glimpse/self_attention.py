@@ -54,9 +54,11 @@ class Tap(Protocol):
     records them): nothing is computed a second time for it."""
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor,
-                  weights: torch.Tensor):
+                  weights: torch.Tensor, projected: tuple[torch.Tensor, torch.Tensor],
+                  normed: tuple[torch.Tensor, torch.Tensor] | None):
         """q, k (B, nh, T, hs) as the scores use them (after qk_norm and rope), v (B, nh, S, hs); scores
-        (B, nh, T, S) before the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's."""
+        (B, nh, T, S) before the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's. projected:
+        (q, k) as c_attn made them, before qk_norm and rope; normed: after qk_norm, before rope (None without it)."""
         ...
 
     def block(self, layer: int, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor):
@@ -124,8 +126,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        projected, normed = (q, k), None  # what a tap sees of the steps before the scores' q and k
         if self.qk_norm:  # before rope (a rotation keeps norms) and before the cache: cached keys are normalised
             q, k = self.q_norm(q), self.k_norm(k)
+            normed = (q, k)
         if rope is not None:  # rotate by position, so q.k depends on the distance only
             cos, sin = (t.to(q.dtype) for t in rope)  # the turn in q's dtype, which is cheaper
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -136,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             scores = self.scores(q, k) + masks.penalty  # (B, nh, T, S)
             y, weights = attend(scores, v, masks.causal, dropout_p)
             if tap is not None:
-                tap.attention(layer, q, k, v, scores, weights)
+                tap.attention(layer, q, k, v, scores, weights, projected, normed)
             return y, weights if need_weights else None
         # the fused kernel computes exactly what the explicit path does, without the weights
         scale = 1.0 if self.score_kind == "dot" else None  # None: SDPA's own 1/sqrt(hs)

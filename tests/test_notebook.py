@@ -345,6 +345,48 @@ def test_a_runs_step_is_the_lectures_computation_by_hand(variant):
     assert apart and all(s["top_moved_key"] == s["moved_norm"].argmax() for s in apart)
 
 
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"pos_encoding": "rope"},
+                                     {"qk_norm": True, "pos_encoding": "rope", "norm": "rmsnorm"}])
+def test_a_runs_step_gives_q_and_k_as_w_q_x_made_them_before_qk_norm_and_rope(variant):
+    """The lecture's q is W_q x: a step gives that (x the block's normalised input, read off ln_1 by a hook of
+    the test's own), then qk_norm's RMS-normalised times its gain, which rope rotates into the q the scores take:
+    a turn by an angle growing with the position, none at position 0, lengths kept."""
+    model = random_model(**variant)
+    layer, head, query, hs, C = 1, 1, 6, 8, 16
+    seen = []
+    hook = model.gpt.transformer.h[layer].ln_1.register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        run = model.run("kaqbwkaqbw")
+    finally:
+        hook.remove()
+    step = run.step(layer, head, query)
+    x = seen[0][0].double().numpy()  # (T, C)
+    attn = model.gpt.transformer.h[layer].attn
+    w, b = attn.c_attn.weight.detach().double().numpy(), attn.c_attn.bias
+    b = b.detach().double().numpy() if b is not None else np.zeros(3 * C)
+    channels = slice(head * hs, (head + 1) * hs)
+    q = x[query] @ w[:C][channels].T + b[:C][channels]  # (hs,): W_q x
+    keys = x[: query + 1] @ w[C:2 * C][channels].T + b[C:2 * C][channels]  # (query + 1, hs): W_k x
+    np.testing.assert_allclose(step["query_projected"], q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step["keys_projected"], keys, rtol=1e-5, atol=1e-5)
+    if variant.get("qk_norm"):
+        rms = lambda a: np.sqrt((a ** 2).mean(-1, keepdims=True) + 1e-5)  # noqa: E731
+        q = q / rms(q) * attn.q_norm.weight.detach().double().numpy()
+        keys = keys / rms(keys) * attn.k_norm.weight.detach().double().numpy()
+        np.testing.assert_allclose(step["query_normed"], q, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step["keys_normed"], keys, rtol=1e-5, atol=1e-5)
+    else:
+        assert step["query_normed"] is None and step["keys_normed"] is None
+    if variant.get("pos_encoding") == "rope":
+        np.testing.assert_allclose(step["keys"][0], keys[0], rtol=1e-5, atol=1e-5)  # position 0: no turn
+        np.testing.assert_allclose(np.linalg.norm(step["keys"], axis=-1), np.linalg.norm(keys, axis=-1), rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(step["query"]), np.linalg.norm(q), rtol=1e-5)
+        assert np.abs(step["query"] - q).max() > 0.1  # turned
+    else:  # without rope, the scores take them as they are
+        np.testing.assert_allclose(step["query"], q, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step["keys"], keys, rtol=1e-5, atol=1e-5)
+
+
 def test_a_models_loss_is_the_next_token_cross_entropy_by_hand_with_heads_removed():
     """model.loss reads the last block_size + 1 tokens and predicts each from those before it; ablate="1.0"
     removes layer 1's head 0 (an independent way: a copy whose c_proj ignores that head's columns)."""
