@@ -14,7 +14,9 @@ One dump is a folder:
                    over block_size tokens at most). load_layer rebuilds one layer [n_head, T, T]
                    float16 with numpy alone, load_dump all of them [n_layer, n_head, T, T].
                    With the mechanism (sample.py --mechanism, glimpse/mechanism.py), also per layer l,
-                   float32: q_<l>, k_<l>, v_<l> [n_head, T, head_dim]; scores_<l> and head_out_norm_<l>
+                   float32: q_<l>, k_<l>, v_<l> [n_head, T, head_dim] (and, under qk_norm or rope, the
+                   queries before them: q_projected_<l>, W_q x, and under both q_normed_<l>, qk_norm's,
+                   the same shape); scores_<l> and head_out_norm_<l>
                    [n_head, T (T + 1) / 2], packed as the weights are; and for the whole text predicted
                    int32 [T], logit [T], dla_heads [n_layer, n_head, T], dla_embed [T], dla_attn_bias,
                    dla_mlp and dla_skip [n_layer, T], dla_norm_bias [T], lens_ids int32 and lens_probs

@@ -92,6 +92,12 @@ class Mechanism:
         """(L, H, T, T), computed at each use from the weights: moved(layer) holds one layer of it."""
         return self.weights * self.value_out_norm[:, :, None, :]  # (L, H, T, T)
 
+    def query_stages(self) -> dict[str, np.ndarray]:
+        """The queries before the scores took them, at each stage that differs from q, in the model's order:
+        q_projected (W_q x), then q_normed (after qk_norm, when rope rotates it after); none without either."""
+        stages = {"q_projected": self.q_projected, "q_normed": self.q_normed}
+        return {name: a for name, a in stages.items() if a is not None and not np.array_equal(a, self.q)}
+
     def moved(self, layer: int) -> np.ndarray:
         """head_out_norm of one layer, (H, T, T): at GPT-2's 1,024 tokens the whole of it is 600 MB."""
         return self.weights[layer] * self.value_out_norm[layer][:, None, :]
@@ -251,7 +257,8 @@ def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
     for layer in range(mechanism.shape[0]):
         arrays.update({f"q_{layer}": mechanism.q[layer], f"k_{layer}": mechanism.k[layer],
                        f"v_{layer}": mechanism.v[layer], f"scores_{layer}": packed(mechanism.scores[layer]),
-                       f"head_out_norm_{layer}": packed(mechanism.moved(layer))})
+                       f"head_out_norm_{layer}": packed(mechanism.moved(layer)),
+                       **{f"{name}_{layer}": stage[layer] for name, stage in mechanism.query_stages().items()}})
     arrays.update({"predicted": mechanism.predicted.astype(np.int32), "logit": mechanism.logit,
                    **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
                    "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
@@ -259,8 +266,9 @@ def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
 
 
 def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
-    """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs); scores
-    (L, H, T, T), -inf above the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
+    """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs) and the query's
+    stages the dump holds (q_projected, q_normed: see Mechanism.query_stages); scores (L, H, T, T), -inf above
+    the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
     lens_ids, lens_probs; the attribution's parts as attribution_<part>. A KeyError names a dump written
     without --mechanism."""
     with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
@@ -268,6 +276,8 @@ def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
             raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
         T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
         out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
+        out.update({name: np.stack([z[f"{name}_{layer}"] for layer in range(L)])
+                    for name in ("q_projected", "q_normed") if f"{name}_0" in z.files})
         for name, above in (("scores", -np.inf), ("head_out_norm", 0.0)):
             out[name] = unpacked(np.stack([z[f"{name}_{layer}"] for layer in range(L)]), T, above)
         for name in ("predicted", "logit", "lens_ids", "lens_probs"):

@@ -189,9 +189,10 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
 
     mechanism.layers[l] is base64 of zlib of layer l's numbers, in this order: q, k, v (H, T, hs) each,
     for additive attention only the scores' lower triangle (H, T (T + 1) / 2) packed as the weights are,
-    and value_out_norm (H, T). With bits 16 they are float16, all high bytes and then all low bytes (the
-    high bytes deflate well, the low ones hardly, and mixed they deflate poorly); with bits 32, float32
-    as they are. The page computes the rest itself, as the lecture does: q.k, the softmax, the context
+    value_out_norm (H, T), and the query's stages before qk_norm and rope that q_stages names (H, T, hs)
+    each. With bits 16 they are float16, all high bytes and then all low bytes (the high bytes deflate
+    well, the low ones hardly, and mixed they deflate poorly); with bits 32, float32 as they are. The page
+    computes the rest itself, as the lecture does: q.k, the softmax, the context
     vector and what each key moved (weight x value_out_norm). A dot-product model's scores it takes from
     q.k (scaled, plus ALiBi's -slope x distance from alibi_slopes), so that the scaled q.k and the score it
     shows are one number, and the page does not carry them: at T tokens they are T (T + 1) / 2 numbers a
@@ -212,8 +213,10 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
     def scores(layer: int) -> list[np.ndarray]:  # the page computes a dot-product model's scores from q.k
         return [packed(mechanism.scores[layer])] if attn_score == "additive" else []
 
+    stages = mechanism.query_stages()  # the queries before qk_norm and rope, where the model has them
     per_layer = [[mechanism.q[layer], mechanism.k[layer], mechanism.v[layer], *scores(layer),
-                  mechanism.value_out_norm[layer]] for layer in range(L)]
+                  mechanism.value_out_norm[layer], *(stage[layer] for stage in stages.values())]
+                 for layer in range(L)]
     # float16 holds numbers up to 65504: a model whose queries or scores grow past that travels in float32
     fits = all(np.abs(a).max(initial=0.0) < 65000 for arrays in per_layer for a in arrays)
     layers = [deflated_base64(half_planes(arrays) if fits else
@@ -241,6 +244,7 @@ def packed_mechanism(mechanism, shape: tuple, meta: dict,
             # the logit the attribution splits is the one before this cap: the page shows both
             "logit_softcap": float(config.get("logit_softcap") or 0.0),
             "head_dim": int(mechanism.q.shape[-1]),
+            "q_stages": list(stages),
             "bits": 16 if fits else 32,
             "layers": layers,
             "globals": deflated_base64(packed_globals, level=6),

@@ -218,7 +218,8 @@ def test_a_mechanism_dump_reads_back_with_numpy_as_traced(tmp_path):
     dump_text(model, Letters(), ids, 4, {"test": True}, tmp_path / "d", pngs=False, mechanism=True)
     got, dumped, weights = trace(model, ids), load_mechanism(tmp_path / "d"), load_dump(tmp_path / "d")
     assert int(weights["cut"]) == 3 and int(weights["prompt_len"]) == 1
-    for key in ("q", "k", "v", "scores", "head_out_norm", "predicted", "logit", "lens_ids", "lens_probs"):
+    for key in ("q", "k", "v", "scores", "head_out_norm", "predicted", "logit", "lens_ids", "lens_probs",
+                "q_projected", "q_normed"):  # the modern model's queries before qk_norm and rope too
         close(dumped[key], getattr(got, key), tol=1e-6)
     for part, value in got.attribution.items():
         close(dumped[f"attribution_{part}"], value, tol=1e-6)
@@ -227,6 +228,8 @@ def test_a_mechanism_dump_reads_back_with_numpy_as_traced(tmp_path):
 
 
 def test_a_dump_without_the_mechanism_says_so(tmp_path):
+    dump_text(model_of("gpt2"), Letters(), list(range(5)), 2, {}, tmp_path / "c", pngs=False, mechanism=True)
+    assert "q_projected" not in load_mechanism(tmp_path / "c")  # GPT-2's queries are W_q x as the scores take them
     dump_text(model_of("gpt2"), Letters(), list(range(5)), 2, {}, tmp_path / "d", pngs=False)
     with pytest.raises(KeyError, match="--mechanism"):
         load_mechanism(tmp_path / "d")

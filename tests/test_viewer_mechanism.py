@@ -726,6 +726,23 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
         assert "W_q·x alone" in origin
     else:
         assert "RMS" not in origin and "position embeddings" in origin  # learned: positions came in the input
+    # and the query at each stage before the scores took it: W_q·x, then qk_norm's where RoPE turns it after
+    stages = page.eval_on_selector_all("li.stage", "items => items.map((li) => [li.dataset.stage, "
+                                       "li.querySelector('.strip').title, li.textContent])")
+    expected = {2: ["q_projected", "q_normed"], 1: ["q_projected"], 0: []}[len(variant)]
+    assert [name for name, _, _ in stages] == expected
+    mechanism = traced[0]
+    for name, title, text in stages:
+        values = getattr(mechanism, name)[0, 0, 5]
+        shown = [float(x.replace("−", "-")) for x in title.split(": ")[1].split()]
+        np.testing.assert_allclose(shown, values, atol=0.006 + 2e-3 * np.abs(values).max())  # float16, 2 places
+        length = float(text.rsplit("length ", 1)[1].replace("−", "-"))
+        norm = float(np.linalg.norm(values))
+        assert length == pytest.approx(norm, abs=0.002 + 2e-3 * norm)
+    if variant.get("pos_encoding") == "rope":  # a turn keeps the length qk_norm (or the projection) gave
+        last = getattr(mechanism, expected[-1])[0, 0, 5]
+        query = page.inner_text("#steps li:has(.strip[title^='q_5'])")
+        assert float(query.rsplit("length ", 1)[1]) == pytest.approx(float(np.linalg.norm(last)), abs=0.01)
     assert errors == []
     page.close()
 
