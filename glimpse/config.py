@@ -1,6 +1,6 @@
 """
 Typed configs from three layers: dataclass defaults < a TOML file < --key=value flags.
-A script may put recorded settings in place of the defaults (train.py: a resume's, from the run's config.json).
+A script may put recorded settings above the file's (train.py: a resume's, those its checkpoint was saved with).
 
 Each script declares one dataclass whose fields carry their own help (`option(default, help)`);
 `parse_config` reads argv into it, parsing every value by its field's type, so that a wrong key or
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import shlex
@@ -89,22 +88,24 @@ def config_values(cfg) -> dict[str, Any]:
 
 
 def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True,
-                 recorded: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 recorded: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None):
     """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
 
-    recorded, when given, maps the values argv sets to settings that stand in for the defaults beneath them.
-    Prints help and exits 0 on -h/--help. Raises GlimpseError on anything it cannot use.
+    recorded, when given, maps (the file's values, the flags') to settings that go between the two: above the
+    defaults and the file, below the flags. Prints help and exits 0 on -h/--help. Raises GlimpseError on anything
+    it cannot use.
     """
     if "-h" in argv or "--help" in argv:
         print(config_help(cls, prog, description, allow_file))
         raise SystemExit(0)
-    values: dict[str, Any] = {}
+    preset: dict[str, Any] = {}
+    values: dict[str, Any] = {}  # the flags'
     flags: list[str] = []
     for arg in argv:
         if arg.startswith("--"):
             flags.append(arg)
-        elif allow_file and not flags and not values:
-            values.update(read_toml(cls, arg))
+        elif allow_file and not flags and not preset:
+            preset = read_toml(cls, arg)
         else:
             where = "before any --key=value flag" if allow_file else "here"
             raise GlimpseError(
@@ -120,9 +121,7 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
                 raise GlimpseError(f"--{key} needs a value: write --{key}=VALUE")
             raw = "true"  # a bare boolean flag switches it on
         values[key] = parse_value(cls, key, raw)
-    if recorded is not None:
-        values = {**recorded(values), **values}
-    return build(cls, values)
+    return build(cls, {**preset, **(recorded(preset, values) if recorded is not None else {}), **values})
 
 
 def build(cls, values: dict[str, Any]):
@@ -164,19 +163,15 @@ def read_toml(cls, path: str) -> dict[str, Any]:
     return data
 
 
-def read_recorded(cls, path: Path, given=()) -> dict[str, Any]:
-    """The settings a config.json holds that config_values wrote, checked as a TOML file's are, but for the keys
+def recorded_values(cls, data: dict, where: str, given=()) -> dict[str, Any]:
+    """The settings config_values recorded (a dict of key: value), checked as a TOML file's are, but for the keys
     given (set otherwise). Keys cls no longer has (a record of an older version) are left out: they set nothing."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise GlimpseError(f"{path} cannot be read as the settings it records: {e}") from None
     table = config_keys(cls)
     try:
-        return {key: check_value(cls, key, value, where=f" in {path}") for key, value in data.items()
+        return {key: check_value(cls, key, value, where=f" in {where}") for key, value in data.items()
                 if key in table and key not in given}
     except GlimpseError as e:
-        raise GlimpseError(f"{e}: correct the record, or give the setting as a flag") from None
+        raise GlimpseError(f"{e}: give the setting as a flag") from None
 
 
 def parse_value(cls, key: str, raw: str) -> Any:

@@ -51,8 +51,9 @@ class Mechanism:
                             added); -inf above the diagonal, where the causal mask puts it
     q, k      (L, H, T, hs) the queries and keys exactly as the scores use them (after qk_norm and rope)
     q_projected, k_projected (L, H, T, hs) the same before both: W_q x and W_k x (plus their biases), x the
-                            block's normalised input; equal to q and k in a model with neither
-    q_normed, k_normed (L, H, T, hs) after qk_norm, before rope; None in a model without qk_norm
+                            block's normalised input; None in a model with neither (q and k are them)
+    q_normed, k_normed (L, H, T, hs) after qk_norm, before rope; None without qk_norm, or without rope after it
+                            (q and k are them)
     v         (L, H, T, hs) the values (value embeddings added, under value_embeds)
     context   (L, H, T, hs) each head's context vector per query: weights @ v
     value_out_norm (L, H, T) ||v_j W_O,h||, the size of what head h would move from key j at weight 1
@@ -93,10 +94,10 @@ class Mechanism:
         return self.weights * self.value_out_norm[:, :, None, :]  # (L, H, T, T)
 
     def query_stages(self) -> dict[str, np.ndarray]:
-        """The queries before the scores took them, at each stage that differs from q, in the model's order:
+        """The queries before the scores took them, at each stage the model has before q, in its order:
         q_projected (W_q x), then q_normed (after qk_norm, when rope rotates it after); none without either."""
         stages = {"q_projected": self.q_projected, "q_normed": self.q_normed}
-        return {name: a for name, a in stages.items() if a is not None and not np.array_equal(a, self.q)}
+        return {name: a for name, a in stages.items() if a is not None}
 
     def moved(self, layer: int) -> np.ndarray:
         """head_out_norm of one layer, (H, T, T): at GPT-2's 1,024 tokens the whole of it is 600 MB."""
@@ -116,8 +117,10 @@ class Recorder:
 
     def attention(self, layer, q, k, v, scores, weights, projected, normed):
         self.attention_steps.append([t[0].float().cpu() for t in (q, k, v, scores, weights)])
-        self.projections.append([t[0].float().cpu() if t is not None else None
-                                 for t in (*projected, *(normed or (None, None)))])
+        # a stage the model does not have is q and k themselves, the same tensors: kept once, as q and k
+        stages = [projected if projected[0] is not q else None, normed if normed and normed[0] is not q else None]
+        self.projections.append([t[0].float().cpu() if pair is not None else None
+                                 for pair in stages for t in (pair or (None, None))])
 
     def block(self, layer, x, y, out):
         self.blocks.append([t[0].float().cpu() for t in (x, y, out)])

@@ -176,12 +176,17 @@ class Trace(Mechanism):
         if c.pos_encoding == "alibi":
             masks = Masks.build(query + 1, 0, "cpu", True, alibi_slopes(n_head))
             penalty = masks.penalty[head, query].numpy() + np.float32(0)  # (query + 1,)
-        normed = self.q_normed is not None
+        # a stage the trace did not keep is the next one itself: W_q x is q without qk_norm and rope, and
+        # qk_norm's is q without rope after it
+        q_projected = self.q_projected if self.q_projected is not None else self.q
+        k_projected = self.k_projected if self.k_projected is not None else self.k
+        q_normed = (self.q_normed if self.q_normed is not None else self.q) if c.qk_norm else None
+        k_normed = (self.k_normed if self.k_normed is not None else self.k) if c.qk_norm else None
         return {
-            "query_projected": self.q_projected[layer, head, query],
-            "keys_projected": self.k_projected[layer, head, : query + 1],
-            "query_normed": self.q_normed[layer, head, query] if normed else None,
-            "keys_normed": self.k_normed[layer, head, : query + 1] if normed else None,
+            "query_projected": q_projected[layer, head, query],
+            "keys_projected": k_projected[layer, head, : query + 1],
+            "query_normed": q_normed[layer, head, query] if c.qk_norm else None,
+            "keys_normed": k_normed[layer, head, : query + 1] if c.qk_norm else None,
             "query": q, "keys": keys, "tokens": self.tokens[: query + 1], "q_times_k": keys * q if scale else None,
             "dots": dots,
             "scale": scale, "penalty": penalty,

@@ -16,8 +16,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from glimpse.checkpoint import best_path, checkpoint_path, refuse_run_folder
-from glimpse.config import config_keys, read_recorded
+from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, refuse_run_folder
+from glimpse.config import config_keys, recorded_values
 from glimpse.errors import GlimpseError
 from glimpse.files import missing_folders, remove_empty
 from glimpse.gpt2 import is_hub_name, pretrained_folder
@@ -123,22 +123,28 @@ def is_run_config(path: Path) -> bool:
     return isinstance(values, dict) and {"init_from", "max_iters", "out_dir"} <= values.keys()
 
 
-def run_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """What a resume takes in place of the defaults: the settings the run in its out_dir was started with, as that
-    run's config.json records them (values: those the preset and flags set, which still win). Nothing for any other
-    start, nor for a folder without a run's config.json (check_start says what stops it)."""
-    if values.get("init_from") != "resume":
+def run_settings(preset: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """What a resume takes above the defaults and a preset, below its flags: the settings of the run in out_dir
+    as its ckpt.pt was saved with them (what config.json lists, unless a later start that saved no checkpoint
+    rewrote it). Nothing for any other start, nor for a folder without a readable checkpoint (check_start and
+    the resume's load say what is wrong with it)."""
+    given = {**preset, **flags}
+    if given.get("init_from") != "resume":
         return {}
-    record = Path(values.get("out_dir", config_keys(TrainConfig)["out_dir"].default)) / "config.json"
-    if not is_run_config(record):
+    path = checkpoint_path(given.get("out_dir", config_keys(TrainConfig)["out_dir"].default))
+    try:
+        saved = load_checkpoint(path, mmap=True).get("train_config")  # mapped: the tensors are not read
+    except GlimpseError:
         return {}
-    # the out_dir is the folder it was read from, wherever the run was when it wrote it
-    return read_recorded(TrainConfig, record, given={*values, "out_dir"})
+    if not isinstance(saved, dict):
+        return {}
+    # the folder is the one it was read from, wherever the run was; the start is a resume, whatever the run's was
+    return recorded_values(TrainConfig, saved, f"{path}'s settings", given={*flags, "out_dir", "init_from"})
 
 
-# a setting that contradicts the checkpoint comes from a preset or flag given to the resume (or an edited config.json)
-SAME_SETTINGS = ("a resume takes the run's own settings from its out_dir/config.json: leave out the preset or flag "
-                 "that changes this one, or start a new out_dir")
+# a setting that contradicts the checkpoint comes from a flag given to the resume
+SAME_SETTINGS = ("a resume takes the run's own settings, those its checkpoint was saved with (out_dir/config.json "
+                 "lists them): leave out the flag that changes this one, or start a new out_dir")
 
 
 def check_resumable(state: dict, path: Path):

@@ -58,7 +58,8 @@ class Tap(Protocol):
                   normed: tuple[torch.Tensor, torch.Tensor] | None):
         """q, k (B, nh, T, hs) as the scores use them (after qk_norm and rope), v (B, nh, S, hs); scores
         (B, nh, T, S) before the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's. projected:
-        (q, k) as c_attn made them, before qk_norm and rope; normed: after qk_norm, before rope (None without it)."""
+        (q, k) as c_attn made them, before qk_norm and rope; normed: after qk_norm, before rope (None without it).
+        Both cover this forward's T positions: with a KV cache (which trace() does not use), k also holds the past."""
         ...
 
     def block(self, layer: int, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor):

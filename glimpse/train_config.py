@@ -1,8 +1,8 @@
 """
 TrainConfig: every key of a training run, with its default and the help that train.py --help shows.
 
-Precedence is defaults < a TOML preset < --key=value (glimpse/config.py), a resume's recorded settings (the
-run's config.json, glimpse/run_folder.py) standing in for the defaults; the model's keys are
+Precedence is defaults < a TOML preset < --key=value (glimpse/config.py); a resume's recorded settings (those
+its checkpoint was saved with, glimpse/run_folder.py) go above the preset, below the flags; the model's keys are
 model.py's GPTConfig, set by their own names (--n_layer=4). A config that cannot run is refused here,
 before any data or model is touched.
 """
@@ -27,11 +27,11 @@ class TrainConfig:
                           "data/prepare.py writes); a built-in one is prepared on first use")
     data_dir: str = option("data", "folder that holds one sub-folder per dataset")
     init_from: str = option(
-        "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt, with the run's own "
-        "settings (out_dir/config.json) in place of the defaults; gpt2, gpt2-medium, gpt2-large, gpt2-xl (from the "
-        "Hugging Face Hub or its cache; a folder of that name holding a Hugging Face "
-        "model wins), or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: finetune pretrained "
-        "GPT-2 (its shape; of the model keys only block_size, at most 1024, and dropout apply)"
+        "scratch", "scratch: a new model of the model keys; resume: continue out_dir/ckpt.pt, with the settings it was "
+        "saved with (out_dir/config.json lists them) above the defaults and a preset, below the flags; gpt2, "
+        "gpt2-medium, gpt2-large, gpt2-xl (from the Hugging Face Hub or its cache; a folder of that name holding a "
+        "Hugging Face model wins), or a folder holding a Hugging Face GPT-2 config.json and model.safetensors: "
+        "finetune pretrained GPT-2 (its shape; of the model keys only block_size, at most 1024, and dropout apply)"
     )
     # where it runs
     device: Device = device_option()

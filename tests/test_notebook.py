@@ -360,6 +360,10 @@ def test_a_runs_step_gives_q_and_k_as_w_q_x_made_them_before_qk_norm_and_rope(va
     finally:
         hook.remove()
     step = run.step(layer, head, query)
+    qk_norm, rope = variant.get("qk_norm", False), variant.get("pos_encoding") == "rope"
+    # a stage the model does not have is q and k themselves, kept once
+    assert (run.q_projected is None) == (run.k_projected is None) == (not qk_norm and not rope)
+    assert (run.q_normed is None) == (run.k_normed is None) == (not (qk_norm and rope))
     x = seen[0][0].double().numpy()  # (T, C)
     attn = model.gpt.transformer.h[layer].attn
     w, b = attn.c_attn.weight.detach().double().numpy(), attn.c_attn.bias

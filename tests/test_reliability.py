@@ -609,7 +609,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         ([f"--out_dir={out}", "--init_from=resum"], "--init_from=resum is neither scratch nor resume nor a folder: did "
                                                     "you mean --init_from=resume?"),
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
-         "a resume takes the run's own settings from its out_dir/config.json"),
+         "a resume takes the run's own settings, those its checkpoint was saved with"),
     ]
     for argv, expected in cases:
         assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv

@@ -31,7 +31,7 @@ from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
 from model import GPTConfig
 from sample import SampleConfig, sample
-from tests.conftest import CLOCKED, Terminal, python, tiny_config, train_config
+from tests.conftest import CLOCKED, Terminal, files_in, python, tiny_config, train_config
 from train import TrainConfig, train
 from train import main as train_main
 
@@ -225,9 +225,10 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
 
 
 def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_path, data_dir, monkeypatch, capsys):
-    """A resume needs neither the preset nor the flags the run was started with: its config.json stands in for the
-    defaults. Settings far from them (a preset's and flags' model, schedule, dropout) come back exactly, a flag given
-    to the resume still wins, and one that contradicts the checkpoint is refused with nothing changed."""
+    """A resume needs neither the preset nor the flags the run was started with: the settings its checkpoint was
+    saved with stand above the defaults and a preset. Settings far from the defaults (a preset's and flags' model,
+    schedule, dropout) come back exactly, whatever a later start wrote into config.json; a flag given to the resume
+    still wins, and one that contradicts the checkpoint is refused with nothing changed."""
     preset = tmp_path / "preset.toml"
     preset.write_text('dataset = "tiny"\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\ndropout = 0.1\n')
     flags = [str(preset), f"--data_dir={data_dir}", "--device=cpu", "--dtype=float32", "--batch_size=16",
@@ -237,8 +238,12 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
     monkeypatch.chdir(tmp_path)
     train_main([*flags, "--out_dir=first", "--max_iters=40"])
     Path("first").rename("out")  # moved to where a resume with no --out_dir looks: the record's out_dir is not used
+    record = tmp_path / "out" / "config.json"  # as a start that stopped before its first checkpoint rewrites it
+    record.write_text(json.dumps({**json.loads(record.read_text()), "batch_size": 64, "learning_rate": 1.0}))
+    other = tmp_path / "other.toml"  # a preset given to the resume sets only what the run's settings lack
+    other.write_text('init_from = "resume"\nlearning_rate = 0.5\neval_iters = 1\n')
     capsys.readouterr()
-    train_main(["--init_from=resume", "--max_iters=60"])
+    train_main([str(other), "--max_iters=60"])
     said = capsys.readouterr().out
     assert "resumed from out/ckpt.pt at step 40" in said
     assert "changed since the checkpoint: max_iters 40 -> 60\n" in said
@@ -249,23 +254,26 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
     train_main(["--init_from=resume"])  # at max_iters: nothing left to train, which it says
     assert "note: the run had ended there (max_iters=60), so no step is left to train: raise --max_iters (or " \
         "--max_time) to train on\n" in capsys.readouterr().out
-    record = tmp_path / "out" / "config.json"  # as a version whose key this one no longer has wrote it
-    record.write_text(json.dumps({**json.loads(record.read_text()), "retired_key": 1}))
+    path = tmp_path / "out" / "ckpt.pt"  # as a version whose key this one no longer has saved it
+    state = load_checkpoint(path)
+    save_checkpoint(path, {**state, "train_config": {**state["train_config"], "retired_key": 1}})
     train_main(["--init_from=resume", "--max_iters=70", "--eval_interval=5"])  # a flag given wins over the record
     assert [r["iter"] for r in read_metrics(tmp_path / "out") if "val_loss" in r][-3:] == [60, 65, 70]
-    files = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    files = files_in(tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--init_from=resume", "--max_iters=80", "--n_layer=3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(
-        "error: n_layer=3 contradicts the checkpoint's n_layer=2; a resume takes the run's own settings from its "
-        "out_dir/config.json: leave out the preset or flag that changes this one, or start a new out_dir")
-    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
-    record.write_text(json.dumps({**json.loads(record.read_text()), "n_layer": "two"}))
+        "error: n_layer=3 contradicts the checkpoint's n_layer=2; a resume takes the run's own settings, those its "
+        "checkpoint was saved with (out_dir/config.json lists them): leave out the flag that changes this one, or "
+        "start a new out_dir")
+    assert files_in(tmp_path / "out") == files
+    state = load_checkpoint(path)
+    save_checkpoint(path, {**state, "train_config": {**state["train_config"], "n_layer": "two"}})
     with pytest.raises(SystemExit):
         train_main(["--init_from=resume", "--max_iters=80"])
-    assert capsys.readouterr().err.strip().endswith("error: n_layer in out/config.json must be integer, got 'two': "
-                                                    "correct the record, or give the setting as a flag")
+    assert capsys.readouterr().err.strip().endswith("error: n_layer in out/ckpt.pt's settings must be integer, got "
+                                                    "'two': give the setting as a flag")
     train_main(["--init_from=resume", "--max_iters=75", "--n_layer=2"])  # as the error says
     assert read_metrics(tmp_path / "out")[-1]["iter"] == 75
 

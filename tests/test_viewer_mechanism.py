@@ -729,7 +729,8 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
     # and the query at each stage before the scores took it: W_q·x, then qk_norm's where RoPE turns it after
     stages = page.eval_on_selector_all("li.stage", "items => items.map((li) => [li.dataset.stage, "
                                        "li.querySelector('.strip').title, li.textContent])")
-    expected = {2: ["q_projected", "q_normed"], 1: ["q_projected"], 0: []}[len(variant)]
+    qk_norm, rope = variant.get("qk_norm", False), variant.get("pos_encoding") == "rope"
+    expected = ["q_projected"] * (qk_norm or rope) + ["q_normed"] * (qk_norm and rope)
     assert [name for name, _, _ in stages] == expected
     mechanism = traced[0]
     for name, title, text in stages:
