@@ -82,8 +82,8 @@ class Mechanism:
     lens_ids: np.ndarray
     lens_probs: np.ndarray
     head_outputs: np.ndarray = field(repr=False)  # (L, H, T, C): what each head writes into the stream
-    q_projected: np.ndarray = field(repr=False)
-    k_projected: np.ndarray = field(repr=False)
+    q_projected: np.ndarray | None = field(repr=False)  # None where the model has no such step: see above
+    k_projected: np.ndarray | None = field(repr=False)
     q_normed: np.ndarray | None = field(repr=False)
     k_normed: np.ndarray | None = field(repr=False)
     cut: int = 0
@@ -146,7 +146,7 @@ def trace(model: GPT, ids, tokens: list[str] | None = None) -> Mechanism:
         lens_ids, lens_probs = logit_lens(model, [recorder.blocks[0][0]] + [b[2] for b in recorder.blocks])
     steps = recorder.attention_steps
     q, k, v, scores, weights = (torch.stack([s[i] for s in steps]) for i in range(5))  # (L, H, T, .) each
-    # (L, H, T, hs) each: c_attn's q and k, then qk_norm's (None without it)
+    # (L, H, T, hs) each: c_attn's q and k, then qk_norm's (None where the model has no such step before q and k)
     q_projected, k_projected, q_normed, k_normed = (
         torch.stack([p[i] for p in recorder.projections]).numpy() if recorder.projections[0][i] is not None
         else None for i in range(4))

@@ -333,11 +333,12 @@ def resumed(run: Run, saved: dict):
         old_id, logged_to = run.tracker.left_wandb_run
         run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, past the checkpoint, and wandb drops a "
                 f"resumed run's steps below its last: this run goes on in a new wandb run, {run.tracker.run_id}")
-    now = config_values(run.cfg)  # the dataset's move has a note of its own; the folders are the run's to name
-    if moved := [f"{key} {json.dumps(saved[key])} -> {json.dumps(now[key])}" for key in now if key in saved
-                 and saved[key] != now[key] and key not in ("init_from", "out_dir", "data_dir", "dataset")]:
+    settings = config_values(run.cfg)
+    named_apart = ("init_from", "out_dir", "data_dir", "dataset")  # the dataset's move has a note of its own
+    if moved := [f"{key} {json.dumps(saved[key])} -> {json.dumps(value)}" for key, value in settings.items()
+                 if key in saved and saved[key] != value and key not in named_apart]:
         run.say(f"changed since the checkpoint: {', '.join(moved)}")
-    changed = [key for key in ("eval_iters", "batch_size", "seed") if key in saved and saved[key] != now[key]]
+    changed = [key for key in ("eval_iters", "batch_size", "seed") if key in saved and saved[key] != settings[key]]
     was = Path(saved.get("data_dir", run.cfg.data_dir)) / saved.get("dataset", run.cfg.dataset)
     now = Path(run.cfg.data_dir) / run.cfg.dataset
     if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
