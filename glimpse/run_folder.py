@@ -156,6 +156,10 @@ def check_resumable(state: dict, path: Path):
         raise GlimpseError(f"{path} holds weights without the training state a resume needs (no "
                            f"{', '.join(missing)}): it is a best.pt or an export, not a ckpt.pt; start a new run in "
                            "another --out_dir")
+    if not isinstance(state["train_config"], dict):  # what every check of a resume reads the run's settings from
+        raise GlimpseError(f"{path} holds its run's settings as {type(state['train_config']).__name__}, not the "
+                           "table a run saves: it was edited or written by another program; start a new run in "
+                           "another --out_dir")
 
 
 def check_steps_left(state: dict, max_iters: int):

@@ -581,6 +581,9 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
     state = torch.load(checkpoint_path(damaged), weights_only=True)
     state["optimizer"]["param_groups"].pop()
     torch.save(state, checkpoint_path(damaged))
+    edited = shutil.copytree(out, tmp_path / "edited")  # its settings no longer a table
+    state = torch.load(checkpoint_path(edited), weights_only=True)
+    torch.save({**state, "train_config": ["n_layer", 1]}, checkpoint_path(edited))
     hf = tmp_path / "hf"
     export.main([f"--out_dir={out}", f"--to={hf}"])
     foreign = tmp_path / "foreign"
@@ -610,6 +613,7 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
                                                     "you mean --init_from=resume?"),
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
          "a resume takes the run's own settings, those its checkpoint was saved with"),
+        ([f"--out_dir={edited}", "--init_from=resume"], "holds its run's settings as list, not the table a run saves"),
     ]
     for argv, expected in cases:
         assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv
