@@ -737,13 +737,13 @@ def test_the_recipe_says_what_q_and_k_went_through_before_the_dot_product_in_chr
         values = getattr(mechanism, name)[0, 0, 5]
         shown = [float(x.replace("−", "-")) for x in title.split(": ")[1].split()]
         np.testing.assert_allclose(shown, values, atol=0.006 + 2e-3 * np.abs(values).max())  # float16, 2 places
-        length = float(text.rsplit("length ", 1)[1].replace("−", "-"))
+        length = float(text.rsplit("length ", 1)[1].split()[0].replace("−", "-"))
         norm = float(np.linalg.norm(values))
         assert length == pytest.approx(norm, abs=0.002 + 2e-3 * norm)
     if variant.get("pos_encoding") == "rope":  # a turn keeps the length qk_norm (or the projection) gave
         last = getattr(mechanism, expected[-1])[0, 0, 5]
         query = page.inner_text("#steps li:has(.strip[title^='q_5'])")
-        assert float(query.rsplit("length ", 1)[1]) == pytest.approx(float(np.linalg.norm(last)), abs=0.01)
+        assert float(query.rsplit("length ", 1)[1].split()[0]) == pytest.approx(float(np.linalg.norm(last)), abs=0.01)
     assert errors == []
     page.close()
 
