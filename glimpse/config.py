@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -92,8 +93,8 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
     """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
 
     recorded, when given, maps (the file's values, the flags') to settings that go between the two: above the
-    defaults and the file, below the flags. Prints help and exits 0 on -h/--help. Raises GlimpseError on anything
-    it cannot use.
+    defaults and the file, below the flags; an error that names a recorded key says it was recorded (the user did
+    not type it). Prints help and exits 0 on -h/--help. Raises GlimpseError on anything it cannot use.
     """
     if "-h" in argv or "--help" in argv:
         print(config_help(cls, prog, description, allow_file))
@@ -121,7 +122,16 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
                 raise GlimpseError(f"--{key} needs a value: write --{key}=VALUE")
             raw = "true"  # a bare boolean flag switches it on
         values[key] = parse_value(cls, key, raw)
-    return build(cls, {**preset, **(recorded(preset, values) if recorded is not None else {}), **values})
+    kept = recorded(preset, values) if recorded is not None else {}
+    try:
+        return build(cls, {**preset, **kept, **values})
+    except GlimpseError as e:  # a flag may clash with a value the user did not type this time
+        named = [key for key in kept if re.search(rf"\b{key}\b", str(e))]
+        if not named:
+            raise
+        them = ("is the run's recorded setting; a flag replaces it" if len(named) == 1 else
+                "are the run's recorded settings; flags replace them")
+        raise GlimpseError(f"{e} ({', '.join(f'{key}={kept[key]}' for key in named)} {them})") from None
 
 
 def build(cls, values: dict[str, Any]):

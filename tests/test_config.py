@@ -94,6 +94,42 @@ def test_bad_flags_name_the_problem(argv, message):
         parse(argv)
 
 
+@dataclass
+class Window:
+    low: int = option(0, "first position")
+    step: int = option(1, "stride")
+    high: int = option(10, "last position")
+    hi: str = option("", "a key whose name is part of a word in the error, not a word of it")
+    width: int = option(3, "a key the error does not name")
+
+    def __post_init__(self):
+        if self.low + self.step > self.high:
+            raise ValueError(f"low ({self.low}) plus step ({self.step}) passes high ({self.high})")
+
+
+def test_an_error_that_names_a_recorded_setting_says_it_was_recorded():
+    """Recorded settings (a resume's) go under the flags: a flag may clash with one the user did not type, so the
+    error says which of the keys it names were recorded, and not those the flags gave."""
+    def recorded(preset, flags):
+        return {key: value for key, value in {"low": 8, "step": 1, "hi": "x", "width": 2}.items() if key not in flags}
+
+    def parse_recorded(argv):
+        return parse_config(Window, argv, prog="x.py", description="test", recorded=recorded)
+
+    assert parse_recorded([]) == Window(low=8, step=1, high=10, hi="x", width=2)
+    with pytest.raises(GlimpseError) as e:
+        parse_recorded(["--high=5"])
+    assert str(e.value) == ("low (8) plus step (1) passes high (5) (low=8, step=1 are the run's recorded settings; "
+                            "flags replace them)")
+    with pytest.raises(GlimpseError) as e:
+        parse_recorded(["--high=5", "--low=6"])
+    assert str(e.value) == ("low (6) plus step (1) passes high (5) (step=1 is the run's recorded setting; a flag "
+                            "replaces it)")
+    with pytest.raises(GlimpseError) as e:
+        parse_recorded(["--high=5", "--low=6", "--step=0"])  # none of the named keys was recorded
+    assert str(e.value) == "low (6) plus step (0) passes high (5)"
+
+
 def test_schedules_that_read_no_decay_step_are_accepted():
     # a time budget decays by the clock, a run that ends within its warmup never decays, and a run without
     # warmup may decay from its first step

@@ -276,6 +276,13 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
                                                     "'two': give the setting as a flag")
     train_main(["--init_from=resume", "--max_iters=75", "--n_layer=2"])  # as the error says
     assert read_metrics(tmp_path / "out")[-1]["iter"] == 75
+    with pytest.raises(SystemExit):  # the flag clashes with a setting the user did not type this time
+        train_main(["--init_from=resume", "--max_iters=80", "--learning_rate=1e-4"])
+    assert capsys.readouterr().err.strip().endswith(
+        "error: min_lr (0.0003) is above learning_rate (0.0001), so the schedule would rise after warmup: set --min_lr "
+        "at or below the learning rate (min_lr=0.0003 is the run's recorded setting; a flag replaces it)")
+    train_main(["--init_from=resume", "--max_iters=80", "--learning_rate=1e-4", "--min_lr=1e-5"])
+    assert read_metrics(tmp_path / "out")[-1]["iter"] == 80
 
 
 def test_a_resume_may_change_dropout_and_read_a_checkpoint_older_than_a_model_key(trained):
