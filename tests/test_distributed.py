@@ -52,12 +52,14 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path, data_dir):
 
 
 def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: int):
-    """Two processes straight through, and stopped at step stop_at then resumed, log the same records."""
+    """Two processes straight through, and stopped at step stop_at then resumed, log the same records. The resume is
+    given its folder and the last step alone: the run's own settings come from its checkpoint, under torchrun too."""
     straight = torchrun(2, *settings, f"--out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
     half = torchrun(2, *settings, f"--max_iters={stop_at}", f"--out_dir={tmp_path / 'halves'}")
     assert half.returncode == 0, half.stderr
-    rest = torchrun(2, *settings, "--init_from=resume", f"--out_dir={tmp_path / 'halves'}")
+    max_iters = [flag for flag in settings if flag.startswith("--max_iters=")][-1]
+    rest = torchrun(2, "--init_from=resume", max_iters, f"--out_dir={tmp_path / 'halves'}")
     assert rest.returncode == 0, rest.stderr
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
