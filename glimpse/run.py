@@ -243,9 +243,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a Hub name's weights are fetched here
 
-    data, examples = setup_data(cfg, ddp)
-    if cfg.fsdp:
+    if cfg.fsdp:  # before the data: a run refused here has nothing to read or fetch
         check_fsdp(dtype, resuming=cfg.init_from == "resume")
+    data, examples = setup_data(cfg, ddp)
     state = None
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read
         state = load_checkpoint(checkpoint_path(out_dir), "cpu" if cfg.fsdp else device, mmap=cfg.fsdp)

@@ -151,7 +151,9 @@ def test_combinations_fsdp_cannot_run_are_one_line_errors(tmp_path, data_dir, fl
 
 
 def test_fsdp_needs_torchrun(tmp_path, data_dir):
-    run = python("train.py", *FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path}")
+    """Said first, before anything else of the run is read: not the HellaSwag file it would score."""
+    run = python("train.py", *FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--hellaswag_interval=6",
+                 f"--hellaswag_file={tmp_path / 'missing.jsonl'}")
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
         "error: fsdp=true shards the model across torchrun's processes: launch train.py with torchrun (torchrun "
