@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -141,21 +142,24 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
         raise GlimpseError(f"no checkpoint at {path}{folder_missing(path.parent)}; train one first (python train.py "
                            "...) or fix --out_dir")
     try:
-        try:
-            state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-        except RuntimeError as e:  # torch's format before 1.6 (no zip) loads whole, not memory-mapped
-            if not (mmap and "_use_new_zipfile_serialization" in str(e)):
-                raise
-            state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file's first bytes may name a pickle protocol: no warning for it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            try:
+                state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+            except RuntimeError as e:  # torch's format before 1.6 (no zip) loads whole, not memory-mapped
+                if not (mmap and "_use_new_zipfile_serialization" in str(e)):
+                    raise
+                state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = refusal_reason(str(e))
         raise GlimpseError(f"{path} was refused by the safe loader" + (f" ({reason})" if reason else "")
                            + ": it is not a glimpse checkpoint, or holds objects besides tensors and plain values; "
                            f"{instead(path)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (damaged bytes fail torch's unpickler every way: KeyError, struct.error...)
         if is_out_of_memory(e):  # a whole file, too big for the device to hold
             raise
-        raise GlimpseError(f"{path} is corrupt or truncated ({type(e).__name__}); {instead(path)}") from None
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        raise GlimpseError(f"{path} is corrupt or truncated ({kind}); {instead(path)}") from None
     if not isinstance(state, dict):
         raise GlimpseError(f"{path} is not a glimpse checkpoint (it holds a {type(state).__name__}, not a dict); "
                            f"{instead(path)}")

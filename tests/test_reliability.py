@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -711,6 +712,32 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     ]
     for argv, expected in cases:
         assert expected in run_main(sample.main, argv, capsys), argv
+
+
+@pytest.mark.parametrize("junk, kind", [
+    (b"junk\n", "KeyError"),  # the bytes read as opcodes: a memo entry that was never stored
+    (b"a", "IndexError"),  # an append to an empty stack
+    (b"\x80NX", "struct.error"),  # after a warning about pickle protocol 78: a length cut short
+    (b"X\x05\x00\x00\x00\xff\xfe\xfd\xfc\xfb.", "UnicodeDecodeError"),  # a string that is not UTF-8
+])
+def test_damaged_bytes_are_one_line_however_the_unpickler_fails(tmp_path, trained, capsys, junk, kind):
+    """A file that is not a zip archive goes to torch's older unpickler, which fails on damage in many ways; each is
+    the one line of a damaged checkpoint, without the warning torch prints for the protocol named in the bytes."""
+    cfg, _ = trained
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(checkpoint_path(cfg.out_dir), checkpoint_path(folder))
+    best_path(folder).write_bytes(junk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        message = run_main(sample.main, [f"--out_dir={folder}", "--max_new_tokens=2", "--dump_attention=false"],
+                           capsys)
+    assert message == f"error: {best_path(folder)} is corrupt or truncated ({kind}); read ckpt.pt instead with " \
+                      "--checkpoint=last"
+    assert not caught, [str(w.message) for w in caught]
+    checkpoint_path(folder).write_bytes(junk)  # a resume given its folder alone reads the run's settings there first
+    message = run_main(train.main, ["--init_from=resume", f"--out_dir={folder}"], capsys)
+    assert message == f"error: {checkpoint_path(folder)} is corrupt or truncated ({kind}); use another checkpoint"
 
 
 def test_sampling_into_a_pipe_its_reader_closes_stops_quietly(tmp_path, trained):
