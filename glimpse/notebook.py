@@ -48,7 +48,10 @@ def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> M
     source = str(source)
     folder = Path(source).expanduser()
     if (folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file():  # an out_dir has a config.json too
-        gpt, state, _, _ = load_trained(folder, checkpoint, device, "float32", "loaded")
+        try:
+            gpt, state, _, _ = load_trained(folder, checkpoint, device, "float32", "loaded")
+        except GlimpseError as e:  # the way to the other checkpoint, as this function's argument, not the scripts' flag
+            raise GlimpseError(str(e).replace("--checkpoint=last", 'load(..., checkpoint="last")')) from None
     elif source in PRETRAINED or (folder / "config.json").is_file():
         gpt, state, _, _ = load_trained("", "auto", device, "float32", "loaded", init_from=source)
     elif folder.is_dir():

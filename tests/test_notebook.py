@@ -8,6 +8,7 @@ on the checkpoint the notebook trained.
 import base64
 import copy
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from glimpse.checkpoint import checkpoint_path, load_checkpoint
+from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
 from glimpse.notebook import Model, load
 from model import GPT, GPTConfig
@@ -190,6 +191,18 @@ def test_a_checkpoint_the_scripts_would_refuse_is_refused_here_too(trained):
         load(cfg.out_dir, checkpoint="lats")
     assert load(cfg.out_dir, checkpoint="last").state["iter_num"] == load_checkpoint(checkpoint_path(cfg.out_dir))[
         "iter_num"]
+
+
+def test_a_damaged_best_checkpoint_names_the_argument_that_reads_the_other(tmp_path, trained):
+    """The scripts say --checkpoint=last; from Python it is load's argument."""
+    cfg, _ = trained
+    shutil.copy(checkpoint_path(cfg.out_dir), checkpoint_path(tmp_path))
+    best_path(tmp_path).write_bytes(b"junk")
+    with pytest.raises(GlimpseError) as error:
+        load(tmp_path)
+    assert str(error.value) == (f"{best_path(tmp_path)} is corrupt or truncated (struct.error); read ckpt.pt "
+                                'instead with load(..., checkpoint="last")')
+    assert load(tmp_path, checkpoint="last").state["iter_num"] == load_checkpoint(checkpoint_path(tmp_path))["iter_num"]
 
 
 def test_sample_mechanism_refuses_what_it_cannot_show(tmp_path, trained):
