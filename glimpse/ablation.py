@@ -49,23 +49,25 @@ def check_removals(ablate: str, ablation: str, head_importance: bool):
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
 
 
-def parse_heads(spec: str, n_layer: int | None = None, n_head: int | None = None) -> list[tuple[int, int]]:
-    """The heads a --ablate list names, in its order; without a shape, only the syntax is checked."""
+def parse_heads(spec: str, n_layer: int | None = None, n_head: int | None = None,
+                named: str = "--ablate") -> list[tuple[int, int]]:
+    """The heads a --ablate list names, in its order; without a shape, only the syntax is checked. Errors call
+    the list by named (a script's flag; the notebook API's argument)."""
     heads = []
     for item in (part.strip() for part in spec.split(",")):
         layer, dot, head = item.partition(".")
         if not (dot and layer.isascii() and layer.isdigit() and head.isascii() and head.isdigit()):  # not '²'
-            raise GlimpseError(f"--ablate takes heads as layer.head, comma-separated (1.0,2.3), counted from 0; "
+            raise GlimpseError(f"{named} takes heads as layer.head, comma-separated (1.0,2.3), counted from 0; "
                                f"got {item!r}")
         heads.append((int(layer), int(head)))
     twice = sorted({f"{layer}.{head}" for layer, head in heads if heads.count((layer, head)) > 1})
     if twice:
-        raise GlimpseError(f"--ablate names head {', '.join(twice)} more than once")
+        raise GlimpseError(f"{named} names head {', '.join(twice)} more than once")
     for layer, head in heads:
         if n_layer is not None and layer >= n_layer:
-            raise GlimpseError(f"--ablate names layer {layer}, but the model has {n_layer} layers (0 to {n_layer - 1})")
+            raise GlimpseError(f"{named} names layer {layer}, but the model has {n_layer} layers (0 to {n_layer - 1})")
         if n_head is not None and head >= n_head:
-            raise GlimpseError(f"--ablate names head {layer}.{head}, but each layer has {n_head} heads "
+            raise GlimpseError(f"{named} names head {layer}.{head}, but each layer has {n_head} heads "
                                f"(0 to {n_head - 1})")
     return heads
 

@@ -11,11 +11,12 @@ alone to see which ones the repeat depends on. sample.py --probe=induction print
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from glimpse.ablation import head_means, losses_per_head
+from glimpse.ablation import AblationKind, head_means, losses_per_head
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from model import GPT
@@ -40,6 +41,9 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     Everything runs in eval mode (dropout would make the weights and the removals' losses random), and
     the model is left in the mode it came in.
     """
+    if ablation not in (None, *get_args(AblationKind)):  # anything else would silently remove heads as zero does
+        raise GlimpseError(f"ablation must be {', '.join(get_args(AblationKind))} or None (no removals), "
+                           f"got {ablation!r}")
     config = model.config
     n = config.block_size // 2 if n_tokens is None else n_tokens
     if not 2 <= n <= config.block_size // 2:  # both copies in one window

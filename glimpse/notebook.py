@@ -133,8 +133,10 @@ class Model:
             raise GlimpseError("a loss needs at least two tokens: one to read, one to predict")
         c, device = self.config, next(self.gpt.parameters()).device
         window = torch.tensor(ids[-(c.block_size + 1):], device=device)[None]  # (1, T + 1)
-        heads = Ablation.of(parse_heads(ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, device=device) \
-            if ablate else None
+        heads = None
+        if ablate:
+            removed = parse_heads(ablate, c.n_layer, c.n_head, named="ablate")
+            heads = Ablation.of(removed, c.n_layer, c.n_head, device=device)
         with evaluating(self.gpt):
             logits, _ = self.gpt(window[:, :-1], heads=heads)  # (1, T, V)
         return F.cross_entropy(logits[0].float(), window[0, 1:]).item()

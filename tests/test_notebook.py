@@ -248,6 +248,24 @@ def test_a_run_of_ids_outside_the_vocabulary_or_of_none_is_one_clear_error(train
             model.run(ids)
 
 
+def test_the_removals_arguments_are_checked_and_named_as_python_names_them(trained):
+    """A notebook passes ablate= and ablation=, not the scripts' flags: errors name the argument, and an ablation
+    the probe does not know is refused (it removed heads as zero does, under the name given)."""
+    model = load(trained[0].out_dir)
+    with pytest.raises(GlimpseError) as error:
+        model.loss("ROMEO:", ablate="2.0")
+    assert str(error.value) == "ablate names layer 2, but the model has 2 layers (0 to 1)"
+    with pytest.raises(GlimpseError) as error:
+        model.loss("ROMEO:", ablate="1")
+    assert str(error.value).startswith("ablate takes heads as layer.head")
+    for ablation in ("zeros", "", "Mean"):
+        with pytest.raises(GlimpseError) as error:
+            model.induction(n_tokens=4, ablation=ablation)
+        assert str(error.value) == f"ablation must be zero, mean or None (no removals), got {ablation!r}"
+    assert "second_copy_loss_without" not in model.induction(n_tokens=4, ablation=None)
+    assert model.induction(n_tokens=4, ablation="mean")["ablation"] == "mean"
+
+
 def test_a_viewer_page_reads_as_what_it_is_not_as_the_whole_page(trained):
     cfg, _ = trained
     page = load(cfg.out_dir).run("ROMEO:").show()
