@@ -33,6 +33,7 @@ from glimpse.attention import head_metrics, write_dump
 from glimpse.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_trained
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
+from glimpse.files import check_writable, write_text
 from glimpse.gpt2 import PRETRAINED
 from glimpse.induction import induction_probe
 from glimpse.masks import Masks
@@ -204,6 +205,7 @@ class Trace(Mechanism):
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder, in place
         of a dump there before (its layer_<l>.png and head_importance.json go too)."""
         folder = Path(folder)
+        check_writable(folder, "the dump's folder", "give save() a folder you can write")
         write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len), self.meta(),
                    pngs=pngs, mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
         return folder
@@ -244,5 +246,6 @@ class Inline:
     def save(self, path: str | Path) -> Path:
         """The page as a file that opens in any browser."""
         path = Path(path)
-        path.write_text(self.html, encoding="utf-8")
+        check_writable(path.parent, "the page's folder", "give save() a path you can write")
+        write_text(path, self.html)
         return path

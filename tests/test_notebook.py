@@ -294,6 +294,17 @@ def test_a_runs_step_checks_its_arguments(trained, tmp_path):
     assert Path(run.save(tmp_path / "api-dump") / "attention.npz").is_file()
     assert not list((tmp_path / "api-dump").glob("*.png"))  # pictures only when asked: they cost seconds
     assert (run.save(tmp_path / "with-pictures", pngs=True) / "layer_0.png").is_file()
+    page = tmp_path / "pages" / "run.html"
+    assert run.show().save(page) == page and page.read_text(encoding="utf-8") == run.show().html
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(GlimpseError) as error:  # a one-line error, not NotADirectoryError from deep in the dump
+        run.save(tmp_path / "a-file" / "dump")
+    assert str(error.value) == (f"the dump's folder {str(tmp_path / 'a-file' / 'dump')!r} cannot be made: "
+                                f"{str(tmp_path / 'a-file')!r} is a file; give save() a folder you can write")
+    with pytest.raises(GlimpseError) as error:
+        run.show().save(tmp_path / "a-file" / "run.html")
+    assert str(error.value) == (f"the page's folder {str(tmp_path / 'a-file')!r} is a file; give save() a path you "
+                                "can write")
 
 
 def test_a_hugging_face_folder_loads_and_runs_as_the_checkpoint_it_was_exported_from(tmp_path, trained):
