@@ -22,6 +22,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -39,28 +40,39 @@ from glimpse.induction import induction_probe
 from glimpse.masks import Masks
 from glimpse.mechanism import Mechanism, trace
 from glimpse.positions import alibi_slopes
+from glimpse.runtime import Device
 from model import GPT
+
+# what the scripts' messages say as a flag, and how load() takes it
+AS_ARGUMENTS = (("--checkpoint=last", 'load(..., checkpoint="last")'),
+                ("use --device=cpu (or auto)", 'use device="cpu" (or "auto")'),
+                ("pass --init_from=DIR", "pass DIR to load()"))
 
 
 def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> Model:
     """A model to run texts through: a training run's out_dir (its best.pt, else ckpt.pt; checkpoint="last"
     for ckpt.pt), a folder holding a Hugging Face GPT-2 (config.json and model.safetensors), or a
     pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). A GlimpseError says what is missing."""
+    if device not in get_args(Device):  # the scripts' --device is checked as it is parsed; an argument is not
+        raise GlimpseError(f"device must be one of {', '.join(get_args(Device))}; got {device!r}")
     source = str(source)
     folder = Path(source).expanduser()
-    if (folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file():  # an out_dir has a config.json too
-        try:
+    try:
+        if (folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file():  # an out_dir has a config.json too
             gpt, state, _, _ = load_trained(folder, checkpoint, device, "float32", "loaded")
-        except GlimpseError as e:  # the way to the other checkpoint, as this function's argument, not the scripts' flag
-            raise GlimpseError(str(e).replace("--checkpoint=last", 'load(..., checkpoint="last")')) from None
-    elif source in PRETRAINED or (folder / "config.json").is_file():
-        gpt, state, _, _ = load_trained("", "auto", device, "float32", "loaded", init_from=source)
-    elif folder.is_dir():
-        raise GlimpseError(f"{folder} holds neither a glimpse checkpoint ({BEST_NAME} or {CHECKPOINT_NAME}) nor a "
-                           "Hugging Face GPT-2 (config.json): give a training run's out_dir or such a folder")
-    else:
-        raise GlimpseError(f"no folder {folder}: give a training run's out_dir, a Hugging Face GPT-2 folder, or one "
-                           f"of {', '.join(PRETRAINED)}")
+        elif source in PRETRAINED or (folder / "config.json").is_file():
+            gpt, state, _, _ = load_trained("", "auto", device, "float32", "loaded", init_from=source)
+        elif folder.is_dir():
+            raise GlimpseError(f"{folder} holds neither a glimpse checkpoint ({BEST_NAME} or {CHECKPOINT_NAME}) nor "
+                               "a Hugging Face GPT-2 (config.json): give a training run's out_dir or such a folder")
+        else:
+            raise GlimpseError(f"no folder {folder}: give a training run's out_dir, a Hugging Face GPT-2 folder, or "
+                               f"one of {', '.join(PRETRAINED)}")
+    except GlimpseError as e:
+        message = str(e)
+        for flag, argument in AS_ARGUMENTS:
+            message = message.replace(flag, argument)
+        raise GlimpseError(message) from None
     return Model(gpt, state, source)
 
 

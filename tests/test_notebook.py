@@ -185,6 +185,22 @@ def test_loading_a_missing_folder_or_one_without_a_model_is_one_clear_error(tmp_
         load(tmp_path)
 
 
+def test_the_ways_out_of_a_load_error_are_load_s_arguments_not_the_scripts_flags(tmp_path, trained):
+    """The scripts' messages name flags; from Python the same advice names load()'s arguments."""
+    cfg, _ = trained
+    with pytest.raises(GlimpseError) as error:
+        load(cfg.out_dir, device="gpu")
+    assert str(error.value) == "device must be one of auto, cpu, cuda, mps; got 'gpu'"
+    if not torch.cuda.is_available():
+        with pytest.raises(GlimpseError) as error:
+            load(cfg.out_dir, device="cuda")
+        assert str(error.value) == 'device=cuda but PyTorch sees no CUDA GPU; use device="cpu" (or "auto")'
+    env = {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}  # gpt2 neither in the cache nor fetched
+    missing = python("-c", "from glimpse.notebook import load; load('gpt2')", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].endswith("--local-dir DIR`, then pass DIR to load()")
+
+
 def test_a_checkpoint_the_scripts_would_refuse_is_refused_here_too(trained):
     cfg, _ = trained
     with pytest.raises(GlimpseError, match="checkpoint must be one of auto, best, last, got 'lats'"):
