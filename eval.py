@@ -191,17 +191,21 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     first = {mode: first_target(lengths, mode, stride) for mode in MODES}  # the same text scored at every length
     for mode in MODES:  # before scoring anything: a split too short for the longest length stops at once
         scored_windows(len(val), max(lengths), mode, min(stride, max(lengths)), cfg.max_tokens, first[mode])
-    rows = []
-    for multiple, length in zip(multiples, lengths):
-        for mode in MODES:
-            loss, scored = length_loss(model, val, length, mode, min(stride, length), cfg.max_tokens,
-                                       cfg.batch_size, device, ctx, first=first[mode], show_progress=True)
-            rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
-                         "bits_per_token": loss / math.log(2), "tokens_scored": scored,
-                         "pos_encoding": encoding, "attn_score": model.config.attn_score})
-    write_results(Path(cfg.out_dir), rows, f"{encoding} positions, trained at {block_size} tokens")
-    if cfg.wandb_log:
-        log_to_wandb(state, rows)
+    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
+    try:
+        rows = []
+        for multiple, length in zip(multiples, lengths):
+            for mode in MODES:
+                loss, scored = length_loss(model, val, length, mode, min(stride, length), cfg.max_tokens,
+                                           cfg.batch_size, device, ctx, first=first[mode], show_progress=True)
+                rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
+                             "bits_per_token": loss / math.log(2), "tokens_scored": scored,
+                             "pos_encoding": encoding, "attn_score": model.config.attn_score})
+        write_results(Path(cfg.out_dir), rows, f"{encoding} positions, trained at {block_size} tokens")
+        if tracker.run is not None:
+            log_lengths(tracker, rows)
+    finally:
+        tracker.close()
     return rows
 
 
@@ -220,12 +224,16 @@ def score_heads(cfg: EvalConfig) -> dict:
         result["heads"] = [f"{layer}.{head}" for layer, head in removed]
         return result
     scored = torch.ones(c.block_size, dtype=torch.bool, device=device)
-    intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx, show_progress=True)
-    result.update(intact_loss=intact, losses=losses.tolist(), top=top_heads(losses, intact))
-    write_importance(Path(cfg.out_dir), losses, intact, f"loss increase without each head ({cfg.ablation} ablation, "
-                     f"{inputs.numel():,} val tokens)")
-    if cfg.wandb_log:
-        log_importance_to_wandb(state, Path(cfg.out_dir), losses, intact)
+    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
+    try:
+        intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx, show_progress=True)
+        result.update(intact_loss=intact, losses=losses.tolist(), top=top_heads(losses, intact))
+        write_importance(Path(cfg.out_dir), losses, intact, f"loss increase without each head ({cfg.ablation} "
+                         f"ablation, {inputs.numel():,} val tokens)")
+        if tracker.run is not None:
+            log_importance(tracker, Path(cfg.out_dir), losses, intact)
+    finally:
+        tracker.close()
     return result
 
 
@@ -236,15 +244,17 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
     data_dir = cfg.data_dir or state["train_config"].get("data_dir", "data")
     examples = hellaswag.first(hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, data_dir)),
                                cfg.hellaswag_examples)
-    result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]), model.config.block_size,
-                                device, autocast(device, dtype))
-    out_dir = results_folder(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"iter": state["iter_num"] or 0, **result}
-    Tracker(out_dir / "metrics.jsonl", append=True).log(record)
-    if cfg.wandb_log:
-        tracker = Tracker.for_checkpoint(state, "eval")
-        tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
+    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
+    try:
+        result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]),
+                                    model.config.block_size, device, autocast(device, dtype))
+        out_dir = results_folder(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"iter": state["iter_num"] or 0, **result}
+        Tracker(out_dir / "metrics.jsonl", append=True).log(record)
+        if tracker.run is not None:
+            tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
+    finally:
         tracker.close()
     return {**record, "metrics": str(out_dir / "metrics.jsonl")}
 
@@ -269,16 +279,15 @@ def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: 
         raise GlimpseError(f"could not write the head importance to {out_dir}: {e.strerror or e}") from None
 
 
-def log_importance_to_wandb(state: dict, out_dir: Path, losses: torch.Tensor, intact: float):
+def log_importance(tracker: Tracker, out_dir: Path, losses: torch.Tensor, intact: float):
+    """The head importance to the tracker's wandb run: a table and the heatmap."""
     import wandb
 
-    tracker = Tracker.for_checkpoint(state, "eval")
     rows = [[layer, head, loss, loss - intact] for layer, row in enumerate(losses.tolist())
             for head, loss in enumerate(row)]
     tracker.run.log({"head_importance/table": wandb.Table(columns=["layer", "head", "loss", "loss_increase"],
                                                           data=rows),
                      "head_importance/heatmap": wandb.Image(str(out_dir / "head_importance.png"))})
-    tracker.close()
 
 
 def print_heads(result: dict):
@@ -319,17 +328,16 @@ def write_results(out_dir: Path, rows: list[dict], title: str):
         raise GlimpseError(f"could not write the length evaluation to {out_dir}: {e.strerror or e}") from None
 
 
-def log_to_wandb(state: dict, rows: list[dict]):
+def log_lengths(tracker: Tracker, rows: list[dict]):
+    """The length study to the tracker's wandb run: its table and the sliding windows' line plot."""
     import wandb
 
-    tracker = Tracker.for_checkpoint(state, "eval")
     table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
     sliding = wandb.Table(columns=["multiple", "val_loss"],
                           data=[[r["multiple"], r["val_loss"]] for r in rows if r["mode"] == "sliding"])
     tracker.run.log({"length_eval/table": table,
                      "length_eval/sliding": wandb.plot.line(sliding, "multiple", "val_loss",
                                                             title="val loss vs length (sliding)")})
-    tracker.close()
 
 
 def main(argv: list[str] | None = None):

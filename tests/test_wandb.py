@@ -1,7 +1,11 @@
 """wandb logging in offline mode: the run records the config and every scalar train.py logged."""
 
+import shutil
+from pathlib import Path
+
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
-from tests.conftest import python
+from tests.conftest import files_in, python
+from tests.test_hellaswag import own_text_examples, write_examples
 from tests.test_train import read_metrics
 from tests.wandb_records import logged_config, logged_history
 
@@ -80,6 +84,12 @@ def test_a_resume_behind_what_its_wandb_run_logged_goes_on_in_a_new_wandb_run(tm
     assert load_checkpoint(checkpoint_path(out))["wandb_run_id"] == new_id
 
 
+def no_login_env(home: Path) -> dict:
+    """The environment of a machine that never ran `wandb login`, logging online."""
+    return {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(home), "WANDB_DIR": str(home),
+            "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_SILENT": "true", "NETRC": str(home / "netrc")}
+
+
 def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path, data_dir):
     """Online logging on a machine that never ran `wandb login`: one line saying what to do, before metrics.jsonl
     or config.json is touched (a resume keeps the history past its checkpoint, and the settings it was started
@@ -91,8 +101,7 @@ def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path
     first = python("train.py", *args, "--max_iters=10", "--always_save_checkpoint=false")
     assert first.returncode == 0, first.stderr
     history, settings = (out / "metrics.jsonl").read_bytes(), (out / "config.json").read_bytes()
-    no_login = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path),
-                "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_SILENT": "true", "NETRC": str(tmp_path / "netrc")}
+    no_login = no_login_env(tmp_path)
     resumed = python("train.py", *args, "--max_iters=20", "--init_from=resume", "--wandb_log=true", env=no_login)
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
     (line,) = resumed.stderr.strip().splitlines()
@@ -113,3 +122,20 @@ def test_wandb_without_a_login_is_one_line_and_leaves_the_history_alone(tmp_path
     fresh = python("train.py", *[a.replace(str(out), str(tmp_path / "fresh")) for a in args], "--max_iters=10",
                    "--wandb_log=true", env=no_login)
     assert fresh.returncode == 2 and not (tmp_path / "fresh" / "config.json").exists(), fresh.stderr
+
+
+def test_eval_without_a_wandb_login_stops_before_scoring_and_writes_nothing(tmp_path, trained):
+    """eval.py --wandb_log=true on a machine without a login stops at once, as train.py does: not after minutes of
+    scoring, with its CSV rewritten and a HellaSwag record appended that a second try would append again."""
+    cfg, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out_dir, out)
+    examples = write_examples(tmp_path / "val.jsonl", own_text_examples(5))
+    before = files_in(out)
+    for task in (["--head_importance"], ["--task=length"], ["--task=hellaswag", f"--hellaswag_file={examples}"]):
+        run = python("eval.py", f"--out_dir={out}", "--device=cpu", "--max_tokens=256", *task, "--wandb_log=true",
+                     env=no_login_env(tmp_path))
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith("error: wandb could not start a run ("), run.stderr
+        assert "%" not in run.stderr, run.stderr  # no progress bar: nothing was scored
+        assert files_in(out) == before, task
