@@ -201,8 +201,8 @@ def ensure_dataset(name: str, data_dir: str) -> Path:
 
 
 def download(url: str, dest: Path, offline_hint: str):
-    """Fetch url to dest, atomically; offline this fails with offline_hint (how to pass a local file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch url to dest, atomically; offline this fails with offline_hint (how to pass a local file), leaving no
+    folder made for dest behind."""
     print(f"downloading {url} ...", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
@@ -210,6 +210,7 @@ def download(url: str, dest: Path, offline_hint: str):
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         reason = getattr(e, "reason", e)
         raise GlimpseError(f"could not download {url} ({reason}); {offline_hint}") from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 

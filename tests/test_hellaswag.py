@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from data import hellaswag
 from data.hellaswag import Example, ending_losses, evaluate, read_examples, rows
 from data.tokenizer import CharTokenizer
 from glimpse.errors import GlimpseError
@@ -190,6 +191,15 @@ def test_a_hellaswag_file_or_task_eval_py_cannot_score_is_a_one_line_error(train
     assert missing.returncode == 2 and "HellaSwag file '/nope.jsonl' not found" in missing.stderr
     wrong = python("eval.py", "--init_from=gpt2", "--task=length")
     assert wrong.returncode == 2 and "--init_from scores pretrained GPT-2 on --task=hellaswag" in wrong.stderr
+
+
+def test_a_download_that_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Offline, the one line says how to pass a local copy, and no empty data/hellaswag/ is left (port 9 on loopback
+    refuses the connection: a real failed download)."""
+    monkeypatch.setattr(hellaswag, "VAL_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")
+    with pytest.raises(GlimpseError, match=r"could not download .*; offline, pass a local copy with --hellaswag_file"):
+        hellaswag.val_file("", str(tmp_path / "data"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_gpt2_124m_preset_is_gpt2_small_and_runs_its_schedule_shrunk(tmp_path, corpus_file, gpt2_ranks):
