@@ -18,6 +18,7 @@ from typing import Any
 
 from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, refuse_run_folder
 from glimpse.config import config_keys, recorded_values
+from glimpse.distributed import first_process
 from glimpse.errors import GlimpseError
 from glimpse.files import missing_folders, remove_empty
 from glimpse.gpt2 import is_hub_name, pretrained_folder
@@ -139,7 +140,12 @@ def run_settings(preset: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
     if not isinstance(saved, dict):
         return {}
     # the folder is the one it was read from, wherever the run was; the start is a resume, whatever the run's was
-    return recorded_values(TrainConfig, saved, f"{path}'s settings", given={*flags, "out_dir", "init_from"})
+    kept = recorded_values(TrainConfig, saved, f"{path}'s settings", given={*flags, "out_dir", "init_from"})
+    if (passed_over := [f"{key} {json.dumps(kept[key])} (the preset's {json.dumps(value)})"
+                        for key, value in preset.items() if key in kept and kept[key] != value]) and first_process():
+        print(f"note: a resume takes the run's own settings over a preset's: {', '.join(passed_over)}; a flag "
+              "changes one")
+    return kept
 
 
 # a setting that contradicts the checkpoint comes from a flag given to the resume

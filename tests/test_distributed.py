@@ -59,8 +59,12 @@ def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: 
     half = torchrun(2, *settings, f"--max_iters={stop_at}", f"--out_dir={tmp_path / 'halves'}")
     assert half.returncode == 0, half.stderr
     max_iters = [flag for flag in settings if flag.startswith("--max_iters=")][-1]
-    rest = torchrun(2, "--init_from=resume", max_iters, f"--out_dir={tmp_path / 'halves'}")
+    preset = tmp_path / "preset.toml"
+    preset.write_text("learning_rate = 0.5\n")  # the run's own rate stands over it, as one process says
+    rest = torchrun(2, str(preset), "--init_from=resume", max_iters, f"--out_dir={tmp_path / 'halves'}")
     assert rest.returncode == 0, rest.stderr
+    assert rest.stdout.count("note: a resume takes the run's own settings over a preset's: learning_rate 0.003 (the "
+                             "preset's 0.5); a flag changes one\n") == 1, rest.stdout
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 

@@ -241,12 +241,14 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
     record = tmp_path / "out" / "config.json"  # as a start that stopped before its first checkpoint rewrites it
     record.write_text(json.dumps({**json.loads(record.read_text()), "batch_size": 64, "learning_rate": 1.0}))
     other = tmp_path / "other.toml"  # a preset given to the resume sets only what the run's settings lack
-    other.write_text('init_from = "resume"\nlearning_rate = 0.5\neval_iters = 1\n')
+    other.write_text('init_from = "resume"\nlearning_rate = 0.5\neval_iters = 1\ndropout = 0.1\n')  # 0.1 agrees
     capsys.readouterr()
     train_main([str(other), "--max_iters=60"])
     said = capsys.readouterr().out
     assert "resumed from out/ckpt.pt at step 40" in said
     assert "changed since the checkpoint: max_iters 40 -> 60\n" in said
+    assert said.startswith("note: a resume takes the run's own settings over a preset's: learning_rate 0.003 (the "
+                           "preset's 0.5), eval_iters 5 (the preset's 1); a flag changes one\n"), said
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "out")) == strip(read_metrics(tmp_path / "straight"))
     recorded = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "straight")}
