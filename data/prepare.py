@@ -82,7 +82,8 @@ class PrepareConfig:
                                 "(0: --val_fraction of them)")
     val_fraction: float = option(0.0, "validation: this fraction of the documents, spread evenly, when "
                                       "--val_tokens is 0 (0: a tenth; the streamed built-ins, whose tenth would be "
-                                      "a billion tokens, hold out their first 10M tokens instead)")
+                                      "a billion tokens, hold out their first 10M tokens instead; their files given "
+                                      "with --input, a tenth)")
     workers: int = option(0, "tokenizing processes (0: one per core)")
     skip_bad_lines: bool = option(False, "count and skip .jsonl lines (and records of a streamed built-in) that are "
                                          "not UTF-8 or not JSON, lack the text field, or whose text is not a string "
