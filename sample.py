@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -153,6 +154,8 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
                            "is too short for it")
     tracker = Tracker.for_checkpoint(state, "sample", wandb_log=cfg.wandb_log)
+    if cfg.dump_attention or cfg.probe != "none":
+        clear_earlier_dumps(dump_dir, cfg)
     samples, sample_heads = [], []  # the text and the head metrics of each sample
     for i in range(cfg.num_samples):
         # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
@@ -181,13 +184,38 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     if cfg.probe == "induction":
         report_probe(model, sample_heads, dump_dir, cfg, out)
     tracker.close()
-    if cfg.dump_attention:  # the folders of this run only: sample_<i> of an earlier run with more samples stay
+    if cfg.dump_attention:
         last = f" to sample_{cfg.num_samples - 1}/index.html" if cfg.num_samples > 1 else ""
         block_size = model.config.block_size
         cut = len(ids) + cfg.max_new_tokens > block_size  # the model attends over block_size tokens at most
         window = f" (each text's last {block_size:,} tokens, the model's block_size)" if cut else ""
         print(f"attention dumps: {dump_dir}/sample_0/index.html{last}{window}", file=sys.stderr)
     return samples
+
+
+def clear_earlier_dumps(dump_dir: Path, cfg: SampleConfig):
+    """Remove what an earlier sample.py left in dump_dir that this run writes no new copy of: the dumps of samples
+    past this run's count, and a probe file when this run does not probe. Beside this run's they would pass for
+    its own (the probe file holds every head's mass on the samples it was run with)."""
+    keep = cfg.num_samples if cfg.dump_attention else 0
+    earlier = sorted((int(folder.name.removeprefix("sample_")), folder) for folder in dump_dir.glob("sample_*")
+                     if folder.name.removeprefix("sample_").isdigit() and (folder / "attention.npz").is_file())
+    gone = [folder for index, folder in earlier if index >= keep]
+    probe = dump_dir / "probe_induction.json"
+    if cfg.probe != "induction" and probe.is_file():
+        gone.append(probe)
+    try:
+        for path in gone:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    except OSError as e:
+        raise GlimpseError(f"could not remove an earlier run's {path} ({e.strerror or e}): remove it, or give "
+                           "--dump_dir another folder") from None
+    if gone:
+        print(f"removed an earlier run's {', '.join(path.name for path in gone)} from {dump_dir}: a dump folder "
+              "holds one run's", file=sys.stderr)
 
 
 def default_dump_dir(cfg: SampleConfig) -> Path:

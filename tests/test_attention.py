@@ -355,17 +355,29 @@ def test_the_probe_legend_at_two_tokens_names_each_offset_once(tmp_path):
     assert legend.endswith(": +1 induction, 0 the same token, +2 the query itself")
 
 
-def test_sample_names_the_dumps_it_wrote(trained, tmp_path, capsys):
-    """A run of fewer samples than the last leaves the last one's later sample_<i> folders: the line that points
-    to the dumps names this run's only."""
+def test_sample_names_the_dumps_it_wrote_and_leaves_none_of_an_earlier_run(trained, tmp_path, capsys):
+    """A run of fewer samples than the last removes the last one's later sample_<i> folders, and a run without the
+    probe the last one's probe file: beside this run's they would pass for its own. The line that points to the
+    dumps names this run's; what is not a dump is left alone."""
     cfg, _ = trained
     dumps = tmp_path / "dumps"
-    for n, named in ((2, f"{dumps}/sample_0/index.html to sample_1/index.html"), (1, f"{dumps}/sample_0/index.html")):
-        sample(SampleConfig(out_dir=cfg.out_dir, num_samples=n, max_new_tokens=5, dump_dir=str(dumps), pngs=False),
-               io.StringIO())
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attention dumps:")]
-        assert lines == [f"attention dumps: {named}"]
-        assert all((dumps / f"sample_{i}" / "index.html").is_file() for i in range(n))
+    for n, probe, named, removed in (
+            (3, "induction", "sample_0/index.html to sample_2/index.html", ""),
+            (2, "induction", "sample_0/index.html to sample_1/index.html", "sample_2"),
+            (1, "none", "sample_0/index.html", "sample_1, probe_induction.json")):
+        (dumps / "sample_7").mkdir(parents=True, exist_ok=True)  # not a dump: no attention.npz
+        sample(SampleConfig(out_dir=cfg.out_dir, num_samples=n, max_new_tokens=5, dump_dir=str(dumps), pngs=False,
+                            probe=probe), io.StringIO())
+        err = capsys.readouterr().err.splitlines()
+        assert [line for line in err if line.startswith("attention dumps:")] == [f"attention dumps: {dumps}/{named}"]
+        assert [line for line in err if line.startswith("removed")] == (
+            [f"removed an earlier run's {removed} from {dumps}: a dump folder holds one run's"] if removed else [])
+        assert sorted(path.name for path in dumps.iterdir()) == [
+            *(["probe_induction.json"] if probe == "induction" else []), *(f"sample_{i}" for i in range(n)),
+            "sample_7"]
+    sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=5, dump_dir=str(dumps), pngs=False,
+                        dump_attention=False), io.StringIO())  # writes nothing there: removes nothing
+    assert sorted(path.name for path in dumps.iterdir()) == ["sample_0", "sample_7"]
     # a text longer than the model attends over is dumped as its last block_size tokens: the line says so
     sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", max_new_tokens=26, num_samples=1, dump_dir=str(dumps),
                         pngs=False), io.StringIO())  # 6 + 26 = 32 tokens, block_size: all of it dumped
