@@ -27,6 +27,7 @@ import errno
 import os
 import pickle
 import re
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -155,7 +156,9 @@ def load_checkpoint(path: Path, device="cpu", mmap: bool = False) -> dict:
         raise GlimpseError(f"{path} was refused by the safe loader" + (f" ({reason})" if reason else "")
                            + ": it is not a glimpse checkpoint, or holds objects besides tensors and plain values; "
                            f"{instead(path)}") from None
-    except Exception as e:  # noqa: BLE001 (damaged bytes fail torch's unpickler every way: KeyError, struct.error...)
+    # damaged bytes fail torch's unpickler in all these ways (a memo key never stored, a pop from an empty stack, a
+    # length cut short, a storage of the wrong kind); a MemoryError is not one, and goes on to user_errors
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
         if is_out_of_memory(e):  # a whole file, too big for the device to hold
             raise
         kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"

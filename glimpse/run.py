@@ -239,12 +239,12 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             f"the number of processes ({ddp.world_size}): each process takes an equal share"
         )
     check_cuda_graphs(cfg, ddp.world_size)
+    if cfg.fsdp:  # before the weights and the data: a run refused here has nothing to read or fetch
+        check_fsdp(dtype, resuming=cfg.init_from == "resume")
     out_dir = Path(cfg.out_dir)  # which train.py checked first (check_start), before any data or weights came
     pretrained = cfg.init_from if cfg.init_from not in ("scratch", "resume") else None
     folder = pretrained_folder(pretrained) if pretrained else None  # a Hub name's weights are fetched here
 
-    if cfg.fsdp:  # before the data: a run refused here has nothing to read or fetch
-        check_fsdp(dtype, resuming=cfg.init_from == "resume")
     data, examples = setup_data(cfg, ddp)
     state = None
     if cfg.init_from == "resume":  # under fsdp the weights come from the shards: the file's are mapped, not read

@@ -11,7 +11,7 @@ import torch
 
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint
 from glimpse.sharding import next_sharded_slot
-from tests.conftest import python
+from tests.conftest import REPO, python
 from tests.test_distributed import SETTINGS, assert_two_processes_resume_exactly, error_lines, torchrun, torchrun_script
 from tests.test_train import read_metrics
 
@@ -150,10 +150,14 @@ def test_combinations_fsdp_cannot_run_are_one_line_errors(tmp_path, data_dir, fl
     assert not any(tmp_path.iterdir())
 
 
-def test_fsdp_needs_torchrun(tmp_path, data_dir):
-    """Said first, before anything else of the run is read: not the HellaSwag file it would score."""
-    run = python("train.py", *FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--hellaswag_interval=6",
-                 f"--hellaswag_file={tmp_path / 'missing.jsonl'}")
+@pytest.mark.parametrize("first", [
+    ["--hellaswag_interval=6", "--hellaswag_file=missing.jsonl"],  # not the HellaSwag file it would score
+    ["--init_from=gpt2"],  # nor the weights it would fetch (gigabytes for gpt2-xl), here from an empty cache offline
+])
+def test_fsdp_needs_torchrun(tmp_path, data_dir, first):
+    """Said first, before anything else of the run is read or fetched."""
+    run = python(str(REPO / "train.py"), *FSDP, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *first,
+                 env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
         "error: fsdp=true shards the model across torchrun's processes: launch train.py with torchrun (torchrun "
