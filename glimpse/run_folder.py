@@ -127,16 +127,15 @@ def is_run_config(path: Path) -> bool:
 def run_settings(preset: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     """What a resume takes above the defaults and a preset, below its flags: the settings of the run in out_dir
     as its ckpt.pt was saved with them (what config.json lists, unless a later start that saved no checkpoint
-    rewrote it). Nothing for any other start, nor for a folder without a readable checkpoint (check_start and
-    the resume's load say what is wrong with it)."""
+    rewrote it). Nothing for any other start, nor for a folder without a checkpoint (check_start says so); a
+    checkpoint that cannot be read is refused here, before the run's data is read or fetched for the defaults."""
     given = {**preset, **flags}
     if given.get("init_from") != "resume":
         return {}
     path = checkpoint_path(given.get("out_dir", config_keys(TrainConfig)["out_dir"].default))
-    try:
-        saved = load_checkpoint(path, mmap=True).get("train_config")  # mapped: the tensors are not read
-    except GlimpseError:
+    if not path.is_file():
         return {}
+    saved = load_checkpoint(path, mmap=True).get("train_config")  # mapped: the tensors are not read
     if not isinstance(saved, dict):
         return {}
     # the folder is the one it was read from, wherever the run was; the start is a resume, whatever the run's was

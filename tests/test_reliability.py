@@ -736,8 +736,10 @@ def test_damaged_bytes_are_one_line_however_the_unpickler_fails(tmp_path, traine
                       "--checkpoint=last"
     assert not caught, [str(w.message) for w in caught]
     checkpoint_path(folder).write_bytes(junk)  # a resume given its folder alone reads the run's settings there first
-    message = run_main(train.main, ["--init_from=resume", f"--out_dir={folder}"], capsys)
+    message = run_main(train.main, ["--init_from=resume", f"--out_dir={folder}", f"--data_dir={tmp_path / 'data'}"],
+                       capsys)
     assert message == f"error: {checkpoint_path(folder)} is corrupt or truncated ({kind}); use another checkpoint"
+    assert not (tmp_path / "data").exists()  # the default dataset was not fetched first, for settings never read
 
 
 def test_sampling_into_a_pipe_its_reader_closes_stops_quietly(tmp_path, trained):
