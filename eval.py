@@ -215,17 +215,18 @@ def score_heads(cfg: EvalConfig) -> dict:
     c, device = model.config, next(model.parameters()).device
     removed = parse_heads(cfg.ablate, c.n_layer, c.n_head) if cfg.ablate else []
     inputs, targets = windows(data.tokens("val"), c.block_size, cfg.max_tokens, device)  # (N, T) each
-    value = head_means(model, inputs, cfg.batch_size, ctx) if cfg.ablation == "mean" else None
-    result = {"tokens_scored": inputs.numel(), "ablation": cfg.ablation}
-    if removed:
-        result["intact_loss"] = mean_loss(model, inputs, targets, None, ctx, cfg.batch_size)
-        without = Ablation.of(removed, c.n_layer, c.n_head, value, device)
-        result["ablated_loss"] = mean_loss(model, inputs, targets, without, ctx, cfg.batch_size)
-        result["heads"] = [f"{layer}.{head}" for layer, head in removed]
-        return result
-    scored = torch.ones(c.block_size, dtype=torch.bool, device=device)
-    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
+    # before any scoring, the means' pass included: a wandb that cannot start stops the run now (--ablate logs nothing)
+    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)
     try:
+        value = head_means(model, inputs, cfg.batch_size, ctx) if cfg.ablation == "mean" else None
+        result = {"tokens_scored": inputs.numel(), "ablation": cfg.ablation}
+        if removed:
+            result["intact_loss"] = mean_loss(model, inputs, targets, None, ctx, cfg.batch_size)
+            without = Ablation.of(removed, c.n_layer, c.n_head, value, device)
+            result["ablated_loss"] = mean_loss(model, inputs, targets, without, ctx, cfg.batch_size)
+            result["heads"] = [f"{layer}.{head}" for layer, head in removed]
+            return result
+        scored = torch.ones(c.block_size, dtype=torch.bool, device=device)
         intact, losses = losses_per_head(model, inputs, targets, scored, value, ctx, show_progress=True)
         result.update(intact_loss=intact, losses=losses.tolist(), top=top_heads(losses, intact))
         write_importance(Path(cfg.out_dir), losses, intact, f"loss increase without each head ({cfg.ablation} "

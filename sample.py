@@ -194,13 +194,13 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
 
 
 def clear_earlier_dumps(dump_dir: Path, cfg: SampleConfig):
-    """Remove what an earlier sample.py left in dump_dir that this run writes no new copy of: the dumps of samples
-    past this run's count, and a probe file when this run does not probe. Beside this run's they would pass for
-    its own (the probe file holds every head's mass on the samples it was run with)."""
-    keep = cfg.num_samples if cfg.dump_attention else 0
+    """Remove what an earlier sample.py left in dump_dir that this run writes no new copy of: when it dumps, the
+    dumps of samples past its count, and a probe file when it does not probe. Beside this run's they would pass for
+    its own (the probe file holds every head's mass on the samples it was run with). A run with the dumps turned
+    off leaves the earlier ones."""
     earlier = sorted((int(folder.name.removeprefix("sample_")), folder) for folder in dump_dir.glob("sample_*")
                      if folder.name.removeprefix("sample_").isdigit() and (folder / "attention.npz").is_file())
-    gone = [folder for index, folder in earlier if index >= keep]
+    gone = [folder for index, folder in earlier if index >= cfg.num_samples] if cfg.dump_attention else []
     probe = dump_dir / "probe_induction.json"
     if cfg.probe != "induction" and probe.is_file():
         gone.append(probe)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -131,7 +132,8 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
             raise
         them = ("is the run's recorded setting; a flag replaces it" if len(named) == 1 else
                 "are the run's recorded settings; flags replace them")
-        raise GlimpseError(f"{e} ({', '.join(f'{key}={kept[key]}' for key in named)} {them})") from None
+        recorded = ', '.join(f'{key}={json.dumps(kept[key])}' for key in named)  # true, as a flag spells it
+        raise GlimpseError(f"{e} ({recorded} {them})") from None
 
 
 def build(cls, values: dict[str, Any]):

@@ -46,7 +46,8 @@ from model import GPT
 # what the scripts' messages say as a flag, and how load() takes it
 AS_ARGUMENTS = (("--checkpoint=last", 'load(..., checkpoint="last")'),
                 ("use --device=cpu (or auto)", 'use device="cpu" (or "auto")'),
-                ("pass --init_from=DIR", "pass DIR to load()"))
+                ("pass --init_from=DIR", "pass DIR to load()"),
+                ("fix --out_dir", "fix the folder given to load()"))
 
 
 def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> Model:

@@ -64,7 +64,8 @@ def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: 
     rest = torchrun(2, str(preset), "--init_from=resume", max_iters, f"--out_dir={tmp_path / 'halves'}")
     assert rest.returncode == 0, rest.stderr
     assert rest.stdout.count("note: a resume takes the run's own settings over a preset's: learning_rate 0.003 (the "
-                             "preset's 0.5); a flag changes one\n") == 1, rest.stdout
+                             "preset's 0.5) (a flag changes a training setting; the model's shape and optimizer stay "
+                             "the checkpoint's)\n") == 1, rest.stdout
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 

@@ -195,6 +195,11 @@ def test_the_ways_out_of_a_load_error_are_load_s_arguments_not_the_scripts_flags
         with pytest.raises(GlimpseError) as error:
             load(cfg.out_dir, device="cuda")
         assert str(error.value) == 'device=cuda but PyTorch sees no CUDA GPU; use device="cpu" (or "auto")'
+    shutil.copy(best_path(cfg.out_dir), best_path(tmp_path))  # a run whose ckpt.pt is gone
+    with pytest.raises(GlimpseError) as error:
+        load(tmp_path, checkpoint="last")
+    assert str(error.value) == (f"no checkpoint at {checkpoint_path(tmp_path)}; train one first (python train.py ...) "
+                                "or fix the folder given to load()")
     env = {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}  # gpt2 neither in the cache nor fetched
     missing = python("-c", "from glimpse.notebook import load; load('gpt2')", env=env)
     assert missing.returncode == 1
