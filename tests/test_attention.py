@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -378,9 +379,11 @@ def test_sample_names_the_dumps_it_wrote_and_leaves_none_of_an_earlier_run(train
     sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=5, dump_dir=str(dumps), pngs=False,
                         dump_attention=False), io.StringIO())  # writes nothing there: removes nothing
     assert sorted(path.name for path in dumps.iterdir()) == ["sample_0", "sample_7"]
+    shutil.copytree(dumps / "sample_0", dumps / "sample_1")  # as a run of two samples left it
     sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=5, dump_dir=str(dumps), pngs=False,
                         dump_attention=False, probe="induction"), io.StringIO())  # the probe alone: dumps stay
-    assert sorted(path.name for path in dumps.iterdir()) == ["probe_induction.json", "sample_0", "sample_7"]
+    assert sorted(path.name for path in dumps.iterdir()) == ["probe_induction.json", "sample_0", "sample_1",
+                                                             "sample_7"]
     # a text longer than the model attends over is dumped as its last block_size tokens: the line says so
     sample(SampleConfig(out_dir=cfg.out_dir, start="ROMEO:", max_new_tokens=26, num_samples=1, dump_dir=str(dumps),
                         pngs=False), io.StringIO())  # 6 + 26 = 32 tokens, block_size: all of it dumped
