@@ -45,9 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from glimpse.files import write_atomic
-from glimpse.mechanism import Mechanism, mechanism_arrays, packed, trace, unpacked
+from glimpse.mechanism import Mechanism, dump_file, mechanism_arrays, packed, trace, unpacked
 from model import GPT
 
 
@@ -190,13 +191,12 @@ def dump_text(model: GPT, tokenizer, ids, prompt_len: int, meta: dict, folder: P
 def load_dump(folder: Path) -> dict:
     """A dump's arrays and meta, read with numpy alone (no pickle); attn is the full [n_layer, n_head, T, T]
     float16 array, tokens a list of each token's text."""
-    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+    with np.load(dump_file(folder), allow_pickle=False) as z:
         out = {k: z[k] for k in z.files if not k.startswith("layer_")}
         if "attn" not in out:  # older dumps hold the whole array as it is
-            n_layer = sum(k.endswith("_high") for k in z.files) or sum(k.startswith("layer_") for k in z.files)
-            out["attn"] = np.stack([layer_of(z, layer) for layer in range(n_layer)])
+            out["attn"] = np.stack([layer_of(z, layer) for layer in range(layer_count(z))])
     out["meta"] = json.loads(str(out["meta"]))
-    out["prompt_len"] = int(out["prompt_len"])
+    out.update({key: int(out[key]) for key in ("prompt_len", "cut") if key in out})
     # the JSON copy keeps a token of NUL characters, which numpy's strings drop; dumps older than it have none
     texts = out.pop("tokens_json", None)
     out["tokens"] = json.loads(str(texts)) if texts is not None else [str(t) for t in out["tokens"]]
@@ -205,8 +205,17 @@ def load_dump(folder: Path) -> dict:
 
 def load_layer(folder: Path, layer: int) -> np.ndarray:
     """One layer of a dump, [n_head, T, T] float16, reading only that layer's entries of the npz."""
-    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+    with np.load(dump_file(folder), allow_pickle=False) as z:
+        n_layer = len(z["attn"]) if "attn" in z.files else layer_count(z)
+        if isinstance(layer, bool) or not (isinstance(layer, int | np.integer) and 0 <= layer < n_layer):
+            raise GlimpseError(f"layer must be a whole number from 0 to {n_layer - 1} (the dump's {n_layer} layers); "
+                               f"got {layer!r}")
         return z["attn"][layer] if "attn" in z.files else layer_of(z, layer)
+
+
+def layer_count(z) -> int:
+    """How many layers an open npz of the packed formats holds."""
+    return sum(k.endswith("_high") for k in z.files) or sum(k.startswith("layer_") for k in z.files)
 
 
 def layer_of(z, layer: int) -> np.ndarray:

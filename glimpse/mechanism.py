@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from model import GPT
 
@@ -101,6 +102,9 @@ class Mechanism:
 
     def moved(self, layer: int) -> np.ndarray:
         """head_out_norm of one layer, (H, T, T): at GPT-2's 1,024 tokens the whole of it is 600 MB."""
+        n_layer = self.shape[0]
+        if isinstance(layer, bool) or not (isinstance(layer, int | np.integer) and 0 <= layer < n_layer):
+            raise GlimpseError(f"layer must be a whole number from 0 to {n_layer - 1}; got {layer!r}")
         return self.weights[layer] * self.value_out_norm[layer][:, None, :]
 
     @property
@@ -268,15 +272,26 @@ def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
     return {name: np.asarray(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32) for name, a in arrays.items()}
 
 
+def dump_file(folder: str | Path) -> Path:
+    """The attention.npz of a dump's folder (or that file itself); a GlimpseError for a path that holds none."""
+    path = Path(folder)
+    if not (path.name == "attention.npz" and path.is_file()):
+        path = path / "attention.npz"
+    if not path.is_file():
+        raise GlimpseError(f"no attention.npz in {folder}: give a dump's folder (sample.py writes "
+                           "OUT_DIR/attention/sample_<i>/; run.save(folder) the folder given)")
+    return path
+
+
 def load_mechanism(folder: Path) -> dict[str, np.ndarray]:
     """A mechanism dump's arrays at their full shapes, with numpy alone: q, k, v (L, H, T, hs) and the query's
     stages the dump holds (q_projected, q_normed: see Mechanism.query_stages); scores (L, H, T, T), -inf above
     the diagonal; head_out_norm (L, H, T, T), 0 above it; predicted, logit,
-    lens_ids, lens_probs; the attribution's parts as attribution_<part>. A KeyError names a dump written
+    lens_ids, lens_probs; the attribution's parts as attribution_<part>. A GlimpseError names a dump written
     without --mechanism."""
-    with np.load(Path(folder) / "attention.npz", allow_pickle=False) as z:
+    with np.load(dump_file(folder), allow_pickle=False) as z:
         if "scores_0" not in z.files:
-            raise KeyError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
+            raise GlimpseError(f"{folder} holds no mechanism: dump it with sample.py --mechanism")
         T, L = len(z["token_ids"]), sum(name.startswith("scores_") for name in z.files)
         out = {name: np.stack([z[f"{name}_{layer}"] for layer in range(L)]) for name in ("q", "k", "v")}
         out.update({name: np.stack([z[f"{name}_{layer}"] for layer in range(L)])

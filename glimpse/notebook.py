@@ -40,6 +40,7 @@ from glimpse.induction import induction_probe
 from glimpse.masks import Masks
 from glimpse.mechanism import Mechanism, trace
 from glimpse.positions import alibi_slopes
+from glimpse.run_folder import is_run_config
 from glimpse.runtime import Device
 from model import GPT
 
@@ -61,7 +62,17 @@ def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> M
     try:
         if (folder / BEST_NAME).is_file() or (folder / CHECKPOINT_NAME).is_file():  # an out_dir has a config.json too
             gpt, state, _, _ = load_trained(folder, checkpoint, device, "float32", "loaded")
+        elif folder.is_file() and folder.name in (BEST_NAME, CHECKPOINT_NAME):
+            which = "best" if folder.name == BEST_NAME else "last"
+            raise GlimpseError(f"{folder} is a checkpoint: give its run's folder, load({str(folder.parent)!r}"
+                               + (f", checkpoint={which!r})" if which == "last" else ")"))
+        elif is_run_config(folder / "config.json"):  # a run writes it at its start, its checkpoints at its evals
+            raise GlimpseError(f"{folder} is a training run with no {BEST_NAME} or {CHECKPOINT_NAME} yet: load it once "
+                               "an eval has saved one")
         elif source in PRETRAINED or (folder / "config.json").is_file():
+            if checkpoint != "auto":
+                raise GlimpseError(f"checkpoint={checkpoint!r} picks one of a training run's checkpoints; {source} "
+                                   "holds one model: leave checkpoint out")
             gpt, state, _, _ = load_trained("", "auto", device, "float32", "loaded", init_from=source)
         elif folder.is_dir():
             raise GlimpseError(f"{folder} holds neither a glimpse checkpoint ({BEST_NAME} or {CHECKPOINT_NAME}) nor "
@@ -104,7 +115,13 @@ class Model:
         has no token for (the model would fail on it deep inside, or name it with an IndexError)."""
         if isinstance(text, str):
             return self.encode(text)
-        ids = np.asarray(text if isinstance(text, np.ndarray) else list(text))
+        if isinstance(text, bytes | bytearray):  # list(b"Hi") would be ids 72 and 105, another text entirely
+            raise GlimpseError("the text is bytes: decode it first (text.decode('utf-8')), or give token ids as a list")
+        try:
+            ids = np.asarray(text if isinstance(text, np.ndarray) else list(text))
+        except TypeError:
+            raise GlimpseError(f"give a text (a str) or its token ids (a list of whole numbers); got "
+                               f"{type(text).__name__}") from None
         if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
             raise GlimpseError(f"token ids must be one sequence of whole numbers (a text's ids, not a batch); got "
                                f"{ids.dtype} of shape {ids.shape}")
@@ -121,7 +138,11 @@ class Model:
     def known_ids(self, ids) -> list[int]:
         """ids (any shape) as a flat list of ints; a GlimpseError for one with no token (a negative one would
         silently count from the end)."""
-        ids = [int(i) for i in np.ravel(ids)]
+        array = np.asarray(ids)
+        if array.size and not np.issubdtype(array.dtype, np.integer):  # int(0.93) would be token 0, int("5") token 5
+            raise GlimpseError(f"token ids must be whole numbers; got {array.dtype} (probabilities or weights are "
+                               "not ids: lens_ids holds the logit lens's)")
+        ids = [int(i) for i in np.ravel(array)]
         outside = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if outside is not None:
             raise GlimpseError(f"token id {outside} is outside this model's vocabulary: ids run from 0 to "
@@ -136,6 +157,11 @@ class Model:
 
     def induction(self, n_tokens: int | None = None, seed: int = 0, ablation: str | None = "zero") -> dict:
         """The induction probe sample.py --probe=induction runs (glimpse/induction.py)."""
+        try:
+            n_tokens, seed = (None if n_tokens is None else operator.index(n_tokens)), operator.index(seed)
+        except TypeError:
+            raise GlimpseError(f"n_tokens and seed must be whole numbers (n_tokens may be None: half the "
+                               f"model's block_size); got {n_tokens!r} and {seed!r}") from None
         return induction_probe(self.gpt, n_tokens, seed=seed, ablation=ablation)
 
     @torch.no_grad()
@@ -148,6 +174,8 @@ class Model:
         c, device = self.config, next(self.gpt.parameters()).device
         window = torch.tensor(ids[-(c.block_size + 1):], device=device)[None]  # (1, T + 1)
         heads = None
+        if not isinstance(ablate, str):  # a head as 1.0 would be a float; two as (1, 0) a tuple
+            raise GlimpseError(f"ablate takes heads as a str, layer.head, comma-separated ('1.0,2.3'); got {ablate!r}")
         if ablate:
             removed = parse_heads(ablate, c.n_layer, c.n_head, named="ablate")
             heads = Ablation.of(removed, c.n_layer, c.n_head, device=device)
@@ -161,6 +189,12 @@ class Trace(Mechanism):
     """A Mechanism (see glimpse/mechanism.py) with the model it came from."""
 
     model: Model | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # the dataclass's would print every array: 90,000 characters for a short text
+        n_layer, n_head, T = self.shape
+        return (f"<glimpse Trace of {T} tokens through {n_layer} layers of {n_head} heads"
+                + (f" (the text's last {T}, {self.cut} cut before)" if self.cut else "")
+                + ": .weights, .scores, .q, .k, .v, .context, ...; .step(layer, head, query), .show(), .save(folder)>")
 
     def text_of(self, ids) -> list[str]:
         """Each token id's own text."""
@@ -181,8 +215,9 @@ class Trace(Mechanism):
             raise GlimpseError(f"layer, head and query must be whole numbers; got {layer!r}, {head!r}, {query!r}"
                                ) from None
         if not (0 <= layer < n_layer and 0 <= head < n_head and 0 <= query < T):
+            window = f" (the text's last {T} tokens: query 0 is its token {self.cut})" if self.cut else ""
             raise GlimpseError(f"layer, head and query must be within {n_layer} layers, {n_head} heads and {T} "
-                               f"tokens; got layer {layer}, head {head}, query {query}")
+                               f"tokens{window}; got layer {layer}, head {head}, query {query}")
         c = self.model.config
         q, keys = self.q[layer, head, query], self.k[layer, head, : query + 1]  # (hs,), (query + 1, hs)
         scale = {"scaled_dot": 1 / math.sqrt(q.size), "dot": 1.0}.get(c.attn_score)  # additive: no dot product
@@ -201,7 +236,7 @@ class Trace(Mechanism):
         k_projected = self.k_projected if self.k_projected is not None else self.k
         q_normed = (self.q_normed if self.q_normed is not None else self.q) if c.qk_norm else None
         k_normed = (self.k_normed if self.k_normed is not None else self.k) if c.qk_norm else None
-        return {
+        step = {
             "query_projected": q_projected[layer, head, query],
             "keys_projected": k_projected[layer, head, : query + 1],
             "query_normed": q_normed[layer, head, query] if c.qk_norm else None,
@@ -213,12 +248,17 @@ class Trace(Mechanism):
             "weighted_values": weights[:, None] * values, "context": self.context[layer, head, query],
             "moved_norm": moved, "top_moved_key": int(moved.argmax()),
         }
+        # copies: a learner redoing a step in place (scores -= max) must not change the trace show() and save() draw
+        return {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in step.items()}
 
     def save(self, folder: str | Path, prompt_len: int | None = None, pngs: bool = False) -> Path:
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder, in place
         of a dump there before (its layer_<l>.png and head_importance.json go too)."""
         folder = Path(folder)
         check_writable(folder, "the dump's folder", "give save() a folder you can write")
+        if folder.is_dir() and any(path.is_dir() and path.name.startswith("iter_") for path in folder.iterdir()):
+            raise GlimpseError(f"{folder} holds a training run's attention snapshots, whose index.html a dump would "
+                               f"replace: save into a folder of its own, such as {folder / 'mine'}")
         write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len), self.meta(),
                    pngs=pngs, mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
         return folder
@@ -232,7 +272,12 @@ class Trace(Mechanism):
         return Inline(page, height)
 
     def prompt_len(self, prompt_len: int | None) -> int:
-        return self.shape[2] if prompt_len is None else max(0, min(self.shape[2], prompt_len - self.cut))
+        if prompt_len is None:
+            return self.shape[2]
+        try:
+            return max(0, min(self.shape[2], operator.index(prompt_len) - self.cut))
+        except TypeError:
+            raise GlimpseError(f"prompt_len must be a whole number of tokens; got {prompt_len!r}") from None
 
     def meta(self) -> dict:
         state = self.model.state

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from glimpse.attention import dump_text, load_dump
+from glimpse.errors import GlimpseError
 from glimpse.mechanism import load_mechanism, trace
 from glimpse.self_attention import attend, dot_scores
 from model import GPT, GPTConfig
@@ -231,7 +232,7 @@ def test_a_dump_without_the_mechanism_says_so(tmp_path):
     dump_text(model_of("gpt2"), Letters(), list(range(5)), 2, {}, tmp_path / "c", pngs=False, mechanism=True)
     assert "q_projected" not in load_mechanism(tmp_path / "c")  # GPT-2's queries are W_q x as the scores take them
     dump_text(model_of("gpt2"), Letters(), list(range(5)), 2, {}, tmp_path / "d", pngs=False)
-    with pytest.raises(KeyError, match="--mechanism"):
+    with pytest.raises(GlimpseError, match="--mechanism"):
         load_mechanism(tmp_path / "d")
     with pytest.raises(ValueError, match="intact model"):
         dump_text(model_of("gpt2"), Letters(), list(range(5)), 2, {}, tmp_path / "e", pngs=False, mechanism=True,

@@ -287,6 +287,55 @@ def test_the_removals_arguments_are_checked_and_named_as_python_names_them(train
     assert model.induction(n_tokens=4, ablation="mean")["ablation"] == "mean"
 
 
+def test_a_learners_slips_are_one_line_errors_not_wrong_answers(trained, tmp_path):
+    """What a learner may well type: bytes read from a file, probabilities where ids go, a float for a whole
+    number, a checkpoint's file for its folder, a run still before its first checkpoint, a dump's parent folder.
+    Each is a GlimpseError saying what to give instead, never a traceback from numpy or torch, nor a silently
+    other answer (list(b"Hi") is ids 72 and 105; int(0.93) is token 0)."""
+    from glimpse.attention import load_dump, load_layer
+
+    cfg, _ = trained
+    model = load(cfg.out_dir)
+    slips = [
+        (lambda: model.run(b"ROMEO:"), "the text is bytes: decode it first"),
+        (lambda: model.run(None), "give a text (a str) or its token ids (a list of whole numbers); got NoneType"),
+        (lambda: model.loss("ROMEO:", ablate=1), "ablate takes heads as a str"),
+        (lambda: model.induction(4.0), "n_tokens and seed must be whole numbers"),
+        (lambda: model.induction(4, seed="a"), "n_tokens and seed must be whole numbers"),
+        (lambda: load(best_path(cfg.out_dir)), f"is a checkpoint: give its run's folder, load({str(cfg.out_dir)!r})"),
+    ]
+    run = model.run("ROMEO: " * 10)  # 70 characters: the last 32, block_size, are traced
+    assert run.cut == 38 and len(repr(run)) < 300 and "38 cut before" in repr(run)
+    slips += [
+        (lambda: run.text_of(run.lens_probs[-1, 0]), "token ids must be whole numbers; got float32"),
+        (lambda: run.step(0, 0, 40), "within 2 layers, 2 heads and 32 tokens (the text's last 32 tokens: query 0 is "
+                                     "its token 38); got layer 0, head 0, query 40"),
+        (lambda: run.moved(2), "layer must be a whole number from 0 to 1; got 2"),
+        (lambda: run.save(tmp_path / "d", prompt_len="3"), "prompt_len must be a whole number of tokens; got '3'"),
+    ]
+    snapshots = tmp_path / "attention" / "iter_0"  # a run's snapshot slider, over its iter_<step> folders
+    snapshots.mkdir(parents=True)
+    slips.append((lambda: run.save(tmp_path / "attention"), "holds a training run's attention snapshots"))
+    (tmp_path / "live").mkdir()  # a run's folder before its first checkpoint: only its config.json
+    shutil.copy(Path(cfg.out_dir) / "config.json", tmp_path / "live")
+    slips.append((lambda: load(tmp_path / "live"), "is a training run with no best.pt or ckpt.pt yet"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    slips.append((lambda: load(tmp_path / "hf", checkpoint="last"), "checkpoint='last' picks one of a training run's"))
+    dump = run.save(tmp_path / "dump")
+    slips += [(lambda: load_dump(tmp_path), f"no attention.npz in {tmp_path}: give a dump's folder"),
+              (lambda: load_layer(dump, 2), "layer must be a whole number from 0 to 1 (the dump's 2 layers); got 2")]
+    for slip, says in slips:
+        with pytest.raises(GlimpseError) as error:
+            slip()
+        assert says in str(error.value) and "\n" not in str(error.value), (says, str(error.value))
+    before = run.scores[1, 0, 5].copy()
+    step = run.step(1, 0, 5)
+    step["scores"] -= 1.0  # redoing the softmax in place leaves the trace as it was
+    assert np.array_equal(run.scores[1, 0, 5], before, equal_nan=True)
+    assert load_dump(dump / "attention.npz")["cut"] == 38 and type(load_dump(dump)["cut"]) is int
+
+
 def test_a_viewer_page_reads_as_what_it_is_not_as_the_whole_page(trained):
     cfg, _ = trained
     page = load(cfg.out_dir).run("ROMEO:").show()
