@@ -56,7 +56,11 @@ def load(source: str | Path, checkpoint: str = "auto", device: str = "cpu") -> M
     for ckpt.pt), a folder holding a Hugging Face GPT-2 (config.json and model.safetensors), or a
     pretrained name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). A GlimpseError says what is missing."""
     if device not in get_args(Device):  # the scripts' --device is checked as it is parsed; an argument is not
-        raise GlimpseError(f"device must be one of {', '.join(get_args(Device))}; got {device!r}")
+        try:
+            torch.device(device)  # a device of torch's own: cuda:1, a torch.device
+        except (RuntimeError, TypeError):
+            raise GlimpseError(f"device must be one of {', '.join(get_args(Device))} or one torch names (cuda:1); "
+                               f"got {device!r}") from None
     source = str(source)
     folder = Path(source).expanduser()
     try:

@@ -190,7 +190,9 @@ def test_the_ways_out_of_a_load_error_are_load_s_arguments_not_the_scripts_flags
     cfg, _ = trained
     with pytest.raises(GlimpseError) as error:
         load(cfg.out_dir, device="gpu")
-    assert str(error.value) == "device must be one of auto, cpu, cuda, mps; got 'gpu'"
+    assert str(error.value) == "device must be one of auto, cpu, cuda, mps or one torch names (cuda:1); got 'gpu'"
+    for device in ("cpu:0", torch.device("cpu")):  # torch's own names for a device are taken as torch takes them
+        assert next(load(cfg.out_dir, device=device).gpt.parameters()).device.type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(GlimpseError) as error:
             load(cfg.out_dir, device="cuda")
