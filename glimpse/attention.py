@@ -45,10 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
 from glimpse.files import write_atomic
-from glimpse.mechanism import Mechanism, dump_file, mechanism_arrays, packed, trace, unpacked
+from glimpse.mechanism import Mechanism, check_layer, dump_file, mechanism_arrays, packed, trace, unpacked
 from model import GPT
 
 
@@ -206,10 +205,7 @@ def load_dump(folder: Path) -> dict:
 def load_layer(folder: Path, layer: int) -> np.ndarray:
     """One layer of a dump, [n_head, T, T] float16, reading only that layer's entries of the npz."""
     with np.load(dump_file(folder), allow_pickle=False) as z:
-        n_layer = len(z["attn"]) if "attn" in z.files else layer_count(z)
-        if isinstance(layer, bool) or not (isinstance(layer, int | np.integer) and 0 <= layer < n_layer):
-            raise GlimpseError(f"layer must be a whole number from 0 to {n_layer - 1} (the dump's {n_layer} layers); "
-                               f"got {layer!r}")
+        check_layer(layer, len(z["attn"]) if "attn" in z.files else layer_count(z), of="the dump's")
         return z["attn"][layer] if "attn" in z.files else layer_of(z, layer)
 
 

@@ -102,9 +102,7 @@ class Mechanism:
 
     def moved(self, layer: int) -> np.ndarray:
         """head_out_norm of one layer, (H, T, T): at GPT-2's 1,024 tokens the whole of it is 600 MB."""
-        n_layer = self.shape[0]
-        if isinstance(layer, bool) or not (isinstance(layer, int | np.integer) and 0 <= layer < n_layer):
-            raise GlimpseError(f"layer must be a whole number from 0 to {n_layer - 1}; got {layer!r}")
+        check_layer(layer, self.shape[0])
         return self.weights[layer] * self.value_out_norm[layer][:, None, :]
 
     @property
@@ -270,6 +268,14 @@ def mechanism_arrays(mechanism: Mechanism) -> dict[str, np.ndarray]:
                    **{f"dla_{name}": part for name, part in mechanism.attribution.items()},
                    "lens_ids": mechanism.lens_ids.astype(np.int32), "lens_probs": mechanism.lens_probs})
     return {name: np.asarray(a, dtype=np.int32 if a.dtype.kind in "iu" else np.float32) for name, a in arrays.items()}
+
+
+def check_layer(layer, n_layer: int, of: str = "the model's"):
+    """A GlimpseError unless layer is a whole number from 0 to n_layer - 1 (a negative one would count from the end
+    silently; True would be layer 1)."""
+    if isinstance(layer, bool) or not (isinstance(layer, int | np.integer) and 0 <= layer < n_layer):
+        raise GlimpseError(f"layer must be a whole number from 0 to {n_layer - 1} ({of} {n_layer} layers); "
+                           f"got {layer!r}")
 
 
 def dump_file(folder: str | Path) -> Path:

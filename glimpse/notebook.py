@@ -194,7 +194,7 @@ class Trace(Mechanism):
 
     model: Model | None = field(default=None, repr=False)
 
-    def __repr__(self) -> str:  # the dataclass's would print every array: 90,000 characters for a short text
+    def __repr__(self) -> str:  # the dataclass's would print a summary of every array: pages of it in a cell
         n_layer, n_head, T = self.shape
         return (f"<glimpse Trace of {T} tokens through {n_layer} layers of {n_head} heads"
                 + (f" (the text's last {T}, {self.cut} cut before)" if self.cut else "")

@@ -312,7 +312,7 @@ def test_a_learners_slips_are_one_line_errors_not_wrong_answers(trained, tmp_pat
         (lambda: run.text_of(run.lens_probs[-1, 0]), "token ids must be whole numbers; got float32"),
         (lambda: run.step(0, 0, 40), "within 2 layers, 2 heads and 32 tokens (the text's last 32 tokens: query 0 is "
                                      "its token 38); got layer 0, head 0, query 40"),
-        (lambda: run.moved(2), "layer must be a whole number from 0 to 1; got 2"),
+        (lambda: run.moved(2), "layer must be a whole number from 0 to 1 (the model's 2 layers); got 2"),
         (lambda: run.save(tmp_path / "d", prompt_len="3"), "prompt_len must be a whole number of tokens; got '3'"),
     ]
     snapshots = tmp_path / "attention" / "iter_0"  # a run's snapshot slider, over its iter_<step> folders
