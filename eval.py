@@ -191,8 +191,8 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
     first = {mode: first_target(lengths, mode, stride) for mode in MODES}  # the same text scored at every length
     for mode in MODES:  # before scoring anything: a split too short for the longest length stops at once
         scored_windows(len(val), max(lengths), mode, min(stride, max(lengths)), cfg.max_tokens, first[mode])
-    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
-    try:
+    # a wandb that cannot start stops the run now, before any scoring
+    with Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log) as tracker:
         rows = []
         for multiple, length in zip(multiples, lengths):
             for mode in MODES:
@@ -204,8 +204,6 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
         write_results(Path(cfg.out_dir), rows, f"{encoding} positions, trained at {block_size} tokens")
         if tracker.run is not None:
             log_lengths(tracker, rows)
-    finally:
-        tracker.close()
     return rows
 
 
@@ -216,8 +214,7 @@ def score_heads(cfg: EvalConfig) -> dict:
     removed = parse_heads(cfg.ablate, c.n_layer, c.n_head) if cfg.ablate else []
     inputs, targets = windows(data.tokens("val"), c.block_size, cfg.max_tokens, device)  # (N, T) each
     # before any scoring, the means' pass included: a wandb that cannot start stops the run now (--ablate logs nothing)
-    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)
-    try:
+    with Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log) as tracker:
         value = head_means(model, inputs, cfg.batch_size, ctx) if cfg.ablation == "mean" else None
         result = {"tokens_scored": inputs.numel(), "ablation": cfg.ablation}
         if removed:
@@ -233,8 +230,6 @@ def score_heads(cfg: EvalConfig) -> dict:
                          f"ablation, {inputs.numel():,} val tokens)")
         if tracker.run is not None:
             log_importance(tracker, Path(cfg.out_dir), losses, intact)
-    finally:
-        tracker.close()
     return result
 
 
@@ -245,8 +240,8 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
     data_dir = cfg.data_dir or state["train_config"].get("data_dir", "data")
     examples = hellaswag.first(hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, data_dir)),
                                cfg.hellaswag_examples)
-    tracker = Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log)  # a wandb that cannot start: stop now
-    try:
+    # a wandb that cannot start stops the run now, before any scoring
+    with Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log) as tracker:
         result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]),
                                     model.config.block_size, device, autocast(device, dtype))
         out_dir = results_folder(cfg)
@@ -255,8 +250,6 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
         Tracker(out_dir / "metrics.jsonl", append=True).log(record)
         if tracker.run is not None:
             tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
-    finally:
-        tracker.close()
     return {**record, "metrics": str(out_dir / "metrics.jsonl")}
 
 

@@ -213,3 +213,9 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc):  # the wandb run is finished however the block ends, an error's included
+        self.close()

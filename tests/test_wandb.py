@@ -138,3 +138,29 @@ def test_eval_without_a_wandb_login_stops_before_scoring_and_writes_nothing(tmp_
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
         assert run.stderr.strip().splitlines()[-1].startswith("error: wandb could not start a run ("), run.stderr
         assert files_in(out) == before, task
+
+
+def test_eval_logs_its_results_to_the_run_that_trained_the_checkpoint(tmp_path, data_dir):
+    """Each of eval.py's studies goes into the trained run's own wandb run (resumed by its id), under its keys."""
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
+                 "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=10",
+                 "--eval_interval=10", "--eval_iters=2", "--wandb_log=true", "--attn_log_interval=0", env=env)
+    assert run.returncode == 0, run.stderr
+    (trained_run,) = (tmp_path / "wandb").glob("offline-run-*")
+    run_id = trained_run.name.split("-")[-1]
+    examples = write_examples(tmp_path / "val.jsonl", own_text_examples(3))
+    studies = {"--head_importance": {"head_importance/table", "head_importance/heatmap"},
+               "--task=length": {"length_eval/table", "length_eval/sliding_table"},
+               "--task=hellaswag": {"hellaswag_acc", "hellaswag_acc_norm"}}
+    for flag, keys in studies.items():
+        before = set((tmp_path / "wandb").glob("offline-run-*"))
+        extra = [f"--hellaswag_file={examples}"] if flag == "--task=hellaswag" else []
+        run = python("eval.py", f"--out_dir={out}", "--device=cpu", "--max_tokens=256", flag, *extra,
+                     "--wandb_log=true", env=env)
+        assert run.returncode == 0, run.stderr
+        (new,) = set((tmp_path / "wandb").glob("offline-run-*")) - before
+        assert new.name.split("-")[-1] == run_id, flag  # the checkpoint's run, not a new one
+        logged = set().union(*logged_history(new))  # a table's or image's fields under its key: KEY/_type, ...
+        assert all(key in logged or f"{key}/_type" in logged for key in keys), (flag, sorted(logged))
