@@ -415,6 +415,8 @@ DRAWN_ROWS = """() => {
     return {
         q: strip(document.querySelector('#steps .recipe .strip')),
         context: strip(document.querySelector('#steps-context .strip')),
+        key: { ...strip(document.querySelector('#steps-key .strip')),
+               text: document.querySelector('#steps-key').textContent },
         rows: rows.filter((tr) => tr.dataset.key !== undefined).map((tr) => ({
             key: +tr.dataset.key, masked: tr.classList.contains('masked'),
             cells: Object.fromEntries(Array.from(tr.children, (td, n) => [head[n], {
@@ -489,6 +491,8 @@ def check_drawn_steps(steps: dict, drawn: dict, q: np.ndarray, k: np.ndarray, v:
     dot_span = max(abs(keys[j]["qk"]) for j in listed)
     check_strip(drawn["q"], q, qk_span, lut, f"q_{i}")
     check_strip(drawn["context"], steps["context"], v_span, lut, f"c_{i}")
+    check_strip(drawn["key"], [-1, -0.5, 0, 0.5, 1], 1, lut, "the colour scale")  # the strips' legend, on their map
+    assert "blue below 0" in drawn["key"]["text"] and "red above" in drawn["key"]["text"]
     assert drawn["q"]["cell"] == min(4, 96 // q.shape[0])
     for n, (row, j) in enumerate(zip(rows, listed)):
         cells = row["cells"]
