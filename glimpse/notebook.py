@@ -47,6 +47,7 @@ from model import GPT
 # what the scripts' messages say as a flag, and how load() takes it
 AS_ARGUMENTS = (("--checkpoint=last", 'load(..., checkpoint="last")'),
                 ("use --device=cpu (or auto)", 'use device="cpu" (or "auto")'),
+                ("use --device=cuda (or auto)", 'use device="cuda" (or "auto")'),
                 ("pass --init_from=DIR", "pass DIR to load()"),
                 ("fix --out_dir", "fix the folder given to load()"))
 

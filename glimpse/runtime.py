@@ -42,19 +42,24 @@ def dtype_option():
                           "float32 sums)")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto picks CUDA, then MPS, then CPU; asking for one that is not there is an error."""
+def resolve_device(name: str | torch.device, local_rank: int = 0) -> torch.device:
+    """auto picks CUDA, then MPS, then CPU; asking for one that is not there is an error. Besides the scripts'
+    names, one that torch names (cuda:1, a torch.device: the Python API's) is checked the same way."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise GlimpseError("device=cuda but PyTorch sees no CUDA GPU; use --device=cpu (or auto)")
-    if name == "mps" and not mps:
-        raise GlimpseError("device=mps but this PyTorch has no MPS backend; use --device=cpu (or auto)")
+    device = torch.device(name)
+    if device.type == "cuda" and not cuda:
+        raise GlimpseError(f"device={name} but PyTorch sees no CUDA GPU; use --device=cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GlimpseError(f"device={name} but PyTorch sees {torch.cuda.device_count()} CUDA GPUs, numbered from 0; "
+                           "use --device=cuda (or auto)")
+    if device.type == "mps" and not mps:
+        raise GlimpseError(f"device={name} but this PyTorch has no MPS backend; use --device=cpu (or auto)")
     if name == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

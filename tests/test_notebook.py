@@ -193,10 +193,18 @@ def test_the_ways_out_of_a_load_error_are_load_s_arguments_not_the_scripts_flags
     assert str(error.value) == "device must be one of auto, cpu, cuda, mps or one torch names (cuda:1); got 'gpu'"
     for device in ("cpu:0", torch.device("cpu")):  # torch's own names for a device are taken as torch takes them
         assert next(load(cfg.out_dir, device=device).gpt.parameters()).device.type == "cpu"
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # torch's names for a GPU too: checked before the checkpoint is read
+        for device, said in (("cuda", "cuda"), (torch.device("cuda"), "cuda"), ("cuda:1", "cuda:1")):
+            with pytest.raises(GlimpseError) as error:
+                load(cfg.out_dir, device=device)
+            assert str(error.value) == f'device={said} but PyTorch sees no CUDA GPU; use device="cpu" (or "auto")'
+    elif torch.cuda.device_count() < 8:  # a GPU past the machine's
         with pytest.raises(GlimpseError) as error:
-            load(cfg.out_dir, device="cuda")
-        assert str(error.value) == 'device=cuda but PyTorch sees no CUDA GPU; use device="cpu" (or "auto")'
+            load(cfg.out_dir, device="cuda:7")
+        assert str(error.value).endswith('numbered from 0; use device="cuda" (or "auto")')
+    if not torch.backends.mps.is_available():
+        with pytest.raises(GlimpseError, match="^device=mps but this PyTorch has no MPS backend"):
+            load(cfg.out_dir, device=torch.device("mps"))
     shutil.copy(best_path(cfg.out_dir), best_path(tmp_path))  # a run whose ckpt.pt is gone
     with pytest.raises(GlimpseError) as error:
         load(tmp_path, checkpoint="last")
