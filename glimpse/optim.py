@@ -22,6 +22,7 @@ steps, in eighths.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -191,6 +192,17 @@ class MuonWithAdamW:
     def load_state_dict(self, state: dict):
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+@contextmanager
+def keeping_settings(optimizer: torch.optim.Optimizer | MuonWithAdamW):
+    """Inside the block, a saved optimizer state loaded in brings its moments, momentum buffers and step counts,
+    not its settings: torch's load_state_dict takes every group's weight decay, betas, momentum and fused kernel
+    from the saved run, where a resume's flags (--weight_decay=0.0) and the device it now runs on set them."""
+    own = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, own, strict=True):  # the loaded groups, in the same order
+        group.update(settings)
 
 
 def set_lr(optimizer: torch.optim.AdamW | MuonWithAdamW, lr: float, cfg: OptimizerSettings):

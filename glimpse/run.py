@@ -46,7 +46,7 @@ from glimpse.distributed import Distributed, run_device
 from glimpse.errors import GlimpseError, is_out_of_memory
 from glimpse.files import write_text
 from glimpse.gpt2 import FINETUNE_KEYS, check_finetune_tokenizer, finetune_ignores, load_pretrained, pretrained_folder
-from glimpse.optim import configure_optimizer, get_lr
+from glimpse.optim import configure_optimizer, get_lr, keeping_settings
 from glimpse.run_folder import check_resumable, check_resume, check_steps_left
 from glimpse.runtime import peak_flops, runtime
 from glimpse.sharding import (
@@ -193,7 +193,8 @@ class Run:
         """Continue from a ckpt.pt (older ones too: no scaler, one rank's streams). The weights and optimizer
         state of an fsdp run's come from the folder it names, on any process count, with fsdp or without."""
         if state.get("sharded"):
-            load_sharded(Path(self.cfg.out_dir) / state["sharded"], self.model, self.optimizer)
+            with keeping_settings(self.optimizer):
+                load_sharded(Path(self.cfg.out_dir) / state["sharded"], self.model, self.optimizer)
             self.sharded_at = state["sharded"]
         elif self.cfg.fsdp:
             raise GlimpseError(f"{checkpoint_path(self.cfg.out_dir)} was written without fsdp: resume it with "
@@ -201,7 +202,8 @@ class Run:
         else:
             try:
                 self.model.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+                with keeping_settings(self.optimizer):
+                    self.optimizer.load_state_dict(state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:  # a damaged or hand-edited ckpt.pt
                 if is_out_of_memory(e):  # the run is fine: the device is full
                     raise

@@ -143,7 +143,7 @@ def run_settings(preset: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
     if (passed_over := [f"{key} {json.dumps(kept[key])} (the preset's {json.dumps(value)})"
                         for key, value in preset.items() if key in kept and kept[key] != value]) and first_process():
         print(f"note: a resume takes the run's own settings over a preset's: {', '.join(passed_over)} (a flag "
-              "changes a training setting; the model's shape and optimizer stay the checkpoint's)")
+              "changes a training setting; the model's shape and the optimizer's kind stay the checkpoint's)")
     return kept
 
 

@@ -64,8 +64,8 @@ def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: 
     rest = torchrun(2, str(preset), "--init_from=resume", max_iters, f"--out_dir={tmp_path / 'halves'}")
     assert rest.returncode == 0, rest.stderr
     noted = re.findall(r"note: a resume takes the run's own settings over a preset's: learning_rate \S+ \(the "
-                       r"preset's 0\.5\) \(a flag changes a training setting; the model's shape and optimizer stay "
-                       r"the checkpoint's\)\n", rest.stdout)
+                       r"preset's 0\.5\) \(a flag changes a training setting; the model's shape and the "
+                       r"optimizer's kind stay the checkpoint's\)\n", rest.stdout)
     assert len(noted) == 1, rest.stdout  # said once, not by every process
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))

@@ -818,3 +818,27 @@ def test_compile_mode_reaches_inductor_and_cuda_graphs_are_refused_where_they_wo
     replace(cfg, fsdp=True, optimizer="adamw", compile_mode="max-autotune-no-cudagraphs")  # no graphs: allowed
     setup(replace(cfg, compile=False, gradient_accumulation_steps=2, out_dir=str(tmp_path / "eager")),
           Distributed()).tracker.close()  # the mode is read by compiled runs only
+
+
+def test_a_resume_trains_with_the_optimizer_settings_its_flags_give(tmp_path, data_dir):
+    """torch's load_state_dict brings back each group's saved settings with its state: a resume given
+    --weight_decay=0, --beta2 or Muon's momentum said "changed since the checkpoint" and recorded the new values,
+    but went on with the old ones. The state (moments, momentum buffers, step counts) is still the checkpoint's."""
+    cfg = tiny_config(data_dir, tmp_path / "out", optimizer="muon", max_iters=10, eval_interval=10,
+                      attn_log_interval=0, final_eval=False)
+    train(cfg)
+    saved = load_checkpoint(checkpoint_path(cfg.out_dir))["optimizer"]
+    changed = dict(weight_decay=0.0, beta1=0.8, beta2=0.95, muon_weight_decay=0.03, muon_momentum=0.9,
+                   muon_ns_steps=3)
+    resumed = setup(replace(cfg, init_from="resume", max_iters=20, **changed), Distributed())
+    resumed.tracker.close()
+    muon, decayed, flat = resumed.optimizer.param_groups
+    assert (muon["weight_decay"], muon["momentum"], muon["ns_steps"]) == (0.03, 0.9, 3)
+    assert decayed["weight_decay"] == 0.0 and decayed["betas"] == flat["betas"] == (0.8, 0.95)
+    assert flat["weight_decay"] == 0.0  # biases and gains never decay
+    for part in ("muon", "adamw"):  # the moments and buffers loaded as saved
+        state = resumed.optimizer.state_dict()[part]["state"]
+        assert state.keys() == saved[part]["state"].keys() and state
+        for key, values in saved[part]["state"].items():
+            for name, value in values.items():
+                assert torch.equal(state[key][name], value), (part, key, name)

@@ -249,7 +249,7 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
     assert "changed since the checkpoint: max_iters 40 -> 60\n" in said
     assert said.startswith("note: a resume takes the run's own settings over a preset's: learning_rate 0.003 (the "
                            "preset's 0.5), eval_iters 5 (the preset's 1) (a flag changes a training setting; the "
-                           "model's shape and optimizer stay the checkpoint's)\n"), said
+                           "model's shape and the optimizer's kind stay the checkpoint's)\n"), said
     strip = lambda rs: [{k: v for k, v in r.items() if k not in CLOCKED} for r in rs]  # noqa: E731
     assert strip(read_metrics(tmp_path / "out")) == strip(read_metrics(tmp_path / "straight"))
     recorded = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "straight")}
