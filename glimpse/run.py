@@ -296,7 +296,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     run.tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
-        keep_through_iter=state["iter_num"] if state else None, draw_losses=True,
+        keep_through_iter=state["iter_num"] if state else None,
+        redo_work=state is not None and run.work_done_at != run.iter_num,
+        draw_losses=True,
     )
     if ddp.is_main:
         try:

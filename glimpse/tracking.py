@@ -94,6 +94,12 @@ def start_wandb(**settings):
                            "WANDB_MODE=offline (`wandb sync` uploads it later), or drop --wandb_log") from None
 
 
+def is_step_work(record: dict) -> bool:
+    """Whether a metrics record is a step's scheduled work's (its eval's, its HellaSwag score's), not the log of
+    its training steps (train_loss)."""
+    return "val_loss" in record or "hellaswag_acc" in record
+
+
 class Tracker:
     def __init__(
         self,
@@ -106,6 +112,7 @@ class Tracker:
         config: dict | None = None,
         resume_run_id: str | None = None,
         keep_through_iter: int | None = None,
+        redo_work: bool = False,
         job_type: str = "train",
         append: bool = False,
         draw_losses: bool = False,
@@ -113,6 +120,8 @@ class Tracker:
         """metrics_path: where metrics.jsonl goes (None: nowhere, wandb only).
 
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
+        redo_work: the resumed run does that step's scheduled work again (its checkpoint was taken before it), so
+        what that work logged there (an eval's, HellaSwag's records) is dropped too.
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
         draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss, and
         at once on resume.
@@ -141,7 +150,8 @@ class Tracker:
                                    id=resume_run_id, resume="allow" if resume_run_id else None, job_type=job_type)
         if metrics_path is not None and not append:
             # a finished run's final record stops being final once the run goes on
-            kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter and "final_val_loss" not in r]
+            kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter and "final_val_loss" not in r
+                    and not (redo_work and r["iter"] == keep_through_iter and is_step_work(r))]
             try:
                 write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history
             except GlimpseError:

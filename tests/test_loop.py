@@ -110,6 +110,42 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
     assert evals == [0, 20, 40, 50]
 
 
+def test_a_resume_after_its_steps_work_was_cut_short_logs_that_work_once(tmp_path, data_dir, monkeypatch):
+    """A checkpoint at step 20 taken before its work (a signal, checkpoint_interval_s), then a run that did the
+    eval and died before its next checkpoint: the resume does step 20's eval again, and its record replaces the
+    first one's instead of standing beside it."""
+    import train as train_script
+    from tests.test_hellaswag import own_text_examples, write_examples
+
+    examples = write_examples(tmp_path / "val.jsonl", own_text_examples(2))
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=40, eval_interval=20, lr_decay_iters=40, final_eval=False,
+                      hellaswag_interval=20, hellaswag_file=str(examples))
+    run = setup(cfg, Distributed())
+    stop_during_step(run, 19)
+    with pytest.raises(SystemExit), redirect_stdout(io.StringIO()):
+        loop(run)
+    run.tracker.close()
+    resumed = setup(replace(cfg, init_from="resume"), Distributed())
+
+    def died(run):  # the process dies after step 20's eval, before its snapshot
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(train_script, "snapshot_attention", died)
+    with pytest.raises(RuntimeError, match="killed"), redirect_stdout(io.StringIO()):
+        loop(resumed)
+    resumed.tracker.close()
+    monkeypatch.undo()
+    for key in ("val_loss", "hellaswag_acc"):  # logged before it died
+        assert [r["iter"] for r in read_metrics(cfg.out_dir) if key in r] == [0, 20]
+    assert load_checkpoint(checkpoint_path(cfg.out_dir))["iter_num"] == 20
+    with redirect_stdout(io.StringIO()):
+        train(replace(cfg, init_from="resume"))
+    records = read_metrics(cfg.out_dir)
+    for key in ("val_loss", "hellaswag_acc"):
+        assert [r["iter"] for r in records if key in r] == [0, 20, 40], key
+    assert [r["iter"] for r in records if "train_loss" in r] == list(range(10, 41, 10))  # the steps' logs kept once
+
+
 def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_path, data_dir):
     """A signal at step 15 checkpoints half way through a log interval: the record at step 20 must still average
     steps 11 to 20, as the straight run's does, not only the five steps taken after the resume."""
