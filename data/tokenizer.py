@@ -48,10 +48,13 @@ class CharTokenizer:
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
         unknown = self._codepoints[ids_clipped] != codes
         if unknown.any():
-            missing = sorted({chr(c) for c in codes[unknown]})
+            missing = "".join(sorted({chr(c) for c in codes[unknown]}))
+            # a shell passes "\n" on as a backslash and an n: say so where a newline was meant
+            typed = ("; the text holds \\n as two characters, a backslash and an n, not a newline (in bash write "
+                     "$'...\\n...', or give sample.py the text in a file, --start=FILE:path)" if "\\n" in text else "")
             raise GlimpseError(
-                f"characters not in this model's vocabulary: {''.join(repr(c)[1:-1] for c in missing)!r}; "
-                "a char-level model can only read the characters it was trained on"
+                f"characters not in this model's vocabulary: {missing!r}; a char-level model can only read the "
+                f"characters it was trained on{typed}"
             )
         return ids.astype(dtype)
 

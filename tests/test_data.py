@@ -123,6 +123,15 @@ def test_char_tokenizer_names_unknown_characters():
     assert tok.decode(tok.encode("cab\n")) == "cab\n"
     with pytest.raises(GlimpseError, match="'xz'"):
         tok.encode("axbz")
+    with pytest.raises(GlimpseError) as error:  # each character named once, as Python writes it: a tab, a backslash
+        tok.encode("a\tb\\c")
+    assert str(error.value).startswith("characters not in this model's vocabulary: '\\t\\\\'; a char-level")
+    assert "backslash" not in str(error.value)
+    with pytest.raises(GlimpseError) as error:  # a shell's "\n": two characters where a newline was meant
+        tok.encode("ab\\nc")
+    assert "vocabulary: '\\\\n';" in str(error.value) and str(error.value).endswith(
+        "the text holds \\n as two characters, a backslash and an n, not a newline (in bash write $'...\\n...', "
+        "or give sample.py the text in a file, --start=FILE:path)")
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
