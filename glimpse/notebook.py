@@ -160,8 +160,9 @@ class Model:
         mechanism = trace(self.gpt, ids, self.tokenizer.token_strings(ids))
         return Trace(**vars(mechanism), model=self)
 
-    def induction(self, n_tokens: int | None = None, seed: int = 0, ablation: str | None = "zero") -> dict:
-        """The induction probe sample.py --probe=induction runs (glimpse/induction.py)."""
+    def induction(self, n_tokens: int | None = None, seed: int = 1337, ablation: str | None = "zero") -> dict:
+        """The induction probe sample.py --probe=induction runs (glimpse/induction.py), on the random tokens seed
+        draws: sample.py's probe takes its --seed, whose default this is, so the two give the same numbers."""
         try:
             n_tokens, seed = (None if n_tokens is None else operator.index(n_tokens)), operator.index(seed)
         except TypeError:

@@ -97,6 +97,22 @@ def test_the_model_trained_in_the_notebook_has_the_induction_head_it_takes_apart
     assert layer == 1 and scores[layer, head] > 0.5  # an induction head needs a layer before it
 
 
+def test_the_induction_probe_from_python_gives_sample_pys_numbers(tmp_path, trained):
+    """model.induction() draws the random tokens sample.py --probe=induction draws at its default seed: one probe,
+    the same scores and verdict (a learner compares the two)."""
+    import json
+
+    cfg, _ = trained
+    run = python("sample.py", f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", "--num_samples=1", "--pngs=false",
+                 "--probe=induction", f"--dump_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    printed = json.loads((tmp_path / "probe_induction.json").read_text())
+    probe = load(cfg.out_dir).induction()
+    assert probe["verdict"] == printed["verdict"]
+    for key in ("induction", "prev_token_on_probe", "second_copy_loss_without"):
+        np.testing.assert_allclose(probe[key], printed[key], rtol=1e-5, err_msg=key)
+
+
 def test_one_head_taken_apart_shows_the_traced_numbers(executed):
     _, out = executed
     printed, _ = cell(executed, "step = run.step(layer, head, query)")
