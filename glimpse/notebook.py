@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
@@ -202,9 +203,11 @@ class Trace(Mechanism):
                 + (f" (the text's last {T}, {self.cut} cut before)" if self.cut else "")
                 + ": .weights, .scores, .q, .k, .v, .context, ...; .step(layer, head, query), .show(), .save(folder)>")
 
-    def text_of(self, ids) -> list[str]:
-        """Each token id's own text."""
-        return self.model.tokenizer.token_strings(self.model.known_ids(ids))
+    def text_of(self, ids) -> list:
+        """Each token id's own text, in the shape of ids (lists of lists for the logit lens's (T, k) lens_ids)."""
+        shape = np.shape(ids)
+        texts = self.model.tokenizer.token_strings(self.model.known_ids(ids))
+        return np.array(texts, dtype=object).reshape(shape).tolist() if len(shape) > 1 else texts
 
     def step(self, layer: int, head: int, query: int) -> dict:
         """One query of one head through the lecture's steps, every number taken from the trace: its query
@@ -216,6 +219,8 @@ class Trace(Mechanism):
         (moved_norm; top_moved_key the largest)."""
         n_layer, n_head, T = self.shape
         try:
+            if any(isinstance(i, bool) for i in (layer, head, query)):  # True would be 1
+                raise TypeError
             layer, head, query = (operator.index(i) for i in (layer, head, query))
         except TypeError:
             raise GlimpseError(f"layer, head and query must be whole numbers; got {layer!r}, {head!r}, {query!r}"
@@ -262,9 +267,14 @@ class Trace(Mechanism):
         of a dump there before (its layer_<l>.png and head_importance.json go too)."""
         folder = Path(folder)
         check_writable(folder, "the dump's folder", "give save() a folder you can write")
-        if folder.is_dir() and any(path.is_dir() and path.name.startswith("iter_") for path in folder.iterdir()):
-            raise GlimpseError(f"{folder} holds a training run's attention snapshots, whose index.html a dump would "
-                               f"replace: save into a folder of its own, such as {folder / 'mine'}")
+        # a folder of dumps: training's snapshots (iter_<step>/, under the slider's index.html) or sample.py's
+        # (sample_<i>/, which a later sample.py run tidies): a dump beside them would replace or be lost among them
+        held = {path.name.split("_")[0] for path in (folder.iterdir() if folder.is_dir() else ())
+                if path.is_dir() and re.fullmatch(r"(iter|sample)_\d+", path.name)}
+        if held:
+            what = ("a training run's attention snapshots, whose index.html a dump would replace" if "iter" in held
+                    else "sample.py's dumps, one sample_<i> folder each")
+            raise GlimpseError(f"{folder} holds {what}: save into a folder of its own, such as {folder / 'mine'}")
         write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len), self.meta(),
                    pngs=pngs, mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
         return folder

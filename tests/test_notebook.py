@@ -342,6 +342,10 @@ def test_a_learners_slips_are_one_line_errors_not_wrong_answers(trained, tmp_pat
     snapshots = tmp_path / "attention" / "iter_0"  # a run's snapshot slider, over its iter_<step> folders
     snapshots.mkdir(parents=True)
     slips.append((lambda: run.save(tmp_path / "attention"), "holds a training run's attention snapshots"))
+    (tmp_path / "dumps" / "sample_0").mkdir(parents=True)  # sample.py's dumps, one folder each
+    slips.append((lambda: run.save(tmp_path / "dumps"), "holds sample.py's dumps, one sample_<i> folder each: save "
+                                                          "into a folder of its own, such as"))
+    slips.append((lambda: run.step(True, 0, 0), "layer, head and query must be whole numbers; got True, 0, 0"))
     (tmp_path / "live").mkdir()  # a run's folder before its first checkpoint: only its config.json
     shutil.copy(Path(cfg.out_dir) / "config.json", tmp_path / "live")
     slips.append((lambda: load(tmp_path / "live"), "is a training run with no best.pt or ckpt.pt yet"))
@@ -387,6 +391,9 @@ def test_a_runs_step_checks_its_arguments(trained, tmp_path):
         run.text_of([0, -1])  # not the last token's text
     with pytest.raises(GlimpseError, match=f"token id {vocab} "):
         run.text_of(np.array([[0], [vocab]]))
+    top = run.lens_ids[-1]  # (T, k): the logit lens's top tokens at each position, read in that shape
+    assert run.text_of(top) == [[run.text_of([i])[0] for i in row] for row in top.tolist()] and len(top) == 6
+    assert run.text_of(run.token_ids) == list("ROMEO:") and run.text_of(3) == run.text_of([3])
     assert Path(run.save(tmp_path / "api-dump") / "attention.npz").is_file()
     assert not list((tmp_path / "api-dump").glob("*.png"))  # pictures only when asked: they cost seconds
     assert (run.save(tmp_path / "with-pictures", pngs=True) / "layer_0.png").is_file()
