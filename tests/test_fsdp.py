@@ -110,6 +110,25 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(tmp_path, data_di
     assert_same_losses(read_metrics(tmp_path), read_metrics(runs["fsdp"]))
 
 
+def test_a_sharded_resume_trains_with_the_optimizer_settings_its_flags_give(tmp_path, data_dir, runs):
+    """DCP's load, like torch's load_state_dict, brings back the saved optimizer groups' settings with their state:
+    a sharded resume given --beta1=0.5 goes on as one unsharded process resumed with it does, not as the run
+    left off."""
+    settings = [f"--data_dir={data_dir}", *EVALS]
+    losses = {}
+    starts = {"sharded": lambda *a: torchrun(2, *FSDP, *a), "one": lambda *a: python("train.py", *SETTINGS, *a)}
+    for name, start in starts.items():
+        out = f"--out_dir={tmp_path / name}"
+        assert start(*settings, out, "--max_iters=6").returncode == 0
+        rest = start(*settings, out, "--init_from=resume", "--beta1=0.5")
+        assert rest.returncode == 0, rest.stderr
+        losses[name] = read_metrics(tmp_path / name)
+    assert_same_losses(losses["sharded"], losses["one"])
+    changed = [r for r in losses["sharded"] if r["iter"] > 6 and "train_loss" in r]
+    left_off = {r["iter"]: r for r in read_metrics(runs["fsdp"]) if "train_loss" in r}
+    assert changed and all(r["train_loss"] != left_off[r["iter"]]["train_loss"] for r in changed[1:])
+
+
 def test_a_slot_written_again_by_fewer_processes_holds_their_shards_alone(tmp_path, data_dir):
     """Two processes save at step 6 into one slot; one process resumed saves at 12 into the other and at 18 into the
     first again, which is emptied first: no shard of the two-process save is left beside the new one."""
