@@ -160,6 +160,13 @@ class Run:
     def step_shape(self, it: int) -> tuple[int, int]:
         return step_shape(self.cfg, it)
 
+    def ended(self) -> str:
+        """What ended the run at its step ("max_iters=5000", "max_time=60 s spent"), or "" while steps are left."""
+        if self.iter_num >= self.cfg.max_iters:
+            return f"max_iters={self.cfg.max_iters}"
+        return f"max_time={self.cfg.max_time:g} s spent" if self.cfg.max_time and \
+            self.train_seconds >= self.cfg.max_time else ""
+
     def say(self, text: str):
         """A line on stdout from the main process, above the bar, flushed: a log file or pipe gets it at once."""
         if self.ddp.is_main:
@@ -293,12 +300,12 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
     # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
     # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
+    redo_work = state is not None and run.work_done_at != run.iter_num  # the step's eval and the rest, still to do
     run.tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
-        keep_through_iter=state["iter_num"] if state else None,
-        redo_work=state is not None and run.work_done_at != run.iter_num,
-        draw_losses=True,
+        keep_through_iter=state["iter_num"] if state else None, redo_work=redo_work,
+        logs_at_checkpoint=redo_work or bool(state and run.ended() and cfg.final_eval), draw_losses=True,
     )
     if ddp.is_main:
         try:
@@ -317,9 +324,7 @@ def resumed(run: Run, saved: dict):
     from the run it resumes (saved: that run's train config)."""
     run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
             + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
-    cfg = run.cfg
-    if run.iter_num >= cfg.max_iters or (cfg.max_time and run.train_seconds >= cfg.max_time):
-        ended = f"max_iters={cfg.max_iters}" if run.iter_num >= cfg.max_iters else f"max_time={cfg.max_time:g} s spent"
+    if ended := run.ended():
         run.say(f"note: the run had ended there ({ended}), so no step is left to train: raise --max_iters (or "
                 "--max_time) to train on")
     if steps := run.tracker.dropped_steps:
@@ -335,8 +340,9 @@ def resumed(run: Run, saved: dict):
                     "checkpoint: the steps from it are retraced")
     if run.tracker.left_wandb_run:
         old_id, logged_to = run.tracker.left_wandb_run
-        run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, past the checkpoint, and wandb drops a "
-                f"resumed run's steps below its last: this run goes on in a new wandb run, {run.tracker.run_id}")
+        where = "past the checkpoint" if logged_to > run.iter_num else "the checkpoint's, which this run logs again"
+        run.say(f"wandb: run {old_id} logged up to step {logged_to:,}, {where}, and a resumed wandb run takes only "
+                f"steps after its last: this run goes on in a new wandb run, {run.tracker.run_id}")
     settings = config_values(run.cfg)
     named_apart = ("init_from", "out_dir", "data_dir", "dataset")  # the dataset's move has a note of its own
     if moved := [f"{key} {json.dumps(saved[key])} -> {json.dumps(value)}" for key, value in settings.items()

@@ -113,6 +113,7 @@ class Tracker:
         resume_run_id: str | None = None,
         keep_through_iter: int | None = None,
         redo_work: bool = False,
+        logs_at_checkpoint: bool = False,
         job_type: str = "train",
         append: bool = False,
         draw_losses: bool = False,
@@ -122,6 +123,7 @@ class Tracker:
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
         redo_work: the resumed run does that step's scheduled work again (its checkpoint was taken before it), so
         what that work logged there (an eval's, HellaSwag's records) is dropped too.
+        logs_at_checkpoint: the resumed run logs at the checkpoint's step itself (that work, or a final eval).
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
         draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss, and
         at once on resume.
@@ -141,9 +143,11 @@ class Tracker:
         logged_to = max((r["iter"] for r in old), default=-1)
         # the steps the old run logged after the checkpoint, whose records go: the resumed run retraces them
         self.dropped_steps = sorted({r["iter"] for r in old if r["iter"] > keep_through_iter}) if old else []
-        if wandb_log and resume_run_id and keep_through_iter is not None and logged_to > keep_through_iter:
-            # the old run logged past its checkpoint (killed between checkpoints) and wandb drops a resumed run's
-            # records at steps below its last, so the steps retraced go to a new wandb run instead of nowhere
+        first_step = keep_through_iter if logs_at_checkpoint else (keep_through_iter or 0) + 1
+        if wandb_log and resume_run_id and keep_through_iter is not None and logged_to >= first_step:
+            # the old run logged at a step the resumed run logs at again (killed between checkpoints, or during a
+            # step's work), and a resumed wandb run takes steps after its last only, dropping the others: the
+            # steps retraced go to a new wandb run instead of nowhere
             self.left_wandb_run, resume_run_id = (resume_run_id, logged_to), None
         if wandb_log:  # first: a wandb that cannot start a run stops the run before metrics.jsonl is touched
             self.run = start_wandb(project=wandb_project, name=wandb_run_name or None, config=config,

@@ -113,13 +113,16 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
 def test_a_resume_after_its_steps_work_was_cut_short_logs_that_work_once(tmp_path, data_dir, monkeypatch):
     """A checkpoint at step 20 taken before its work (a signal, checkpoint_interval_s), then a run that did the
     eval and died before its next checkpoint: the resume does step 20's eval again, and its record replaces the
-    first one's instead of standing beside it."""
+    first one's instead of standing beside it; in wandb, whose resumed run takes only steps after its last (20),
+    it goes on in a new run."""
     import train as train_script
     from tests.test_hellaswag import own_text_examples, write_examples
 
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
     examples = write_examples(tmp_path / "val.jsonl", own_text_examples(2))
     cfg = tiny_config(data_dir, tmp_path / "out", max_iters=40, eval_interval=20, lr_decay_iters=40, final_eval=False,
-                      hellaswag_interval=20, hellaswag_file=str(examples))
+                      hellaswag_interval=20, hellaswag_file=str(examples), wandb_log=True)
     run = setup(cfg, Distributed())
     stop_during_step(run, 19)
     with pytest.raises(SystemExit), redirect_stdout(io.StringIO()):
@@ -130,16 +133,17 @@ def test_a_resume_after_its_steps_work_was_cut_short_logs_that_work_once(tmp_pat
     def died(run):  # the process dies after step 20's eval, before its snapshot
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(train_script, "snapshot_attention", died)
-    with pytest.raises(RuntimeError, match="killed"), redirect_stdout(io.StringIO()):
+    with monkeypatch.context() as patched, pytest.raises(RuntimeError, match="killed"), \
+            redirect_stdout(io.StringIO()):
+        patched.setattr(train_script, "snapshot_attention", died)
         loop(resumed)
     resumed.tracker.close()
-    monkeypatch.undo()
     for key in ("val_loss", "hellaswag_acc"):  # logged before it died
         assert [r["iter"] for r in read_metrics(cfg.out_dir) if key in r] == [0, 20]
     assert load_checkpoint(checkpoint_path(cfg.out_dir))["iter_num"] == 20
-    with redirect_stdout(io.StringIO()):
+    with redirect_stdout(io.StringIO()) as said:
         train(replace(cfg, init_from="resume"))
+    assert "logged up to step 20, the checkpoint's, which this run logs again" in said.getvalue()
     records = read_metrics(cfg.out_dir)
     for key in ("val_loss", "hellaswag_acc"):
         assert [r["iter"] for r in records if key in r] == [0, 20, 40], key

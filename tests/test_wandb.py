@@ -1,5 +1,6 @@
 """wandb logging in offline mode: the run records the config and every scalar train.py logged."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,30 @@ def test_a_resume_behind_what_its_wandb_run_logged_goes_on_in_a_new_wandb_run(tm
     onwards = python("train.py", *args, "--max_iters=30", "--init_from=resume", env=env)
     assert onwards.returncode == 0 and "wandb: run" not in onwards.stdout, onwards.stderr
     assert load_checkpoint(checkpoint_path(out))["wandb_run_id"] == new_id
+
+
+def test_a_resume_that_logs_at_its_checkpoints_step_again_goes_on_in_a_new_wandb_run(tmp_path, data_dir):
+    """A resumed wandb run takes only steps after its last, and the old run logged at the checkpoint's step: a
+    resume that logs there again (the final eval of a run killed during it, a step's eval after a checkpoint taken
+    before it) goes on in a new wandb run; one that logs only later steps stays in the old one."""
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    args = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--n_layer=1",
+            "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--eval_interval=10", "--eval_iters=2",
+            "--log_interval=5", "--wandb_log=true", "--attn_log_interval=0", "--max_iters=10"]
+    assert python("train.py", *args, env=env).returncode == 0
+    first_id = load_checkpoint(checkpoint_path(out))["wandb_run_id"]
+    again = python("train.py", *args, "--init_from=resume", env=env)  # the final eval at step 10, once more
+    assert again.returncode == 0, again.stderr
+    said = re.search(f"wandb: run {first_id} logged up to step 10, the checkpoint's, which this run logs again, .*: "
+                     r"this run goes on in a new wandb run, (\w+)\n", again.stdout)
+    assert said, again.stdout
+    (new_run,) = (tmp_path / "wandb").glob(f"offline-run-*-{said[1]}")
+    assert [(row["_step"], "final_val_loss" in row) for row in logged_history(new_run)] == [(10, True)]
+    # it saved no checkpoint (no step taken): a resume that trains on logs steps 11 on, in the first wandb run
+    onwards = python("train.py", *args, "--init_from=resume", "--final_eval=false", "--max_iters=15", env=env)
+    assert onwards.returncode == 0 and "wandb: run" not in onwards.stdout, onwards.stderr
+    assert load_checkpoint(checkpoint_path(out))["wandb_run_id"] == first_id
 
 
 def no_login_env(home: Path) -> dict:
