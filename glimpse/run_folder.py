@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from glimpse.checkpoint import best_path, checkpoint_path, load_checkpoint, refuse_run_folder
+from glimpse.checkpoint import best_path, checkpoint_path, folder_missing, load_checkpoint, refuse_run_folder
 from glimpse.config import config_keys, recorded_values
 from glimpse.distributed import first_process
 from glimpse.errors import GlimpseError
@@ -90,6 +90,9 @@ def check_out_dir(out_dir: Path, init_from: str):
             raise GlimpseError(f"{out_dir} has best.pt but no ckpt.pt: its run stopped before saving its training "
                                "state, and best.pt holds only weights (for sample.py and eval.py), so it cannot be "
                                "resumed; start a new run in another --out_dir")
+        if not ckpt.exists():  # said before a preset's corpus is prepared, or fetched for hours, for nothing
+            raise GlimpseError(f"no checkpoint at {ckpt}{folder_missing(out_dir)}, so nothing to resume: give the "
+                               "--out_dir of the run to go on with, or start a new run without --init_from=resume")
         return
     if ckpt.exists():
         raise GlimpseError(f"{ckpt} exists: continue it with --init_from=resume, or start fresh in another --out_dir "

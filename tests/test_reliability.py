@@ -615,18 +615,20 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
         ([f"--out_dir={out}", "--init_from=resume", "--optimizer=muon"],
          "a resume takes the run's own settings, those its checkpoint was saved with"),
         ([f"--out_dir={edited}", "--init_from=resume"], "holds its run's settings as list, not the table a run saves"),
+        ([f"--out_dir={tmp_path / 'typo'}", "--init_from=resume"],
+         f"no checkpoint at {tmp_path / 'typo' / 'ckpt.pt'} (no such folder), so nothing to resume: give the"),
     ]
     for argv, expected in cases:
         assert expected in run_main(train.main, [f"--data_dir={data_dir}", *TINY, *argv], capsys), argv
     # what needs no checkpoint read is refused before any data is prepared: shakespeare_char, which is not in this
     # data_dir, is neither downloaded nor looked for
     unprepared = tmp_path / "unprepared"
-    early = cases[:2] + cases[4:9] + cases[10:11] + [([f"--out_dir={tmp_path / 'new'}", f"--init_from={out}"],
-                                       "holds a glimpse run's checkpoints")]
+    early = cases[:2] + cases[4:9] + cases[10:11] + cases[-1:] + [
+        ([f"--out_dir={tmp_path / 'new'}", f"--init_from={out}"], "holds a glimpse run's checkpoints")]
     for argv, expected in early:
         assert expected in run_main(train.main, [f"--data_dir={unprepared}", *TINY, "--dataset=shakespeare_char",
                                                  *argv], capsys), argv
-    assert not unprepared.exists() and not (tmp_path / "new").exists()
+    assert not unprepared.exists() and not (tmp_path / "new").exists() and not (tmp_path / "typo").exists()
     assert files_in(tmp_path) == files  # nothing written, nothing lost
 
 
