@@ -191,7 +191,7 @@ class Run:
         return {**self.weights_dict(), **training, "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                 "steps_seconds": self.steps_seconds,
-                "work_done": self.work_done_at == self.iter_num,
+                "work_done": self.work_done_at == self.iter_num, "dataset_prepared": self.data.prepared,
                 "step_lr": self.step_lr, "tokens_per_sec": self.tokens_per_sec,  # what the step's eval reports
                 "unlogged_loss": list(self.unlogged_loss),
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
@@ -314,14 +314,15 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
             run.tracker.close()
             raise
     if state is not None:
-        resumed(run, state["train_config"])
+        resumed(run, state["train_config"], state.get("dataset_prepared"))
     return run
 
 
-def resumed(run: Run, saved: dict):
+def resumed(run: Run, saved: dict, prepared: dict | None):
     """What resuming does beyond loading the checkpoint: the old run's attention snapshots after it go, as its
     records after it did from metrics.jsonl; and the run says where it goes on from and what it does differently
-    from the run it resumes (saved: that run's train config)."""
+    from the run it resumes (saved: that run's train config; prepared: its dataset's preparation, None before
+    checkpoints kept it)."""
     run.say(f"resumed from {checkpoint_path(run.cfg.out_dir)} at step {run.iter_num:,}"
             + (f" (best val loss so far {run.best_val_loss:.4f})" if math.isfinite(run.best_val_loss) else ""))
     if ended := run.ended():
@@ -351,10 +352,14 @@ def resumed(run: Run, saved: dict):
     changed = [key for key in ("eval_iters", "batch_size", "seed") if key in saved and saved[key] != settings[key]]
     was = Path(saved.get("data_dir", run.cfg.data_dir)) / saved.get("dataset", run.cfg.dataset)
     now = Path(run.cfg.data_dir) / run.cfg.dataset
+    best = (", and best.pt is replaced only by a loss on its validation split below the best so far on the other's"
+            if math.isfinite(run.best_val_loss) else "")
     if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
-        run.say(f"note: dataset {was} -> {now} since the checkpoint: the run goes on training on another corpus"
-                + (", and best.pt is replaced only by a loss on its validation split below the best so far on the "
-                   "other's" if math.isfinite(run.best_val_loss) else ""))
+        run.say(f"note: dataset {was} -> {now} since the checkpoint: the run goes on training on another corpus{best}")
+    elif prepared and prepared != run.data.prepared:  # the same folder, prepared again with the same tokenizer
+        counts = lambda p: f"{p['train_tokens']:,} train and {p['val_tokens']:,} val tokens"  # noqa: E731
+        run.say(f"note: dataset {now} was prepared again since the checkpoint ({counts(prepared)} then, "
+                f"{counts(run.data.prepared)} now): the run goes on training on other batches{best}")
     if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
         run.say(f"note: with {' and '.join(changed)} changed, the evals now score other batches than the best so far "
                 "was scored on, so best.pt is replaced only by a loss below it on the new ones")

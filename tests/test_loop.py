@@ -233,6 +233,35 @@ def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
         "training on another corpus, and best.pt is replaced only by a loss on its validation split" in said["data"]
 
 
+def test_a_resume_on_its_dataset_prepared_again_says_so(tmp_path, corpus_file):
+    """The run's own dataset folder, prepared again with the same tokenizer (another split of the text): the resume
+    is allowed, as on another folder, but no longer takes the batches the run would have, which it says."""
+    from data.prepare import PrepareConfig, prepare
+
+    with redirect_stderr(io.StringIO()):
+        prepare(PrepareConfig(dataset="tiny", input=str(corpus_file), data_dir=str(tmp_path / "data")))
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", max_iters=10, eval_interval=10, attn_log_interval=0,
+                      final_eval=False)
+    train(cfg)
+    before = load_checkpoint(checkpoint_path(cfg.out_dir))["dataset_prepared"]
+    for name, fraction in (("same", 0.0), ("again", 0.2)):  # prepared anew as it was, then with a larger val split
+        with redirect_stderr(io.StringIO()):
+            prepare(PrepareConfig(dataset="tiny", input=str(corpus_file), data_dir=str(tmp_path / "data"),
+                                  **({"val_fraction": fraction} if fraction else {})))
+        shutil.copytree(cfg.out_dir, tmp_path / name)
+        with redirect_stdout(io.StringIO()) as said:
+            train(replace(cfg, out_dir=str(tmp_path / name), init_from="resume", max_iters=11))
+        if not fraction:
+            assert "note:" not in said.getvalue()
+    now = load_checkpoint(checkpoint_path(tmp_path / "again"))["dataset_prepared"]
+    assert now["val_tokens"] > before["val_tokens"] and now["source"] == before["source"] == str(corpus_file)
+    assert (f"note: dataset {tmp_path / 'data' / 'tiny'} was prepared again since the checkpoint "
+            f"({before['train_tokens']:,} train and {before['val_tokens']:,} val tokens then, {now['train_tokens']:,} "
+            f"train and {now['val_tokens']:,} val tokens now): the run goes on training on other batches, and best.pt "
+            "is replaced only by a loss on its validation split below the best so far on the other's"
+            ) in said.getvalue()
+
+
 def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):
     """tokens/s over steps only, however an eval falls between log steps; MFU from each step's own length."""
     now = [0.0]
