@@ -19,7 +19,9 @@ shards: after a crash the same command keeps them and writes the rest, the same 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -115,11 +117,13 @@ class PrepareConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
 
 
-def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
+def prepare(cfg: PrepareConfig, start_method: str | None = None, alone: bool = False) -> Path:
     """Read (or download or stream), tokenize, split and write one dataset; return its folder.
 
     start_method: how the tokenizing processes start (multiprocessing's; None: the platform's default). A run
     that fails on bad input removes the folders it made (data_dir, NAME/) when nothing was written in them.
+    alone: take the dataset's lock first, refusing to start while another process prepares it (prepare.py's
+    way; train.py takes the lock itself, waiting its turn, before it calls this).
     """
     out = Path(cfg.data_dir) / cfg.dataset
     existing = nearest_existing(out)
@@ -128,10 +132,34 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None) -> Path:
                            else "--data_dir must be a folder, or a path where one can be made"))
     made = missing_folders(out)
     try:
-        return make_dataset(cfg, out, start_method)
+        with preparing(out.parent, cfg.dataset, wait=False) if alone else contextlib.nullcontext():
+            return make_dataset(cfg, out, start_method)
     except GlimpseError:
+        if out.parent in made:  # the lock file in a data_dir made here too: a mistyped --data_dir is not left behind
+            lock_file(out.parent, cfg.dataset).unlink(missing_ok=True)
         remove_empty(made)
         raise
+
+
+def lock_file(data_dir: Path, dataset: str) -> Path:
+    return data_dir / f".{dataset}.lock"
+
+
+@contextlib.contextmanager
+def preparing(data_dir: Path, dataset: str, wait: bool = True):
+    """Hold the machine's lock on preparing dataset in data_dir (a file beside it, .NAME.lock), so that no two
+    processes write its staging folder at once: with wait, take it in turn (train.py's processes: the first
+    prepares, the others find it done); without, refuse at once while another holds it. The OS releases it when
+    the process ends, however it ends."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_file(data_dir, dataset), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise GlimpseError(f"dataset {dataset!r} in {data_dir} is being prepared by another process (a "
+                               "data/prepare.py, or a train.py that prepares it): let it finish, then run this "
+                               "again") from None
+        yield
 
 
 def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Path:
@@ -300,7 +328,7 @@ def main(argv: list[str] | None = None):
             PrepareConfig, sys.argv[1:] if argv is None else argv,
             prog="data/prepare.py", description=__doc__, allow_file=False,
         )
-        prepare(cfg)
+        prepare(cfg, alone=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ glimpse/run.py's setup opens it; train.py prepares it first.
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 
 from data import hellaswag
 from data.dataset import TokenData
-from data.prepare import BUILTIN, ensure_dataset
+from data.prepare import BUILTIN, ensure_dataset, lock_file, preparing
 from glimpse.distributed import Distributed, machines
 from glimpse.errors import GlimpseError
 from glimpse.files import missing_folders, remove_empty
@@ -38,11 +37,8 @@ def prepare_data(cfg: TrainConfig):
         return
     data_dir = Path(cfg.data_dir)
     made = missing_folders(data_dir)
-    lock_path = data_dir / f".{cfg.dataset}.lock"
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        with preparing(data_dir, cfg.dataset):  # each process in turn
             ensure_dataset(cfg.dataset, cfg.data_dir)
             if cfg.hellaswag_interval:
                 hellaswag.val_file(cfg.hellaswag_file, cfg.data_dir)
@@ -50,7 +46,7 @@ def prepare_data(cfg: TrainConfig):
         raise GlimpseError(f"could not prepare {cfg.dataset!r} in --data_dir {data_dir}: {e.strerror or e}") from None
     finally:
         if made and not (data_dir / cfg.dataset / "meta.json").exists():  # a mistyped --data_dir is not left behind
-            lock_path.unlink(missing_ok=True)
+            lock_file(data_dir, cfg.dataset).unlink(missing_ok=True)
             remove_empty(made)  # those left empty: a preparation that failed part-way keeps its finished shards
 
 

@@ -213,6 +213,29 @@ def test_a_failed_write_removes_its_own_temporary_file_only(tmp_path):
     assert (tmp_path / "train.bin.part").read_text() == "another node's"
 
 
+def test_a_second_prepare_of_a_dataset_being_prepared_is_refused_at_once(tmp_path, corpus_file):
+    """Two prepare.py runs of one dataset would write one staging folder, the second taking over the first's
+    finished shards as its own and truncating the file it writes: the second says another process prepares it, and
+    touches nothing; once the first is done (its lock gone with it), the same command runs."""
+    import fcntl
+
+    from data.prepare import preparing
+
+    args = ["data/prepare.py", "--dataset=busy", f"--input={corpus_file}", f"--data_dir={tmp_path}"]
+    with preparing(tmp_path, "busy"):  # as a prepare.py or train.py at work on it would hold it
+        refused = python(*args)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr == (f"error: dataset 'busy' in {tmp_path} is being prepared by another process (a "
+                                  "data/prepare.py, or a train.py that prepares it): let it finish, then run this "
+                                  "again\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".busy.lock"]  # no dataset folder begun
+    done = python(*args)
+    assert done.returncode == 0, done.stderr
+    assert TokenData(tmp_path / "busy").prepared["source"] == str(corpus_file)
+    with open(tmp_path / ".busy.lock") as lock:  # released when prepare.py ended
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_prepare_cli_and_its_errors(tmp_path, corpus_file):
     ok = python("data/prepare.py", "--dataset=cli", f"--input={corpus_file}", f"--data_dir={tmp_path}")
     assert ok.returncode == 0, ok.stderr
