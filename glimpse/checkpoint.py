@@ -69,12 +69,19 @@ def folder_missing(folder: Path) -> str:
             else " (a link to nothing)" if folder.is_symlink() else " (no such folder)")
 
 
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face model folder's weights, either format
+
+
 def chosen_checkpoint(out_dir: str | Path, which: Which) -> Path:
     """The file --checkpoint=which names; auto falls back to ckpt.pt for runs older than best.pt."""
     if which not in get_args(Which):  # the scripts' flags are checked already; a notebook's argument is not
         raise GlimpseError(f"checkpoint must be one of {', '.join(get_args(Which))}, got {which!r}")
     folder = Path(out_dir)
     if which == "auto" and not best_path(folder).exists() and not checkpoint_path(folder).exists():
+        if (folder / "config.json").is_file() and any((folder / name).is_file() for name in HF_WEIGHTS):
+            raise GlimpseError(f"{folder} holds a Hugging Face model (an export, a download), not a glimpse run's "
+                               f"checkpoints: give it as --init_from={folder} (sample.py; eval.py for "
+                               "--task=hellaswag)")
         raise GlimpseError(f"no {BEST_NAME} or {CHECKPOINT_NAME} in {folder}{folder_missing(folder)}: train one first "
                            "(python train.py ...) or fix --out_dir")
     if which == "last" or (which == "auto" and not best_path(out_dir).exists()):

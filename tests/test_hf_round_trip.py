@@ -118,6 +118,22 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
     assert not (refused / "ckpt.pt").exists() and not (refused / "best.pt").exists()
 
 
+def test_an_export_given_as_a_runs_out_dir_says_to_give_it_as_init_from(char_folder, capsys):
+    """An export holds config.json and model.safetensors, no best.pt: sample.py and eval.py read it through
+    --init_from, which the error says, rather than to train one first."""
+    import eval as eval_script
+
+    expected = (f"error: {char_folder} holds a Hugging Face model (an export, a download), not a glimpse run's "
+                f"checkpoints: give it as --init_from={char_folder} (sample.py; eval.py for --task=hellaswag)")
+    assert run_main(sample.main, [f"--out_dir={char_folder}", "--device=cpu"], capsys) == expected
+    assert run_main(eval_script.main, [f"--out_dir={char_folder}", "--device=cpu"], capsys) == expected
+    (char_folder / "config.json").rename(char_folder / "config.json.away")  # weights alone are no model folder
+    try:
+        assert "train one first" in run_main(sample.main, [f"--out_dir={char_folder}", "--device=cpu"], capsys)
+    finally:
+        (char_folder / "config.json.away").rename(char_folder / "config.json")
+
+
 def test_finetune_exported_char_model_on_bpe_dataset_is_refused(char_folder, tmp_path, gpt2_ranks, capsys):
     data = bpe_data(tmp_path)
     line = run_main(train.main, [f"--init_from={char_folder}", "--dataset=bpe", f"--data_dir={data}",
