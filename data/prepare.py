@@ -23,6 +23,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -275,6 +276,12 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
     meta = {"tokenizer": tokenizer.spec, "vocab_size": tokenizer.vocab_size, "dtype": progress.dtype.name,
             "source": settings["source"], "documents": router.docs}
     publish(out, staging, progress.writers, meta)
+    held = meta["val_tokens"] / max(1, meta["train_tokens"] + meta["val_tokens"])
+    fraction = 0.0 if cfg.val_tokens else cfg.val_fraction or VAL_FRACTION
+    if router.docs > 1 and held > 2 * fraction > 0:  # whole documents held out, and so few that one is a large share
+        print(f"note: validation holds {held:.0%} of the tokens: it takes whole documents, "
+              f"{math.ceil(router.docs * fraction):,} of these {router.docs:,}; with so few, join them into one file, "
+              f"whose last {fraction:g} of the tokens is held out", file=sys.stderr)
 
 
 def tokenize_into(router: Router, progress: Progress, bar: tqdm, batches):

@@ -236,6 +236,26 @@ def test_a_second_prepare_of_a_dataset_being_prepared_is_refused_at_once(tmp_pat
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_validation_split_far_above_its_fraction_says_why_and_what_to_do(tmp_path, corpus_file, capsys):
+    """Validation takes whole documents: of two books, one, half the text, where a tenth was asked for. prepare.py
+    says so; with documents enough, or one document (its last tokens held out), it says nothing more."""
+    books = tmp_path / "books"
+    books.mkdir()
+    text = corpus_file.read_text(encoding="utf-8")
+    for n in (1, 2):
+        (books / f"book{n}.txt").write_text(text, encoding="utf-8")
+    prepare(PrepareConfig(dataset="two", input=str(books), data_dir=str(tmp_path / "data")))
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == ("note: validation holds 50% of the tokens: it takes whole documents, 1 of these 2; with so "
+                       "few, join them into one file, whose last 0.1 of the tokens is held out")
+    many = tmp_path / "many.jsonl"  # 40 documents: a tenth of them is near a tenth of the text
+    many.write_text("".join(json.dumps({"text": text[i::40]}) + "\n" for i in range(40)), encoding="utf-8")
+    for name, source, extra in (("one", corpus_file, {}), ("asked", books, {"val_fraction": 0.5}),
+                                ("many", many, {})):
+        prepare(PrepareConfig(dataset=name, input=str(source), data_dir=str(tmp_path / "data"), **extra))
+        assert "note:" not in capsys.readouterr().err, name
+
+
 def test_prepare_cli_and_its_errors(tmp_path, corpus_file):
     ok = python("data/prepare.py", "--dataset=cli", f"--input={corpus_file}", f"--data_dir={tmp_path}")
     assert ok.returncode == 0, ok.stderr
