@@ -46,7 +46,8 @@ class TokenData:
             raise GlimpseError(f"{folder} is not a dataset data/prepare.py prepared: its meta.json has {missing}; "
                                f"prepare it with {prepare_command(folder)}") from None
         # what tells one preparation of the folder from another with the same tokenizer (a checkpoint keeps it)
-        self.prepared = {"source": self.meta.get("source"), "documents": self.meta.get("documents"),
+        # (not its source: the same file may be named another way, --input=play.txt then /data/play.txt)
+        self.prepared = {"documents": self.meta.get("documents"),
                          **{f"{split}_tokens": sum(tokens for _, tokens in shards[split]) for split in shards}}
         self.splits = {}  # split -> [memmap per shard]
         for split in ("train", "val"):

@@ -132,13 +132,15 @@ def prepare(cfg: PrepareConfig, start_method: str | None = None, alone: bool = F
         raise GlimpseError(f"{str(existing)!r} is a file: " + ("move it, or choose another --dataset" if existing == out
                            else "--data_dir must be a folder, or a path where one can be made"))
     made = missing_folders(out)
+    held = False  # the lock, when alone: a process refused it leaves another's lock file alone
     try:
         with preparing(out.parent, cfg.dataset, wait=False) if alone else contextlib.nullcontext():
+            held = alone
             return make_dataset(cfg, out, start_method)
     except GlimpseError:
-        if out.parent in made:  # the lock file in a data_dir made here too: a mistyped --data_dir is not left behind
+        if held and out.parent in made:  # its lock file in a data_dir made here: a mistyped --data_dir goes whole
             lock_file(out.parent, cfg.dataset).unlink(missing_ok=True)
-        remove_empty(made)
+        remove_empty(made)  # those still empty: never a folder another process has written in
         raise
 
 
@@ -277,11 +279,12 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
             "source": settings["source"], "documents": router.docs}
     publish(out, staging, progress.writers, meta)
     held = meta["val_tokens"] / max(1, meta["train_tokens"] + meta["val_tokens"])
-    fraction = 0.0 if cfg.val_tokens else cfg.val_fraction or VAL_FRACTION
-    if router.docs > 1 and held > 2 * fraction > 0:  # whole documents held out, and so few that one is a large share
+    fraction = 0.0 if cfg.val_tokens else float(router.val_share)
+    if router.docs > 1 and held > 2 * fraction > 0:  # whole documents, so few or so uneven that they miss the share
         print(f"note: validation holds {held:.0%} of the tokens: it takes whole documents, "
-              f"{math.ceil(router.docs * fraction):,} of these {router.docs:,}; with so few, join them into one file, "
-              f"whose last {fraction:g} of the tokens is held out", file=sys.stderr)
+              f"{math.ceil(router.docs * router.val_share):,} of these {router.docs:,}; for a share nearer "
+              f"{fraction:g}, give more documents or ones of more even sizes, or join them into one file, whose last "
+              f"{fraction:g} of the tokens is held out", file=sys.stderr)
 
 
 def tokenize_into(router: Router, progress: Progress, bar: tqdm, batches):

@@ -51,7 +51,8 @@ class CharTokenizer:
             missing = "".join(sorted({chr(c) for c in codes[unknown]}))
             # a shell passes "\n" on as a backslash and an n: say so where a newline was meant
             typed = ("; the text holds \\n as two characters, a backslash and an n, not a newline (in bash write "
-                     "$'...\\n...', or give sample.py the text in a file, --start=FILE:path)" if "\\n" in text else "")
+                     "$'...\\n...', or give sample.py the text in a file, --start=FILE:path)"
+                     if "\\" in missing and "\\n" in text else "")
             raise GlimpseError(
                 f"characters not in this model's vocabulary: {missing!r}; a char-level model can only read the "
                 f"characters it was trained on{typed}"

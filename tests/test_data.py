@@ -2,8 +2,10 @@
 
 import codecs
 import json
+import math
 import random
 import tempfile
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -127,6 +129,9 @@ def test_char_tokenizer_names_unknown_characters():
         tok.encode("a\tb\\c")
     assert str(error.value).startswith("characters not in this model's vocabulary: '\\t\\\\'; a char-level")
     assert "backslash" not in str(error.value)
+    with pytest.raises(GlimpseError) as error:  # a backslash the model reads: no word about \n for another character
+        CharTokenizer.from_text("ab\\n").encode("a\\nbé")
+    assert str(error.value).endswith("'é'; a char-level model can only read the characters it was trained on")
     with pytest.raises(GlimpseError) as error:  # a shell's "\n": two characters where a newline was meant
         tok.encode("ab\\nc")
     assert "vocabulary: '\\\\n';" in str(error.value) and str(error.value).endswith(
@@ -231,7 +236,7 @@ def test_a_second_prepare_of_a_dataset_being_prepared_is_refused_at_once(tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == [".busy.lock"]  # no dataset folder begun
     done = python(*args)
     assert done.returncode == 0, done.stderr
-    assert TokenData(tmp_path / "busy").prepared["source"] == str(corpus_file)
+    assert TokenData(tmp_path / "busy").prepared["train_tokens"] > 0
     with open(tmp_path / ".busy.lock") as lock:  # released when prepare.py ended
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -246,8 +251,17 @@ def test_a_validation_split_far_above_its_fraction_says_why_and_what_to_do(tmp_p
         (books / f"book{n}.txt").write_text(text, encoding="utf-8")
     prepare(PrepareConfig(dataset="two", input=str(books), data_dir=str(tmp_path / "data")))
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == ("note: validation holds 50% of the tokens: it takes whole documents, 1 of these 2; with so "
-                       "few, join them into one file, whose last 0.1 of the tokens is held out")
+    assert err[-1] == ("note: validation holds 50% of the tokens: it takes whole documents, 1 of these 2; for a "
+                       "share nearer 0.1, give more documents or ones of more even sizes, or join them into one file, "
+                       "whose last 0.1 of the tokens is held out")
+    share = Fraction("0.07")  # the split's rule: document d is held out when it raises ceil(n * share)
+    val = {d for d in range(100) if math.ceil((d + 1) * share) > math.ceil(d * share)}
+    assert len(val) == 7
+    many = [json.dumps({"text": text if i in val else text[:200]}) + "\n" for i in range(100)]  # held-out ones long
+    (tmp_path / "uneven.jsonl").write_text("".join(many), encoding="utf-8")
+    prepare(PrepareConfig(dataset="uneven", input=str(tmp_path / "uneven.jsonl"), data_dir=str(tmp_path / "data"),
+                          val_fraction=0.07))  # 7 of 100, counted as the split counts them (not ceil(100 * 0.07) = 8)
+    assert "it takes whole documents, 7 of these 100; for a share nearer 0.07" in capsys.readouterr().err
     many = tmp_path / "many.jsonl"  # 40 documents: a tenth of them is near a tenth of the text
     many.write_text("".join(json.dumps({"text": text[i::40]}) + "\n" for i in range(40)), encoding="utf-8")
     for name, source, extra in (("one", corpus_file, {}), ("asked", books, {"val_fraction": 0.5}),
