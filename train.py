@@ -140,10 +140,7 @@ def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:
     """The evaluation (and best.pt), HellaSwag score and attention snapshot due at this step, left out of the
     training speed, then ckpt.pt when it is due; True when ckpt.pt was written."""
     cfg, it = run.cfg, run.iter_num
-    attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
-    eval_due = it % cfg.eval_interval == 0 or last_step
-    hellaswag_due = bool(run.hellaswag) and (it % cfg.hellaswag_interval == 0 or last_step)
-    snapshot_due = bool(attn_every) and (it % attn_every == 0 or last_step)
+    eval_due, hellaswag_due, snapshot_due = run.work_due(last_step)
     saving = eval_due and it > 0 and (cfg.always_save_checkpoint or last_step)  # step 0's weights are untrained
     if eval_due or hellaswag_due or snapshot_due:
         with log.paused():

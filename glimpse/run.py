@@ -160,6 +160,14 @@ class Run:
     def step_shape(self, it: int) -> tuple[int, int]:
         return step_shape(self.cfg, it)
 
+    def work_due(self, last_step: bool) -> tuple[bool, bool, bool]:
+        """Whether an eval (and best.pt), a HellaSwag score and an attention snapshot are due at this step."""
+        cfg, it = self.cfg, self.iter_num
+        attn_every = cfg.eval_interval if cfg.attn_log_interval is None else cfg.attn_log_interval
+        return (it % cfg.eval_interval == 0 or last_step,
+                bool(self.hellaswag) and (it % cfg.hellaswag_interval == 0 or last_step),
+                bool(attn_every) and (it % attn_every == 0 or last_step))
+
     def ended(self) -> str:
         """What ended the run at its step ("max_iters=5000", "max_time=60 s spent"), or "" while steps are left."""
         if self.iter_num >= self.cfg.max_iters:
@@ -300,12 +308,15 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
     # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
     # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
-    redo_work = state is not None and run.work_done_at != run.iter_num  # the step's eval and the rest, still to do
+    # a checkpoint taken before its step's work: the resumed run does that step's eval, HellaSwag score and
+    # snapshot, those due there, logging them at the checkpoint's step again
+    due = run.work_due(bool(run.ended())) if state and run.work_done_at != run.iter_num else (False, False, False)
     run.tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
-        keep_through_iter=state["iter_num"] if state else None, redo_work=redo_work,
-        logs_at_checkpoint=redo_work or bool(state and run.ended() and cfg.final_eval), draw_losses=True,
+        keep_through_iter=state["iter_num"] if state else None,
+        redone=tuple(key for key, is_due in zip(("val_loss", "hellaswag_acc"), due) if is_due),
+        logs_at_checkpoint=any(due) or bool(state and run.ended() and cfg.final_eval), draw_losses=True,
     )
     if ddp.is_main:
         try:

@@ -94,12 +94,6 @@ def start_wandb(**settings):
                            "WANDB_MODE=offline (`wandb sync` uploads it later), or drop --wandb_log") from None
 
 
-def is_step_work(record: dict) -> bool:
-    """Whether a metrics record is a step's scheduled work's (its eval's, its HellaSwag score's), not the log of
-    its training steps (train_loss)."""
-    return "val_loss" in record or "hellaswag_acc" in record
-
-
 class Tracker:
     def __init__(
         self,
@@ -112,7 +106,7 @@ class Tracker:
         config: dict | None = None,
         resume_run_id: str | None = None,
         keep_through_iter: int | None = None,
-        redo_work: bool = False,
+        redone: tuple[str, ...] = (),
         logs_at_checkpoint: bool = False,
         job_type: str = "train",
         append: bool = False,
@@ -121,8 +115,8 @@ class Tracker:
         """metrics_path: where metrics.jsonl goes (None: nowhere, wandb only).
 
         keep_through_iter: on resume, the checkpoint's step; what the old run logged after it is dropped.
-        redo_work: the resumed run does that step's scheduled work again (its checkpoint was taken before it), so
-        what that work logged there (an eval's, HellaSwag's records) is dropped too.
+        redone: the keys of the records the resumed run logs at that step again, doing the work due there that its
+        checkpoint was taken before (val_loss: its eval; hellaswag_acc: its HellaSwag score): the old ones go too.
         logs_at_checkpoint: the resumed run logs at the checkpoint's step itself (that work, or a final eval).
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
         draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss, and
@@ -155,7 +149,7 @@ class Tracker:
         if metrics_path is not None and not append:
             # a finished run's final record stops being final once the run goes on
             kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter and "final_val_loss" not in r
-                    and not (redo_work and r["iter"] == keep_through_iter and is_step_work(r))]
+                    and not (r["iter"] == keep_through_iter and any(key in r for key in redone))]
             try:
                 write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history
             except GlimpseError:

@@ -150,6 +150,30 @@ def test_a_resume_after_its_steps_work_was_cut_short_logs_that_work_once(tmp_pat
     assert [r["iter"] for r in records if "train_loss" in r] == list(range(10, 41, 10))  # the steps' logs kept once
 
 
+def test_a_resume_at_a_step_with_no_work_due_keeps_its_records_and_wandb_run(tmp_path, data_dir, monkeypatch):
+    """A signal's checkpoint at step 10, where no eval is due (every 20): the resume has no work of that step to do
+    again, so it logs nothing there: it goes on in the same wandb run, and a HellaSwag score eval.py appended at
+    step 10 (--checkpoint=last) stays."""
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=20, eval_interval=20, lr_decay_iters=20, final_eval=False,
+                      attn_log_interval=0, wandb_log=True)
+    run = setup(cfg, Distributed())
+    stop_during_step(run, 9)
+    with pytest.raises(SystemExit), redirect_stdout(io.StringIO()):
+        loop(run)
+    run.tracker.close()
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    assert state["iter_num"] == 10 and not state["work_done"]
+    score = {"iter": 10, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.5, "hellaswag_examples": 4}
+    Tracker(Path(cfg.out_dir) / "metrics.jsonl", append=True).log(score)  # as eval.py appends it
+    with redirect_stdout(io.StringIO()) as said:
+        train(replace(cfg, init_from="resume"))
+    assert "wandb: run" not in said.getvalue()
+    assert load_checkpoint(checkpoint_path(cfg.out_dir))["wandb_run_id"] == state["wandb_run_id"]
+    assert score in read_metrics(cfg.out_dir)
+
+
 def test_a_run_stopped_between_log_steps_logs_what_the_straight_run_logs(tmp_path, data_dir):
     """A signal at step 15 checkpoints half way through a log interval: the record at step 20 must still average
     steps 11 to 20, as the straight run's does, not only the five steps taken after the resume."""
