@@ -241,6 +241,18 @@ def test_a_second_prepare_of_a_dataset_being_prepared_is_refused_at_once(tmp_pat
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_a_refused_prepare_leaves_the_lock_of_the_one_at_work(tmp_path, corpus_file, monkeypatch):
+    """A second prepare.py that found data_dir missing, made by the first a moment later, is refused: the lock file
+    and the folder are the first's, not the failed start's to remove (a third would lock a new file beside it)."""
+    data_dir = tmp_path / "new"
+    late = [data_dir / "busy", data_dir]  # what missing_folders said before the first made them
+    monkeypatch.setattr(prepare_module, "missing_folders", lambda path: list(late))
+    with prepare_module.preparing(data_dir, "busy"):
+        with pytest.raises(GlimpseError, match="is being prepared by another process"):
+            prepare(PrepareConfig(dataset="busy", input=str(corpus_file), data_dir=str(data_dir)), alone=True)
+        assert (data_dir / ".busy.lock").exists()
+
+
 def test_a_validation_split_far_above_its_fraction_says_why_and_what_to_do(tmp_path, corpus_file, capsys):
     """Validation takes whole documents: of two books, one, half the text, where a tenth was asked for. prepare.py
     says so; with documents enough, or one document (its last tokens held out), it says nothing more."""
