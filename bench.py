@@ -208,7 +208,7 @@ def bench_head_importance(cfg: BenchConfig) -> dict:
     if cfg.val_tokens < model.config.block_size:  # windows' own message names eval.py's remedy
         raise GlimpseError(f"--val_tokens={cfg.val_tokens} is fewer than one window of the preset's block_size "
                            f"({model.config.block_size}): give at least that many")
-    tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1).astype(np.uint16)
+    tokens = np.random.default_rng(0).integers(cfg.vocab_size, size=cfg.val_tokens + 1)  # int64: any vocabulary
     inputs, targets = windows(tokens, model.config.block_size, cfg.val_tokens, device)
     scored = torch.ones(model.config.block_size, dtype=torch.bool, device=device)
     intact = lambda: mean_loss(model, inputs, targets, None, ctx, BATCH_SIZE)  # noqa: E731
