@@ -284,6 +284,7 @@ class GPT(nn.Module):
         logits = self.head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
+            # (B*T, vocab_size) against (B*T,); targets may be a slice (not viewable), hence reshape
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -349,6 +350,6 @@ class GPT(nn.Module):
             before = torch.zeros_like(x[:, :1])  # (B, 1, C): the first token has nothing before it
         previous = torch.cat((before, x[:, :-1]), dim=1)  # (B, T, C)
         if cache is not None:
-            cache.last_embedding = x[:, -1:]
+            cache.last_embedding = x[:, -1:]  # (B, 1, C)
         gate = torch.sigmoid(self.transformer.smear_gate(x))  # (B, T, 1): how much of it each token takes
         return x + self.smear_scale * gate * previous  # (B, T, C)

@@ -76,8 +76,8 @@ class SampleConfig:
     mechanism: bool = option(False, "also dump how each head computed its weights: queries, keys, values, scores, "
                                     "what it moved from each token, each head's share of the predicted token's logit "
                                     "and the logit lens (docs/attention.md; larger dumps)")
-    pngs: bool = option(True, "also draw each layer's heatmap PNGs in the dumps (seconds per layer at 1,024 "
-                              "tokens; the HTML viewer needs none of them)")
+    pngs: bool = option(True, "also draw each layer's heatmap PNGs in the dumps (slow at long texts: "
+                              "docs/gpt2.md; the HTML viewer needs none of them)")
     probe: Literal["none", "induction"] = option(
         "none", "induction: also score every head on repeated random tokens (induction) and on the samples' "
         "text (previous-token, sink)"

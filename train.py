@@ -183,12 +183,12 @@ def train_step(run: Run, lr: float) -> torch.Tensor:
     cfg, ddp = run.cfg, run.ddp
     set_lr(run.optimizer, lr, cfg)
     run.step_lr = lr
-    batch_size, block_size = run.step_shape(run.iter_num)
-    starts = run.data.random_starts("train", cfg.gradient_accumulation_steps * batch_size, block_size, run.batch_gen)
+    batch_size, seq_len = run.step_shape(run.iter_num)  # a ramp's, else batch_size and the model's block_size
+    starts = run.data.random_starts("train", cfg.gradient_accumulation_steps * batch_size, seq_len, run.batch_gen)
     mine = starts.view(cfg.gradient_accumulation_steps, batch_size)[ddp.rank::ddp.world_size]
     total = torch.zeros((), device=run.device)
     for micro, micro_starts in enumerate(mine):
-        x, y = (to_device(t, run.device) for t in run.data.batch("train", micro_starts, block_size))
+        x, y = (to_device(t, run.device) for t in run.data.batch("train", micro_starts, seq_len))
         # gradients are averaged across processes only on the last micro-step
         with run.gradient_sync(defer=micro < len(mine) - 1), run.ctx:
             _, loss = run.ddp_model(x, y)

@@ -29,10 +29,11 @@ One dump is a folder:
 Layers are stored apart, so that they are read one at a time, and each float16's two bytes apart: the
 high byte (exponent and top of the mantissa) deflates to a fraction of its size, the low byte is
 mostly noise, and interleaved they deflate poorly. The npz is deflated at zlib's fastest level while
-the viewer is built (zlib works outside Python's lock), so that a dump of GPT-2 small over its 1,024
-tokens (144 heads of half a million weights each) is written in seconds; docs/gpt2.md gives the sizes
-and times measured. sample.py writes one dump per sample and train.py one per eval; head_metrics scores heads on known
-patterns (previous-token, sink, self), and glimpse/induction.py on the induction circuit.
+the viewer is built (zlib works outside Python's lock), so that deflating does not dominate a dump of
+GPT-2 small over its 1,024 tokens (144 heads of half a million weights each); docs/gpt2.md gives the
+sizes and times measured. sample.py writes one dump per sample and train.py one per snapshot
+(attn_log_interval); head_metrics scores heads on known patterns (previous-token, sink, self), and
+glimpse/induction.py on the induction circuit.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def head_metrics(attn: np.ndarray) -> dict:
 def write_npz(path: Path, attn: np.ndarray, **arrays):
     """attention.npz as the module docstring describes it, written to a temporary name and renamed.
 
-    np.savez_compressed deflates at level 6, which took seconds per layer at GPT-2's size; zipfile at
-    level 1 writes the same .npy entries a few times faster, and np.load reads them all the same.
+    np.savez_compressed deflates at level 6 and takes no other; zipfile at level 1 writes the same .npy
+    entries faster (docs/gpt2.md times a GPT-2-sized dump), and np.load reads them all the same.
     """
     def entries():  # one layer's triangle in memory at a time
         for layer in range(attn.shape[0]):

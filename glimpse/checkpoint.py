@@ -6,9 +6,10 @@ A run's out_dir holds two checkpoints, because resuming and sampling want differ
 
     ckpt.pt   where training stands: what a resumed run needs to continue exactly (glimpse/run.py's
               Run.state_dict defines it: weights, optimizer, grad scaler, counters, every rank's
-              random streams). Written at evals, on a signal, every checkpoint_interval_s, at the end.
-    best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer, so it
-              is a third of the size. Written when an eval improves on the best.
+              random streams). Written at evals (with always_save_checkpoint, else at the last one), on a
+              signal, every checkpoint_interval_s, at the end.
+    best.pt   the weights at the lowest validation loss so far (Run.weights_dict): no optimizer state,
+              only what sampling and evaluation read. Written when an eval improves on the best.
 
 Which out_dir a run may start in, and which checkpoints it may resume, are glimpse/run_folder.py's checks.
 

@@ -30,7 +30,7 @@ class KVCache:
     """Keys and values of the tokens already seen, one slot per position of the context window.
 
     Generation feeds one new token at a time; without a cache every step would recompute the keys and
-    values of the whole window. `length` counts the filled positions; GPT.forward advances it after
+    values of the whole window. `length` counts the filled positions; GPT.trunk advances it after
     every layer has written its part.
     """
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import evaluating
+from glimpse.masks import causal_mask
 from model import GPT
 
 LENS_TOP = 5  # the likeliest tokens the logit lens keeps per layer and position
@@ -64,7 +65,7 @@ class Mechanism:
     attribution             the logit's parts (each (T,) per layer, head or term): "heads" (L, H, T), "embed"
                             (T,), "attn_bias" (L, T), "mlp" (L, T), "skip" (L, T), "norm_bias" (T,); they sum
                             to logit
-    lens_ids, lens_probs (L + 1, T, 5) the likeliest tokens and their probabilities read off the stream
+    lens_ids, lens_probs (L + 1, T, LENS_TOP) the likeliest tokens and their probabilities read off the stream
                             entering block 0 (row 0) and leaving each block l (row l + 1)
     """
 
@@ -118,7 +119,7 @@ class Recorder:
         self.attention_steps, self.blocks, self.projections = [], [], []
 
     def attention(self, layer, q, k, v, scores, weights, projected, normed):
-        self.attention_steps.append([t[0].float().cpu() for t in (q, k, v, scores, weights)])
+        self.attention_steps.append([t[0].float().cpu() for t in (q, k, v, scores, weights)])  # (nh, T, .) each
         # a stage the model does not have is q and k themselves, the same tensors: kept once, as q and k
         stages = [projected if projected[0] is not q else None, normed if normed and normed[0] is not q else None]
         self.projections.append([t[0].float().cpu() if pair is not None else None
@@ -153,7 +154,7 @@ def trace(model: GPT, ids, tokens: list[str] | None = None) -> Mechanism:
         torch.stack([p[i] for p in recorder.projections]).numpy() if recorder.projections[0][i] is not None
         else None for i in range(4))
     T = idx.size(1)
-    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))  # (L, H, T, T)
+    scores = scores.masked_fill(~causal_mask(T, T, 0, scores.device), float("-inf"))  # (L, H, T, T)
     context = torch.stack([b[1] for b in recorder.blocks])  # (L, H, T, hs)
     w_o = [block.attn.c_proj.weight.detach().float().cpu() for block in model.transformer.h]  # (C, C) each
     value_out = torch.stack([per_head(v[layer], w_o[layer]) for layer in range(len(w_o))])  # (L, H, T, C)
@@ -216,8 +217,8 @@ def logit_attribution(model: GPT, blocks: list, head_outputs: torch.Tensor, targ
         bias = attn.c_proj.bias.detach().float().cpu() if attn.c_proj.bias is not None else torch.zeros(x.size(-1))
         attn_out = head_outputs[layer].sum(dim=0) + bias  # (T, C): all heads mixed, as c_proj writes them
         heads.append(share(head_outputs[layer]))  # (H, T)
-        attn_bias.append(share(bias.expand_as(x)))
-        mlp.append(share(out - x - attn_out))  # what the block added besides attention: its MLP
+        attn_bias.append(share(bias.expand_as(x)))  # (T,)
+        mlp.append(share(out - x - attn_out))  # (T,): what the block added besides attention: its MLP
         skip.append(share(x - blocks[layer - 1][2]) if layer else torch.zeros(x.size(0)))
     norm_bias = getattr(norm, "bias", None)
     return {

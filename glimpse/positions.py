@@ -43,7 +43,7 @@ def sinusoidal(pos, dim: int):
     freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=pos.device).float() / dim)  # (dim/2,)
     angles = pos.float()[:, None] * freqs[None, :]  # (T, dim/2)
     table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, dim): sin, cos interleaved
-    return table[:, :dim]
+    return table[:, :dim]  # an odd dim has one sine too many
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:

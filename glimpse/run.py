@@ -306,11 +306,11 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
                 f"keys, only {' and '.join(FINETUNE_KEYS)} do)")
     if cfg.compile:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
-    # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
-    # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
     # a checkpoint taken before its step's work: the resumed run does that step's eval, HellaSwag score and
     # snapshot, those due there, logging them at the checkpoint's step again
     due = run.work_due(bool(run.ended())) if state and run.work_done_at != run.iter_num else (False, False, False)
+    # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
+    # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
     run.tracker = Tracker(
         out_dir / "metrics.jsonl", enabled=ddp.is_main, wandb_log=cfg.wandb_log, wandb_project=cfg.wandb_project,
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
