@@ -159,8 +159,8 @@ class Block(nn.Module):
     def forward(self, x, rope=None, cache=None, layer=0, need_weights=False, heads=None, record=None, masks=None,
                 ve=None, tap=None):
         """record, a list, collects (x, the heads' context vectors): see GPT.trunk. tap: see GPT.trunk."""
-        y, weights = self.attn.context(self.ln_1(x), rope, cache, layer, need_weights, masks, ve,
-                                       tap)  # (B, nh, T, hs)
+        y, weights = self.attn.context(self.ln_1(x), rope=rope, cache=cache, layer=layer, need_weights=need_weights,
+                                       masks=masks, ve=ve, tap=tap)  # (B, nh, T, hs), (B, nh, T, S) or None
         if record is not None:
             record.append((x, y))
         out = self.finish(x, y, layer, heads)  # (B, T, C)
@@ -175,6 +175,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token ids in, next-token logits out: embeddings, n_layer blocks, a final norm and lm_head.
+
+    forward(idx, targets) -> (logits, loss) always; forward_with_attention also returns every head's weights,
+    through the explicit path. Both run trunk, which reads the story of one forward top to bottom.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -324,23 +330,31 @@ class GPT(nn.Module):
         elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
             x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)  # (B, T, C)
         x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
-        # rope's angles depend on positions only: computed once here, not in every layer; (cos, sin), (T, hs/2) each
-        rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if encoding == "rope" else None
-        masks = self.transformer.h[0].attn.masks(T, past, idx.device, need_weights)  # the same in every layer
+        rope, masks = self.layer_inputs(T, past, idx.device, need_weights)
         ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []  # (B, T, C) each
         n_layer, n_skips = self.config.n_layer, self.config.n_layer // 2 if self.config.unet else 0
         weights, skips = [], []
         for layer, block in enumerate(self.transformer.h):
             if layer >= n_layer - n_skips:  # the late half takes in the early half's outputs, innermost first
                 x = x + self.skip_weights[n_layer - 1 - layer] * skips.pop()  # (B, T, C)
-            x, w = block(x, rope, cache, layer, need_weights, heads, record, masks,
-                         ves[layer] if layer < len(ves) else None, tap)  # (B, T, C), (B, nh, T, S) or None
+            x, w = block(x, rope=rope, cache=cache, layer=layer, need_weights=need_weights, heads=heads,
+                         record=record, masks=masks, ve=ves[layer] if layer < len(ves) else None,
+                         tap=tap)  # (B, T, C), (B, nh, T, S) or None
             if layer < n_skips:
                 skips.append(x)
             weights.append(w.to(weights_dtype) if w is not None and weights_dtype else w)
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x), weights  # (B, T, C)
+
+    def layer_inputs(self, T: int, past: int, device, need_weights: bool):
+        """What every layer of a forward over positions past .. past + T - 1 takes alike: rope's (cos, sin),
+        each (T, hs/2), under pos_encoding=rope (else None), and the masks (the causal mask, ALiBi's penalty).
+        They depend on the positions only, so a forward makes them once, not in every layer."""
+        pos = torch.arange(past, past + T, device=device)  # (T,)
+        rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
+            else None
+        return rope, self.transformer.h[0].attn.masks(T, past, device, need_weights)
 
     def smear(self, x, cache: KVCache | None):
         """Token embeddings x (B, T, C) -> each plus a gated share of the one before it. Under the KV cache

@@ -22,6 +22,9 @@ from glimpse.errors import GlimpseError
 
 
 class TokenData:
+    """A prepared dataset folder (data/prepare.py): its meta.json, its train and val shards read as memory
+    maps, the tokenizer it was made with, and training's batches drawn from them."""
+
     def __init__(self, folder: Path):
         meta_path = folder / "meta.json"
         try:

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from glimpse.config import option
 from glimpse.errors import GlimpseError
-from glimpse.positions import rotary_table
 from glimpse.runtime import sum_dtype
 
 AblationKind = Literal["zero", "mean"]
@@ -215,12 +214,10 @@ def forward_from(model, layer: int, x, y, heads=None):
     if c.value_embeds or c.unet:
         raise ValueError("forward_from needs value_embeds = 0 and unet = false: later blocks of this model "
                          "read the tokens or earlier blocks' outputs too")
-    pos = torch.arange(x.size(1), device=x.device)  # (T,)
-    rope = rotary_table(pos, c.n_embd // c.n_head) if c.pos_encoding == "rope" else None
-    x = blocks[layer].finish(x, y, layer, heads)
-    masks = blocks[0].attn.masks(x.size(1), 0, x.device, False)  # every layer's
+    rope, masks = model.layer_inputs(x.size(1), 0, x.device, need_weights=False)
+    x = blocks[layer].finish(x, y, layer, heads)  # (B, T, C)
     for i in range(layer + 1, c.n_layer):
-        x, _ = blocks[i](x, rope, None, i, False, heads, masks=masks)
+        x, _ = blocks[i](x, rope=rope, layer=i, heads=heads, masks=masks)  # (B, T, C)
     return model.head(model.transformer.ln_f(x))
 
 
