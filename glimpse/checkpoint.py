@@ -115,6 +115,10 @@ def describe(path: Path, state: dict) -> str:
 
 
 def save_checkpoint(path: Path, state: dict):
+    """torch.save(state) to path, whole or not at all, and durable: flushed to disk, renamed into place, the rename
+    flushed too. Not files.write_atomic: its temporary name is per process (nodes sharing a dataset), where a
+    checkpoint's is fixed, path + ".tmp", so that a run killed while saving leaves one checkpoint-sized file that
+    the next save replaces, not one per killed run (the out_dir's lock keeps two runs from sharing it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
