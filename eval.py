@@ -156,7 +156,7 @@ class EvalConfig:
 
 
 def load(cfg: EvalConfig):
-    """The model, its checkpoint, the dataset it is scored on, and the autocast context."""
+    """The model, its checkpoint, the dataset it is scored on, the device and the autocast context."""
     model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "evaluating")
     train_cfg = state["train_config"]
     data = TokenData(Path(cfg.data_dir or train_cfg["data_dir"]) / (cfg.dataset or train_cfg["dataset"]))
@@ -166,13 +166,19 @@ def load(cfg: EvalConfig):
                                "checkpoint now: it was prepared again since (or is another folder of that name); "
                                "prepare it as the run had it")
         raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
-    return model, state, data, autocast(device, dtype)
+    return model, state, data, device, autocast(device, dtype)
 
 
-def evaluate(cfg: EvalConfig) -> list[dict]:
+def results_folder(cfg: EvalConfig) -> Path:
+    """Where eval.py writes: the run's out_dir, or for a pretrained model without one, a folder named after it."""
+    if cfg.task == "hellaswag" and cfg.init_from and cfg.out_dir == DEFAULT_OUT:
+        return Path(f"eval-{Path(cfg.init_from).name}")
+    return Path(cfg.out_dir)
+
+
+def score_lengths(cfg: EvalConfig) -> list[dict]:
     """Every (length, mode) row of the study for one checkpoint; also writes the CSV and the plot."""
-    model, state, data, ctx = load(cfg)
-    device = next(model.parameters()).device
+    model, state, data, device, ctx = load(cfg)
     block_size, encoding = model.config.block_size, model.config.pos_encoding
     multiples = cfg.multiples(learned=encoding == "learned")
     if encoding == "learned" and not cfg.lengths.strip():
@@ -201,16 +207,62 @@ def evaluate(cfg: EvalConfig) -> list[dict]:
                 rows.append({"multiple": multiple, "length": length, "mode": mode, "val_loss": loss,
                              "bits_per_token": loss / math.log(2), "tokens_scored": scored,
                              "pos_encoding": encoding, "attn_score": model.config.attn_score})
-        write_results(Path(cfg.out_dir), rows, f"{encoding} positions, trained at {block_size} tokens")
+        write_lengths(Path(cfg.out_dir), rows, f"{encoding} positions, trained at {block_size} tokens")
         if tracker.run is not None:
             log_lengths(tracker, rows)
     return rows
 
 
+def write_lengths(out_dir: Path, rows: list[dict], title: str):
+    """OUT_DIR/length_eval.csv, and length_eval.png: loss against context length, one line per mode."""
+    try:
+        with open(out_dir / "length_eval.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=120)
+        ax = fig.add_subplot()
+        for mode in MODES:
+            mine = [r for r in rows if r["mode"] == mode]
+            ax.plot([r["multiple"] for r in mine], [r["val_loss"] for r in mine], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length / training block_size")
+        ax.set_ylabel("validation loss (nats per token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "length_eval.png")
+    except OSError as e:
+        raise GlimpseError(f"could not write the length evaluation to {out_dir}: {e.strerror or e}") from None
+
+
+def log_lengths(tracker: Tracker, rows: list[dict]):
+    """The length study to the tracker's wandb run: its table and the sliding windows' line plot."""
+    import wandb
+
+    table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+    sliding = wandb.Table(columns=["multiple", "val_loss"],
+                          data=[[r["multiple"], r["val_loss"]] for r in rows if r["mode"] == "sliding"])
+    tracker.run.log({"length_eval/table": table,
+                     "length_eval/sliding": wandb.plot.line(sliding, "multiple", "val_loss",
+                                                            title="val loss vs length (sliding)")})
+
+
+def print_lengths(rows: list[dict]):
+    print(f"{'length':>8} {'x block':>8} {'windows':>9} {'sliding':>9}   (val loss, nats per token)")
+    for multiple in dict.fromkeys(r["multiple"] for r in rows):  # the lengths scored, in their order
+        pair = {r["mode"]: r for r in rows if r["multiple"] == multiple}
+        print(f"{pair['windows']['length']:8d} {multiple:8d} {pair['windows']['val_loss']:9.4f} "
+              f"{pair['sliding']['val_loss']:9.4f}")
+
+
 def score_heads(cfg: EvalConfig) -> dict:
     """--ablate or --head_importance: the val loss with heads removed, beside the intact model's."""
-    model, state, data, ctx = load(cfg)
-    c, device = model.config, next(model.parameters()).device
+    model, state, data, device, ctx = load(cfg)
+    c = model.config
     removed = parse_heads(cfg.ablate, c.n_layer, c.n_head) if cfg.ablate else []
     inputs, targets = windows(data.tokens("val"), c.block_size, cfg.max_tokens, device)  # (N, T) each
     # before any scoring, the means' pass included: a wandb that cannot start stops the run now (--ablate logs nothing)
@@ -231,33 +283,6 @@ def score_heads(cfg: EvalConfig) -> dict:
         if tracker.run is not None:
             log_importance(tracker, Path(cfg.out_dir), losses, intact)
     return result
-
-
-def score_hellaswag(cfg: EvalConfig) -> dict:
-    """--task=hellaswag: acc and acc_norm, appended to the run's metrics.jsonl and logged to its wandb run."""
-    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "scoring",
-                                               cfg.init_from)
-    data_dir = cfg.data_dir or state["train_config"].get("data_dir", "data")
-    examples = hellaswag.first(hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, data_dir)),
-                               cfg.hellaswag_examples)
-    # a wandb that cannot start stops the run now, before any scoring
-    with Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log) as tracker:
-        result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]),
-                                    model.config.block_size, device, autocast(device, dtype))
-        out_dir = results_folder(cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"iter": state["iter_num"] or 0, **result}
-        Tracker(out_dir / "metrics.jsonl", append=True).log(record)
-        if tracker.run is not None:
-            tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
-    return {**record, "metrics": str(out_dir / "metrics.jsonl")}
-
-
-def results_folder(cfg: EvalConfig) -> Path:
-    """Where eval.py writes: the run's out_dir, or for a pretrained model without one, a folder named after it."""
-    if cfg.task == "hellaswag" and cfg.init_from and cfg.out_dir == DEFAULT_OUT:
-        return Path(f"eval-{Path(cfg.init_from).name}")
-    return Path(cfg.out_dir)
 
 
 def write_importance(out_dir: Path, losses: torch.Tensor, intact: float, title: str):
@@ -296,42 +321,32 @@ def print_heads(result: dict):
         print(f"  {row['layer']:5d} {row['head']:4d} {row['loss']:9.4f} {row['loss_increase']:+9.4f}")
 
 
-def write_results(out_dir: Path, rows: list[dict], title: str):
-    """OUT_DIR/length_eval.csv, and length_eval.png: loss against context length, one line per mode."""
-    try:
-        with open(out_dir / "length_eval.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6, 4), dpi=120)
-        ax = fig.add_subplot()
-        for mode in MODES:
-            mine = [r for r in rows if r["mode"] == mode]
-            ax.plot([r["multiple"] for r in mine], [r["val_loss"] for r in mine], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length / training block_size")
-        ax.set_ylabel("validation loss (nats per token)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "length_eval.png")
-    except OSError as e:
-        raise GlimpseError(f"could not write the length evaluation to {out_dir}: {e.strerror or e}") from None
+def score_hellaswag(cfg: EvalConfig) -> dict:
+    """--task=hellaswag: acc and acc_norm, appended to the run's metrics.jsonl and logged to its wandb run."""
+    model, state, device, dtype = load_trained(cfg.out_dir, cfg.checkpoint, cfg.device, cfg.dtype, "scoring",
+                                               cfg.init_from)
+    data_dir = cfg.data_dir or state["train_config"].get("data_dir", "data")
+    examples = hellaswag.first(hellaswag.read_examples(hellaswag.val_file(cfg.hellaswag_file, data_dir)),
+                               cfg.hellaswag_examples)
+    # a wandb that cannot start stops the run now, before any scoring
+    with Tracker.for_checkpoint(state, "eval", wandb_log=cfg.wandb_log) as tracker:
+        result = hellaswag.evaluate(model, examples, tokenizer_from_spec(state["tokenizer"]),
+                                    model.config.block_size, device, autocast(device, dtype))
+        out_dir = results_folder(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"iter": state["iter_num"] or 0, **result}
+        Tracker(out_dir / "metrics.jsonl", append=True).log(record)
+        if tracker.run is not None:
+            tracker.run.log(result)  # under train.py's names, so that wandb charts both in one
+    return {**record, "metrics": str(out_dir / "metrics.jsonl")}
 
 
-def log_lengths(tracker: Tracker, rows: list[dict]):
-    """The length study to the tracker's wandb run: its table and the sliding windows' line plot."""
-    import wandb
-
-    table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
-    sliding = wandb.Table(columns=["multiple", "val_loss"],
-                          data=[[r["multiple"], r["val_loss"]] for r in rows if r["mode"] == "sliding"])
-    tracker.run.log({"length_eval/table": table,
-                     "length_eval/sliding": wandb.plot.line(sliding, "multiple", "val_loss",
-                                                            title="val loss vs length (sliding)")})
+def print_hellaswag(result: dict):
+    n, skipped = result["hellaswag_examples"], result["hellaswag_skipped"]
+    why = f" ({skipped:,} skipped: text its tokenizer cannot read)" if skipped else ""
+    print(f"hellaswag: acc {result['hellaswag_acc']:.4f}, acc_norm {result['hellaswag_acc_norm']:.4f} over "
+          f"{n:,} example{'s' if n != 1 else ''}{why}")
+    print(f"appended to {result['metrics']}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None):
@@ -343,25 +358,14 @@ def main(argv: list[str] | None = None):
             check_writable(results_folder(cfg), "the results' folder",  # found before the scoring, not after it
                            "copy the run to a folder you can write (--ablate alone writes nothing)")
         if cfg.task == "hellaswag":
-            r = score_hellaswag(cfg)
-            skipped = f" ({r['hellaswag_skipped']:,} skipped: text its tokenizer cannot read)" if r[
-                "hellaswag_skipped"] else ""
-            n = r["hellaswag_examples"]
-            print(f"hellaswag: acc {r['hellaswag_acc']:.4f}, acc_norm {r['hellaswag_acc_norm']:.4f} over "
-                  f"{n:,} example{'s' if n != 1 else ''}{skipped}")
-            print(f"appended to {r['metrics']}", file=sys.stderr)
+            print_hellaswag(score_hellaswag(cfg))
             return
         if cfg.ablate or cfg.head_importance:
             print_heads(score_heads(cfg))
             if cfg.head_importance:
                 print(f"wrote {Path(cfg.out_dir) / 'head_importance.csv'} and head_importance.png", file=sys.stderr)
             return
-        rows = evaluate(cfg)
-        print(f"{'length':>8} {'x block':>8} {'windows':>9} {'sliding':>9}   (val loss, nats per token)")
-        for multiple in dict.fromkeys(r["multiple"] for r in rows):  # the lengths scored, in their order
-            pair = {r["mode"]: r for r in rows if r["multiple"] == multiple}
-            print(f"{pair['windows']['length']:8d} {multiple:8d} {pair['windows']['val_loss']:9.4f} "
-                  f"{pair['sliding']['val_loss']:9.4f}")
+        print_lengths(score_lengths(cfg))
         print(f"wrote {Path(cfg.out_dir) / 'length_eval.csv'} and length_eval.png", file=sys.stderr)
 
 

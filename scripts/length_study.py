@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from data.dataset import TokenData  # noqa: E402
 from data.prepare import ensure_dataset  # noqa: E402
-from eval import EvalConfig, evaluate  # noqa: E402
+from eval import EvalConfig, score_lengths  # noqa: E402
 from glimpse.attention import attention_weights, write_dump  # noqa: E402
 from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint  # noqa: E402
 from glimpse.config import build, option, parse_config, read_toml  # noqa: E402
@@ -97,8 +97,8 @@ def run(cfg: StudyConfig) -> list[dict]:
                                           "init_from": "resume" if ckpt.exists() else "scratch"}))
             lengths = cfg.lengths if encoding != "learned" else "1"  # learned has no positions past 64
             # the weights after the last step, as every model trains for the same steps (best.pt may be earlier)
-            for row in evaluate(EvalConfig(out_dir=str(run_dir), lengths=lengths, max_tokens=cfg.max_tokens,
-                                           checkpoint="last")):
+            for row in score_lengths(EvalConfig(out_dir=str(run_dir), lengths=lengths, max_tokens=cfg.max_tokens,
+                                                checkpoint="last")):
                 rows.append({**row, "seed": seed})
         dump_lengths(out, encoding, cfg)
     write_tables(out, rows)
