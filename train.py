@@ -19,9 +19,10 @@ what --init_from=resume continues) and out_dir/best.pt (the weights with the low
 which sample.py and eval.py read).
 """
 
-# Reading order: train and loop -> the loop's steps: scheduled_work, train_step, evaluate, score_hellaswag,
-# snapshot_attention, save, final_eval. What a run holds and how it is set up (Run, setup) are in glimpse/run.py;
-# the keys (TrainConfig) in glimpse/train_config.py.
+# Reading order: train and loop -> how the loop stops (stop_now) -> the loop's steps: scheduled_work,
+# train_step, evaluate (and evaluate_and_keep_best), score_hellaswag, snapshot_attention, checkpoint and save,
+# then after the loop final_eval and report_budget. What a run holds and how it is set up (Run, setup) are in
+# glimpse/run.py; the keys (TrainConfig) in glimpse/train_config.py.
 
 from __future__ import annotations
 
@@ -155,23 +156,6 @@ def scheduled_work(run: Run, last_step: bool, log: StepLog) -> bool:
                 checkpoint(run, log)
     run.work_done_at = it
     return saving
-
-
-def report_budget(run: Run):
-    """Say how many steps the time budget bought (resumed runs included), and warn when that is far below what
-    it was set to buy."""
-    cfg, steps = run.cfg, run.iter_num
-    if steps >= cfg.max_iters and run.train_seconds < cfg.max_time:  # the steps ran out first
-        run.say(f"max_iters={cfg.max_iters:,} ended the run with {run.train_seconds:.1f} s of the {cfg.max_time:g} s "
-                "budget spent" + (" (the learning rate decayed with the steps)" if cfg.max_iters > cfg.warmup_iters
-                                  else ", still warming up"))
-        return
-    run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps")
-    expected = round(cfg.budget_steps_per_s * cfg.max_time)  # what the budget buys at the rate it was set for
-    if expected and steps < expected / 2 and run.iter_num < cfg.max_iters:
-        run.say(f"warning: {steps:,} steps is far below the {expected:,} this budget buys on the machine it was set "
-                "on (a busy or slower machine?), so expect a clearly worse model. For a result that does not depend "
-                f"on the machine, give steps instead: --max_time=0 --max_iters={expected} --lr_decay_iters={expected}")
 
 
 def train_step(run: Run, lr: float) -> torch.Tensor:
@@ -322,10 +306,26 @@ def final_eval(run: Run) -> dict:
     return final
 
 
+def report_budget(run: Run):
+    """Say how many steps the time budget bought (resumed runs included), and warn when that is far below what
+    it was set to buy."""
+    cfg, steps = run.cfg, run.iter_num
+    if steps >= cfg.max_iters and run.train_seconds < cfg.max_time:  # the steps ran out first
+        run.say(f"max_iters={cfg.max_iters:,} ended the run with {run.train_seconds:.1f} s of the {cfg.max_time:g} s "
+                "budget spent" + (" (the learning rate decayed with the steps)" if cfg.max_iters > cfg.warmup_iters
+                                  else ", still warming up"))
+        return
+    run.say(f"the {cfg.max_time:g} s budget bought {steps:,} steps")
+    expected = round(cfg.budget_steps_per_s * cfg.max_time)  # what the budget buys at the rate it was set for
+    if expected and steps < expected / 2 and run.iter_num < cfg.max_iters:
+        run.say(f"warning: {steps:,} steps is far below the {expected:,} this budget buys on the machine it was set "
+                "on (a busy or slower machine?), so expect a clearly worse model. For a result that does not depend "
+                f"on the machine, give steps instead: --max_time=0 --max_iters={expected} --lr_decay_iters={expected}")
+
+
 # what asks a training run for less memory (a one-line error names it when the device is full)
 TOO_BIG = ("ask for less: a smaller --batch_size (more --gradient_accumulation_steps keep the tokens per step), "
            "--block_size or model (--n_layer, --n_embd)")
-
 
 def main(argv: list[str] | None = None):
     with exit_when_done_under_torchrun(), user_errors(out_of_memory=TOO_BIG):

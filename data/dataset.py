@@ -113,7 +113,8 @@ class TokenData:
 
 class SplitTokens:
     """A split's shards as one sequence of tokens: len() and [start:stop] (an array), reading only the shards
-    that the slice touches, so that a snapshot's 64 tokens or an eval's next windows never copy the whole split."""
+    that the slice touches, so that a snapshot's attn_probe_tokens or an eval's next windows never copy the whole
+    split."""
 
     def __init__(self, shards: list[np.ndarray]):
         self.shards = shards

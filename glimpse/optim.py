@@ -194,9 +194,9 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-# how an optimizer computes, not what: torch's load_state_dict places the state's step counts for these (on the
-# parameters' device for the fused kernel), so they stay as loaded
-KERNEL_CHOICES = ("params", "fused", "foreach", "capturable", "differentiable")
+# a group's parameters, and how the optimizer computes, not what: torch's load_state_dict places the state's step
+# counts for the kernel choices (on the parameters' device for the fused kernel), so they stay as loaded
+KEPT_AS_LOADED = ("params", "fused", "foreach", "capturable", "differentiable")
 
 
 @contextmanager
@@ -204,7 +204,7 @@ def keeping_settings(optimizer: torch.optim.Optimizer | MuonWithAdamW):
     """Inside the block, a saved optimizer state loaded in brings its moments, momentum buffers and step counts,
     not its settings: torch's load_state_dict takes every group's weight decay, betas and momentum from the saved
     run, where a resume's flags (--weight_decay=0.0) set them. Its kernel choices stay as loaded."""
-    own = [{key: value for key, value in group.items() if key not in KERNEL_CHOICES}
+    own = [{key: value for key, value in group.items() if key not in KEPT_AS_LOADED}
            for group in optimizer.param_groups]
     yield
     for group, settings in zip(optimizer.param_groups, own, strict=True):  # the loaded groups, in the same order
