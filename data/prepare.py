@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -172,22 +173,22 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
         kind = BUILTIN[cfg.dataset][0] if cfg.dataset in BUILTIN else "char"
     source = cfg.input or BUILTIN[cfg.dataset][1]
     if isinstance(source, Hub):
-        files = HubDocuments(source.path, source.name, cfg.text_column, source.data_files, cfg.skip_bad_lines)
-        docs, total = files.__iter__, None
+        documents = HubDocuments(source.path, source.name, cfg.text_column, source.data_files, cfg.skip_bad_lines)
+        total = None  # a stream's size is not known ahead
     else:
         if not cfg.input:
             source = str(out / "input.txt")
             if not (out / "input.txt").exists():
                 download(BUILTIN[cfg.dataset][1], out / "input.txt", "offline, pass a local copy: "
                          f"{prepare_command(out)} --input=PATH/TO/input.txt")  # with its --data_dir
-        files = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
-        docs, total = files.__iter__, files.total_bytes
+        documents = Documents(input_files(source), cfg.text_column, cfg.skip_bad_lines)
+        total = documents.total_bytes
     if not cfg.val_tokens and not cfg.val_fraction:  # neither chosen
         streamed = isinstance(source, Hub)
         cfg = replace(cfg, val_tokens=HUB_VAL_TOKENS) if streamed else replace(cfg, val_fraction=VAL_FRACTION)
     if kind == "char":
         chars, n_docs = set(), 0
-        for text, _, starts_doc in tqdm(docs(), desc="reading the characters", unit="part", disable=None):
+        for text, _, starts_doc in tqdm(documents, desc="reading the characters", unit="part", disable=None):
             chars.update(text)
             n_docs += starts_doc and bool(text)  # an empty document is none (data/shards.py's Router)
         tokenizer = CharTokenizer("".join(chars | (set(cfg.separator) if n_docs > 1 else set())))
@@ -196,13 +197,13 @@ def make_dataset(cfg: PrepareConfig, out: Path, start_method: str | None) -> Pat
     # what decides the tokens and the pieces a rerun counts past: the same settings, or a fresh start
     settings = {"source": str(source), "tokenizer": tokenizer.spec, "cut": cutting(), **asdict(cfg),
                 "empty_documents": "none"}  # counted as documents before: a staging folder from then starts afresh
-    if isinstance(files, Documents):  # a file added to or gone from a folder or glob is another corpus
-        settings["files"] = [str(p) for p in files.files]
+    if isinstance(documents, Documents):  # a file added to or gone from a folder or glob is another corpus
+        settings["files"] = [str(p) for p in documents.files]
     settings.pop("workers")  # how many processes tokenize changes nothing in what is written
     # nor does skipping bad lines before the first one: a run stopped by a bad line can go on with --skip_bad_lines
     settings.pop("skip_bad_lines")
-    write_shards(out, tokenizer, docs, total, cfg, settings, start_method)
-    if bad_lines := files.bad_lines:
+    write_shards(out, tokenizer, documents, total, cfg, settings, start_method)
+    if bad_lines := documents.bad_lines:
         print(f"skipped {bad_lines:,} bad line{'s' if bad_lines > 1 else ''} (--skip_bad_lines)", file=sys.stderr)
     return out
 
@@ -246,9 +247,10 @@ def download(url: str, dest: Path, offline_hint: str):
     write_atomic(dest, lambda tmp: tmp.write_bytes(body))
 
 
-def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None, cfg: PrepareConfig, settings: dict,
-                 start_method: str | None = None):
-    """Tokenize docs() in parallel, route whole documents to train or val, write shards, then meta.json."""
+def write_shards(out: Path, tokenizer: Tokenizer, documents: Iterable, total_bytes: int | None, cfg: PrepareConfig,
+                 settings: dict, start_method: str | None = None):
+    """Tokenize documents (each pass reads them afresh: data/sources.py) in parallel, route whole documents to
+    train or val, write shards, then meta.json."""
     staging = out / f".preparing-{socket.gethostname()}"  # one per host: nodes on a shared filesystem never meet
     progress = Progress.resume(staging, settings, token_dtype(tokenizer.vocab_size), cfg.shard_tokens)
     if progress.items:
@@ -257,7 +259,7 @@ def write_shards(out: Path, tokenizer: Tokenizer, docs, total_bytes: int | None,
                     progress.docs, progress.split)
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"preparing {cfg.dataset}", disable=None)
-    items = skipped(pieces(docs()), progress.items, bar)
+    items = skipped(pieces(documents), progress.items, bar)
     try:
         try:
             tokenize_into(router, progress, bar, tokenized(items, json.dumps(tokenizer.spec), progress.dtype, workers,
