@@ -137,43 +137,31 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
         raise GlimpseError("the prompt is empty: give some text with --start (a newline is fine)")
     idx = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    c, ctx = model.config, autocast(device, dtype)
+    config, ctx = model.config, autocast(device, dtype)
     heads = None  # the heads --ablate removes, for generation and the dumps alike
     if cfg.ablate:
-        value = head_means(model, idx[:, -c.block_size:], 1, ctx) if cfg.ablation == "mean" else None
+        value = head_means(model, idx[:, -config.block_size:], 1, ctx) if cfg.ablation == "mean" else None
         if value is not None and idx.size(1) == 1:  # the default prompt, a newline: a "mean" of one output
             print("note: --ablation=mean puts in each removed head's mean output over the prompt, here one token "
                   "(its output at that token alone): give a longer --start for a mean worth the name",
                   file=sys.stderr)
-        heads = Ablation.of(parse_heads(cfg.ablate, c.n_layer, c.n_head), c.n_layer, c.n_head, value, device)
+        heads = Ablation.of(parse_heads(cfg.ablate, config.n_layer, config.n_head), config.n_layer, config.n_head,
+                             value, device)
 
     dump_dir = Path(cfg.dump_dir or default_dump_dir(cfg))
     if cfg.dump_attention or cfg.probe != "none":  # found now, not after the samples were generated
         check_writable(dump_dir, "--dump_dir", "give --dump_dir a folder you can write, or --dump_attention=false")
-    if cfg.probe == "induction" and model.config.block_size < 4:
-        raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {model.config.block_size} "
+    if cfg.probe == "induction" and config.block_size < 4:
+        raise GlimpseError(f"the induction probe repeats at least 2 tokens: block_size {config.block_size} "
                            "is too short for it")
     tracker = Tracker.for_checkpoint(state, "sample", wandb_log=cfg.wandb_log)
     if cfg.dump_attention or cfg.probe != "none":
         clear_earlier_dumps(dump_dir, cfg)
     samples, sample_heads = [], []  # the text and the head metrics of each sample
     for i in range(cfg.num_samples):
-        # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces, generated = [prompt], []
-        out.write(prompt)
         with ctx:
-            for step in generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                 generator, heads, tokenizer.vocab_size):
-                generated.append(step.token[0, 0].item())
-                text = decoder.decode(tokenizer.decode_bytes(generated[-1:]))
-                pieces.append(text)
-                out.write(text)
-                out.flush()
-        pieces.append(decoder.decode(b"", final=True))
-        out.write(pieces[-1] + "\n---------------\n")
-        out.flush()
-        samples.append("".join(pieces))
+            text, generated = stream_sample(model, tokenizer, prompt, idx, cfg, generator, heads, out)
+        samples.append(text)
         if cfg.dump_attention:
             folder, text_ids = dump_dir / f"sample_{i}", [*ids.tolist(), *generated]
             importance = text_importance(model, text_ids, cfg.ablation, ctx) if cfg.head_importance else None
@@ -186,11 +174,31 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
     tracker.close()
     if cfg.dump_attention:
         last = f" to sample_{cfg.num_samples - 1}/index.html" if cfg.num_samples > 1 else ""
-        block_size = model.config.block_size
+        block_size = config.block_size
         cut = len(ids) + cfg.max_new_tokens > block_size  # the model attends over block_size tokens at most
         window = f" (each text's last {block_size:,} tokens, the model's block_size)" if cut else ""
         print(f"attention dumps: {dump_dir}/sample_0/index.html{last}{window}", file=sys.stderr)
     return samples
+
+
+def stream_sample(model, tokenizer, prompt: str, idx: torch.Tensor, cfg: SampleConfig, generator, heads,
+                  out: TextIO) -> tuple[str, list[int]]:
+    """One continuation of the prompt (its ids idx (1, T)), written to out token by token as it is drawn, then a
+    separator line: (the prompt and continuation as text, the continuation's ids)."""
+    # a BPE token can end half-way through a UTF-8 character: decode the byte stream incrementally
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces, generated = [prompt], []
+    out.write(prompt)
+    for step in generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator, heads,
+                         tokenizer.vocab_size):
+        generated.append(step.token[0, 0].item())
+        pieces.append(decoder.decode(tokenizer.decode_bytes(generated[-1:])))
+        out.write(pieces[-1])
+        out.flush()
+    pieces.append(decoder.decode(b"", final=True))
+    out.write(pieces[-1] + "\n---------------\n")
+    out.flush()
+    return "".join(pieces), generated
 
 
 def clear_earlier_dumps(dump_dir: Path, cfg: SampleConfig):

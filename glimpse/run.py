@@ -80,7 +80,7 @@ class Run:
     """
 
     cfg: TrainConfig
-    ddp: Distributed
+    ddp: Distributed  # the run's processes (rank, world size, collectives): under DDP, FSDP or one alone
     device: torch.device
     dtype: torch.dtype
     ctx: AbstractContextManager  # autocast to dtype (nothing for float32), entered around every forward
