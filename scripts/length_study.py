@@ -13,6 +13,7 @@ of 64. The script writes, in --out:
     length_study.csv / .md       every run's losses, and the table of means over seeds
     length_study.png             validation loss against context length, one line per encoding
     dumps/<encoding>-<k>x/       the attention of the same validation text at 1x and 4x block_size
+    length_study_attention.png   those dumps' last layers side by side (learned has no 4x, so no row)
 """
 
 from __future__ import annotations
