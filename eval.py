@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 
 from data import hellaswag
-from data.dataset import TokenData
+from data.dataset import TokenData, prepared_again
 from data.tokenizer import tokenizer_from_spec
 from glimpse import render
 from glimpse.ablation import (
@@ -166,6 +166,10 @@ def load(cfg: EvalConfig):
                                "checkpoint now: it was prepared again since (or is another folder of that name); "
                                "prepare it as the run had it")
         raise GlimpseError(f"dataset {data.folder} uses another tokenizer than the checkpoint; pick its own dataset")
+    if not (cfg.data_dir or cfg.dataset) and (changes := prepared_again(state.get("dataset_prepared"), data.prepared)):
+        print(f"note: dataset {data.folder}, where the run trained, was prepared again since the checkpoint "
+              f"({changes}): its validation split is scored as it is now, not as the run's evals saw it",
+              file=sys.stderr)
     return model, state, data, device, autocast(device, dtype)
 
 

@@ -111,6 +111,15 @@ class TokenData:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+def prepared_again(then: dict | None, now: dict) -> str:
+    """How a dataset folder's preparation differs from the one a checkpoint recorded (TokenData.prepared): "" when
+    it does not, or the checkpoint predates the record; else its token counts then and now."""
+    if not then or then == now:
+        return ""
+    counts = lambda p: f"{p['train_tokens']:,} train and {p['val_tokens']:,} val tokens"  # noqa: E731
+    return f"{counts(then)} then, {counts(now)} now"
+
+
 class SplitTokens:
     """A split's shards as one sequence of tokens: len() and [start:stop] (an array), reading only the shards
     that the slice touches, so that a snapshot's attn_probe_tokens or an eval's next windows never copy the whole

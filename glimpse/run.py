@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import hellaswag
-from data.dataset import TokenData
+from data.dataset import TokenData, prepared_again
 from data.training_data import setup_data
 from glimpse.checkpoint import (
     best_path,
@@ -187,7 +187,8 @@ class Run:
                 "train_config": config_values(self.cfg), "tokenizer": self.data.tokenizer_spec,
                 "iter_num": self.iter_num, "val_loss": self.last_eval.get("val_loss"),
                 "val_loss_step": self.last_eval.get("iter"),  # a checkpoint saved between evals holds an earlier one
-                "wandb_run_id": self.tracker.run_id or self.wandb_run_id, "pretrained": self.pretrained}
+                "wandb_run_id": self.tracker.run_id or self.wandb_run_id, "pretrained": self.pretrained,
+                "dataset_prepared": self.data.prepared}  # eval.py says when the dataset was prepared again since
 
     def state_dict(self) -> dict:
         """What ckpt.pt holds: everything a resumed run needs to continue as if it had never stopped.
@@ -199,7 +200,7 @@ class Run:
         return {**self.weights_dict(), **training, "scaler": self.scaler.state_dict(),
                 "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                 "steps_seconds": self.steps_seconds,
-                "work_done": self.work_done_at == self.iter_num, "dataset_prepared": self.data.prepared,
+                "work_done": self.work_done_at == self.iter_num,
                 "step_lr": self.step_lr, "tokens_per_sec": self.tokens_per_sec,  # what the step's eval reports
                 "unlogged_loss": list(self.unlogged_loss),
                 "rng": {"batches": self.batch_gen.get_state(), "ranks": self.ddp.gather(rank_rng_state(self.device))}}
@@ -367,10 +368,9 @@ def resumed(run: Run, saved: dict, prepared: dict | None):
             if math.isfinite(run.best_val_loss) else "")
     if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
         run.say(f"note: dataset {was} -> {now} since the checkpoint: the run goes on training on another corpus{best}")
-    elif prepared and prepared != run.data.prepared:  # the same folder, prepared again with the same tokenizer
-        counts = lambda p: f"{p['train_tokens']:,} train and {p['val_tokens']:,} val tokens"  # noqa: E731
-        run.say(f"note: dataset {now} was prepared again since the checkpoint ({counts(prepared)} then, "
-                f"{counts(run.data.prepared)} now): the run goes on training on other batches{best}")
+    elif changes := prepared_again(prepared, run.data.prepared):  # the same folder, prepared again, same tokenizer
+        run.say(f"note: dataset {now} was prepared again since the checkpoint ({changes}): the run goes on training "
+                f"on other batches{best}")
     if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
         run.say(f"note: with {' and '.join(changed)} changed, the evals now score other batches than the best so far "
                 "was scored on, so best.pt is replaced only by a loss below it on the new ones")

@@ -286,6 +286,18 @@ def test_a_resume_on_its_dataset_prepared_again_says_so(tmp_path, corpus_file):
             f"train and {now['val_tokens']:,} val tokens now): the run goes on training on other batches, and best.pt "
             "is replaced only by a loss on its validation split below the best so far on the other's"
             ) in said.getvalue()
+    # eval.py on the first run, whose checkpoint knew the dataset as it was: it scores the split as it is, and says so
+    import eval as eval_script
+
+    with redirect_stderr(io.StringIO()) as told, redirect_stdout(io.StringIO()):
+        eval_script.main([f"--out_dir={cfg.out_dir}", "--max_tokens=64", "--lengths=1"])
+    assert (f"note: dataset {tmp_path / 'data' / 'tiny'}, where the run trained, was prepared again since the "
+            f"checkpoint ({before['train_tokens']:,} train and {before['val_tokens']:,} val tokens then, "
+            f"{now['train_tokens']:,} train and {now['val_tokens']:,} val tokens now): its validation split is scored "
+            "as it is now, not as the run's evals saw it") in told.getvalue()
+    with redirect_stderr(io.StringIO()) as told, redirect_stdout(io.StringIO()):  # the one it knew: nothing to say
+        eval_script.main([f"--out_dir={tmp_path / 'again'}", "--max_tokens=64", "--lengths=1"])
+    assert "note:" not in told.getvalue()
 
 
 def test_the_speed_leaves_out_the_pauses_and_counts_the_flops_of_each_steps_length(tmp_path, data_dir):
