@@ -461,6 +461,22 @@ def test_the_length_studys_tables_name_each_way_of_windowing_once(tmp_path, caps
     assert "| rope | 2.100 [2.100, 2.100] | 2.200 [2.200, 2.200] |" in text and text in capsys.readouterr().out
 
 
+def test_the_weights_of_a_model_in_training_mode_are_its_eval_modes_without_dropout():
+    """attention_weights dumps the model's weights, not a random dropout mask's: a model training with dropout
+    gives the weights it gives in eval mode, and is left training."""
+    from glimpse.attention import attention_weights
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=2, n_head=2, n_embd=8, dropout=0.5)).train()
+    ids = torch.arange(8)
+    got = attention_weights(model, ids)  # (L, H, T, T)
+    assert model.training
+    with torch.no_grad():
+        _, want = model.eval().forward_with_attention(ids[None])  # (L, 1, H, T, T)
+    np.testing.assert_array_equal(got, want[:, 0].half().numpy())
+
+
 def test_a_failed_look_at_the_weights_leaves_the_model_in_its_mode():
     """attention_weights, the mechanism's trace and the induction probe put the model in eval mode for their
     forward: one that fails (too long a text, too long a probe) must still give training mode back."""

@@ -120,6 +120,17 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     assert read_split(folder, "train", meta).max() >= 65536
 
 
+def test_the_token_dtype_is_uint16_while_every_id_fits_in_it():
+    """Ids run from 0 to vocab_size - 1: uint16 holds them up to a vocabulary of 65,536 (half the disk of uint32),
+    uint32 beyond."""
+    from data.shards import token_dtype
+
+    for vocab_size in (2, 65_535, 65_536, 65_537, 100_000):
+        dtype = token_dtype(vocab_size)
+        assert np.iinfo(dtype).max >= vocab_size - 1, vocab_size
+        assert (dtype == np.uint16) == (vocab_size - 1 <= np.iinfo(np.uint16).max), vocab_size
+
+
 def test_char_tokenizer_names_unknown_characters():
     tok = CharTokenizer.from_text("abc\n")
     assert tok.decode(tok.encode("cab\n")) == "cab\n"

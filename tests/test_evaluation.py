@@ -64,6 +64,26 @@ def test_length_loss_scores_the_tokens_each_mode_says(mode, stride, max_tokens, 
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("n_tokens", [33, 40, 41, 42])
+def test_windows_are_every_whole_non_overlapping_window_of_the_split(n_tokens):
+    """windows() over more tokens than the split holds gives every window of length + 1 tokens that fits, length
+    apart from the start, the last one included: inputs and their targets one token on."""
+    length, tokens = 8, np.arange(n_tokens)
+    inputs, targets = evaluation.windows(tokens, length, 10 * n_tokens, "cpu")
+    starts = list(range(0, n_tokens - length, length))  # a window at s needs tokens[s:s + length + 1]
+    assert inputs.tolist() == [list(range(s, s + length)) for s in starts]
+    assert targets.tolist() == [list(range(s + 1, s + length + 1)) for s in starts]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 16, 17, 20, 24])
+def test_windows_hold_max_tokens_targets_in_the_fewest_whole_windows(max_tokens):
+    """A max_tokens that is no multiple of the length is rounded up to whole windows: at least max_tokens targets
+    (where the split has them), and one window fewer would hold too few."""
+    length, tokens = 8, np.arange(100)
+    _, targets = evaluation.windows(tokens, length, max_tokens, "cpu")
+    assert targets.numel() >= max_tokens > targets.numel() - length
+
+
 @pytest.mark.parametrize("mode", ["windows", "sliding"])
 def test_the_windows_scored_show_their_progress_on_a_terminal(monkeypatch, mode):
     """eval.py's long lengths are minutes of work on a CPU: a bar counts the windows, on a terminal only."""

@@ -179,6 +179,18 @@ def test_the_attribution_of_each_part_sums_to_the_logit(arch):
     close(parts["heads"], (out * rows).sum(-1), tol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_the_attribution_sums_to_the_logit_on_a_freshly_initialised_model(arch):
+    """At GPT-2's initial scale the final stream is small (std about 0.02), so ln_f's eps is a large part of its
+    scale: the parts still sum to the logit only when the attribution divides by the scale ln_f itself uses."""
+    torch.manual_seed(0)
+    settings = dict(block_size=12, vocab_size=23, n_layer=3, n_head=2, n_embd=16) | ARCHITECTURES[arch]
+    model = GPT(GPTConfig(**settings)).eval()
+    got = trace(model, list(range(10)))
+    total = sum(part.reshape(-1, 10).sum(axis=0) for part in got.attribution.values())
+    close(total, got.logit, tol=1e-5)
+
+
 def test_softmax_of_the_scores_gives_the_weights_and_the_weights_times_the_values_the_context():
     got = trace(model_of("modern"), list(range(12)))
     scores = torch.from_numpy(got.scores)

@@ -139,6 +139,20 @@ def test_cached_prefill_then_chunk_matches_full_forward():
         model(idx[:, :1], cache=cache)
 
 
+def test_cached_chunks_of_every_size_match_full_forward():
+    """Chunks of 1, 2 and more tokens after a cache each see the cache and their own earlier tokens only: a
+    chunk of two is masked like a longer one (only a single new query may go without a mask)."""
+    model = small_model()
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, "cpu")
+    pieces, start = [], 0
+    for size in (5, 1, 2, 3, 5):
+        pieces.append(model(idx[:, start:start + size], cache=cache)[0])
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("prompt_len", [1, 5, 16, 23])
 @pytest.mark.parametrize("block_size", [16, 7])
 def test_generation_logits_equal_full_forward_over_their_window(prompt_len, block_size):

@@ -290,6 +290,23 @@ def test_dropout_acts_while_training_only_and_the_weights_are_the_softmaxs(score
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 2, 8))
 
 
+@pytest.mark.parametrize("score", ["scaled_dot", "additive"])
+def test_attention_dropout_on_the_explicit_path_drops_the_weights_it_sums_the_values_by(score):
+    """In training, the explicit path's context vectors are its softmax weights, dropped out, times the values:
+    F.dropout's mask from the same seed, over the weights it hands back; not the undropped weights times them."""
+    model = variant(score, "learned", dropout=0.5).train()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        context, weights = attn.context(x, need_weights=True)  # (B, nh, T, hs), (B, nh, T, T)
+        v = attn.c_attn(x).split(16, dim=2)[2].view(2, 8, 2, 8).transpose(1, 2)  # (B, nh, T, hs)
+        torch.manual_seed(3)
+        expected = torch.nn.functional.dropout(weights, p=0.5) @ v
+    torch.testing.assert_close(context, expected)
+    assert not torch.allclose(context, weights @ v)
+
+
 def test_sinusoids_are_sin_at_even_channels_and_cos_at_odd_ones():
     """"Attention Is All You Need": PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i + 1) = cos(the same angle)."""
     d = 6
