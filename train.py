@@ -327,6 +327,7 @@ def report_budget(run: Run):
 TOO_BIG = ("ask for less: a smaller --batch_size (more --gradient_accumulation_steps keep the tokens per step), "
            "--block_size or model (--n_layer, --n_embd)")
 
+
 def main(argv: list[str] | None = None):
     with exit_when_done_under_torchrun(), user_errors(out_of_memory=TOO_BIG):
         cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,

@@ -111,12 +111,21 @@ class TokenData:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+PREPARED_KEYS = ("documents", "train_tokens", "val_tokens")  # what TokenData.prepared records
+
+
 def prepared_again(then: dict | None, now: dict) -> str:
     """How a dataset folder's preparation differs from the one a checkpoint recorded (TokenData.prepared): "" when
-    it does not, or the checkpoint predates the record; else its token counts then and now."""
-    if not then or then == now:
+    its counts do not, or the checkpoint holds no record (older, or not a run's); else its counts then and now."""
+    if not isinstance(then, dict) or all(then.get(key) == now.get(key) for key in PREPARED_KEYS):
         return ""
-    counts = lambda p: f"{p['train_tokens']:,} train and {p['val_tokens']:,} val tokens"  # noqa: E731
+    number = lambda value: f"{value:,}" if isinstance(value, int) else str(value)  # noqa: E731
+    documents = then.get("documents") != now.get("documents")  # named only when they differ
+
+    def counts(p: dict) -> str:
+        return (f"{number(p.get('documents'))} documents, " if documents else "") + \
+            f"{number(p.get('train_tokens'))} train and {number(p.get('val_tokens'))} val tokens"
+
     return f"{counts(then)} then, {counts(now)} now"
 
 

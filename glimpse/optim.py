@@ -97,8 +97,8 @@ def configure_optimizer(model: GPT, cfg: OptimizerSettings,
         row_blocks = {}
         if cfg.muon_split_qkv:
             row_blocks = {id(block.attn.c_attn.weight): 3 for block in model.transformer.h}  # queries, keys, values
-        # torch orthogonalises in bfloat16, which a CPU without bfloat16 instructions, and a GPU before Ampere
-        # (V100, T4), only emulate, slowly (docs/performance.md)
+        # torch orthogonalises in bfloat16, which a CPU without bfloat16 instructions (docs/performance.md), and a
+        # GPU before Ampere (V100, T4), only emulate, slowly
         float32_ns = not computes_bfloat16(device)
         muon = Muon([{"params": hidden, "muon": True}], row_blocks, float32_ns, lr=cfg.muon_lr,
                     momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.muon_weight_decay)

@@ -56,11 +56,11 @@ class Tap(Protocol):
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor,
                   weights: torch.Tensor, projected: tuple[torch.Tensor, torch.Tensor],
                   normed: tuple[torch.Tensor, torch.Tensor] | None):
-        """q (B, nh, T, hs) and k, v (B, nh, S, hs) as the scores use them (after qk_norm and rope), S = T
-        without a KV cache (trace() uses none), the past's positions too with one; scores (B, nh, T, S) before
-        the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's. projected: (q, k) as c_attn made
-        them, before qk_norm and rope; normed: after qk_norm, before rope (None without it). Both cover this
-        forward's T positions only."""
+        """q (B, nh, T, hs) and k (B, nh, S, hs) as the scores use them (after qk_norm and rope), v (B, nh, S, hs)
+        as the weights sum it, S = T without a KV cache (trace() uses none), the past's positions too with one;
+        scores (B, nh, T, S) before the mask (ALiBi's penalty added); weights (B, nh, T, S), the softmax's.
+        projected: (q, k) as c_attn made them, before qk_norm and rope; normed: after qk_norm, before rope (None
+        without it). Both cover this forward's T positions only."""
         ...
 
     def block(self, layer: int, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor):

@@ -131,6 +131,20 @@ def test_the_token_dtype_is_uint16_while_every_id_fits_in_it():
         assert (dtype == np.uint16) == (vocab_size - 1 <= np.iinfo(np.uint16).max), vocab_size
 
 
+def test_a_dataset_prepared_again_is_told_by_its_counts_and_names_the_documents_only_when_they_differ():
+    """The checkpoint's record of a preparation against the folder's now: the same counts (whatever else an older
+    record held) are no change; other token counts are said; other document counts are said with them."""
+    from data.dataset import prepared_again
+
+    now = {"documents": 3, "train_tokens": 9_000, "val_tokens": 1_000}
+    assert prepared_again(None, now) == prepared_again("not a record", now) == ""  # older checkpoints, hand edits
+    assert prepared_again({**now, "source": "play.txt"}, now) == ""
+    assert prepared_again({**now, "val_tokens": 900, "train_tokens": 9_100}, now) == \
+        "9,100 train and 900 val tokens then, 9,000 train and 1,000 val tokens now"
+    assert prepared_again({**now, "documents": 2}, now) == \
+        "2 documents, 9,000 train and 1,000 val tokens then, 3 documents, 9,000 train and 1,000 val tokens now"
+
+
 def test_char_tokenizer_names_unknown_characters():
     tok = CharTokenizer.from_text("abc\n")
     assert tok.decode(tok.encode("cab\n")) == "cab\n"
