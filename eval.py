@@ -1,5 +1,8 @@
 """
-Train short, test long: a checkpoint's validation loss at multiples of its training block_size.
+Score a trained checkpoint: its validation loss at lengths past its training block_size, with heads removed,
+or on HellaSwag.
+
+Train short, test long: the validation loss at multiples of the training block_size.
 
     python eval.py --out_dir=out-rope --lengths=1,2,4,8
     python eval.py --out_dir=out-alibi --lengths=1,4 --max_tokens=8192 --wandb_log=true
