@@ -131,10 +131,12 @@ def test_scoring_without_each_head_shows_its_progress_on_a_terminal(monkeypatch,
     assert sys.stderr.getvalue() == ""
 
 
-@pytest.mark.parametrize("overrides", CONFIGS)
+@pytest.mark.parametrize("overrides", [*CONFIGS, dict(pos_encoding="alibi"), dict(attn_score="additive"),
+                                       dict(pos_encoding="sinusoidal"), dict(pos_encoding="none", smear=True)])
 def test_going_on_from_a_layers_recorded_stream_is_the_whole_forward(overrides):
     """forward_from, which head removal scores through, runs the later blocks as the model does: with the
-    model's own positions (RoPE's rotation, which at random weights moves the loss too little to notice)."""
+    model's own positions (RoPE's rotation, ALiBi's penalty, which at random weights move the loss too little to
+    notice) and scores."""
     model = small_model(**overrides)
     idx = torch.randint(30, (2, 16))
     with torch.no_grad():
