@@ -330,7 +330,7 @@ class GPT(nn.Module):
         elif encoding == "sinusoidal":  # scaled to GPT-2's initial embedding size, so neither drowns the other
             x = x + SINUSOID_SCALE * sinusoidal(pos, self.config.n_embd).to(x.dtype)  # (B, T, C)
         x = self.transformer.drop(x)  # rope and alibi act inside attention; none leaves only the mask
-        rope, masks = self.layer_inputs(T, past, idx.device, need_weights)
+        rope, masks = self.layer_inputs(pos, past, need_weights)
         ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []  # (B, T, C) each
         n_layer, n_skips = self.config.n_layer, self.config.n_layer // 2 if self.config.unet else 0
         weights, skips = [], []
@@ -347,14 +347,13 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x), weights  # (B, T, C)
 
-    def layer_inputs(self, T: int, past: int, device, need_weights: bool):
-        """What every layer of a forward over positions past .. past + T - 1 takes alike: rope's (cos, sin),
-        each (T, hs/2), under pos_encoding=rope (else None), and the masks (the causal mask, ALiBi's penalty).
-        They depend on the positions only, so a forward makes them once, not in every layer."""
-        pos = torch.arange(past, past + T, device=device)  # (T,)
+    def layer_inputs(self, pos: torch.Tensor, past: int, need_weights: bool):
+        """What every layer of a forward over positions pos (T,), past .. past + T - 1, takes alike: rope's
+        (cos, sin), each (T, hs/2), under pos_encoding=rope (else None), and the masks (the causal mask, ALiBi's
+        penalty). They depend on the positions only, so a forward makes them once, not in every layer."""
         rope = rotary_table(pos, self.config.n_embd // self.config.n_head) if self.config.pos_encoding == "rope" \
             else None
-        return rope, self.transformer.h[0].attn.masks(T, past, device, need_weights)
+        return rope, self.transformer.h[0].attn.masks(len(pos), past, pos.device, need_weights)
 
     def smear(self, x, cache: KVCache | None):
         """Token embeddings x (B, T, C) -> each plus a gated share of the one before it. Under the KV cache

@@ -214,7 +214,8 @@ def forward_from(model, layer: int, x, y, heads=None):
     if c.value_embeds or c.unet:
         raise ValueError("forward_from needs value_embeds = 0 and unet = false: later blocks of this model "
                          "read the tokens or earlier blocks' outputs too")
-    rope, masks = model.layer_inputs(x.size(1), 0, x.device, need_weights=False)
+    pos = torch.arange(x.size(1), device=x.device)  # (T,): the window's positions, from 0 (no cache)
+    rope, masks = model.layer_inputs(pos, 0, need_weights=False)
     x = blocks[layer].finish(x, y, layer, heads)  # (B, T, C)
     for i in range(layer + 1, c.n_layer):
         x, _ = blocks[i](x, rope=rope, layer=i, heads=heads, masks=masks)  # (B, T, C)
