@@ -337,6 +337,14 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_a_decay_that_ends_where_warmup_ends_holds_min_lr_from_there():
+    """lr_decay_iters equal to warmup_iters leaves no cosine between them: both 0 (a flat rate), or both at max_iters
+    (the settings allow it: the run never decays), whose last step's rate the loop still asks for. From there the
+    rate is min_lr, not a cosine over zero steps, which divides by zero."""
+    for steps in (0, 100):
+        cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=steps, lr_decay_iters=steps, max_iters=100)
+        assert get_lr(steps, cfg) == get_lr(steps + 5, cfg) == 0.1
+
 def test_optimizer_decays_matrices_only_and_sees_each_parameter_once():
     from model import GPT
 
