@@ -164,3 +164,28 @@ def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32(monkeypatch):
         moved, expected = p.detach() - start[name], copies[name].detach() - start[name]
         assert not torch.equal(moved, expected)  # float32, not bfloat16
         torch.testing.assert_close(moved, expected, rtol=0, atol=5e-2 * expected.abs().max().item())
+
+
+def test_under_float32_iterations_a_matrix_with_no_gradient_only_decays():
+    """With zero_init_proj every block's c_proj starts at zero, so no gradient reaches c_attn and c_fc at the first
+    step: theirs are zero. Orthogonalised in float32 (CPUs without bfloat16, older GPUs, Macs), a zero gradient must
+    be a zero update, as it is in torch's bfloat16 iteration, not X / |X| = 0 / 0: the step leaves those matrices
+    finite, shrunk by Muon's decay alone."""
+    cfg = train_config(**SHAPE, zero_init_proj=True, muon_weight_decay=0.3)
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(vocab_size=20))
+    before = {name: p.detach().clone() for name, p in muon_matrices(model).items()}
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    optimizer.muon.float32_ns = True
+    idx = torch.randint(0, 20, (2, 8))
+    model(idx, idx)[1].backward()
+    set_lr(optimizer, cfg.learning_rate / 3, cfg)
+    optimizer.step()
+    shrink = 1 - cfg.muon_lr / 3 * cfg.muon_weight_decay
+    for name, p in muon_matrices(model).items():
+        assert torch.isfinite(p).all(), name
+        if name.endswith(("c_attn.weight", "c_fc.weight")):
+            torch.testing.assert_close(p.detach(), before[name] * shrink, rtol=1e-6, atol=0, msg=name)
+        else:  # the projections have gradients: they move
+            assert not torch.equal(p.detach(), before[name] * shrink), name
+
