@@ -189,3 +189,14 @@ def test_under_float32_iterations_a_matrix_with_no_gradient_only_decays():
         else:  # the projections have gradients: they move
             assert not torch.equal(p.detach(), before[name] * shrink), name
 
+
+def test_adamw_takes_the_fused_kernel_on_cpu_and_cuda_and_not_on_mps():
+    """One kernel for the whole update rather than a loop over the parameters, where torch has it: on CPUs and CUDA
+    GPUs (MPS lacks it on older torch). The update is the same either way, so only the setting tells them apart."""
+    for optimizer_name in ("adamw", "muon"):
+        cfg = train_config(**{**SHAPE, "optimizer": optimizer_name})
+        model = GPT(cfg.model_config(vocab_size=20))
+        for device, fused in (("cpu", True), ("cuda", True), ("mps", False)):
+            optimizer = configure_optimizer(model, cfg, torch.device(device))
+            adamw = optimizer.adamw if optimizer_name == "muon" else optimizer
+            assert [bool(group["fused"]) for group in adamw.param_groups] == [fused, fused], (optimizer_name, device)
