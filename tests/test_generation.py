@@ -158,3 +158,19 @@ def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
     for _ in range(5):
         assert sample_next(logits, 1.0, top_p=1e-300).tolist() == [[1], [0]]
+
+
+def test_a_one_token_window_slides_to_the_newest_token():
+    """A model of block_size 1 (any positive size is allowed) keeps one token when its window slides, not half of
+    one rounded down to none: each step predicts from the newest token alone, where an empty window would be an
+    input of no tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1, vocab_size=20, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = torch.randint(0, 20, (2, 3))
+    for step in generate(model, tokens, 4, generator=torch.Generator().manual_seed(0)):
+        assert step.window_start == tokens.size(1) - 1
+        with torch.no_grad():
+            expected = model(tokens[:, -1:])[0][:, -1]  # (2, vocab_size)
+        torch.testing.assert_close(step.logits, expected, rtol=1e-5, atol=1e-5)
+        tokens = torch.cat([tokens, step.token], 1)
+
