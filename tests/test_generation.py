@@ -174,3 +174,16 @@ def test_a_one_token_window_slides_to_the_newest_token():
         torch.testing.assert_close(step.logits, expected, rtol=1e-5, atol=1e-5)
         tokens = torch.cat([tokens, step.token], 1)
 
+
+def test_under_bfloat16_autocast_the_logits_are_sampled_in_float32():
+    """Sampling runs under the run's autocast (bfloat16 by default on a GPU), where the head's logits come out in
+    bfloat16: a softmax and top-p's running sum in its 8 bits of mantissa would draw from a distribution off by
+    percents. Each step's logits, what sample_next draws from, are float32."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.zeros(1, 3, dtype=torch.long))[0].dtype == torch.bfloat16  # what the head hands over
+        steps = list(generate(model, torch.zeros(1, 3, dtype=torch.long), 10, top_p=0.9,
+                              generator=torch.Generator().manual_seed(0)))
+    assert all(step.logits.dtype == torch.float32 for step in steps)
+
