@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from data import hellaswag
 from data.tokenizer import CharTokenizer
 from glimpse import ablation, evaluation
+from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss, scored_windows
 from glimpse.runtime import sum_dtype
 from model import GPT, GPTConfig
@@ -201,3 +202,22 @@ def test_eval_scores_each_length_once_in_the_order_given():
     for zero in ("0", "1,0", "-1"):  # no context at all, or less than none
         with pytest.raises(ValueError, match="lengths must be positive multiples of block_size"):
             EvalConfig(lengths=zero).multiples()
+
+
+@pytest.mark.parametrize("mode", ["windows", "sliding"])
+def test_a_split_of_exactly_one_window_is_scored_not_refused(mode):
+    """length + 1 tokens hold one window, its inputs and their targets one token on: both ways of cutting windows
+    take it (windows() for eval.py's head removal and bench.py, scored_windows for the length study and the final
+    score), and refuse one token fewer."""
+    length, stride = 8, 4
+    tokens = np.arange(length + 1)
+    inputs, targets = evaluation.windows(tokens, length, 100, "cpu")
+    assert inputs.tolist() == [list(range(length))] and targets.tolist() == [list(range(1, length + 1))]
+    starts, scored_from, scored_to = scored_windows(length + 1, length, mode, stride, 100)
+    context = 0 if mode == "windows" else length - stride
+    assert (starts.tolist(), scored_from.tolist(), scored_to.tolist()) == ([0], [context], [length])
+    for cut_short in (lambda: evaluation.windows(tokens[:-1], length, 100, "cpu"),
+                      lambda: scored_windows(length, length, mode, stride, 100)):
+        with pytest.raises(GlimpseError, match="has 8 tokens, too few for a context of 8"):
+            cut_short()
+
