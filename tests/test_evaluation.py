@@ -221,3 +221,17 @@ def test_a_split_of_exactly_one_window_is_scored_not_refused(mode):
         with pytest.raises(GlimpseError, match="has 8 tokens, too few for a context of 8"):
             cut_short()
 
+
+def test_every_length_scores_from_the_first_target_the_longest_can_score_with_its_full_context():
+    """Sliding windows of L tokens moved by s leave each target at least L - s before it: lengths 8 and 16 moved by 4
+    score from tokens[13], the first with 12 before it, not later (a target of the text left out at every length);
+    non-overlapping windows from tokens[1]; a stride past a length leaves it no context. A start before a length's
+    first target with its full context is refused, not scored with less."""
+    assert evaluation.first_target([8, 16], "sliding", 4) == 13
+    assert evaluation.first_target([8, 16], "windows", 4) == 1
+    assert evaluation.first_target([4], "sliding", 8) == 1
+    starts, scored_from, _ = scored_windows(100, 16, "sliding", 4, 20, first=13)
+    assert starts[0] == 0 and scored_from[0] == 12  # tokens[13], the 13th target of the window from tokens[0]
+    with pytest.raises(ValueError, match=r"scores no target before tokens\[13\], not 12"):
+        scored_windows(100, 16, "sliding", 4, 20, first=12)
+
