@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from data import hellaswag
 from data.tokenizer import CharTokenizer
 from glimpse import ablation, evaluation
+from glimpse.distributed import Distributed
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import length_loss, scored_windows
 from glimpse.runtime import sum_dtype
@@ -235,3 +236,25 @@ def test_every_length_scores_from_the_first_target_the_longest_can_score_with_it
     with pytest.raises(ValueError, match=r"scores no target before tokens\[13\], not 12"):
         scored_windows(100, 16, "sliding", 4, 20, first=12)
 
+
+class OwnShare(Distributed):
+    """One of two processes with the collective left out: sum hands back this process's own part of the sums."""
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+def test_in_lockstep_a_batch_of_padding_alone_adds_nothing_to_the_sums():
+    """Under fsdp the processes score their shares in lockstep, the shorter ones padded: 9 windows, one at a time,
+    leave the second process a last batch of padding alone, which scores no target (its loss, a mean over none, is
+    NaN). It must add nothing, so that each process's sums are finite and add up to the whole split's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=12, vocab_size=20, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 20, 100).astype(np.uint16)
+    assert len(scored_windows(len(tokens), 12, "windows", 12, 100)[0]) == 9
+    whole = length_loss(model, tokens, 12, "windows", 12, 100, 1, "cpu", contextlib.nullcontext())
+    shares = [length_loss(model, tokens, 12, "windows", 12, 100, 1, "cpu", contextlib.nullcontext(),
+                          ddp=OwnShare(rank=rank, world_size=2, lockstep=True)) for rank in (0, 1)]
+    assert all(np.isfinite(loss) for loss, _ in shares)
+    assert sum(count for _, count in shares) == whole[1]
+    assert sum(loss * count for loss, count in shares) / whole[1] == pytest.approx(whole[0], rel=1e-6)
