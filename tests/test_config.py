@@ -11,7 +11,15 @@ from bench import BenchConfig
 from data.prepare import PrepareConfig
 from eval import EvalConfig
 from export import ExportConfig
-from glimpse.config import build, config_help, config_keys, config_values, option, parse_config
+from glimpse.config import (
+    build,
+    config_help,
+    config_keys,
+    config_values,
+    option,
+    parse_config,
+    recorded_values,
+)
 from glimpse.errors import GlimpseError
 from model import GPTConfig
 from sample import SampleConfig
@@ -63,6 +71,22 @@ def test_types_are_parsed_by_field():
     assert cfg.dtype == "float16" and cfg.wandb_run_name == "my run"
     assert parse(["--top_k=none"], SampleConfig).top_k is None
     assert parse(["--top_k=5"], SampleConfig).top_k == 5
+
+
+def test_an_empty_value_clears_an_optional_setting():
+    """--top_k= (nothing after the =) is a way to write none, as none and null are: an optional setting takes it as
+    none, rather than refusing the empty text as no integer."""
+    assert parse(["--top_k="], SampleConfig).top_k is None
+    assert parse(["--attn_log_interval="]).attn_log_interval is None
+
+
+def test_an_integer_setting_takes_every_64_bit_value_and_no_more():
+    """TOML's integers are 64 bits, and a seed or a counter goes to torch as one: the largest and the smallest
+    pass, one past the largest is refused as a flag and in a file alike."""
+    assert parse([f"--seed={2**63 - 1}"]).seed == 2**63 - 1
+    assert parse([f"--seed={-2**63}"]).seed == -2**63
+    with pytest.raises(GlimpseError, match=re.escape(f"--seed takes an integer (of at most 64 bits), got '{2**63}'")):
+        parse([f"--seed={2**63}"])
 
 
 @pytest.mark.parametrize(
@@ -130,6 +154,14 @@ def test_an_error_that_names_a_recorded_setting_says_it_was_recorded():
     assert str(e.value) == "low (6) plus step (0) passes high (5)"
 
 
+def test_a_recorded_none_is_a_setting_and_keys_given_are_left_to_the_flags():
+    """A run records attn_log_interval's default as null: a resume reads it back as none, where a check that took
+    null for a missing integer would refuse every resume of a run that kept that default."""
+    saved = {"attn_log_interval": None, "n_layer": 3, "max_iters": 40, "retired_key": 1}
+    assert recorded_values(TrainConfig, saved, "ckpt.pt's settings", given={"max_iters"}) == {
+        "attn_log_interval": None, "n_layer": 3}
+
+
 def test_schedules_that_read_no_decay_step_are_accepted():
     # a time budget decays by the clock, a run that ends within its warmup never decays, and a run without
     # warmup may decay from its first step
@@ -189,6 +221,15 @@ def test_a_mistyped_config_path_names_the_nearest_file(tmp_path):
                                    "did you mean config/shakespeare_char_cpu.toml?")
 
 
+def test_a_mistyped_path_names_the_file_in_its_own_folder_before_a_preset_of_that_name(tmp_path):
+    """A folder of one's own presets may hold a file named as one of config/'s: the hint names the file in the
+    folder the user typed, since that is the one they meant to edit."""
+    (tmp_path / "shakespeare_char_cpu.toml").write_text("n_layer = 2\n")
+    mine = re.escape(str(tmp_path / "shakespeare_char_cpu.toml"))
+    with pytest.raises(GlimpseError, match=f"not found; did you mean {mine}\\?$"):
+        parse([str(tmp_path / "shakespeare_char_cpuu.toml")])
+
+
 def test_every_preset_loads():
     presets = sorted((REPO / "config").glob("*.toml"))
     assert presets
@@ -207,6 +248,37 @@ def test_help_lists_every_key_and_errors_are_one_line():
     bad = python("train.py", "--n_layr=3")
     assert bad.returncode != 0
     assert bad.stderr.strip() == "error: unknown config key 'n_layr'; did you mean n_layer?"
+
+
+def test_help_is_printed_for_dash_h_as_for_dash_dash_help(capsys):
+    """-h is the short form every command-line tool takes: it prints the help and exits 0 too, before any other
+    argument is read."""
+    for flag in ("-h", "--help"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--n_layr=3", flag])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith("usage: python x.py [CONFIG.toml] [--key=value ...]\n")
+
+
+def test_help_shows_booleans_and_none_as_flags_spell_them():
+    """Defaults in --help are written as a flag takes them (true, false, none), not as Python prints them."""
+    text = config_help(TrainConfig, "x.py", "")
+    assert "  --compile=false " in text and "  --always_save_checkpoint=true " in text
+    assert "  --attn_log_interval=none " in text
+    assert "=True" not in text and "=False" not in text and "=None" not in text
+
+
+@dataclass
+class LongHead:
+    name: str = option("x" * 29, "what name sets")  # --name=xxx...: 36 characters, the widest column
+    n: int = option(1, "what n sets")
+
+
+def test_a_key_as_wide_as_the_column_has_its_help_on_the_next_line():
+    """A key and default that fill the whole column would run into their help text: the help goes below."""
+    lines = config_help(LongHead, "x.py", "").splitlines()
+    at = lines.index(f"  --name={'x' * 29}")  # the key alone on its line
+    assert lines[at + 1].strip() == "what name sets"
 
 
 @dataclass
