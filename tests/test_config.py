@@ -109,6 +109,17 @@ def test_an_integer_setting_takes_every_64_bit_value_and_no_more():
         (["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters (50) is not after warmup_iters (100)"),
         (["--warmup_iters=100", "--lr_decay_iters=100"], "lr_decay_iters (100) is not after warmup_iters (100)"),
         (["--beta2=1"], "beta1 and beta2 must be in [0, 1), got 0.9 and 1.0"),  # up front, not in AdamW later
+        (["--beta1=1"], "beta1 and beta2 must be in [0, 1), got 1.0 and 0.99"),
+        (["--log_interval=0"], "log_interval must be at least 1, got 0"),
+        (["--budget_steps_per_s=-1"], "budget_steps_per_s must not be negative, got -1.0"),
+        (["--max_time=-1"], "max_time must not be negative, got -1.0"),
+        (["--checkpoint_interval_s=-1"], "checkpoint_interval_s must not be negative, got -1.0"),
+        (["--learning_rate=0"], "learning_rate must be positive, got 0"),  # a run that never moves its weights
+        (["--attn_log_interval=-1"], "attn_log_interval must be none, 0 (never) or positive, got -1"),
+        (["--muon_lr=0"], "muon_lr must be positive and muon_momentum in [0, 1), got 0.0 and 0.95"),
+        (["--muon_momentum=1"], "muon_lr must be positive and muon_momentum in [0, 1), got 0.02 and 1.0"),
+        # max-autotune records CUDA graphs as reduce-overhead does, which fsdp's moving weights break
+        (["--compile", "--compile_mode=max-autotune", "--fsdp"], "compile_mode=max-autotune records CUDA graphs"),
         (["stray"], "should be a .toml file"),
         (["--n_layer=2", "c.toml"], "unexpected argument 'c.toml'"),
     ],
@@ -167,6 +178,8 @@ def test_schedules_that_read_no_decay_step_are_accepted():
     # warmup may decay from its first step
     assert parse(["--max_time=60", "--warmup_iters=100", "--lr_decay_iters=50"]).lr_decay_iters == 50
     assert parse(["--max_iters=30", "--warmup_iters=40", "--lr_decay_iters=30"]).lr_decay_iters == 30
+    # nor does a run whose warmup is as long as the run: its last step, 39, is still warming up
+    assert parse(["--max_iters=40", "--warmup_iters=40", "--lr_decay_iters=30"]).lr_decay_iters == 30
     assert parse(["--warmup_iters=0", "--lr_decay_iters=0"]).lr_decay_iters == 0
 
 
