@@ -28,6 +28,7 @@ from glimpse.ablation import (
     mean_loss,
     parse_heads,
     residual_streams,
+    top_heads,
 )
 from glimpse.attention import load_dump
 from glimpse.errors import GlimpseError
@@ -166,6 +167,55 @@ def test_each_head_removed_alone_in_batched_copies_equals_one_scoring_per_head(o
                 assert losses[layer, head].item() == pytest.approx(one, rel=1e-5), (max_rows, layer, head)
     assert mean_loss(model, x, y, None, nullcontext(), 2) == pytest.approx(
         torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(value_embeds=1), dict(unet=True)])
+def test_value_embeds_or_unet_alone_scores_each_head_with_whole_forwards(overrides):
+    """Either switch alone makes later blocks read more than the stream entering them: each sends the removals
+    through whole forwards, whose losses are those of zeroing each head's c_proj columns."""
+    model = small_model(**overrides)
+    x, y = torch.randint(30, (2, 16)), torch.randint(30, (2, 16))
+    scored = torch.ones(16, dtype=torch.bool)
+    _, losses = losses_per_head(model, x, y, scored, None, nullcontext())
+    for layer, head in [(0, 0), (1, 2), (2, 3)]:
+        other = without_columns(model, [(layer, head)])(x)[0]
+        one = torch.nn.functional.cross_entropy(other.transpose(1, 2), y).item()
+        assert losses[layer, head].item() == pytest.approx(one, rel=1e-5), (layer, head)
+
+
+def test_scoring_without_each_head_holds_no_more_logits_at_once_than_its_limit(monkeypatch):
+    """At GPT-2's vocabulary and length one row of logits is 206 MB: max_rows copies of the windows in one forward
+    would not fit in memory. The rows a forward takes shrink so that its logits stay within LOGITS_BYTES, here one
+    row's worth, and the losses are those of the roomier forwards."""
+    model, x = small_model(), torch.randint(30, (3, 16))
+    scored = torch.ones(16, dtype=torch.bool)
+    roomy = losses_per_head(model, x, x, scored, None, nullcontext(), max_rows=64)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.size(0)))
+    monkeypatch.setattr(ablation, "LOGITS_BYTES", 16 * 30 * 4)  # T x V float32 logits: one row
+    tight = losses_per_head(model, x, x, scored, None, nullcontext(), max_rows=64)
+    assert rows and max(rows) == 1
+    assert tight[0] == pytest.approx(roomy[0], rel=1e-6)
+    torch.testing.assert_close(tight[1], roomy[1], rtol=1e-5, atol=0)
+
+
+def test_top_heads_lists_the_n_costliest_removals_largest_first():
+    """eval.py prints the ten heads whose removal costs most: all ten of a model with more heads than that."""
+    losses = torch.arange(12, dtype=torch.float32).view(3, 4)  # head 2.3 costs most, 0.0 least
+    top = top_heads(losses, intact=1.0, n=10)
+    assert [(r["layer"], r["head"]) for r in top] == [(2, 3), (2, 2), (2, 1), (2, 0), (1, 3), (1, 2), (1, 1),
+                                                        (1, 0), (0, 3), (0, 2)]
+    assert top[0]["loss"] == 11.0 and top[0]["loss_increase"] == 10.0
+    assert len(top_heads(losses, intact=1.0, n=3)) == 3
+
+
+def test_a_config_built_in_python_refuses_an_unknown_ablation():
+    """The scripts' flags check --ablation against its choices; SampleConfig and EvalConfig built in Python (as
+    tests and notebooks build them) go through check_removals, which refuses it before any model is loaded."""
+    with pytest.raises(ValueError, match="ablation must be one of zero, mean, got 'random'"):
+        SampleConfig(ablation="random")
+    with pytest.raises(ValueError, match="ablation must be one of zero, mean, got 'random'"):
+        eval_script.EvalConfig(ablation="random")
 
 
 def test_the_probe_reports_the_second_copy_without_each_head():
