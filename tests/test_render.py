@@ -74,6 +74,7 @@ def test_token_label_makes_whitespace_and_control_characters_visible():
     assert token_label("") == "∅"
     assert token_label("\\xe2") == "\\xe2"  # an escape the tokenizer already wrote out stays as it is
     assert token_label("abcdefghijklmnop", limit=8) == "abcdefg…"
+    assert token_label("abcdefgh", limit=8) == "abcdefgh"  # a label of exactly the limit is whole
 
 
 def test_layer_images_with_token_labels(tmp_path):
@@ -119,6 +120,25 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
         assert [t.get_position()[1] for t in rows] == list(range(6))
 
 
+def test_each_layers_png_draws_that_layers_weights(tmp_path):
+    """Layer 1's picture changes with layer 1's weights alone: its title would tell two pictures apart even if every
+    layer drew layer 0's heatmaps."""
+    attn = synthetic_attention(n_layer=2, n_head=2, T=12)
+    same = attn.copy()
+    same[1] = same[0]
+    _, own = write_layer_images(tmp_path / "own", attn, sample_tokens(12), prompt_len=6)
+    _, copied = write_layer_images(tmp_path / "copied", same, sample_tokens(12), prompt_len=6)
+    assert not np.array_equal(read_png(own), read_png(copied))
+
+
+def test_five_heads_wrap_into_rows_of_at_most_four_panels():
+    """Rows of at most four panels, evenly filled: five heads make rows of three and two, not one strip of five."""
+    fig = layer_figure(synthetic_attention(1, 5, 100)[0], layer=0, labels=["x"] * 100, prompt_len=100)
+    heads = [ax for ax in fig.axes if ax.get_title()]
+    rows = sorted({round(ax.get_position().y0, 6) for ax in heads}, reverse=True)
+    assert [sum(round(ax.get_position().y0, 6) == y for ax in heads) for y in rows] == [3, 2]
+
+
 def test_layer_images_for_long_sequences_wrap_heads_into_rows(tmp_path):
     attn = synthetic_attention(n_layer=1, n_head=6, T=100, seed=1)
     (path,) = write_layer_images(tmp_path, attn, sample_tokens(100), prompt_len=40)
@@ -147,6 +167,40 @@ def test_a_long_layer_is_pooled_by_the_maximum_and_keeps_its_diagonal_on_the_sqr
     below = np.tril(np.ones((n, n), dtype=bool), -1)
     assert not shown.mask[below].any() and (shown.data[below] == 0).all()
     assert shown.mask[~np.tril(np.ones((n, n), dtype=bool))].all()  # blocks wholly above the diagonal: masked
+
+
+def test_a_pooled_length_that_is_no_multiple_of_the_block_still_greys_every_masked_block():
+    """401 tokens pool into blocks of 2 with one token of padding: the last column of blocks above the diagonal holds
+    a masked key and padding, and stays grey (padding copies the edge, adding no key a query could see)."""
+    T = 401
+    fig = layer_figure(np.eye(T)[None], layer=0, labels=[str(i) for i in range(T)], prompt_len=T)
+    (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    shown = ax.images[0].get_array()
+    n = shown.shape[0]
+    assert n * 2 - 1 == T  # pooled by 2, the last block half padding
+    assert shown.mask[~np.tril(np.ones((n, n), dtype=bool))].all()
+    assert not shown.mask.diagonal().any()
+
+
+def test_an_unpooled_picture_draws_the_diagonal_and_greys_only_the_keys_after_each_query():
+    """A token sees itself: the diagonal holds weights, drawn; only the cells above it are grey."""
+    T = 8
+    fig = layer_figure(np.eye(T)[None], layer=0, labels=list("abcdefgh"), prompt_len=T)
+    (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    shown = ax.images[0].get_array()
+    assert shown.shape == (T, T)
+    assert (shown.mask == np.triu(np.ones((T, T), dtype=bool), k=1)).all()
+    bar = fig.axes[-1]  # the colour bar, labelled in real weights at the square root scale's useful steps
+    np.testing.assert_allclose(bar.get_yticks(), [0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
+
+
+def test_a_picture_of_generated_tokens_only_draws_no_prompt_divider():
+    """prompt_len 0 (a dump of generated tokens alone): no dashed line along the picture's edge, nor a title that
+    explains one."""
+    fig = layer_figure(synthetic_attention(1, 1, 8)[0], layer=0, labels=list("abcdefgh"), prompt_len=0)
+    (ax,) = [ax for ax in fig.axes if ax.get_title()]
+    assert not ax.collections
+    assert "dashed" not in fig._suptitle.get_text()
 
 
 def test_layer_images_colour_the_square_root_of_the_weight_and_mark_where_generation_began():
@@ -179,6 +233,19 @@ def test_the_head_importance_picture_is_white_at_0_red_for_a_cost_blue_for_a_hel
     assert count(0.0) < 500  # deep blue only at the foot of the colour bar: no head here helps
 
 
+def test_the_head_importance_scale_is_as_deep_on_each_side_as_the_largest_change(tmp_path):
+    """A head whose removal helps by 0.8 and one that costs 0.4: the scale spans -0.8 to +0.8, so the cost is drawn
+    half as red as the help is blue (a scale from the largest increase alone would saturate both)."""
+    path = write_importance_image(tmp_path / "importance.png", np.array([[0.0, -0.8], [0.4, 0.0]]), "loss increase")
+    pixels = read_png(path).astype(int).reshape(-1, 3)
+
+    def count(fraction: float) -> int:
+        colour = np.rint(255 * np.array(colormaps["RdBu_r"](fraction)[:3]))
+        return int((np.abs(pixels - colour).max(axis=1) <= 2).sum())
+
+    assert count(0.0) > 2000 and count(0.75) > 2000 and count(1.0) < 500
+
+
 def test_layer_images_of_a_single_token(tmp_path):
     attn = np.ones((1, 2, 1, 1))
     (path,) = write_layer_images(tmp_path, attn, ["hi"], prompt_len=1)
@@ -193,6 +260,15 @@ def test_mismatched_inputs_are_refused(tmp_path):
         write_layer_images(tmp_path, attn, sample_tokens(8), prompt_len=9)
     with pytest.raises(ValueError, match=r"attn\[:, 0\]"):
         viewer_html(attn[:, None], sample_tokens(8), 3, {})
+    with pytest.raises(ValueError, match=r"must be \(n_layer, n_head, T, T\), got shape \(1, 2, 8, 7\)"):
+        write_layer_images(tmp_path, attn[..., :7], sample_tokens(8), prompt_len=3)  # keys that are not the queries
+    with pytest.raises(ValueError, match="empty dimension"):
+        write_layer_images(tmp_path, attn[:, :0], sample_tokens(8), prompt_len=3)
+    broken = attn.copy()
+    broken[0, 1, 5, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        viewer_html(broken, sample_tokens(8), 3, {})
+    assert not any(tmp_path.iterdir())  # refused before any picture is written
 
 
 class ScriptCollector(HTMLParser):
