@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glimpse.generation import generate
-from glimpse.positions import alibi_slopes, rotary_table, rotate, sinusoidal
+from glimpse.positions import SINUSOID_SCALE, alibi_slopes, rotary_table, rotate, sinusoidal
 from glimpse.self_attention import attend, dot_scores
 from model import ATTN_SCORES, GPT, POS_ENCODINGS, GPTConfig
 
@@ -125,6 +125,15 @@ def test_rope_gives_the_same_weights_at_shifted_positions():
 def test_alibi_slopes_are_the_papers_geometric_sequence():
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
     assert alibi_slopes(6).tolist() == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+def test_alibi_slopes_are_real_numbers_in_a_model_built_on_the_meta_device():
+    """Loaders build a model's shapes on the meta device (no memory) before its weights: the slopes, a buffer no
+    checkpoint holds, must still be the numbers, not a meta tensor that to_empty would fill with garbage."""
+    with torch.device("meta"):
+        slopes = alibi_slopes(4)
+    assert slopes.device.type == "cpu"
+    torch.testing.assert_close(slopes, torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]))
 
 
 def test_alibi_weights_fall_off_with_distance():
@@ -316,3 +325,16 @@ def test_sinusoids_are_sin_at_even_channels_and_cos_at_odd_ones():
             angle = p / 10000 ** (2 * i / d)
             assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sinusoids_of_an_odd_width_fill_exactly_that_width_at_gpt2s_scale():
+    """An odd n_embd takes one sine fewer than the pairs make; scaled by SINUSOID_SCALE the table is of the size
+    GPT-2's learned position embeddings start at (drawn around 0 with standard deviation 0.02): each sine and cosine
+    pair has a mean square of 1/2, so the scaled table's root mean square is 0.02 at any length."""
+    table = sinusoidal(torch.arange(5), 7)
+    assert table.shape == (5, 7)
+    assert table[3, 6].item() == pytest.approx(math.sin(3 / 10000 ** (6 / 7)), abs=1e-6)  # the last sine
+    scaled = SINUSOID_SCALE * sinusoidal(torch.arange(1024), 768)
+    assert scaled.pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=1e-4)
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=3, n_embd=15, pos_encoding="sinusoidal"))
+    assert model(torch.randint(11, (2, 8)))[0].shape == (2, 8, 11)
