@@ -34,7 +34,7 @@ from glimpse.checkpoint import load_trained, save_checkpoint  # noqa: E402
 from glimpse.config import build, parse_config  # noqa: E402
 from glimpse.errors import GlimpseError  # noqa: E402
 from glimpse.generation import generate  # noqa: E402
-from glimpse.gpt2 import load_pretrained, read_config  # noqa: E402
+from glimpse.gpt2 import hf_config, hf_weights, load_pretrained, pretrained_folder, read_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tests.conftest import REPO, make_corpus, python, tiny_config  # noqa: E402
 from tests.test_reliability import run_main  # noqa: E402
@@ -113,6 +113,48 @@ def test_a_gpt2_config_glimpse_would_compute_otherwise_is_refused(tmp_path, sett
                                                       setting: value}))
     with pytest.raises(GlimpseError, match=re.escape(f"sets {setting}={value!r}, which glimpse's GPT-2 does not")):
         read_config(tmp_path)
+
+
+def test_a_config_that_spells_out_gpt2s_own_settings_is_read(tmp_path):
+    """Configs may write GPT-2's own values out rather than leave them to the defaults: an n_inner of 4 x n_embd
+    (GPT-2's MLP width), a layer_norm_epsilon of 1e-5, gelu_pytorch_tanh. Each is what glimpse computes."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "n_inner": 256, "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_pytorch_tanh", "scale_attn_weights": True}))
+    config = read_config(tmp_path)
+    assert (config.n_embd, config.n_head, config.n_layer) == (64, 4, 2)
+
+
+def test_weights_of_another_shape_than_the_config_are_named_in_one_line(hf_folder, tmp_path):
+    """A config.json edited to 32 positions beside weights of 64: the error names the tensor and both shapes, where
+    loading on would fail in load_state_dict with a traceback of every mismatch."""
+    _, folder = hf_folder
+    shutil.copytree(folder, tmp_path / "edited")
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "n_positions": 32}))
+    with pytest.raises(GlimpseError, match=re.escape("does not match its config.json: transformer.wpe.weight is "
+                                                     "(64, 64), not (32, 64)")):
+        load_pretrained(str(tmp_path / "edited"))
+
+
+def test_a_folder_without_config_json_says_so_whatever_weights_it_holds(tmp_path):
+    """The pickled-weights hint is for a folder lacking model.safetensors: one that lacks config.json is told that,
+    even when it holds a pytorch_model.bin beside its safetensors."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(GlimpseError, match="has no config.json: a Hugging Face GPT-2 folder holds config.json and "
+                                           "model.safetensors"):
+        pretrained_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("bias,tie", [(False, False), (False, True), (True, False)])
+def test_export_writes_exactly_the_tensors_gpt2lmheadmodel_has(bias, tie):
+    """A model without biases exports zero biases for GPT-2's layers, but none for lm_head, which has no bias in
+    GPT2LMHeadModel: a tensor transformers does not know is reported as unused at every load."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, bias=bias, tie_embeddings=tie))
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config(model.config, 0)))
+    expected = set(theirs.state_dict()) - ({"lm_head.weight"} if tie else set())  # a tied head is written once
+    assert set(hf_weights(model)) == {k for k in expected if not k.endswith(".attn.bias")}  # no causal masks
 
 
 def test_a_config_that_does_not_say_is_tied_as_gpt2s_own_are(tmp_path):
