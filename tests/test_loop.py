@@ -359,6 +359,16 @@ def test_each_log_step_measures_its_own_steps_and_every_micro_step_of_them(tmp_p
     assert [r["train_loss"] for r in read_metrics(tmp_path / "out")[-2:]] == [1.0, 1.0]
 
 
+def test_a_new_run_says_the_tokens_of_every_micro_step_and_reports_its_first_steps_rate(tmp_path, data_dir, capsys):
+    """A step is gradient_accumulation_steps micro-steps of batch_size sequences: the line a run starts with counts
+    the tokens of them all (2 x 16 x 32), as tokens/s does; and step 0's eval, before any step, reports the rate the
+    first step will take, not none."""
+    run = setup(tiny_config(data_dir, tmp_path / "out", gradient_accumulation_steps=2), Distributed())
+    run.tracker.close()
+    assert "| 1 process(es) | 1,024 tokens per step\n" in capsys.readouterr().out
+    assert run.step_lr == get_lr(0, run.cfg) > 0
+
+
 def test_a_worse_eval_later_in_the_run_leaves_best_pt_alone(tmp_path, data_dir):
     """best.pt keeps the lowest val loss of the run, never the untrained weights of step 0, and a later eval that
     is worse (weights wiped here) replaces neither it nor the best loss a resume compares against."""
