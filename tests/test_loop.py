@@ -369,6 +369,22 @@ def test_a_new_run_says_the_tokens_of_every_micro_step_and_reports_its_first_ste
     assert run.step_lr == get_lr(0, run.cfg) > 0
 
 
+def test_a_checkpoint_from_before_the_loops_counters_resumes_with_what_they_stood_for(trained, tmp_path):
+    """Checkpoints written before steps_seconds, step_lr and work_done were kept: the loop's clock was then the
+    budget's (train_seconds), the rate an eval reported the next step's, and a checkpoint was only ever taken after
+    its step's work, which the resumed run must not do again."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    for key in ("steps_seconds", "step_lr", "work_done"):
+        del state[key]
+    run = setup(replace(cfg, out_dir=str(tmp_path / "out")), Distributed())
+    run.tracker.close()
+    run.load_state_dict(state)
+    assert run.steps_seconds == state["train_seconds"] > 0
+    assert run.step_lr == get_lr(state["iter_num"], run.cfg) > 0
+    assert run.work_done_at == run.iter_num == state["iter_num"]
+
+
 def test_a_worse_eval_later_in_the_run_leaves_best_pt_alone(tmp_path, data_dir):
     """best.pt keeps the lowest val loss of the run, never the untrained weights of step 0, and a later eval that
     is worse (weights wiped here) replaces neither it nor the best loss a resume compares against."""
