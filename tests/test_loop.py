@@ -385,6 +385,23 @@ def test_a_checkpoint_from_before_the_loops_counters_resumes_with_what_they_stoo
     assert run.work_done_at == run.iter_num == state["iter_num"]
 
 
+def test_a_resume_in_another_process_count_gives_each_process_its_own_dropout_masks(trained, tmp_path):
+    """A checkpoint of one process resumed by two cannot hand each its saved streams: each reseeds from the seed,
+    the step and its rank, so that the two processes do not drop the same units."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    run = setup(replace(cfg, out_dir=str(tmp_path / "out")), Distributed())
+    run.tracker.close()
+    draws, said = [], io.StringIO()
+    for rank in (0, 1):
+        run.ddp = Distributed(rank=rank, world_size=2)  # its collectives are not called on the way
+        with redirect_stdout(said):
+            run.load_state_dict(state)
+        draws.append(torch.rand(16))
+    assert said.getvalue().count("resuming 1 process(es)' run in 2: dropout masks are reseeded") == 1  # rank 0's
+    assert not torch.equal(*draws)
+
+
 def test_a_worse_eval_later_in_the_run_leaves_best_pt_alone(tmp_path, data_dir):
     """best.pt keeps the lowest val loss of the run, never the untrained weights of step 0, and a later eval that
     is worse (weights wiped here) replaces neither it nor the best loss a resume compares against."""
