@@ -37,7 +37,7 @@ from glimpse.run import setup
 from glimpse.runtime import allow_tf32, autocast, resolve_dtype
 from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
-from tests.conftest import CLOCKED, REPO, tiny_config
+from tests.conftest import CLOCKED, REPO, tiny_config, train_config
 from tests.test_train import read_metrics
 from train import TrainConfig, evaluate_and_keep_best, loop, save, train, train_step
 
@@ -933,6 +933,15 @@ def test_a_compiled_run_compiles_a_static_graph_for_each_step_shape_before_its_f
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="compile_backend must be one of torch.compile's backends"):
         replace(cfg, compile_backend="inductr")
+
+
+def test_a_long_ramp_compiles_each_of_its_shapes_once():
+    """A ramp over many steps stays on each eighth for many of them: compile_ahead runs a forward and backward per
+    shape listed, so each must be listed once (eighths 2 to 8 of 32 tokens, then full size from step 100 on), not
+    once per step, which would be 100 passes before the first step. A resume lists the shapes it has left."""
+    cfg = train_config(batch_size=16, block_size=32, seq_warmup_iters=100)
+    assert training_shapes(cfg) == [(16, 8 * eighths // 2) for eighths in range(2, 9)]
+    assert training_shapes(cfg, from_iter=90) == [(16, 32)]
 
 
 def test_compile_mode_reaches_inductor_and_cuda_graphs_are_refused_where_they_would_be_wrong(tmp_path, data_dir):
