@@ -728,6 +728,22 @@ def test_the_bar_counts_the_budgets_seconds_when_there_is_one(tmp_path, data_dir
     assert "100%" in shown["steps"] and "20/20" in shown["steps"] and "s of steps" not in shown["steps"]
 
 
+def test_a_resumed_runs_bar_starts_where_its_checkpoint_stood(tmp_path, data_dir):
+    """A resumed run's bar starts at the steps (or, under a budget, the seconds, at most the whole budget) its
+    checkpoint had taken: started at 0, its first update would count them as done in the resumed run's first
+    moments, and its rate and time to go with them."""
+    from glimpse.progress import progress_bar
+
+    run = setup(tiny_config(data_dir, tmp_path / "out"), Distributed())
+    run.tracker.close()
+    run.iter_num, run.train_seconds = 40, 30.0
+    with progress_bar(run.cfg, run, show=False) as bar:
+        assert (bar.n, bar.total) == (40, run.cfg.max_iters)
+    for budget, shown in ((60.0, 30.0), (20.0, 20.0)):
+        with progress_bar(replace(run.cfg, max_time=budget), run, show=False) as bar:
+            assert (bar.n, bar.total) == (shown, budget)
+
+
 def test_the_time_to_go_is_rounded_as_an_estimate_is():
     from glimpse.progress import duration
 
