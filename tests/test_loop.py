@@ -744,6 +744,25 @@ def test_a_resumed_runs_bar_starts_where_its_checkpoint_stood(tmp_path, data_dir
             assert (bar.n, bar.total) == (shown, budget)
 
 
+def test_a_run_that_blew_up_says_which_checkpoints_it_kept(tmp_path, data_dir):
+    """The error that stops a run whose loss stopped being finite says what is left to go back to: no checkpoint
+    yet, ckpt.pt alone, or both; and advises float32 only to a run in another dtype."""
+    from glimpse.progress import blown_up
+
+    run = setup(tiny_config(data_dir, tmp_path / "out"), Distributed())
+    run.tracker.close()
+    run.iter_num = 7
+    said = lambda: str(blown_up("the training loss became nan", run))  # noqa: E731
+    assert said() == "the training loss became nan at step 7; no checkpoint had been written yet. Try a lower " \
+                     "learning_rate"
+    save_checkpoint(checkpoint_path(run.cfg.out_dir), {"model": {}})
+    assert f"at step 7; {checkpoint_path(run.cfg.out_dir)} kept as it was. Try a lower learning_rate" in said()
+    save_checkpoint(best_path(run.cfg.out_dir), {"model": {}})
+    run.dtype = torch.bfloat16
+    assert said().endswith(f"; {checkpoint_path(run.cfg.out_dir)} and {best_path(run.cfg.out_dir)} kept as they "
+                           "were. Try a lower learning_rate, or dtype=float32")
+
+
 def test_the_time_to_go_is_rounded_as_an_estimate_is():
     from glimpse.progress import duration
 
