@@ -2,11 +2,14 @@
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import BenchConfig
 from bench_presets import preset_config, train_step_fn
+from glimpse import timing
 from glimpse.comparisons import prepare_beside_tiktoken
 from glimpse.errors import GlimpseError
 from tests.conftest import python, run_script
@@ -200,3 +203,20 @@ def test_the_gpu_checks_refuse_a_machine_without_one_in_one_line(tmp_path):
     bad = run_script("bash", "scripts/gpu_checks.sh", str(tmp_path / "checks"), "ten")
     assert bad.returncode == 2 and not (tmp_path / "checks").exists()
     assert bad.stderr.strip() == "error: SECONDS must be a whole number of seconds, got 'ten'"
+
+
+def test_timings_leave_out_the_warm_up_run_and_take_the_median_of_the_rest(monkeypatch):
+    """Each function runs once untimed (first-call allocations, lazy imports), then its median over the repeats is
+    what bench.py reports, which one slow run does not move; timed in turns, each function gets its own times. The
+    clock is one the functions advance by set amounts."""
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def taking(*seconds):
+        durations = iter(seconds)
+        return lambda: now.__setitem__(0, now[0] + next(durations))
+
+    assert timing.median_seconds(taking(100.0, 1.0, 5.0, 2.0), 3) == 2.0  # the warm-up's 100 s, then 1, 5 and 2
+    cpu = torch.device("cpu")
+    medians = timing.interleaved_medians([taking(50.0, 1.0, 3.0, 2.0), taking(70.0, 10.0, 30.0, 20.0)], [cpu, cpu], 3)
+    assert medians == [2.0, 20.0]
