@@ -452,6 +452,24 @@ def test_an_overwrite_that_cannot_finish_replaces_nothing(trained, tmp_path, cap
     assert not (tmp_path / ".hf.export-tmp").exists()
 
 
+def test_an_export_interrupted_before_goes_on_over_the_folder_it_left_beside_its_destination(tmp_path):
+    """An export killed half-way leaves its temporary folder beside --to: the next one starts that folder afresh
+    (not a FileExistsError), writes the whole export, and leaves no temporary folder behind. Its weights carry the
+    format mark transformers reads safetensors by."""
+    config = GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=2, n_embd=16)
+    out = glimpse_checkpoint(tmp_path / "run", config, {"kind": "char", "chars": "abcdefghij"})
+    left = tmp_path / ".hf.export-tmp"  # as the interrupted export left it
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    export.export(build(export.ExportConfig, dict(out_dir=str(out), to=str(tmp_path / "hf"))))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in (tmp_path / "hf").iterdir()}
+    assert not left.exists()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "hf" / "model.safetensors", framework="pt") as f:  # transformers 4 refuses a file
+        assert f.metadata() == {"format": "pt"}  # without this mark; 5 no longer asks
+
+
 def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, monkeypatch, capsys):
     """--out_dir=run --to=run, typed from the folder above: the same folder, however each is spelled, so the
     run's config.json stays the run's, --overwrite or not."""
