@@ -345,6 +345,7 @@ def test_a_decay_that_ends_where_warmup_ends_holds_min_lr_from_there():
         cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=steps, lr_decay_iters=steps, max_iters=100)
         assert get_lr(steps, cfg) == get_lr(steps + 5, cfg) == 0.1
 
+
 def test_optimizer_decays_matrices_only_and_sees_each_parameter_once():
     from model import GPT
 
