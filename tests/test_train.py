@@ -20,6 +20,7 @@ from glimpse.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     model_from_checkpoint,
+    parameter_count,
     save_checkpoint,
 )
 from glimpse.config import config_values
@@ -163,6 +164,12 @@ def test_float16_mfu_is_against_the_float16_tensor_cores():
     assert gpu_peak_flops("Tesla V100-SXM2-16GB", torch.float16) == 125e12
     assert gpu_peak_flops("Tesla T4", torch.float16) == 65e12
     assert gpu_peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
+
+
+def test_a_parameter_count_is_in_millions_from_ten_thousand_and_exact_below():
+    """The scripts print a count in millions (124.44M), which would read 0.00M for a model of a few thousand: below
+    10,000 the count is exact, and from 10,000 on it is in millions."""
+    assert [parameter_count(n) for n in (9_999, 10_000, 124_439_808)] == ["9,999", "0.01M", "124.44M"]
 
 
 def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
