@@ -189,6 +189,18 @@ def test_checkpoint_loads_safely_and_round_trips(trained, tmp_path):
     assert torch.equal(legacy(idx)[0], logits)
 
 
+def test_a_checkpoint_in_torchs_format_from_before_zip_files_still_loads(trained, tmp_path):
+    """torch.save wrote a plain pickle before PyTorch 1.6 (and does still with _use_new_zipfile_serialization=False),
+    which cannot be memory-mapped: the scripts, which map the checkpoint they read, read such a file whole rather
+    than call it corrupt."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    torch.save(state, tmp_path / "ckpt.pt", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "ckpt.pt", mmap=True)
+    assert loaded["iter_num"] == state["iter_num"] and loaded["model"].keys() == state["model"].keys()
+    assert all(torch.equal(loaded["model"][name], weight) for name, weight in state["model"].items())
+
+
 def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
     cfg, _ = trained
     out = io.StringIO()
