@@ -19,6 +19,7 @@ from glimpse import evaluation
 from glimpse.checkpoint import (
     checkpoint_path,
     load_checkpoint,
+    load_trained,
     model_from_checkpoint,
     parameter_count,
     save_checkpoint,
@@ -199,6 +200,17 @@ def test_a_checkpoint_in_torchs_format_from_before_zip_files_still_loads(trained
     loaded = load_checkpoint(tmp_path / "ckpt.pt", mmap=True)
     assert loaded["iter_num"] == state["iter_num"] and loaded["model"].keys() == state["model"].keys()
     assert all(torch.equal(loaded["model"][name], weight) for name, weight in state["model"].items())
+
+
+def test_a_model_read_to_sample_or_score_is_in_eval_mode_whatever_dropout_it_trained_with(trained, tmp_path):
+    """A checkpoint keeps the dropout its run trained with (0.2 in the presets): the model the scripts read must come
+    back in eval mode, or every sample and score would drop units at random."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    state["model_config"]["dropout"] = 0.5
+    save_checkpoint(tmp_path / "best.pt", state)
+    model, _, _, _ = load_trained(tmp_path, "auto", "cpu", "float32", "sampling from")
+    assert model.config.dropout == 0.5 and not any(m.training for m in model.modules())
 
 
 def test_sampling_from_the_checkpoint_alone(trained, tmp_path):
