@@ -515,15 +515,18 @@ def test_the_batch_and_sequence_ramps_shape_the_steps(tmp_path, data_dir):
         tiny_config(data_dir, tmp_path / "out", seq_warmup_iters=-1)
 
 
-def test_a_write_that_fails_half_way_leaves_the_old_checkpoint_whole(tmp_path):
+@pytest.mark.parametrize("error", [RuntimeError, OSError, KeyboardInterrupt])
+def test_a_write_that_fails_half_way_leaves_the_old_checkpoint_whole(tmp_path, error):
+    """Whatever stops the write (a state torch cannot save, a failing disk, Ctrl-C), the old checkpoint stays
+    whole and no half-written temporary file is left beside it."""
     class Unpicklable:
         def __reduce__(self):
-            raise RuntimeError("cannot pickle this")
+            raise error("cannot pickle this")
 
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}, "tokenizer": {}})
     before = digest(path)
-    with pytest.raises(RuntimeError, match="cannot pickle"):
+    with pytest.raises(error, match="cannot pickle"):
         save_checkpoint(path, {"model": {"w": torch.zeros(100_000)}, "model_config": {}, "tokenizer": {},
                                "broken": Unpicklable()})
     assert digest(path) == before and torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
