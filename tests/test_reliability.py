@@ -21,7 +21,7 @@ import torch
 
 import sample
 import train
-from glimpse.checkpoint import best_path, checkpoint_path, describe, load_checkpoint
+from glimpse.checkpoint import best_path, checkpoint_path, describe, load_checkpoint, refusal_reason
 from glimpse.errors import GlimpseError
 from glimpse.runtime import StopRequest
 from model import GPT
@@ -263,6 +263,34 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
                                                r"glimpse checkpoint") as error:
             load_checkpoint(checkpoint_path(tmp_path / "garbage"), mmap=mmap)
         assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_safe_loaders_refusal_keeps_what_it_found_and_not_torchs_advice():
+    """torch's refusal wraps what it found in advice to load the file unsafely or to allow more globals, which would
+    run or trust what the file holds: the error keeps the finding alone, its first sentence, as torch 2.13 words
+    both kinds of refusal."""
+    advice = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument "
+              "in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` "
+              "will likely succeed, but it can result in arbitrary code execution.\n")
+    docs = "\n\nCheck the documentation of torch.load to learn more about types accepted by default with weights_only."
+    blocked = advice + "\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked." + docs
+    assert refusal_reason(blocked) == "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+    allowlist = (advice + "Please file an issue with the following so that we can make `weights_only=True` compatible "
+                 "with your use case: WeightsUnpickler error: \n\nUnsupported global: GLOBAL shop.Basket was not an "
+                 "allowed global by default. Please use `torch.serialization.add_safe_globals([shop.Basket])` to "
+                 "allowlist this global if you trust this class/function." + docs)
+    assert refusal_reason(allowlist) == "Unsupported global: GLOBAL shop.Basket was not an allowed global by default"
+
+
+def test_a_damaged_best_pt_points_to_ckpt_pt_only_where_there_is_one(tmp_path):
+    """A best.pt that cannot be read says to read the run's ckpt.pt instead, where the run has one; alone, it says
+    to use another checkpoint, not to read one that is not there."""
+    best_path(tmp_path).write_bytes(b"junk\n")
+    with pytest.raises(GlimpseError, match=r"is corrupt or truncated \(KeyError\); use another checkpoint$"):
+        load_checkpoint(best_path(tmp_path))
+    checkpoint_path(tmp_path).write_bytes(b"junk\n")
+    with pytest.raises(GlimpseError, match=r"\(KeyError\); read ckpt.pt instead with --checkpoint=last$"):
+        load_checkpoint(best_path(tmp_path))
 
 
 def run_main(main, argv, capsys) -> str:
