@@ -24,7 +24,7 @@ import export  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
-from data.tokenizer import GPT2Tokenizer  # noqa: E402
+from data.tokenizer import GPT2_ENCODING, GPT2Tokenizer  # noqa: E402
 from glimpse.checkpoint import load_trained  # noqa: E402
 from glimpse.config import build  # noqa: E402
 from glimpse.errors import GlimpseError  # noqa: E402
@@ -278,3 +278,12 @@ def test_pipeline_and_generate_stay_within_n_positions(kind, char_folder, tmp_pa
         warnings.simplefilter("ignore")
         model.generation_config.eos_token_id = None
         assert model.generate(**inputs, do_sample=False, min_new_tokens=1).shape[1] == n_positions
+
+
+def test_a_folder_of_weights_alone_reads_as_gpt2_exactly_at_gpt2s_vocabulary(tmp_path):
+    """What download_hint fetches (config.json and model.safetensors, no tokenizer files) is GPT-2's BPE when the
+    vocabulary is GPT-2's 50,257 tokens or more, and refused below it, where GPT-2's ids would not fit."""
+    gpt2 = {"kind": "gpt2", "encoding": GPT2_ENCODING}
+    assert folder_tokenizer(tmp_path, 50257) == gpt2 == folder_tokenizer(tmp_path, 50304)  # a padded one too
+    with pytest.raises(GlimpseError, match="its 50,256-token vocabulary is not GPT-2's 50,257"):
+        folder_tokenizer(tmp_path, 50256)
