@@ -105,6 +105,11 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
         box = note.get_window_extent(FigureCanvasAgg(fig).get_renderer())
         corners = ax.transData.inverted().transform(box.corners())  # (key, query) of each corner of the note
         assert all(key > query + 0.5 for key, query in corners)  # on masked cells only, covering no weight
+        for texts in (columns, rows):
+            assert [t.get_text() for t in texts] == labels
+            assert [t.get_color() == GENERATED_COLOR for t in texts] == [False] * 4 + [True] * 2
+        assert [t.get_position()[0] for t in columns] == list(range(6))  # each under its own key
+        assert [t.get_position()[1] for t in rows] == list(range(6))
     for T in (2, 64):  # the fewest tokens and the most that get labels: the note still covers masked cells only
         fig = layer_figure(synthetic_attention(1, 1, T)[0], layer=0, labels=["x"] * T, prompt_len=T)
         assert "dashed" not in fig._suptitle.get_text()  # no generated tokens: no line to explain
@@ -113,11 +118,6 @@ def test_every_head_labels_its_rows_and_columns_with_the_tokens_generated_ones_i
         box = note.get_window_extent(FigureCanvasAgg(fig).get_renderer())
         corners = ax.transData.inverted().transform(box.corners())
         assert all(key > query + 0.5 for key, query in corners), T
-        for texts in (columns, rows):
-            assert [t.get_text() for t in texts] == labels
-            assert [t.get_color() == GENERATED_COLOR for t in texts] == [False] * 4 + [True] * 2
-        assert [t.get_position()[0] for t in columns] == list(range(6))  # each under its own key
-        assert [t.get_position()[1] for t in rows] == list(range(6))
 
 
 def test_each_layers_png_draws_that_layers_weights(tmp_path):
