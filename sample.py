@@ -170,7 +170,7 @@ def sample(cfg: SampleConfig, out: TextIO | None = None) -> list[str]:
             tracker.log_attention(folder, metrics, prefix=f"sample_{i}")
             sample_heads.append(metrics)
     if cfg.probe == "induction":
-        report_probe(model, sample_heads, dump_dir, cfg, out)
+        report_probe(model, sample_heads, dump_dir, cfg, out, tokenizer.vocab_size)
     tracker.close()
     if cfg.dump_attention:
         last = f" to sample_{cfg.num_samples - 1}/index.html" if cfg.num_samples > 1 else ""
@@ -253,17 +253,19 @@ def dump_meta(state: dict, cfg: SampleConfig, i: int) -> dict:
             "sampling": settings, "seed": cfg.seed, "sample": i, "tokenizer": state["tokenizer"], **removed}
 
 
-def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfig, out: TextIO):
+def report_probe(model, text_heads: list[dict], dump_dir: Path, cfg: SampleConfig, out: TextIO,
+                 vocab_size: int | None = None):
     """Print and save every head's induction score, and its previous-token and sink mass on the samples.
 
     text_heads holds each sample's head metrics (none when the dumps were turned off). The table ends with a
     legend of its columns and a verdict: which heads are induction heads, and what the repeat costs with and
-    without them.
+    without them. The random tokens are drawn from the tokenizer's vocab_size (none: the model's).
     """
-    probe = induction_probe(model, seed=cfg.seed, ablation=cfg.ablation)
+    probe = induction_probe(model, seed=cfg.seed, ablation=cfg.ablation, vocab_size=vocab_size)
     ceiling = probe["induction_ceiling"]
-    out.write(f"\ninduction probe: {probe['n_tokens']} random tokens ({probe['draw']}), repeated; loss on the first "
-              f"copy {probe['first_copy_loss']:.3f}, on the second {probe['second_copy_loss']:.3f}\n")
+    out.write(f"\ninduction probe: {probe['n_tokens']} random tokens of {probe['vocab_size']:,} ({probe['draw']}), "
+              f"repeated; loss on the first copy {probe['first_copy_loss']:.3f}, on the second "
+              f"{probe['second_copy_loss']:.3f}\n")
     out.write("layer head  induction  peak  prev_token  sink  without\n")
     probe["heads"] = []
     for layer, scores in enumerate(probe["induction"]):

@@ -24,7 +24,7 @@ from model import GPT
 
 @torch.no_grad()
 def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, seed: int = 0,
-                    ablation: str | None = None) -> dict:
+                    ablation: str | None = None, vocab_size: int | None = None) -> dict:
     """Score every head on random tokens repeated twice, [r, r], with r of n_tokens tokens.
 
     An induction head, at the second copy of a token, attends to the token that followed its earlier
@@ -38,6 +38,9 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     removed alone, "second_copy_loss_without" (L, H): the heads the repeat depends on raise it. "verdict"
     says in one line which heads are induction heads (induction_verdict).
 
+    vocab_size: the tokenizer's, when the model's vocabulary is padded past it for speed (GPT-2's 50,257 to
+    50,304): the padding's ids are no token, never trained on, and are not drawn. None draws from the model's.
+
     Everything runs in eval mode (dropout would make the weights and the removals' losses random), and
     the model is left in the mode it came in.
     """
@@ -49,8 +52,11 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     if not 2 <= n <= config.block_size // 2:  # both copies in one window
         raise GlimpseError(f"the probe's n_tokens must be from 2 to {config.block_size // 2} (half the model's "
                            f"block_size, so that both copies fit in one window); got {n}")
+    vocab = config.vocab_size if vocab_size is None else min(vocab_size, config.vocab_size)
+    if vocab < 1:
+        raise GlimpseError(f"the probe's vocab_size must be at least 1 (the tokenizer's); got {vocab_size}")
     device = next(model.parameters()).device
-    seq = probe_tokens(config.vocab_size, n, batch, seed).to(device)  # (B, 2n)
+    seq = probe_tokens(vocab, n, batch, seed).to(device)  # (B, 2n)
     with evaluating(model):
         # one sequence at a time, the weights in float16: at GPT-2's 1,024 tokens a batch's float32 weights and
         # logits would take 6 GB, one sequence's a few hundred MB
@@ -74,7 +80,8 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     probe = {
         "n_tokens": n,
         "batch": batch,
-        "draw": "without repeats" if config.vocab_size >= n else "with repeats",
+        "vocab_size": vocab,  # the tokens are drawn from ids 0 to vocab_size - 1
+        "draw": "without repeats" if vocab >= n else "with repeats",
         **({"ablation": ablation, "second_copy_loss_without": without} if ablation else {}),
         "induction": scores.cpu().tolist(),
         "induction_ceiling": induction_keys(seq)[:, n:].any(dim=-1).float().mean().item(),

@@ -169,7 +169,7 @@ class Model:
         except TypeError:
             raise GlimpseError(f"n_tokens and seed must be whole numbers (n_tokens may be None: half the "
                                f"model's block_size); got {n_tokens!r} and {seed!r}") from None
-        return induction_probe(self.gpt, n_tokens, seed=seed, ablation=ablation)
+        return induction_probe(self.gpt, n_tokens, seed=seed, ablation=ablation, vocab_size=self.vocab_size)
 
     @torch.no_grad()
     def loss(self, text: str | list[int], ablate: str = "") -> float:

@@ -239,6 +239,32 @@ def test_the_induction_probe_reports_its_ceiling_and_how_it_drew():
         assert probe["verdict"].startswith("no induction head")  # random weights
 
 
+def test_the_probe_draws_no_id_past_the_tokenizers(tmp_path):
+    """A vocabulary padded past its tokenizer's (for speed) has ids no text holds and training never shaped: the
+    probe draws from the tokenizer's ids, as sample.py and the notebook give them. A padding row made NaN here
+    would make the attention of every sequence that holds it NaN."""
+    from glimpse.notebook import Model
+    from model import GPT, GPTConfig
+    from sample import report_probe
+
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=1, n_head=2, n_embd=8)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[20:] = float("nan")
+    assert np.isnan(induction_probe(model, n_tokens=8, batch=4)["induction"]).all()  # drawn from the model's 40
+    probe = induction_probe(model, n_tokens=8, batch=4, vocab_size=20)
+    assert probe["vocab_size"] == 20 and np.isfinite(probe["induction"]).all()
+    assert induction_probe(model, n_tokens=8, batch=4, vocab_size=50)["vocab_size"] == 40  # the model's ids at most
+    assert induction_probe(model, n_tokens=8, batch=4, vocab_size=5)["draw"] == "with repeats"  # 8 of 5 ids
+    out = io.StringIO()
+    report_probe(model, [], tmp_path, SampleConfig(probe="induction"), out, vocab_size=20)
+    assert "induction probe: 8 random tokens of 20 (without repeats), repeated" in out.getvalue()
+    assert np.isfinite(json.loads((tmp_path / "probe_induction.json").read_text())["induction"]).all()
+    notebook = Model(model, {"tokenizer": {"kind": "char", "chars": "abcdefghijklmnopqrst"}})  # 20 characters
+    assert np.isfinite(notebook.induction(n_tokens=8)["induction"]).all()
+    with pytest.raises(GlimpseError, match="the probe's vocab_size must be at least 1 .*; got 0$"):
+        induction_probe(model, n_tokens=8, vocab_size=0)
+
+
 def test_the_induction_verdict_names_the_heads_that_read_the_induction_key():
     """At least half the ceiling and the peak at +1: 0.1 and 1.0 are induction heads, 1.1 scores more than
     1.0 but looks elsewhere most, and 0.0 scores too little."""
@@ -276,7 +302,8 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=20", "--num_samples=2",
                  "--probe=induction", f"--dump_dir={tmp_path}")
     assert run.returncode == 0, run.stderr
-    assert "induction probe: 16 random tokens (without repeats), repeated" in run.stdout
+    chars = load_checkpoint(checkpoint_path(cfg.out_dir))["tokenizer"]["chars"]  # the tokenizer's ids are drawn
+    assert f"induction probe: 16 random tokens of {len(chars)} (without repeats), repeated" in run.stdout
     table = run.stdout[run.stdout.index("layer head  induction  peak  prev_token  sink  without\n"):].splitlines()
     legend = [line.split()[0] for line in table[5:10]]  # after the header and the 4 heads' rows
     assert legend == ["induction", "peak", "prev_token", "sink", "without"]

@@ -227,7 +227,7 @@ def test_greedy_generation_equals_transformers_generate(hf_folder, tmp_path, gpt
 
 def test_a_vocabulary_padded_past_gpt2s_samples_gpt2s_tokens_only(tmp_path, gpt2_ranks):
     """A folder whose vocabulary is padded past GPT-2's 50,257 (to 50,304, for speed) is GPT-2's BPE: its padding's
-    logits, however high, are never sampled (no tokenizer could write them out)."""
+    logits, however high, are never sampled (no tokenizer could write them out), nor its ids drawn by the probe."""
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPE, "vocab_size": 50304})).eval()
     with torch.no_grad():  # every logit 0 but the padding's, 20: whatever the text, the padding is the likeliest
         for p in hf.parameters():
@@ -237,9 +237,11 @@ def test_a_vocabulary_padded_past_gpt2s_samples_gpt2s_tokens_only(tmp_path, gpt2
     hf.save_pretrained(tmp_path / "padded")
     cfg = build(sample.SampleConfig, dict(init_from=str(tmp_path / "padded"), start="ROMEO:", num_samples=1,
                                           max_new_tokens=4, temperature=0.0, mechanism=True, pngs=False,
-                                          dump_dir=str(tmp_path / "dumps")))
-    (text,) = sample.sample(cfg, out=io.StringIO())
+                                          dump_dir=str(tmp_path / "dumps"), probe="induction"))
+    out = io.StringIO()
+    (text,) = sample.sample(cfg, out=out)
     assert text == "ROMEO:!!!!"  # the likeliest of GPT-2's tokens: all at 0, the first, "!"
+    assert "induction probe: 32 random tokens of 50,257 (without repeats)" in out.getvalue()
     # the model itself predicts the padding, and the dump's panels name it for what it is
     dump = load_dump(tmp_path / "dumps" / "sample_0")
     assert (dump["predicted"] >= 50257).all()
