@@ -267,6 +267,23 @@ def test_eval_py_reports_ranks_and_draws_the_heads(trained, tmp_path):
         assert image.width > 100 and image.height > 100
 
 
+def test_eval_py_ablate_scores_the_model_without_the_heads_it_names(trained, tmp_path, capsys):
+    """--ablate's loss is the model's without those heads: the loss --head_importance finds with that head removed
+    alone, on the same windows; the printed change is that loss less the intact model's."""
+    cfg, _ = trained
+    out = shutil.copytree(cfg.out_dir, tmp_path / "run")  # a copy: --head_importance writes into the run
+    settings = dict(out_dir=str(out), max_tokens=512, device="cpu", dtype="float32")
+    ablated = eval_script.score_heads(eval_script.EvalConfig(**settings, ablate="1.0"))
+    ranked = eval_script.score_heads(eval_script.EvalConfig(**settings, head_importance=True))
+    assert ablated["heads"] == ["1.0"] and ablated["tokens_scored"] == ranked["tokens_scored"] >= 512
+    assert ablated["intact_loss"] == pytest.approx(ranked["intact_loss"], rel=1e-5)
+    assert ablated["ablated_loss"] == pytest.approx(ranked["losses"][1][0], rel=1e-5)
+    assert abs(ablated["ablated_loss"] - ablated["intact_loss"]) > 1e-3  # the head does something
+    eval_script.print_heads(ablated)
+    change = ablated["ablated_loss"] - ablated["intact_loss"]
+    assert f"  without 1.0  {ablated['ablated_loss']:.4f}  ({change:+.4f})" in capsys.readouterr().out.splitlines()
+
+
 def test_eval_py_and_sample_py_show_their_long_scorings_on_a_terminal(trained, tmp_path, monkeypatch):
     cfg, _ = trained
     run = shutil.copytree(cfg.out_dir, tmp_path / "run")  # eval.py writes its results there: not into the shared run

@@ -176,6 +176,7 @@ def test_evaluating_hands_the_model_back_in_its_mode(mode):
     (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
     (dict(batch_size=0), "batch_size must be at least 1, got 0"),
     (dict(stride=-1), "stride must be 0 or more, got -1"),
+    (dict(task="hellaswag", hellaswag_examples=-1), "hellaswag_examples must be 0 (all) or more, got -1"),
     # settings the chosen work would not read: each said, not dropped
     (dict(ablation="mean"), "--ablation picks how --ablate and --head_importance remove heads: give one of them, "
                             "or drop --ablation"),
@@ -203,6 +204,65 @@ def test_eval_scores_each_length_once_in_the_order_given():
     for zero in ("0", "1,0", "-1"):  # no context at all, or less than none
         with pytest.raises(ValueError, match="lengths must be positive multiples of block_size"):
             EvalConfig(lengths=zero).multiples()
+
+
+def test_eval_py_scores_a_short_split_to_its_end_in_nats_and_bits(trained, tmp_path):
+    """Asked for more tokens than the validation split holds, each mode scores every target it can and says how
+    many: non-overlapping windows from the split's second token, sliding ones (half a window a turn, by default)
+    from the first with half a window of context before it. Bits per token are the nats over ln 2."""
+    import math
+    import shutil
+    from pathlib import Path
+
+    import eval as eval_script
+    from data.dataset import TokenData
+
+    cfg, _ = trained
+    out = shutil.copytree(cfg.out_dir, tmp_path / "run")  # a copy: eval.py writes its table into the run
+    rows = eval_script.score_lengths(eval_script.EvalConfig(out_dir=str(out), lengths="1", max_tokens=10**7,
+                                                            device="cpu", dtype="float32"))
+    n, block_size = len(TokenData(Path(cfg.data_dir) / cfg.dataset).tokens("val")), cfg.model.block_size
+    assert n < 10**7 and {r["mode"]: r["tokens_scored"] for r in rows} == {
+        "windows": n - 1, "sliding": n - 1 - (block_size - block_size // 2)}
+    for r in rows:
+        assert r["bits_per_token"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-12)
+
+
+def test_eval_py_scores_the_dataset_it_is_given_in_place_of_the_runs_own(trained, tmp_path, corpus_file):
+    """--data_dir and --dataset pick another dataset to score: a copy of the run's own under another name scores
+    as the run's own does; one of another tokenizer is refused, named."""
+    import shutil
+    from pathlib import Path
+
+    import eval as eval_script
+    from data.prepare import PrepareConfig, prepare
+
+    cfg, _ = trained
+    out = shutil.copytree(cfg.out_dir, tmp_path / "run")  # a copy: eval.py writes its table into the run
+    settings = dict(out_dir=str(out), lengths="1", max_tokens=64, device="cpu", dtype="float32")
+    own = eval_script.score_lengths(eval_script.EvalConfig(**settings))
+    shutil.copytree(Path(cfg.data_dir) / cfg.dataset, tmp_path / "data" / "copy")
+    copy = eval_script.score_lengths(eval_script.EvalConfig(**settings, data_dir=str(tmp_path / "data"),
+                                                            dataset="copy"))
+    assert copy == own
+    (tmp_path / "upper.txt").write_text(corpus_file.read_text().upper())
+    prepare(PrepareConfig(dataset="upper", input=str(tmp_path / "upper.txt"), data_dir=str(tmp_path / "data")))
+    with pytest.raises(GlimpseError, match=f"^dataset {tmp_path / 'data' / 'upper'} uses another tokenizer than "
+                                           "the checkpoint; pick its own dataset$"):
+        eval_script.score_lengths(eval_script.EvalConfig(**settings, data_dir=str(tmp_path / "data"),
+                                                         dataset="upper"))
+
+
+def test_a_pretrained_models_hellaswag_results_go_to_a_folder_named_after_it():
+    """eval.py --init_from=FOLDER --task=hellaswag without --out_dir writes eval-FOLDERNAME/, not into the default
+    run folder; with --out_dir, there."""
+    from pathlib import Path
+
+    from eval import EvalConfig, results_folder
+
+    assert results_folder(EvalConfig(task="hellaswag", init_from="/models/gpt2-tiny")) == Path("eval-gpt2-tiny")
+    assert results_folder(EvalConfig(task="hellaswag", init_from="gpt2", out_dir="mine")) == Path("mine")
+    assert results_folder(EvalConfig(out_dir="run")) == Path("run")
 
 
 @pytest.mark.parametrize("mode", ["windows", "sliding"])
