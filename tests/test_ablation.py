@@ -351,8 +351,16 @@ def test_sample_generates_and_dumps_without_heads_and_shows_their_cost(trained, 
     sample(SampleConfig(**settings, head_importance=True, dump_dir=str(tmp_path / "ranked")), io.StringIO())
     importance = json.loads((tmp_path / "ranked" / "sample_0" / "head_importance.json").read_text())
     assert len(importance["loss_increase"]) == 2 and len(importance["loss_increase"][0]) == 2
+    for losses, increases in zip(importance["loss"], importance["loss_increase"], strict=True):
+        assert increases == pytest.approx([loss - importance["intact_loss"] for loss in losses], abs=1e-6)  # float32
+    assert max(max(row) for row in importance["loss_increase"]) > 0  # the last layer's heads matter, as above
     page = (tmp_path / "ranked" / "sample_0" / "index.html").read_text()
     assert '"loss_increase"' in page  # the viewer has the scores to draw on the thumbnails
+    # a text of one token (the default prompt, nothing generated) predicts nothing: no importance, no error
+    sample(SampleConfig(out_dir=cfg.out_dir, num_samples=1, max_new_tokens=0, head_importance=True,
+                        dump_dir=str(tmp_path / "one")), io.StringIO())
+    assert (tmp_path / "one" / "sample_0" / "attention.npz").is_file()
+    assert not (tmp_path / "one" / "sample_0" / "head_importance.json").exists()
 
 
 def test_a_mean_over_a_one_token_prompt_is_pointed_out(trained, tmp_path, capsys):

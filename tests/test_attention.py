@@ -64,6 +64,21 @@ def test_sample_dumps_the_attention_of_a_prompt(trained, tmp_path):
     np.testing.assert_allclose(attn[0], expected, atol=2e-3)
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(num_samples=0), "num_samples must be at least 1, got 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must not be negative, got -1"),
+    (dict(mechanism=True, dump_attention=False), "--mechanism goes into the attention dumps: drop "
+                                                 "--dump_attention=false"),
+    (dict(mechanism=True, ablate="0.0"), "--mechanism shows the intact model's heads at work: drop --ablate (or "
+                                         "dump the mechanism in a run of its own)"),
+])
+def test_sample_settings_out_of_range_or_at_odds_are_one_clear_error(setting, message):
+    with pytest.raises(ValueError) as error:
+        SampleConfig(**setting)
+    assert str(error.value) == message
+    SampleConfig(num_samples=1, max_new_tokens=0, mechanism=True)  # the edges themselves are allowed
+
+
 def test_a_pretrained_models_dumps_go_to_a_folder_named_after_it_not_into_a_run():
     """out/attention may be a run's own (its snapshots beside it): sample.py --init_from=gpt2 writes elsewhere."""
     assert default_dump_dir(SampleConfig(init_from="gpt2")) == Path("attention-gpt2")
@@ -398,6 +413,7 @@ def test_sample_names_the_dumps_it_wrote_and_leaves_none_of_an_earlier_run(train
                             probe=probe), io.StringIO())
         err = capsys.readouterr().err.splitlines()
         assert [line for line in err if line.startswith("attention dumps:")] == [f"attention dumps: {dumps}/{named}"]
+        assert [load_dump(dumps / f"sample_{i}")["meta"]["sample"] for i in range(n)] == list(range(n))
         assert [line for line in err if line.startswith("removed")] == (
             [f"removed an earlier run's {removed} from {dumps}: a dump folder holds one run's"] if removed else [])
         assert sorted(path.name for path in dumps.iterdir()) == [

@@ -706,7 +706,10 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
     edited = {}  # checkpoints with glimpse's keys, edited by hand: a model this glimpse cannot build
     for name, edit in (("key", lambda s: s["model_config"].update(bogus=1)),
                        ("shape", lambda s: s["model_config"].update(n_layer=s["model_config"]["n_layer"] + 1)),
-                       ("untokenized", lambda s: s.pop("tokenizer")), ("named", lambda s: s.update(tokenizer="char"))):
+                       ("untokenized", lambda s: s.pop("tokenizer")), ("named", lambda s: s.update(tokenizer="char")),
+                       ("short", lambda s: (s["model_config"].update(block_size=3),  # a model of 3 positions
+                                            s["model"].update({"transformer.wpe.weight":
+                                                               s["model"]["transformer.wpe.weight"][:3]})))):
         state = load_checkpoint(checkpoint_path(cfg.out_dir))
         edit(state)
         edited[name] = tmp_path / f"edited_{name}"
@@ -736,6 +739,8 @@ def test_sampling_input_errors(tmp_path, trained, capsys):
         (good + ["--head_importance"], "--head_importance shows in the attention dumps"),  # not a silent no-op
         (good + ["--start=FILE:/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' not found"),
         (good + ["--start=FILE:"], "--start=FILE: names no file: give its path"),
+        ([f"--out_dir={edited['short']}", "--probe=induction"], "the induction probe repeats at least 2 tokens: "
+                                                                "block_size 3 is too short for it"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt'}"], "is a file"),
         ([f"--out_dir={cfg.out_dir}", "--max_new_tokens=2", f"--dump_dir={truncated / 'ckpt.pt' / 'a' / 'b'}"],
          f"cannot be made: {str(truncated / 'ckpt.pt')!r} is a file"),  # it failed after the first sample
