@@ -39,7 +39,7 @@ from glimpse.tracking import Tracker, read_records
 from sample import SampleConfig, sample
 from tests.conftest import CLOCKED, REPO, tiny_config, train_config
 from tests.test_train import read_metrics
-from train import TrainConfig, evaluate_and_keep_best, loop, save, train, train_step
+from train import TrainConfig, evaluate_and_keep_best, loop, report_budget, save, train, train_step
 
 
 def digest(path: Path) -> str:
@@ -105,9 +105,12 @@ def test_a_resume_runs_the_work_of_the_step_it_was_stopped_before(tmp_path, data
     best = load_checkpoint(best_path(cfg.out_dir))["iter_num"]
     assert best in (20, 40)
     # a checkpoint written by the eval itself is taken after its step's work: resuming it redoes none of it
-    train(replace(cfg, init_from="resume", max_iters=50, lr_decay_iters=50))
+    with redirect_stdout(io.StringIO()) as again:
+        train(replace(cfg, init_from="resume", max_iters=50, lr_decay_iters=50))
     evals = [r["iter"] for r in read_metrics(cfg.out_dir) if "val_loss" in r]
     assert evals == [0, 20, 40, 50]
+    said = again.getvalue()
+    assert "step 50: train loss" in said and "step 40: train loss" not in said  # step 40's eval not run again
 
 
 def test_a_resume_after_its_steps_work_was_cut_short_logs_that_work_once(tmp_path, data_dir, monkeypatch):
@@ -424,20 +427,43 @@ def test_a_worse_eval_later_in_the_run_leaves_best_pt_alone(tmp_path, data_dir):
     assert best["iter_num"] == 20 and best["val_loss"] == trained and run.best_val_loss == trained
 
 
-@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
-def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(tmp_path, data_dir, grad_clip):
+def test_micro_steps_add_up_to_the_step_one_batch_of_their_sequences_takes(tmp_path, data_dir):
+    """Two micro-steps of 8 sequences draw the 16 one batch of 16 draws, and their losses are averaged as its are:
+    the same losses, and the same weights after the steps."""
+    taken = {}
+    for name, batch_size, micro_steps in (("one", 16, 1), ("two", 8, 2)):
+        run = setup(tiny_config(data_dir, tmp_path / name, batch_size=batch_size,
+                                gradient_accumulation_steps=micro_steps), Distributed())
+        run.tracker.close()
+        taken[name] = [train_step(run, 3e-3).item() for _ in range(3)], run.model.state_dict()
+    assert taken["two"][0] == pytest.approx(taken["one"][0], rel=1e-5)
+    for key, weight in taken["one"][1].items():
+        torch.testing.assert_close(taken["two"][1][key], weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_clip, dtype", [(0.05, "float32"), (0.0, "float32"), (0.05, "float16")])
+def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(tmp_path, data_dir, grad_clip, dtype):
     """With AdamW a clip's effect on the weights is subtle (its update is near blind to the gradient's scale), so
-    the gradients are read where the optimizer takes them: their norm at most grad_clip, and untouched at 0."""
-    run = setup(tiny_config(data_dir, tmp_path / "out", grad_clip=grad_clip, learning_rate=0.1), Distributed())
+    the gradients are read where the optimizer takes them: their norm grad_clip (this model's are far above it),
+    and untouched at 0. In float16 the loss scaler's factor is taken out before the clip, not after it."""
+    run = setup(tiny_config(data_dir, tmp_path / "out", grad_clip=grad_clip, learning_rate=0.1, dtype=dtype),
+                Distributed())
     run.tracker.close()
     norms = []
-    run.optimizer.register_step_pre_hook(lambda *_: norms.append(
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters() if p.grad is not None]))))
+
+    def taken(optimizer, *_):
+        """The gradients' norm as the optimizer takes them: a fused AdamW given the scaler's factor (its grad_scale,
+        which GradScaler sets where the gradients were not unscaled before) divides them by it in its kernel."""
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters()
+                                                     if p.grad is not None]))
+        norms.append(norm / (getattr(optimizer, "grad_scale", None) or 1.0))
+
+    run.optimizer.register_step_pre_hook(taken)
     for _ in range(3):
         train_step(run, 0.1)
     assert len(norms) == 3
     if grad_clip:
-        assert all(n <= grad_clip * (1 + 1e-5) for n in norms), norms
+        assert all(n == pytest.approx(grad_clip, rel=1e-4) for n in norms), norms
     else:
         assert all(n > 0.05 for n in norms), norms  # the same model's gradients, far above the clip tested
 
@@ -493,6 +519,26 @@ def test_a_budget_that_bought_far_fewer_steps_than_it_was_set_for_says_so(tmp_pa
                           eval_interval=10**6, attn_log_interval=0, final_eval=False))
     assert "max_iters=3 ended the run with" in out.getvalue() and "far below" not in out.getvalue()
     assert "budget spent, still warming up" in out.getvalue()  # its 3 steps are all warmup (10): no decay to speak of
+
+
+def test_the_budget_report_warns_from_below_half_the_steps_set_for_and_says_whether_warmup_ended(tmp_path, data_dir):
+    """10 s at a rate set for 10 steps a second buys 100 steps: 49 is far below them, 50 is not. A run that
+    max_iters ended decayed its rate after warmup, or was still warming up when the two end together."""
+    run = setup(tiny_config(data_dir, tmp_path / "out", max_iters=1000, max_time=10.0, budget_steps_per_s=10,
+                            warmup_iters=10), Distributed())
+    run.tracker.close()
+
+    def said(steps: int, seconds: float, max_iters: int = 1000) -> str:
+        run.cfg, run.iter_num, run.train_seconds = replace(run.cfg, max_iters=max_iters), steps, seconds
+        with redirect_stdout(io.StringIO()) as out:
+            report_budget(run)
+        return out.getvalue()
+
+    assert "the 10 s budget bought 49 steps" in said(49, 10.0) and "far below the 100 this budget" in said(49, 10.0)
+    assert "the 10 s budget bought 50 steps" in said(50, 10.0) and "far below" not in said(50, 10.0)
+    assert "max_iters=10 ended the run with 3.0 s of the 10 s budget spent, still warming up" in said(10, 3.0, 10)
+    assert "max_iters=11 ended the run with 3.0 s of the 10 s budget spent (the learning rate decayed with the " \
+        "steps)" in said(11, 3.0, 11)
 
 
 def test_ramp_grows_from_a_quarter_to_full_in_eighths():

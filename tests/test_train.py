@@ -17,6 +17,7 @@ from data.dataset import TokenData
 from data.prepare import PrepareConfig, prepare
 from glimpse import evaluation
 from glimpse.checkpoint import (
+    best_path,
     checkpoint_path,
     load_checkpoint,
     load_trained,
@@ -56,6 +57,27 @@ def test_training_lowers_the_loss_and_writes_the_run_files(trained):
         assert {"iter", "train_loss", "lr", "tokens_per_sec"} <= set(r) and r["tokens_per_sec"] > 0
     for r in evals:
         assert {"iter", "val_loss", "eval_train_loss", "lr", "tokens_per_sec"} <= set(r)
+    # the last eval's two losses are the final weights' (ckpt.pt) on each split's fixed batches, each its own split's
+    from contextlib import nullcontext
+
+    from glimpse.distributed import Distributed
+
+    model, *_ = load_trained(cfg.out_dir, "last", "cpu", "float32", "evaluating")
+    losses = evaluation.estimate_loss(model, TokenData(Path(cfg.data_dir) / cfg.dataset), cfg, "cpu", nullcontext(),
+                                      Distributed())
+    assert (evals[-1]["eval_train_loss"], evals[-1]["val_loss"]) == pytest.approx((losses["train"], losses["val"]))
+    # best.pt holds the weights and what reading them needs, ckpt.pt the training state besides (best.pt's
+    # keys are all in it: the resumed run may start from either)
+    best, last_state = load_checkpoint(best_path(cfg.out_dir)), load_checkpoint(checkpoint_path(cfg.out_dir))
+    assert {"optimizer", "rng", "scaler"} <= set(last_state) - set(best) and set(best) < set(last_state)
+    # each eval's attention snapshot reads the validation split's first tokens, as many as the model's window holds
+    from glimpse.attention import load_dump
+
+    data = TokenData(Path(cfg.data_dir) / cfg.dataset)
+    first = data.tokens("val")[:cfg.model.block_size].tolist()  # attn_probe_tokens (64) is past block_size (32)
+    snapshot = load_dump(Path(cfg.out_dir) / "attention" / "iter_150")
+    assert snapshot["tokens"] == data.tokenizer().token_strings(first) and snapshot["attn"].shape[-1] == 32
+    assert snapshot["meta"]["source"] == f"the first 32 tokens of {cfg.dataset}'s validation split"
     assert json.loads((Path(cfg.out_dir) / "config.json").read_text()) == config_values(cfg)
     final = records[-1]  # the whole validation split, scored once at the end
     val_tokens = json.loads((Path(cfg.data_dir) / cfg.dataset / "meta.json").read_text())["val_tokens"]
