@@ -107,6 +107,24 @@ def test_with_two_heads_a_layer_an_idle_head_can_go(tmp_path):
         assert circuit["idle"]["second_copy_loss_without"] < probe["second_copy_loss"] + 0.3, probe
 
 
+def test_the_circuit_names_each_head_by_where_it_looks():
+    """The induction head is a later layer's best inductor, however well a layer-0 head scores (it has no
+    previous-token head before it to read); the previous-token head is layer 0's; the idle one, of the rest, looks
+    least at either. Each is reported with what removing it costs the second copy."""
+    from scripts.induction_study import circuit
+
+    def head(layer, index, induction, prev):
+        return {"layer": layer, "head": index, "induction": induction, "prev_token_on_probe": prev,
+                "second_copy_loss_without": 1.0 + layer + index / 10}
+
+    heads = [head(0, 0, 0.9, 0.2), head(0, 1, 0.1, 0.7), head(1, 0, 0.6, 0.1), head(1, 1, 0.05, 0.8),
+             head(1, 2, 0.2, 0.3)]
+    assert circuit(heads) == {"induction": {"head": "1.0", "second_copy_loss_without": 2.0},
+                              "prev_token": {"head": "0.1", "second_copy_loss_without": 1.1},
+                              "idle": {"head": "1.2", "second_copy_loss_without": 2.2}}
+    assert "idle" not in circuit(heads[1:3])  # one head a layer: none left over
+
+
 def test_the_study_table_keeps_every_row_in_its_columns():
     """The longest label, the second copy without the previous-token head, pushed its row's numbers right."""
     from scripts.induction_study import report
