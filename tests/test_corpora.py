@@ -700,6 +700,68 @@ def test_a_files_format_is_read_from_its_extension_in_any_case(tmp_path):
     assert input_files(str(tmp_path)) == input_files(str(tmp_path / "*")) == found
     assert input_files(str(found[0])) == found[:1]
     assert [text for text, _, _ in Documents(found)] == ["a book", "a note"]
+    with pytest.raises(GlimpseError, match=r"input '.*readme.md' is none of .txt, .jsonl, .jsonl.gz, .jsonl.zst, "
+                                           r".parquet: rename it or convert it$"):
+        input_files(str(tmp_path / "readme.md"))  # named alone, a file of no known format is not read as JSON lines
+
+
+def test_a_glob_gives_its_files_in_sorted_order_and_a_hidden_folder_above_the_input_hides_nothing(tmp_path):
+    """The same input gives the same documents in the same order: a glob's files are sorted (the folder lists them
+    in an order of its own: here they are made shuffled); and only what is hidden inside the folder named is left
+    out, so a corpus kept under ~/.cache/ is read whole."""
+    corpus = tmp_path / ".cache" / "corpus"
+    corpus.mkdir(parents=True)
+    names = [f"part-{i:02d}.jsonl" for i in range(30)]
+    for name in np.random.default_rng(0).permutation(names):
+        (corpus / name).write_text(json.dumps({"text": name}) + "\n")
+    assert input_files(str(corpus / "part-*.jsonl")) == input_files(str(corpus)) == [corpus / n for n in names]
+    assert [text for text, _, _ in Documents(input_files(str(corpus / "*")))] == names
+
+
+def test_the_input_bytes_of_the_parts_add_up_to_the_files_sizes(tmp_path, small_blocks):
+    """The progress bar counts each part's input bytes (compressed ones for .gz and .zst) towards total_bytes: every
+    format's bytes are counted once, so the bar ends at its total; a long .txt read in blocks too."""
+    write_corpus(tmp_path / "corpus", documents(41))
+    (tmp_path / "corpus" / "long.txt").write_text(long_text(100), encoding="utf-8")
+    docs = Documents(input_files(str(tmp_path / "corpus")))
+    assert len(docs.files) == 6
+    assert docs.total_bytes == sum(path.stat().st_size for path in docs.files)
+    for path in docs.files:
+        sizes = [size for _, size, _ in Documents([path])]
+        assert all(size >= 0 for size in sizes) and sum(sizes) == pytest.approx(path.stat().st_size), path.name
+    assert len([size for _, size, _ in Documents([tmp_path / "corpus" / "long.txt"])]) > 5  # read in blocks
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('"a text alone"', "has no text field 'text'; name the field with --text_column=NAME"),
+    ("7", "has no text field 'text'; name the field with --text_column=NAME"),
+    ('{"body": "the text"}', "has no text field 'text'; name the field with --text_column=NAME"),
+    ('{"text": 5}', "has int in its text field 'text', not a string; fix the line"),
+    ('{"text": ["a", "b"]}', "has list in its text field 'text', not a string; fix the line"),
+    ('{"text": null}', "has null in its text field 'text', not a string; fix the line"),
+    ('{"text": "ab \\udc00 cd"}', "has a lone surrogate \\udc00 at character 3 of its text field 'text', half of a "
+                                   "pair that no UTF-8 text can hold; fix the line"),
+])
+def test_a_json_line_without_a_text_string_is_named_with_what_to_do(tmp_path, line, problem):
+    """A line that is no object, lacks the field, holds no string there, or a lone low surrogate (as well as a high
+    one): named by its line, with what to do about it; --skip_bad_lines counts it and reads on. A whole pair is
+    one character, read."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "pair \\ud83d\\ude00"}\n' + line + '\n{"text": "after"}\n', encoding="utf-8")
+    with pytest.raises(GlimpseError) as error:
+        list(Documents([path]))
+    assert str(error.value) == f"{path}:2 {problem}, or pass --skip_bad_lines to count and skip such lines"
+    skipping = Documents([path], skip_bad_lines=True)
+    assert [text for text, _, _ in skipping] == ["pair \U0001f600", "after"] and skipping.bad_lines == 1
+
+
+def test_a_jsonl_zst_file_that_is_not_zstandard_says_so(tmp_path):
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(json.dumps({"text": "saved uncompressed"}).encode() + b"\n")
+    with pytest.raises(GlimpseError, match=f"^{path} is truncated or not zstandard \\(.*\\); download or compress it "
+                                           "again$"):
+        list(Documents([path]))
+
 
 @pytest.mark.parametrize("name", ["blank.jsonl", "blank.jsonl.gz"])
 def test_blank_lines_between_json_lines_are_no_documents_and_no_bad_lines(tmp_path, name):
