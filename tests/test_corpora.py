@@ -24,7 +24,7 @@ import data.sources as sources_module
 import data.tokenize_parallel as tokenize_parallel
 from data.dataset import TokenData, gather_windows
 from data.prepare import Hub, PrepareConfig, ensure_dataset, prepare
-from data.sources import Documents, input_files
+from data.sources import Documents, HubDocuments, input_files
 from data.tokenize_parallel import pieces
 from data.training_data import prepare_data
 from glimpse.errors import GlimpseError
@@ -248,6 +248,11 @@ def test_a_val_fraction_that_leaves_no_training_documents_says_so(tmp_path):
     with pytest.raises(GlimpseError, match=r"empty.jsonl holds no text \(2 documents, all empty\): point --input"):
         prepare(PrepareConfig(dataset="e", input=str(tmp_path / "empty.jsonl"), data_dir=str(tmp_path)))
     assert not (tmp_path / "e").exists()  # the folder it made is gone with it
+    for name in ("a.txt", "b.txt", "c.txt"):  # an empty .txt file is a document too, an empty one
+        (tmp_path / "blank" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "blank" / name).write_text("")
+    with pytest.raises(GlimpseError, match=r"blank holds no text \(3 documents, all empty\)"):
+        prepare(PrepareConfig(dataset="e", input=str(tmp_path / "blank"), data_dir=str(tmp_path)))
 
 
 def test_kill_9_then_rerun_writes_exactly_what_one_run_writes(tmp_path):
@@ -523,6 +528,8 @@ def test_a_builtin_streams_through_datasets(tmp_path, gpt2_ranks, monkeypatch):
     assert split(fraction, "val").tolist() == joined(enc, docs[::5])  # a fraction asked for is what is held out
     tenth = prepare(PrepareConfig(dataset="fineweb_edu", data_dir=str(tmp_path / "t"), val_fraction=0.1))
     assert split(tenth, "val").tolist() == joined(enc, docs[::10])  # even when it is the local files' default
+    streamed = HubDocuments("parquet", None, data_files=str(tmp_path / "train.parquet"))
+    assert list(streamed) == [(doc, len(doc), True) for doc in docs]  # one record a document, its size in characters
 
 
 def test_a_builtin_with_a_wrong_column_or_a_null_text_is_one_line(tmp_path, monkeypatch, capsys):
