@@ -145,6 +145,25 @@ def test_a_dataset_prepared_again_is_told_by_its_counts_and_names_the_documents_
         "2 documents, 9,000 train and 1,000 val tokens then, 3 documents, 9,000 train and 1,000 val tokens now"
 
 
+def test_a_char_tokenizer_gives_utf_8_bytes_names_ids_past_its_vocabulary_and_refuses_a_spec_it_cannot_read():
+    """sample.py streams a char model's tokens as their UTF-8 bytes; a dump names an id past the vocabulary (a
+    padded one) rather than failing on it; and a spec (a meta.json's, a checkpoint's) of repeated characters or of a
+    kind this version does not know is an error, not a tokenizer that reads otherwise."""
+    text = "déjà vu 🎭 中文"
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text, np.uint16)
+    assert ids.dtype == np.uint16 and tokenizer.decode_bytes(ids) == text.encode("utf-8")
+    last = tokenizer.vocab_size - 1
+    assert tokenizer.token_strings([0, last, last + 1]) == [tokenizer.chars[0], tokenizer.chars[-1],
+                                                             f"⟨no-token-{last + 1}⟩"]
+    with pytest.raises(GlimpseError, match="a char vocabulary must not repeat characters"):
+        tokenizer_from_spec({"kind": "char", "chars": "abca"})
+    for spec in ({"kind": "bpe", "encoding": "cl100k_base"}, {"chars": "abc"}):
+        with pytest.raises(GlimpseError, match=f"unknown tokenizer kind {spec.get('kind')!r}; this version knows "
+                                               "'char' and 'gpt2'"):
+            tokenizer_from_spec(spec)
+
+
 def test_char_tokenizer_names_unknown_characters():
     tok = CharTokenizer.from_text("abc\n")
     assert tok.decode(tok.encode("cab\n")) == "cab\n"
