@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, python
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -65,6 +67,29 @@ def test_the_clock_between_log_steps_and_past_the_last(tmp_path):
     record keeps that record's seconds rather than run on."""
     assert compare_runs.seconds_at([10, 20, 25], {10: 3.0, 20: 5.0}) == [3.0, 5.0, 5.0]
     assert compare_runs.seconds_at([0, 5], {10: 3.0}) == [0.0, 1.5]
+
+
+def test_a_run_is_reported_by_its_best_eval_and_last_whole_split_score_and_drawn_with_its_scores_in_view(tmp_path,
+                                                                                                        capsys):
+    """A run whose loss rose again by its end reports its best eval, not its last; a run resumed past its end scored
+    the whole split twice, and the later score is the one at its end. The picture's loss axis leaves step 0's
+    untrained loss off the top and keeps the stars and the target in view. --runs may have spaces after its
+    commas, and --out may be a .PNG."""
+    resumed = write_run(tmp_path / "resumed", [
+        {"iter": 0, "val_loss": 4.0}, {"iter": 10, "train_seconds": 1.0}, {"iter": 10, "val_loss": 1.2},
+        {"iter": 10, "final_val_loss": 1.25}, {"iter": 20, "train_seconds": 3.0}, {"iter": 20, "val_loss": 1.6},
+        {"iter": 20, "final_val_loss": 1.1}])
+    other = write_run(tmp_path / "other", [{"iter": 0, "val_loss": 5.0}, {"iter": 10, "train_seconds": 2.0},
+                                           {"iter": 10, "val_loss": 2.0}])
+    compare_runs.main([f"--runs={resumed}, {other}", "--target=0.9", f"--out={tmp_path / 'RUNS.PNG'}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["resumed: 3 evals over 3.0 s, best val 1.2000, whole split 1.1000 at 3.0 s; did not reach 0.9",
+                         "other: 2 evals over 2.0 s, best val 2.0000; did not reach 0.9"]
+    assert (tmp_path / "RUNS.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = [compare_runs.curve(resumed), compare_runs.curve(other)]
+    # from the lowest of the evals past step 0, the stars and the target, to the highest of them
+    assert compare_runs.figure(curves, 0.9).axes[0].get_ylim() == pytest.approx((0.9 - 0.05, 2.0 + 0.1))
+    assert compare_runs.figure(curves, 0.0).axes[0].get_ylim() == pytest.approx((1.1 - 0.05, 2.0 + 0.1))
 
 
 def test_bad_runs_and_outputs_are_refused_in_one_line(tmp_path):
