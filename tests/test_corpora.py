@@ -425,6 +425,17 @@ def test_a_run_stopped_inside_a_long_document_resumes_to_the_same_bytes(tmp_path
     assert_same_dataset(cut, whole)
 
 
+def test_a_run_stopped_then_given_other_workers_goes_on_to_the_same_bytes(tmp_path, small_blocks, monkeypatch, capsys):
+    """How many processes tokenize changes no token: a rerun with another --workers keeps the finished shards."""
+    settings = two_files(tmp_path)
+    whole = prepare(PrepareConfig(dataset="whole", **settings))
+    stop_preparing(monkeypatch, "cut", settings)
+    capsys.readouterr()
+    cut = prepare(PrepareConfig(dataset="cut", **{**settings, "workers": 2}))
+    assert "resuming: " in capsys.readouterr().err
+    assert_same_dataset(cut, whole)
+
+
 def test_a_finished_shard_damaged_before_the_rerun_is_not_published(tmp_path, small_blocks, monkeypatch, capsys):
     """A finished shard in the staging folder that is no longer as long as progress.json says (a disk that lost
     its end): the rerun starts afresh rather than publish a dataset whose meta.json miscounts its tokens."""
@@ -835,6 +846,10 @@ def test_a_shard_deleted_or_changed_after_preparation_is_named(tmp_path):
     # the command that makes it again, as it was made: the folder it is in and the input it came from
     assert str(error.value).endswith(f"python data/prepare.py --dataset=tiny --data_dir={tmp_path / 'data'} "
                                      f"--input={tmp_path / 'docs.jsonl'}")
+    (tmp_path / "docs.jsonl").unlink()  # the input gone too: the command names no file that is not there
+    with pytest.raises(GlimpseError) as error:
+        TokenData(folder)
+    assert str(error.value).endswith(f"python data/prepare.py --dataset=tiny --data_dir={tmp_path / 'data'}")
     (folder / "meta.json").unlink()
     with pytest.raises(GlimpseError, match=r"meta.json not found: prepare the dataset with python data/prepare.py "
                                            r"--dataset=tiny --data_dir=.*, or point --data_dir at the folder"):

@@ -3,6 +3,7 @@
 import codecs
 import json
 import math
+import os
 import random
 import tempfile
 from fractions import Fraction
@@ -192,11 +193,21 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         with pytest.raises(GlimpseError, match=message):
             prepare(PrepareConfig(dataset="x", input=str(path), data_dir=str(tmp_path)))
         assert not (tmp_path / "x").exists()  # a failed run leaves no dataset folder and no work in progress
-    with pytest.raises(GlimpseError, match="holds no text"):  # the folders --data_dir asked for go too
-        prepare(PrepareConfig(dataset="x", input=str(empty), data_dir=str(tmp_path / "new" / "deeper")))
-    assert not (tmp_path / "new").exists()
+    for alone in (False, True):  # the folders --data_dir asked for go too, with prepare.py's lock file in them
+        with pytest.raises(GlimpseError, match="holds no text"):
+            prepare(PrepareConfig(dataset="x", input=str(empty), data_dir=str(tmp_path / "new" / "deeper")),
+                    alone=alone)
+        assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="give its text with --input"):
         PrepareConfig(dataset="custom")
+    for settings, said in [({"dataset": ".hidden"}, "dataset must be a plain folder name, got '.hidden'"),
+                           ({"dataset": "a/b"}, "dataset must be a plain folder name, got 'a/b'"),
+                           ({"val_fraction": 1.0}, "val_fraction must be at least 0 (0: the default) and below 1, "
+                                                   "got 1"),
+                           ({"workers": -1}, "workers must be >= 0, got -1")]:
+        with pytest.raises(ValueError) as error:
+            PrepareConfig(**{"dataset": "x", "input": str(latin1), **settings})
+        assert str(error.value) == said
 
 
 def test_a_data_dir_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
@@ -212,6 +223,21 @@ def test_a_data_dir_under_a_file_is_one_line(tmp_path, corpus_file, capsys):
                         capsys)
         assert message in line, line
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "d", "x"]
+
+
+def test_a_dataset_not_prepared_is_one_line_with_the_command_that_makes_it(tmp_path, monkeypatch):
+    """The command names --data_dir where it is not the default data/ (run without it, it would prepare the dataset
+    where train.py does not look), and no folder is made."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    for data_dir, command in [("data", "python data/prepare.py --dataset=mine --input=PATH"),
+                              (str(elsewhere), f"python data/prepare.py --dataset=mine --data_dir={elsewhere} "
+                                               "--input=PATH")]:
+        with pytest.raises(GlimpseError) as error:
+            prepare_module.ensure_dataset("mine", data_dir)
+        meta = os.path.join(data_dir, "mine", "meta.json")
+        assert str(error.value) == f"dataset 'mine' not found (no {meta}); make it with {command}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_offline_download_says_to_pass_a_local_file(tmp_path, monkeypatch):
@@ -320,8 +346,11 @@ def test_a_validation_split_far_above_its_fraction_says_why_and_what_to_do(tmp_p
     assert "it takes whole documents, 7 of these 100; for a share nearer 0.07" in capsys.readouterr().err
     many = tmp_path / "many.jsonl"  # 40 documents: a tenth of them is near a tenth of the text
     many.write_text("".join(json.dumps({"text": text[i::40]}) + "\n" for i in range(40)), encoding="utf-8")
+    near = tmp_path / "near.jsonl"  # a tenth of the documents, each half as long again as the others: 14% of the text
+    near.write_text("".join(json.dumps({"text": text[:300] if i % 10 == 0 else text[:200]}) + "\n" for i in range(20)),
+                    encoding="utf-8")
     for name, source, extra in (("one", corpus_file, {}), ("asked", books, {"val_fraction": 0.5}),
-                                ("many", many, {})):
+                                ("many", many, {}), ("near", near, {})):
         prepare(PrepareConfig(dataset=name, input=str(source), data_dir=str(tmp_path / "data"), **extra))
         assert "note:" not in capsys.readouterr().err, name
 
