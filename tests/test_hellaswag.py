@@ -185,6 +185,21 @@ def test_a_bad_hellaswag_file_is_a_one_line_error(tmp_path, trained, line, says,
                                                f"--hellaswag_file={tmp_path / 'val.jsonl'}"], capsys)
 
 
+def test_blank_lines_are_no_examples_and_a_label_may_be_spelled_as_a_string_but_not_as_true(tmp_path):
+    """Blank lines are skipped (the lines after them keep their numbers); a label of "2" is 2, as the Hugging Face copy
+    of the file spells it, but true is no label, though Python counts it as 1; a file of no example says so."""
+    good = {"ctx": "a man", "endings": ["a", "b", "c", "d"]}
+    path = tmp_path / "val.jsonl"
+    path.write_text(f"\n{json.dumps({**good, 'label': 1})}\n  \n{json.dumps({**good, 'label': '2'})}\n\n")
+    assert [(e.context, e.label) for e in read_examples(path)] == [("a man", 1), ("a man", 2)]
+    path.write_text(f"{json.dumps({**good, 'label': 1})}\n\n{json.dumps({**good, 'label': True})}\n")
+    with pytest.raises(GlimpseError, match=f"^{path}:3 is not a HellaSwag example"):
+        read_examples(path)
+    path.write_text("\n \n")
+    with pytest.raises(GlimpseError, match=f"^{path} holds no HellaSwag examples$"):
+        read_examples(path)
+
+
 def test_a_hellaswag_file_or_task_eval_py_cannot_score_is_a_one_line_error(trained):
     cfg, _ = trained
     missing = python("eval.py", f"--out_dir={cfg.out_dir}", "--task=hellaswag", "--hellaswag_file=/nope.jsonl")
@@ -200,6 +215,11 @@ def test_a_download_that_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
     with pytest.raises(GlimpseError, match=r"could not download .*; offline, pass a local copy with --hellaswag_file"):
         hellaswag.val_file("", str(tmp_path / "data"))
     assert list(tmp_path.iterdir()) == []
+    dest = tmp_path / "data" / "hellaswag" / "hellaswag_val.jsonl"  # downloaded before: read as it is, offline too
+    dest.parent.mkdir(parents=True)
+    dest.write_text("the copy downloaded before")
+    assert hellaswag.val_file("", str(tmp_path / "data")) == dest
+    assert dest.read_text() == "the copy downloaded before"
 
 
 def test_the_gpt2_124m_preset_is_gpt2_small_and_runs_its_schedule_shrunk(tmp_path, corpus_file, gpt2_ranks):
