@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tracemalloc
 from contextlib import nullcontext
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -921,6 +922,12 @@ def test_a_job_of_several_machines_refuses_a_dataset_it_would_wait_for(tmp_path,
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: taken as one machine, which prepares
     prepare_data(cfg)
     assert (tmp_path / "data" / "shakespeare_char" / "meta.json").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # prepared on this machine: the job goes on
+    prepare_data(cfg)
+    # a dataset of its own, not prepared: the command that makes it, with its --input, as a single machine is told
+    with pytest.raises(GlimpseError, match=r"^dataset 'mine' not found \(no .*\); make it with python "
+                                           r"data/prepare.py --dataset=mine --data_dir=.* --input=PATH$"):
+        prepare_data(replace(cfg, dataset="mine"))
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the dataset is tokenized in this process")
