@@ -2,6 +2,7 @@
 after kill -9, the built-ins through datasets on local parquet, training over shards (DDP too), bad input."""
 
 import gzip
+import io
 import json
 import math
 import os
@@ -125,6 +126,17 @@ def test_a_long_document_read_in_parts_is_cut_where_it_is_cut_whole(monkeypatch)
         assert [piece for piece, _ in cut] == [piece for piece, _ in whole]
         assert [starts for _, (starts, _) in cut] == [True] + [False] * (len(cut) - 2) + [True]
         assert sum(size for _, (_, size) in cut) == len(text) + 4  # every input byte counted once
+
+
+def test_a_resumed_run_counts_the_input_bytes_of_the_pieces_it_skips_on_its_progress_bar():
+    """A rerun reads again the pieces its finished shards hold, without tokenizing them: their bytes still count
+    towards the bar's total, so it ends at the corpus's size."""
+    from tqdm import tqdm
+
+    items = [("ab", (True, 2)), ("cde", (False, 3)), ("f", (True, 1)), ("gh", (False, 2))]
+    bar = tqdm(total=8, file=io.StringIO())
+    assert list(tokenize_parallel.skipped(items, 2, bar)) == items[2:]
+    assert bar.n == 5  # the two skipped: the rest is counted as it is tokenized
 
 
 def test_a_long_txt_file_streams_in_blocks_and_keeps_its_last_tokens_for_validation(tmp_path, gpt2_ranks,
