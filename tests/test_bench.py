@@ -33,7 +33,8 @@ def test_attention_dump_reports_each_part():
 
 @pytest.mark.parametrize("what,extra", [("train_step", []), ("sample", ["--new_tokens=5"])])
 def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
-    presets = f"{RECIPE},{RECIPE}:dtype=bfloat16:n_layer=2,config/shakespeare_char_speedrun.toml"
+    override = f"{RECIPE}:dtype=bfloat16:n_layer=2:gradient_accumulation_steps=2"
+    presets = f"{RECIPE},{override},config/shakespeare_char_speedrun.toml"
     result = bench_json(f"--what={what}", f"--preset={presets}", *extra)
     first, overridden, speedrun = result["runs"]
     assert [r["preset"] for r in result["runs"]] == presets.split(",")
@@ -44,6 +45,9 @@ def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
         assert r["device"] == "cpu"  # the presets' own device
         assert r["seconds"] > 0 and r["tokens_per_sec"] > 0
         assert r["vs_first"] == pytest.approx(first["seconds"] / r["seconds"])
+        cfg = preset_config(r["preset"])  # a step's tokens (every micro-step's), or the tokens sampled
+        tokens = cfg.batch_size * cfg.model.block_size * cfg.gradient_accumulation_steps if what == "train_step" else 5
+        assert r["tokens_per_sec"] == pytest.approx(tokens / r["seconds"])
     if what == "train_step":
         assert (first["dtype"], overridden["dtype"], speedrun["optimizer"]) == ("float32", "bfloat16", "muon")
 
