@@ -207,8 +207,49 @@ def open_lines(raw, path: Path, kind: str):
             import zstandard
         except ImportError:
             raise GlimpseError(f"{path} is zstandard-compressed: pip install zstandard") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=False))
+        return io.BufferedReader(ZstdFrames(raw, zstandard.ZstdDecompressor()), buffer_size=1 << 16)
     return contextlib.nullcontext(raw)
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame, and an EOFError where the file ends inside a frame.
+
+    zstandard's stream_reader ends without a word where a cut file (a download stopped half-way) does, which
+    would make a shorter corpus of it; its decompressobj says where a frame ends (eof), so a frame begun and
+    not finished is found. gzip's reader raises the same EOFError for a cut .gz.
+    """
+
+    def __init__(self, raw, decompressor):
+        self.raw, self.decompressor = raw, decompressor
+        self.frame, self.in_frame = decompressor.decompressobj(), False
+        self.pending, self.offset = memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.offset == len(self.pending):
+            data = self.raw.read(1 << 17)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a compressed frame")
+                return 0
+            self.pending, self.offset = memoryview(self.decompress(data)), 0
+        n = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:n] = self.pending[self.offset:self.offset + n]
+        self.offset += n
+        return n
+
+    def decompress(self, data: bytes) -> bytes:
+        """data's decompressed bytes, starting a new frame after each one that ends in it."""
+        out = []
+        while data:
+            self.in_frame = True
+            out.append(self.frame.decompress(data))
+            if not self.frame.eof:
+                break
+            data, self.frame, self.in_frame = self.frame.unused_data, self.decompressor.decompressobj(), False
+        return b"".join(out)
 
 
 @dataclass

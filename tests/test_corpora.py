@@ -794,6 +794,32 @@ def test_a_jsonl_zst_file_that_is_not_zstandard_says_so(tmp_path):
         list(Documents([path]))
 
 
+def test_a_jsonl_zst_file_cut_short_says_so_and_one_of_several_frames_reads_whole(tmp_path):
+    """A download stopped half-way leaves a .zst that ends inside a frame: named, as a cut .gz is, not read as a
+    shorter corpus. Cut where a block ends, the part before decompresses cleanly, which is how it went unnoticed.
+    A file of several frames (zstd's own tools write them) is read to its last."""
+    import zstandard
+
+    lines = [(json.dumps({"text": f"document {i}"}) + "\n").encode() for i in range(10)]
+    out = io.BytesIO()
+    writer = zstandard.ZstdCompressor().stream_writer(out, closefd=False)
+    writer.write(b"".join(lines[:5]))
+    writer.flush(zstandard.FLUSH_BLOCK)
+    block_end = len(out.getvalue())  # five whole documents decompress from the bytes so far
+    writer.write(b"".join(lines[5:]))
+    writer.flush(zstandard.FLUSH_FRAME)
+    whole = out.getvalue()
+    frames = tmp_path / "frames.jsonl.zst"
+    frames.write_bytes(whole + zstandard.ZstdCompressor().compress(b"".join(lines)))
+    assert [text for text, _, _ in Documents([frames])] == [f"document {i % 10}" for i in range(20)]
+    for cut in (block_end, len(whole) // 2, len(whole) - 1):
+        path = tmp_path / f"cut{cut}.jsonl.zst"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(GlimpseError, match=f"^{path} is truncated or not zstandard \\(the file ends inside a "
+                                               "compressed frame\\); download or compress it again$"):
+            list(Documents([path]))
+
+
 @pytest.mark.parametrize("name", ["blank.jsonl", "blank.jsonl.gz"])
 def test_blank_lines_between_json_lines_are_no_documents_and_no_bad_lines(tmp_path, name):
     """A .jsonl with empty or whitespace lines (between records, at the end) holds just its records; a bad line
