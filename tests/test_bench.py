@@ -33,7 +33,7 @@ def test_attention_dump_reports_each_part():
 
 @pytest.mark.parametrize("what,extra", [("train_step", []), ("sample", ["--new_tokens=5"])])
 def test_presets_are_compared_in_one_run_with_their_overrides(what, extra):
-    override = f"{RECIPE}:dtype=bfloat16:n_layer=2:gradient_accumulation_steps=2"
+    override = f"{RECIPE}:dtype=bfloat16:n_layer=2:batch_size=6:gradient_accumulation_steps=2"  # 12 sequences a step
     presets = f"{RECIPE},{override},config/shakespeare_char_speedrun.toml"
     result = bench_json(f"--what={what}", f"--preset={presets}", *extra)
     first, overridden, speedrun = result["runs"]
