@@ -40,6 +40,7 @@ def test_a_short_study_trains_each_model_and_probes_it_at_each_length(tmp_path, 
             n = probe["n_tokens"]
             for head in probe["heads"]:
                 assert -(n - 1) <= head["peak_offset"] <= n and 0 < head["peak_weight"] <= 1
+                assert head["peak_weight"] > 1 / (2 * n)  # the most of 2n offsets whose weights add up to 1
     assert "2 layer(s), probe length" in printed and "layer 1 head 1 induction (peak)" in printed
     assert "a perfect induction head scores" in printed
     for row in rows:
