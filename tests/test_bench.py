@@ -90,6 +90,37 @@ def test_gpt2_is_compared_with_transformers_in_one_run():
     assert result["same_tokens"] is True
     s = result["seconds"]
     assert result["speedup"]["sample"] == pytest.approx(s["transformers_sample"] / s["glimpse_sample"])
+    assert result["speedup"]["load"] == pytest.approx(s["transformers_load_to_first_token"]
+                                                      / s["glimpse_load_to_first_token"])
+    assert result["tokens_per_sec"] == pytest.approx({"glimpse": 4 / s["glimpse_sample"],
+                                                      "transformers": 4 / s["transformers_sample"]})
+
+
+def test_gpt2_logit_diffs_measure_the_import_and_the_export(monkeypatch):
+    """Each max |logit diff| compares glimpse with transformers across one crossing: a weight read wrong on import
+    shows in the imported figure, and one written wrong on export in the exported one (the final LayerNorm's bias
+    shifted by 0.5 each time: the logits move by 0.5 times the sum of each token's embedding)."""
+    pytest.importorskip("transformers")
+    import glimpse.gpt2
+    from glimpse.comparisons import gpt2_beside_transformers
+
+    load, export = glimpse.gpt2.load_pretrained, glimpse.gpt2.hf_weights
+
+    def load_shifted(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.transformer.ln_f.bias += 0.5
+        return model
+
+    def export_shifted(model):
+        weights = export(model)
+        weights["transformer.ln_f.bias"] = weights["transformer.ln_f.bias"] + 0.5
+        return weights
+
+    monkeypatch.setattr(glimpse.gpt2, "load_pretrained", load_shifted)
+    monkeypatch.setattr(glimpse.gpt2, "hf_weights", export_shifted)
+    result = gpt2_beside_transformers(n_layer=1, prompt_tokens=4, new_tokens=1, repeats=1)
+    assert result["max_abs_logit_diff"]["imported"] > 1e-2 and result["max_abs_logit_diff"]["exported"] > 1e-2
 
 
 def test_attention_dump_at_gpt2_shape_reports_sizes_and_memory():
@@ -103,7 +134,10 @@ def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_rank
     result = bench_json("--what=prepare", "--corpus_mb=1")
     assert result["megabytes"] >= 1 and result["documents"] > 8 and result["tokens"] > 100_000  # counts agreed
     assert result["speedup"] > 0 and result["peak_mb"] > 0
-    assert result["tokens_per_sec"]["loop"] == pytest.approx(result["tokens"] / result["seconds"]["loop"])
+    s = result["seconds"]
+    assert result["tokens_per_sec"] == pytest.approx({"loop": result["tokens"] / s["loop"],
+                                                      "prepare": result["tokens"] / s["prepare"]})
+    assert result["speedup"] == pytest.approx(s["loop"] / s["prepare"])  # how many times faster prepare.py is
 
 
 def test_prepare_is_timed_on_one_txt_file_read_in_blocks(gpt2_ranks):
