@@ -752,6 +752,27 @@ def test_a_record_appended_after_a_line_cut_short_is_a_line_of_its_own(tmp_path)
     whole.write_text('{"iter": 10}\n')
     Tracker(whole, append=True).log({"iter": 20})
     assert whole.read_text() == '{"iter": 10}\n{"iter": 20}\n'  # a whole file gets no blank line
+    empty = tmp_path / "empty.jsonl"  # a run stopped before its first log leaves its metrics.jsonl empty
+    empty.write_text("")
+    Tracker(empty, append=True).log({"iter": 0})
+    assert empty.read_text() == '{"iter": 0}\n'
+
+
+def test_metrics_lines_that_are_no_record_are_left_out_wherever_they_stand(tmp_path):
+    """A line cut short, or one that is not a record of a step (no whole-number iter), is passed over, and the
+    records after it are still read."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"iter": 1, "train_loss": 2.5}\n{"iter": 2, "train_lo\n{"loss": 1.0}\n{"iter": "3"}\n'
+                       '[4]\n{"iter": 5, "val_loss": 2.0}\n')
+    assert read_records(metrics) == [{"iter": 1, "train_loss": 2.5}, {"iter": 5, "val_loss": 2.0}]
+
+
+def test_a_tracker_of_a_process_that_does_not_track_writes_nothing(tmp_path):
+    """Under torchrun every rank has a Tracker, and only rank 0's writes: the others' log nothing."""
+    metrics = tmp_path / "metrics.jsonl"
+    tracker = Tracker(metrics, enabled=False, draw_losses=True)
+    tracker.log({"iter": 0, "train_loss": 2.5, "val_loss": 2.4})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_record_of_a_run_that_blew_up_is_json_every_reader_reads(tmp_path):
