@@ -107,7 +107,12 @@ def test_the_loss_picture_draws_each_loss_at_its_steps():
                       "train, the evals' batches": ([0, 2], [4.1, 3.2]),
                       "val, the evals' batches": ([0, 2], [4.0, 3.0]),
                       "val, the whole split: 3.0500": ([2], [3.05])}
-    assert not loss_figure([{"iter": 0, "hellaswag_acc": 0.3}], "run").axes[0].lines
+    no_loss = loss_figure([{"iter": 0, "hellaswag_acc": 0.3}], "run").axes[0]
+    assert not no_loss.lines and no_loss.get_legend() is None  # no empty legend box (nor matplotlib's warning)
+    # a run evaluated again after its end (eval.py, a resume) has several final scores: the label says the last
+    again = records + [{"iter": 5, "final_val_loss": 2.75}]
+    labels = [line.get_label() for line in loss_figure(again, "run").axes[0].lines]
+    assert labels[-1] == "val, the whole split: 2.7500"
     styles = {line.get_label(): (line.get_linestyle(), line.get_marker())
               for line in loss_figure(records, "run").axes[0].lines}
     assert styles["train, mean of the steps since the last log"][1] == "o"  # one point: a line would draw nothing
