@@ -8,7 +8,7 @@ from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from tests.conftest import files_in, python
 from tests.test_hellaswag import own_text_examples, write_examples
 from tests.test_train import read_metrics
-from tests.wandb_records import logged_config, logged_history
+from tests.wandb_records import logged_config, logged_history, logged_project
 
 
 def test_offline_run_records_config_and_scalars(tmp_path, data_dir):
@@ -32,6 +32,7 @@ def test_offline_run_records_config_and_scalars(tmp_path, data_dir):
         for key, value in expected[row["_step"]].items():
             if key != "iter":
                 assert row[key] == value, (row["_step"], key)
+        assert "iter" not in row  # the step is wandb's own _step, not a metric beside it
     assert "val_loss" in history[-1] and "train_loss" in history[-1]
 
 
@@ -171,10 +172,12 @@ def test_eval_logs_its_results_to_the_run_that_trained_the_checkpoint(tmp_path, 
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     run = python("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu",
                  "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=10",
-                 "--eval_interval=10", "--eval_iters=2", "--wandb_log=true", "--attn_log_interval=0", env=env)
+                 "--eval_interval=10", "--eval_iters=2", "--wandb_log=true", "--attn_log_interval=0",
+                 "--wandb_project=glimpse-elsewhere", env=env)
     assert run.returncode == 0, run.stderr
     (trained_run,) = (tmp_path / "wandb").glob("offline-run-*")
     run_id = trained_run.name.split("-")[-1]
+    assert logged_project(trained_run) == "glimpse-elsewhere"
     examples = write_examples(tmp_path / "val.jsonl", own_text_examples(3))
     studies = {"--head_importance": {"head_importance/table", "head_importance/heatmap"},
                "--task=length": {"length_eval/table", "length_eval/sliding_table"},
@@ -187,5 +190,6 @@ def test_eval_logs_its_results_to_the_run_that_trained_the_checkpoint(tmp_path, 
         assert run.returncode == 0, run.stderr
         (new,) = set((tmp_path / "wandb").glob("offline-run-*")) - before
         assert new.name.split("-")[-1] == run_id, flag  # the checkpoint's run, not a new one
+        assert logged_project(new) == "glimpse-elsewhere", flag  # in the project it was trained in
         logged = set().union(*logged_history(new))  # a table's or image's fields under its key: KEY/_type, ...
         assert all(key in logged or f"{key}/_type" in logged for key in keys), (flag, sorted(logged))

@@ -58,3 +58,10 @@ def logged_config(run_dir: Path) -> dict:
         if record.WhichOneof("record_type") == "run":
             return {item.key: json.loads(item.value_json) for item in record.run.config.update}
     return {}
+
+
+def logged_project(run_dir: Path) -> str:
+    """The wandb project an offline run was started in."""
+    (path,) = run_dir.glob("run-*.wandb")
+    (project,) = {record.run.project for record in read_records(path) if record.WhichOneof("record_type") == "run"}
+    return project
