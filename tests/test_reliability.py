@@ -23,6 +23,7 @@ import sample
 import train
 from glimpse.checkpoint import best_path, checkpoint_path, describe, load_checkpoint, refusal_reason
 from glimpse.errors import GlimpseError
+from glimpse.run_folder import check_out_dir
 from glimpse.runtime import StopRequest
 from model import GPT
 from tests.conftest import REPO, files_in, make_corpus, python, tiny_config
@@ -658,6 +659,47 @@ def test_out_dirs_a_run_cannot_use_are_refused_and_left_whole(tmp_path, data_dir
                                                  *argv], capsys), argv
     assert not unprepared.exists() and not (tmp_path / "new").exists() and not (tmp_path / "typo").exists()
     assert files_in(tmp_path) == files  # nothing written, nothing lost
+
+
+def test_what_a_new_run_finds_in_its_out_dir_decides_whether_it_may_start_there(tmp_path, monkeypatch):
+    """Beside the refusals train.py says: a folder reached through a link is a folder; a run's own config.json and
+    records (a run stopped before its first checkpoint) and an empty metrics.jsonl (one stopped before its first
+    log) are no other program's; a config.json a run did not write, whatever its shape, is refused, and so is a
+    loss.png without a run's config.json; the pretrained folder is refused however the path is spelled."""
+    def refused(out_dir: Path, init_from: str = "scratch") -> str | None:
+        try:
+            check_out_dir(out_dir, init_from)
+        except GlimpseError as e:
+            return str(e)
+        return None
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert refused(tmp_path / "link") is None and refused(tmp_path / "link" / "run") is None
+    stopped = tmp_path / "stopped"  # config.json and records, no checkpoint
+    stopped.mkdir()
+    (stopped / "config.json").write_text(json.dumps({"init_from": "scratch", "max_iters": 10, "out_dir": "stopped"}))
+    (stopped / "metrics.jsonl").write_text('{"iter": 0, "train_loss": 4.2}\n')
+    (stopped / "loss.png").write_bytes(b"its picture")
+    assert refused(stopped) is None
+    early = tmp_path / "early"  # stopped between metrics.jsonl's start and config.json
+    early.mkdir()
+    (early / "metrics.jsonl").write_text("")
+    assert refused(early) is None
+    for name, content in [("partial", {"init_from": "scratch", "max_iters": 10}), ("listed", [1, 2])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(content))
+        assert f"{tmp_path / name / 'config.json'} is not a glimpse run's config.json" in refused(tmp_path / name)
+    (tmp_path / "a_folder" / "config.json").mkdir(parents=True)
+    assert "is not a glimpse run's config.json" in refused(tmp_path / "a_folder")
+    (tmp_path / "picture").mkdir()
+    (tmp_path / "picture" / "loss.png").write_bytes(b"not ours")
+    assert refused(tmp_path / "picture").startswith(f"{tmp_path / 'picture' / 'loss.png'} is not a glimpse training")
+    (tmp_path / "hf").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert "is the folder --init_from reads the pretrained model from" in refused(Path("hf"), str(tmp_path / "hf"))
+    assert "is the folder --init_from reads" in refused(Path("link"), str(real))
 
 
 def test_dataset_errors(tmp_path, corpus_file, capsys):
