@@ -29,7 +29,7 @@ from glimpse.config import config_values
 from glimpse.errors import GlimpseError
 from glimpse.evaluation import scored_windows
 from glimpse.optim import configure_optimizer, get_lr
-from glimpse.run_folder import check_resume
+from glimpse.run_folder import check_resumable, check_resume, run_settings
 from glimpse.runtime import gpu_peak_flops, peak_flops
 from glimpse.tracking import Tracker, loss_figure, read_records
 from model import GPTConfig
@@ -358,6 +358,38 @@ def test_a_resume_may_change_dropout_and_read_a_checkpoint_older_than_a_model_ke
         check_resume(state, config, "adamw", state["tokenizer"], Path(cfg.data_dir))
     with pytest.raises(GlimpseError, match="smear=True contradicts the checkpoint's smear=False"):
         check_resume(state, replace(model_config, smear=True), "adamw", state["tokenizer"], Path(cfg.data_dir))
+    del state["train_config"]["optimizer"]  # as a checkpoint from before --optimizer holds it: AdamW's
+    check_resume(state, model_config, "adamw", state["tokenizer"], Path(cfg.data_dir))
+    with pytest.raises(GlimpseError, match="optimizer=muon contradicts the checkpoint's optimizer=adamw"):
+        check_resume(state, model_config, "muon", state["tokenizer"], Path(cfg.data_dir))
+
+
+def test_a_resume_on_its_own_dataset_prepared_again_says_so_however_the_data_dir_is_spelled(trained, monkeypatch):
+    """The run's dataset, named by the checkpoint with a relative data_dir and by the resume with an absolute one,
+    is the same folder: a tokenizer that changed there is a dataset prepared again, not a flag that differs."""
+    cfg, _ = trained
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))
+    model_config = cfg.model_config(state["model_config"]["vocab_size"])
+    monkeypatch.chdir(Path(cfg.data_dir).parent)
+    relative = {**state, "train_config": {**state["train_config"], "data_dir": Path(cfg.data_dir).name}}
+    other_tokenizer = {**state["tokenizer"], "kind": "gpt2"}
+    with pytest.raises(GlimpseError, match="was prepared again since the checkpoint was written"):
+        check_resume(relative, model_config, "adamw", other_tokenizer, Path(cfg.data_dir).resolve() / cfg.dataset)
+
+
+def test_only_a_resume_takes_a_checkpoints_settings_and_only_a_training_state_resumes(trained):
+    """A new run in a folder with a checkpoint takes none of its settings (check_start refuses the folder); a
+    checkpoint lacking the optimizer's state, and only that, cannot be resumed, unless it is sharded (FSDP's)."""
+    cfg, _ = trained
+    assert run_settings({}, {"init_from": "scratch", "out_dir": cfg.out_dir}) == {}
+    assert run_settings({}, {"init_from": "resume", "out_dir": cfg.out_dir})["max_iters"] == cfg.max_iters
+    path = checkpoint_path(cfg.out_dir)
+    state = load_checkpoint(path)
+    check_resumable(state, path)
+    del state["optimizer"]
+    with pytest.raises(GlimpseError, match=r"holds weights without the training state a resume needs \(no optimizer\)"):
+        check_resumable(state, path)
+    check_resumable({**state, "sharded": {}}, path)
 
 
 def test_a_resume_refuses_a_checkpoint_that_differs_in_any_model_key_but_dropout(trained):
