@@ -969,6 +969,15 @@ def test_under_torchrun_auto_is_the_groups_device_and_mps_is_refused():
         process_group_options("mps", 0, cuda_available=False)
 
 
+def test_a_gpu_past_the_machines_is_refused_and_one_it_has_is_taken_as_named(monkeypatch):
+    """No GPU here: stand in for torch's answers on a machine with two. Its GPUs are cuda:0 and cuda:1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(GlimpseError, match=r"^device=cuda:2 but PyTorch sees 2 CUDA GPUs, numbered from 0"):
+        runtime.resolve_device("cuda:2")
+
+
 def test_a_config_is_one_source_for_the_models_options():
     cfg = parse_config(TrainConfig, ["--n_layer=3", "--pos_encoding=rope"], prog="train.py", description="")
     assert cfg.model.n_layer == 3 and cfg.model.pos_encoding == "rope"

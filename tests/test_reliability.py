@@ -225,6 +225,28 @@ def test_a_second_signal_stops_at_once_and_the_handlers_are_put_back():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_the_first_signal_is_said_once_a_machine_and_a_thread_may_ask_for_stops_without_handling_them(
+        monkeypatch, capfd):
+    """torchrun sends the signal to every process of the machine: the first (LOCAL_RANK 0) says it. Off the main
+    thread (training started from a notebook's thread), where Python lets no code handle signals, a StopRequest
+    takes none, rather than failing."""
+    for local_rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        stop = StopRequest()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGINT
+        finally:
+            stop.restore()
+        err = capfd.readouterr().err
+        assert ("SIGINT: stopping with a checkpoint once the step or eval under way ends" in err) == said, local_rank
+    made = []
+    thread = threading.Thread(target=lambda: made.append(StopRequest()))
+    thread.start()
+    thread.join()
+    assert len(made) == 1 and made[0].previous == {} and made[0].signum is None
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, data_dir):
     out = tmp_path / "out"
     train.train(tiny_config(data_dir, out, max_iters=20, eval_interval=10, attn_log_interval=0))

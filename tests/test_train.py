@@ -194,6 +194,16 @@ def test_float16_mfu_is_against_the_float16_tensor_cores():
     assert gpu_peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
 
 
+def test_each_way_cuda_names_a_gpu_of_the_peak_table_finds_its_row():
+    """The names CUDA reports for the A100's two boards (PCIe 40GB and 80GB spell it apart), the H200, and the
+    A10G, which must not read as the A10 its name begins with (NVIDIA's datasheets; AWS's figures for the A10G)."""
+    for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"):
+        assert gpu_peak_flops(name, torch.bfloat16) == 312e12, name
+    assert gpu_peak_flops("NVIDIA H200", torch.bfloat16) == 989e12  # dense: 1,979 is the 2:4 sparsity figure
+    assert gpu_peak_flops("NVIDIA A10", torch.bfloat16) == 125e12
+    assert gpu_peak_flops("NVIDIA A10G", torch.bfloat16) == 70e12
+
+
 def test_a_parameter_count_is_in_millions_from_ten_thousand_and_exact_below():
     """The scripts print a count in millions (124.44M), which would read 0.00M for a model of a few thousand: below
     10,000 the count is exact, and from 10,000 on it is in millions."""
