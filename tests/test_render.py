@@ -31,7 +31,7 @@ from glimpse.render import (
     write_importance_image,
     write_layer_images,
 )
-from glimpse.viewer import viewer_html, write_viewer
+from glimpse.viewer import sqrt_bytes, viewer_html, write_viewer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path(os.environ.get("GLIMPSE_CHROMIUM", "/usr/bin/chromium"))
@@ -304,12 +304,16 @@ def embedded_data(html: str) -> dict:
 def test_viewer_is_self_contained_and_carries_the_weights():
     attn = synthetic_attention(n_layer=2, n_head=3, T=30)
     tokens = sample_tokens(30)
-    html = viewer_html(attn, tokens, 12, {"iter": 500, "temperature": np.float32(0.8), "loss": float("nan")})
+    html = viewer_html(attn, tokens, 12, {"iter": 500, "temperature": np.float32(0.8), "loss": float("nan"),
+                                          "window": (np.int64(0), 30), "source": Path("data") / "play.txt"})
     assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", html, re.IGNORECASE)
     assert not re.search(r"https?://|@import|url\(", html, re.IGNORECASE)
     data = embedded_data(html)
     assert data["tokens"] == tokens and data["prompt_len"] == 12
-    assert data["meta"] == {"iter": 500, "temperature": pytest.approx(0.8), "loss": None}
+    assert data["meta"] == {"iter": 500, "temperature": pytest.approx(0.8), "loss": None, "window": [0, 30],
+                            "source": str(Path("data") / "play.txt")}
+    # the labels show each token's whitespace and control characters, as the pictures' labels do
+    assert data["labels"] == [token_label(t) for t in tokens] and "⏎" in data["labels"][2]
     # each layer's packed lower triangle inflates and decodes to the weights, one byte of sqrt(w) each
     assert len(data["weights"]) == 2
     packed = np.stack([np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8).reshape(3, -1)
@@ -375,6 +379,14 @@ def test_viewer_quantises_float16_and_float32_alike():
     for a, b in zip(as_float32["weights"], as_float16["weights"]):
         bytes32, bytes16 = (np.frombuffer(zlib.decompress(base64.b64decode(x)), dtype=np.uint8) for x in (a, b))
         assert np.abs(bytes32.astype(int) - bytes16).max() <= 1  # float16's own rounding, at most one step
+
+
+def test_weights_outside_0_to_1_quantise_to_the_ends_of_the_byte():
+    """Weights a little past 1 or below 0 (rounding, or numbers that are not softmax weights) are clipped, not
+    wrapped round the byte (1.5 would be 312, 56 as a byte)."""
+    weights = np.array([-0.5, 0.0, 0.25, 1.0, 1.5])
+    for dtype in (np.float32, np.float16):
+        assert sqrt_bytes(weights.astype(dtype)).tolist() == [0, 0, 128, 255, 255], dtype
 
 
 def test_viewer_for_a_typical_dump_stays_small():
