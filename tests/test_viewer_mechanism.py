@@ -26,7 +26,7 @@ from glimpse.attention import head_metrics, write_dump
 from glimpse.mechanism import trace
 from glimpse.positions import alibi_slopes
 from glimpse.render import COLORMAP, colormap_bytes
-from glimpse.viewer import viewer_html, write_snapshot_index, write_viewer
+from glimpse.viewer import drop_snapshots_after, viewer_html, write_snapshot_index, write_viewer
 from model import GPT, GPTConfig
 from tests.test_render import (  # noqa: F401
     ScriptCollector,
@@ -140,6 +140,56 @@ def test_a_mechanism_past_float16_travels_in_float32(traced):
     start = 3 * huge.q[1].size
     scores = numbers[start:start + huge.shape[1] * rows.size]
     np.testing.assert_array_equal(scores, huge.scores[1][:, rows, cols].ravel())
+
+
+def test_a_mechanism_under_float16s_limit_travels_in_float16(traced):
+    mechanism, meta, _ = traced
+    large = dataclasses.replace(mechanism, q=mechanism.q * (60000 / np.abs(mechanism.q).max()))  # under 65504
+    assert embedded_data(viewer_html(large.weights, large.tokens, 6, meta, mechanism=large))["mechanism"]["bits"] == 16
+
+
+def test_a_dump_from_before_a_model_key_reads_as_that_keys_default(traced):
+    """A model config without the keys of later versions (a dump saved before them) was built with their
+    defaults: the page's mechanism follows GPTConfig's, not another guess."""
+    mechanism, meta, _ = traced
+    old = {key: value for key, value in meta["model_config"].items()
+           if key not in ("attn_score", "pos_encoding", "qk_norm", "smear", "tie_embeddings", "logit_softcap")}
+    packed = embedded_data(viewer_html(mechanism.weights, mechanism.tokens, 6, {"model_config": old},
+                                       mechanism=mechanism))["mechanism"]
+    default = GPTConfig()
+    assert (packed["attn_score"], packed["pos_encoding"], packed["qk_norm"], packed["smear"],
+            packed["tie_embeddings"], packed["logit_softcap"]) == (
+        default.attn_score, default.pos_encoding, default.qk_norm, default.smear, default.tie_embeddings,
+        float(default.logit_softcap or 0.0))
+    assert packed["alibi_slopes"] is None  # ALiBi's penalty only for a model that has it
+    alibi = {"model_config": {**meta["model_config"], "pos_encoding": "alibi"}}
+    packed = embedded_data(viewer_html(mechanism.weights, mechanism.tokens, 6, alibi, mechanism=mechanism))
+    assert packed["mechanism"]["alibi_slopes"] == pytest.approx(alibi_slopes(mechanism.shape[1]).tolist())
+
+
+def test_the_panels_token_texts_are_short_labels(traced):
+    """The predictions and the lens name their tokens in 16 characters at most, a longer text cut short with "…"."""
+    mechanism, meta, _ = traced
+    data = embedded_data(viewer_html(mechanism.weights, mechanism.tokens, 6, meta, mechanism=mechanism,
+                                     token_text=lambda ids: [f"token {i} " + "x" * 40 for i in ids]))
+    labels = data["vocab"].values()
+    assert labels and all(len(label) == 16 and label.startswith("token") and label.endswith("…") for label in labels)
+
+
+def test_dropping_later_snapshots_leaves_the_rest_and_what_is_no_snapshot(tmp_path):
+    """A resume removes the snapshots after its checkpoint and the slider lists the rest; a file of that name, or a
+    folder whose name only begins like a snapshot's (a copy kept aside), is not a snapshot and stays."""
+    attention = tmp_path / "attention"
+    for name in ("iter_0", "iter_10", "iter_20", "iter_30", "iter_20_kept", "notes"):
+        (attention / name).mkdir(parents=True)
+        (attention / name / "index.html").write_text("a viewer")
+    (attention / "iter_40").write_text("a file")
+    write_snapshot_index(attention)
+    assert drop_snapshots_after(attention, 10) == [20, 30]
+    assert sorted(p.name for p in attention.iterdir()) == ["index.html", "iter_0", "iter_10", "iter_20_kept",
+                                                           "iter_40", "notes"]
+    assert embedded_data_of(attention / "index.html", "glimpse-snapshots") == {"steps": [0, 10],
+                                                                               "folders": ["iter_0", "iter_10"]}
 
 
 def test_a_mechanism_of_another_shape_is_refused(traced):
