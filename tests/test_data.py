@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import socket
 import tempfile
 from fractions import Fraction
 
@@ -286,6 +287,30 @@ def test_a_failed_write_removes_its_own_temporary_file_only(tmp_path):
         write_atomic(tmp_path / "train.bin", disk_full)
     assert [p.name for p in tmp_path.iterdir()] == ["train.bin.part"]
     assert (tmp_path / "train.bin.part").read_text() == "another node's"
+
+
+def test_a_write_stopped_any_way_leaves_no_file_of_its_own_and_raises_what_stopped_it(tmp_path):
+    """Ctrl-C half-way leaves no temporary file either; the temporary name is this host's and this process's own
+    (two processes of one machine preparing a dataset each write their own); and a write refused before its
+    temporary file exists raises its own error, not the missing file's."""
+    names = []
+
+    def interrupted(path):
+        names.append(path.name)
+        path.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "meta.json", interrupted)
+    assert list(tmp_path.iterdir()) == []
+    assert names == [f"meta.json.{socket.gethostname()}.{os.getpid()}.part"]
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(PermissionError, match="Permission denied"):
+        write_atomic(tmp_path / "meta.json", refused)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_second_prepare_of_a_dataset_being_prepared_is_refused_at_once(tmp_path, corpus_file):
