@@ -425,6 +425,23 @@ def test_export_gpt2_tokenizer_round_trips_unicode(tmp_path, gpt2_ranks):
     assert (generation.eos_token_id, generation.bos_token_id, generation.max_length) == (50256, 50256, 64)
 
 
+def test_an_exported_file_gets_the_mode_the_users_umask_gives_a_new_file(tmp_path):
+    """safetensors writes its file readable by its owner alone: the export gives it what any file the user creates
+    gets, whatever the umask (not one fixed mode that matches the usual 022 alone)."""
+    from glimpse.files import as_created
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    for umask, mode in ((0o002, 0o664), (0o027, 0o640), (0o022, 0o644)):
+        weights.chmod(0o600)
+        before = os.umask(umask)
+        try:
+            as_created(weights)
+        finally:
+            os.umask(before)
+        assert weights.stat().st_mode & 0o777 == mode, oct(umask)
+
+
 @pytest.mark.parametrize("to", [".", "sub/.."])
 def test_export_to_a_path_that_names_the_current_folder(to, trained, tmp_path, monkeypatch):
     cfg, _ = trained
