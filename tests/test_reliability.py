@@ -439,6 +439,20 @@ def test_a_gpus_out_of_memory_is_one_line_with_torchs_size_and_free_memory_and_o
     assert out_of_memory_message(MemoryError(), "") == "out of memory; the machine has too little memory for this"
 
 
+def test_a_one_line_error_names_both_paths_of_a_move_and_sizes_from_a_gibibyte_in_gib(tmp_path):
+    """A move the system refuses names both its paths; one without a path says what kind of error it was; a size
+    reads in GiB from exactly 1 GiB on; a folder given for a text file is said to be one."""
+    from glimpse.errors import os_error_message, read_utf8, size
+
+    moved = OSError(18, "Invalid cross-device link", "/data/a.part", None, "/mnt/a")
+    assert os_error_message(moved) == "could not use '/data/a.part' and '/mnt/a': Invalid cross-device link"
+    assert os_error_message(OSError(28, "No space left on device")) == "No space left on device (OSError)"
+    assert (size(2**30), size(2**30 - 2**20)) == ("1.0 GiB", "1,023.0 MiB")
+    with pytest.raises(GlimpseError) as error:
+        read_utf8(tmp_path, "prompt file")
+    assert str(error.value) == f"prompt file {str(tmp_path)!r} is a folder; give a UTF-8 text file"
+
+
 def test_a_checkpoint_too_big_for_the_device_is_out_of_memory_not_corrupt(trained, tmp_path, monkeypatch,
                                                                           capsys):
     """torch.load onto a full GPU raises torch.OutOfMemoryError (a RuntimeError): the loads that call every
