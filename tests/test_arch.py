@@ -13,7 +13,7 @@ import train as train_script
 from glimpse.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from glimpse.config import config_keys
 from glimpse.generation import KVCache
-from glimpse.layers import ReLUSquared
+from glimpse.layers import ReLUSquared, make_dropout
 from glimpse.optim import configure_optimizer, get_lr, set_lr
 from glimpse.positions import rotary_table, rotate
 from model import GPT, GPTConfig
@@ -121,6 +121,30 @@ def test_rmsnorm_replaces_every_layernorm():
     x = torch.randn(3, 16) * 5 + 2
     expected = x / x.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()  # no mean subtracted
     torch.testing.assert_close(model.transformer.ln_f(x), expected)
+
+
+def test_rmsnorm_and_layernorm_differ_only_in_subtracting_the_mean():
+    """Both add the same eps: on rows of mean 0, small enough for eps to count, the two give the same numbers."""
+    x = torch.randn(4, 16) * 1e-3
+    x = x - x.mean(-1, keepdim=True)
+    rms, layer = flagged("rmsnorm").transformer.ln_f, variant("scaled_dot", "rope").transformer.ln_f
+    assert isinstance(layer, nn.LayerNorm)
+    torch.testing.assert_close(rms(x), layer(x))
+
+
+def test_a_model_without_biases_has_no_norm_biases_and_dropout_drops_in_training_alone():
+    unbiased = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, bias=False))
+    assert not any(name.endswith(".bias") for name in unbiased.state_dict())
+    idx = torch.randint(0, 20, (2, 8))
+    torch.manual_seed(0)
+    dropping = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+    assert not torch.equal(dropping(idx)[0], dropping(idx)[0])  # training mode: other units dropped each pass
+    dropping.eval()
+    assert torch.equal(dropping(idx)[0], dropping(idx)[0])
+    ones = torch.ones(1000)
+    kept = make_dropout(0.5)(ones)  # the blocks' own dropout: what survives is scaled by 1 / (1 - p)
+    assert set(kept.unique().tolist()) == {0.0, 2.0} and 350 < int(kept.count_nonzero()) < 650
+    assert isinstance(make_dropout(0.0), nn.Identity)
 
 
 def test_relu2_is_relu_squared():
