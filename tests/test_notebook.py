@@ -289,10 +289,25 @@ def test_a_run_of_ids_outside_the_vocabulary_or_of_none_is_one_clear_error(train
             message = str(error.value)
             assert "\n" not in message and f"0 to {vocab - 1}" in message
     assert model.run([0, vocab - 1]).shape[2] == 2  # the ends of the range are fine
+    with pytest.raises(GlimpseError, match="^a loss needs at least two tokens: one to read, one to predict$"):
+        model.loss([3])
     assert model.run(iter([0, 1, 2])).shape[2] == 3 and model.run(np.arange(3)).shape[2] == 3  # any one sequence
     for ids in ([[0, 1], [2, 3]], [1.7, 2.0]):  # a batch is not one text; 1.7 is no token id
         with pytest.raises(GlimpseError, match="token ids must be one sequence of whole numbers"):
             model.run(ids)
+
+
+def test_a_model_with_more_rows_than_its_tokenizer_has_tokens_takes_the_tokenizers_ids_alone(trained):
+    """A vocabulary padded past the tokenizer's (GPT-2's 50,257 tokens in 50,304 rows): an id with a row but no
+    token has no text to show, and is refused as outside the vocabulary."""
+    cfg, _ = trained
+    loaded = load(cfg.out_dir)
+    vocab = loaded.tokenizer.vocab_size
+    padded = GPT(GPTConfig(**{**asdict(loaded.config), "vocab_size": vocab + 8})).eval()
+    model = Model(padded, loaded.state)
+    assert model.vocab_size == vocab
+    with pytest.raises(GlimpseError, match=f"token id {vocab} is outside this model's vocabulary"):
+        model.run([0, vocab])
 
 
 def test_the_removals_arguments_are_checked_and_named_as_python_names_them(trained):
