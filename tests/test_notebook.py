@@ -584,3 +584,17 @@ def test_a_long_runs_dump_keeps_the_window_and_the_prompt_left_in_it(tmp_path):
     assert int(dump["cut"]) == 7 and dump["tokens"] == list(text[7:])
     assert dump["prompt_len"] == 3  # the prompt's last 3 tokens are in the window
     assert load_dump(run.save(tmp_path / "e"))["prompt_len"] == 12  # no prompt given: the whole window is the text
+    assert load_dump(run.save(tmp_path / "f", prompt_len=5))["prompt_len"] == 0  # the whole prompt was cut
+    model.state["iter_num"] = 70  # a checkpoint's step: the dump's meta names it
+    assert load_dump(run.save(tmp_path / "g"))["meta"]["iter"] == 70
+    (tmp_path / "notes" / "sample_ideas").mkdir(parents=True)  # a folder of that name that is no sample.py dump
+    assert run.save(tmp_path / "notes") == tmp_path / "notes"
+
+
+def test_the_viewer_page_goes_into_its_output_cells_frame_whole():
+    """The page is the frame's srcdoc attribute: its quotes escaped, or the attribute would end at the first."""
+    from glimpse.notebook import Inline
+
+    frame = Inline('<p title="a">b & c</p>', height=300)._repr_html_()
+    assert frame.startswith('<iframe srcdoc="&lt;p title=&quot;a&quot;&gt;b &amp; c&lt;/p&gt;" style="width: 100%; '
+                            'height: 300px;')
