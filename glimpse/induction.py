@@ -10,6 +10,7 @@ alone to see which ones the repeat depends on. sample.py --probe=induction print
 
 from __future__ import annotations
 
+import operator
 from contextlib import nullcontext
 from typing import get_args
 
@@ -52,7 +53,11 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     if not 2 <= n <= config.block_size // 2:  # both copies in one window
         raise GlimpseError(f"the probe's n_tokens must be from 2 to {config.block_size // 2} (half the model's "
                            f"block_size, so that both copies fit in one window); got {n}")
-    vocab = config.vocab_size if vocab_size is None else min(vocab_size, config.vocab_size)
+    try:
+        vocab = config.vocab_size if vocab_size is None else min(operator.index(vocab_size), config.vocab_size)
+    except TypeError:
+        raise GlimpseError(f"the probe's vocab_size must be a whole number (the tokenizer's) or None; got "
+                           f"{vocab_size!r}") from None
     if vocab < 1:
         raise GlimpseError(f"the probe's vocab_size must be at least 1 (the tokenizer's); got {vocab_size}")
     device = next(model.parameters()).device

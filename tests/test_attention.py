@@ -281,6 +281,9 @@ def test_the_probe_draws_no_id_past_the_tokenizers(tmp_path):
     assert np.isfinite(notebook.induction(n_tokens=8)["induction"]).all()
     with pytest.raises(GlimpseError, match="the probe's vocab_size must be at least 1 .*; got 0$"):
         induction_probe(model, n_tokens=8, vocab_size=0)
+    for wrong in (2.5, "20"):  # a size, not a float or a text
+        with pytest.raises(GlimpseError, match=f"vocab_size must be a whole number .* or None; got {wrong!r}$"):
+            induction_probe(model, n_tokens=8, vocab_size=wrong)
 
 
 def test_the_induction_verdict_names_the_heads_that_read_the_induction_key():
