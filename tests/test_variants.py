@@ -338,3 +338,70 @@ def test_sinusoids_of_an_odd_width_fill_exactly_that_width_at_gpt2s_scale():
     assert scaled.pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=1e-4)
     model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=3, n_embd=15, pos_encoding="sinusoidal"))
     assert model(torch.randint(11, (2, 8)))[0].shape == (2, 8, 11)
+
+
+def test_the_length_study_trains_each_encoding_scores_each_length_and_resumes_when_run_again(tmp_path, data_dir,
+                                                                                            capsys):
+    """scripts/length_study.py end to end, on a small stand-in for the corpus: a model of the recipe's shape per
+    encoding and seed, trained for --max_iters steps and scored at each length from its last weights (learned
+    positions at 1x only), the tables over seeds, the plots and the dumps at 1x and 4x. Run again, a finished
+    study trains nothing; with more steps, a model resumes from its checkpoint."""
+    import csv
+    import shutil
+    import statistics
+
+    import numpy as np
+
+    from data.dataset import TokenData
+    from eval import EvalConfig, score_lengths
+    from glimpse.attention import attention_weights, load_dump
+    from glimpse.checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+    from scripts.length_study import main
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "tiny", data / "shakespeare_char")
+    out = tmp_path / "study"
+    args = [f"--out={out}", f"--data_dir={data}", "--encodings=rope,learned", "--seeds=2", "--lengths=1,2",
+            "--max_tokens=200"]
+    main([*args, "--max_iters=1"])
+    runs = {(e, s): out / f"{e}-seed{s}" for e in ("rope", "learned") for s in (1337, 1338)}
+    for (encoding, seed), run in runs.items():
+        state = load_checkpoint(checkpoint_path(run))
+        assert state["iter_num"] == 1 and state["train_config"]["seed"] == seed
+        assert state["train_config"]["lr_decay_iters"] == 1 and state["train_config"]["always_save_checkpoint"]
+        shape = {k: state["model_config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "pos_encoding")}
+        assert shape == {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "pos_encoding": encoding}
+    rows = list(csv.DictReader(open(out / "length_study.csv", encoding="utf-8")))
+    scored = {(r["pos_encoding"], int(r["seed"]), r["mode"], int(r["multiple"])): float(r["val_loss"]) for r in rows}
+    assert len(scored) == len(rows) == 2 * 2 * 2 + 2 * 2  # rope at 1x and 2x, learned at 1x; two modes, two seeds
+    for (encoding, seed), run in runs.items():  # each row is its own model's, after its last step
+        lengths = "1,2" if encoding == "rope" else "1"
+        for r in score_lengths(EvalConfig(out_dir=str(run), lengths=lengths, max_tokens=200, checkpoint="last")):
+            assert scored[(encoding, seed, r["mode"], r["multiple"])] == pytest.approx(r["val_loss"], rel=1e-6)
+    assert scored[("rope", 1337, "sliding", 1)] != scored[("rope", 1338, "sliding", 1)]
+    table = (out / "length_study.md").read_text(encoding="utf-8")
+    pair = [scored[("rope", s, "sliding", 2)] for s in (1337, 1338)]
+    assert f"{statistics.mean(pair):.3f} [{min(pair):.3f}, {max(pair):.3f}] |" in table
+    assert "| learned | " in table and table.count(" n/a |") == 2  # learned at 2x, in each mode
+    assert table in capsys.readouterr().out
+    dumps = {d.name: load_dump(d) for d in (out / "dumps").iterdir()}
+    assert sorted(dumps) == ["learned-1x", "rope-1x", "rope-4x"]
+    assert [dumps[n]["attn"].shape[-1] for n in ("learned-1x", "rope-1x", "rope-4x")] == [64, 64, 256]
+    val = TokenData(data / "shakespeare_char").tokens("val")  # the same text at each length: the split's start
+    assert [dumps[n]["token_ids"].tolist() for n in ("rope-1x", "rope-4x")] == [val[:64].tolist(), val[:256].tolist()]
+    first_seed = model_from_checkpoint(load_checkpoint(checkpoint_path(runs[("rope", 1337)]))).eval()
+    want = attention_weights(first_seed, torch.from_numpy(val[:64].astype(np.int64)))  # the first seed's model
+    np.testing.assert_array_equal(dumps["rope-1x"]["attn"], want)
+    assert (out / "length_study.png").stat().st_size and (out / "length_study_attention.png").stat().st_size
+
+    again = [*args[:2], *args[4:], "--seeds=1"]
+    learned = runs[("learned", 1337)]
+    trained = checkpoint_path(learned).stat().st_mtime_ns, (learned / "metrics.jsonl").read_bytes()
+    main([*again, "--encodings=learned", "--max_iters=1"])  # finished: not trained again, its rows come back
+    assert (checkpoint_path(learned).stat().st_mtime_ns, (learned / "metrics.jsonl").read_bytes()) == trained
+    assert list(csv.DictReader(open(out / "length_study.csv", encoding="utf-8"))) == [
+        r for r in rows if r["pos_encoding"] == "learned" and r["seed"] == "1337"]
+    main([*again, "--encodings=rope", "--max_iters=2"])  # one step more: resumed from its checkpoint
+    run = runs[("rope", 1337)]
+    evals = [r["iter"] for r in map(json.loads, open(run / "metrics.jsonl")) if "val_loss" in r]
+    assert load_checkpoint(checkpoint_path(run))["iter_num"] == 2 and evals == [0, 1, 2]
