@@ -399,6 +399,7 @@ def test_the_length_study_trains_each_encoding_scores_each_length_and_resumes_wh
     trained = checkpoint_path(learned).stat().st_mtime_ns, (learned / "metrics.jsonl").read_bytes()
     main([*again, "--encodings=learned", "--max_iters=1"])  # finished: not trained again, its rows come back
     assert (checkpoint_path(learned).stat().st_mtime_ns, (learned / "metrics.jsonl").read_bytes()) == trained
+    assert "resumed from" not in capsys.readouterr().out  # nor resumed to evaluate its last step again
     assert list(csv.DictReader(open(out / "length_study.csv", encoding="utf-8"))) == [
         r for r in rows if r["pos_encoding"] == "learned" and r["seed"] == "1337"]
     main([*again, "--encodings=rope", "--max_iters=2"])  # one step more: resumed from its checkpoint
