@@ -6,7 +6,9 @@ their output, the comparisons, the picture, the archive) is checked before a GPU
 
 It says there are two GPUs (torchrun then starts two gloo processes), sends train.py and bench.py to the CPU
 in float32, uncompiled, with a 1-layer model of 32 channels over 32 tokens, divides the step counts the script
-gives by 50, and leaves pytest out (the tests run apart).
+gives by 50, and leaves pytest out (the tests run apart), exiting 5 as pytest does when it collects nothing: the
+summary's exit codes are then seen to be each step's own. Each train.py or bench.py command first prints the
+command as the script gave it (and its TORCH_LOGS), for what the CPU's stand-ins override (compiling, repeats).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def rehearsed(argv: list[str]) -> list[str] | None:
     if argv[:2] == ["-m", "pytest"]:
         print("rehearsal: pytest left out:", " ".join(argv[2:]))
         return None
+    if "train.py" in argv or "bench.py" in argv:
+        logs = [f"TORCH_LOGS={os.environ['TORCH_LOGS']}"] if "TORCH_LOGS" in os.environ else []  # what compiling logs
+        print("rehearsal: given", *logs, "python", " ".join(argv), flush=True)
     if "train.py" in argv:
         argv = [scaled(a) for a in argv] + TINY
         if not any(a.startswith("--max_iters=") for a in argv):  # a preset's own count: 10 steps
@@ -49,3 +54,4 @@ if __name__ == "__main__":
     command = rehearsed(sys.argv[1:])
     if command is not None:
         os.execv(sys.executable, [sys.executable, *command])
+    sys.exit(5 if sys.argv[1:3] == ["-m", "pytest"] else 0)  # 5: pytest's exit when it collects nothing
