@@ -88,7 +88,9 @@ def test_every_step_of_the_gpu_checks_runs_and_reports(tmp_path, corpus_file):
 
 
 def test_a_budget_too_short_for_a_step_skips_it_and_says_so(tmp_path, corpus_file):
+    (tmp_path / "checks" / "runs" / "speedrun_1").mkdir(parents=True)  # a former run's, which a rerun clears
     run, summary = rehearse(tmp_path, corpus_file, 30)
     assert run.returncode == 0, run.stdout + run.stderr
     assert re.search(r"^speedrun_1: skipped \(\d+ s left, needs about 60\)$", summary, re.M), summary
     assert "fsdp_tests: skipped" in summary and ": exit " not in summary  # nothing ran
+    assert not (tmp_path / "checks" / "runs" / "speedrun_1").exists()
