@@ -1,13 +1,14 @@
 """bench.py runs every benchmark and reports what it measured, with the configuration that produced it."""
 
 import json
+import re
 import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bench import BenchConfig
+from bench import BenchConfig, bench_head_importance, profile_lines, report
 from bench_presets import preset_config, train_step_fn
 from glimpse import timing
 from glimpse.comparisons import prepare_beside_tiktoken
@@ -23,12 +24,71 @@ def bench_json(*args):
     return json.loads(run.stdout)
 
 
-def test_attention_dump_reports_each_part():
-    result = bench_json("--what=attention_dump", "--tokens=16")
+def printed_table(result: dict, capsys) -> list[str]:
+    """The table bench.py prints in place of a --json run's result, under the configuration that run recorded."""
+    report(BenchConfig(**result["config"]), result)
+    return capsys.readouterr().out.splitlines()
+
+
+def figures(lines: list[str], unit: str) -> dict[str, float]:
+    """The attention_dump table's rows of one unit ("ms" or "MB"): each part's name and its figure."""
+    return {m[1]: float(m[2]) for m in (re.fullmatch(rf"  (\S+) +([\d.]+) {unit}", line) for line in lines) if m}
+
+
+# a train_step or sample table's row: the model's shape, batch, device, dtype, optimizer, ms, tokens/s, then (train_step
+# only) MFU and peak MB, then the speed against the first row, the preset, and what sets the row apart
+ROW = re.compile(r"  (\d+L \d+H \d+C T\d+) +(\d+) +(\S+) +(\S+) +(\S+) +([\d.]+) +([\d,]+) +(?:(\S+) +(\S+) +)?"
+                 r"([\d.]+)x  (\S+)( \(\d+ shards\))?(  \(no KV cache\))?")
+
+
+def table_rows(lines: list[str]) -> list[re.Match]:
+    rows = [ROW.fullmatch(line) for line in lines[2:]]
+    assert all(rows), lines
+    return rows
+
+
+def assert_row_is_the_run(row: re.Match, r: dict):
+    """A row's figures are its run's in the JSON, in the table's units (ms, not seconds)."""
+    m = r["model"]
+    assert row[1] == f"{m['n_layer']}L {m['n_head']}H {m['n_embd']}C T{m['block_size']}"
+    assert (int(row[2]), row[3], row[4], row[5]) == (r.get("batch_size", 1), r["device"], r["dtype"],
+                                                     r.get("optimizer", "-"))
+    assert float(row[6]) == pytest.approx(r["seconds"] * 1000, abs=0.051)
+    assert float(row[7].replace(",", "")) == pytest.approx(r["tokens_per_sec"], abs=0.51)
+    assert float(row[10]) == pytest.approx(r["vs_first"], abs=0.0051) and row[11] == r["preset"]
+
+
+def test_attention_dump_reports_each_part(capsys):
+    threads = 1 if torch.get_num_threads() > 1 else 2  # not torch's default here, so --threads shows
+    result = bench_json("--what=attention_dump", "--tokens=16", f"--threads={threads}")
     assert result["benchmark"] == "attention_dump" and result["environment"]["torch"]
+    assert result["config"]["tokens"] == 16 and result["environment"]["threads"] == threads
     assert result["model"]["n_layer"] == preset_config("config/shakespeare_char_cpu.toml").model.n_layer  # the default
     assert result["model"]["block_size"] == 16
-    assert all(s > 0 for s in result["seconds"].values())
+    seconds = result["seconds"]
+    assert set(seconds) == {"weights", "npz_and_heads_json", "html_viewer", "dump_without_pngs", "layer_pngs",
+                            "trace", "mechanism_dump_without_pngs", "data_total"}
+    assert all(s > 0 for s in seconds.values())
+    assert seconds["data_total"] == pytest.approx(seconds["weights"] + seconds["npz_and_heads_json"])
+    sizes = result["megabytes"]  # the plain dump's files, the mechanism's beside them (not over them), the PNGs
+    assert {"attention.npz", "index.html", "mechanism_attention.npz", "mechanism_index.html",
+            "layer_pngs"} <= set(sizes)
+    assert sizes["mechanism_attention.npz"] > sizes["attention.npz"] > 0 and sizes["layer_pngs"] > 0
+    memory = result["memory"]
+    assert memory["peak_beyond_before_mb"] == pytest.approx(memory["peak_mb"] - memory["before_dump_mb"])
+    assert memory["peak_with_mechanism_mb"] >= memory["peak_mb"] >= memory["before_dump_mb"] > 0  # peaks only grow
+
+    lines = printed_table(result, capsys)  # the table gives the same figures, in ms and MB
+    m = result["model"]
+    assert lines[0].endswith("median of 1")
+    assert lines[1] == f"  {m['n_layer']} layers x {m['n_head']} heads, n_embd {m['n_embd']}, 16 tokens"
+    assert figures(lines, "ms") == pytest.approx({name: s * 1000 for name, s in seconds.items()}, abs=0.051)
+    assert figures(lines, "MB") == pytest.approx(sizes, abs=0.051)
+    peak, beyond, with_mechanism = (int(n.replace(",", "")) for n in re.fullmatch(
+        r"  peak memory ([\d,]+) MB, ([\d,]+) MB beyond the model's process before the dump; ([\d,]+) MB with "
+        r"the mechanism's dump", lines[-1]).groups())
+    assert (peak, beyond, with_mechanism) == pytest.approx(
+        (memory["peak_mb"], memory["peak_beyond_before_mb"], memory["peak_with_mechanism_mb"]), abs=0.51)
 
 
 @pytest.mark.parametrize("what,extra", [("train_step", []), ("sample", ["--new_tokens=5"])])
@@ -58,7 +118,7 @@ def test_a_bad_preset_is_a_one_line_error(preset, says):
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and says in run.stderr
 
 
-def test_uncached_times_each_preset_without_the_cache_beside_it():
+def test_uncached_times_each_preset_without_the_cache_beside_it(capsys):
     presets = f"{RECIPE},{RECIPE}:n_layer=2"
     result = bench_json("--what=sample", "--new_tokens=5", "--uncached", f"--preset={presets}")
     runs = result["runs"]
@@ -66,6 +126,12 @@ def test_uncached_times_each_preset_without_the_cache_beside_it():
         (RECIPE, True), (RECIPE, False), (f"{RECIPE}:n_layer=2", True), (f"{RECIPE}:n_layer=2", False)]
     assert [r["model"]["n_layer"] for r in runs] == [4, 4, 2, 2]
     assert all(r["tokens_per_sec"] > 0 for r in runs)
+    lines = printed_table(result, capsys)
+    assert lines[1].split() == ["model", "batch", "device", "dtype", "optim", "ms/run", "tokens/s", "vs", "first",
+                                "preset"]  # no MFU or peak memory for sampling
+    for row, r in zip(table_rows(lines), runs, strict=True):
+        assert_row_is_the_run(row, r)
+        assert row[8] is None and row[12] is None and bool(row[13]) is not r["kv_cache"]
     table = python("bench.py", "--what=sample", "--new_tokens=5", "--uncached", "--repeats=1", f"--preset={RECIPE}")
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if RECIPE in line]
@@ -82,7 +148,33 @@ def test_head_importance_is_timed_beside_one_intact_scoring():
     assert "--val_tokens=127 is fewer than one window of the preset's block_size (128)" in short.stderr
 
 
-def test_gpt2_is_compared_with_transformers_in_one_run():
+def test_head_importance_names_each_timing_by_what_it_timed(monkeypatch, capsys):
+    """The removals do the work of many scorings, the intact scoring of one: with a clock that counts the rows the
+    model's linear layers take (the work done, not the machine's speed), the removals' figure is the larger, and the
+    table gives each figure in ms, the scorings and the ratio as the result holds them."""
+    rows = [0]
+
+    def count(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            rows[0] += args[0].numel() // args[0].size(-1)
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: float(rows[0])))
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        cfg = BenchConfig(what="head_importance", val_tokens=256, repeats=1)
+        result = bench_head_importance(cfg)
+    finally:
+        hook.remove()
+    s = result["seconds"]
+    assert 0 < s["intact"] < s["head_importance"] and result["ratio"] == s["head_importance"] / s["intact"]
+    report(cfg, result)
+    header, line = capsys.readouterr().out.splitlines()
+    assert header == f"head_importance | torch {torch.__version__}, {torch.get_num_threads()} threads, median of 1"
+    assert line == (f"  3 layers x 4 heads, 256 tokens in 128-token windows: intact {s['intact'] * 1000:.0f} ms, every "
+                    f"head removed alone (13 scorings) {s['head_importance'] * 1000:.0f} ms, {result['ratio']:.2f}x")
+
+
+def test_gpt2_is_compared_with_transformers_in_one_run(capsys):
     pytest.importorskip("transformers")
     result = bench_json("--what=gpt2", "--gpt2_n_layer=1", "--new_tokens=4", "--prompt_tokens=8")
     assert result["model"]["n_embd"] == 768 and result["model"]["n_layer"] == 1  # GPT-2 small's width
@@ -94,6 +186,13 @@ def test_gpt2_is_compared_with_transformers_in_one_run():
                                                       / s["glimpse_load_to_first_token"])
     assert result["tokens_per_sec"] == pytest.approx({"glimpse": 4 / s["glimpse_sample"],
                                                       "transformers": 4 / s["transformers_sample"]})
+    shape, load, sampling = printed_table(result, capsys)[1:]  # the table: each figure beside its own name
+    diffs = result["max_abs_logit_diff"]
+    assert shape.endswith(f"imported {diffs['imported']:.1e}, exported {diffs['exported']:.1e}")
+    assert load == (f"  load to first token: glimpse {s['glimpse_load_to_first_token']:.2f} s, transformers "
+                    f"{s['transformers_load_to_first_token']:.2f} s ({result['speedup']['load']:.2f}x)")
+    assert sampling.startswith("  greedy sampling, 4 tokens after 8: ")
+    assert sampling.endswith(f"({result['speedup']['sample']:.2f}x), same tokens: True")
 
 
 def test_gpt2_logit_diffs_measure_the_import_and_the_export(monkeypatch):
@@ -123,14 +222,20 @@ def test_gpt2_logit_diffs_measure_the_import_and_the_export(monkeypatch):
     assert result["max_abs_logit_diff"]["imported"] > 1e-2 and result["max_abs_logit_diff"]["exported"] > 1e-2
 
 
-def test_attention_dump_at_gpt2_shape_reports_sizes_and_memory():
-    result = bench_json("--what=attention_dump", "--shape=gpt2", "--tokens=32", "--pngs=false")
+def test_attention_dump_at_gpt2_shape_reports_sizes_and_memory(capsys):
+    result = bench_json("--what=attention_dump", "--shape=gpt2", "--tokens=32", "--pngs=false", "--mechanism=false")
     assert (result["model"]["n_layer"], result["model"]["n_head"], result["model"]["vocab_size"]) == (12, 12, 50257)
-    assert "layer_pngs" not in result["seconds"] and result["megabytes"]["attention.npz"] > 0
-    assert result["megabytes"]["index.html"] > 0 and result["memory"]["peak_mb"] >= result["memory"]["before_dump_mb"]
+    assert result["model"]["block_size"] == 32  # the dump's length, not GPT-2's 1,024
+    assert result["environment"]["threads"] == torch.get_num_threads()  # no --threads: torch's default, as here
+    assert set(result["seconds"]) == {"weights", "npz_and_heads_json", "html_viewer", "dump_without_pngs", "data_total"}
+    assert not any(name.startswith(("layer_pngs", "mechanism_")) for name in result["megabytes"])
+    assert result["megabytes"]["attention.npz"] > 0 and result["megabytes"]["index.html"] > 0
+    memory = result["memory"]
+    assert memory["peak_mb"] >= memory["before_dump_mb"] and "peak_with_mechanism_mb" not in memory
+    assert printed_table(result, capsys)[-1].endswith("MB beyond the model's process before the dump")
 
 
-def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_ranks):
+def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_ranks, capsys):
     result = bench_json("--what=prepare", "--corpus_mb=1")
     assert result["megabytes"] >= 1 and result["documents"] > 8 and result["tokens"] > 100_000  # counts agreed
     assert result["speedup"] > 0 and result["peak_mb"] > 0
@@ -138,12 +243,18 @@ def test_prepare_is_timed_beside_a_one_process_loop_on_the_same_tokens(gpt2_rank
     assert result["tokens_per_sec"] == pytest.approx({"loop": result["tokens"] / s["loop"],
                                                       "prepare": result["tokens"] / s["prepare"]})
     assert result["speedup"] == pytest.approx(s["loop"] / s["prepare"])  # how many times faster prepare.py is
+    t = result["tokens_per_sec"]
+    assert printed_table(result, capsys)[1] == (
+        f"  {result['megabytes']:.0f} MB in 8 .jsonl files, {result['tokens']:,} tokens: prepare.py "
+        f"{t['prepare']:,.0f} tokens/s, one-process tiktoken loop {t['loop']:,.0f} tokens/s "
+        f"({result['speedup']:.2f}x); peak memory {result['peak_mb']:,.0f} MB")
 
 
-def test_prepare_is_timed_on_one_txt_file_read_in_blocks(gpt2_ranks):
+def test_prepare_is_timed_on_one_txt_file_read_in_blocks(gpt2_ranks, capsys):
     result = bench_json("--what=prepare", "--corpus_mb=1", "--corpus_files=txt", "--repeats=1")
     assert result["layout"] == "txt" and result["documents"] == 1 and result["tokens"] > 100_000  # counts agreed
     assert result["peak_mb"] > 0
+    assert f" MB in one .txt file, {result['tokens']:,} tokens: " in printed_table(result, capsys)[1]
 
 
 def test_prepare_timing_is_refused_when_the_two_counts_disagree(gpt2_ranks, monkeypatch):
@@ -162,11 +273,20 @@ def test_prepare_timing_is_refused_when_the_two_counts_disagree(gpt2_ranks, monk
         prepare_beside_tiktoken(corpus_mb=1, repeats=1)
 
 
-def test_train_step_is_timed_on_one_file_beside_shards():
+def test_train_step_is_timed_on_one_file_beside_shards(capsys):
     result = bench_json("--what=train_step", "--shards=1,4", f"--preset={RECIPE}")
     one, four = result["runs"]
     assert (one["shards"], four["shards"]) == (1, 4)  # the datasets the steps read were cut as asked
     assert one["preset"] == four["preset"] == RECIPE and four["tokens_per_sec"] > 0
+    lines = printed_table(result, capsys)
+    assert lines[1].split() == ["model", "batch", "device", "dtype", "optim", "ms/step", "tokens/s", "MFU", "peak",
+                                "MB", "vs", "first", "preset"]
+    for row, r in zip(table_rows(lines), result["runs"], strict=True):
+        assert_row_is_the_run(row, r)
+        assert (row[8], row[9], row[12], row[13]) == ("-", "-", f" ({r['shards']} shards)", None)  # the CPU: no MFU
+    gpu = dict(one, mfu=0.4251, peak_mb=1234.4)  # the figures a GPU's step adds: a share of its peak, and MB
+    row = table_rows(printed_table(dict(result, runs=[gpu]), capsys))[0]
+    assert (row[8], row[9]) == ("42.5%", "1,234")
     bad = python("bench.py", "--what=train_step", "--shards=1,0")
     assert bad.returncode == 2 and "shards must be positive" in bad.stderr
     empty = python("bench.py", "--what=prepare", "--corpus_mb=0")
@@ -180,6 +300,22 @@ def test_train_step_is_timed_on_one_file_beside_shards():
                         (["--what=sample", "--vocab_size=0"], "vocab_size must be at least 1")]:
         refused = python("bench.py", *flags)
         assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and says in refused.stderr
+
+
+@pytest.mark.parametrize("settings,says", [
+    ({"tokens": 0}, "tokens must be at least 1, got 0"),
+    ({"profile_steps": 0}, "profile_steps must be at least 1, got 0"),
+    ({"what": "gpt2", "prompt_tokens": 0}, "prompt_tokens must be at least 1, got 0"),
+    ({"what": "gpt2", "prompt_tokens": 1000, "new_tokens": 25}, "prompt_tokens + new_tokens is 1025"),
+    ({"what": "attention_dump", "profile": "."}, "--profile profiles training steps"),
+])
+def test_settings_out_of_range_are_refused_before_anything_runs(settings, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        BenchConfig(**settings)
+
+
+def test_gpt2_may_generate_up_to_its_last_position():
+    assert BenchConfig(what="gpt2", prompt_tokens=1000, new_tokens=24).new_tokens == 24  # 1,024 positions in all
 
 
 def test_train_step_times_full_size_steps_when_the_preset_ramps_up(tmp_path):
@@ -209,6 +345,16 @@ def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
         assert "aten::mm" in table.read_text() and f"Optimizer.step#{optimizer}.step" in table.read_text()
         names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
         assert f"Optimizer.step#{optimizer}.step" in names
+        line, files = profile_lines(r, str(tmp_path)).split("\n")  # the table's two lines: figures, then files
+        wall, busy, kinds, step = re.fullmatch(rf"  {re.escape(r['preset'])}: ([\d.]+) ms a step profiled, CPU busy "
+                                               r"([\d.]+) ms: (.+); the optimizer's step ([\d.]+) ms \(inclusive\)",
+                                               line).groups()
+        assert [float(wall), float(busy), float(step)] == pytest.approx(
+            [p["wall_ms"], p["busy_ms"], p["optimizer_step_ms"]], abs=0.051)
+        shown = {kind: float(ms) for kind, ms in (part.rsplit(" ", 1) for part in kinds.split(", "))}
+        assert shown == pytest.approx({kind: ms for kind, ms in p["kinds_ms"].items() if ms}, abs=0.051)  # none at 0
+        assert list(shown.values()) == sorted(shown.values(), reverse=True)  # the costliest kind first
+        assert files == "    " + ", ".join(str(tmp_path / f) for f in p["files"])
     assert [p.name for p in sorted(tmp_path.iterdir())] == [
         "0_shakespeare_char_recipe.trace.json", "0_shakespeare_char_recipe.txt",
         "1_shakespeare_char_speedrun.trace.json", "1_shakespeare_char_speedrun.txt"]
