@@ -82,7 +82,7 @@ def test_every_step_of_the_gpu_checks_runs_and_reports(tmp_path, corpus_file):
     assert configs["speedrun_3"]["eval_interval"] == 50 // 50 and configs["speedrun_2"]["eval_interval"] == 100000
     assert configs["recipe"]["max_iters"] == 2000 // 50 and configs["recipe"]["attn_log_interval"] == 0
     assert configs["speedrun_cuda_graphs"]["compile_mode"] == "reduce-overhead"
-    assert configs["speedrun_no_dropout"]["dropout"] == 0.0 and configs["speedrun_1"]["dropout"] == 0.1
+    assert configs["speedrun_no_dropout"]["dropout"] == 0.0 < configs["speedrun_1"]["dropout"]  # the preset's own
     batch64 = configs["speedrun_batch64"]
     assert (batch64["batch_size"], batch64["max_iters"], batch64["lr_decay_iters"]) == (64, 800 // 50, 800 // 50)
 
