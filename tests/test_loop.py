@@ -441,6 +441,30 @@ def test_micro_steps_add_up_to_the_step_one_batch_of_their_sequences_takes(tmp_p
         torch.testing.assert_close(taken["two"][1][key], weight, rtol=1e-4, atol=1e-5)
 
 
+
+def test_the_first_steps_train_on_other_windows_than_the_evals_fixed_batches(tmp_path, data_dir, monkeypatch):
+    """The evals' batches come from a generator of their own: had the training batches started from the same
+    seed, the first steps would train on the very windows the train loss is then estimated on."""
+    from data.dataset import TokenData
+
+    drawn = []
+    draw = TokenData.random_starts
+
+    def recording(self, split, n, block_size, generator):
+        starts = draw(self, split, n, block_size, generator)
+        drawn.append((split, set(starts.tolist())))
+        return starts
+
+    monkeypatch.setattr(TokenData, "random_starts", recording)
+    run = setup(tiny_config(data_dir, tmp_path / "out", eval_iters=4, batch_size=8), Distributed())
+    run.tracker.close()
+    evaluate_and_keep_best(run)  # step 0's eval, before any step: train's 4 batches, then val's
+    for _ in range(4):
+        train_step(run, 3e-3)
+    assert [split for split, _ in drawn] == ["train", "val"] + ["train"] * 4
+    assert all(len(starts) > 6 for _, starts in drawn)  # windows drawn from the whole split, not a few
+    evals = drawn[0][1]
+    assert all(not starts & evals for _, starts in drawn[2:]), [starts & evals for _, starts in drawn[2:]]
 @pytest.mark.parametrize("grad_clip, dtype", [(0.05, "float32"), (0.0, "float32"), (0.05, "float16")])
 def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(tmp_path, data_dir, grad_clip, dtype):
     """With AdamW a clip's effect on the weights is subtle (its update is near blind to the gradient's scale), so
