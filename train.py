@@ -48,7 +48,7 @@ from glimpse.evaluation import estimate_loss, evaluating, length_loss
 from glimpse.optim import get_lr, set_lr
 from glimpse.progress import StepLog, TimeBudget, blown_up, progress_bar, report_step
 from glimpse.run import Run, setup
-from glimpse.run_folder import check_start, run_settings, training_in
+from glimpse.run_folder import RESUME_KEEPS, check_start, run_settings, training_in
 from glimpse.runtime import StopRequest, synchronize, to_device
 from glimpse.train_config import TrainConfig
 
@@ -331,7 +331,7 @@ TOO_BIG = ("ask for less: a smaller --batch_size (more --gradient_accumulation_s
 def main(argv: list[str] | None = None):
     with exit_when_done_under_torchrun(), user_errors(out_of_memory=TOO_BIG):
         cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv,
-                           prog="train.py", description=__doc__, recorded=run_settings)
+                           prog="train.py", description=__doc__, recorded=run_settings, fixed=RESUME_KEEPS)
         train(cfg)
 
 

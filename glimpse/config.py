@@ -24,7 +24,7 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -90,12 +90,15 @@ def config_values(cfg) -> dict[str, Any]:
 
 
 def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_file: bool = True,
-                 recorded: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None):
+                 recorded: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+                 fixed: Collection[str] = ()):
     """Build cls from argv: an optional CONFIG.toml, then --key=value flags, later ones winning.
 
     recorded, when given, maps (the file's values, the flags') to settings that go between the two: above the
     defaults and the file, below the flags; an error that names a recorded key says it was recorded (the user did
-    not type it). Prints help and exits 0 on -h/--help. Raises GlimpseError on anything it cannot use.
+    not type it), and of a key in fixed (one the recorded run cannot change: a resume's model shape), that the flag
+    that clashes with it must go rather than it. Prints help and exits 0 on -h/--help. Raises GlimpseError on
+    anything it cannot use.
     """
     if "-h" in argv or "--help" in argv:
         print(config_help(cls, prog, description, allow_file))
@@ -130,10 +133,21 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
         named = [key for key in kept if re.search(rf"\b{key}\b", str(e))]
         if not named:
             raise
-        them = ("is the run's recorded setting; a flag replaces it" if len(named) == 1 else
-                "are the run's recorded settings; flags replace them")
-        recorded = ', '.join(f'{key}={json.dumps(kept[key])}' for key in named)  # true, as a flag spells it
-        raise GlimpseError(f"{e} ({recorded} {them})") from None
+        free, held = [key for key in named if key not in fixed], [key for key in named if key in fixed]
+        remarks = []
+        if free:
+            remarks.append(f"{spelled(free, kept)} {'is' if len(free) == 1 else 'are'} the run's recorded "
+                           f"setting{'s; flags replace them' if len(free) > 1 else '; a flag replaces it'}")
+        if held:
+            remarks.append(f"{spelled(held, kept)} {'is' if len(held) == 1 else 'are'} the run's recorded "
+                           f"setting{'s' if len(held) > 1 else ''}, which the run keeps: leave out the flag that "
+                           f"clashes with {'them' if len(held) > 1 else 'it'}")
+        raise GlimpseError(f"{e} ({'; '.join(remarks)})") from None
+
+
+def spelled(keys: list[str], values: dict[str, Any]) -> str:
+    """The keys with their values as a flag spells them (true, not True), comma-separated."""
+    return ', '.join(f'{key}={json.dumps(values[key])}' for key in keys)
 
 
 def build(cls, values: dict[str, Any]):

@@ -150,6 +150,9 @@ def run_settings(preset: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
     return kept
 
 
+# what a resume cannot change (check_resume): the model's shape, and the optimizer whose state it continues
+RESUME_KEEPS = frozenset({"optimizer"} | {f.name for f in fields(GPTConfig) if f.name != "dropout"})
+
 # a setting that contradicts the checkpoint comes from a flag given to the resume
 SAME_SETTINGS = ("a resume takes the run's own settings, those its checkpoint was saved with (out_dir/config.json "
                  "lists them): leave out the flag that changes this one, or start a new out_dir")
@@ -202,6 +205,6 @@ def check_resume(state: dict, model_config: GPTConfig, optimizer: str, tokenizer
     saved = state["model_config"]
     for f in fields(GPTConfig):
         was = saved.get(f.name, f.default)  # a checkpoint older than the field was built with its default
-        if f.name != "dropout" and was != getattr(model_config, f.name):
+        if f.name in RESUME_KEEPS and was != getattr(model_config, f.name):
             raise GlimpseError(f"{f.name}={getattr(model_config, f.name)} contradicts the checkpoint's "
                                f"{f.name}={was}; {SAME_SETTINGS}")

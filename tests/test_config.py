@@ -163,6 +163,15 @@ def test_an_error_that_names_a_recorded_setting_says_it_was_recorded():
     with pytest.raises(GlimpseError) as e:
         parse_recorded(["--high=5", "--low=6", "--step=0"])  # none of the named keys was recorded
     assert str(e.value) == "low (6) plus step (0) passes high (5)"
+    with pytest.raises(GlimpseError) as e:  # a key the recorded run keeps: the flag that clashes with it must go
+        parse_config(Window, ["--high=5"], prog="x.py", description="test", recorded=recorded, fixed=("low", "hi"))
+    assert str(e.value) == ("low (8) plus step (1) passes high (5) (step=1 is the run's recorded setting; a flag "
+                            "replaces it; low=8 is the run's recorded setting, which the run keeps: leave out the flag "
+                            "that clashes with it)")
+    with pytest.raises(GlimpseError) as e:
+        parse_config(Window, ["--high=5"], prog="x.py", description="test", recorded=recorded, fixed=("low", "step"))
+    assert str(e.value) == ("low (8) plus step (1) passes high (5) (low=8, step=1 are the run's recorded settings, "
+                            "which the run keeps: leave out the flag that clashes with them)")
 
 
 def test_a_recorded_none_is_a_setting_and_keys_given_are_left_to_the_flags():

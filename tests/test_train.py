@@ -356,6 +356,31 @@ def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_p
     assert read_metrics(tmp_path / "out")[-1]["iter"] == 80
 
 
+def test_an_error_naming_what_a_resume_keeps_says_to_leave_out_the_flag_that_clashes(tmp_path, data_dir, capsys):
+    """A resume keeps its checkpoint's optimizer and model shape whatever the flags say, so an error that names
+    one of them as recorded says to leave out the flag that clashes with it, not that a flag replaces it."""
+    out = tmp_path / "out"
+    train_main([f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--device=cpu", "--dtype=float32",
+                "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--max_iters=2",
+                "--eval_interval=2", "--eval_iters=2", "--attn_log_interval=0", "--optimizer=muon"])
+    files = files_in(out)
+    capsys.readouterr()
+    for flags, error in [
+        (["--fsdp=true"], "error: fsdp=true supports optimizer=adamw only (Muon orthogonalises whole matrices, which "
+         "fsdp splits across processes): use --optimizer=adamw, or --fsdp=false (optimizer=\"muon\" is the run's "
+         "recorded setting, which the run keeps: leave out the flag that clashes with it)"),
+        (["--pos_encoding=rope", "--n_embd=30"], "error: rope rotates channel pairs: n_embd // n_head (15) must be "
+         "even (n_head=2 is the run's recorded setting, which the run keeps: leave out the flag that clashes with it)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4", *flags])
+        said = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in said and said.endswith(error), said
+    assert files_in(out) == files
+    train_main(["--init_from=resume", f"--out_dir={out}", "--max_iters=4"])  # the clashing flags left out
+    assert read_metrics(out)[-1]["iter"] == 4
+
+
 def test_a_resume_may_change_dropout_and_read_a_checkpoint_older_than_a_model_key(trained):
     """Dropout is a training setting, not part of the model's shape: a resume may change it. A checkpoint saved
     before a model key existed was built with that key's default, which a resume at the default matches."""
