@@ -19,19 +19,17 @@ import glob
 import gzip
 import io
 import json
-import re
 import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.tokenizer import LONE_SURROGATE
 from glimpse.errors import GlimpseError, reading
 
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 TXT_BLOCK = 1 << 22  # characters of a .txt file read at a time
-# JSON can spell half of a surrogate pair alone ("\ud83d"): a str holds it, but no UTF-8 text can, so tokenizing fails
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def file_format(path: Path) -> str | None:

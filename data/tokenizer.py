@@ -10,11 +10,26 @@ checkpoint alone is enough to sample from: no data folder, no pickle.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from glimpse.errors import GlimpseError
 
 GPT2_ENCODING = "r50k_base"  # tiktoken's file of GPT-2's merge ranks; same ids as its "gpt2" encoding
+
+
+# half of a UTF-16 surrogate pair: a str can hold one alone (JSON's "\ud83d", a text cut between the halves), but no
+# UTF-8 text can, so no tokenizer encodes it
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unencodable(text: str, e: UnicodeEncodeError) -> Exception:
+    """What encoding text failed with, said in one line: the lone surrogate it holds, and where."""
+    if not (lone := LONE_SURROGATE.search(text)):
+        return e
+    return GlimpseError(f"the text holds a lone surrogate \\u{ord(lone.group()):04x} at character {lone.start()}, "
+                        "half of a pair that no UTF-8 text can hold: remove it, or join it to its other half")
 
 
 def no_token(i: int) -> str:
@@ -43,7 +58,10 @@ class CharTokenizer:
 
     def encode(self, text: str, dtype=np.int64) -> np.ndarray:
         """Token ids of text, as an array of dtype; a character outside the vocabulary is an error."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
+        try:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point each
+        except UnicodeEncodeError as e:
+            raise unencodable(text, e) from None
         ids = np.searchsorted(self._codepoints, codes)
         ids_clipped = np.minimum(ids, self.vocab_size - 1)
         unknown = self._codepoints[ids_clipped] != codes
@@ -94,7 +112,10 @@ class GPT2Tokenizer:
         # a literal "<|endoftext|>" stays ordinary text, as in encode_ordinary, in a corpus and a prompt alike: the
         # model sees 50256 only where prepare.py puts it, between documents (the exported tokenizer agrees:
         # docs/gpt2.md); the numpy buffer skips building a Python list of every id
-        return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)
+        try:
+            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)
+        except UnicodeEncodeError as e:
+            raise unencodable(text, e) from None
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))

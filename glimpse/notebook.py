@@ -33,7 +33,7 @@ from data.tokenizer import tokenizer_from_spec
 from glimpse.ablation import Ablation, parse_heads
 from glimpse.attention import head_metrics, write_dump
 from glimpse.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_trained
-from glimpse.errors import GlimpseError
+from glimpse.errors import GlimpseError, os_error_message
 from glimpse.evaluation import evaluating
 from glimpse.files import check_writable, write_text
 from glimpse.gpt2 import PRETRAINED
@@ -265,27 +265,27 @@ class Trace(Mechanism):
     def save(self, folder: str | Path, prompt_len: int | None = None, pngs: bool = False) -> Path:
         """The dump sample.py --mechanism writes (attention.npz, heads.json, index.html), into folder, in place
         of a dump there before (its layer_<l>.png and head_importance.json go too)."""
-        folder = Path(folder)
-        check_writable(folder, "the dump's folder", "give save() a folder you can write")
-        # a folder of dumps: training's snapshots (iter_<step>/, under the slider's index.html) or sample.py's
-        # (sample_<i>/, which a later sample.py run tidies): a dump beside them would replace or be lost among them
-        held = {path.name.split("_")[0] for path in (folder.iterdir() if folder.is_dir() else ())
-                if path.is_dir() and re.fullmatch(r"(iter|sample)_\d+", path.name)}
-        if held:
-            what = ("a training run's attention snapshots, whose index.html a dump would replace" if "iter" in held
-                    else "sample.py's dumps, one sample_<i> folder each")
-            raise GlimpseError(f"{folder} holds {what}: save into a folder of its own, such as {folder / 'mine'}")
-        write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len), self.meta(),
-                   pngs=pngs, mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
+        folder = Path(folder).expanduser()  # as load() reads "~/..."
+        try:
+            check_writable(folder, "the dump's folder", "give save() a folder you can write")
+            check_not_dumps(folder)
+            write_dump(folder, self.weights, self.token_ids.tolist(), self.tokens, self.prompt_len(prompt_len),
+                       self.meta(), pngs=pngs, mechanism=self, cut=self.cut,
+                       token_text=self.model.tokenizer.token_strings)
+        except OSError as e:  # what no check foresaw: a full disk, a name too long, root writing into /proc
+            raise GlimpseError(os_error_message(e)) from None
         return folder
 
     def show(self, height: int = 760) -> Inline:
-        """The viewer of this run, for a notebook's output cell (it is also a whole page: .html)."""
+        """The viewer of this run, for a notebook's output cell, height pixels high (it is also a whole page:
+        .html)."""
+        if isinstance(height, bool) or not isinstance(height, int | np.integer) or height < 1:  # the iframe's style
+            raise GlimpseError(f"height must be a whole number of pixels; got {height!r}")
         from glimpse.viewer import viewer_html  # matplotlib, which it imports, only once a picture is wanted
 
         page = viewer_html(self.weights, self.tokens, self.prompt_len(None), self.meta(), head_metrics(self.weights),
                            mechanism=self, cut=self.cut, token_text=self.model.tokenizer.token_strings)
-        return Inline(page, height)
+        return Inline(page, int(height))
 
     def prompt_len(self, prompt_len: int | None) -> int:
         if prompt_len is None:
@@ -299,6 +299,18 @@ class Trace(Mechanism):
         state = self.model.state
         return {"model_config": state["model_config"], "iter": state.get("iter_num"), "val_loss": state.get("val_loss"),
                 "source": self.model.source, "tokenizer": state["tokenizer"]}
+
+
+def check_not_dumps(folder: Path):
+    """A GlimpseError for a folder of dumps: training's snapshots (iter_<step>/, under the slider's index.html) or
+    sample.py's (sample_<i>/, which a later sample.py run tidies): a dump beside them would replace or be lost
+    among them."""
+    held = {path.name.split("_")[0] for path in (folder.iterdir() if folder.is_dir() else ())
+            if path.is_dir() and re.fullmatch(r"(iter|sample)_\d+", path.name)}
+    if held:
+        what = ("a training run's attention snapshots, whose index.html a dump would replace" if "iter" in held
+                else "sample.py's dumps, one sample_<i> folder each")
+        raise GlimpseError(f"{folder} holds {what}: save into a folder of its own, such as {folder / 'mine'}")
 
 
 @dataclass
@@ -319,7 +331,7 @@ class Inline:
 
     def save(self, path: str | Path) -> Path:
         """The page as a file that opens in any browser."""
-        path = Path(path)
+        path = Path(path).expanduser()  # as load() reads "~/..."
         check_writable(path.parent, "the page's folder", "give save() a path you can write")
         write_text(path, self.html)
         return path

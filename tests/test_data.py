@@ -147,6 +147,16 @@ def test_a_dataset_prepared_again_is_told_by_its_counts_and_names_the_documents_
         "2 documents, 9,000 train and 1,000 val tokens then, 3 documents, 9,000 train and 1,000 val tokens now"
 
 
+def test_half_of_a_surrogate_pair_is_one_line_saying_where_with_either_tokenizer(gpt2_ranks):
+    """A str can hold half of a UTF-16 pair (JSON's "\\ud83d", a text cut between the halves); no UTF-8 text can,
+    so neither tokenizer encodes it: a one-line error that says where, not Python's UnicodeEncodeError."""
+    for tokenizer in (CharTokenizer("abc"), GPT2Tokenizer()):
+        with pytest.raises(GlimpseError) as error:
+            tokenizer.encode("ab\ud83dc")
+        assert str(error.value) == ("the text holds a lone surrogate \\ud83d at character 2, half of a pair that no "
+                                    "UTF-8 text can hold: remove it, or join it to its other half")
+
+
 def test_a_char_tokenizer_gives_utf_8_bytes_names_ids_past_its_vocabulary_and_refuses_a_spec_it_cannot_read():
     """sample.py streams a char model's tokens as their UTF-8 bytes; a dump names an id past the vocabulary (a
     padded one) rather than failing on it; and a spec (a meta.json's, a checkpoint's) of repeated characters or of a

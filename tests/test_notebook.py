@@ -340,6 +340,8 @@ def test_a_learners_slips_are_one_line_errors_not_wrong_answers(trained, tmp_pat
     slips = [
         (lambda: model.run(b"ROMEO:"), "the text is bytes: decode it first"),
         (lambda: model.run(None), "give a text (a str) or its token ids (a list of whole numbers); got NoneType"),
+        (lambda: model.run("RO\ud83dMEO:"), "the text holds a lone surrogate \\ud83d at character 2, half of a pair "
+                                            "that no UTF-8 text can hold: remove it, or join it to its other half"),
         (lambda: model.loss("ROMEO:", ablate=1), "ablate takes heads as a str"),
         (lambda: model.induction(4.0), "n_tokens and seed must be whole numbers"),
         (lambda: model.induction(4, seed="a"), "n_tokens and seed must be whole numbers"),
@@ -423,6 +425,20 @@ def test_a_runs_step_checks_its_arguments(trained, tmp_path):
         run.show().save(tmp_path / "a-file" / "run.html")
     assert str(error.value) == (f"the page's folder {str(tmp_path / 'a-file')!r} is a file; give save() a path you "
                                 "can write")
+    with pytest.raises(GlimpseError) as error:  # a name no folder can have, which only making the folder finds
+        run.save(tmp_path / ("x" * 300))
+    assert str(error.value) == f"could not use {str(tmp_path / ('x' * 300))!r}: File name too long", str(error.value)
+    home = tmp_path / "home"
+    with pytest.MonkeyPatch.context() as patch:  # "~/..." is the home folder, as load() reads it
+        patch.setenv("HOME", str(home))
+        assert run.save("~/dump") == home / "dump" and (home / "dump" / "index.html").is_file()
+        assert run.show().save("~/run.html") == home / "run.html"
+        assert (home / "run.html").read_text(encoding="utf-8") == run.show().html
+    assert 'height: 300px;' in run.show(height=np.int64(300))._repr_html_()
+    for height in ("300px", '300" onload="alert(1)', 0, 2.5, True):  # it goes into the frame's style attribute
+        with pytest.raises(GlimpseError) as error:
+            run.show(height=height)
+        assert str(error.value) == f"height must be a whole number of pixels; got {height!r}"
 
 
 def test_a_hugging_face_folder_loads_and_runs_as_the_checkpoint_it_was_exported_from(tmp_path, trained):
