@@ -835,6 +835,7 @@ def test_blank_lines_between_json_lines_are_no_documents_and_no_bad_lines(tmp_pa
     with pytest.raises(GlimpseError, match=f"{tmp_path / name}:7 is not JSON"):
         list(Documents([tmp_path / name]))
 
+
 @pytest.mark.parametrize("name", ["gone.jsonl", "gone.jsonl.gz"])
 def test_a_file_gone_before_it_is_read_is_a_one_line_error(tmp_path, name):
     """A file listed, then removed (or unreadable) before prepare.py reaches it."""

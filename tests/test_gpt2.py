@@ -514,6 +514,7 @@ def test_export_refuses_the_runs_own_folder_named_relatively(trained, tmp_path, 
                              "replace): give another folder"), line
     assert {p: p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()} == kept
 
+
 def test_bad_input_is_one_line_and_writes_nothing(hf_folder, tmp_path, data_dir, trained, gpt2_ranks, capsys):
     _, folder = hf_folder
     no_config, no_weights, llama, truncated, pickled, listed = (

@@ -441,7 +441,6 @@ def test_micro_steps_add_up_to_the_step_one_batch_of_their_sequences_takes(tmp_p
         torch.testing.assert_close(taken["two"][1][key], weight, rtol=1e-4, atol=1e-5)
 
 
-
 def test_the_first_steps_train_on_other_windows_than_the_evals_fixed_batches(tmp_path, data_dir, monkeypatch):
     """The evals' batches come from a generator of their own: had the training batches started from the same
     seed, the first steps would train on the very windows the train loss is then estimated on."""
@@ -465,6 +464,8 @@ def test_the_first_steps_train_on_other_windows_than_the_evals_fixed_batches(tmp
     assert all(len(starts) > 6 for _, starts in drawn)  # windows drawn from the whole split, not a few
     evals = drawn[0][1]
     assert all(not starts & evals for _, starts in drawn[2:]), [starts & evals for _, starts in drawn[2:]]
+
+
 @pytest.mark.parametrize("grad_clip, dtype", [(0.05, "float32"), (0.0, "float32"), (0.05, "float16")])
 def test_the_optimizer_steps_on_gradients_clipped_to_grad_clip(tmp_path, data_dir, grad_clip, dtype):
     """With AdamW a clip's effect on the weights is subtle (its update is near blind to the gradient's scale), so

@@ -123,7 +123,6 @@ def test_split_qkv_with_its_own_decay_resumes_exactly(tmp_path, data_dir):
     assert strip(read_metrics(tmp_path / "halves")) == strip(read_metrics(tmp_path / "straight"))
 
 
-
 def test_on_a_cpu_without_bfloat16_muon_orthogonalises_in_float32(monkeypatch):
     """torch's Muon runs its Newton-Schulz iteration in bfloat16, tens of times slower than float32 on a CPU
     without bfloat16 instructions, and emulated on GPUs before Ampere: there glimpse runs the same iteration in

@@ -291,7 +291,6 @@ def test_resume_continues_exactly(tmp_path, data_dir, device):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-7), (a, b)
 
 
-
 def test_a_resume_given_only_its_folder_goes_on_with_the_runs_own_settings(tmp_path, data_dir, monkeypatch, capsys):
     """A resume needs neither the preset nor the flags the run was started with: the settings its checkpoint was
     saved with stand above the defaults and a preset. Settings far from the defaults (a preset's and flags' model,
@@ -441,6 +440,7 @@ def test_a_resume_refuses_a_checkpoint_that_differs_in_any_model_key_but_dropout
         with pytest.raises(GlimpseError, match=re.escape(f"{f.name}={getattr(model_config, f.name)} contradicts the "
                                                          f"checkpoint's {f.name}=another")):
             check_resume(other, model_config, "adamw", state["tokenizer"], Path(cfg.data_dir))
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_float32_compiled_by_inductor_on_cuda_trains_as_the_eager_run(tmp_path, data_dir):
