@@ -136,18 +136,20 @@ def parse_config(cls, argv: list[str], *, prog: str, description: str, allow_fil
         free, held = [key for key in named if key not in fixed], [key for key in named if key in fixed]
         remarks = []
         if free:
-            remarks.append(f"{spelled(free, kept)} {'is' if len(free) == 1 else 'are'} the run's recorded "
-                           f"setting{'s; flags replace them' if len(free) > 1 else '; a flag replaces it'}")
+            remarks.append(f"{recorded_as(free, kept)}; "
+                           f"{'a flag replaces it' if len(free) == 1 else 'flags replace them'}")
         if held:
-            remarks.append(f"{spelled(held, kept)} {'is' if len(held) == 1 else 'are'} the run's recorded "
-                           f"setting{'s' if len(held) > 1 else ''}, which the run keeps: leave out the flag that "
-                           f"clashes with {'them' if len(held) > 1 else 'it'}")
+            remarks.append(f"{recorded_as(held, kept)}, which the run keeps: leave out the flag that clashes with "
+                           f"{'it' if len(held) == 1 else 'them'}")
         raise GlimpseError(f"{e} ({'; '.join(remarks)})") from None
 
 
-def spelled(keys: list[str], values: dict[str, Any]) -> str:
-    """The keys with their values as a flag spells them (true, not True), comma-separated."""
-    return ', '.join(f'{key}={json.dumps(values[key])}' for key in keys)
+def recorded_as(keys: list[str], values: dict[str, Any]) -> str:
+    """'low=8, step=1 are the run's recorded settings': the keys with their values as a flag spells them (true, not
+    True)."""
+    one = len(keys) == 1
+    return (", ".join(f"{key}={json.dumps(values[key])}" for key in keys)
+            + f" {'is' if one else 'are'} the run's recorded setting{'' if one else 's'}")
 
 
 def build(cls, values: dict[str, Any]):
