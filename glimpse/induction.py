@@ -36,8 +36,9 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
     on induction keys, computed from the drawn tokens, so that the scores can be read against it.
 
     With ablation ("zero" or "mean", glimpse/ablation.py), also the second-copy loss with each head
-    removed alone, "second_copy_loss_without" (L, H): the heads the repeat depends on raise it. "verdict"
-    says in one line which heads are induction heads (induction_verdict).
+    removed alone, "second_copy_loss_without" (L, H): the heads the repeat depends on raise it.
+    "induction_heads" lists the induction heads as [layer, head], highest score first (induction_heads; empty
+    when there is none), and "verdict" says so in one line (induction_verdict).
 
     vocab_size: the tokenizer's, when the model's vocabulary is padded past it for speed (GPT-2's 50,257 to
     50,304): the padding's ids are no token, never trained on, and are not drawn. None draws from the model's.
@@ -96,26 +97,39 @@ def induction_probe(model: GPT, n_tokens: int | None = None, batch: int = 8, see
         "first_copy_loss": losses[:, : n - 1].mean().item(),  # predicting r[1:] the first time
         "second_copy_loss": losses[:, n:].mean().item(),  # predicting r[1:] again
     }
-    return {**probe, "verdict": induction_verdict(probe)}
+    return {**probe, "induction_heads": [list(h) for h in induction_heads(probe)],
+            "verdict": induction_verdict(probe)}
 
 
-def induction_verdict(probe: dict) -> str:
-    """One line on an induction_probe result: its induction heads, or the likeliest candidate when none is.
+def ranked_heads(probe: dict) -> list[tuple[float, int, int]]:
+    """Every head as (score, layer, head), highest induction score first."""
+    return sorted(((score, layer, head) for layer, scores in enumerate(probe["induction"])
+                   for head, score in enumerate(scores)), reverse=True)
+
+
+def induction_heads(probe: dict) -> list[tuple[int, int]]:
+    """An induction_probe result's induction heads as (layer, head), highest score first; [] when none is.
 
     An induction head here scores at least half the ceiling and weighs +1 most: most of its weight sits on
     the induction keys, not merely near them.
     """
+    ceiling, peaks = probe["induction_ceiling"], probe["peak_offsets"]
+    return [(layer, head) for score, layer, head in ranked_heads(probe)
+            if score >= ceiling / 2 and peaks[layer][head] == 1]
+
+
+def induction_verdict(probe: dict) -> str:
+    """One line on an induction_probe result: its induction heads (induction_heads), or the likeliest
+    candidate when none is."""
     ceiling, peaks, without = probe["induction_ceiling"], probe["peak_offsets"], probe.get("second_copy_loss_without")
-    heads = sorted(((score, layer, head) for layer, scores in enumerate(probe["induction"])
-                    for head, score in enumerate(scores)), reverse=True)
-    found = [(s, layer, head) for s, layer, head in heads if s >= ceiling / 2 and peaks[layer][head] == 1]
+    scores, found = probe["induction"], induction_heads(probe)
     losses = f"the second copy costs {probe['second_copy_loss']:.3f} nats, the first {probe['first_copy_loss']:.3f}"
     if not found:
-        score, layer, head = heads[0]
+        score, layer, head = ranked_heads(probe)[0]
         return (f"no induction head (none scores half of {ceiling:.3f} with its peak at +1); the highest, "
                 f"head {layer}.{head}, scores {score:.3f}, peak {peaks[layer][head]:+d}; {losses}")
-    listed = ", ".join(f"{layer}.{head} ({score:.3f}" + (f", {without[layer][head]:.3f} without it)" if without
-                                                         else ")") for score, layer, head in found)
+    listed = ", ".join(f"{layer}.{head} ({scores[layer][head]:.3f}" + (f", {without[layer][head]:.3f} without it)"
+                                                                       if without else ")") for layer, head in found)
     return f"induction head{'s' if len(found) > 1 else ''} {listed}; {losses}"
 
 

@@ -12,7 +12,7 @@ import torch
 from glimpse.attention import head_metrics, load_dump
 from glimpse.checkpoint import checkpoint_path, load_checkpoint
 from glimpse.errors import GlimpseError
-from glimpse.induction import induction_probe, induction_scores, induction_verdict, probe_tokens
+from glimpse.induction import induction_heads, induction_probe, induction_scores, induction_verdict, probe_tokens
 from sample import SampleConfig, default_dump_dir, sample
 from tests.conftest import python
 from tests.wandb_records import logged_history
@@ -293,9 +293,13 @@ def test_the_induction_verdict_names_the_heads_that_read_the_induction_key():
              "second_copy_loss_without": [[1.0, 3.5], [2.0, 0.4]], "first_copy_loss": 3.4, "second_copy_loss": 0.3}
     assert induction_verdict(probe).startswith("induction heads 0.1 (0.900, 3.500 without it), 1.0 (0.600, 2.000 "
                                                "without it); the second copy costs 0.300 nats, the first 3.400")
+    assert induction_heads(probe) == [(0, 1), (1, 0)]  # highest score first, as the verdict names them
     probe["induction_ceiling"] = 2.0  # the same scores, now below half of it
     assert induction_verdict(probe).startswith("no induction head") and "the highest, head 0.1, scores 0.900" in \
         induction_verdict(probe)
+    assert induction_heads(probe) == []
+    probe["induction_ceiling"], probe["peak_offsets"] = 1.2, [[1, 1], [0, -1]]  # 1.0 now peaks at its own token
+    assert induction_heads(probe) == [(0, 1)] and induction_verdict(probe).startswith("induction head 0.1 (0.900")
 
 
 def test_induction_probe_offsets_place_each_heads_weight_relative_to_the_earlier_token():
@@ -332,6 +336,7 @@ def test_sample_probe_prints_and_saves_head_scores(trained, tmp_path):
     assert table[6].endswith("+1 induction, 0 the same token, +15 the query's previous token, +16 the query itself")
     probe = json.loads((tmp_path / "probe_induction.json").read_text())
     assert table[10] == f"verdict: {probe['verdict']}" and probe["verdict"] == induction_verdict(probe)  # its numbers'
+    assert probe["induction_heads"] == [list(h) for h in induction_heads(probe)]  # the heads the verdict names
     assert len(probe["heads"]) == 4 and probe["n_tokens"] == 16 and probe["induction_ceiling"] == 1.0
     assert "prev_token" not in probe and len(probe["prev_token_on_probe"]) == 2  # over [r, r], per layer
     assert {"prev_token_on_samples", "first_token_on_samples"} <= set(probe["heads"][0])

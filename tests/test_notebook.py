@@ -484,6 +484,34 @@ def test_a_runs_step_under_additive_scores_shows_no_dot_product(pos_encoding):
     np.testing.assert_allclose(step["context"], step["weights"] @ step["values"], atol=1e-5)
 
 
+def test_the_walkthroughs_probe_and_step_cells_read_a_model_without_induction_heads_or_dot_products(capsys):
+    """A learner who points the walkthrough at a model of another kind (here random additive scores under ALiBi)
+    gets the probe's cell saying there is no induction head, naming the highest-scoring head instead, and the
+    step's table with no q . k (nan) and the traced scores, ALiBi's penalty in them. The cells run as Jupyter
+    would run them, in one namespace, with the model the learner loaded."""
+    import nbformat
+
+    cells = [c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    probe_cell, = [c for c in cells if "probe = model.induction()" in c]
+    step_cell, = [c for c in cells if "step = run.step(layer, head, query)" in c]
+    model = random_model(attn_score="additive", pos_encoding="alibi")
+    run = model.run("kaqbwkaqbwka")  # 12 tokens: the notebook's query 11 is the last
+    scope = {"np": np, "model": model, "run": run}
+    exec(compile(probe_cell, "probe cell", "exec"), scope)
+    probe = model.induction()
+    scores = np.array(probe["induction"])
+    assert probe["induction_heads"] == [] and probe["verdict"].startswith("no induction head")  # random weights
+    layer, head = np.unravel_index(scores.argmax(), scores.shape)
+    assert f"no induction head; the highest score: layer {layer}, head {head}\n" in capsys.readouterr().out
+    exec(compile(step_cell, "step cell", "exec"), scope)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"^\s+\d+\s+'", line)]
+    assert [int(r[0]) for r in rows] == list(range(12))
+    assert all(r[2] == "nan" for r in rows)  # q . k
+    np.testing.assert_allclose([float(r[3]) for r in rows], run.scores[layer, head, 11], atol=1e-3)  # scaled
+    penalty = run.step(layer, head, 11)["penalty"]
+    assert penalty is not None and penalty[0] < 0  # in the scores the table shows
+
+
 @pytest.mark.parametrize("variant", [{}, {"attn_score": "dot"}, {"pos_encoding": "alibi"}])
 def test_a_runs_step_is_the_lectures_computation_by_hand(variant):
     """Every number run.step hands a learner, recomputed in numpy from the traced q, k, v and c_proj's weight."""
