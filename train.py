@@ -289,7 +289,13 @@ def save(run: Run, best: bool = False):
 
 
 def final_eval(run: Run) -> dict:
-    """Score the whole validation split in block_size windows, each process its share; log and return it."""
+    """Score the whole validation split in block_size windows, each process its share; log and return it. A
+    finished run resumed returns the one it logged (Run.final_logged) instead: the same weights on the same data."""
+    if (logged := run.final_logged) is not None:
+        if logged:
+            run.say(f"final val loss {logged['final_val_loss']:.4f} on the whole validation split, as the run logged "
+                    f"it at step {logged['iter']:,} (metrics.jsonl): the same weights and data, not scored again")
+        return logged
     val, block_size = run.data.tokens("val"), run.cfg.model.block_size
     # no gradients to keep, so eagerly bigger batches than training's (up to 4,096 tokens) run faster; a compiled
     # model keeps the evals' batch, whose graph it has

@@ -59,7 +59,7 @@ from glimpse.sharding import (
     save_sharded,
     shard,
 )
-from glimpse.tracking import Tracker
+from glimpse.tracking import Tracker, read_records
 from glimpse.train_config import TrainConfig
 from model import GPT, GPTConfig
 
@@ -109,6 +109,9 @@ class Run:
     # the step whose scheduled work (eval, best.pt, HellaSwag, snapshot) has run: a checkpoint taken between a
     # step and its work (a signal, checkpoint_interval_s) must not let the resumed run skip that work
     work_done_at: int = -1
+    # a finished run resumed with no step left: the final eval it logged (metrics.jsonl's record; {} on the other
+    # processes), which stands rather than being scored again; None when the run does its final eval
+    final_logged: dict | None = None
     sharded_at: str | None = None  # fsdp: the folder of out_dir holding the training state ckpt.pt goes with
 
     @property
@@ -310,6 +313,10 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     # a checkpoint taken before its step's work: the resumed run does that step's eval, HellaSwag score and
     # snapshot, those due there, logging them at the checkpoint's step again
     due = run.work_due(bool(run.ended())) if state and run.work_done_at != run.iter_num else (False, False, False)
+    # a finished run resumed (a job launched again after it ended): its final eval, logged at this step on the same
+    # data, stands, rather than the same weights scored again into a wandb run of their own
+    logged = final_logged(run, state) if ddp.is_main and state and run.ended() and cfg.final_eval else None
+    run.final_logged = (logged or {}) if ddp.any(logged is not None) else None  # every process skips it alike
     # the run's files, only now that nothing before can fail: a resume that stops on a bad flag keeps them whole;
     # the Tracker first, whose wandb may refuse to start (no login), before it or config.json touches a file
     run.tracker = Tracker(
@@ -317,7 +324,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
         wandb_run_name=cfg.wandb_run_name, config=config_values(cfg), resume_run_id=run.wandb_run_id,
         keep_through_iter=state["iter_num"] if state else None,
         redone=tuple(key for key, is_due in zip(("val_loss", "hellaswag_acc"), due) if is_due),
-        logs_at_checkpoint=any(due) or bool(state and run.ended() and cfg.final_eval), draw_losses=True,
+        keep_final=run.final_logged is not None,
+        logs_at_checkpoint=any(due) or bool(state and run.ended() and cfg.final_eval and run.final_logged is None),
+        draw_losses=True,
     )
     if ddp.is_main:
         try:
@@ -362,8 +371,7 @@ def resumed(run: Run, saved: dict, prepared: dict | None):
                  if key in saved and saved[key] != value and key not in named_apart]:
         run.say(f"changed since the checkpoint: {', '.join(moved)}")
     changed = [key for key in ("eval_iters", "batch_size", "seed") if key in saved and saved[key] != settings[key]]
-    was = Path(saved.get("data_dir", run.cfg.data_dir)) / saved.get("dataset", run.cfg.dataset)
-    now = Path(run.cfg.data_dir) / run.cfg.dataset
+    was, now = dataset_folders(run.cfg, saved)
     best = (", and best.pt is replaced only by a loss on its validation split below the best so far on the other's"
             if math.isfinite(run.best_val_loss) else "")
     if was.resolve() != now.resolve():  # allowed (the tokenizer is the same), but no longer the run it resumes
@@ -374,6 +382,24 @@ def resumed(run: Run, saved: dict, prepared: dict | None):
     if changed and math.isfinite(run.best_val_loss):  # the evals' batches are drawn from these three
         run.say(f"note: with {' and '.join(changed)} changed, the evals now score other batches than the best so far "
                 "was scored on, so best.pt is replaced only by a loss below it on the new ones")
+
+
+def dataset_folders(cfg: TrainConfig, saved: dict) -> tuple[Path, Path]:
+    """(the dataset folder a checkpoint's run trained on, by its train config saved; the one cfg trains on)."""
+    was = Path(saved.get("data_dir", cfg.data_dir)) / saved.get("dataset", cfg.dataset)
+    return was, Path(cfg.data_dir) / cfg.dataset
+
+
+def final_logged(run: Run, state: dict) -> dict | None:
+    """The final eval metrics.jsonl holds at the checkpoint's step, when the data is the one it scored (the same
+    folder, not prepared again since): None when there is none to stand for a new one."""
+    was, now = dataset_folders(run.cfg, state["train_config"])
+    if was.resolve() != now.resolve() or prepared_again(state.get("dataset_prepared"), run.data.prepared):
+        return None
+    path = Path(run.cfg.out_dir) / "metrics.jsonl"
+    records = read_records(path) if path.is_file() else []
+    return next((r for r in reversed(records) if r["iter"] == run.iter_num
+                 and isinstance(r.get("final_val_loss"), float)), None)  # a NaN loss was written as null
 
 
 def build_model(cfg: TrainConfig, data: TokenData, state: dict | None, pretrained: str | None, folder):

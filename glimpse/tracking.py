@@ -108,6 +108,7 @@ class Tracker:
         keep_through_iter: int | None = None,
         redone: tuple[str, ...] = (),
         logs_at_checkpoint: bool = False,
+        keep_final: bool = False,
         job_type: str = "train",
         append: bool = False,
         draw_losses: bool = False,
@@ -118,6 +119,9 @@ class Tracker:
         redone: the keys of the records the resumed run logs at that step again, doing the work due there that its
         checkpoint was taken before (val_loss: its eval; hellaswag_acc: its HellaSwag score): the old ones go too.
         logs_at_checkpoint: the resumed run logs at the checkpoint's step itself (that work, or a final eval).
+        keep_final: the old run's final eval at the checkpoint's step stays (a finished run resumed, which does
+        not score it again); otherwise a final record goes, as a finished run's final stops being final once it
+        goes on.
         append: add to metrics.jsonl as it is (an evaluation of a finished run) rather than start it anew.
         draw_losses: redraw loss.png beside metrics.jsonl whenever a record brings a validation loss, and
         at once on resume.
@@ -147,8 +151,8 @@ class Tracker:
             self.run = start_wandb(project=wandb_project, name=wandb_run_name or None, config=config,
                                    id=resume_run_id, resume="allow" if resume_run_id else None, job_type=job_type)
         if metrics_path is not None and not append:
-            # a finished run's final record stops being final once the run goes on
-            kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter and "final_val_loss" not in r
+            kept = [json.dumps(r) for r in old if r["iter"] <= keep_through_iter
+                    and ("final_val_loss" not in r or keep_final and r["iter"] == keep_through_iter)
                     and not (r["iter"] == keep_through_iter and any(key in r for key in redone))]
             try:
                 write_text(metrics_path, "".join(line + "\n" for line in kept))  # a failure leaves the old history

@@ -54,6 +54,12 @@ def test_two_processes_resume_exactly_with_dropout(tmp_path, data_dir):
     assert_two_processes_resume_exactly(tmp_path, with_dropout, stop_at=6)
     ranks = saved_rank_states(load_checkpoint(checkpoint_path(tmp_path / "straight"))["rng"])
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # seeded apart, not alike
+    # launched again, the finished run has no step to take, and its final eval stands on every process alike: none
+    # waits in the final eval's collectives for another that skipped it
+    logged = read_metrics(tmp_path / "straight")
+    again = torchrun(2, "--init_from=resume", f"--out_dir={tmp_path / 'straight'}")
+    assert again.returncode == 0 and "as the run logged it at step 12 (metrics.jsonl)" in again.stdout, again.stderr
+    assert read_metrics(tmp_path / "straight") == logged
 
 
 def assert_two_processes_resume_exactly(tmp_path, settings: list[str], stop_at: int):

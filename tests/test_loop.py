@@ -233,6 +233,44 @@ def test_a_resume_at_the_last_step_does_what_the_run_left_undone_there(tmp_path,
     assert "0 steps in" in out.getvalue() and "final_val_loss" in last and last["iter"] == 4
 
 
+def test_a_finished_run_launched_again_keeps_its_final_eval_unless_its_data_changed(tmp_path, data_dir, capsys):
+    """A job launched again after its run ended (a scheduler's retry, a script that always resumes) has no step
+    to take: the final eval the run logged at its last step stands, neither scored again nor logged twice. It is
+    scored again where that record cannot stand: none logged (a run stopped in it), a NaN, or the dataset
+    prepared again or moved since the checkpoint."""
+    cfg = tiny_config(data_dir, tmp_path / "out", max_iters=4, eval_interval=2, attn_log_interval=0)
+    first = train(cfg)["final_val_loss"]
+    metrics = Path(cfg.out_dir) / "metrics.jsonl"
+    records = read_records(metrics)
+    assert records[-1]["iter"] == 4 and records[-1]["final_val_loss"] == first
+    # the final record marked so that a new score would show: the same weights would score it alike
+    metrics.write_text("".join(json.dumps({**r, "final_val_loss": 9.5} if "final_val_loss" in r else r) + "\n"
+                               for r in records))
+    kept = metrics.read_text()
+    capsys.readouterr()
+    last = train(replace(cfg, init_from="resume"))
+    said = capsys.readouterr().out
+    assert last["final_val_loss"] == 9.5 and metrics.read_text() == kept
+    assert "final val loss 9.5000 on the whole validation split, as the run logged it at step 4 (metrics.jsonl): " \
+        "the same weights and data, not scored again" in said and "0 steps in" in said
+    state = load_checkpoint(checkpoint_path(cfg.out_dir))  # as if its dataset had been prepared again since
+    prepared = {**state["dataset_prepared"], "val_tokens": state["dataset_prepared"]["val_tokens"] + 1}
+    save_checkpoint(checkpoint_path(cfg.out_dir), {**state, "dataset_prepared": prepared})
+    rescored = train(replace(cfg, init_from="resume"))["final_val_loss"]
+    assert rescored == pytest.approx(first) and [r["final_val_loss"] for r in read_records(metrics)
+                                                 if "final_val_loss" in r] == [rescored]  # one record, the new one
+    save_checkpoint(checkpoint_path(cfg.out_dir), state)  # its own dataset again, but moved to another folder
+    shutil.copytree(Path(data_dir) / "tiny", tmp_path / "moved" / "tiny")
+    metrics.write_text(kept)
+    assert train(replace(cfg, init_from="resume", data_dir=str(tmp_path / "moved")))["final_val_loss"] == \
+        pytest.approx(first)
+    records = read_records(metrics)
+    for logged in ([{**r, "final_val_loss": None} if "final_val_loss" in r else r for r in records],  # a NaN (null)
+                   [r for r in records if "final_val_loss" not in r]):  # a run stopped in its final eval
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in logged))
+        assert train(replace(cfg, init_from="resume"))["final_val_loss"] == pytest.approx(first)
+
+
 def test_a_resume_that_changes_the_evals_batches_says_so(tmp_path, data_dir):
     """The evals score batches drawn from eval_iters, batch_size and seed: a resume that changes one compares its
     evals with a best loss scored on other batches, which the user should know."""

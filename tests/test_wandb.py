@@ -97,13 +97,22 @@ def test_a_resume_that_logs_at_its_checkpoints_step_again_goes_on_in_a_new_wandb
             "--log_interval=5", "--wandb_log=true", "--attn_log_interval=0", "--max_iters=10"]
     assert python("train.py", *args, env=env).returncode == 0
     first_id = load_checkpoint(checkpoint_path(out))["wandb_run_id"]
-    again = python("train.py", *args, "--init_from=resume", env=env)  # the final eval at step 10, once more
+    metrics = out / "metrics.jsonl"  # as if stopped in its final eval: step 10's eval logged, the final one not
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(line for line in lines if "final_val_loss" not in line))
+    again = python("train.py", *args, "--init_from=resume", env=env)  # the final eval at step 10
     assert again.returncode == 0, again.stderr
     said = re.search(f"wandb: run {first_id} logged up to step 10, the checkpoint's, which this run logs again, .*: "
                      r"this run goes on in a new wandb run, (\w+)\n", again.stdout)
     assert said, again.stdout
     (new_run,) = (tmp_path / "wandb").glob(f"offline-run-*-{said[1]}")
     assert [(row["_step"], "final_val_loss" in row) for row in logged_history(new_run)] == [(10, True)]
+    # launched once more, the finished run has nothing to log: it goes on in its wandb run, logging nothing there
+    done = python("train.py", *args, "--init_from=resume", env=env)
+    assert done.returncode == 0 and "wandb: run" not in done.stdout, done.stderr
+    assert "as the run logged it at step 10" in done.stdout
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"), key=lambda run: run.stat().st_mtime)
+    assert len(runs) == 3 and runs[-1].name.endswith(first_id) and logged_history(runs[-1]) == []
     # it saved no checkpoint (no step taken): a resume that trains on logs steps 11 on, in the first wandb run
     onwards = python("train.py", *args, "--init_from=resume", "--final_eval=false", "--max_iters=15", env=env)
     assert onwards.returncode == 0 and "wandb: run" not in onwards.stdout, onwards.stderr
