@@ -32,18 +32,23 @@ GENERATED_COLOR = "#c0392b"  # axis labels of generated tokens; prompt tokens st
 AXES_NOTE = "query ↓ · key →"  # rows are queries, as in QK^T
 MAX_LABELLED_TOKENS = 64  # past this, token text on the axes would overlap: positions only
 VISIBLE_CHARS = {"\n": "⏎", "\t": "⇥", " ": "␣"}
+# characters that show as nothing, or as a break the label cannot hold: controls, surrogates, format marks (zero
+# widths, joiners), line and paragraph separators (U+2028, U+2029) and spaces other than " " (no-break, U+3000)
+UNSEEN = ("Cc", "Cs", "Cf", "Zl", "Zp", "Zs")
 
 
 def token_label(token: str, limit: int = 12) -> str:
-    """A token as one short visible label: whitespace as ⏎ ⇥ ␣, other control characters as \\xNN."""
+    """A token as one short visible label: whitespace as ⏎ ⇥ ␣, other characters that show as nothing as
+    \\xNN or \\uNNNN."""
     if token == "":
         return "∅"
     chars = []
     for ch in token:
         if ch in VISIBLE_CHARS:
             chars.append(VISIBLE_CHARS[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cs"):
-            chars.append(f"\\x{ord(ch):02x}")
+        elif unicodedata.category(ch) in UNSEEN:
+            n = ord(ch)
+            chars.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
         else:
             chars.append(ch)
     label = "".join(chars)

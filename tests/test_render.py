@@ -26,6 +26,7 @@ from glimpse.attention import head_metrics
 from glimpse.render import (
     AXES_NOTE,
     GENERATED_COLOR,
+    MAX_LABELLED_TOKENS,
     layer_figure,
     token_label,
     write_importance_image,
@@ -71,6 +72,10 @@ def test_token_label_makes_whitespace_and_control_characters_visible():
     assert token_label("\n") == "⏎"
     assert token_label(" the") == "␣the"
     assert token_label("\t\r") == "⇥\\x0d"
+    # what shows as nothing, or breaks a label's line: separators, zero widths, spaces other than " "
+    assert [token_label(t) for t in ("\u2028", "a\u2029b", "\u200b", "\xa0", "\u3000", "\x85", "\U000e0001")] == \
+        ["\\u2028", "a\\u2029b", "\\u200b", "\\xa0", "\\u3000", "\\x85", "\\U000e0001"]
+    assert token_label("é日本🙂") == "é日本🙂"  # what shows stays as it is
     assert token_label("") == "∅"
     assert token_label("\\xe2") == "\\xe2"  # an escape the tokenizer already wrote out stays as it is
     assert token_label("abcdefghijklmnop", limit=8) == "abcdefg…"
@@ -426,6 +431,43 @@ def open_viewer(browser, path: Path):
     page.goto(path.as_uri())
     page.wait_for_function("document.body.dataset.ready === 'true'", timeout=10_000)
     return page, errors, requests
+
+
+def test_the_viewer_writes_what_a_page_shows_as_nothing_and_counts_in_words_in_chromium(tmp_path, browser):
+    """Tokens that show as nothing or break a line (U+2028 and U+2029, a zero width, a no-break space) get a visible
+    label on the axes, in the readout and in the text; one layer and one head read as such; a text the model only
+    read (nothing generated) has no prompt/generated legend; the readout quotes the tokens it names."""
+    tokens = ["a", "\u2028", "\u2029", "\u200b", "\xa0", " ", "\n", ":"]
+    T = len(tokens)
+    page, errors, _ = open_viewer(browser, write_viewer(tmp_path / "odd.html", synthetic_attention(1, 1, T), tokens,
+                                                        T, {}))
+    labels = page.eval_on_selector_all("#col-labels .lab", "labels => labels.map(l => l.textContent)")
+    assert labels == [token_label(t) for t in tokens] == ["a", "\\u2028", "\\u2029", "\\u200b", "\\xa0", "␣", "⏎",
+                                                          ":"]
+    shown = page.eval_on_selector_all("#tokens .tok", "spans => spans.map(s => s.textContent)")
+    assert shown[1:5] == ["\\u2028", "\\u2029", "\\u200b", "\xa0"]  # a space other than " " flows as one
+    assert page.inner_text("#summary") == f"1 layer × 1 head · {T} tokens"
+    assert not page.locator("#legend").is_visible()
+    page.click('#tokens .tok[data-i="1"]')
+    assert page.inner_text("#info").splitlines()[0] == "token #1 \\u2028"  # no "(prompt)": nothing was generated
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.move(box["x"] + (1.5 / T) * box["width"], box["y"] + (7.5 / T) * box["height"])
+    assert re.fullmatch(r"query #7 ‘:’ → key #1 ‘\\u2028’: ≈[0-9.]+", page.inner_text("#readout"))
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("T", [64, 65])
+def test_the_viewer_labels_the_axes_up_to_64_tokens_as_the_pngs_do_in_chromium(tmp_path, browser, T):
+    """Training's snapshots take 64 tokens by default, and train.py --help says their labels show up to 64."""
+    tokens = [chr(ord("a") + i % 26) for i in range(T)]
+    page, errors, _ = open_viewer(browser, write_viewer(tmp_path / "page.html", synthetic_attention(1, 2, T), tokens,
+                                                        T - 4, {}))
+    assert page.locator("#col-labels .lab").count() == page.locator("#row-labels .lab").count() == \
+        (T if T <= MAX_LABELLED_TOKENS else 0)
+    assert page.inner_text("#summary") == f"1 layer × 2 heads · {T} tokens ({T - 4} prompt, 4 generated)"
+    assert page.locator("#legend").is_visible() and errors == []
+    page.close()
 
 
 def wait_painted(page, layer: int, head: int, scale: str = "sqrt"):

@@ -325,7 +325,7 @@ def test_the_mode_switch_paints_scores_and_what_was_moved_in_chromium(tmp_path, 
     page.close()
 
 
-@pytest.mark.parametrize("grown", [1, 10, 40])  # the head's scores in tenths, in units, in tens
+@pytest.mark.parametrize("grown", [0.01, 1, 10, 40])  # the head's scores in hundredths or less, tenths, units, tens
 def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromium(  # noqa: F811
         tmp_path, browser, traced, grown):  # noqa: F811
     mechanism, meta, token_text = traced
@@ -338,27 +338,41 @@ def test_the_colour_bar_labels_its_ticks_to_the_digits_the_scores_need_in_chromi
     span = shown["range"][1]
     T = mechanism.shape[2]
     assert span == pytest.approx(grown * np.abs(mechanism.scores[0, 1][np.tril_indices(T)]).max(), rel=0.01)
-    assert (span < 1, 1 <= span < 10, span >= 10)[[1, 10, 40].index(grown)]  # each way of labelling met
-    digits = 1 if span >= 10 else 2 if span >= 1 else 3
-    np.testing.assert_allclose([page_number(t) for t in shown["ticks"]], [-span, -span / 2, 0, span / 2, span],
-                               atol=0.51 * 10**-digits)
-    decimals = [len(t.split(".")[1]) if "." in t else 0 for t in shown["ticks"] if t != "0"]
-    assert (set(decimals) == {digits}) if span >= 1 else max(decimals) <= 3, shown["ticks"]  # under 1: no 0s after
+    assert (span < 0.1, span < 1, 1 <= span < 10, span >= 10)[[0.01, 1, 10, 40].index(grown)]  # each way met
+    ticks, expected = [page_number(t) for t in shown["ticks"]], [-span, -span / 2, 0, span / 2, span]
+    if span >= 1:  # to one or two decimals, as many in every label
+        digits = 1 if span >= 10 else 2
+        np.testing.assert_allclose(ticks, expected, atol=0.51 * 10**-digits)
+        assert {len(t.split(".")[1]) if "." in t else 0 for t in shown["ticks"] if t != "0"} == {digits}
+    else:  # two significant digits, however small: five ticks that differ, not a column of zeros
+        np.testing.assert_allclose(ticks, expected, rtol=0.051)
+        assert len(set(shown["ticks"])) == 5 and shown["ticks"][0].startswith("−"), shown["ticks"]
+        assert all(len(t.lstrip("−0.").replace(".", "")) <= 2 for t in shown["ticks"] if t != "0"), shown["ticks"]
     assert errors == []
     page.close()
 
 
-def test_a_dump_without_mechanism_offers_weights_alone_in_chromium(tmp_path, browser, traced):  # noqa: F811
+@pytest.mark.parametrize("made_by", ["sample", "ablated", "snapshot"])
+def test_a_dump_without_mechanism_offers_weights_alone_in_chromium(tmp_path, browser, traced, made_by):  # noqa: F811
+    """Where the mechanism comes from, for the dump at hand: sample.py --mechanism, which refuses --ablate (it
+    shows the intact model), and a text of one's own for training's snapshots (they dump the weights alone)."""
     mechanism, meta, _ = traced
+    meta = {**meta, **{"sample": {"sampling": {"start": "\n"}},
+                       "ablated": {"sampling": {"start": "\n"}, "ablated_heads": ["0.1"], "ablation": "zero"},
+                       "snapshot": {"iter": 100, "source": "the first 24 tokens of tiny's validation split"}}[made_by]}
+    hint = {"sample": "dump with sample.py --mechanism",
+            "ablated": "dump with sample.py --mechanism, without --ablate (it shows the intact model's heads)",
+            "snapshot": "dump a text with sample.py --mechanism (training's snapshots hold the weights only)"}[made_by]
     path = write_viewer(tmp_path / "plain.html", mechanism.weights, mechanism.tokens, 6, meta)
     page, errors, _ = open_viewer(browser, path)
     disabled = page.eval_on_selector_all("#mode option", "options => options.map(o => [o.value, o.disabled])")
     assert disabled == [["weights", False], ["scores", True], ["moved", True]]
-    assert "sample.py --mechanism" in page.inner_text("#mode-hint")
+    assert page.inner_text("#mode-hint") == f"scores and moved: {hint}"
     page.evaluate("window.glimpseViewer.setMode('scores')")
-    assert state(page)["mode"] == "weights" and "sample.py --mechanism" in page.inner_text("#note")
+    assert state(page)["mode"] == "weights" and page.inner_text("#note") == \
+        f"This dump holds no mechanism to show scores: showing weights ({hint})."
     page.click('#tokens .tok[data-i="8"]')
-    assert "sample.py --mechanism" in page.inner_text("#steps")
+    assert page.inner_text("#steps").endswith(f"the heads matter, and the logit lens: {hint}.")
     assert page.evaluate("window.glimpseViewer.steps()") is None
     assert errors == []
     page.close()
@@ -1032,6 +1046,11 @@ def test_the_snapshot_slider_keeps_the_head_across_steps_in_chromium(tmp_path, b
     frame.wait_for_function("document.body.dataset.painted === '0,1,sqrt'", timeout=10_000)
     viewer.locator("#layer").select_option("1")
     viewer.locator("#head").select_option("2")
+    assert page.inner_text("#missing") == ""
+    page.evaluate("location.hash = '#step=77&layer=1&head=2&mode=weights'")  # a step never taken: said, not hidden
+    page.wait_for_function("document.getElementById('missing').textContent !== ''", timeout=10_000)
+    assert page.inner_text("#missing") == "no snapshot of step 77 (the steps are 0 to 1000): showing step 100"
+    assert page.inner_text("#step") == "step 100"
 
     page.click("#play")  # plays on to the last step, then stops
     page.wait_for_function(frame_ready.format(1000), timeout=30_000)
@@ -1039,6 +1058,7 @@ def test_the_snapshot_slider_keeps_the_head_across_steps_in_chromium(tmp_path, b
     frame = page.frame(url=lambda url: "iter_1000/index.html" in url)
     frame.wait_for_function("document.body.dataset.painted === '1,2,sqrt'", timeout=10_000)
     assert "layer=1&head=2" in page.evaluate("location.hash") and "step=1000" in page.evaluate("location.hash")
+    assert page.inner_text("#missing") == ""  # said of the step asked for, until another is shown
     assert errors == []
     page.close()
 
