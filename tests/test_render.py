@@ -601,8 +601,8 @@ def test_viewer_with_hostile_tokens_and_a_long_text_in_chromium(tmp_path, browse
     path = write_viewer(tmp_path / "viewer.html", synthetic_attention(1, 2, T), tokens, 100, {"note": "</script>"})
     page, errors, _ = open_viewer(browser, path)
     assert page.evaluate("window.pwned === undefined") and page.locator("img").count() == 0
-    for i, text in enumerate(hostile):
-        assert page.locator(f'#tokens .tok[data-i="{i}"]').text_content() == text
+    for i, text in enumerate(hostile):  # as text, not markup; U+2028, a line break that shows as nothing, escaped
+        assert page.locator(f'#tokens .tok[data-i="{i}"]').text_content() == text.replace("\u2028", "\\u2028")
     assert page.evaluate("document.getElementById('heatmap').width") == 2 * T  # two canvas pixels per token
     assert page.locator("#tokens .tok.gen").count() == T - 100
     page.keyboard.press("[")  # the last token pinned from the keyboard: its box scrolls it into view
