@@ -20,7 +20,8 @@ compile=true the model is compiled as train.py's setup compiles it, before any t
 the table adds MFU (against the GPU's dense peak, as train.py reports it) and the peak memory of a step;
 --profile=DIR then records a few steps of each preset with torch.profiler and says where a step's time
 went (matmuls, attention, cross-entropy, norms, Triton kernels, copies, the optimizer's step):
-    python bench.py --what=train_step --preset=config/gpt2_124m.toml,config/gpt2_124m.toml:compile=false --profile=p
+    python bench.py --what=train_step --vocab_size=50257 --profile=p \\
+        --preset=config/gpt2_124m.toml,config/gpt2_124m.toml:compile=false
 prepare times python data/prepare.py --tokenizer=gpt2 (every core) on a generated corpus of 8 .jsonl
 files (or one .txt file: --corpus_files=txt) beside a plain single-process tiktoken loop over the same
 documents, and reports the peak resident memory of the largest prepare.py process.
@@ -66,6 +67,13 @@ from glimpse.runtime import runtime
 from glimpse.timing import interleaved_medians, median_seconds, peak_resident_bytes, resident_bytes
 from model import GPT, GPTConfig
 
+# the settings only some benchmarks read (their --help lines start with those benchmarks' names)
+READ_BY = {"tokens": ("attention_dump",), "shape": ("attention_dump",), "pngs": ("attention_dump",),
+           "mechanism": ("attention_dump",), "new_tokens": ("sample", "gpt2"), "uncached": ("sample",),
+           "prompt_tokens": ("gpt2",), "gpt2_n_layer": ("gpt2",), "val_tokens": ("head_importance",),
+           "shards": ("train_step",), "corpus_mb": ("prepare",), "corpus_files": ("prepare",),
+           "profile": ("train_step",), "profile_steps": ("train_step",)}
+
 
 @dataclass
 class BenchConfig:
@@ -73,7 +81,8 @@ class BenchConfig:
         "attention_dump", "which benchmark to run")
     preset: str = option("config/shakespeare_char_cpu.toml",
                          "training preset(s) whose model is measured; several, comma-separated, are compared; "
-                         "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does")
+                         "PATH:key=value:key=value overrides a preset's keys as train.py's --key=value does; "
+                         "the model is the preset's shape with random weights (its init_from is not read)")
     tokens: int = option(256, "attention_dump: context length of the dump (the model's block_size is set to it)")
     shape: Literal["preset", "gpt2"] = option(
         "preset", "attention_dump: the first preset's model, or GPT-2 small's shape (12 layers of 12 heads, 768 wide, "
@@ -86,7 +95,8 @@ class BenchConfig:
                                    "the network for every token), interleaved, for the cache's speedup in one run")
     prompt_tokens: int = option(64, "gpt2: tokens of the prompt the models generate after")
     gpt2_n_layer: int = option(12, "gpt2: layers of the GPT-2-shaped model (12: GPT-2 small)")
-    vocab_size: int = option(65, "vocabulary size (65: tiny Shakespeare's characters)")
+    vocab_size: int = option(65, "vocabulary size of the presets' models, which no preset sets (65: tiny "
+                                 "Shakespeare's characters; 50257 for GPT-2's BPE)")
     val_tokens: int = option(111_540, "head_importance: tokens scored (111,540: tiny Shakespeare's validation split)")
     shards: str = option("1", "train_step: shard counts of the random-token dataset, comma-separated; each preset is "
                               "timed on each (1,16: one file beside 16 shards, interleaved)")
@@ -108,8 +118,10 @@ class BenchConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or more, got {self.threads}")
-        if self.profile and self.what != "train_step":
-            raise ValueError("--profile profiles training steps: use it with --what=train_step")
+        for name, readers in READ_BY.items():  # a setting the chosen benchmark does not read would go unnoticed
+            if self.what not in readers and getattr(self, name) != BenchConfig.__dataclass_fields__[name].default:
+                raise ValueError(f"--{name} is read by --what={' and --what='.join(readers)} only, not by "
+                                 f"--what={self.what}: drop it")
         if self.profile:  # refused now rather than after the timing, when the profiles are written
             folder = Path(self.profile)
             existing = nearest_existing(folder)

@@ -3,12 +3,14 @@
 import json
 import re
 import sys
+from dataclasses import fields
 from types import SimpleNamespace
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 
-from bench import BenchConfig, bench_head_importance, profile_lines, report
+from bench import READ_BY, BenchConfig, bench_head_importance, profile_lines, report
 from bench_presets import preset_config, train_step_fn
 from glimpse import timing
 from glimpse.comparisons import prepare_beside_tiktoken
@@ -307,11 +309,33 @@ def test_train_step_is_timed_on_one_file_beside_shards(capsys):
     ({"profile_steps": 0}, "profile_steps must be at least 1, got 0"),
     ({"what": "gpt2", "prompt_tokens": 0}, "prompt_tokens must be at least 1, got 0"),
     ({"what": "gpt2", "prompt_tokens": 1000, "new_tokens": 25}, "prompt_tokens + new_tokens is 1025"),
-    ({"what": "attention_dump", "profile": "."}, "--profile profiles training steps"),
+    ({"what": "attention_dump", "profile": "."}, "--profile is read by --what=train_step only, not by "
+                                                 "--what=attention_dump: drop it"),
+    ({"what": "sample", "shards": "1,16"}, "--shards is read by --what=train_step only, not by --what=sample"),
+    ({"what": "sample", "shape": "gpt2"}, "--shape is read by --what=attention_dump only"),
+    ({"what": "prepare", "new_tokens": 20}, "--new_tokens is read by --what=sample and --what=gpt2 only, not by "
+                                            "--what=prepare"),
+    ({"what": "train_step", "corpus_files": "txt"}, "--corpus_files is read by --what=prepare only"),
 ])
 def test_settings_out_of_range_are_refused_before_anything_runs(settings, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         BenchConfig(**settings)
+
+
+def test_every_setting_read_by_some_benchmarks_only_is_refused_elsewhere_and_named_in_its_help():
+    """READ_BY's benchmarks are those each setting's --help line starts with: a setting another benchmark is given is
+    refused rather than dropped (--shards given to --what=sample once ended in a traceback), and its default is
+    taken anywhere."""
+    whats = get_args(get_type_hints(BenchConfig)["what"])
+
+    def named(help_line: str) -> tuple[str, ...]:  # "sample and gpt2: ..." -> ("sample", "gpt2")
+        names = tuple(help_line.split(":")[0].split(" and "))
+        return names if set(names) <= set(whats) else ()
+
+    assert {f.name: named(f.metadata["help"]) for f in fields(BenchConfig) if named(f.metadata["help"])} == READ_BY
+    for name in READ_BY:
+        for what in whats:
+            assert BenchConfig(what=what, **{name: BenchConfig.__dataclass_fields__[name].default}).what == what
 
 
 def test_gpt2_may_generate_up_to_its_last_position():
@@ -361,8 +385,8 @@ def test_profile_writes_each_presets_ops_and_splits_the_step_by_kind(tmp_path):
     table = python("bench.py", "--what=train_step", "--repeats=1", f"--preset={RECIPE}", f"--profile={tmp_path}")
     assert "a step profiled, CPU busy" in table.stdout and "matmul" in table.stdout
     wrong = python("bench.py", "--what=sample", f"--profile={tmp_path}")
-    assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --profile profiles training steps: use it with "
-                                                              "--what=train_step")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == ("error: --profile is read by --what=train_step only, "
+                                                              "not by --what=sample: drop it")
     a_file = tmp_path / "0_shakespeare_char_recipe.txt"
     before = a_file.read_text()
     into_file = python("bench.py", "--what=train_step", f"--profile={a_file}")
