@@ -99,7 +99,16 @@ def read_config(folder: Path) -> GPTConfig:
     if kind != "gpt2":
         raise GlimpseError(f"{path} describes a {kind!r} model, not GPT-2 (model_type 'gpt2'): glimpse loads the "
                            "GPT-2 architecture only")
-    n_embd = hf.get("n_embd", 768)
+    sizes = {"n_positions": 1024, "vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768}  # GPT-2 small's
+    sizes = {key: hf.get(key, default) for key, default in sizes.items()}
+    for key, value in sizes.items():  # 2.0 or "2" would fail deep inside torch, or compare with a number
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GlimpseError(f"{path} sets {key}={json.dumps(value)}, which must be a whole number of 1 or more "
+                               "(GPT-2 small's: n_positions 1024, vocab_size 50257, n_layer 12, n_head 12, n_embd 768)")
+    if not isinstance(hf.get("tie_word_embeddings", True), bool):
+        raise GlimpseError(f"{path} sets tie_word_embeddings={json.dumps(hf['tie_word_embeddings'])}, which must be "
+                           "true or false")
+    n_embd = sizes["n_embd"]
     differs = {  # settings GPT-2 checkpoints could have but glimpse's GPT does not compute
         "activation_function": hf.get("activation_function", "gelu_new") not in GPT2_GELUS,
         "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
@@ -112,9 +121,9 @@ def read_config(folder: Path) -> GPTConfig:
         keys = ", ".join(f"{k}={hf.get(k)!r}" for k, bad in differs.items() if bad)
         raise GlimpseError(f"{path} sets {keys}, which glimpse's GPT-2 does not have")
     try:
-        return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0,
-                         bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+        return GPTConfig(block_size=sizes["n_positions"], vocab_size=sizes["vocab_size"], n_layer=sizes["n_layer"],
+                         n_head=sizes["n_head"], n_embd=n_embd, dropout=0.0, bias=True,
+                         tie_embeddings=hf.get("tie_word_embeddings", True))
     except (ValueError, TypeError) as e:
         raise GlimpseError(f"{path}: {e}") from None
 

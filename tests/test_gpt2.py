@@ -115,6 +115,19 @@ def test_a_gpt2_config_glimpse_would_compute_otherwise_is_refused(tmp_path, sett
         read_config(tmp_path)
 
 
+@pytest.mark.parametrize("setting,value", [
+    ("n_layer", 2.0), ("n_head", "4"), ("n_positions", None), ("vocab_size", 0), ("n_embd", True),
+    ("tie_word_embeddings", "yes")])
+def test_a_gpt2_config_whose_sizes_are_not_whole_numbers_is_one_line_naming_the_key(tmp_path, setting, value):
+    """A config.json written by hand or by another tool (2.0 for 2) once failed deep inside torch with a traceback,
+    or in a comparison that named no key."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2,
+                                                      setting: value}))
+    said = f"config.json sets {setting}={json.dumps(value)}, which must be "
+    with pytest.raises(GlimpseError, match=re.escape(said)):
+        read_config(tmp_path)
+
+
 def test_a_config_that_spells_out_gpt2s_own_settings_is_read(tmp_path):
     """Configs may write GPT-2's own values out rather than leave them to the defaults: an n_inner of 4 x n_embd
     (GPT-2's MLP width), a layer_norm_epsilon of 1e-5, gelu_pytorch_tanh. Each is what glimpse computes."""
