@@ -77,13 +77,16 @@ def val_file(path: str, data_dir: str) -> Path:
 def rows(example: Example, tokenizer, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The four context + ending sequences, right-padded, and a mask of the ending tokens: (4, T) each.
 
-    None when the tokenizer cannot read the example (a character a char-level model never saw). A
-    context longer than block_size loses its first tokens: the ending is what is scored.
+    None when the tokenizer cannot read the example (a character a char-level model never saw), or when its
+    context is empty: nothing would predict an ending's first token, and an ending of one token would score
+    nothing at all. A context longer than block_size loses its first tokens: the ending is what is scored.
     """
     try:
         context = tokenizer.encode(example.context).tolist()
         endings = [tokenizer.encode(" " + ending).tolist() for ending in example.endings]
     except GlimpseError:
+        return None
+    if not context:
         return None
     width = min(block_size + 1, max(len(context) + len(e) for e in endings))  # inputs and targets: block_size + 1
     tokens = torch.zeros(4, width, dtype=torch.long)

@@ -66,14 +66,16 @@ def test_a_long_context_loses_its_start_and_unreadable_examples_are_skipped():
     assert tokens[1].tolist() == tokenizer.encode("cdabcd bb").tolist()  # the context's last tokens, then " bb"
     assert mask[1].sum() == 3 and mask[0].sum() == 2
     assert rows(Example("xyz", ["a", "b", "c", "d"], 0), tokenizer, 8) is None  # x, y, z: not in the vocabulary
+    assert rows(Example("", ["a", "b", "c", "d"], 0), tokenizer, 8) is None  # nothing to predict an ending from
     # an ending longer than the window: its last tokens are scored, after the one context token left before them
     tokens, mask = rows(Example("ab", ["abcdabcd", "a", "b", "c"], 0), tokenizer, block_size=4)
     assert tokens[0].tolist() == tokenizer.encode("babcd").tolist()
     assert mask[0].tolist() == [False, True, True, True, True]
     model = fixed_logits_model(tokenizer.chars)
-    result = evaluate(model, [Example("xyz", ["a"] * 4, 0), Example("ab", ["a", "b", "c", "d"], 3)], tokenizer, 8,
+    result = evaluate(model, [Example("xyz", ["a"] * 4, 0), Example("ab", ["a", "b", "c", "d"], 3),
+                              Example("", ["d", "c", "b", "a"], 0)], tokenizer, 8,
                       "cpu", torch.autocast("cpu", enabled=False), show_progress=False)
-    assert (result["hellaswag_examples"], result["hellaswag_skipped"]) == (1, 1)
+    assert (result["hellaswag_examples"], result["hellaswag_skipped"]) == (1, 2)
     assert result["hellaswag_acc"] == 1.0  # " d" has the lowest loss of the four
     with pytest.raises(GlimpseError, match="could read none"):
         evaluate(model, [Example("xyz", ["a"] * 4, 0)], tokenizer, 8, "cpu", torch.autocast("cpu", enabled=False),
