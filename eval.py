@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,7 @@ def load(cfg: EvalConfig):
 def results_folder(cfg: EvalConfig) -> Path:
     """Where eval.py writes: the run's out_dir, or for a pretrained model without one, a folder named after it."""
     if cfg.task == "hellaswag" and cfg.init_from and cfg.out_dir == DEFAULT_OUT:
-        return Path(f"eval-{Path(cfg.init_from).name}")
+        return Path(f"eval-{Path(os.path.abspath(cfg.init_from)).name or 'model'}")  # --init_from=. too
     return Path(cfg.out_dir)
 
 
@@ -341,7 +342,8 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
                                     model.config.block_size, device, autocast(device, dtype))
         out_dir = results_folder(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"iter": state["iter_num"] or 0, **result}
+        # a pretrained model's score in a run's metrics.jsonl says whose it is, not to be read as the run's own
+        record = {"iter": state["iter_num"] or 0, **result, **({"init_from": cfg.init_from} if cfg.init_from else {})}
         Tracker(out_dir / "metrics.jsonl", append=True).log(record)
         if tracker.run is not None:
             tracker.run.log(result)  # under train.py's names, so that wandb charts both in one

@@ -228,7 +228,9 @@ def clear_earlier_dumps(dump_dir: Path, cfg: SampleConfig):
 
 def default_dump_dir(cfg: SampleConfig) -> Path:
     """OUT_DIR/attention for a checkpoint; attention-NAME for a pretrained model, kept apart from any run."""
-    return Path(f"attention-{Path(cfg.init_from).name}") if cfg.init_from else Path(cfg.out_dir) / "attention"
+    if cfg.init_from:  # named after the model's folder (--init_from=. too)
+        return Path(f"attention-{Path(os.path.abspath(cfg.init_from)).name or 'model'}")
+    return Path(cfg.out_dir) / "attention"
 
 
 def text_importance(model, text_ids: list[int], ablation: str, ctx) -> dict | None:

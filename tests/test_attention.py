@@ -83,6 +83,8 @@ def test_a_pretrained_models_dumps_go_to_a_folder_named_after_it_not_into_a_run(
     """out/attention may be a run's own (its snapshots beside it): sample.py --init_from=gpt2 writes elsewhere."""
     assert default_dump_dir(SampleConfig(init_from="gpt2")) == Path("attention-gpt2")
     assert default_dump_dir(SampleConfig(init_from="models/hf-char")) == Path("attention-hf-char")
+    assert default_dump_dir(SampleConfig(init_from=".")) == Path(f"attention-{Path.cwd().name}")  # not attention-
+    assert default_dump_dir(SampleConfig(init_from="models/hf-char/..")) == Path("attention-models")
     assert default_dump_dir(SampleConfig(out_dir="out-x")) == Path("out-x") / "attention"
 
 

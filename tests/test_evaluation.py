@@ -261,6 +261,8 @@ def test_a_pretrained_models_hellaswag_results_go_to_a_folder_named_after_it():
     from eval import EvalConfig, results_folder
 
     assert results_folder(EvalConfig(task="hellaswag", init_from="/models/gpt2-tiny")) == Path("eval-gpt2-tiny")
+    assert results_folder(EvalConfig(task="hellaswag", init_from=".")) == Path(f"eval-{Path.cwd().name}")
+    assert results_folder(EvalConfig(task="hellaswag", init_from="/models/gpt2-tiny/..")) == Path("eval-models")
     assert results_folder(EvalConfig(task="hellaswag", init_from="gpt2", out_dir="mine")) == Path("mine")
     assert results_folder(EvalConfig(out_dir="run")) == Path("run")
 

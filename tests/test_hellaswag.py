@@ -164,6 +164,7 @@ def test_pretrained_gpt2_folders_are_scored_into_a_folder_of_their_own(tmp_path,
     assert run.returncode == 0, run.stderr
     record = read_metrics(out)[-1]
     assert record["hellaswag_examples"] == 5 and record["iter"] == 0 and 0 <= record["hellaswag_acc_norm"] <= 1
+    assert record["init_from"] == str(folder)  # whose score it is, in a folder that may hold a run's own records
 
 
 @pytest.mark.parametrize("line,says", [
