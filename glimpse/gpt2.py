@@ -208,7 +208,8 @@ def check_finetune_tokenizer(source: str, folder: Path, data_spec: dict, dataset
         raise GlimpseError(f"--init_from={source} reads {len(chars)} characters, one token each, but dataset {dataset} "
                            f"is tokenized by {data_spec['kind']}: finetune on a char-level dataset of those characters")
     lacks, adds = sorted(set(chars) - set(data_spec["chars"])), sorted(set(data_spec["chars"]) - set(chars))
-    shown = " and ".join(f"{what} {''.join(repr(c)[1:-1] for c in which)!r}"
+    escaped = lambda c: "\\'" if c == "'" else repr(c)[1:-1]  # noqa: E731  (a tab as \t, once)
+    shown = " and ".join(f"{what} '{''.join(escaped(c) for c in which)}'"
                          for what, which in (("lacks", lacks), ("adds", adds)) if which)
     raise GlimpseError(f"--init_from={source} reads {len(chars)} characters, and dataset {dataset}'s vocabulary "
                        f"{shown}, so its ids would stand for other characters: prepare the dataset from text of "
@@ -223,8 +224,8 @@ def finetune_ignores(config: GPTConfig, asked: GPTConfig, defaults: GPTConfig) -
     key=value: it takes the pretrained model's shape (config). A key set to its default cannot be told from one
     left alone, and is not named."""
     keys = [f.name for f in fields(GPTConfig) if f.name not in (*FINETUNE_KEYS, "vocab_size")]
-    return [f"{k}={getattr(asked, k)}" for k in keys if getattr(asked, k) not in (getattr(defaults, k),
-                                                                                   getattr(config, k))]
+    return [setting(k, getattr(asked, k)) for k in keys if getattr(asked, k) not in (getattr(defaults, k),
+                                                                                      getattr(config, k))]
 
 
 def setting(key: str, value) -> str:

@@ -314,12 +314,13 @@ def test_finetune_resume_and_sample(hf_folder, tmp_path, gpt2_ranks, capsys):
     data = bpe_data(tmp_path)
     out = tmp_path / "ft"
     settings = dict(dataset="bpe", init_from=str(folder), block_size=32, dropout=0.1, batch_size=4, max_iters=4,
-                    eval_interval=2, eval_iters=2, learning_rate=1e-3, warmup_iters=0, attn_log_interval=4)
+                    eval_interval=2, eval_iters=2, learning_rate=1e-3, warmup_iters=0, attn_log_interval=4, bias=False)
     first = train.train(tiny_config(data, out, **settings))
-    # tiny_config's n_head=2 and n_embd=32 do not apply, and the run says so; n_layer=2 is GPT-2's own here
+    # tiny_config's n_head=2 and n_embd=32 and bias=false do not apply, and the run says so as flags spell them;
+    # n_layer=2 is GPT-2's own here
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: finetuning")]
-    assert note == [f"note: finetuning trains {folder}'s shape, so n_head=2, n_embd=32 did not apply (of the model "
-                    "keys, only block_size and dropout do)"]
+    assert note == [f"note: finetuning trains {folder}'s shape, so n_head=2, n_embd=32, bias=false did not apply (of "
+                    "the model keys, only block_size and dropout do)"]
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["pretrained"] == str(folder)
     assert {k: state["model_config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == dict(
@@ -333,7 +334,7 @@ def test_finetune_resume_and_sample(hf_folder, tmp_path, gpt2_ranks, capsys):
     # resuming takes the shape from the checkpoint, not from the model keys (which say 2 layers of 32 here)
     again = train.train(tiny_config(data, out, **{**settings, "init_from": "resume", "max_iters": 6}))
     assert again["iter"] == 6 and first["iter"] == 4
-    assert "n_head=2, n_embd=32 did not apply" in capsys.readouterr().out  # said on resuming too
+    assert "n_head=2, n_embd=32, bias=false did not apply" in capsys.readouterr().out  # said on resuming too
     assert {k: json.loads((out / "config.json").read_text())[k] for k in ("n_head", "n_embd")} == dict(n_head=4,
                                                                                                       n_embd=64)
     model, saved, *_ = load_trained(out, "last", "cpu", "float32", "sampling from")

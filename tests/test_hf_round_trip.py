@@ -105,7 +105,7 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
     assert state["pretrained"] == str(char_folder)
     assert state["tokenizer"] == json.loads((data_dir / "tiny" / "meta.json").read_text())["tokenizer"]
     # a char dataset of other characters: its ids would mean other characters, refused in one line
-    other = make_corpus(300).lower() + "%"
+    other = make_corpus(300).lower() + "%\t"
     (tmp_path / "other.txt").write_text(other, encoding="utf-8")
     prepare(PrepareConfig(dataset="other", input=str(tmp_path / "other.txt"), data_dir=str(tmp_path / "data")))
     refused = tmp_path / "refused"
@@ -113,8 +113,9 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
                                  f"--out_dir={refused}", "--block_size=16", "--device=cpu", "--max_iters=1"], capsys)
     chars = set(state["tokenizer"]["chars"])
     lacks, adds = "".join(sorted(chars - set(other))), "".join(sorted(set(other) - chars))
-    assert lacks and adds  # the upper case, and '%' with the letters only the names had
-    assert f"reads {len(chars)} characters, and dataset other's vocabulary lacks {lacks!r} and adds {adds!r}" in line
+    assert lacks and adds.startswith("\t%")  # the upper case; a tab and '%' with the letters only the names had
+    assert f"reads {len(chars)} characters, and dataset other's vocabulary lacks '{lacks}' and adds '\\t{adds[1:]}'" \
+        in line  # the tab written as \t, once
     assert not (refused / "ckpt.pt").exists() and not (refused / "best.pt").exists()
 
 
