@@ -45,7 +45,8 @@ UNICODE = "Café naïve — déjà vu 😀🎉 中文字符\n\n   runs   of  spa
 
 
 def reference(tie: bool = True, seed: int = 0):
-    """A random GPT2LMHeadModel, its biases random too so that a bias read wrongly shows."""
+    """A random GPT2LMHeadModel, its biases and LayerNorm gains random too (transformers starts them at 0 and 1)
+    so that one read wrongly, or into the wrong layer norm, shows."""
     torch.manual_seed(seed)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, tie_word_embeddings=tie,
                                                               attn_implementation="eager")).eval()
@@ -53,6 +54,8 @@ def reference(tie: bool = True, seed: int = 0):
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif ".ln_" in name and name.endswith("weight"):  # ln_1, ln_2, ln_f
+                p.normal_(1, 0.1)
     return hf
 
 
