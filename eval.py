@@ -70,7 +70,7 @@ from glimpse.ablation import (
     parse_heads,
     top_heads,
 )
-from glimpse.checkpoint import Which, checkpoint_option, load_trained
+from glimpse.checkpoint import Which, check_one_model, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, user_errors
 from glimpse.evaluation import BATCH_SIZE, MODES, first_target, length_loss, scored_windows, windows
@@ -113,6 +113,7 @@ class EvalConfig:
     def __post_init__(self):
         self.multiples()  # a malformed list fails here, before anything loads
         check_removals(self.ablate, self.ablation, self.head_importance)
+        check_one_model(self.init_from, self.checkpoint)
         if self.init_from and self.task != "hellaswag":
             raise ValueError("--init_from scores pretrained GPT-2 on --task=hellaswag; the length and head studies "
                              "read a trained checkpoint's dataset: give --out_dir instead")

@@ -43,7 +43,7 @@ from glimpse.ablation import (
     parse_heads,
 )
 from glimpse.attention import dump_text, dump_window
-from glimpse.checkpoint import Which, checkpoint_option, load_trained
+from glimpse.checkpoint import Which, check_one_model, checkpoint_option, load_trained
 from glimpse.config import option, parse_config
 from glimpse.errors import GlimpseError, read_utf8, user_errors
 from glimpse.files import check_writable
@@ -91,6 +91,10 @@ class SampleConfig:
 
     def __post_init__(self):
         check_removals(self.ablate, self.ablation, self.head_importance)
+        check_one_model(self.init_from, self.checkpoint)
+        if self.init_from and self.out_dir != "out":
+            raise ValueError(f"--out_dir names a run to sample from, but --init_from={self.init_from} samples another "
+                             "model: give one of them (--dump_dir sets where the dumps go)")
         if self.head_importance and not self.dump_attention:
             raise ValueError("--head_importance shows in the attention dumps: drop --dump_attention=false")
         if self.mechanism and not self.dump_attention:

@@ -63,6 +63,14 @@ def checkpoint_option():
                           "(ckpt.pt, where training stopped), auto: best.pt when there is one, else ckpt.pt")
 
 
+def check_one_model(init_from: str, checkpoint: str):
+    """--checkpoint picks among a run's checkpoints, which --init_from (another model) does not read: given both, the
+    choice would be dropped without a word."""
+    if init_from and checkpoint != "auto":
+        raise ValueError(f"--checkpoint={checkpoint} picks one of OUT_DIR's checkpoints, but --init_from={init_from} "
+                         "reads a model of its own: drop --checkpoint")
+
+
 def folder_missing(folder: Path) -> str:
     """Why a run's folder holds no checkpoint when it is not a folder at all: ' (no such folder)', ' (a file, not a
     folder)', ' (a link to nothing)', or nothing."""

@@ -88,6 +88,21 @@ def test_a_pretrained_models_dumps_go_to_a_folder_named_after_it_not_into_a_run(
     assert default_dump_dir(SampleConfig(out_dir="out-x")) == Path("out-x") / "attention"
 
 
+def test_a_run_and_another_model_given_together_are_refused_not_one_dropped():
+    """--init_from samples or scores a model of its own: a run's --checkpoint (sample.py and eval.py) or, for
+    sample.py, its --out_dir given beside it would be dropped without a word; eval.py writes into an --out_dir."""
+    import eval as eval_script
+
+    for make in (SampleConfig, lambda **kw: eval_script.EvalConfig(task="hellaswag", **kw)):
+        with pytest.raises(ValueError, match=r"^--checkpoint=last picks one of OUT_DIR's checkpoints, but "
+                                             r"--init_from=gpt2 reads a model of its own: drop --checkpoint$"):
+            make(init_from="gpt2", checkpoint="last")
+        assert make(checkpoint="last").checkpoint == "last" and make(init_from="gpt2").init_from == "gpt2"
+    with pytest.raises(ValueError, match=r"^--out_dir names a run to sample from, but --init_from=gpt2 samples"):
+        SampleConfig(init_from="gpt2", out_dir="out-x")
+    assert eval_script.EvalConfig(task="hellaswag", init_from="gpt2", out_dir="mine").out_dir == "mine"
+
+
 def test_sample_dump_keeps_the_last_window_and_can_be_turned_off(trained, tmp_path):
     cfg, _ = trained
     run = python("sample.py", f"--out_dir={cfg.out_dir}", "--start=ROMEO:", "--max_new_tokens=40",
