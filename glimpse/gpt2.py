@@ -167,15 +167,13 @@ def read_weights(folder: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(source: str, device="cpu", block_size: int | None = None, dropout: float = 0.0) -> GPT:
-    """GPT-2 from --init_from=source (a Hub name or a folder), in eval mode; block_size below GPT-2's 1,024
-    keeps the first block_size learned positions, and dropout is set for finetuning."""
+    """GPT-2 from --init_from=source (a Hub name or a folder), in eval mode; a block_size below its learned
+    positions (GPT-2's 1,024) keeps the first block_size of them, one at or above keeps them all, and dropout is
+    set for finetuning."""
     folder = pretrained_folder(source)
     config = read_config(folder)
     state = read_weights(folder, config)
-    if block_size is not None and block_size != config.block_size:
-        if block_size > config.block_size:
-            raise GlimpseError(f"block_size={block_size} is longer than {source}'s {config.block_size} learned "
-                               "positions: give block_size <= that")
+    if block_size is not None and block_size < config.block_size:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size].clone()
         config.block_size = block_size
     config.dropout = dropout

@@ -308,6 +308,9 @@ def setup(cfg: TrainConfig, ddp: Distributed) -> Run:
     if ignored:
         run.say(f"note: finetuning trains {pretrained}'s shape, so {', '.join(ignored)} did not apply (of the model "
                 f"keys, only {' and '.join(FINETUNE_KEYS)} do)")
+    if pretrained and asked.block_size > model.config.block_size:  # a preset's 256 beside a model of 64 positions
+        run.say(f"note: block_size={asked.block_size} is longer than {pretrained}'s {model.config.block_size} learned "
+                f"positions, so the run trains at {model.config.block_size}")
     if cfg.compile:
         compile_ahead(run.ddp_model, run.optimizer, cfg, run.iter_num, device, ctx)
     # a checkpoint taken before its step's work: the resumed run does that step's eval, HellaSwag score and

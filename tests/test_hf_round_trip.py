@@ -104,6 +104,15 @@ def test_finetune_exported_char_model(char_folder, data_dir, tmp_path, capsys):
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["pretrained"] == str(char_folder)
     assert state["tokenizer"] == json.loads((data_dir / "tiny" / "meta.json").read_text())["tokenizer"]
+    # a block_size longer than the export's learned positions (a preset's 256 beside a small model) trains at the
+    # model's own length, and says so
+    positions = json.loads((char_folder / "config.json").read_text())["n_positions"]
+    capsys.readouterr()
+    longer = train.train(tiny_config(data_dir, tmp_path / "longer", init_from=str(char_folder), max_iters=1,
+                                     eval_interval=1, eval_iters=1, attn_log_interval=0, block_size=positions + 32))
+    assert longer["iter"] == 1 and f"note: block_size={positions + 32} is longer than {char_folder}'s {positions} " \
+        f"learned positions, so the run trains at {positions}\n" in capsys.readouterr().out
+    assert torch.load(tmp_path / "longer" / "ckpt.pt", weights_only=True)["model_config"]["block_size"] == positions
     # a char dataset of other characters: its ids would mean other characters, refused in one line
     other = make_corpus(300).lower() + "%\t"
     (tmp_path / "other.txt").write_text(other, encoding="utf-8")
