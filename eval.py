@@ -353,7 +353,7 @@ def score_hellaswag(cfg: EvalConfig) -> dict:
 
 def print_hellaswag(result: dict):
     n, skipped = result["hellaswag_examples"], result["hellaswag_skipped"]
-    why = f" ({skipped:,} skipped: text its tokenizer cannot read)" if skipped else ""
+    why = f" ({skipped:,} skipped: text its tokenizer cannot read, or no context)" if skipped else ""
     print(f"hellaswag: acc {result['hellaswag_acc']:.4f}, acc_norm {result['hellaswag_acc_norm']:.4f} over "
           f"{n:,} example{'s' if n != 1 else ''}{why}")
     print(f"appended to {result['metrics']}", file=sys.stderr)

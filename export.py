@@ -7,10 +7,11 @@ Export a trained glimpse model to a Hugging Face GPT-2 folder, for transformers 
 writes into DIR:
   config.json              a GPT2LMHeadModel's config
   model.safetensors        the weights under GPT-2's names and in its layout, float32
-  generation_config.json   the end-of-text token, and max_length = n_positions (block_size): without it
-                           transformers' text-generation pipeline asks for 256 new tokens, past the
-                           learned positions of a shorter model (generate(max_new_tokens=...) then
-                           logs that max_new_tokens takes precedence, which it does)
+  generation_config.json   GPT-2's end-of-text token (none for a char model), and max_length = n_positions
+                           (block_size): without it transformers' text-generation pipeline asks for 256
+                           new tokens, past the learned positions of a shorter model
+                           (generate(max_new_tokens=...) then logs that max_new_tokens takes precedence,
+                           which it does)
   tokenizer.json, tokenizer_config.json
                            the checkpoint's own tokenizer, GPT-2's BPE or the char-level one
 so that AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it, and

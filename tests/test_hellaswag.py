@@ -157,13 +157,16 @@ def test_training_scores_hellaswag_with_the_examples_split_across_processes(tmp_
 def test_pretrained_gpt2_folders_are_scored_into_a_folder_of_their_own(tmp_path, gpt2_ranks):
     folder = tmp_path / "gpt2-tiny"
     reference().save_pretrained(folder)
-    file = write_examples(tmp_path / "val.jsonl", own_text_examples(5))
+    no_context = {"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}  # one BPE token each: nothing to score
+    file = write_examples(tmp_path / "val.jsonl", [*own_text_examples(5), no_context])
     out = tmp_path / "scores"
     run = python("eval.py", f"--init_from={folder}", "--task=hellaswag", f"--hellaswag_file={file}",
                  f"--out_dir={out}", env={"TIKTOKEN_CACHE_DIR": str(gpt2_ranks)})
     assert run.returncode == 0, run.stderr
+    assert "over 5 examples (1 skipped: text its tokenizer cannot read, or no context)" in run.stdout
     record = read_metrics(out)[-1]
-    assert record["hellaswag_examples"] == 5 and record["iter"] == 0 and 0 <= record["hellaswag_acc_norm"] <= 1
+    assert record["hellaswag_examples"] == 5 and record["hellaswag_skipped"] == 1 and record["iter"] == 0
+    assert 0 <= record["hellaswag_acc_norm"] <= 1
     assert record["init_from"] == str(folder)  # whose score it is, in a folder that may hold a run's own records
 
 
