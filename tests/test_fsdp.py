@@ -218,6 +218,7 @@ def test_each_block_is_sharded_on_its_own_and_float16_is_refused(tmp_path):
         # the run's device, not the machine's accelerator (on a machine with a GPU, FSDP's own choice)
         assert {p.device_mesh.device_type for p in model.parameters()} == {"cpu"}
         check_fsdp(torch.bfloat16)
+        dist.barrier()  # both ranks have said their units: the first to stop on the error below ends the other
         check_fsdp(torch.float16)
     """)
     units = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
